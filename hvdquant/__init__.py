@@ -1,0 +1,25 @@
+"""hvdquant: dithered and nested-dithered gradient quantization for data-parallel PyTorch.
+
+Layers (kept apart on purpose):
+- codecs (:mod:`hvdquant.codecs`): pure maths, tensor -> payload -> tensor, no communication;
+- transports (:mod:`hvdquant.transports`): how payloads travel (summable field packing, ...);
+- framework adapters (:mod:`hvdquant.adapters`): Horovod compression objects;
+- kernels (:mod:`hvdquant.kernels`, from ``kernels/`` in the checkout): the arithmetic.
+
+``hvdquant.Compression`` is imported lazily so that the codecs work without Horovod loaded.
+"""
+
+from hvdquant.codecs import DQSG
+from hvdquant.kernels import DitherKey
+from hvdquant.stats import CommStats
+
+__version__ = "0.1.0"
+__all__ = ["DQSG", "CommStats", "Compression", "DitherKey", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Compression":
+        from hvdquant.adapters.horovod import Compression
+
+        return Compression
+    raise AttributeError(f"module 'hvdquant' has no attribute {name!r}")

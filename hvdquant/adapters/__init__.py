@@ -1,0 +1,1 @@
+"""Framework adapters: hvdquant codecs in the shapes frameworks expect (Horovod so far)."""

@@ -1,0 +1,174 @@
+"""Horovod adapter: hvdquant codecs as Horovod compression objects.
+
+Horovod's contract (``horovod/torch/compression.py``) is two functions, ``compress(tensor) ->
+(payload, ctx)`` and ``decompress(reduced_payload, ctx) -> tensor``, with the payload reduced by a
+stock allreduce in between. Use::
+
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                   compression=hvdquant.Compression.dqsg(levels=1, bucket_size=512))
+
+How DQSG fits that contract (ALGORITHMS.md §3): ``compress`` agrees one step Δ_b per bucket with
+the other ranks (a small synchronous MAX allreduce of per-bucket max|g|), encodes with this rank's
+dither stream, and packs the indices into summable float64 fields with a sentinel
+(:class:`~hvdquant.transports.SumFieldLayout`). Horovod sums (or averages) the words;
+``decompress`` recovers the reduction's factor from the sentinel, the exact index sums from the
+fields, regenerates all P senders' dithers and returns factor · Σ_p ĝ_p: the mean under
+``op=hvd.Average`` (any ``gradient_predivide_factor``) and the sum under ``op=hvd.Sum``.
+
+Horovod passes no tensor name, step or rank to ``compress``. The dither key needs a name that is
+equal on every rank, so it is read from the calling Horovod frame (``DistributedOptimizer``'s
+``_allreduce_grad_async`` or ``hvd.allreduce(..., name=...)``); pass ``name=`` when calling
+``compress`` directly. Call sites whose reduction would scramble the fields (Adasum, grouped
+allreduce, reducescatter, Min/Max/Product, non-global process sets) are refused with an error.
+
+The scale agreement is a blocking collective inside Horovod's gradient hook: like PyTorch DDP,
+it relies on every rank firing the hooks in the same order (true for the same model and graph).
+Horovod's stall check reports a violation after 60 s instead of a silent hang.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from hvdquant.codecs.dqsg import DQSG
+from hvdquant.kernels import DitherKey, tensor_id
+from hvdquant.stats import CommStats
+from hvdquant.transports.summable import SumFieldLayout
+
+_MASK64 = (1 << 64) - 1
+
+
+def _hvd():
+    import horovod.torch as hvd
+
+    return hvd
+
+
+def _call_site() -> str:
+    """The Horovod tensor name of the current compress() call; refuses unsupported call sites."""
+    hvd = _hvd()
+    frame = sys._getframe(2)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        fn = frame.f_code.co_name
+        if module == "horovod.torch.optimizer":
+            opt = frame.f_locals.get("self")
+            if fn == "_allreduce_grad_async" and not hasattr(opt, "_starting_models"):
+                if opt.op not in (hvd.Average, hvd.Sum):
+                    raise ValueError("hvdquant compression supports op=hvd.Average or hvd.Sum only")
+                if opt.process_set is not hvd.global_process_set:
+                    raise NotImplementedError("hvdquant compression supports the global process set only")
+                return frame.f_locals["name"]
+            raise NotImplementedError(
+                f"hvdquant compression cannot run inside Horovod's {fn} "
+                "(Adasum and groups=/num_groups= are not supported: use the default ungrouped Average/Sum)")
+        if module == "horovod.torch.mpi_ops":
+            if fn != "allreduce":
+                raise NotImplementedError(f"hvdquant compression is for allreduce, not hvd.{fn}")
+            op = frame.f_locals.get("op")
+            if op not in (None, hvd.Average, hvd.Sum):
+                raise ValueError("hvdquant compression supports op=hvd.Average or hvd.Sum only")
+            if frame.f_locals.get("process_set") is not hvd.global_process_set:
+                raise NotImplementedError("hvdquant compression supports the global process set only")
+            name = frame.f_locals.get("name")
+            if name is None:
+                raise ValueError("hvd.allreduce(..., compression=hvdquant...) needs name=: the dither "
+                                 "key is derived from the tensor name, which must match on every rank")
+            return name
+        frame = frame.f_back
+    raise ValueError("compress() was not called by Horovod: pass name= (equal on every rank)")
+
+
+class Metered:
+    """Wraps any Horovod compressor and measures the bytes it hands to the allreduce."""
+
+    def __init__(self, compressor: Any) -> None:
+        self.compressor = compressor
+        self.stats = CommStats()
+
+    def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        payload, ctx = self.compressor.compress(tensor)
+        self.stats.record("tensor", tensor.numel(), payload)
+        return payload, ctx
+
+    def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
+        return self.compressor.decompress(tensor, ctx)
+
+
+class DQSGCompression:
+    """DQSG as a Horovod compression object (stock ``hvd.DistributedOptimizer`` path).
+
+    Parameters: ``levels`` (s), ``bucket_size`` (d) as in :class:`~hvdquant.codecs.DQSG`;
+    ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``. At the first call
+    all ranks exchange their configuration and fail with an error naming the first rank whose
+    levels, bucket size or seed differ from rank 0's. Dithers are keyed by (seed, step, tensor
+    name, sender): the step counts the calls per tensor name, so they never depend on hook order.
+    """
+
+    def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None) -> None:
+        self.codec = DQSG(levels=levels, bucket_size=bucket_size)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64):
+            raise ValueError(f"seed must be an int in [0, 2^64) or None, got {seed!r}")
+        self.seed = seed
+        self.stats = CommStats()
+        self._agreed_seed: int | None = None
+        self._steps: dict[str, int] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {"scheme": "dqsg", **asdict(self.codec), "seed": self.seed}
+
+    def _agree(self) -> int:
+        """Exchange configurations once; return the seed every rank uses (rank 0's)."""
+        if self._agreed_seed is None:
+            hvd = _hvd()
+            proposal = self.seed if self.seed is not None else torch.initial_seed() & _MASK64
+            everyone = hvd.allgather_object((self.config(), proposal), name="hvdquant.config")
+            reference = everyone[0][0]
+            for rank, (cfg, _) in enumerate(everyone):
+                diff = {k: (reference.get(k), cfg.get(k)) for k in reference.keys() | cfg.keys()
+                        if reference.get(k) != cfg.get(k)}
+                if diff:
+                    detail = ", ".join(f"{k}: rank 0 has {a!r}, rank {rank} has {b!r}"
+                                       for k, (a, b) in sorted(diff.items()))
+                    raise ValueError(f"hvdquant configuration differs between ranks ({detail})")
+            self._agreed_seed = int(everyone[0][1])
+        return self._agreed_seed
+
+    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, tuple]:
+        hvd = _hvd()
+        name = _call_site() if name is None else name
+        seed = self._agree()
+        step = self._steps.get(name, 0)
+        self._steps[name] = step + 1
+
+        absmax = self.codec.bucket_absmax(tensor)
+        common = hvd.allreduce(absmax, op=hvd.Max, name=f"hvdquant.scale.{name}")
+        if not bool(torch.isfinite(common).all()):
+            # Every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread.
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank "
+                                     f"at step {step}; hvdquant refuses to quantize it")
+        delta = self.codec.step_size(common)
+        size = hvd.size()
+        key = DitherKey(seed, step % (1 << 32), tensor_id(name), hvd.rank())
+        layout = SumFieldLayout(self.codec.levels, size)
+        words = layout.pack(self.codec.encode(tensor, delta, key))
+        self.stats.record(name, tensor.numel(), words, absmax)
+        return words, (tensor.shape, tensor.dtype, delta, key.for_sender(0), layout)
+
+    def decompress(self, reduced: torch.Tensor, ctx: tuple) -> torch.Tensor:
+        shape, dtype, delta, key, layout = ctx
+        n = shape.numel()
+        ksum, factor = layout.unpack(reduced, n)
+        out = self.codec.decode_sum(ksum, delta, key, senders=layout.ranks, factor=factor)
+        return out.reshape(shape).to(dtype)
+
+
+class Compression:
+    """Factory in the style of ``hvd.Compression``: ``hvdquant.Compression.dqsg(levels=1, bucket_size=512)``."""
+
+    dqsg = DQSGCompression
+    metered = Metered

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# hvdquant setup: system packages, a virtual environment in the checkout, torch (CPU, pinned),
+# numba, mpi4py, pytest(-mpi), Horovod 0.28.1 built from source with PyTorch + MPI + Gloo, and
+# hvdquant itself in editable mode. Idempotent; run as root on Debian 12 (or with sudo).
+#
+# Environment knobs:
+#   HVDQ_VENV         virtual environment path         (default: <checkout>/.venv)
+#   HVDQ_WHEEL_CACHE  where the built Horovod wheel is cached, outside the checkout
+#                     (default: ~/.cache/hvdquant/wheels)
+#   HVDQ_SKIP_APT=1   skip apt-get (when the system packages are known to be there)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HVDQ_VENV:-$ROOT/.venv}"
+CACHE="${HVDQ_WHEEL_CACHE:-$HOME/.cache/hvdquant/wheels}"
+PY="${PYTHON:-python3}"
+TORCH_VERSION=2.13.0
+HOROVOD_VERSION=0.28.1
+log() { printf '\n[setup] %s\n' "$*"; }
+
+# ---------------------------------------------------------------- system packages
+APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make iproute2 dataset-fashion-mnist)
+if [ "${HVDQ_SKIP_APT:-0}" != 1 ]; then
+    missing=()
+    for p in "${APT_PKGS[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        log "apt-get install ${missing[*]}"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    else
+        log "system packages present"
+    fi
+fi
+
+# ---------------------------------------------------------------- virtual environment
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual environment $VENV"
+    "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+PIP=("$VPY" -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" --upgrade pip setuptools wheel
+
+log "installing torch==$TORCH_VERSION (CPU) and Python dependencies"
+"${PIP[@]}" "torch==$TORCH_VERSION"
+# Horovod's own runtime needs (it is installed --no-deps below) and the build's tools.
+"${PIP[@]}" cloudpickle psutil pyyaml packaging cffi
+"${PIP[@]}" numpy numba mpi4py pytest pytest-mpi tqdm scikit-learn matplotlib hypothesis ruff
+
+# ---------------------------------------------------------------- Horovod from source
+PYTAG="$("$VPY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
+KEY="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PYTAG"
+WHEEL_DIR="$CACHE/$KEY"
+if "$VPY" -c "import horovod, horovod.torch; assert horovod.__version__ == '$HOROVOD_VERSION'" 2>/dev/null \
+   && "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] PyTorch'; then
+    log "Horovod $HOROVOD_VERSION already installed in $VENV"
+else
+    if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
+        log "building Horovod $HOROVOD_VERSION from its PyPI sdist (C++17 fix; PyTorch + MPI + Gloo); takes ~15 min on 2 cores"
+        BUILD="$(mktemp -d)"
+        trap 'rm -rf "$BUILD"' EXIT
+        "$VPY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
+        tar -xzf "$BUILD"/horovod-"$HOROVOD_VERSION".tar.gz -C "$BUILD"
+        SRC="$BUILD/horovod-$HOROVOD_VERSION"
+        # torch >= 2.1 requires C++17; 0.28.1 hard-codes C++14 here (horovod PR #3998, unreleased).
+        sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+            "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
+        grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/horovod/torch/CMakeLists.txt"
+        mkdir -p "$WHEEL_DIR.tmp"
+        HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+        HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=MPI \
+        MAKEFLAGS="-j$(nproc)" HOROVOD_BUILD_ARCH_FLAGS="" \
+            "$VPY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHEEL_DIR.tmp" "$SRC"
+        rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
+    else
+        log "using cached Horovod wheel from $WHEEL_DIR"
+    fi
+    "${PIP[@]}" --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
+fi
+
+# ---------------------------------------------------------------- hvdquant itself
+log "installing hvdquant (editable)"
+"${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+
+log "horovodrun --check-build"
+"$VENV/bin/horovodrun" --check-build | tee "$VENV/horovod-check-build.txt"
+for fw in PyTorch MPI Gloo; do
+    grep -q "\[X\] $fw" "$VENV/horovod-check-build.txt" || { echo "[setup] ERROR: Horovod built without $fw" >&2; exit 1; }
+done
+log "done. Activate with: source $VENV/bin/activate"

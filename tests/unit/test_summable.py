@@ -1,0 +1,50 @@
+"""Summable field packing (ALGORITHMS.md §3): sums through SUM and AVERAGE reductions stay exact."""
+
+import pytest
+import torch
+
+from hvdquant.transports import SumFieldLayout
+
+
+def reduce(payloads, factor):
+    """What a SUM allreduce scaled by ``factor`` returns, in float64 as Horovod computes it."""
+    total = torch.stack(payloads).sum(0)
+    return total * factor
+
+
+@pytest.mark.parametrize("levels,ranks", [(1, 1), (1, 2), (1, 4), (3, 2), (3, 8), (7, 5), (127, 16)])
+@pytest.mark.parametrize("factor_of_p", ["sum", "average", "predivide"])
+def test_roundtrip_exact(levels, ranks, factor_of_p):
+    layout = SumFieldLayout(levels, ranks)
+    n = 1001
+    gen = torch.Generator().manual_seed(levels * 100 + ranks)
+    codes = [torch.randint(-levels, levels + 1, (n,), generator=gen, dtype=torch.int8) for _ in range(ranks)]
+    codes[0][:50] = levels  # extremes: every field at its maximum sum on some coordinates
+    for c in codes:
+        c[:20] = levels
+    factor = {"sum": 1.0, "average": 1.0 / ranks, "predivide": (1 / 3) * (3 / ranks)}[factor_of_p]
+    ksum, got_factor = layout.unpack(reduce([layout.pack(c) for c in codes], factor), n)
+    assert got_factor == pytest.approx(factor, rel=1e-12)
+    assert torch.equal(ksum, torch.stack([c.int() for c in codes]).sum(0))
+
+
+def test_width_and_payload_size():
+    layout = SumFieldLayout(levels=1, ranks=2)  # offsets in [0, 2], sums in [0, 4]: 3 bits
+    assert (layout.width, layout.per_word) == (3, 16)
+    payload = layout.pack(torch.zeros(1000, dtype=torch.int8))
+    assert payload.dtype == torch.float64 and payload.numel() == 63 + 1  # ceil(1000/16) + sentinel
+
+
+def test_bad_scaling_refused():
+    layout = SumFieldLayout(levels=1, ranks=2)
+    payload = layout.pack(torch.zeros(10, dtype=torch.int8))
+    payload[-1] = 0.0
+    with pytest.raises(ValueError, match="scaled the payload"):
+        layout.unpack(payload, 10)
+    with pytest.raises(ValueError, match="expected"):
+        layout.unpack(payload[:-1], 10)
+
+
+def test_too_wide_refused():
+    with pytest.raises(ValueError, match="bits"):
+        SumFieldLayout(levels=127, ranks=1 << 45)
