@@ -1,20 +1,24 @@
-"""Device-agnostic scalar arithmetic, written once and compiled for each device.
+"""Device-agnostic arithmetic, written once and compiled for each device.
 
-Every function here is plain Python over NumPy scalar types. :func:`build` compiles them with a
-given Numba decorator (``numba.njit`` for the CPU twins in :mod:`hvdquant.kernels.cpu`,
-``numba.cuda.jit(device=True)`` for CUDA kernels), so the CPU and GPU paths share one definition
-of the arithmetic and produce the same codes bit for bit.
+Every function here is plain Python over NumPy scalar types and arrays. :func:`build` compiles
+them with a given Numba decorator (``numba.njit`` for the CPU twins in :mod:`.cpu`,
+``numba.cuda.jit(device=True)`` for the CUDA kernels in :mod:`.cuda`). Each *block function*
+``f(b, ...)`` computes one independent block ``b`` of an output (4 elements for the Philox-driven
+codecs, one bucket for reductions, one byte group for packers). The CPU loops ``b`` with
+``prange``; the GPU gives each thread one ``b``. Same code, same bits.
 
-Integer arithmetic is done in ``uint64`` with explicit 32-bit masks: Numba promotes mixed
-signed/unsigned 64-bit operands to float64, so every constant below is a typed ``np.uint64``.
-
-Floating-point arithmetic is float32 and uses only operations that IEEE 754 rounds exactly the
-same way on every device (add, subtract, multiply, divide; no transcendental functions, and no
-expression a compiler could contract into a fused multiply-add with a different rounding).
+Rules that keep CPU and GPU bit-identical:
+- integers are ``uint64``/``int64`` with explicit masks (Numba promotes mixed signed/unsigned
+  64-bit operands to float64, so constants are typed);
+- float32 arithmetic uses only IEEE-exact operations (+, −, ×, ÷, sqrt, floor) in expressions a
+  compiler cannot contract into a fused multiply-add with a different rounding: no ``a*b + c``
+  unless ``a*b`` is exact (squares of float32 are exact in float64, so L2 sums accumulate in float64);
+- every reduction runs in a fixed sequential order inside its block.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -31,10 +35,15 @@ PHILOX_W0 = np.uint64(0x9E3779B9)
 PHILOX_W1 = np.uint64(0xBB67AE85)
 PHILOX_ROUNDS = 10
 
+F32_ZERO = np.float32(0.0)
 F32_HALF = np.float32(0.5)
+F32_ONE = np.float32(1.0)
 F32_ULP23 = np.float32(2.0**-23)
+F32_INF = np.float32(np.inf)
+RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage side information finite
 
 
+# ----------------------------------------------------------------------------- scalars
 def _philox4x32(c0, c1, c2, c3, k0, k1):
     """Philox-4x32-10 block function: 128-bit counter (c0..c3), 64-bit key (k0, k1).
 
@@ -67,39 +76,69 @@ def _uniform_centered(x):
 
 def _round_half_up(t):
     """Nearest integer to float32 t (ties upward), exactly: t - floor(t) is exact in float32."""
-    f = np.float32(np.floor(t))
-    if t - f >= F32_HALF:
-        f = f + np.float32(1.0)
-    return np.int32(f)
+    f = math.floor(t)
+    if t - np.float32(f) >= F32_HALF:
+        f += 1
+    return f
+
+
+def _stochastic_level(a, u):
+    """QSGD level: floor(a + U) with U = u + 1/2 uniform on (0, 1): E = a for a >= 0 (seed 001)."""
+    return math.floor(a + (u + F32_HALF))
+
+
+def _centered_mod(k, rho, half):
+    """Coset symbol of integer k modulo rho: (k + half) mod rho in [0, rho), half = rho // 2.
+
+    The coset *value* is symbol − half ∈ [−⌊ρ/2⌋, ρ−1−⌊ρ/2⌋] (ρ = 3 → {−1, 0, 1}), computed from the
+    integer k (ALGORITHMS.md §2: never from the unrounded t, which gives ρ+1 symbols for even ρ).
+    """
+    m = (k + half) % rho
+    if m < 0:
+        m += rho
+    return m
 
 
 def build(jit: Callable) -> SimpleNamespace:
-    """Compile the scalar functions with ``jit`` and return them, plus composites built on them.
+    """Compile every scalar and block function with ``jit``; return them in a namespace.
 
-    The composites reference the compiled scalars through this closure, which is how Numba lets
+    Block functions reference the compiled scalars through this closure, which is how Numba lets
     one device function call another on both the CPU and the CUDA target.
     """
     philox4x32 = jit(_philox4x32)
     uniform_centered = jit(_uniform_centered)
     round_half_up = jit(_round_half_up)
+    stochastic_level = jit(_stochastic_level)
+    centered_mod = jit(_centered_mod)
 
-    def dither_block(block, step, tensor_id, sender, key0, key1):
-        """The four dithers u in (-1/2, 1/2) of elements 4*block .. 4*block+3.
+    @jit
+    def uniforms(b, step, tid, sender, key0, key1):
+        """The four dithers u in (-1/2, 1/2) of elements 4b .. 4b+3 of stream (seed, step, tensor, sender).
 
-        Counter = (block, step, tensor_id, sender), key = (seed low 32 bits, seed high 32 bits):
-        any rank can regenerate any sender's dither for any step and tensor.
+        Counter = (b, step, tensor id, sender), key = (seed low 32 bits, seed high 32 bits).
         """
-        r0, r1, r2, r3 = philox4x32(block, step, tensor_id, sender, key0, key1)
+        r0, r1, r2, r3 = philox4x32(np.uint64(b), step, tid, sender, key0, key1)
         return uniform_centered(r0), uniform_centered(r1), uniform_centered(r2), uniform_centered(r3)
 
-    def dither_code(g, delta, u, levels):
-        """DQSG index k = round(g/delta + u), clipped to [-levels, levels] (ALGORITHMS.md §1).
+    @jit
+    def lane(u0, u1, u2, u3, j):
+        if j == 0:
+            return u0
+        if j == 1:
+            return u1
+        if j == 2:
+            return u2
+        return u3
 
-        delta == 0 marks an all-zero (or underflowed) bucket: the index is 0. The clip only acts
-        when float32 rounding of delta = max|g|/levels pushes |g/delta| a hair above levels.
+    @jit
+    def dither_code(g, delta, u, levels):
+        """DQSG index k = round(g/Δ + u) clipped to [-levels, levels] (ALGORITHMS.md §1).
+
+        Δ == 0 marks an all-zero (or underflowed) bucket: the index is 0. The clip only acts when
+        float32 rounding of Δ = max|g|/levels pushes |g/Δ| a hair above levels.
         """
-        if delta == np.float32(0.0):
-            return np.int32(0)
+        if delta == F32_ZERO:
+            return 0
         k = round_half_up(g / delta + u)
         if k > levels:
             k = levels
@@ -107,10 +146,298 @@ def build(jit: Callable) -> SimpleNamespace:
             k = -levels
         return k
 
-    return SimpleNamespace(
-        philox4x32=philox4x32,
-        uniform_centered=uniform_centered,
-        round_half_up=round_half_up,
-        dither_block=jit(dither_block),
-        dither_code=jit(dither_code),
-    )
+    # ------------------------------------------------------------------ block functions
+    @jit
+    def dither_fill(b, out, step, tid, sender, key0, key1):
+        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
+        for j in range(4):
+            i = 4 * b + j
+            if i < out.shape[0]:
+                out[i] = lane(u0, u1, u2, u3, j)
+
+    @jit
+    def bucket_absmax(b, g, bucket, out):
+        """out[b] = max |g_i| over bucket b; NaN reported as +inf so a max-reduction keeps it."""
+        m = F32_ZERO
+        for i in range(b * bucket, min(g.shape[0], (b + 1) * bucket)):
+            a = abs(g[i])
+            if a != a:
+                a = F32_INF
+            if a > m:
+                m = a
+        out[b] = m
+
+    @jit
+    def bucket_l2(b, g, bucket, out):
+        """out[b] = ‖g_b‖₂: float32 squares are exact in float64, summed in order, then sqrt."""
+        acc = 0.0
+        for i in range(b * bucket, min(g.shape[0], (b + 1) * bucket)):
+            x = np.float64(g[i])
+            acc += x * x
+        out[b] = np.float32(math.sqrt(acc))
+
+    @jit
+    def dqsg_encode(b, g, delta, bucket, levels, codes, step, tid, sender, key0, key1):
+        """codes[i] = round(g_i/Δ_b + u_i) ∈ [−s, s] for i in 4b .. 4b+3 (int8)."""
+        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
+        for j in range(4):
+            i = 4 * b + j
+            if i < g.shape[0]:
+                codes[i] = dither_code(g[i], delta[i // bucket], lane(u0, u1, u2, u3, j), levels)
+
+    @jit
+    def dqsg_decode(b, ksum, delta, bucket, first, senders, factor, out, step, tid, key0, key1):
+        """out[i] = factor · Δ_b · (ksum[i] − Σ_p u_p[i]), p = first .. first+senders−1 in order.
+
+        One sender: the DQSG decoder Δ(k − u). P senders with a common Δ: Σ_p ĝ_p (ALGORITHMS.md §3).
+        """
+        s0 = F32_ZERO
+        s1 = F32_ZERO
+        s2 = F32_ZERO
+        s3 = F32_ZERO
+        for p in range(first, first + senders):
+            u0, u1, u2, u3 = uniforms(b, step, tid, np.uint64(p), key0, key1)
+            s0 += u0
+            s1 += u1
+            s2 += u2
+            s3 += u3
+        for j in range(4):
+            i = 4 * b + j
+            if i < ksum.shape[0]:
+                out[i] = factor * (delta[i // bucket] * (np.float32(ksum[i]) - lane(s0, s1, s2, s3, j)))
+
+    @jit
+    def dither1_encode(b, g, delta, bucket, bits, step, tid, sender, key0, key1):
+        """1-bit dithered quantizer (ALGORITHMS.md §1): Δ = 2‖g‖∞, x = g/Δ ∈ [−½, ½],
+        bit = [x + u > 0] (q = 2·bit − 1 = sign(x + u)); uint8 0/1 per element."""
+        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
+        for j in range(4):
+            i = 4 * b + j
+            if i < g.shape[0]:
+                d = delta[i // bucket]
+                t = lane(u0, u1, u2, u3, j)
+                if d != F32_ZERO:
+                    t = g[i] / d + t
+                bits[i] = 1 if t > F32_ZERO else 0
+
+    @jit
+    def dither1_decode(b, bits, delta, bucket, out, step, tid, sender, key0, key1):
+        """ĝ = Δ (q/2 − u) = Δ (bit − ½ − u): unbiased, error uniform with variance Δ²/12."""
+        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
+        for j in range(4):
+            i = 4 * b + j
+            if i < bits.shape[0]:
+                half_q = F32_HALF if bits[i] else -F32_HALF
+                out[i] = delta[i // bucket] * (half_q - lane(u0, u1, u2, u3, j))
+
+    @jit
+    def nested_encode(b, g, delta, bucket, levels, rho, symbols, step, tid, sender, key0, key1):
+        """NDQSG (ALGORITHMS.md §2): fine index k = DQSG(s₁) code, sent as its coset symbol
+        (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) (uint8)."""
+        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
+        half = rho // 2
+        for j in range(4):
+            i = 4 * b + j
+            if i < g.shape[0]:
+                k = dither_code(g[i], delta[i // bucket], lane(u0, u1, u2, u3, j), levels)
+                symbols[i] = centered_mod(k, rho, half)
+
+    @jit
+    def nested_decode(b, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard,
+                      out, flags, step, tid, key0, key1):
+        """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
+        first .. first+senders−1 (one sender: ALGORITHMS.md §2; several: §3).
+
+        side[i] estimates the senders' summed gradient. With U = Σ_p u_p and Y = side/Δ + U (the
+        estimate of K = Σ_p k_p), C = symbol − P⌊ρ/2⌋ is K's coset value and
+            K̂ = C + ρ · round((Y − C)/ρ),   out = factor · Δ (K̂ − U).
+        K̂ = K exactly iff |K − Y| < ρ/2. flags[i] = 1 where decoding cannot be trusted: K̂ outside
+        [−P·s, P·s] (certainly wrong) or |Y − K̂| > ρ/2 − guard (side information near the edge).
+        """
+        s0 = F32_ZERO
+        s1 = F32_ZERO
+        s2 = F32_ZERO
+        s3 = F32_ZERO
+        for p in range(first, first + senders):
+            u0, u1, u2, u3 = uniforms(b, step, tid, np.uint64(p), key0, key1)
+            s0 += u0
+            s1 += u1
+            s2 += u2
+            s3 += u3
+        half = rho // 2
+        rho_f = np.float32(rho)
+        edge = rho_f * F32_HALF - guard
+        limit = senders * levels
+        for j in range(4):
+            i = 4 * b + j
+            if i < symbols.shape[0]:
+                d = delta[i // bucket]
+                u = lane(s0, s1, s2, s3, j)
+                if d == F32_ZERO:
+                    out[i] = F32_ZERO
+                    flags[i] = 0
+                    continue
+                c = centered_mod(np.int64(symbols[i]), rho, 0) - centered_mod(senders * half, rho, 0)
+                y = side[i] / d + u
+                r = (y - np.float32(c)) / rho_f
+                r = min(max(r, -RESOLVE_LIMIT), RESOLVE_LIMIT)
+                k = c + rho * round_half_up(r)
+                out[i] = factor * (d * (np.float32(k) - u))
+                bad = k > limit or k < -limit or abs(y - np.float32(k)) > edge
+                flags[i] = 1 if bad else 0
+
+    @jit
+    def qsgd_encode(b, g, norm, bucket, levels, codes, step, tid, sender, key0, key1):
+        """QSGD (seed 001): k = sgn(g)·floor(s|g|/‖g_b‖ + U), U ~ U(0, 1): E[k]·‖g_b‖/s = g (int8)."""
+        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
+        sf = np.float32(levels)
+        for j in range(4):
+            i = 4 * b + j
+            if i < g.shape[0]:
+                nrm = norm[i // bucket]
+                k = 0
+                if nrm != F32_ZERO:
+                    k = stochastic_level((sf * abs(g[i])) / nrm, lane(u0, u1, u2, u3, j))
+                    if k > levels:
+                        k = levels
+                    if g[i] < F32_ZERO:
+                        k = -k
+                codes[i] = k
+
+    @jit
+    def scale_decode(i, codes, scale, bucket, levels, out):
+        """out[i] = scale_b · k_i / s (QSGD decoder; no dither to subtract)."""
+        out[i] = (scale[i // bucket] * np.float32(codes[i])) / np.float32(levels)
+
+    @jit
+    def onebit_column_means(c, g, cols, pos_mean, neg_mean):
+        """Seide 1-bit SGD: for column c of g viewed as (rows, cols) row-major, the means of its
+        entries ≥ 0 and < 0 (float64 sums in row order; 0 for an empty bin)."""
+        sp = 0.0
+        sn = 0.0
+        npos = 0
+        nneg = 0
+        for i in range(c, g.shape[0], cols):
+            x = g[i]
+            if x >= F32_ZERO:
+                sp += x
+                npos += 1
+            else:
+                sn += x
+                nneg += 1
+        pos_mean[c] = np.float32(sp / npos) if npos else F32_ZERO
+        neg_mean[c] = np.float32(sn / nneg) if nneg else F32_ZERO
+
+    @jit
+    def onebit_encode(i, g, bits):
+        bits[i] = 1 if g[i] >= F32_ZERO else 0
+
+    @jit
+    def onebit_decode(i, bits, cols, pos_mean, neg_mean, out):
+        c = i % cols
+        out[i] = pos_mean[c] if bits[i] else neg_mean[c]
+
+    @jit
+    def bitpack(b, symbols, nbits, out):
+        """Group b: symbols 8b .. 8b+7 (each < 2^nbits) into bytes nbits·b .. nbits·b+nbits−1,
+        little-endian bit order; the last group writes only the ⌈n·nbits/8⌉ − nbits·b bytes left."""
+        acc = np.uint64(0)
+        shift = np.uint64(nbits)
+        for j in range(8):
+            i = 8 * b + j
+            if i < symbols.shape[0]:
+                acc |= np.uint64(symbols[i]) << (shift * np.uint64(j))
+        for k in range(nbits):
+            o = nbits * b + k
+            if o < out.shape[0]:
+                out[o] = np.uint8((acc >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+    @jit
+    def bitunpack(b, packed, nbits, out):
+        acc = np.uint64(0)
+        for k in range(nbits):
+            o = nbits * b + k
+            if o < packed.shape[0]:
+                acc |= np.uint64(packed[o]) << np.uint64(8 * k)
+        mask = (np.uint64(1) << np.uint64(nbits)) - np.uint64(1)
+        for j in range(8):
+            i = 8 * b + j
+            if i < out.shape[0]:
+                out[i] = np.uint8((acc >> np.uint64(nbits * j)) & mask)
+
+    @jit
+    def radixpack(b, symbols, radix, per_byte, out):
+        """Byte b = Σ_j symbols[b·m + j] · radix^j, m = per_byte (radix 3: 5 trits per byte)."""
+        acc = 0
+        p = 1
+        for j in range(per_byte):
+            i = b * per_byte + j
+            if i < symbols.shape[0]:
+                acc += np.int64(symbols[i]) * p
+            p *= radix
+        out[b] = np.uint8(acc)
+
+    @jit
+    def radixunpack(b, packed, radix, per_byte, out):
+        acc = np.int64(packed[b])
+        for j in range(per_byte):
+            i = b * per_byte + j
+            if i < out.shape[0]:
+                out[i] = np.uint8(acc % radix)
+            acc //= radix
+
+    @jit
+    def modadd_bits(b, x, y, nbits, out):
+        """Group b of nbits bytes (8 fields of nbits bits): field-wise (x + y) mod 2^nbits, no
+        carry between fields: ((x & ~H) + (y & ~H)) ^ ((x ^ y) & H), H = each field's top bit."""
+        ax = np.uint64(0)
+        ay = np.uint64(0)
+        for k in range(nbits):
+            o = nbits * b + k
+            if o < x.shape[0]:
+                ax |= np.uint64(x[o]) << np.uint64(8 * k)
+                ay |= np.uint64(y[o]) << np.uint64(8 * k)
+        high = np.uint64(0)
+        for j in range(8):
+            high |= np.uint64(1) << np.uint64(nbits * j + nbits - 1)
+        s = ((ax & ~high) + (ay & ~high)) ^ ((ax ^ ay) & high)
+        for k in range(nbits):
+            o = nbits * b + k
+            if o < out.shape[0]:
+                out[o] = np.uint8((s >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+    @jit
+    def modadd_radix(b, x, y, radix, per_byte, out):
+        """Byte b of radix-packed symbols: digit-wise (x + y) mod radix."""
+        ax = np.int64(x[b])
+        ay = np.int64(y[b])
+        acc = 0
+        p = 1
+        for _ in range(per_byte):
+            acc += ((ax % radix + ay % radix) % radix) * p
+            ax //= radix
+            ay //= radix
+            p *= radix
+        out[b] = np.uint8(acc)
+
+    @jit
+    def pack_sum_fields(w, codes, offset, width, per_word, words):
+        """Word w = Σ_j (codes[w·F + j] + offset) · 2^(width·j), F = per_word, as an exact float64."""
+        acc = np.int64(0)
+        for j in range(per_word):
+            i = w * per_word + j
+            if i < codes.shape[0]:
+                acc |= np.int64(codes[i] + offset) << np.int64(width * j)
+        words[w] = np.float64(acc)
+
+    @jit
+    def unpack_sum_fields(w, words, factor, width, per_word, offset, ksum):
+        """Inverse of pack_sum_fields after a reduction that scaled the summed words by ``factor``."""
+        mask = (np.int64(1) << np.int64(width)) - np.int64(1)
+        total = np.int64(math.floor(words[w] / factor + 0.5))  # exact: |words/factor| < 2^50
+        for j in range(per_word):
+            i = w * per_word + j
+            if i < ksum.shape[0]:
+                ksum[i] = np.int32(((total >> np.int64(width * j)) & mask) - offset)
+
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "jit"})

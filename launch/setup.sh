@@ -48,7 +48,7 @@ log "installing torch==$TORCH_VERSION (CPU) and Python dependencies"
 "${PIP[@]}" "torch==$TORCH_VERSION"
 # Horovod's own runtime needs (it is installed --no-deps below) and the build's tools.
 "${PIP[@]}" cloudpickle psutil pyyaml packaging cffi
-"${PIP[@]}" numpy numba mpi4py pytest pytest-mpi tqdm scikit-learn matplotlib hypothesis ruff
+"${PIP[@]}" numpy numba numba-cuda mpi4py pytest pytest-mpi tqdm scikit-learn matplotlib hypothesis ruff
 
 # ---------------------------------------------------------------- Horovod from source
 PYTAG="$("$VPY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.kernels import DitherKey
-from hvdquant.kernels import cpu as K
+from hvdquant.kernels import DitherKey, ops
 
 
 def _as_flat_float32(g: torch.Tensor, what: str = "gradient") -> torch.Tensor:
-    """A contiguous 1-D float32 CPU view (or copy) of ``g``.
+    """A contiguous 1-D float32 view (or copy) of ``g``, on its device.
 
     float16, bfloat16 and float64 are converted to float32 (the codec's working precision);
     other dtypes are refused. Non-contiguous tensors are copied.
@@ -34,8 +33,6 @@ def _as_flat_float32(g: torch.Tensor, what: str = "gradient") -> torch.Tensor:
         raise TypeError(f"{what} must be a torch.Tensor, got {type(g).__name__}")
     if not g.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {g.dtype}")
-    if g.device.type != "cpu":
-        raise NotImplementedError(f"{what} is on {g.device}: only CPU tensors are supported so far")
     return g.detach().reshape(-1).to(torch.float32).contiguous()
 
 
@@ -64,12 +61,11 @@ class DQSG:
         return math.log2(self.symbols) + 32.0 / self.bucket_size
 
     def num_buckets(self, n: int) -> int:
-        return K.num_buckets(n, self.bucket_size)
+        return ops.num_buckets(n, self.bucket_size)
 
     def bucket_absmax(self, g: torch.Tensor) -> torch.Tensor:
         """max |g_i| per bucket (float32; NaN reported as +inf so a max-reduction keeps it)."""
-        flat = _as_flat_float32(g)
-        return torch.from_numpy(K.bucket_absmax(flat.numpy(), self.bucket_size))
+        return ops.bucket_absmax(_as_flat_float32(g), self.bucket_size)
 
     def step_size(self, absmax: torch.Tensor) -> torch.Tensor:
         """Δ_b = absmax_b / s (float32). Callers check finiteness first."""
@@ -77,16 +73,13 @@ class DQSG:
 
     def encode(self, g: torch.Tensor, delta: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """Indices k ∈ [-s, s] (int8, flat) of ``g`` under steps ``delta`` and dither stream ``key``."""
-        flat = _as_flat_float32(g)
-        codes = K.dqsg_encode(flat.numpy(), delta.contiguous().numpy(), self.bucket_size, self.levels, key)
-        return torch.from_numpy(codes)
+        return ops.dqsg_encode(_as_flat_float32(g), delta.contiguous(), self.bucket_size, self.levels, key)
 
     def decode_sum(self, ksum: torch.Tensor, delta: torch.Tensor, key: DitherKey, senders: int = 1,
                    factor: float = 1.0) -> torch.Tensor:
         """factor · Σ_p ĝ_p for senders key.sender … key.sender+senders−1 from their summed indices."""
-        out = K.dqsg_decode_sum(ksum.to(torch.int32).contiguous().numpy(), delta.contiguous().numpy(),
-                                self.bucket_size, senders, key, factor)
-        return torch.from_numpy(out)
+        return ops.dqsg_decode(ksum.to(torch.int32).contiguous(), delta.contiguous(), self.bucket_size, key,
+                               senders=senders, factor=factor)
 
     def decode(self, codes: torch.Tensor, delta: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """ĝ = Δ (k − u) for the single sender ``key.sender`` (flat float32)."""

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.kernels import cpu as K
+from hvdquant.kernels import ops
 
-WORD_BITS = 50  # float64 words hold integers < 2^50, with margin for the /P and ×P of Average
+WORD_BITS = ops.SUM_WORD_BITS
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class SumFieldLayout:
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """int8 codes -> float64 words (+ sentinel 1.0), ready for a SUM or AVERAGE allreduce."""
-        out = torch.empty(self.words(codes.numel()), dtype=torch.float64)
-        K.pack_sum_fields(codes.contiguous().numpy(), self.levels, self.width, self.per_word, out[:-1].numpy())
+        out = torch.empty(self.words(codes.numel()), dtype=torch.float64, device=codes.device)
+        ops.pack_sum_fields(codes.contiguous(), self.levels, self.width, self.per_word, out=out[:-1])
         out[-1] = 1.0
         return out
 
@@ -65,6 +65,6 @@ class SumFieldLayout:
         if not math.isfinite(factor) or factor <= 0.0:
             raise ValueError(f"the reduction scaled the payload by {factor!r}: only positive finite "
                              "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
-        ksum = K.unpack_sum_fields(reduced[:-1].contiguous().numpy(), n, self.levels * self.ranks,
-                                   self.width, self.per_word, factor)
-        return torch.from_numpy(ksum), factor
+        ksum = ops.unpack_sum_fields(reduced[:-1].contiguous(), n, self.levels * self.ranks,
+                                     self.width, self.per_word, factor)
+        return ksum, factor

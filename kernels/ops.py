@@ -1,0 +1,422 @@
+"""The kernels' public API over torch tensors, on either device.
+
+Every function takes and returns 1-D contiguous torch tensors and runs where its inputs live:
+CPU tensors go to the CPU twins (:mod:`.cpu`) through zero-copy NumPy views; CUDA tensors go to the
+CUDA kernels (:mod:`.cuda`) through ``__cuda_array_interface__``, launched on torch's current CUDA
+stream (Horovod records its ready event on that stream, so a payload is never sent before it is
+written). Arguments are checked here, with errors that name the argument.
+
+``force_target("cuda")`` runs the CUDA kernels on CPU tensors: under ``NUMBA_ENABLE_CUDASIM=1``
+that is Numba's CUDA simulator, which is how the CUDA kernels are tested against their CPU twins
+on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from . import cpu
+from .key import MAX_ELEMENTS, DitherKey
+
+THREADS_PER_BLOCK = 256
+_forced: str | None = None
+
+
+@contextmanager
+def force_target(target: str | None) -> Iterator[None]:
+    """Run kernels on ``target`` ("cpu" or "cuda") regardless of where the tensors live."""
+    global _forced
+    if target not in (None, "cpu", "cuda"):
+        raise ValueError(f"target must be 'cpu', 'cuda' or None, got {target!r}")
+    old, _forced = _forced, target
+    try:
+        yield
+    finally:
+        _forced = old
+
+
+def _launch(kernel: str, nblocks: int, *args: object) -> None:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    on_gpu = any(t.is_cuda for t in tensors)
+    if on_gpu and not all(t.is_cuda and t.device == tensors[0].device for t in tensors):
+        raise ValueError(f"{kernel}: all tensors must be on the same device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+    target = _forced or ("cuda" if on_gpu else "cpu")
+    if nblocks == 0:
+        return
+    conv: list[object] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_cuda:
+                from numba import cuda as nb_cuda
+
+                conv.append(nb_cuda.as_cuda_array(a))
+            else:
+                conv.append(a.numpy())
+        elif isinstance(a, np.generic):  # typed NumPy scalars pass as they are (np.float64 is a float)
+            conv.append(a)
+        elif isinstance(a, bool):
+            raise TypeError(f"{kernel}: unexpected bool argument")
+        elif isinstance(a, int):
+            conv.append(np.int64(a))
+        elif isinstance(a, float):
+            conv.append(np.float32(a))
+        else:
+            conv.append(a)
+    if target == "cpu":
+        if on_gpu:
+            raise ValueError(f"{kernel}: CUDA tensors cannot run on the CPU target")
+        getattr(cpu, kernel)(np.int64(nblocks), *conv)
+        return
+    from numba import cuda as nb_cuda
+
+    from . import cuda as ck
+
+    stream = nb_cuda.external_stream(torch.cuda.current_stream().cuda_stream) if on_gpu else 0
+    grid = (nblocks + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+    getattr(ck, kernel)[grid, THREADS_PER_BLOCK, stream](np.int64(nblocks), *conv)
+
+
+# ----------------------------------------------------------------------------- checks
+def _vec(name: str, t: object, dtype: torch.dtype, n: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous 1-D tensor, got shape {tuple(t.shape)}")
+    if n is not None and t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {n}")
+    if t.numel() > MAX_ELEMENTS:
+        raise ValueError(f"{name} has {t.numel()} elements, more than the dither counter's {MAX_ELEMENTS}")
+    return t
+
+
+def _int(name: str, v: object, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not lo <= int(v) <= hi:
+        raise ValueError(f"{name}={v} is out of range [{lo}, {hi}]")
+    return int(v)
+
+
+def _out(out: torch.Tensor | None, name: str, n: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=dtype, device=like.device)
+    return _vec(name, out, dtype, n)
+
+
+def num_buckets(n: int, bucket: int) -> int:
+    return (n + bucket - 1) // bucket
+
+
+def _blocks4(n: int) -> int:
+    return (n + 3) // 4
+
+
+def _scales(name: str, t: torch.Tensor, n: int, bucket: int) -> torch.Tensor:
+    return _vec(name, t, torch.float32, num_buckets(n, bucket))
+
+
+# ----------------------------------------------------------------------------- dithers, scales
+def dither(n: int, key: DitherKey, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The n dithers u ∈ (−½, ½) of stream ``key`` (float32): element i is lane i % 4 of
+    Philox-4x32-10(counter = (i // 4, step, tensor id, sender), key = seed)."""
+    out = torch.empty(_int("n", n, 0, MAX_ELEMENTS), dtype=torch.float32, device=device)
+    _launch("dither_fill", _blocks4(n), out, *key.words())
+    return out
+
+
+def bucket_absmax(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """max |g_i| per bucket of ``bucket`` coordinates (last may be shorter); NaN → +inf."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    nb = num_buckets(g.numel(), bucket)
+    out = _out(out, "out", nb, torch.float32, g)
+    _launch("bucket_absmax", nb, g, bucket, out)
+    return out
+
+
+def bucket_l2(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """‖g_b‖₂ per bucket (float64 accumulation in index order; NaN propagates)."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    nb = num_buckets(g.numel(), bucket)
+    out = _out(out, "out", nb, torch.float32, g)
+    _launch("bucket_l2", nb, g, bucket, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- DQSG
+def dqsg_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """k_i = round(g_i/Δ_b + u_i) ∈ [−s, s] (int8); Δ_b = 0 gives k = 0 (ALGORITHMS.md §1)."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, g.numel(), bucket)
+    levels = _int("levels", levels, 1, 127)
+    out = _out(out, "out", g.numel(), torch.int8, g)
+    _launch("dqsg_encode", _blocks4(g.numel()), g, delta, bucket, levels, out, *key.words())
+    return out
+
+
+def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey, senders: int = 1,
+                factor: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """factor · Δ_b · (Σ_p k_p − Σ_p u_p) over senders key.sender … key.sender+senders−1 (float32).
+
+    One sender: Δ(k − u). key.sender = 0 and P senders with a common Δ: the sum of all P
+    reconstructions (ALGORITHMS.md §3); dithers are summed in sender order on every device.
+    """
+    _vec("ksum", ksum, torch.int32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, ksum.numel(), bucket)
+    senders = _int("senders", senders, 1, 1 << 24)
+    out = _out(out, "out", ksum.numel(), torch.float32, ksum)
+    step, tid, first, k0, k1 = key.words()
+    _launch("dqsg_decode", _blocks4(ksum.numel()), ksum, delta, bucket, int(first), senders, float(factor),
+            out, step, tid, k0, k1)
+    return out
+
+
+def dither1_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """1-bit dithered quantizer: bit = [g/Δ + u > 0] with Δ = 2‖g_b‖∞ (uint8 0/1; ALGORITHMS.md §1)."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, g.numel(), bucket)
+    out = _out(out, "out", g.numel(), torch.uint8, g)
+    _launch("dither1_encode", _blocks4(g.numel()), g, delta, bucket, out, *key.words())
+    return out
+
+
+def dither1_decode(bits: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """ĝ = Δ (q/2 − u), q = 2·bit − 1: unbiased, error variance Δ²/12."""
+    _vec("bits", bits, torch.uint8)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, bits.numel(), bucket)
+    out = _out(out, "out", bits.numel(), torch.float32, bits)
+    _launch("dither1_decode", _blocks4(bits.numel()), bits, delta, bucket, out, *key.words())
+    return out
+
+
+# ----------------------------------------------------------------------------- NDQSG
+def nested_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, nesting_ratio: int,
+                  key: DitherKey, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Coset symbols (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) of the DQSG(s₁) indices k (uint8; ALGORITHMS.md §2)."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, g.numel(), bucket)
+    levels = _int("levels", levels, 1, 127)
+    rho = _int("nesting_ratio", nesting_ratio, 2, 255)
+    out = _out(out, "out", g.numel(), torch.uint8, g)
+    _launch("nested_encode", _blocks4(g.numel()), g, delta, bucket, levels, rho, out, *key.words())
+    return out
+
+
+def nested_decode(symbols: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, nesting_ratio: int,
+                  side: torch.Tensor, key: DitherKey, senders: int = 1, factor: float = 1.0, guard: float = 0.0,
+                  out: torch.Tensor | None = None, flags: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode coset symbols (or their mod-ρ sum over ``senders`` senders) with side information.
+
+    ``side`` estimates the senders' summed gradient, in gradient units. Returns (factor·Σ_p ĝ_p,
+    flags) where flags (uint8) is 1 where decoding cannot be trusted: the resolved index sum lies
+    outside [−P·s₁, P·s₁], or the side information is within ``guard`` (in units of Δ) of the
+    ρ/2 decision edge. Exact, flag or not, whenever |K − (side/Δ + Σu)| < ρ/2.
+    """
+    _vec("symbols", symbols, torch.uint8)
+    n = symbols.numel()
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, n, bucket)
+    _vec("side", side, torch.float32, n)
+    levels = _int("levels", levels, 1, 127)
+    rho = _int("nesting_ratio", nesting_ratio, 2, 255)
+    senders = _int("senders", senders, 1, 1 << 24)
+    if not 0.0 <= guard < rho / 2:
+        raise ValueError(f"guard={guard} must lie in [0, nesting_ratio/2)")
+    out = _out(out, "out", n, torch.float32, symbols)
+    flags = _out(flags, "flags", n, torch.uint8, symbols)
+    step, tid, first, k0, k1 = key.words()
+    _launch("nested_decode", _blocks4(n), symbols, delta, bucket, levels, rho, side, int(first), senders,
+            float(factor), float(guard), out, flags, step, tid, k0, k1)
+    return out, flags
+
+
+# ----------------------------------------------------------------------------- QSGD, 1-bit SGD
+def qsgd_encode(g: torch.Tensor, norm: torch.Tensor, bucket: int, levels: int, key: DitherKey,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """QSGD levels k = sgn(g)·⌊s|g|/‖g_b‖ + U⌋ ∈ [−s, s] (int8), U ~ U(0,1) from the key's stream."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("norm", norm, g.numel(), bucket)
+    levels = _int("levels", levels, 1, 127)
+    out = _out(out, "out", g.numel(), torch.int8, g)
+    _launch("qsgd_encode", _blocks4(g.numel()), g, norm, bucket, levels, out, *key.words())
+    return out
+
+
+def scale_decode(codes: torch.Tensor, scale: torch.Tensor, bucket: int, levels: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """ĝ_i = scale_b · k_i / s (the QSGD decoder)."""
+    _vec("codes", codes, torch.int8)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("scale", scale, codes.numel(), bucket)
+    levels = _int("levels", levels, 1, 127)
+    out = _out(out, "out", codes.numel(), torch.float32, codes)
+    _launch("scale_decode", codes.numel(), codes, scale, bucket, levels, out)
+    return out
+
+
+def onebit_column_means(g: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of g viewed as (rows, cols): mean of entries ≥ 0 and mean of entries < 0 (Seide)."""
+    _vec("g", g, torch.float32)
+    cols = _int("cols", cols, 1, max(1, g.numel()))
+    if g.numel() % cols:
+        raise ValueError(f"g has {g.numel()} elements, not a multiple of cols={cols}")
+    pos = torch.empty(cols, dtype=torch.float32, device=g.device)
+    neg = torch.empty(cols, dtype=torch.float32, device=g.device)
+    _launch("onebit_column_means", cols if g.numel() else 0, g, cols, pos, neg)
+    return pos, neg
+
+
+def onebit_encode(g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """bit = [g ≥ 0] (uint8)."""
+    _vec("g", g, torch.float32)
+    out = _out(out, "out", g.numel(), torch.uint8, g)
+    _launch("onebit_encode", g.numel(), g, out)
+    return out
+
+
+def onebit_decode(bits: torch.Tensor, cols: int, pos_mean: torch.Tensor, neg_mean: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """ĝ = pos_mean[col] where bit else neg_mean[col]."""
+    _vec("bits", bits, torch.uint8)
+    cols = _int("cols", cols, 1, max(1, bits.numel()))
+    _vec("pos_mean", pos_mean, torch.float32, cols)
+    _vec("neg_mean", neg_mean, torch.float32, cols)
+    out = _out(out, "out", bits.numel(), torch.float32, bits)
+    _launch("onebit_decode", bits.numel(), bits, cols, pos_mean, neg_mean, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- packing
+def packed_bytes(n: int, nbits: int) -> int:
+    """⌈n·b/8⌉: 8 codes of b bits in b bytes, no padding beyond the last byte."""
+    return (n * nbits + 7) // 8
+
+
+def bitpack(symbols: torch.Tensor, nbits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pack uint8 symbols < 2^b (b = nbits ∈ 1..8) into ⌈n·b/8⌉ bytes, little-endian bit order."""
+    _vec("symbols", symbols, torch.uint8)
+    nbits = _int("nbits", nbits, 1, 8)
+    n = symbols.numel()
+    out = _out(out, "out", packed_bytes(n, nbits), torch.uint8, symbols)
+    _launch("bitpack", (n + 7) // 8, symbols, nbits, out)
+    return out
+
+
+def bitunpack(packed: torch.Tensor, nbits: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    _vec("packed", packed, torch.uint8)
+    nbits = _int("nbits", nbits, 1, 8)
+    if packed.numel() != packed_bytes(n, nbits):
+        raise ValueError(f"packed has {packed.numel()} bytes, {n} codes of {nbits} bits need "
+                         f"{packed_bytes(n, nbits)}")
+    out = _out(out, "out", n, torch.uint8, packed)
+    _launch("bitunpack", (n + 7) // 8, packed, nbits, out)
+    return out
+
+
+def radix_per_byte(radix: int) -> int:
+    """m = ⌊log_radix 256⌋ symbols per byte (radix 3: 5, radix 5: 3, radix 7 to 16: 2)."""
+    radix = _int("radix", radix, 2, 256)
+    m, p = 0, 1
+    while p * radix <= 256:
+        p *= radix
+        m += 1
+    return m
+
+
+def radixpack(symbols: torch.Tensor, radix: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pack symbols < radix, m = radix_per_byte(radix) per byte: byte = Σ_j s_j·radix^j."""
+    _vec("symbols", symbols, torch.uint8)
+    m = radix_per_byte(radix)
+    nbytes = (symbols.numel() + m - 1) // m
+    out = _out(out, "out", nbytes, torch.uint8, symbols)
+    _launch("radixpack", nbytes, symbols, radix, m, out)
+    return out
+
+
+def radixunpack(packed: torch.Tensor, radix: int, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    _vec("packed", packed, torch.uint8)
+    m = radix_per_byte(radix)
+    if packed.numel() != (n + m - 1) // m:
+        raise ValueError(f"packed has {packed.numel()} bytes, {n} symbols need {(n + m - 1) // m}")
+    out = _out(out, "out", n, torch.uint8, packed)
+    _launch("radixunpack", packed.numel(), packed, radix, m, out)
+    return out
+
+
+def coset_bits(nesting_ratio: int) -> int | None:
+    """log2 ρ when ρ is a power of two (bit packing), else None (radix packing)."""
+    rho = _int("nesting_ratio", nesting_ratio, 2, 256)
+    return rho.bit_length() - 1 if rho & (rho - 1) == 0 else None
+
+
+def pack_cosets(symbols: torch.Tensor, nesting_ratio: int) -> torch.Tensor:
+    """Coset symbols in [0, ρ) packed densely: log2 ρ bits each, or radix-ρ bytes."""
+    b = coset_bits(nesting_ratio)
+    return bitpack(symbols, b) if b is not None else radixpack(symbols, nesting_ratio)
+
+
+def unpack_cosets(packed: torch.Tensor, nesting_ratio: int, n: int) -> torch.Tensor:
+    b = coset_bits(nesting_ratio)
+    return bitunpack(packed, b, n) if b is not None else radixunpack(packed, nesting_ratio, n)
+
+
+def modadd_cosets(x: torch.Tensor, y: torch.Tensor, nesting_ratio: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """(x + y) mod ρ symbol by symbol, on packed bytes (as :func:`pack_cosets` lays them out)."""
+    _vec("x", x, torch.uint8)
+    _vec("y", y, torch.uint8, x.numel())
+    out = _out(out, "out", x.numel(), torch.uint8, x)
+    b = coset_bits(nesting_ratio)
+    if b is not None:
+        _launch("modadd_bits", (x.numel() + b - 1) // b, x, y, b, out)
+    else:
+        _launch("modadd_radix", x.numel(), x, y, nesting_ratio, radix_per_byte(nesting_ratio), out)
+    return out
+
+
+SUM_WORD_BITS = 50  # float64 words hold integers < 2^50, with margin for the /P and ×P of Average
+
+
+def pack_sum_fields(codes: torch.Tensor, offset: int, width: int, per_word: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Word w = Σ_j (codes[w·F + j] + offset)·2^(width·j), F = per_word, as an exact float64."""
+    _vec("codes", codes, torch.int8)
+    width = _int("width", width, 1, SUM_WORD_BITS)
+    per_word = _int("per_word", per_word, 1, SUM_WORD_BITS)
+    if width * per_word > SUM_WORD_BITS:
+        raise ValueError(f"width*per_word = {width * per_word} > {SUM_WORD_BITS} bits: "
+                         "float64 sums would not stay exact")
+    nw = math.ceil(codes.numel() / per_word)
+    out = _out(out, "out", nw, torch.float64, codes)
+    _launch("pack_sum_fields", nw, codes, int(offset), width, per_word, out)
+    return out
+
+
+def unpack_sum_fields(words: torch.Tensor, n: int, offset: int, width: int, per_word: int,
+                      factor: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_sum_fields` after a reduction that returned ``factor`` × the sum:
+    each word / factor is rounded to the exact integer sum (< 2^50), split, minus ``offset``."""
+    _vec("words", words, torch.float64, math.ceil(n / per_word))
+    out = _out(out, "out", n, torch.int32, words)
+    _launch("unpack_sum_fields", words.numel(), words, np.float64(factor), int(width), int(per_word),
+            int(offset), out)
+    return out
