@@ -170,7 +170,7 @@ def build(jit: Callable) -> SimpleNamespace:
     @jit
     def bucket_l2(b, g, bucket, out):
         """out[b] = ‖g_b‖₂: float32 squares are exact in float64, summed in order, then sqrt."""
-        acc = 0.0
+        acc = np.float64(0.0)
         for i in range(b * bucket, min(g.shape[0], (b + 1) * bucket)):
             x = np.float64(g[i])
             acc += x * x
@@ -313,13 +313,13 @@ def build(jit: Callable) -> SimpleNamespace:
     def onebit_column_means(c, g, cols, pos_mean, neg_mean):
         """Seide 1-bit SGD: for column c of g viewed as (rows, cols) row-major, the means of its
         entries ≥ 0 and < 0 (float64 sums in row order; 0 for an empty bin)."""
-        sp = 0.0
-        sn = 0.0
+        sp = np.float64(0.0)  # typed: the CUDA simulator's NumPy 2 rules would keep a bare 0.0 + float32 in float32
+        sn = np.float64(0.0)
         npos = 0
         nneg = 0
         for i in range(c, g.shape[0], cols):
-            x = g[i]
-            if x >= F32_ZERO:
+            x = np.float64(g[i])
+            if x >= 0.0:
                 sp += x
                 npos += 1
             else:

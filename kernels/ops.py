@@ -279,8 +279,8 @@ def onebit_column_means(g: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch
     cols = _int("cols", cols, 1, max(1, g.numel()))
     if g.numel() % cols:
         raise ValueError(f"g has {g.numel()} elements, not a multiple of cols={cols}")
-    pos = torch.empty(cols, dtype=torch.float32, device=g.device)
-    neg = torch.empty(cols, dtype=torch.float32, device=g.device)
+    pos = torch.zeros(cols, dtype=torch.float32, device=g.device)  # an empty g has empty (0) bins
+    neg = torch.zeros(cols, dtype=torch.float32, device=g.device)
     _launch("onebit_column_means", cols if g.numel() else 0, g, cols, pos, neg)
     return pos, neg
 

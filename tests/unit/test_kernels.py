@@ -1,0 +1,252 @@
+"""CPU kernels against plain NumPy/torch references written for the test, plus the statistical
+and exactness properties the codecs rely on (bounds derived from the maths, stated per test)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hvdquant.kernels import DitherKey, ops
+
+KEY = DitherKey(seed=0xC0FFEE, step=3, tensor_id=77, sender=2)
+SIZES = [0, 1, 5, 130, 1031]
+
+
+def randn(n: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def per_coord(scales: torch.Tensor, bucket: int, n: int) -> np.ndarray:
+    return scales.numpy().repeat(bucket)[:n]
+
+
+def ref_round_half_up(t: np.ndarray) -> np.ndarray:
+    f = np.floor(t)
+    return (f + ((t - f) >= np.float32(0.5))).astype(np.int64)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_scales(n):
+    g = randn(n, 1)
+    g32 = g.numpy()
+    absmax = ops.bucket_absmax(g, 64).numpy()
+    l2 = ops.bucket_l2(g, 64).numpy()
+    nb = (n + 63) // 64
+    assert absmax.shape == l2.shape == (nb,)
+    for b in range(nb):
+        chunk = g32[64 * b:64 * (b + 1)]
+        assert absmax[b] == np.abs(chunk).max()
+        assert l2[b] == pytest.approx(np.sqrt((chunk.astype(np.float64) ** 2).sum()), rel=1e-7)
+
+
+def test_zero_and_nan_buckets():
+    g = torch.tensor([0.0, 0.0, 1.0, float("nan"), -3.0, 0.0])
+    assert ops.bucket_absmax(g, 2).tolist() == [0.0, float("inf"), 3.0]
+    assert ops.bucket_l2(g, 2)[0] == 0.0
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("levels", [1, 3, 127])
+def test_dqsg_encode_matches_reference(n, levels):
+    g = randn(n, 2)
+    delta = ops.bucket_absmax(g, 32) / levels
+    k = ops.dqsg_encode(g, delta, 32, levels, KEY).numpy()
+    u = ops.dither(n, KEY).numpy()
+    d = per_coord(delta, 32, n)
+    ref = np.clip(ref_round_half_up(g.numpy() / d + u), -levels, levels)
+    assert np.array_equal(k, ref)
+    ghat = ops.dqsg_decode(torch.from_numpy(k.astype(np.int32)), delta, 32, KEY).numpy()
+    assert np.array_equal(ghat, np.float32(1.0) * (d * (k.astype(np.float32) - u)))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_dither1_matches_reference_and_is_unbiased(n):
+    g = randn(n, 3)
+    delta = 2 * ops.bucket_absmax(g, 16)
+    bits = ops.dither1_encode(g, delta, 16, KEY).numpy()
+    u = ops.dither(n, KEY).numpy()
+    d = per_coord(delta, 16, n)
+    assert np.array_equal(bits, (g.numpy() / d + u > 0).astype(np.uint8))
+    ghat = ops.dither1_decode(torch.from_numpy(bits), delta, 16, KEY).numpy()
+    assert np.array_equal(ghat, d * (np.where(bits == 1, np.float32(0.5), np.float32(-0.5)) - u))
+    assert np.all(np.abs(ghat - g.numpy()) <= d / 2 + 1e-6)
+
+
+def test_dither1_error_statistics():
+    """q/2 − u reconstruction (ALGORITHMS.md §1): error uniform, variance Δ²/12 in gradient units.
+    n = 2^18; z = err/√(Δ²/12): |mean z| < 5/√n, |mean z² − 1| < 5·√(0.8/n)."""
+    n = 1 << 18
+    g = randn(n, 4)
+    delta = 2 * ops.bucket_absmax(g, 256)
+    ghat = ops.dither1_decode(ops.dither1_encode(g, delta, 256, KEY), delta, 256, KEY).double().numpy()
+    z = (ghat - g.double().numpy()) / (per_coord(delta, 256, n).astype(np.float64) / math.sqrt(12))
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs((z**2).mean() - 1) < 5 * math.sqrt(0.8 / n)
+
+
+@pytest.mark.parametrize("rho", [2, 3, 4, 5, 8, 9])
+def test_nested_encode_is_coset_of_dqsg_code(rho):
+    g = randn(1031, 5)
+    delta = ops.bucket_absmax(g, 64) / 3
+    k = ops.dqsg_encode(g, delta, 64, 3, KEY).numpy().astype(np.int64)
+    sym = ops.nested_encode(g, delta, 64, 3, rho, KEY).numpy()
+    assert np.array_equal(sym, (k + rho // 2) % rho)
+    assert sym.max() < rho
+
+
+@pytest.mark.parametrize("rho", [3, 4, 7])
+def test_nested_decode_exact_under_condition_and_bounded_always(rho):
+    """ALGORITHMS.md §2: ĝ equals the DQSG(s₁) reconstruction g + eΔ exactly iff
+    |g − y + eΔ| < ρΔ/2, and always |ĝ − y| ≤ ρΔ/2. Side information y = g + noise with noise
+    scale chosen so both cases occur."""
+    n, levels, bucket = 4096, 3, 128
+    g = randn(n, 6)
+    delta = ops.bucket_absmax(g, bucket) / levels
+    y = g + randn(n, 7, scale=float(delta.mean()) * rho / 3)
+    sym = ops.nested_encode(g, delta, bucket, levels, rho, KEY)
+    ghat, flags = ops.nested_decode(sym, delta, bucket, levels, rho, y, KEY)
+    k = ops.dqsg_encode(g, delta, bucket, levels, KEY)
+    dqsg = ops.dqsg_decode(k.int(), delta, bucket, KEY).numpy()
+    d = per_coord(delta, bucket, n).astype(np.float64)
+    cond = np.abs(g.double().numpy() - y.double().numpy() + (dqsg - g.numpy()).astype(np.float64)) < rho * d / 2
+    margin = 1e-4 * d  # stay clear of the boundary, where float32 rounding decides
+    sure = np.abs(np.abs(g.double().numpy() - y.double().numpy() + (dqsg - g.numpy())) - rho * d / 2) > margin
+    assert np.array_equal(ghat.numpy()[cond & sure], dqsg[cond & sure])
+    assert np.all(ghat.numpy()[~cond & sure] != dqsg[~cond & sure])
+    assert cond.sum() > n // 2 and (~cond).sum() > 10  # both regimes exercised
+    assert np.all(np.abs(ghat.double().numpy() - y.double().numpy()) <= rho * d / 2 * (1 + 1e-5) + 1e-6)
+    # Every coordinate flagged as certainly wrong (resolved index out of [−s, s]) is indeed wrong.
+    assert np.all(ghat.numpy()[flags.numpy() == 1] != dqsg[flags.numpy() == 1])
+
+
+def test_nested_decode_of_a_modular_sum():
+    """Σ_p symbols mod ρ decodes to Σ_p ĝ_p (common Δ) when the side information is the true sum."""
+    P, n, levels, rho, bucket = 4, 777, 2, 9, 64
+    gs = [randn(n, 20 + p) for p in range(P)]
+    delta = torch.stack([ops.bucket_absmax(g, bucket) for g in gs]).max(0).values / levels
+    keys = [KEY.for_sender(p) for p in range(P)]
+    total = torch.zeros(n, dtype=torch.int64)
+    for g, k in zip(gs, keys):
+        total += ops.nested_encode(g, delta, bucket, levels, rho, k).long()
+    symbols = (total % rho).to(torch.uint8)
+    truth = sum(gs)
+    ghat, flags = ops.nested_decode(symbols, delta, bucket, levels, rho, truth, KEY.for_sender(0), senders=P)
+    ksum = sum(ops.dqsg_encode(g, delta, bucket, levels, k).int() for g, k in zip(gs, keys))
+    expected = ops.dqsg_decode(ksum.int(), delta, bucket, KEY.for_sender(0), senders=P)
+    # |Σg − S| = 0 < (ρ − P)Δ/2: the sufficient condition of ALGORITHMS.md §3 holds everywhere.
+    assert torch.equal(ghat, expected) and int(flags.sum()) == 0
+
+
+def test_nested_decode_flags_wrong_side_information():
+    """Side information off by 2ρΔ: the resolved index leaves [−s, s] and every coordinate is flagged."""
+    n, levels, rho = 300, 1, 3
+    g = randn(n, 8)
+    delta = ops.bucket_absmax(g, 100) / levels
+    y = g + 2 * rho * per_coord(delta, 100, n).max()
+    sym = ops.nested_encode(g, delta, 100, levels, rho, KEY)
+    _, flags = ops.nested_decode(sym, delta, 100, levels, rho, y.float(), KEY)
+    assert int(flags.sum()) == n
+
+
+@pytest.mark.parametrize("norm", ["l2", "max"])
+def test_qsgd_unbiased_and_variance_bound(norm):
+    """Seed 001: E[Q(v)] = v and E‖Q(v)‖² ≤ (1 + min(d/s², √d/s))‖v‖² per bucket of d.
+    T = 300 independent streams; per coordinate the mean's std is ≤ ‖v_b‖/(s·√T)·½, bound 5σ."""
+    d, s, T = 64, 2, 300
+    v = randn(4 * d, 9)
+    scale = ops.bucket_l2(v, d) if norm == "l2" else ops.bucket_absmax(v, d)
+    acc = torch.zeros(4 * d, dtype=torch.float64)
+    second = torch.zeros(4, dtype=torch.float64)
+    for t in range(T):
+        key = DitherKey(1, t, 2, 0)
+        codes = ops.qsgd_encode(v, scale, d, s, key)
+        assert int(codes.abs().max()) <= s
+        q = ops.scale_decode(codes, scale, d, s).double()
+        acc += q
+        second += (q**2).reshape(4, d).sum(1)
+    sd = per_coord(scale, d, 4 * d).astype(np.float64) / s / 2 / math.sqrt(T)
+    assert np.all(np.abs((acc / T).numpy() - v.double().numpy()) < 5 * sd)
+    if norm == "l2":
+        norms2 = (v.double() ** 2).reshape(4, d).sum(1)
+        bound = (1 + min(d / s**2, math.sqrt(d) / s)) * norms2
+        assert bool((second / T <= bound).all())
+
+
+def test_qsgd_max_norm_hits_top_level_exactly():
+    v = torch.tensor([1.0, -1.0, 0.0, 0.5])
+    codes = ops.qsgd_encode(v, ops.bucket_absmax(v, 4), 4, 3, KEY)
+    assert codes[:3].tolist() == [3, -3, 0]
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 3), (64, 10)])
+def test_onebit_matches_reference(rows, cols):
+    g = randn(rows * cols, 10)
+    pos, neg = ops.onebit_column_means(g, cols)
+    m = g.numpy().reshape(rows, cols)
+    for c in range(cols):
+        col = m[:, c]
+        assert pos[c] == pytest.approx(col[col >= 0].mean() if (col >= 0).any() else 0.0, rel=1e-6)
+        assert neg[c] == pytest.approx(col[col < 0].mean() if (col < 0).any() else 0.0, rel=1e-6)
+    bits = ops.onebit_encode(g)
+    assert np.array_equal(bits.numpy(), (g.numpy() >= 0).astype(np.uint8))
+    out = ops.onebit_decode(bits, cols, pos, neg).numpy().reshape(rows, cols)
+    assert np.array_equal(out, np.where(m >= 0, pos.numpy()[None, :], neg.numpy()[None, :]))
+
+
+def ref_bitpack(sym: np.ndarray, b: int) -> np.ndarray:
+    acc = sum(int(s) << (b * i) for i, s in enumerate(sym))
+    return np.frombuffer(acc.to_bytes((len(sym) * b + 7) // 8 or 0, "little"), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("b", range(1, 9))
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_bitpack_roundtrip_and_layout(b, n):
+    sym = torch.randint(0, 1 << b, (n,), generator=torch.Generator().manual_seed(b * n), dtype=torch.uint8)
+    packed = ops.bitpack(sym, b)
+    assert packed.numel() == (n * b + 7) // 8  # no padding beyond the last byte
+    assert np.array_equal(packed.numpy(), ref_bitpack(sym.numpy(), b))
+    assert torch.equal(ops.bitunpack(packed, b, n), sym)
+    if b == 1:
+        assert np.array_equal(packed.numpy(), np.packbits(sym.numpy(), bitorder="little"))
+
+
+@pytest.mark.parametrize("radix,per_byte", [(3, 5), (5, 3), (6, 3), (7, 2), (9, 2), (15, 2)])
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, 1003])
+def test_radixpack_roundtrip_and_layout(radix, per_byte, n):
+    assert ops.radix_per_byte(radix) == per_byte
+    sym = torch.randint(0, radix, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    packed = ops.radixpack(sym, radix)
+    assert packed.numel() == -(-n // per_byte)
+    s = sym.numpy().astype(np.int64)
+    ref = [sum(int(x) * radix**j for j, x in enumerate(s[i:i + per_byte])) for i in range(0, n, per_byte)]
+    assert packed.tolist() == ref
+    assert torch.equal(ops.radixunpack(packed, radix, n), sym)
+
+
+@pytest.mark.parametrize("rho", [2, 3, 4, 5, 7, 8, 9, 15, 16])
+@pytest.mark.parametrize("n", [1, 13, 1000])
+def test_modadd_cosets(rho, n):
+    gen = torch.Generator().manual_seed(rho * n)
+    x = torch.randint(0, rho, (n,), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, rho, (n,), generator=gen, dtype=torch.uint8)
+    summed = ops.modadd_cosets(ops.pack_cosets(x, rho), ops.pack_cosets(y, rho), rho)
+    assert torch.equal(ops.unpack_cosets(summed, rho, n), ((x.int() + y.int()) % rho).to(torch.uint8))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ops.bucket_absmax(torch.ones(4, dtype=torch.float64), 2), TypeError, "g must have dtype"),
+    (lambda: ops.bucket_absmax(torch.ones(4, 4)[:, 0], 2), ValueError, "contiguous 1-D"),
+    (lambda: ops.bucket_absmax(torch.ones(4), 0), ValueError, "bucket=0"),
+    (lambda: ops.dqsg_encode(torch.ones(4), torch.ones(2), 2, 0, KEY), ValueError, "levels=0"),
+    (lambda: ops.dqsg_encode(torch.ones(4), torch.ones(3), 2, 1, KEY), ValueError, "delta has 3"),
+    (lambda: ops.nested_encode(torch.ones(4), torch.ones(1), 4, 3, 1, KEY), ValueError, "nesting_ratio=1"),
+    (lambda: ops.nested_encode(torch.ones(4), torch.ones(1), 4, 3, 2.0, KEY), TypeError, "nesting_ratio"),
+    (lambda: ops.bitpack(torch.zeros(3, dtype=torch.uint8), 9), ValueError, "nbits=9"),
+    (lambda: ops.bitunpack(torch.zeros(3, dtype=torch.uint8), 2, 5), ValueError, "need 2"),
+    (lambda: ops.qsgd_encode(torch.ones(4), torch.ones(1), 4, 128, KEY), ValueError, "levels=128"),
+    (lambda: ops.pack_sum_fields(torch.zeros(3, dtype=torch.int8), 1, 26, 2), ValueError, "52 > 50"),
+])
+def test_bad_arguments_are_named(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
