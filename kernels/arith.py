@@ -75,8 +75,14 @@ def _uniform_centered(x):
 
 
 def _round_half_up(t):
-    """Nearest integer to float32 t (ties upward), exactly: t - floor(t) is exact in float32."""
-    f = math.floor(t)
+    """Nearest integer to float32 t (ties upward), exactly: t - floor(t) is exact in float32.
+
+    floor by truncation and correction (one conversion instruction, no libm call); callers keep
+    |t| < 2^31.
+    """
+    f = np.int64(t)
+    if np.float32(f) > t:
+        f -= 1
     if t - np.float32(f) >= F32_HALF:
         f += 1
     return f
@@ -146,14 +152,184 @@ def build(jit: Callable) -> SimpleNamespace:
             k = -levels
         return k
 
-    # ------------------------------------------------------------------ block functions
+    # ------------------------------------------------------------------ range functions
+    # Philox-driven codecs work on element ranges [i0, i1) with i0 % 4 == 0 and a scratch buffer u
+    # of at least i1 − i0 float32: the CPU gives each prange iteration a chunk of CHUNK elements
+    # (the Philox loop and the per-bucket loops then vectorize), the GPU gives each thread 4.
+
     @jit
-    def dither_fill(b, out, step, tid, sender, key0, key1):
-        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
-        for j in range(4):
-            i = 4 * b + j
-            if i < out.shape[0]:
-                out[i] = lane(u0, u1, u2, u3, j)
+    def dither_range(i0, i1, first, senders, u, step, tid, key0, key1):
+        """u[i − i0] = Σ_p u_p[i] for i in [i0, i1), senders p = first .. first+senders−1 in order.
+
+        Element i of sender p's stream is lane i % 4 of Philox(counter = (i // 4, step, tensor,
+        p), key = seed). The sum runs in sender order on every device.
+        """
+        m = i1 - i0
+        full = m // 4
+        b0 = i0 // 4
+        tail = m - 4 * full
+        # First sender: plain stores (the Philox loop vectorizes); later senders accumulate in order.
+        sp = np.uint64(first)
+        for q in range(full):
+            r0, r1, r2, r3 = uniforms(b0 + q, step, tid, sp, key0, key1)
+            u[4 * q] = r0
+            u[4 * q + 1] = r1
+            u[4 * q + 2] = r2
+            u[4 * q + 3] = r3
+        if tail:
+            r0, r1, r2, r3 = uniforms(b0 + full, step, tid, sp, key0, key1)
+            for j in range(tail):
+                u[4 * full + j] = lane(r0, r1, r2, r3, j)
+        for p in range(first + 1, first + senders):
+            sp = np.uint64(p)
+            for q in range(full):
+                r0, r1, r2, r3 = uniforms(b0 + q, step, tid, sp, key0, key1)
+                u[4 * q] += r0
+                u[4 * q + 1] += r1
+                u[4 * q + 2] += r2
+                u[4 * q + 3] += r3
+            if tail:
+                r0, r1, r2, r3 = uniforms(b0 + full, step, tid, sp, key0, key1)
+                for j in range(tail):
+                    u[4 * full + j] += lane(r0, r1, r2, r3, j)
+
+    @jit
+    def dither_fill(i0, i1, u, out, step, tid, sender, key0, key1):
+        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        for i in range(i0, i1):
+            out[i] = u[i - i0]
+
+    @jit
+    def segment_end(i, i1, bucket):
+        """End of the run of [i, i1) that lies in i's bucket."""
+        return min(i1, (i // bucket + 1) * bucket)
+
+    @jit
+    def dqsg_encode(i0, i1, u, g, delta, bucket, levels, codes, step, tid, sender, key0, key1):
+        """codes[i] = round(g_i/Δ_b + u_i) ∈ [−s, s] (int8), ALGORITHMS.md §1."""
+        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        i = i0
+        while i < i1:
+            j = segment_end(i, i1, bucket)
+            d = delta[i // bucket]
+            for k in range(i, j):
+                codes[k] = dither_code(g[k], d, u[k - i0], levels)
+            i = j
+
+    @jit
+    def dqsg_decode(i0, i1, u, ksum, delta, bucket, first, senders, factor, out, step, tid, key0, key1):
+        """out[i] = factor · Δ_b · (ksum[i] − Σ_p u_p[i]), p = first .. first+senders−1 in order.
+
+        One sender: the DQSG decoder Δ(k − u). P senders with a common Δ: Σ_p ĝ_p (ALGORITHMS.md §3).
+        """
+        dither_range(i0, i1, first, senders, u, step, tid, key0, key1)
+        i = i0
+        while i < i1:
+            j = segment_end(i, i1, bucket)
+            d = delta[i // bucket]
+            for k in range(i, j):
+                out[k] = factor * (d * (np.float32(ksum[k]) - u[k - i0]))
+            i = j
+
+    @jit
+    def dither1_encode(i0, i1, u, g, delta, bucket, bits, step, tid, sender, key0, key1):
+        """1-bit dithered quantizer (ALGORITHMS.md §1): Δ = 2‖g‖∞, x = g/Δ ∈ [−½, ½],
+        bit = [x + u > 0] (q = 2·bit − 1 = sign(x + u)); uint8 0/1 per element."""
+        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        i = i0
+        while i < i1:
+            j = segment_end(i, i1, bucket)
+            d = delta[i // bucket]
+            for k in range(i, j):
+                t = u[k - i0]
+                if d != F32_ZERO:
+                    t = g[k] / d + t
+                bits[k] = 1 if t > F32_ZERO else 0
+            i = j
+
+    @jit
+    def dither1_decode(i0, i1, u, bits, delta, bucket, out, step, tid, sender, key0, key1):
+        """ĝ = Δ (q/2 − u) = Δ (bit − ½ − u): unbiased, error uniform with variance Δ²/12."""
+        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        i = i0
+        while i < i1:
+            j = segment_end(i, i1, bucket)
+            d = delta[i // bucket]
+            for k in range(i, j):
+                half_q = F32_HALF if bits[k] else -F32_HALF
+                out[k] = d * (half_q - u[k - i0])
+            i = j
+
+    @jit
+    def nested_encode(i0, i1, u, g, delta, bucket, levels, rho, symbols, step, tid, sender, key0, key1):
+        """NDQSG (ALGORITHMS.md §2): fine index k = DQSG(s₁) code, sent as its coset symbol
+        (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) (uint8)."""
+        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        half = rho // 2
+        i = i0
+        while i < i1:
+            j = segment_end(i, i1, bucket)
+            d = delta[i // bucket]
+            for k in range(i, j):
+                symbols[k] = centered_mod(dither_code(g[k], d, u[k - i0], levels), rho, half)
+            i = j
+
+    @jit
+    def nested_decode(i0, i1, u, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard,
+                      out, flags, step, tid, key0, key1):
+        """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
+        first .. first+senders−1 (one sender: ALGORITHMS.md §2; several: §3).
+
+        side[i] estimates the senders' summed gradient. With U = Σ_p u_p and Y = side/Δ + U (the
+        estimate of K = Σ_p k_p), C = symbol − P⌊ρ/2⌋ is K's coset value and
+            K̂ = C + ρ · round((Y − C)/ρ),   out = factor · Δ (K̂ − U).
+        K̂ = K exactly iff |K − Y| < ρ/2. flags[i] = 1 where decoding cannot be trusted: K̂ outside
+        [−P·s, P·s] (certainly wrong) or |Y − K̂| > ρ/2 − guard (side information near the edge).
+        """
+        dither_range(i0, i1, first, senders, u, step, tid, key0, key1)
+        rho_f = np.float32(rho)
+        edge = rho_f * F32_HALF - guard
+        limit = senders * levels
+        shift = centered_mod(senders * (rho // 2), rho, 0)
+        i = i0
+        while i < i1:
+            j = segment_end(i, i1, bucket)
+            d = delta[i // bucket]
+            for k in range(i, j):
+                if d == F32_ZERO:
+                    out[k] = F32_ZERO
+                    flags[k] = 0
+                    continue
+                uk = u[k - i0]
+                c = np.int64(symbols[k]) - shift
+                y = side[k] / d + uk
+                r = min(max((y - np.float32(c)) / rho_f, -RESOLVE_LIMIT), RESOLVE_LIMIT)
+                kk = c + rho * round_half_up(r)
+                out[k] = factor * (d * (np.float32(kk) - uk))
+                bad = kk > limit or kk < -limit or abs(y - np.float32(kk)) > edge
+                flags[k] = 1 if bad else 0
+            i = j
+
+    @jit
+    def qsgd_encode(i0, i1, u, g, norm, bucket, levels, codes, step, tid, sender, key0, key1):
+        """QSGD (seed 001): k = sgn(g)·floor(s|g|/‖g_b‖ + U), U ~ U(0, 1): E[k]·‖g_b‖/s = g (int8)."""
+        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        sf = np.float32(levels)
+        i = i0
+        while i < i1:
+            j = segment_end(i, i1, bucket)
+            nrm = norm[i // bucket]
+            for k in range(i, j):
+                q = 0
+                if nrm != F32_ZERO:
+                    q = min(stochastic_level((sf * abs(g[k])) / nrm, u[k - i0]), levels)
+                    if g[k] < F32_ZERO:
+                        q = -q
+                codes[k] = q
+            i = j
+
+    # ------------------------------------------------------------------ index functions
+    # Everything else maps one index (an element, a bucket, a column, a packed group) to its output.
 
     @jit
     def bucket_absmax(b, g, bucket, out):
@@ -175,134 +351,6 @@ def build(jit: Callable) -> SimpleNamespace:
             x = np.float64(g[i])
             acc += x * x
         out[b] = np.float32(math.sqrt(acc))
-
-    @jit
-    def dqsg_encode(b, g, delta, bucket, levels, codes, step, tid, sender, key0, key1):
-        """codes[i] = round(g_i/Δ_b + u_i) ∈ [−s, s] for i in 4b .. 4b+3 (int8)."""
-        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
-        for j in range(4):
-            i = 4 * b + j
-            if i < g.shape[0]:
-                codes[i] = dither_code(g[i], delta[i // bucket], lane(u0, u1, u2, u3, j), levels)
-
-    @jit
-    def dqsg_decode(b, ksum, delta, bucket, first, senders, factor, out, step, tid, key0, key1):
-        """out[i] = factor · Δ_b · (ksum[i] − Σ_p u_p[i]), p = first .. first+senders−1 in order.
-
-        One sender: the DQSG decoder Δ(k − u). P senders with a common Δ: Σ_p ĝ_p (ALGORITHMS.md §3).
-        """
-        s0 = F32_ZERO
-        s1 = F32_ZERO
-        s2 = F32_ZERO
-        s3 = F32_ZERO
-        for p in range(first, first + senders):
-            u0, u1, u2, u3 = uniforms(b, step, tid, np.uint64(p), key0, key1)
-            s0 += u0
-            s1 += u1
-            s2 += u2
-            s3 += u3
-        for j in range(4):
-            i = 4 * b + j
-            if i < ksum.shape[0]:
-                out[i] = factor * (delta[i // bucket] * (np.float32(ksum[i]) - lane(s0, s1, s2, s3, j)))
-
-    @jit
-    def dither1_encode(b, g, delta, bucket, bits, step, tid, sender, key0, key1):
-        """1-bit dithered quantizer (ALGORITHMS.md §1): Δ = 2‖g‖∞, x = g/Δ ∈ [−½, ½],
-        bit = [x + u > 0] (q = 2·bit − 1 = sign(x + u)); uint8 0/1 per element."""
-        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
-        for j in range(4):
-            i = 4 * b + j
-            if i < g.shape[0]:
-                d = delta[i // bucket]
-                t = lane(u0, u1, u2, u3, j)
-                if d != F32_ZERO:
-                    t = g[i] / d + t
-                bits[i] = 1 if t > F32_ZERO else 0
-
-    @jit
-    def dither1_decode(b, bits, delta, bucket, out, step, tid, sender, key0, key1):
-        """ĝ = Δ (q/2 − u) = Δ (bit − ½ − u): unbiased, error uniform with variance Δ²/12."""
-        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
-        for j in range(4):
-            i = 4 * b + j
-            if i < bits.shape[0]:
-                half_q = F32_HALF if bits[i] else -F32_HALF
-                out[i] = delta[i // bucket] * (half_q - lane(u0, u1, u2, u3, j))
-
-    @jit
-    def nested_encode(b, g, delta, bucket, levels, rho, symbols, step, tid, sender, key0, key1):
-        """NDQSG (ALGORITHMS.md §2): fine index k = DQSG(s₁) code, sent as its coset symbol
-        (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) (uint8)."""
-        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
-        half = rho // 2
-        for j in range(4):
-            i = 4 * b + j
-            if i < g.shape[0]:
-                k = dither_code(g[i], delta[i // bucket], lane(u0, u1, u2, u3, j), levels)
-                symbols[i] = centered_mod(k, rho, half)
-
-    @jit
-    def nested_decode(b, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard,
-                      out, flags, step, tid, key0, key1):
-        """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
-        first .. first+senders−1 (one sender: ALGORITHMS.md §2; several: §3).
-
-        side[i] estimates the senders' summed gradient. With U = Σ_p u_p and Y = side/Δ + U (the
-        estimate of K = Σ_p k_p), C = symbol − P⌊ρ/2⌋ is K's coset value and
-            K̂ = C + ρ · round((Y − C)/ρ),   out = factor · Δ (K̂ − U).
-        K̂ = K exactly iff |K − Y| < ρ/2. flags[i] = 1 where decoding cannot be trusted: K̂ outside
-        [−P·s, P·s] (certainly wrong) or |Y − K̂| > ρ/2 − guard (side information near the edge).
-        """
-        s0 = F32_ZERO
-        s1 = F32_ZERO
-        s2 = F32_ZERO
-        s3 = F32_ZERO
-        for p in range(first, first + senders):
-            u0, u1, u2, u3 = uniforms(b, step, tid, np.uint64(p), key0, key1)
-            s0 += u0
-            s1 += u1
-            s2 += u2
-            s3 += u3
-        half = rho // 2
-        rho_f = np.float32(rho)
-        edge = rho_f * F32_HALF - guard
-        limit = senders * levels
-        for j in range(4):
-            i = 4 * b + j
-            if i < symbols.shape[0]:
-                d = delta[i // bucket]
-                u = lane(s0, s1, s2, s3, j)
-                if d == F32_ZERO:
-                    out[i] = F32_ZERO
-                    flags[i] = 0
-                    continue
-                c = centered_mod(np.int64(symbols[i]), rho, 0) - centered_mod(senders * half, rho, 0)
-                y = side[i] / d + u
-                r = (y - np.float32(c)) / rho_f
-                r = min(max(r, -RESOLVE_LIMIT), RESOLVE_LIMIT)
-                k = c + rho * round_half_up(r)
-                out[i] = factor * (d * (np.float32(k) - u))
-                bad = k > limit or k < -limit or abs(y - np.float32(k)) > edge
-                flags[i] = 1 if bad else 0
-
-    @jit
-    def qsgd_encode(b, g, norm, bucket, levels, codes, step, tid, sender, key0, key1):
-        """QSGD (seed 001): k = sgn(g)·floor(s|g|/‖g_b‖ + U), U ~ U(0, 1): E[k]·‖g_b‖/s = g (int8)."""
-        u0, u1, u2, u3 = uniforms(b, step, tid, sender, key0, key1)
-        sf = np.float32(levels)
-        for j in range(4):
-            i = 4 * b + j
-            if i < g.shape[0]:
-                nrm = norm[i // bucket]
-                k = 0
-                if nrm != F32_ZERO:
-                    k = stochastic_level((sf * abs(g[i])) / nrm, lane(u0, u1, u2, u3, j))
-                    if k > levels:
-                        k = levels
-                    if g[i] < F32_ZERO:
-                        k = -k
-                codes[i] = k
 
     @jit
     def scale_decode(i, codes, scale, bucket, levels, out):

@@ -1,45 +1,109 @@
-"""CPU twins: every block function of :mod:`.arith`, compiled with ``numba.njit`` and looped
-over its blocks with ``prange``. Each kernel takes the block count first, then the block
-function's arguments (contiguous NumPy arrays and typed scalars). Callers use :mod:`.ops`.
+"""CPU twins: the functions of :mod:`.arith` compiled with ``numba.njit`` and looped with ``prange``.
+
+Range kernels (the Philox-driven codecs) take ``(nb, n, ...)`` and give each of the ``nb``
+iterations a chunk of ``CHUNK`` elements of ``[0, n)`` with its own dither scratch buffer: inside a
+chunk the Philox loop and the per-bucket loops vectorize. Index kernels take ``(nb, ...)`` and map
+each index below ``nb`` (element, bucket, column, packed group). Callers use :mod:`.ops`.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 from . import arith
 
+CHUNK = 4096  # elements per prange iteration of a range kernel (a multiple of 4)
+
 _f = arith.build(njit)
-philox4x32 = _f.philox4x32
-_dither_fill = _f.dither_fill
-_bucket_absmax = _f.bucket_absmax
-_bucket_l2 = _f.bucket_l2
-_dqsg_encode = _f.dqsg_encode
-_dqsg_decode = _f.dqsg_decode
-_dither1_encode = _f.dither1_encode
-_dither1_decode = _f.dither1_decode
-_nested_encode = _f.nested_encode
-_nested_decode = _f.nested_decode
-_qsgd_encode = _f.qsgd_encode
-_scale_decode = _f.scale_decode
-_onebit_column_means = _f.onebit_column_means
-_onebit_encode = _f.onebit_encode
-_onebit_decode = _f.onebit_decode
 _bitpack = _f.bitpack
 _bitunpack = _f.bitunpack
-_radixpack = _f.radixpack
-_radixunpack = _f.radixunpack
+_bucket_absmax = _f.bucket_absmax
+_bucket_l2 = _f.bucket_l2
+_dither1_decode = _f.dither1_decode
+_dither1_encode = _f.dither1_encode
+_dither_fill = _f.dither_fill
+_dqsg_decode = _f.dqsg_decode
+_dqsg_encode = _f.dqsg_encode
 _modadd_bits = _f.modadd_bits
 _modadd_radix = _f.modadd_radix
+_nested_decode = _f.nested_decode
+_nested_encode = _f.nested_encode
+_onebit_column_means = _f.onebit_column_means
+_onebit_decode = _f.onebit_decode
+_onebit_encode = _f.onebit_encode
 _pack_sum_fields = _f.pack_sum_fields
+_qsgd_encode = _f.qsgd_encode
+_radixpack = _f.radixpack
+_radixunpack = _f.radixunpack
+_scale_decode = _f.scale_decode
 _unpack_sum_fields = _f.unpack_sum_fields
+philox4x32 = _f.philox4x32
 _par = njit(parallel=True, cache=True)
 
 
 @_par
-def dither_fill(nb, out, step, tid, sender, k0, k1):
-    for b in prange(nb):
-        _dither_fill(b, out, step, tid, sender, k0, k1)
+def dither_fill(nb, n, out, step, tid, sender, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _dither_fill(c * CHUNK, min(n, (c + 1) * CHUNK), u, out, step, tid, sender, k0, k1)
+
+
+@_par
+def dqsg_encode(nb, n, g, delta, bucket, levels, codes, step, tid, sender, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _dqsg_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, levels, codes, step, tid,
+                        sender, k0, k1)
+
+
+@_par
+def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, tid, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _dqsg_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, ksum, delta, bucket, first, senders, factor, out,
+                        step, tid, k0, k1)
+
+
+@_par
+def dither1_encode(nb, n, g, delta, bucket, bits, step, tid, sender, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _dither1_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, bits, step, tid, sender, k0,
+                           k1)
+
+
+@_par
+def dither1_decode(nb, n, bits, delta, bucket, out, step, tid, sender, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _dither1_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, bits, delta, bucket, out, step, tid, sender,
+                           k0, k1)
+
+
+@_par
+def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, sender, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _nested_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, levels, rho, symbols, step,
+                          tid, sender, k0, k1)
+
+
+@_par
+def nested_decode(nb, n, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard, out, flags,
+                  step, tid, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _nested_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, symbols, delta, bucket, levels, rho, side,
+                          first, senders, factor, guard, out, flags, step, tid, k0, k1)
+
+
+@_par
+def qsgd_encode(nb, n, g, norm, bucket, levels, codes, step, tid, sender, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _qsgd_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, norm, bucket, levels, codes, step, tid, sender,
+                        k0, k1)
 
 
 @_par
@@ -55,71 +119,27 @@ def bucket_l2(nb, g, bucket, out):
 
 
 @_par
-def dqsg_encode(nb, g, delta, bucket, levels, codes, step, tid, sender, k0, k1):
-    for b in prange(nb):
-        _dqsg_encode(b, g, delta, bucket, levels, codes, step, tid, sender, k0, k1)
-
-
-@_par
-def dqsg_decode(nb, ksum, delta, bucket, first, senders, factor, out, step, tid, k0, k1):
-    for b in prange(nb):
-        _dqsg_decode(b, ksum, delta, bucket, first, senders, factor, out, step, tid, k0, k1)
-
-
-@_par
-def dither1_encode(nb, g, delta, bucket, bits, step, tid, sender, k0, k1):
-    for b in prange(nb):
-        _dither1_encode(b, g, delta, bucket, bits, step, tid, sender, k0, k1)
-
-
-@_par
-def dither1_decode(nb, bits, delta, bucket, out, step, tid, sender, k0, k1):
-    for b in prange(nb):
-        _dither1_decode(b, bits, delta, bucket, out, step, tid, sender, k0, k1)
-
-
-@_par
-def nested_encode(nb, g, delta, bucket, levels, rho, symbols, step, tid, sender, k0, k1):
-    for b in prange(nb):
-        _nested_encode(b, g, delta, bucket, levels, rho, symbols, step, tid, sender, k0, k1)
-
-
-@_par
-def nested_decode(nb, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard,
-                  out, flags, step, tid, k0, k1):
-    for b in prange(nb):
-        _nested_decode(b, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard,
-                       out, flags, step, tid, k0, k1)
-
-
-@_par
-def qsgd_encode(nb, g, norm, bucket, levels, codes, step, tid, sender, k0, k1):
-    for b in prange(nb):
-        _qsgd_encode(b, g, norm, bucket, levels, codes, step, tid, sender, k0, k1)
-
-
-@_par
 def scale_decode(nb, codes, scale, bucket, levels, out):
-    for i in prange(nb):
-        _scale_decode(i, codes, scale, bucket, levels, out)
+    for b in prange(nb):
+        _scale_decode(b, codes, scale, bucket, levels, out)
 
 
 @_par
 def onebit_column_means(nb, g, cols, pos_mean, neg_mean):
-    for c in prange(nb):
-        _onebit_column_means(c, g, cols, pos_mean, neg_mean)
+    for b in prange(nb):
+        _onebit_column_means(b, g, cols, pos_mean, neg_mean)
 
 
 @_par
 def onebit_encode(nb, g, bits):
-    for i in prange(nb):
-        _onebit_encode(i, g, bits)
+    for b in prange(nb):
+        _onebit_encode(b, g, bits)
 
 
 @_par
 def onebit_decode(nb, bits, cols, pos_mean, neg_mean, out):
-    for i in prange(nb):
-        _onebit_decode(i, bits, cols, pos_mean, neg_mean, out)
+    for b in prange(nb):
+        _onebit_decode(b, bits, cols, pos_mean, neg_mean, out)
 
 
 @_par
@@ -160,11 +180,11 @@ def modadd_radix(nb, x, y, radix, per_byte, out):
 
 @_par
 def pack_sum_fields(nb, codes, offset, width, per_word, words):
-    for w in prange(nb):
-        _pack_sum_fields(w, codes, offset, width, per_word, words)
+    for b in prange(nb):
+        _pack_sum_fields(b, codes, offset, width, per_word, words)
 
 
 @_par
 def unpack_sum_fields(nb, words, factor, width, per_word, offset, ksum):
-    for w in prange(nb):
-        _unpack_sum_fields(w, words, factor, width, per_word, offset, ksum)
+    for b in prange(nb):
+        _unpack_sum_fields(b, words, factor, width, per_word, offset, ksum)

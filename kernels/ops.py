@@ -40,15 +40,22 @@ def force_target(target: str | None) -> Iterator[None]:
         _forced = old
 
 
-def _launch(kernel: str, nblocks: int, *args: object) -> None:
+def _launch(kernel: str, count: int, *args: object, ranged: bool = False) -> None:
+    """Run ``kernel`` over ``count`` indices, or over ``count`` elements for a range kernel
+    (``ranged=True``: the CPU takes chunks of ``cpu.CHUNK`` elements, each GPU thread takes 4)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     on_gpu = any(t.is_cuda for t in tensors)
     if on_gpu and not all(t.is_cuda and t.device == tensors[0].device for t in tensors):
         raise ValueError(f"{kernel}: all tensors must be on the same device, got "
                          f"{sorted({str(t.device) for t in tensors})}")
     target = _forced or ("cuda" if on_gpu else "cpu")
-    if nblocks == 0:
+    if count == 0:
         return
+    nblocks = count
+    if ranged:
+        per = cpu.CHUNK if target == "cpu" else 4
+        nblocks = (count + per - 1) // per
+        args = (count, *args)
     conv: list[object] = []
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -115,10 +122,6 @@ def num_buckets(n: int, bucket: int) -> int:
     return (n + bucket - 1) // bucket
 
 
-def _blocks4(n: int) -> int:
-    return (n + 3) // 4
-
-
 def _scales(name: str, t: torch.Tensor, n: int, bucket: int) -> torch.Tensor:
     return _vec(name, t, torch.float32, num_buckets(n, bucket))
 
@@ -128,7 +131,7 @@ def dither(n: int, key: DitherKey, device: str | torch.device = "cpu") -> torch.
     """The n dithers u ∈ (−½, ½) of stream ``key`` (float32): element i is lane i % 4 of
     Philox-4x32-10(counter = (i // 4, step, tensor id, sender), key = seed)."""
     out = torch.empty(_int("n", n, 0, MAX_ELEMENTS), dtype=torch.float32, device=device)
-    _launch("dither_fill", _blocks4(n), out, *key.words())
+    _launch("dither_fill", n, out, *key.words(), ranged=True)
     return out
 
 
@@ -161,7 +164,7 @@ def dqsg_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, 
     _scales("delta", delta, g.numel(), bucket)
     levels = _int("levels", levels, 1, 127)
     out = _out(out, "out", g.numel(), torch.int8, g)
-    _launch("dqsg_encode", _blocks4(g.numel()), g, delta, bucket, levels, out, *key.words())
+    _launch("dqsg_encode", g.numel(), g, delta, bucket, levels, out, *key.words(), ranged=True)
     return out
 
 
@@ -178,8 +181,8 @@ def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
     senders = _int("senders", senders, 1, 1 << 24)
     out = _out(out, "out", ksum.numel(), torch.float32, ksum)
     step, tid, first, k0, k1 = key.words()
-    _launch("dqsg_decode", _blocks4(ksum.numel()), ksum, delta, bucket, int(first), senders, float(factor),
-            out, step, tid, k0, k1)
+    _launch("dqsg_decode", ksum.numel(), ksum, delta, bucket, int(first), senders, float(factor),
+            out, step, tid, k0, k1, ranged=True)
     return out
 
 
@@ -190,7 +193,7 @@ def dither1_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, g.numel(), bucket)
     out = _out(out, "out", g.numel(), torch.uint8, g)
-    _launch("dither1_encode", _blocks4(g.numel()), g, delta, bucket, out, *key.words())
+    _launch("dither1_encode", g.numel(), g, delta, bucket, out, *key.words(), ranged=True)
     return out
 
 
@@ -201,7 +204,7 @@ def dither1_decode(bits: torch.Tensor, delta: torch.Tensor, bucket: int, key: Di
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, bits.numel(), bucket)
     out = _out(out, "out", bits.numel(), torch.float32, bits)
-    _launch("dither1_decode", _blocks4(bits.numel()), bits, delta, bucket, out, *key.words())
+    _launch("dither1_decode", bits.numel(), bits, delta, bucket, out, *key.words(), ranged=True)
     return out
 
 
@@ -215,7 +218,7 @@ def nested_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int
     levels = _int("levels", levels, 1, 127)
     rho = _int("nesting_ratio", nesting_ratio, 2, 255)
     out = _out(out, "out", g.numel(), torch.uint8, g)
-    _launch("nested_encode", _blocks4(g.numel()), g, delta, bucket, levels, rho, out, *key.words())
+    _launch("nested_encode", g.numel(), g, delta, bucket, levels, rho, out, *key.words(), ranged=True)
     return out
 
 
@@ -243,8 +246,8 @@ def nested_decode(symbols: torch.Tensor, delta: torch.Tensor, bucket: int, level
     out = _out(out, "out", n, torch.float32, symbols)
     flags = _out(flags, "flags", n, torch.uint8, symbols)
     step, tid, first, k0, k1 = key.words()
-    _launch("nested_decode", _blocks4(n), symbols, delta, bucket, levels, rho, side, int(first), senders,
-            float(factor), float(guard), out, flags, step, tid, k0, k1)
+    _launch("nested_decode", n, symbols, delta, bucket, levels, rho, side, int(first), senders,
+            float(factor), float(guard), out, flags, step, tid, k0, k1, ranged=True)
     return out, flags
 
 
@@ -257,7 +260,7 @@ def qsgd_encode(g: torch.Tensor, norm: torch.Tensor, bucket: int, levels: int, k
     _scales("norm", norm, g.numel(), bucket)
     levels = _int("levels", levels, 1, 127)
     out = _out(out, "out", g.numel(), torch.int8, g)
-    _launch("qsgd_encode", _blocks4(g.numel()), g, norm, bucket, levels, out, *key.words())
+    _launch("qsgd_encode", g.numel(), g, norm, bucket, levels, out, *key.words(), ranged=True)
     return out
 
 
