@@ -98,11 +98,15 @@ def _centered_mod(k, rho, half):
 
     The coset *value* is symbol − half ∈ [−⌊ρ/2⌋, ρ−1−⌊ρ/2⌋] (ρ = 3 → {−1, 0, 1}), computed from the
     integer k (ALGORITHMS.md §2: never from the unrounded t, which gives ρ+1 symbols for even ρ).
+    The quotient is floor((m + ½)/ρ) in float32 (exact for |m| < 2^20: the ½ keeps it clear of
+    rounding), which vectorizes where an integer modulo does not.
     """
-    m = (k + half) % rho
-    if m < 0:
-        m += rho
-    return m
+    m = k + half
+    t = (np.float32(m) + F32_HALF) / np.float32(rho)
+    q = np.int64(t)
+    if np.float32(q) > t:
+        q -= 1
+    return m - rho * q
 
 
 def build(jit: Callable) -> SimpleNamespace:
@@ -205,15 +209,16 @@ def build(jit: Callable) -> SimpleNamespace:
         return min(i1, (i // bucket + 1) * bucket)
 
     @jit
-    def dqsg_encode(i0, i1, u, g, delta, bucket, levels, codes, step, tid, sender, key0, key1):
-        """codes[i] = round(g_i/Δ_b + u_i) ∈ [−s, s] (int8), ALGORITHMS.md §1."""
+    def dqsg_encode(i0, i1, u, g, delta, bucket, levels, offset, codes, step, tid, sender, key0, key1):
+        """codes[i] = round(g_i/Δ_b + u_i) + offset, the index in [−s, s] (ALGORITHMS.md §1) shifted
+        by ``offset`` (0 for signed int8 codes, s for unsigned symbols ready to pack)."""
         dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
         i = i0
         while i < i1:
             j = segment_end(i, i1, bucket)
             d = delta[i // bucket]
             for k in range(i, j):
-                codes[k] = dither_code(g[k], d, u[k - i0], levels)
+                codes[k] = dither_code(g[k], d, u[k - i0], levels) + offset
             i = j
 
     @jit

@@ -50,10 +50,10 @@ def dither_fill(nb, n, out, step, tid, sender, k0, k1):
 
 
 @_par
-def dqsg_encode(nb, n, g, delta, bucket, levels, codes, step, tid, sender, k0, k1):
+def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sender, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
-        _dqsg_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, levels, codes, step, tid,
+        _dqsg_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, levels, offset, codes, step, tid,
                         sender, k0, k1)
 
 

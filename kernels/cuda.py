@@ -48,11 +48,11 @@ def dither_fill(nb, n, out, step, tid, sender, k0, k1):
 
 
 @cuda.jit
-def dqsg_encode(nb, n, g, delta, bucket, levels, codes, step, tid, sender, k0, k1):
+def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sender, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
-        _dqsg_encode(4 * b, min(n, 4 * b + 4), u, g, delta, bucket, levels, codes, step, tid, sender, k0, k1)
+        _dqsg_encode(4 * b, min(n, 4 * b + 4), u, g, delta, bucket, levels, offset, codes, step, tid, sender, k0, k1)
 
 
 @cuda.jit

@@ -157,14 +157,19 @@ def bucket_l2(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None) -> 
 
 # ----------------------------------------------------------------------------- DQSG
 def dqsg_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """k_i = round(g_i/Δ_b + u_i) ∈ [−s, s] (int8); Δ_b = 0 gives k = 0 (ALGORITHMS.md §1)."""
+                out: torch.Tensor | None = None, symbols: bool = False) -> torch.Tensor:
+    """k_i = round(g_i/Δ_b + u_i) ∈ [−s, s] (int8); Δ_b = 0 gives k = 0 (ALGORITHMS.md §1).
+
+    ``symbols=True`` returns k + s as uint8 in [0, 2s] instead, ready for :func:`bitpack` or
+    :func:`radixpack` (one pass, no separate offset step).
+    """
     _vec("g", g, torch.float32)
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, g.numel(), bucket)
     levels = _int("levels", levels, 1, 127)
-    out = _out(out, "out", g.numel(), torch.int8, g)
-    _launch("dqsg_encode", g.numel(), g, delta, bucket, levels, out, *key.words(), ranged=True)
+    out = _out(out, "out", g.numel(), torch.uint8 if symbols else torch.int8, g)
+    _launch("dqsg_encode", g.numel(), g, delta, bucket, levels, levels if symbols else 0, out, *key.words(),
+            ranged=True)
     return out
 
 

@@ -10,29 +10,39 @@ PYTEST=(python -m pytest -q --color=no -p no:cacheprovider)
 failed=()
 summary=()
 
-# run_stage NAME RANKS CMD...: runs CMD, requires exit 0 and a "N passed" line from each of RANKS ranks.
+# run_stage NAME RANKS CMD...: runs CMD; requires exit 0 and, from each of RANKS ranks, a report
+# (tests/conftest.py writes one per rank) with passed tests and no failures or errors.
 run_stage() {
     local name=$1 ranks=$2; shift 2
-    local log="$LOGS/$name.log"
+    local log="$LOGS/$name.log" reports="$LOGS/$name.reports"
+    rm -rf "$reports"
     printf '\n===== %s: %s\n' "$name" "$*"
     local t0=$SECONDS
-    timeout --kill-after=30 "${HVDQ_STAGE_TIMEOUT:-900}" "$@" 2>&1 | tee "$log"
+    HVDQ_TEST_REPORT="$reports" timeout --kill-after=30 "${HVDQ_STAGE_TIMEOUT:-900}" "$@" 2>&1 | tee "$log"
     local rc=${PIPESTATUS[0]}
-    local passed_lines
-    passed_lines=$(grep -aEc '[0-9]+ passed' "$log")
-    local totals
-    totals=$(grep -aEo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+    local verdict
+    verdict=$(python - "$reports" "$ranks" <<'PY'
+import json, pathlib, sys
+folder, ranks = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+reports = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))] if folder.is_dir() else []
+passed = sum(r.get("passed", 0) for r in reports)
+bad = [r for r in reports if r.get("failed") or r.get("error") or not r.get("passed")]
+ok = len(reports) == ranks and not bad
+print(f"{'ok' if ok else 'bad'} {passed} {len(reports)}")
+PY
+)
+    read -r status total nreports <<<"$verdict"
     if [ "$rc" -ne 0 ]; then
         failed+=("$name (exit $rc)")
-    elif [ "$passed_lines" -lt "$ranks" ]; then
-        failed+=("$name (only $passed_lines of $ranks ranks reported passed tests)")
-    elif grep -aqE '[0-9]+ failed|[0-9]+ error' "$log"; then
-        failed+=("$name (failures in log)")
+    elif [ "$status" != ok ]; then
+        failed+=("$name ($nreports of $ranks ranks reported, each must have passed tests and no failures)")
     fi
-    summary+=("$(printf '%-16s exit %-3s %4s tests passed over %s rank(s) in %ss' "$name" "$rc" "$totals" "$ranks" $((SECONDS - t0)))")
+    summary+=("$(printf '%-16s exit %-3s %4s tests passed over %s of %s rank(s) in %ss' \
+        "$name" "$rc" "$total" "$nreports" "$ranks" $((SECONDS - t0)))")
 }
 
-run_stage lint 1 bash -c 'ruff check . && echo "1 passed (ruff)"'
+printf '\n===== lint: ruff check .\n'
+if ruff check .; then summary+=("lint             ruff clean"); else failed+=("lint (ruff)"); fi
 run_stage unit 1 "${PYTEST[@]}" tests/unit
 run_stage mpi-n2 2 mpirun -n 2 "${PYTEST[@]}" --with-mpi tests/mpi
 run_stage mpi-n4 4 mpirun -n 4 "${PYTEST[@]}" --with-mpi tests/mpi

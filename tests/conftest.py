@@ -9,3 +9,27 @@ import os
 
 if os.environ.get("HVDQ_REAL_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+
+def _rank() -> str:
+    for var in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK"):
+        if var in os.environ:
+            return os.environ[var]
+    return "0"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With HVDQ_TEST_REPORT=<dir>, every rank writes <dir>/rank<R>.json with its own counts, so
+    launch/test.sh can require that each rank ran tests (interleaved stdout cannot tell)."""
+    folder = os.environ.get("HVDQ_TEST_REPORT")
+    if not folder:
+        return
+    import json
+    from pathlib import Path
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = reporter.stats if reporter else {}
+    counts = {k: len(v) for k, v in stats.items() if k in ("passed", "failed", "error", "skipped")}
+    counts["exitstatus"] = int(exitstatus)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"rank{_rank()}.json").write_text(json.dumps(counts))

@@ -56,6 +56,8 @@ def test_dqsg_encode_matches_reference(n, levels):
     d = per_coord(delta, 32, n)
     ref = np.clip(ref_round_half_up(g.numpy() / d + u), -levels, levels)
     assert np.array_equal(k, ref)
+    symbols = ops.dqsg_encode(g, delta, 32, levels, KEY, symbols=True)
+    assert symbols.dtype == torch.uint8 and np.array_equal(symbols.numpy(), ref + levels)
     ghat = ops.dqsg_decode(torch.from_numpy(k.astype(np.int32)), delta, 32, KEY).numpy()
     assert np.array_equal(ghat, np.float32(1.0) * (d * (k.astype(np.float32) - u)))
 

@@ -40,7 +40,8 @@ CASES = {
     "dither": lambda n: (ops.dither(n, KEY),),
     "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
     "l2": lambda n: (ops.bucket_l2(g_of(n), 64),),
-    "dqsg_encode": lambda n: (ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY),),
+    "dqsg_encode": lambda n: (ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY),
+                              ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY, symbols=True)),
     "dqsg_decode": lambda n: (ops.dqsg_decode(
         torch.randint(-6, 7, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(1)),
         scales(g_of(n), 64, 3), 64, KEY.for_sender(0), senders=3, factor=1 / 3),),
