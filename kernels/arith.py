@@ -281,7 +281,7 @@ def build(jit: Callable) -> SimpleNamespace:
 
     @jit
     def nested_decode(i0, i1, u, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard,
-                      out, flags, step, tid, key0, key1):
+                      out, flags, kout, step, tid, key0, key1):
         """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
         first .. first+senders−1 (one sender: ALGORITHMS.md §2; several: §3).
 
@@ -290,6 +290,7 @@ def build(jit: Callable) -> SimpleNamespace:
             K̂ = C + ρ · round((Y − C)/ρ),   out = factor · Δ (K̂ − U).
         K̂ = K exactly iff |K − Y| < ρ/2. flags[i] = 1 where decoding cannot be trusted: K̂ outside
         [−P·s, P·s] (certainly wrong) or |Y − K̂| > ρ/2 − guard (side information near the edge).
+        kout[i] = K̂ (int32), for checksums.
         """
         dither_range(i0, i1, first, senders, u, step, tid, key0, key1)
         rho_f = np.float32(rho)
@@ -304,6 +305,7 @@ def build(jit: Callable) -> SimpleNamespace:
                 if d == F32_ZERO:
                     out[k] = F32_ZERO
                     flags[k] = 0
+                    kout[k] = 0
                     continue
                 uk = u[k - i0]
                 c = np.int64(symbols[k]) - shift
@@ -313,6 +315,7 @@ def build(jit: Callable) -> SimpleNamespace:
                 out[k] = factor * (d * (np.float32(kk) - uk))
                 bad = kk > limit or kk < -limit or abs(y - np.float32(kk)) > edge
                 flags[k] = 1 if bad else 0
+                kout[k] = kk
             i = j
 
     @jit
@@ -356,6 +359,21 @@ def build(jit: Callable) -> SimpleNamespace:
             x = np.float64(g[i])
             acc += x * x
         out[b] = np.float32(math.sqrt(acc))
+
+    @jit
+    def bucket_checksum(b, k, bucket, out):
+        """out[b] = Σ_j (2j + 1)·k_{b·d + j} mod 2^32 over bucket b (j: index inside the bucket).
+
+        Linear in k, so the checksums of several senders add up to the checksum of their index
+        sums; an index off by a nonzero multiple m of ρ (a failed nested decode) changes it by
+        (2j + 1)·m·ρ, which is never 0 mod 2^32 for |m·ρ| < 2^31 (2j + 1 is odd).
+        """
+        acc = np.uint64(0)
+        j = np.uint64(1)
+        for i in range(b * bucket, min(k.shape[0], (b + 1) * bucket)):
+            acc = (acc + j * np.uint64(np.int64(k[i]) & np.int64(0xFFFFFFFF))) & MASK32
+            j += np.uint64(2)
+        out[b] = np.int64(acc)
 
     @jit
     def scale_decode(i, codes, scale, bucket, levels, out):

@@ -19,6 +19,7 @@ _f = arith.build(njit)
 _bitpack = _f.bitpack
 _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
+_bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
 _dither1_decode = _f.dither1_decode
 _dither1_encode = _f.dither1_encode
@@ -90,12 +91,12 @@ def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, send
 
 
 @_par
-def nested_decode(nb, n, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard, out, flags,
+def nested_decode(nb, n, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard, out, flags, kout,
                   step, tid, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
         _nested_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, symbols, delta, bucket, levels, rho, side,
-                          first, senders, factor, guard, out, flags, step, tid, k0, k1)
+                          first, senders, factor, guard, out, flags, kout, step, tid, k0, k1)
 
 
 @_par
@@ -110,6 +111,12 @@ def qsgd_encode(nb, n, g, norm, bucket, levels, codes, step, tid, sender, k0, k1
 def bucket_absmax(nb, g, bucket, out):
     for b in prange(nb):
         _bucket_absmax(b, g, bucket, out)
+
+
+@_par
+def bucket_checksum(nb, k, bucket, out):
+    for b in prange(nb):
+        _bucket_checksum(b, k, bucket, out)
 
 
 @_par

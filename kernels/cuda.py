@@ -18,6 +18,7 @@ _f = arith.build(cuda.jit(device=True))
 _bitpack = _f.bitpack
 _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
+_bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
 _dither1_decode = _f.dither1_decode
 _dither1_encode = _f.dither1_encode
@@ -90,13 +91,13 @@ def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, send
 
 
 @cuda.jit
-def nested_decode(nb, n, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard, out, flags,
+def nested_decode(nb, n, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard, out, flags, kout,
                   step, tid, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
         _nested_decode(4 * b, min(n, 4 * b + 4), u, symbols, delta, bucket, levels, rho, side, first, senders,
-                          factor, guard, out, flags, step, tid, k0, k1)
+                          factor, guard, out, flags, kout, step, tid, k0, k1)
 
 
 @cuda.jit
@@ -112,6 +113,13 @@ def bucket_absmax(nb, g, bucket, out):
     b = cuda.grid(1)
     if b < nb:
         _bucket_absmax(b, g, bucket, out)
+
+
+@cuda.jit
+def bucket_checksum(nb, k, bucket, out):
+    b = cuda.grid(1)
+    if b < nb:
+        _bucket_checksum(b, k, bucket, out)
 
 
 @cuda.jit

@@ -145,6 +145,19 @@ def bucket_absmax(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None)
     return out
 
 
+def bucket_checksum(k: torch.Tensor, bucket: int) -> torch.Tensor:
+    """Σ_j (2j+1)·k_j mod 2^32 per bucket (int64 holding the uint32): linear in the integer indices k
+    (int8 or int32), so it detects a nested decode that is off by a multiple of ρ."""
+    if not isinstance(k, torch.Tensor) or k.dtype not in (torch.int8, torch.int32):
+        raise TypeError(f"k must be an int8 or int32 tensor, got {getattr(k, 'dtype', type(k).__name__)}")
+    _vec("k", k, k.dtype)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    nb = num_buckets(k.numel(), bucket)
+    out = torch.empty(nb, dtype=torch.int64, device=k.device)
+    _launch("bucket_checksum", nb, k, bucket, out)
+    return out
+
+
 def bucket_l2(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """‖g_b‖₂ per bucket (float64 accumulation in index order; NaN propagates)."""
     _vec("g", g, torch.float32)
@@ -229,14 +242,15 @@ def nested_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int
 
 def nested_decode(symbols: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, nesting_ratio: int,
                   side: torch.Tensor, key: DitherKey, senders: int = 1, factor: float = 1.0, guard: float = 0.0,
-                  out: torch.Tensor | None = None, flags: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  out: torch.Tensor | None = None, flags: torch.Tensor | None = None,
+                  kout: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode coset symbols (or their mod-ρ sum over ``senders`` senders) with side information.
 
     ``side`` estimates the senders' summed gradient, in gradient units. Returns (factor·Σ_p ĝ_p,
     flags) where flags (uint8) is 1 where decoding cannot be trusted: the resolved index sum lies
     outside [−P·s₁, P·s₁], or the side information is within ``guard`` (in units of Δ) of the
-    ρ/2 decision edge. Exact, flag or not, whenever |K − (side/Δ + Σu)| < ρ/2.
+    ρ/2 decision edge. Exact, flag or not, whenever |K − (side/Δ + Σu)| < ρ/2. The resolved index
+    sums K̂ (int32) are written to ``kout`` when given (for :func:`bucket_checksum`).
     """
     _vec("symbols", symbols, torch.uint8)
     n = symbols.numel()
@@ -250,9 +264,10 @@ def nested_decode(symbols: torch.Tensor, delta: torch.Tensor, bucket: int, level
         raise ValueError(f"guard={guard} must lie in [0, nesting_ratio/2)")
     out = _out(out, "out", n, torch.float32, symbols)
     flags = _out(flags, "flags", n, torch.uint8, symbols)
+    kout = _out(kout, "kout", n, torch.int32, symbols)
     step, tid, first, k0, k1 = key.words()
     _launch("nested_decode", n, symbols, delta, bucket, levels, rho, side, int(first), senders,
-            float(factor), float(guard), out, flags, step, tid, k0, k1, ranged=True)
+            float(factor), float(guard), out, flags, kout, step, tid, k0, k1, ranged=True)
     return out, flags
 
 

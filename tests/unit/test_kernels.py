@@ -122,6 +122,23 @@ def test_nested_decode_exact_under_condition_and_bounded_always(rho):
     assert np.all(ghat.numpy()[flags.numpy() == 1] != dqsg[flags.numpy() == 1])
 
 
+@pytest.mark.parametrize("n", [0, 1, 130, 1031])
+def test_bucket_checksum_matches_reference_and_is_linear(n):
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randint(-7, 8, (n,), generator=gen, dtype=torch.int32)
+    b = torch.randint(-7, 8, (n,), generator=gen, dtype=torch.int32)
+    ca, cb, cab = (ops.bucket_checksum(t, 64) for t in (a, b, a + b))
+    for i in range((n + 63) // 64):
+        chunk = a[64 * i:64 * (i + 1)].tolist()
+        assert int(ca[i]) == sum((2 * j + 1) * k for j, k in enumerate(chunk)) % 2**32
+    assert torch.equal((ca + cb) % 2**32, cab)
+    assert torch.equal(ops.bucket_checksum(a.to(torch.int8), 64), ca)
+    if n:
+        bad = a.clone()
+        bad[n // 2] += 3  # one coordinate off by ρ = 3
+        assert not torch.equal(ops.bucket_checksum(bad, 64), ca)
+
+
 def test_nested_decode_of_a_modular_sum():
     """Σ_p symbols mod ρ decodes to Σ_p ĝ_p (common Δ) when the side information is the true sum."""
     P, n, levels, rho, bucket = 4, 777, 2, 9, 64
@@ -133,8 +150,11 @@ def test_nested_decode_of_a_modular_sum():
         total += ops.nested_encode(g, delta, bucket, levels, rho, k).long()
     symbols = (total % rho).to(torch.uint8)
     truth = sum(gs)
-    ghat, flags = ops.nested_decode(symbols, delta, bucket, levels, rho, truth, KEY.for_sender(0), senders=P)
+    kout = torch.empty(n, dtype=torch.int32)
+    ghat, flags = ops.nested_decode(symbols, delta, bucket, levels, rho, truth, KEY.for_sender(0), senders=P,
+                                    kout=kout)
     ksum = sum(ops.dqsg_encode(g, delta, bucket, levels, k).int() for g, k in zip(gs, keys))
+    assert torch.equal(kout, ksum.int())
     expected = ops.dqsg_decode(ksum.int(), delta, bucket, KEY.for_sender(0), senders=P)
     # |Σg − S| = 0 < (ρ − P)Δ/2: the sufficient condition of ALGORITHMS.md §3 holds everywhere.
     assert torch.equal(ghat, expected) and int(flags.sum()) == 0

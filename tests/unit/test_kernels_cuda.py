@@ -39,6 +39,7 @@ def sym_of(n, hi, seed=0):
 CASES = {
     "dither": lambda n: (ops.dither(n, KEY),),
     "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
+    "checksum": lambda n: (ops.bucket_checksum(sym_of(n, 15).to(torch.int32) - 7, 64),),
     "l2": lambda n: (ops.bucket_l2(g_of(n), 64),),
     "dqsg_encode": lambda n: (ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY),
                               ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY, symbols=True)),
