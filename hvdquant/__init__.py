@@ -6,15 +6,17 @@ Layers (kept apart on purpose):
 - framework adapters (:mod:`hvdquant.adapters`): Horovod compression objects;
 - kernels (:mod:`hvdquant.kernels`, from ``kernels/`` in the checkout): the arithmetic.
 
-``hvdquant.Compression`` is imported lazily so that the codecs work without Horovod loaded.
+``hvdquant.Compression`` and ``hvdquant.DistributedOptimizer`` are imported lazily, so the codecs work
+without Horovod loaded.
 """
 
-from hvdquant.codecs import DQSG
+from hvdquant.codecs import DQSG, NDQSG, QSGD, ErrorFeedback, OneBitSGD
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import CommStats
 
 __version__ = "0.1.0"
-__all__ = ["DQSG", "CommStats", "Compression", "DitherKey", "__version__"]
+__all__ = ["DQSG", "NDQSG", "QSGD", "CommStats", "Compression", "DistributedOptimizer", "DitherKey", "ErrorFeedback",
+           "OneBitSGD", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,4 +24,8 @@ def __getattr__(name: str):
         from hvdquant.adapters.horovod import Compression
 
         return Compression
+    if name == "DistributedOptimizer":
+        from hvdquant.adapters.optimizer import DistributedOptimizer
+
+        return DistributedOptimizer
     raise AttributeError(f"module 'hvdquant' has no attribute {name!r}")

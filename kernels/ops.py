@@ -385,10 +385,44 @@ def radixunpack(packed: torch.Tensor, radix: int, n: int, out: torch.Tensor | No
     return out
 
 
+def symbol_packing(alphabet: int) -> tuple[str, int]:
+    """Densest of the two packers for symbols in [0, alphabet): ("bits", b) with b = ⌈log2 A⌉, or
+    ("radix", m) with m = radix_per_byte(A) symbols per byte (base 3: 1.6 bits, base 5: 2.67)."""
+    alphabet = _int("alphabet", alphabet, 2, 256)
+    b = (alphabet - 1).bit_length()
+    m = radix_per_byte(alphabet)
+    return ("radix", m) if 8 / m < b else ("bits", b)
+
+
+def symbol_bytes(n: int, alphabet: int) -> int:
+    kind, v = symbol_packing(alphabet)
+    return packed_bytes(n, v) if kind == "bits" else (n + v - 1) // v
+
+
+def pack_symbols(symbols: torch.Tensor, alphabet: int) -> torch.Tensor:
+    """Symbols in [0, alphabet) packed with :func:`symbol_packing`'s choice."""
+    kind, v = symbol_packing(alphabet)
+    return bitpack(symbols, v) if kind == "bits" else radixpack(symbols, alphabet)
+
+
+def unpack_symbols(packed: torch.Tensor, alphabet: int, n: int) -> torch.Tensor:
+    kind, v = symbol_packing(alphabet)
+    return bitunpack(packed, v, n) if kind == "bits" else radixunpack(packed, alphabet, n)
+
+
 def coset_bits(nesting_ratio: int) -> int | None:
     """log2 ρ when ρ is a power of two (bit packing), else None (radix packing)."""
     rho = _int("nesting_ratio", nesting_ratio, 2, 256)
     return rho.bit_length() - 1 if rho & (rho - 1) == 0 else None
+
+
+def coset_bytes(n: int, nesting_ratio: int) -> int:
+    """Bytes :func:`pack_cosets` takes for n symbols."""
+    b = coset_bits(nesting_ratio)
+    if b is not None:
+        return packed_bytes(n, b)
+    m = radix_per_byte(nesting_ratio)
+    return (n + m - 1) // m
 
 
 def pack_cosets(symbols: torch.Tensor, nesting_ratio: int) -> torch.Tensor:

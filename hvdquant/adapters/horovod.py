@@ -155,7 +155,7 @@ class DQSGCompression:
         size = hvd.size()
         key = DitherKey(seed, step % (1 << 32), tensor_id(name), hvd.rank())
         layout = SumFieldLayout(self.codec.levels, size)
-        words = layout.pack(self.codec.encode(tensor, delta, key))
+        words = layout.pack(self.codec.quantize(tensor, delta, key))
         self.stats.record(name, tensor.numel(), words, absmax)
         return words, (tensor.shape, tensor.dtype, delta, key.for_sender(0), layout)
 

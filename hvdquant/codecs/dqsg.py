@@ -2,7 +2,7 @@
 
 Per bucket b of ``bucket_size`` (d) coordinates, with ``levels`` (s) levels:
 
-    Δ_b = max_i |g_i| / s                        (step; common to all ranks in the summable form)
+    Δ_b = max_i |g_i| / s                        (own bucket; or common to all ranks, §3)
     k_i = round(g_i / Δ_b + u_i) ∈ {-s, …, s}    (u_i ~ U(-1/2, 1/2) from the keyed Philox stream)
     ĝ_i = Δ_b (k_i − u_i)                        (decoder regenerates u_i from the same key)
 
@@ -10,7 +10,9 @@ The error ĝ − g is uniform on (−Δ/2, Δ/2], independent of g, unbiased, of
 With one Δ_b shared by P ranks, Σ_p ĝ_p = Δ_b (Σ_p k_p − Σ_p u_p): integer indices can be summed
 by any transport and decoded once (variance of the mean Δ²/(12P)).
 
-The arithmetic lives in :mod:`hvdquant.kernels`; this class validates, shapes and documents.
+Payload (one sender): Δ_b as float32 per bucket, then the symbols k + s packed densely
+(base 3 for s = 1: 1.6 bits; otherwise ⌈log2(2s+1)⌉ bits or base-(2s+1) bytes, whichever is
+smaller). The arithmetic lives in :mod:`hvdquant.kernels`.
 """
 
 from __future__ import annotations
@@ -20,36 +22,23 @@ from dataclasses import dataclass
 
 import torch
 
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, check_int, flat32
 from hvdquant.kernels import DitherKey, ops
 
 
-def _as_flat_float32(g: torch.Tensor, what: str = "gradient") -> torch.Tensor:
-    """A contiguous 1-D float32 view (or copy) of ``g``, on its device.
-
-    float16, bfloat16 and float64 are converted to float32 (the codec's working precision);
-    other dtypes are refused. Non-contiguous tensors are copied.
-    """
-    if not isinstance(g, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(g).__name__}")
-    if not g.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got dtype {g.dtype}")
-    return g.detach().reshape(-1).to(torch.float32).contiguous()
-
-
 @dataclass(frozen=True)
-class DQSG:
+class DQSG(Codec):
     """Dithered quantizer with ``levels`` = s (2s+1 symbols) and buckets of ``bucket_size`` = d."""
 
     levels: int = 1
     bucket_size: int = 512
 
+    scheme = "dqsg"
+    summable = True
+
     def __post_init__(self) -> None:
-        for field, hi in (("levels", 127), ("bucket_size", 1 << 30)):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"DQSG {field} must be an int, got {type(v).__name__}")
-            if not 1 <= v <= hi:
-                raise ValueError(f"DQSG {field}={v} is out of range [1, {hi}]")
+        check_int("DQSG", "levels", self.levels, 1, 127)
+        check_int("DQSG", "bucket_size", self.bucket_size, 1, 1 << 30)
 
     @property
     def symbols(self) -> int:
@@ -63,17 +52,18 @@ class DQSG:
     def num_buckets(self, n: int) -> int:
         return ops.num_buckets(n, self.bucket_size)
 
+    # ------------------------------------------------------------- common-scale (summable) form
     def bucket_absmax(self, g: torch.Tensor) -> torch.Tensor:
         """max |g_i| per bucket (float32; NaN reported as +inf so a max-reduction keeps it)."""
-        return ops.bucket_absmax(_as_flat_float32(g), self.bucket_size)
+        return ops.bucket_absmax(flat32(g), self.bucket_size)
 
     def step_size(self, absmax: torch.Tensor) -> torch.Tensor:
         """Δ_b = absmax_b / s (float32). Callers check finiteness first."""
         return absmax.to(torch.float32) / float(self.levels)
 
-    def encode(self, g: torch.Tensor, delta: torch.Tensor, key: DitherKey) -> torch.Tensor:
-        """Indices k ∈ [-s, s] (int8, flat) of ``g`` under steps ``delta`` and dither stream ``key``."""
-        return ops.dqsg_encode(_as_flat_float32(g), delta.contiguous(), self.bucket_size, self.levels, key)
+    def quantize(self, g: torch.Tensor, delta: torch.Tensor, key: DitherKey, symbols: bool = False) -> torch.Tensor:
+        """Indices k ∈ [-s, s] (int8, flat), or k + s as uint8 with ``symbols=True``."""
+        return ops.dqsg_encode(flat32(g), delta.contiguous(), self.bucket_size, self.levels, key, symbols=symbols)
 
     def decode_sum(self, ksum: torch.Tensor, delta: torch.Tensor, key: DitherKey, senders: int = 1,
                    factor: float = 1.0) -> torch.Tensor:
@@ -81,6 +71,26 @@ class DQSG:
         return ops.dqsg_decode(ksum.to(torch.int32).contiguous(), delta.contiguous(), self.bucket_size, key,
                                senders=senders, factor=factor)
 
-    def decode(self, codes: torch.Tensor, delta: torch.Tensor, key: DitherKey) -> torch.Tensor:
-        """ĝ = Δ (k − u) for the single sender ``key.sender`` (flat float32)."""
-        return self.decode_sum(codes, delta, key, senders=1)
+    # ------------------------------------------------------------- payload form (own scale)
+    def layout(self, n: int, ctx: TensorContext | None = None) -> Layout:
+        return [("delta", torch.float32, self.num_buckets(n)),
+                ("symbols", torch.uint8, ops.symbol_bytes(n, self.symbols))]
+
+    def formula_bits(self, n: int, ctx: TensorContext | None = None) -> float:
+        return 8.0 * (4 * self.num_buckets(n) + ops.symbol_bytes(n, self.symbols)) / n if n else 0.0
+
+    def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
+        flat = flat32(g)
+        delta = self.step_size(self.bucket_absmax(flat))
+        if not bool(torch.isfinite(delta).all()):
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
+        sym = self.quantize(flat, delta, ctx.key, symbols=True)
+        return Encoded(flat.numel(), {"delta": delta, "symbols": ops.pack_symbols(sym, self.symbols)},
+                       symbols=sym, alphabet=self.symbols, side_bits=32.0 * delta.numel())
+
+    def unpack_codes(self, enc: Encoded) -> torch.Tensor:
+        """The indices k (int32) of a payload."""
+        return ops.unpack_symbols(enc.fields["symbols"], self.symbols, enc.n).to(torch.int32) - self.levels
+
+    def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
+        return self.decode_sum(self.unpack_codes(enc), enc.fields["delta"], ctx.key)

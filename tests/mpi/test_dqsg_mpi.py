@@ -42,7 +42,7 @@ def allreduce_dqsg(comm, MPI, codec: DQSG, g: torch.Tensor, key: DitherKey) -> t
     comm.Allreduce(absmax, common, op=MPI.MAX)
     delta = codec.step_size(torch.from_numpy(common))
     layout = SumFieldLayout(codec.levels, size)
-    words = layout.pack(codec.encode(g, delta, key.for_sender(comm.Get_rank()))).numpy()
+    words = layout.pack(codec.quantize(g, delta, key.for_sender(comm.Get_rank()))).numpy()
     reduced = np.empty_like(words)
     comm.Allreduce(words, reduced, op=MPI.SUM)
     reduced /= size  # what an AVERAGE allreduce returns: the layout's sentinel recovers the 1/P

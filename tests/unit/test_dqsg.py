@@ -14,8 +14,8 @@ KEY = DitherKey(seed=2024, step=0, tensor_id=17, sender=0)
 
 def roundtrip(codec: DQSG, g: torch.Tensor, key: DitherKey = KEY):
     delta = codec.step_size(codec.bucket_absmax(g))
-    codes = codec.encode(g, delta, key)
-    return codes, delta, codec.decode(codes, delta, key)
+    codes = codec.quantize(g, delta, key)
+    return codes, delta, codec.decode_sum(codes, delta, key)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 511, 512, 513, 2000])
@@ -70,7 +70,7 @@ def test_unbiased_over_seeds():
     acc = torch.zeros(64, dtype=torch.float64)
     for step in range(T):
         key = DitherKey(7, step, 1, 0)
-        acc += codec.decode(codec.encode(g, delta, key), delta, key).double()
+        acc += codec.decode_sum(codec.quantize(g, delta, key), delta, key).double()
     sd = float(delta) / math.sqrt(12 * T)
     assert float((acc / T - g.double()).abs().max()) < 5 * sd
 
@@ -82,10 +82,10 @@ def test_common_scale_sum_of_senders():
     gs = [torch.randn(n, generator=torch.Generator().manual_seed(p)) for p in range(P)]
     delta = codec.step_size(torch.stack([codec.bucket_absmax(g) for g in gs]).max(0).values)
     keys = [DitherKey(3, 9, 11, p) for p in range(P)]
-    codes = [codec.encode(g, delta, k) for g, k in zip(gs, keys)]
+    codes = [codec.quantize(g, delta, k) for g, k in zip(gs, keys)]
     ksum = torch.stack([c.int() for c in codes]).sum(0)
     total = codec.decode_sum(ksum, delta, keys[0], senders=P)
-    separate = sum(codec.decode(c, delta, k).double() for c, k in zip(codes, keys))
+    separate = sum(codec.decode_sum(c, delta, k).double() for c, k in zip(codes, keys))
     assert torch.allclose(total.double(), separate, atol=1e-5)
     per_coord = delta.repeat_interleave(128)[:n].double()
     assert bool(((total.double() - sum(g.double() for g in gs)).abs() <= P * per_coord / 2 + 1e-5).all())

@@ -1,0 +1,192 @@
+"""``hvdquant.DistributedOptimizer``: Horovod's optimizer with payload transports.
+
+Same call shape as ``hvd.DistributedOptimizer``, plus ``codec=`` and ``reducer=``::
+
+    opt = hvdquant.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                        codec=hvdquant.NDQSG(levels=(3, 1), bucket_size=512),
+                                        reducer="allgather")
+
+Built without patching Horovod: the class is assembled with one ``type()`` call from Horovod's
+``_DistributedOptimizer.__dict__`` (subclassing it would recurse, as it calls
+``super(self.__class__, self)``) with two overrides. ``_allreduce_grad_async`` (run by Horovod's
+gradient hook) encodes the gradient and starts the collectives, returning a callable handle;
+``synchronize`` runs those handles in **sorted parameter-name order**, so second rounds start in
+the same order on every rank whatever order the hooks fired in.
+
+Rules:
+- a gradient with fewer than ``min_numel`` elements or fewer than 2 dimensions (biases, norms)
+  is not compressed: it goes through Horovod's own allreduce in float32 (PowerSGD's rule);
+- the dither seed is agreed at the first step (rank 0's ``seed``, default its
+  ``torch.initial_seed()``), together with a check that every rank has the same codec, reducer,
+  op and parameter names/shapes; a mismatch fails on every rank with the difference named;
+- dithers are keyed by (seed, step, parameter name, rank): the step counts exchanges per name;
+- refused with an error: ``groups``/``num_groups``, Adasum, ``gradient_predivide_factor`` ≠ 1,
+  non-global process sets, sparse gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hvdquant.codecs.base import Codec
+from hvdquant.transports.horovod_payload import PayloadExchange
+
+_MASK64 = (1 << 64) - 1
+
+
+def _describe(cfg: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(cfg.items()))
+
+
+def _allreduce_grad_async(self, p):
+    import horovod.torch as hvd
+
+    if p.grad is None:
+        p.grad = p.data.new(p.size()).zero_()
+    name = self._parameter_names.get(p)
+    tensor = p.grad
+    if tensor.is_sparse:
+        raise NotImplementedError(f"hvdquant.DistributedOptimizer: '{name}' has a sparse gradient; "
+                                  "sparse gradients are not supported (use dense embeddings)")
+    state = self._hvdquant
+    seed = state.agree(self)
+    if tensor.numel() < state.min_numel or tensor.dim() < 2:
+        handle = hvd.allreduce_async_(tensor, name=name, op=self.op)
+        return handle, None
+    step = state.steps.get(name, 0)
+    state.steps[name] = step + 1
+    return state.exchange.start(name, tensor, seed, step % (1 << 32)), None
+
+
+def _synchronize(self):
+    import horovod.torch as hvd
+
+    missing = self._requires_update - set(self._handles.keys())
+    for p in missing:
+        self._handles[p] = self._allreduce_grad_async(p)
+    for p in sorted(self._handles, key=lambda q: self._parameter_names.get(q)):
+        handle, _ = self._handles[p]
+        if handle is None:
+            handle, _ = self._allreduce_grad_async(p)
+        output = handle() if callable(handle) else hvd.synchronize(handle)
+        self._allreduce_delay[p] = self.backward_passes_per_step
+        p.grad.set_(output)
+    self._handles.clear()
+    self._synchronized = True
+
+
+class _State:
+    """Per-optimizer hvdquant state: codec, exchange, seed agreement, step counters, statistics."""
+
+    def __init__(self, codec: Codec, reducer: str, average: bool, seed: int | None, min_numel: int) -> None:
+        self.codec = codec
+        self.exchange = PayloadExchange(codec, reducer, average)
+        self.seed = seed
+        self.min_numel = min_numel
+        self.steps: dict[str, int] = {}
+        self.agreed_seed: int | None = None
+
+    def agree(self, opt) -> int:
+        if self.agreed_seed is not None:
+            return self.agreed_seed
+        import horovod.torch as hvd
+
+        names = sorted((n, tuple(p.shape)) for p, n in opt._parameter_names.items() if p.requires_grad)
+        cfg = {"codec": self.codec.config(), "reducer": self.exchange.reducer, "average": self.exchange.average,
+               "min_numel": self.min_numel, "seed": self.seed, "parameters": names}
+        proposal = self.seed if self.seed is not None else torch.initial_seed() & _MASK64
+        everyone = hvd.allgather_object((cfg, proposal), name="hvdquant.optimizer.config")
+        ref = everyone[0][0]
+        for rank, (other, _) in enumerate(everyone):
+            diff = {k: (ref.get(k), other.get(k)) for k in ref.keys() | other.keys() if ref.get(k) != other.get(k)}
+            if diff:
+                detail = "; ".join(f"{k}: rank 0 has {a!r}, rank {rank} has {b!r}"
+                                   for k, (a, b) in sorted(diff.items()))
+                raise ValueError(f"hvdquant configuration differs between ranks ({detail})")
+        self.agreed_seed = int(everyone[0][1])
+        return self.agreed_seed
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any = None, codec: Codec | None = None,
+                         reducer: str = "allgather", backward_passes_per_step: int = 1, op: Any = None,
+                         gradient_predivide_factor: float = 1.0, groups: Any = None, num_groups: int = 0,
+                         sparse_as_dense: bool = False, process_set: Any = None, seed: int | None = None,
+                         min_numel: int = 1024) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging gradients with ``codec`` over
+    ``reducer`` ("allgather" or "scatter_reduce"). ``op`` is ``hvd.Average`` (default) or ``hvd.Sum``.
+    Statistics: ``opt.hvdquant_stats()``; error-feedback residuals travel in ``opt.state_dict()``."""
+    import horovod.torch as hvd
+    from horovod.torch.optimizer import _DistributedOptimizer
+
+    op = hvd.Average if op is None else op
+    if not isinstance(codec, Codec):
+        raise TypeError(f"codec must be an hvdquant codec (hvdquant.DQSG(...), ...), got {type(codec).__name__}")
+    if groups is not None or num_groups:
+        raise NotImplementedError("hvdquant.DistributedOptimizer does not support groups/num_groups: "
+                                  "Horovod's grouped path bypasses the hook hvdquant uses")
+    if op not in (hvd.Average, hvd.Sum):
+        raise NotImplementedError("hvdquant.DistributedOptimizer supports op=hvd.Average or hvd.Sum (not Adasum)")
+    if gradient_predivide_factor != 1.0:
+        raise NotImplementedError("gradient_predivide_factor is not supported by hvdquant.DistributedOptimizer")
+    if process_set is not None and process_set is not hvd.global_process_set:
+        raise NotImplementedError("hvdquant.DistributedOptimizer supports the global process set only")
+    if sparse_as_dense:
+        raise NotImplementedError("sparse_as_dense is not supported: pass dense gradients")
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+        raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64):
+        raise ValueError(f"seed must be an int in [0, 2^64) or None, got {seed!r}")
+    state = _State(codec, reducer, op == hvd.Average, seed, min_numel)
+
+    attrs = dict(_DistributedOptimizer.__dict__)
+    attrs["_allreduce_grad_async"] = _allreduce_grad_async
+    attrs["synchronize"] = _synchronize
+    attrs["hvdquant_stats"] = lambda self: _stats(self._hvdquant)
+    attrs["state_dict"] = _state_dict
+    attrs["load_state_dict"] = _load_state_dict
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), attrs)
+    opt = cls.__new__(cls)
+    opt._hvdquant = state  # before __init__: hooks may fire as soon as they are registered
+    cls.__init__(opt, optimizer.param_groups, named_parameters, hvd.Compression.none, backward_passes_per_step,
+                 op, 1.0, None, False, hvd.global_process_set)
+    return opt
+
+
+def _stats(state: _State) -> dict:
+    ex = state.exchange
+    return {
+        "bits_per_coordinate": ex.stats.bits_per_coordinate,
+        "payload_bits_per_coordinate": ex.payload.bits_per_coordinate,
+        "entropy_bits_per_coordinate": ex.entropy_bits_per_coordinate,
+        "bytes_handed": ex.stats.bytes_handed,
+        "coordinates": ex.payload.coordinates,
+        "failed_buckets": ex.totals.failed_buckets,
+        "failed_coordinates": ex.totals.failed_coordinates,
+        "recovery_rounds": ex.totals.recovery_rounds,
+        "recovery_bytes": ex.totals.recovery_bytes,
+    }
+
+
+def _state_dict(self):
+    sd = super(self.__class__, self).state_dict()
+    codec = self._hvdquant.codec
+    sd["hvdquant"] = {"steps": dict(self._hvdquant.steps),
+                      "residuals": codec.state_dict() if hasattr(codec, "state_dict") else {}}
+    return sd
+
+
+def _load_state_dict(self, state_dict):
+    state_dict = dict(state_dict)
+    extra = state_dict.pop("hvdquant", None)
+    if extra is not None:
+        self._hvdquant.steps = dict(extra["steps"])
+        if hasattr(self._hvdquant.codec, "load_state_dict"):
+            self._hvdquant.codec.load_state_dict(extra["residuals"])
+    self._handles = {}
+    self._synchronized = False
+    self._should_synchronize = True
+    for p in self._allreduce_delay:
+        self._allreduce_delay[p] = self.backward_passes_per_step
+    super(self.__class__, self).load_state_dict(state_dict)

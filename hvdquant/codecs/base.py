@@ -1,0 +1,160 @@
+"""The codec contract: pure maths, no collectives.
+
+A codec turns one sender's flat float32 gradient into an :class:`Encoded` payload (named tensors:
+exactly what a transport hands to the collective) and back. Transports move payloads as bytes
+(:meth:`Encoded.to_bytes`, :meth:`Codec.from_bytes`) and call :meth:`Codec.aggregate` to combine
+every sender's payload into the mean; a codec whose decoder needs side information or a second
+round (NDQSG) overrides ``aggregate`` and uses the ``recover`` callback the transport supplies.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hvdquant.kernels import DitherKey
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a codec may know about the tensor it encodes: its name and shape, the dither key of
+    this sender (key.sender = rank), and the number of ranks."""
+
+    name: str
+    shape: tuple[int, ...]
+    key: DitherKey
+    ranks: int = 1
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def sender(self, p: int) -> TensorContext:
+        return TensorContext(self.name, self.shape, self.key.for_sender(p), self.ranks)
+
+
+@dataclass
+class Encoded:
+    """One sender's payload. ``fields`` travel (in order); ``symbols``/``alphabet`` are kept
+    locally for the empirical-entropy statistic and never sent."""
+
+    n: int
+    fields: dict[str, torch.Tensor]
+    symbols: torch.Tensor | None = None
+    alphabet: int = 0
+    side_bits: float = 0.0  # bits of per-bucket side data (scales, checksums) counted in the entropy
+    source: torch.Tensor | None = None  # the float32 input, kept where a recovery round may need it
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.fields.values())
+
+    def to_bytes(self) -> torch.Tensor:
+        parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in self.fields.values()]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+Layout = list[tuple[str, torch.dtype, int | None]]  # (field, dtype, count); None = the rest (last only)
+
+
+def split_bytes(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """Inverse of :meth:`Encoded.to_bytes` for a known layout; refuses a buffer of the wrong size."""
+    out: dict[str, torch.Tensor] = {}
+    pos = 0
+    for i, (name, dtype, count) in enumerate(layout):
+        width = torch.empty(0, dtype=dtype).element_size()
+        if count is None:
+            if i != len(layout) - 1:
+                raise ValueError("only the last field of a layout may have a variable size")
+            nbytes = buf.numel() - pos
+            if nbytes < 0 or nbytes % width:
+                raise ValueError(f"payload of {buf.numel()} bytes does not fit the layout")
+        else:
+            nbytes = count * width
+        chunk = buf[pos:pos + nbytes]
+        if chunk.numel() != nbytes:
+            raise ValueError(f"payload of {buf.numel()} bytes is too short for field '{name}'")
+        out[name] = chunk.clone().view(dtype)
+        pos += nbytes
+    if pos != buf.numel():
+        raise ValueError(f"payload has {buf.numel()} bytes, the layout takes {pos}")
+    return out
+
+
+def empirical_entropy(symbols: torch.Tensor, alphabet: int) -> float:
+    """Zeroth-order entropy −Σ p log2 p of the symbols, bits per symbol (ALGORITHMS.md §1)."""
+    if symbols.numel() == 0:
+        return 0.0
+    p = torch.bincount(symbols.reshape(-1).to(torch.int64), minlength=alphabet).double() / symbols.numel()
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
+
+
+Recover = Callable[[dict[int, list[int]]], dict[int, torch.Tensor]]
+
+
+@dataclass
+class AggregateStats:
+    """What an aggregation saw: decode failures detected and buckets recovered by a second round."""
+
+    failed_coordinates: int = 0
+    failed_buckets: int = 0
+    recovery_rounds: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Codec(ABC):
+    """Base class. Subclasses are frozen dataclasses of their parameters."""
+
+    scheme: str = "codec"
+    #: payload sums are meaningful (the stock Horovod allreduce path can carry it)
+    summable: bool = False
+
+    @abstractmethod
+    def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded: ...
+
+    @abstractmethod
+    def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor: ...
+
+    @abstractmethod
+    def layout(self, n: int, ctx: TensorContext) -> Layout:
+        """Field layout of sender ``ctx.key.sender``'s payload for n coordinates."""
+
+    @abstractmethod
+    def formula_bits(self, n: int, ctx: TensorContext) -> float:
+        """Bits per coordinate this sender's payload takes by formula (None-free for fixed codes)."""
+
+    def config(self) -> dict:
+        from dataclasses import asdict
+
+        return {"scheme": self.scheme, **asdict(self)}  # type: ignore[call-overload]
+
+    def from_bytes(self, buf: torch.Tensor, n: int, ctx: TensorContext) -> Encoded:
+        return Encoded(n, split_bytes(buf, self.layout(n, ctx)))
+
+    def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
+                  ) -> tuple[torch.Tensor, AggregateStats]:
+        """Mean of all senders' reconstructions, summed in sender order (bit-identical on every rank)."""
+        total = torch.zeros(payloads[0].n, dtype=torch.float32)
+        for p, enc in enumerate(payloads):
+            total += self.decode(enc, ctx.sender(p))
+        return total / len(payloads), AggregateStats()
+
+
+def flat32(g: torch.Tensor, what: str = "gradient") -> torch.Tensor:
+    """A contiguous 1-D float32 view (or copy) of ``g``; float16/bfloat16/float64 are converted."""
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(g).__name__}")
+    if not g.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {g.dtype}")
+    return g.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def check_int(owner: str, name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner} {name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{owner} {name}={value} is out of range [{lo}, {hi}]")

@@ -1,0 +1,186 @@
+"""NDQSG: nested dithered quantization with side information (ALGORITHMS.md §2).
+
+Fine lattice Δℤ with Δ_b = ‖g_b‖∞/s₁; coarse lattice ρΔℤ, nesting ratio ρ = s₁/s₂. A fraction
+``dqsg_fraction`` (r) of the ranks — ranks 0 … ⌈rP⌉−1, at least one — send plain DQSG(s₁); the
+others send only the coset symbol (k + ⌊ρ/2⌋) mod ρ of each fine index k (log2 ρ bits), one
+float32 Δ_b and one uint32 checksum Σ_j (2j+1)·k_j mod 2^32 per bucket.
+
+The receiver decodes senders in rank order, keeping the running mean of everything decoded so far;
+that mean is the side information y of the next nested sender: K̂ = resolved index nearest
+y/Δ + u in k's coset. Decoding is exact (ĝ equals DQSG(s₁)'s reconstruction, bit for bit) iff
+|g − y + eΔ| < ρΔ/2. A bucket whose resolved indices do not reproduce the sender's checksum has
+failed: it is counted and **recovered** — the transport asks that sender for the bucket's DQSG(s₁)
+symbols in a second round (every rank finds the same failures, so every rank takes part) — and
+decoding restarts with the corrected values until no bucket fails. Nothing wrong is passed on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hvdquant.codecs.base import AggregateStats, Codec, Encoded, Layout, Recover, TensorContext, check_int, flat32
+from hvdquant.codecs.dqsg import DQSG
+from hvdquant.kernels import ops
+
+
+@dataclass(frozen=True)
+class NDQSG(Codec):
+    """Nested DQSG with ``levels`` = (s₁, s₂), ρ = s₁/s₂, buckets of ``bucket_size``, and a fraction
+    ``dqsg_fraction`` of ranks sending plain DQSG(s₁). The paper's setting: (3, 1), r = 0.5."""
+
+    levels: tuple[int, int] = (3, 1)
+    bucket_size: int = 512
+    dqsg_fraction: float = 0.5
+
+    scheme = "ndqsg"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.levels, tuple) and len(self.levels) == 2):
+            raise TypeError(f"NDQSG levels must be a tuple (s1, s2), got {self.levels!r}")
+        s1, s2 = self.levels
+        check_int("NDQSG", "levels[0] (s1)", s1, 2, 127)
+        check_int("NDQSG", "levels[1] (s2)", s2, 1, 126)
+        if s1 % s2 or s1 // s2 < 2:
+            raise ValueError(f"NDQSG levels {self.levels}: s1 must be a multiple of s2 with s1/s2 >= 2 "
+                             "(the nesting ratio)")
+        check_int("NDQSG", "bucket_size", self.bucket_size, 1, 1 << 30)
+        if isinstance(self.dqsg_fraction, bool) or not isinstance(self.dqsg_fraction, (int, float)) \
+                or not 0.0 <= self.dqsg_fraction <= 1.0:
+            raise ValueError(f"NDQSG dqsg_fraction={self.dqsg_fraction!r} must be a number in [0, 1]")
+
+    @property
+    def nesting_ratio(self) -> int:
+        return self.levels[0] // self.levels[1]
+
+    @property
+    def fine(self) -> DQSG:
+        """DQSG(s₁): what the DQSG ranks send and what a successful nested decode reproduces."""
+        return DQSG(self.levels[0], self.bucket_size)
+
+    def dqsg_senders(self, ranks: int) -> int:
+        """⌈rP⌉ ranks (at least one: the first decoded sender must not need side information)."""
+        return max(1, math.ceil(self.dqsg_fraction * ranks - 1e-9))
+
+    def is_nested(self, sender: int, ranks: int) -> bool:
+        return sender >= self.dqsg_senders(ranks)
+
+    def layout(self, n: int, ctx: TensorContext) -> Layout:
+        if not self.is_nested(ctx.key.sender, ctx.ranks):
+            return self.fine.layout(n)
+        nb = ops.num_buckets(n, self.bucket_size)
+        return [("delta", torch.float32, nb), ("checksum", torch.int32, nb),
+                ("cosets", torch.uint8, ops.coset_bytes(n, self.nesting_ratio))]
+
+    def formula_bits(self, n: int, ctx: TensorContext) -> float:
+        if not n:
+            return 0.0
+        return 8.0 * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.layout(n, ctx)) / n
+
+    def mean_formula_bits(self, n: int, ranks: int, ctx: TensorContext) -> float:
+        """Average over the ranks of their payload bits per coordinate (r·DQSG + (1−r)·nested)."""
+        return sum(self.formula_bits(n, ctx.sender(p)) for p in range(ranks)) / ranks
+
+    def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
+        if not self.is_nested(ctx.key.sender, ctx.ranks):
+            return self.fine.encode(g, ctx)
+        flat = flat32(g)
+        fine = self.fine
+        delta = fine.step_size(fine.bucket_absmax(flat))
+        if not bool(torch.isfinite(delta).all()):
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
+        rho = self.nesting_ratio
+        k = fine.quantize(flat, delta, ctx.key)
+        checksum = ops.bucket_checksum(k, self.bucket_size).to(torch.int32)
+        cosets = ops.nested_encode(flat, delta, self.bucket_size, self.levels[0], rho, ctx.key)
+        return Encoded(flat.numel(), {"delta": delta, "checksum": checksum, "cosets": ops.pack_cosets(cosets, rho)},
+                       symbols=cosets, alphabet=rho, side_bits=64.0 * delta.numel(), source=flat)
+
+    def decode(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor | None = None) -> torch.Tensor:
+        """One sender alone. A nested payload needs side information ``side`` (an estimate of g)."""
+        if "cosets" not in enc.fields:
+            return self.fine.decode(enc, ctx)
+        if side is None:
+            raise ValueError("a nested (coset) payload cannot be decoded without side information")
+        return self._resolve(enc, ctx, side)[0]
+
+    def _resolve(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ĝ, resolved indices K̂, per-coordinate flags)."""
+        rho = self.nesting_ratio
+        cosets = ops.unpack_cosets(enc.fields["cosets"], rho, enc.n)
+        kout = torch.empty(enc.n, dtype=torch.int32)
+        ghat, flags = ops.nested_decode(cosets, enc.fields["delta"], self.bucket_size, self.levels[0], rho,
+                                        side.contiguous(), ctx.key, kout=kout)
+        return ghat, kout, flags
+
+    def recovery_payload(self, enc: Encoded, ctx: TensorContext, buckets: list[int]) -> torch.Tensor:
+        """This sender's DQSG(s₁) symbols (packed per bucket, in the order given) for failed buckets."""
+        if enc.source is None:
+            raise ValueError("this payload kept no source: only a nested sender's own payload can be recovered")
+        flat = enc.source
+        fine = self.fine
+        delta = fine.step_size(fine.bucket_absmax(flat))
+        sym = fine.quantize(flat, delta, ctx.key, symbols=True)
+        d = self.bucket_size
+        parts = [ops.pack_symbols(sym[b * d:(b + 1) * d].contiguous(), fine.symbols) for b in buckets]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+    def _apply_recovery(self, buf: torch.Tensor, n: int, buckets: list[int], kout: torch.Tensor) -> int:
+        """Patch the true indices of recovered buckets into kout; returns how many had been wrong."""
+        fine, d, pos, wrong = self.fine, self.bucket_size, 0, 0
+        for b in buckets:
+            m = min(n, (b + 1) * d) - b * d
+            nbytes = ops.symbol_bytes(m, fine.symbols)
+            if pos + nbytes > buf.numel():
+                raise ValueError("recovery payload is shorter than the failed buckets need")
+            codes = ops.unpack_symbols(buf[pos:pos + nbytes].contiguous(), fine.symbols, m).to(torch.int32)
+            wrong += int((kout[b * d:b * d + m] != codes - fine.levels).sum())
+            kout[b * d:b * d + m] = codes - fine.levels
+            pos += nbytes
+        return wrong
+
+    def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
+                  ) -> tuple[torch.Tensor, AggregateStats]:
+        """Decode in rank order with the running mean as side information; detect failed buckets by
+        checksum and recover them through ``recover`` (a collective the transport runs) until none fail."""
+        ranks, n, d = len(payloads), payloads[0].n, self.bucket_size
+        fine = self.fine
+        fixed: dict[int, torch.Tensor] = {}  # sender -> resolved indices with recovered buckets patched in
+        recovered: dict[int, set[int]] = {}
+        stats = AggregateStats()
+        while True:
+            total = torch.zeros(n, dtype=torch.float32)
+            failed: dict[int, list[int]] = {}
+            for p, enc in enumerate(payloads):
+                pctx = ctx.sender(p)
+                if "cosets" not in enc.fields:
+                    ghat = fine.decode(enc, pctx)
+                else:
+                    side = total / p
+                    _, kout, _ = self._resolve(enc, pctx, side)
+                    if p in fixed:  # keep recovered buckets exact
+                        done = sorted(recovered[p])
+                        for b in done:
+                            kout[b * d:(b + 1) * d] = fixed[p][b * d:(b + 1) * d]
+                    sums = ops.bucket_checksum(kout, d)
+                    sent = enc.fields["checksum"].to(torch.int64) & 0xFFFFFFFF
+                    bad = [b for b in torch.nonzero(sums != sent).flatten().tolist() if b not in recovered.get(p, ())]
+                    if bad:
+                        failed[p] = bad
+                        stats.failed_buckets += len(bad)
+                        fixed[p] = kout
+                    ghat = fine.decode_sum(kout, enc.fields["delta"], pctx.key)
+                total += ghat
+            if not failed:
+                return total / ranks, stats
+            if recover is None:
+                raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed.values()))} bucket(s) of "
+                                   f"'{ctx.name}' and no recovery round is available")
+            stats.recovery_rounds += 1
+            replies = recover(failed)
+            for p, buckets in failed.items():
+                stats.failed_coordinates += self._apply_recovery(replies[p], n, buckets, fixed[p])
+                recovered.setdefault(p, set()).update(buckets)

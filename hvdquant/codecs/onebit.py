@@ -1,0 +1,49 @@
+"""1-bit SGD (Seide et al. 2014; ALGORITHMS.md §5): one bit per coordinate (g ≥ 0), each bit
+reconstructed as the mean of its bin in its column, two float32 per column.
+
+The tensor is viewed as (rows, cols) with rows = shape[0] (a 1-D tensor is one column). Without
+error feedback it does not converge: :class:`OneBitSGD` is this quantizer wrapped in
+:class:`~hvdquant.codecs.feedback.ErrorFeedback`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, flat32
+from hvdquant.kernels import ops
+
+
+def columns(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if len(shape) >= 2 else 1
+
+
+@dataclass(frozen=True)
+class OneBitQuantizer(Codec):
+    scheme = "onebit-quantizer"
+
+    def layout(self, n: int, ctx: TensorContext) -> Layout:
+        c = columns(ctx.shape)
+        return [("pos_mean", torch.float32, c), ("neg_mean", torch.float32, c),
+                ("bits", torch.uint8, ops.packed_bytes(n, 1))]
+
+    def formula_bits(self, n: int, ctx: TensorContext) -> float:
+        return (64.0 * columns(ctx.shape) + 8 * ops.packed_bytes(n, 1)) / n if n else 0.0
+
+    def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
+        flat = flat32(g)
+        if not bool(torch.isfinite(flat).all()):
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
+        c = columns(ctx.shape) if flat.numel() else 1
+        pos, neg = ops.onebit_column_means(flat, c)
+        bits = ops.onebit_encode(flat)
+        return Encoded(flat.numel(), {"pos_mean": pos, "neg_mean": neg, "bits": ops.bitpack(bits, 1)},
+                       symbols=bits, alphabet=2, side_bits=64.0 * c)
+
+    def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
+        bits = ops.bitunpack(enc.fields["bits"], 1, enc.n)
+        return ops.onebit_decode(bits, max(1, enc.fields["pos_mean"].numel()), enc.fields["pos_mean"],
+                                 enc.fields["neg_mean"])

@@ -1,0 +1,85 @@
+"""QSGD: stochastic quantization to s levels per bucket (seed 001, ALGORITHMS.md §4).
+
+    Q_s(v)_i = ‖v_b‖ · sgn(v_i) · ξ_i / s,   ξ_i = ⌊s|v_i|/‖v_b‖ + U⌋,  U ~ U(0, 1)
+
+with ‖·‖ the bucket's L2 norm (``norm="l2"``, the paper) or max norm (``norm="max"``). Unbiased;
+E‖Q(v)‖² ≤ (1 + min(d/s², √d/s))‖v‖². The U are drawn from the keyed Philox stream (added, not
+subtracted: this is QSGD, not dithered quantization).
+
+Payload: one float32 norm per bucket, then the levels either as fixed-width symbols k + s
+(``coding="fixed"``) or as the Elias recursive stream of seed 001 (``coding="elias"``: ω(nnz+1),
+then per nonzero ω(gap), a sign bit, ω(level); variable length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, check_int, flat32
+from hvdquant.kernels import elias, ops
+
+
+@dataclass(frozen=True)
+class QSGD(Codec):
+    levels: int = 1
+    bucket_size: int = 512
+    norm: str = "l2"
+    coding: str = "elias"
+
+    scheme = "qsgd"
+
+    def __post_init__(self) -> None:
+        check_int("QSGD", "levels", self.levels, 1, 127)
+        check_int("QSGD", "bucket_size", self.bucket_size, 1, 1 << 30)
+        if self.norm not in ("l2", "max"):
+            raise ValueError(f"QSGD norm={self.norm!r} must be 'l2' or 'max'")
+        if self.coding not in ("elias", "fixed"):
+            raise ValueError(f"QSGD coding={self.coding!r} must be 'elias' or 'fixed'")
+
+    @property
+    def symbols(self) -> int:
+        return 2 * self.levels + 1
+
+    def layout(self, n: int, ctx: TensorContext | None = None) -> Layout:
+        nb = ops.num_buckets(n, self.bucket_size)
+        tail = None if self.coding == "elias" else ops.symbol_bytes(n, self.symbols)
+        return [("norm", torch.float32, nb), ("levels", torch.uint8, tail)]
+
+    def formula_bits(self, n: int, ctx: TensorContext | None = None) -> float:
+        """Fixed coding: exact. Elias: seed 001's bound on the expected size for one bucket of n
+        (sublinear regime), F + (3 + 1.5·log2(2(s²+n)/(s²+√n)))·(s²+√n), F = 32."""
+        if not n:
+            return 0.0
+        nb = ops.num_buckets(n, self.bucket_size)
+        if self.coding == "fixed":
+            return 8.0 * (4 * nb + ops.symbol_bytes(n, self.symbols)) / n
+        total = 0.0
+        for b in range(nb):
+            d = min(self.bucket_size, n - b * self.bucket_size)
+            s2 = self.levels ** 2
+            m = s2 + d ** 0.5
+            total += 32 + (3 + 1.5 * torch.log2(torch.tensor(2 * (s2 + d) / m)).item()) * m
+        return total / n
+
+    def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
+        flat = flat32(g)
+        scale = (ops.bucket_l2 if self.norm == "l2" else ops.bucket_absmax)(flat, self.bucket_size)
+        if not bool(torch.isfinite(scale).all()):
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
+        codes = ops.qsgd_encode(flat, scale, self.bucket_size, self.levels, ctx.key)
+        sym = (codes + self.levels).view(torch.uint8)
+        if self.coding == "fixed":
+            levels = ops.pack_symbols(sym, self.symbols)
+        else:
+            levels, _ = elias.encode(codes)
+        return Encoded(flat.numel(), {"norm": scale, "levels": levels}, symbols=sym, alphabet=self.symbols,
+                       side_bits=32.0 * scale.numel())
+
+    def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
+        if self.coding == "fixed":
+            codes = (ops.unpack_symbols(enc.fields["levels"], self.symbols, enc.n).view(torch.int8) - self.levels)
+        else:
+            codes = elias.decode(enc.fields["levels"], enc.n)
+        return ops.scale_decode(codes.contiguous(), enc.fields["norm"], self.bucket_size, self.levels)
