@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hvdquant test command: lint, unit tests, pytest-mpi tests under mpirun -n 2 and -n 4, then
-# Horovod tests under horovodrun -np 2 with Gloo and with MPI. Exits non-zero if any stage fails
+# Horovod tests under horovodrun -np 2 and -np 4, each with Gloo and with MPI. Exits non-zero if any stage fails
 # or if any rank of a stage ran no test. Logs: runs/test-logs/.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -48,6 +48,8 @@ run_stage mpi-n2 2 mpirun -n 2 "${PYTEST[@]}" --with-mpi tests/mpi
 run_stage mpi-n4 4 mpirun -n 4 "${PYTEST[@]}" --with-mpi tests/mpi
 run_stage horovod-gloo 2 horovodrun -np 2 --gloo "${PYTEST[@]}" tests/horovod
 run_stage horovod-mpi 2 horovodrun -np 2 --mpi "${PYTEST[@]}" tests/horovod
+run_stage horovod-gloo-4 4 horovodrun -np 4 --gloo "${PYTEST[@]}" tests/horovod
+run_stage horovod-mpi-4 4 horovodrun -np 4 --mpi "${PYTEST[@]}" tests/horovod
 
 printf '\n===== summary\n'
 printf '%s\n' "${summary[@]}"

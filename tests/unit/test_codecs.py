@@ -1,0 +1,192 @@
+"""Codecs in one process: payload round trips, measured sizes against the formulas, NDQSG's
+side-information decoding and recovery, QSGD's Elias stream, error-feedback conservation."""
+
+import math
+
+import pytest
+import torch
+
+from hvdquant import DQSG, NDQSG, QSGD, ErrorFeedback, OneBitSGD
+from hvdquant.codecs import TensorContext, empirical_entropy
+from hvdquant.kernels import DitherKey, elias
+
+
+def ctx_for(shape, sender=0, ranks=1, name="w", step=0):
+    return TensorContext(name, tuple(shape), DitherKey(77, step, 5, sender), ranks)
+
+
+FIXED = {"dqsg1": lambda: DQSG(1, 512), "dqsg3": lambda: DQSG(3, 100), "qsgd-max4": lambda: QSGD(4, 64, "max", "fixed"),
+         "qsgd-l2-1": lambda: QSGD(1, 512, "l2", "fixed"), "onebit": OneBitSGD}
+
+
+@pytest.mark.parametrize("make", FIXED.values(), ids=FIXED.keys())
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (300, 7), (1031,)])
+def test_payload_roundtrip_and_size_equals_formula(make, shape):
+    codec = make()
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ctx = ctx_for(shape)
+    enc = codec.encode(g, ctx)
+    buf = enc.to_bytes()
+    n = g.numel()
+    assert buf.numel() * 8 / n == pytest.approx(codec.formula_bits(n, ctx), rel=1e-12)
+    back = codec.from_bytes(buf, n, ctx)
+    assert torch.equal(codec.decode(back, ctx), codec.decode(enc, ctx))
+    with pytest.raises(ValueError):
+        codec.from_bytes(buf[:-1], n, ctx)
+
+
+def test_dqsg_payload_decodes_to_the_kernel_reconstruction():
+    g = torch.randn(2000)
+    codec, ctx = DQSG(3, 128), ctx_for((2000,))
+    ghat = codec.decode(codec.encode(g, ctx), ctx)
+    delta = codec.step_size(codec.bucket_absmax(g))
+    assert torch.equal(ghat, codec.decode_sum(codec.quantize(g, delta, ctx.key), delta, ctx.key))
+
+
+def test_qsgd_elias_roundtrip_and_seed001_bound():
+    """Seed 001: for one bucket of n with s levels, expected bits ≤ F + (3 + 1.5·log2(2(s²+n)/(s²+√n)))(s²+√n)
+    (F = 32 for the norm). The stream here also carries ω(nnz+1): it must still be within the bound."""
+    n = 1 << 14
+    codec = QSGD(levels=1, bucket_size=n, norm="l2", coding="elias")
+    ctx = ctx_for((n,))
+    total = 0
+    for step in range(5):
+        g = torch.randn(n, generator=torch.Generator().manual_seed(step))
+        c = ctx_for((n,), step=step)
+        enc = codec.encode(g, c)
+        total += enc.to_bytes().numel() * 8
+        codes = elias.decode(enc.fields["levels"], n)
+        assert torch.equal(codes + 1, enc.symbols.to(torch.int8))
+    assert total / 5 / n <= codec.formula_bits(n, ctx)
+
+
+def test_elias_rejects_corrupt_streams():
+    codes = torch.tensor([0, 2, 0, -1], dtype=torch.int8)
+    stream, _ = elias.encode(codes)
+    assert torch.equal(elias.decode(stream, 4), codes)
+    with pytest.raises(ValueError, match="corrupt"):
+        elias.decode(stream, 1)
+
+
+def test_qsgd_unbiased_through_payloads():
+    """Mean over T = 400 steps of decoded QSGD payloads → g: per-coordinate std ≤ ‖v‖/(2s√T), 5σ."""
+    codec = QSGD(levels=2, bucket_size=64, norm="l2", coding="elias")
+    g = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    T = 400
+    acc = torch.zeros(64, dtype=torch.float64)
+    for t in range(T):
+        c = ctx_for((64,), step=t)
+        acc += codec.decode(codec.from_bytes(codec.encode(g, c).to_bytes(), 64, c), c).double()
+    sd = float(g.norm()) / (2 * 2 * math.sqrt(T))
+    assert float((acc / T - g.double()).abs().max()) < 5 * sd
+
+
+def emulate_allgather(codec, gs, ranks, name="w"):
+    """What the allgather transport does, in one process (recover callback included)."""
+    base = ctx_for(gs[0].shape, ranks=ranks, name=name)
+    encs = [codec.encode(gs[p], base.sender(p)) for p in range(ranks)]
+    payloads = [codec.from_bytes(e.to_bytes(), e.n, base.sender(p)) for p, e in enumerate(encs)]
+
+    def recover(failed):
+        return {p: codec.recovery_payload(encs[p], base.sender(p), b) for p, b in failed.items()}
+
+    return codec.aggregate(payloads, base, recover)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 8])
+@pytest.mark.parametrize("noise", [0.01, 3.0])
+def test_ndqsg_equals_dqsg_s1_bit_for_bit(ranks, noise):
+    """ALGORITHMS.md §2: a successful nested decode reproduces DQSG(s₁)'s reconstruction exactly.
+    With correlated gradients (noise 0.01) decoding succeeds; with independent ones (noise 3) buckets
+    fail, are detected by checksum and recovered — the mean must equal DQSG(s₁)'s either way."""
+    n = 3000
+    common = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    gs = [common + noise * torch.randn(n, generator=torch.Generator().manual_seed(p + 1)) for p in range(ranks)]
+    nd = NDQSG(levels=(3, 1), bucket_size=256, dqsg_fraction=0.5)
+    mean, stats = emulate_allgather(nd, gs, ranks)
+    fine = nd.fine
+    ref = sum(fine.decode(fine.encode(g, ctx_for((n,), p, ranks)), ctx_for((n,), p, ranks)) for p, g in enumerate(gs))
+    assert torch.equal(mean, ref / ranks)
+    if noise < 0.1:
+        assert stats.failed_buckets == 0
+    elif ranks > 1:
+        assert stats.failed_buckets > 0 and stats.recovery_rounds >= 1 and stats.failed_coordinates > 0
+
+
+def test_ndqsg_without_recovery_refuses_to_return_wrong_values():
+    n, ranks = 2000, 2
+    gs = [torch.randn(n, generator=torch.Generator().manual_seed(p)) * 5 for p in range(ranks)]
+    nd = NDQSG((3, 1), 128)
+    base = ctx_for((n,), ranks=ranks)
+    payloads = [nd.encode(g, base.sender(p)) for p, g in enumerate(gs)]
+    with pytest.raises(RuntimeError, match="failed"):
+        nd.aggregate(payloads, base, recover=None)
+
+
+def test_ndqsg_rates():
+    """Rank 0 sends DQSG(3) (3 bits + 32/d), rank 1 coset indices (base-3: 1.6 bits + 64/d)."""
+    nd = NDQSG((3, 1), 512, 0.5)
+    ctx = ctx_for((51200,), ranks=2)
+    assert nd.formula_bits(51200, ctx.sender(0)) == pytest.approx(3 + 32 / 512)
+    assert nd.formula_bits(51200, ctx.sender(1)) == pytest.approx(1.6 + 64 / 512)
+    assert nd.dqsg_senders(2) == 1 and nd.dqsg_senders(8) == 4 and NDQSG((3, 1), 8, 0.0).dqsg_senders(4) == 1
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"levels": (3, 2)}, ValueError, "multiple of s2"),
+    ({"levels": 3}, TypeError, "tuple"),
+    ({"levels": (1, 1)}, ValueError, "s1"),
+    ({"dqsg_fraction": 1.5}, ValueError, "dqsg_fraction"),
+    ({"bucket_size": 0}, ValueError, "bucket_size"),
+])
+def test_ndqsg_bad_parameters(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        NDQSG(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"norm": "l1"}, "norm"), ({"coding": "huffman"}, "coding"),
+                                          ({"levels": 0}, "levels")])
+def test_qsgd_bad_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QSGD(**kwargs)
+
+
+@pytest.mark.parametrize("inner", [DQSG(1, 64), QSGD(1, 64, "l2", "fixed"), None], ids=["dqsg", "qsgd", "onebit"])
+def test_error_feedback_conservation_and_checkpoint(inner):
+    """input + old residual == decoded + new residual (float64), step after step; and the residuals
+    survive state_dict/load_state_dict."""
+    codec = OneBitSGD() if inner is None else ErrorFeedback(inner)
+    shape = (20, 30)
+    for t in range(4):
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(t))
+        ctx = ctx_for(shape, step=t)
+        old = codec.residuals.get("w", torch.zeros(600, dtype=torch.float64)).clone()
+        dec = codec.decode(codec.encode(g, ctx), ctx).double()
+        lhs = g.reshape(-1).double() + old
+        rhs = dec + codec.residuals["w"]
+        assert torch.allclose(lhs, rhs, rtol=0, atol=1e-12)
+    twin = OneBitSGD() if inner is None else ErrorFeedback(inner)
+    twin.load_state_dict(codec.state_dict())
+    g = torch.randn(shape)
+    ctx = ctx_for(shape, step=9)
+    assert torch.equal(twin.encode(g, ctx).to_bytes(), codec.encode(g, ctx).to_bytes())
+
+
+def test_error_feedback_refuses_nesting_and_non_codecs():
+    with pytest.raises(ValueError, match="wrap once"):
+        ErrorFeedback(OneBitSGD())
+    with pytest.raises(TypeError, match="hvdquant codec"):
+        ErrorFeedback("dqsg")
+
+
+def test_nonfinite_gradient_named():
+    g = torch.ones(10)
+    g[2] = float("inf")
+    for codec in (DQSG(), QSGD(), OneBitSGD(), NDQSG()):
+        with pytest.raises(FloatingPointError, match="layer.w"):
+            codec.encode(g, ctx_for((10,), sender=1, ranks=2, name="layer.w"))
+
+
+def test_entropy():
+    assert empirical_entropy(torch.tensor([0, 1, 0, 1], dtype=torch.uint8), 2) == pytest.approx(1.0)
+    assert empirical_entropy(torch.zeros(5, dtype=torch.uint8), 3) == 0.0
