@@ -1,6 +1,11 @@
 """The main job: data-parallel training of a small CNN on Fashion-MNIST under horovodrun.
 
     horovodrun -np 2 python -m hvdquant.examples.train_fashion_mnist --compression dqsg --levels 1
+    horovodrun -np 2 python -m hvdquant.examples.train_fashion_mnist --compression ndqsg --reducer allgather
+
+Schemes: none, fp16 (Horovod's own), dqsg (stock path through hvd.DistributedOptimizer's allreduce,
+or --reducer allgather|scatter_reduce through hvdquant.DistributedOptimizer), ndqsg, qsgd, onebit
+(hvdquant.DistributedOptimizer only: their payloads cannot be summed).
 
 Each rank trains on its own shard of the 60k training images (stride = world size) and every
 rank evaluates on the 10k test images. Rank 0 shows a tqdm bar, prints per-epoch test accuracy,
@@ -40,13 +45,35 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def make_compression(args: argparse.Namespace):
-    """Horovod's own compressors wrapped to be measured, or an hvdquant one (measured itself)."""
-    if args.compression == "none":
-        return hvdquant.Compression.metered(hvd.Compression.none)
-    if args.compression == "fp16":
-        return hvdquant.Compression.metered(hvd.Compression.fp16)
-    return hvdquant.Compression.dqsg(levels=args.levels, bucket_size=args.bucket_size, seed=args.seed)
+def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
+    """The codec of a payload-path run, from the flags."""
+    if args.compression == "dqsg":
+        return hvdquant.DQSG(args.levels, args.bucket_size)
+    if args.compression == "ndqsg":
+        return hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction)
+    if args.compression == "qsgd":
+        return hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding)
+    return hvdquant.OneBitSGD()
+
+
+def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, op):
+    """(distributed optimizer, function returning its communication statistics)."""
+    if args.reducer == "stock":
+        if args.compression in ("ndqsg", "qsgd", "onebit"):
+            raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
+                             "use --reducer allgather or scatter_reduce (hvdquant.DistributedOptimizer)")
+        comp = {"none": lambda: hvdquant.Compression.metered(hvd.Compression.none),
+                "fp16": lambda: hvdquant.Compression.metered(hvd.Compression.fp16),
+                "dqsg": lambda: hvdquant.Compression.dqsg(levels=args.levels, bucket_size=args.bucket_size,
+                                                          seed=args.seed)}[args.compression]()
+        dist = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp, op=op)
+        return dist, lambda: {"bits_per_coordinate": comp.stats.bits_per_coordinate,
+                              "bytes_handed": comp.stats.bytes_handed, "coordinates": comp.stats.coordinates}
+    if args.compression in ("none", "fp16"):
+        raise SystemExit(f"--compression {args.compression} is Horovod's own: use --reducer stock")
+    dist = hvdquant.DistributedOptimizer(opt, named_parameters=model.named_parameters(), codec=make_codec(args),
+                                         reducer=args.reducer, op=op, seed=args.seed, min_numel=args.min_numel)
+    return dist, dist.hvdquant_stats
 
 
 @torch.no_grad()
@@ -59,9 +86,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compression", choices=["none", "fp16", "dqsg"], default="dqsg")
-    p.add_argument("--levels", type=int, default=1, help="DQSG levels s (2s+1 symbols)")
-    p.add_argument("--bucket-size", type=int, default=512, help="DQSG bucket size d")
+    p.add_argument("--compression", choices=["none", "fp16", "dqsg", "ndqsg", "qsgd", "onebit"], default="dqsg")
+    p.add_argument("--reducer", choices=["stock", "allgather", "scatter_reduce"], default=None,
+                   help="stock: Horovod's allreduce (none, fp16, dqsg); else hvdquant.DistributedOptimizer "
+                        "(default: stock for none/fp16/dqsg, allgather otherwise)")
+    p.add_argument("--levels", type=int, default=None,
+                   help="levels s (DQSG, QSGD) or s1 (NDQSG); default 1, and 3 for NDQSG")
+    p.add_argument("--coarse-levels", type=int, default=1, help="NDQSG s2 (nesting ratio = s1/s2)")
+    p.add_argument("--dqsg-fraction", type=float, default=0.5, help="NDQSG: fraction of ranks sending DQSG(s1)")
+    p.add_argument("--norm", choices=["l2", "max"], default="l2", help="QSGD bucket norm")
+    p.add_argument("--coding", choices=["elias", "fixed"], default="elias", help="QSGD coding")
+    p.add_argument("--bucket-size", type=int, default=512, help="bucket size d")
+    p.add_argument("--min-numel", type=int, default=1024,
+                   help="payload path: tensors smaller than this (and 1-D ones) go uncompressed")
     p.add_argument("--op", choices=["average", "sum"], default="average", help="Horovod reduction op")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
@@ -70,7 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="model init, data order and dither seed")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for the JSON summary")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.reducer is None:
+        args.reducer = "stock" if args.compression in ("none", "fp16", "dqsg") else "allgather"
+    if args.levels is None:
+        args.levels = 3 if args.compression == "ndqsg" else 1
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,13 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = SmallCNN()
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    compression = make_compression(args)
     # With op=Sum Horovod returns the sum of gradients, so the step size is divided by the world size
     # to train the same model; the compression must then return the sum (hvdquant does).
     lr = args.lr / size if args.op == "sum" else args.lr
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
-    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=compression,
-                                   op=hvd.Sum if args.op == "sum" else hvd.Average)
+    opt, comm_stats = make_optimizer(args, model, opt, hvd.Sum if args.op == "sum" else hvd.Average)
 
     steps_per_epoch = len(train_x) // args.batch_size
     if args.max_steps:
@@ -111,26 +151,28 @@ def main(argv: list[str] | None = None) -> dict:
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         acc = evaluate(model, test_x, test_y)
-        stats = compression.stats
-        history.append({"epoch": epoch, "test_accuracy": acc, "seconds": time.perf_counter() - start,
-                        "bits_per_coordinate": stats.bits_per_coordinate, "bytes_handed": stats.bytes_handed})
+        stats = comm_stats()
+        history.append({"epoch": epoch, "test_accuracy": acc, "seconds": time.perf_counter() - start, **stats})
         if rank == 0:
-            print(f"epoch {epoch}: test accuracy {acc:.4f}  bits/coordinate handed to allreduce "
-                  f"{stats.bits_per_coordinate:.3f}  bytes handed {stats.bytes_handed:,}  "
+            print(f"epoch {epoch}: test accuracy {acc:.4f}  bits/coordinate handed to the collectives "
+                  f"{stats['bits_per_coordinate']:.3f}  bytes handed {stats['bytes_handed']:,}  "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
 
     # Replicas must end bit-identical: compare every rank's parameters with rank 0's.
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     identical = bool(torch.equal(hvd.broadcast(flat, root_rank=0, name="hvdquant.check"), flat))
     all_identical = bool(hvd.allreduce(torch.tensor([int(identical)]), op=hvd.Min, name="hvdquant.check.min"))
+    per_rank = hvd.allgather_object(comm_stats(), name="hvdquant.stats")
+    mean_bits = sum(8.0 * r["bytes_handed"] for r in per_rank) / max(1, sum(r["coordinates"] for r in per_rank))
     summary = {
         "compression": args.compression,
+        "reducer": args.reducer,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "ranks": size,
         "test_accuracy": history[-1]["test_accuracy"],
-        "bits_per_coordinate": compression.stats.bits_per_coordinate,
-        "bytes_handed_per_rank": compression.stats.bytes_handed,
-        "coordinates_per_rank": compression.stats.coordinates,
+        "bits_per_coordinate": mean_bits,
+        "bytes_handed_per_rank": [r["bytes_handed"] for r in per_rank],
+        "communication_per_rank": per_rank,
         "parameters": sum(p.numel() for p in model.parameters()),
         "replicas_bit_identical": all_identical,
         "seconds": time.perf_counter() - start,
@@ -138,10 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"train-{args.compression}.json"
+        suffix = "" if args.reducer == "stock" else f"-{args.reducer}"
+        path = args.out / f"train-{args.compression}{suffix}.json"
         path.write_text(json.dumps(summary, indent=2))
-        print(f"final test accuracy {summary['test_accuracy']:.4f}; replicas bit-identical: {all_identical}; "
-              f"summary written to {path}", flush=True)
+        print(f"final test accuracy {summary['test_accuracy']:.4f}; bits/coordinate (mean over ranks) "
+              f"{mean_bits:.3f}; replicas bit-identical: {all_identical}; summary written to {path}", flush=True)
     if not all_identical:
         raise SystemExit("replicas diverged: parameters differ between ranks")
     return summary

@@ -123,7 +123,8 @@ class PayloadExchange:
             mine = (self.codec.recovery_payload(enc, ctx, failed[rank]) if rank in failed
                     else torch.empty(0, dtype=torch.uint8))
             self.totals.recovery_bytes += mine.numel()
-            got, _ = self._allgather_bytes(mine, f"hvdquant.{name}.recovery")
+            got, size = self._allgather_bytes(mine, f"hvdquant.{name}.recovery")
+            self.stats.record(name, 0, mine, size)  # recovery traffic is on the wire too
             parts = got()
             return {p: parts[p] for p in failed}
 
