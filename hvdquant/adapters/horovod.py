@@ -34,8 +34,10 @@ from typing import Any
 
 import torch
 
+from hvdquant.codecs.base import flat32
 from hvdquant.codecs.dqsg import DQSG
-from hvdquant.kernels import DitherKey, tensor_id
+from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.kernels import DitherKey, ops, tensor_id
 from hvdquant.stats import CommStats
 from hvdquant.transports.summable import SumFieldLayout
 
@@ -138,37 +140,121 @@ class DQSGCompression:
             self._agreed_seed = int(everyone[0][1])
         return self._agreed_seed
 
-    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, tuple]:
+    def _common_step(self, tensor: torch.Tensor, name: str | None) -> tuple[str, int, torch.Tensor, DitherKey]:
+        """Name, step, common Δ_b (MAX-allreduced max|g| / s) and this rank's dither key."""
         hvd = _hvd()
         name = _call_site() if name is None else name
         seed = self._agree()
         step = self._steps.get(name, 0)
         self._steps[name] = step + 1
-
         absmax = self.codec.bucket_absmax(tensor)
         common = hvd.allreduce(absmax, op=hvd.Max, name=f"hvdquant.scale.{name}")
+        self.stats.record(name, 0, absmax)
         if not bool(torch.isfinite(common).all()):
             # Every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread.
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank "
                                      f"at step {step}; hvdquant refuses to quantize it")
-        delta = self.codec.step_size(common)
-        size = hvd.size()
         key = DitherKey(seed, step % (1 << 32), tensor_id(name), hvd.rank())
-        layout = SumFieldLayout(self.codec.levels, size)
+        return name, step, self.codec.step_size(common), key
+
+    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, tuple]:
+        name, _, delta, key = self._common_step(tensor, name)
+        return self._dqsg_payload(tensor, name, delta, key)
+
+    def _dqsg_payload(self, tensor: torch.Tensor, name: str, delta: torch.Tensor, key: DitherKey
+                      ) -> tuple[torch.Tensor, tuple]:
+        layout = SumFieldLayout.for_levels(self.codec.levels, _hvd().size())
         words = layout.pack(self.codec.quantize(tensor, delta, key))
-        self.stats.record(name, tensor.numel(), words, absmax)
-        return words, (tensor.shape, tensor.dtype, delta, key.for_sender(0), layout)
+        self.stats.record(name, tensor.numel(), words)
+        return words, ("dqsg", name, tensor.shape, tensor.dtype, delta, key.for_sender(0), layout)
 
     def decompress(self, reduced: torch.Tensor, ctx: tuple) -> torch.Tensor:
-        shape, dtype, delta, key, layout = ctx
-        n = shape.numel()
-        ksum, factor = layout.unpack(reduced, n)
+        _, _, shape, dtype, delta, key, layout = ctx
+        ksum, factor = layout.unpack(reduced, shape.numel())
         out = self.codec.decode_sum(ksum, delta, key, senders=layout.ranks, factor=factor)
         return out.reshape(shape).to(dtype)
+
+
+class NestedSumCompression(DQSGCompression):
+    """Allreduce-friendly nested DQSG (ALGORITHMS.md §3) for the stock Horovod path.
+
+    With a common Δ_b (s₁ levels), every rank sends its coset symbols (k + ⌊ρ/2⌋) mod ρ in summable
+    fields of ⌈log2(P(ρ−1)+1)⌉ bits, plus its per-bucket checksums Σ_j (2j+1)k_j mod 2^32 (linear,
+    so they sum too). The receiver reduces the field sums mod ρ and resolves Σ_p k_p with side
+    information P·ḡ_prev, the previous step's decoded mean of the same tensor, which is
+    bit-identical on every rank. Buckets whose resolved index sums miss the summed checksum are
+    detected on every rank alike and **recovered** by a second, synchronous allreduce of their
+    DQSG(s₁) index sums; counts are in ``failed_buckets``/``recovery_rounds``. The first step of
+    each tensor (no side information yet) is sent as plain DQSG(s₁).
+
+    Decoding succeeds where |Σ_p g_p − P·ḡ_prev| < (ρ − P)Δ/2 (sufficient): the scheme pays off only
+    when ρ is well above P and gradients change slowly; otherwise recovery traffic dominates.
+    """
+
+    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None) -> None:
+        self.nested = NDQSG(levels, bucket_size)
+        super().__init__(levels[0], bucket_size, seed)
+        self._side: dict[str, torch.Tensor] = {}
+        self.failed_buckets = 0
+        self.recovery_rounds = 0
+
+    def config(self) -> dict[str, Any]:
+        return {"scheme": "ndqsg-sum", "levels": self.nested.levels, "bucket_size": self.nested.bucket_size,
+                "seed": self.seed}
+
+    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, tuple]:
+        name, _, delta, key = self._common_step(tensor, name)
+        side = self._side.get(name)
+        if side is None or side.numel() != tensor.numel():
+            return self._dqsg_payload(tensor, name, delta, key)
+        rho, d = self.nested.nesting_ratio, self.nested.bucket_size
+        k = self.codec.quantize(tensor, delta, key)
+        cosets = ops.nested_encode(flat32(tensor), delta, d, self.codec.levels, rho, key)
+        layout = SumFieldLayout(0, rho - 1, _hvd().size())
+        fields = layout.pack(cosets.view(torch.int8))
+        checks = ops.bucket_checksum(k, d).double()
+        words = torch.cat([fields[:-1], checks, fields[-1:]])
+        self.stats.record(name, tensor.numel(), words)
+        return words, ("nested", name, tensor.shape, tensor.dtype, delta, key, layout, k, side)
+
+    def decompress(self, reduced: torch.Tensor, ctx: tuple) -> torch.Tensor:
+        mode, name, shape, dtype = ctx[:4]
+        if mode == "dqsg":
+            out = super().decompress(reduced, ctx)
+            self._remember(name, out, reduced[-1])
+            return out
+        _, _, _, _, delta, key, layout, k, side = ctx
+        n, ranks, rho, d = shape.numel(), layout.ranks, self.nested.nesting_ratio, self.nested.bucket_size
+        nb = delta.numel()
+        sums, factor = layout.unpack(torch.cat([reduced[:-1 - nb], reduced[-1:]]), n)
+        checks = torch.round(reduced[-1 - nb:-1] / factor).to(torch.int64) & 0xFFFFFFFF
+        kout = torch.empty(n, dtype=torch.int32)
+        key0 = key.for_sender(0)
+        ops.nested_decode((sums % rho).to(torch.uint8), delta, d, self.codec.levels, rho, side * ranks, key0,
+                          senders=ranks, kout=kout)
+        bad = torch.nonzero(ops.bucket_checksum(kout, d) != checks).flatten().tolist()
+        if bad:  # the same buckets on every rank: recover their index sums with one more allreduce
+            self.failed_buckets += len(bad)
+            self.recovery_rounds += 1
+            idx = torch.cat([torch.arange(b * d, min(n, (b + 1) * d)) for b in bad])
+            dlayout = SumFieldLayout.for_levels(self.codec.levels, ranks)
+            words = dlayout.pack(k[idx].contiguous())
+            self.stats.record(name, 0, words)
+            summed = _hvd().allreduce(words, op=_hvd().Sum, name=f"hvdquant.recover.{name}")
+            kout[idx] = dlayout.unpack(summed, idx.numel())[0]
+        out = self.codec.decode_sum(kout, delta, key0, senders=ranks, factor=factor)
+        self._remember(name, out, reduced[-1])
+        return out.reshape(shape).to(dtype)
+
+    def _remember(self, name: str, out: torch.Tensor, sentinel: torch.Tensor) -> None:
+        """Side information for the next step: the decoded mean (out / (factor·P) = out / sentinel·…)."""
+        factor_times_p = float(sentinel)  # the reduced sentinel is factor·P
+        self._side[name] = (out.reshape(-1) / factor_times_p).contiguous()
 
 
 class Compression:
     """Factory in the style of ``hvd.Compression``: ``hvdquant.Compression.dqsg(levels=1, bucket_size=512)``."""
 
     dqsg = DQSGCompression
+    ndqsg = NestedSumCompression
     metered = Metered

@@ -3,8 +3,9 @@
     horovodrun -np 2 python -m hvdquant.examples.train_fashion_mnist --compression dqsg --levels 1
     horovodrun -np 2 python -m hvdquant.examples.train_fashion_mnist --compression ndqsg --reducer allgather
 
-Schemes: none, fp16 (Horovod's own), dqsg (stock path through hvd.DistributedOptimizer's allreduce,
-or --reducer allgather|scatter_reduce through hvdquant.DistributedOptimizer), ndqsg, qsgd, onebit
+Schemes: none, fp16 (Horovod's own); dqsg and ndqsg (stock path through hvd.DistributedOptimizer's
+allreduce with --reducer stock — ndqsg then is the allreduce-friendly nested variant — or
+--reducer allgather|scatter_reduce through hvdquant.DistributedOptimizer); qsgd, onebit
 (hvdquant.DistributedOptimizer only: their payloads cannot be summed).
 
 Each rank trains on its own shard of the 60k training images (stride = world size) and every
@@ -59,13 +60,16 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
 def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, op):
     """(distributed optimizer, function returning its communication statistics)."""
     if args.reducer == "stock":
-        if args.compression in ("ndqsg", "qsgd", "onebit"):
+        if args.compression in ("qsgd", "onebit"):
             raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
                              "use --reducer allgather or scatter_reduce (hvdquant.DistributedOptimizer)")
         comp = {"none": lambda: hvdquant.Compression.metered(hvd.Compression.none),
                 "fp16": lambda: hvdquant.Compression.metered(hvd.Compression.fp16),
                 "dqsg": lambda: hvdquant.Compression.dqsg(levels=args.levels, bucket_size=args.bucket_size,
-                                                          seed=args.seed)}[args.compression]()
+                                                          seed=args.seed),
+                "ndqsg": lambda: hvdquant.Compression.ndqsg(levels=(args.levels, args.coarse_levels),
+                                                            bucket_size=args.bucket_size, seed=args.seed),
+                }[args.compression]()
         dist = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp, op=op)
         return dist, lambda: {"bits_per_coordinate": comp.stats.bits_per_coordinate,
                               "bytes_handed": comp.stats.bytes_handed, "coordinates": comp.stats.coordinates}

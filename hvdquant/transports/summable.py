@@ -24,22 +24,28 @@ WORD_BITS = ops.SUM_WORD_BITS
 
 @dataclass(frozen=True)
 class SumFieldLayout:
-    """Field layout for codes in [-levels, levels] summed over ``ranks`` ranks."""
+    """Fields for per-rank values v + ``offset`` in [0, ``span``], summed over ``ranks`` ranks."""
 
-    levels: int
+    offset: int
+    span: int
     ranks: int
 
+    @classmethod
+    def for_levels(cls, levels: int, ranks: int) -> SumFieldLayout:
+        """DQSG indices k ∈ [−s, s]: offset s, span 2s."""
+        return cls(levels, 2 * levels, ranks)
+
     def __post_init__(self) -> None:
-        if self.levels < 1 or self.ranks < 1:
-            raise ValueError(f"levels ({self.levels}) and ranks ({self.ranks}) must be >= 1")
+        if self.span < 1 or self.ranks < 1 or self.offset < 0:
+            raise ValueError(f"span ({self.span}) and ranks ({self.ranks}) must be >= 1, offset >= 0")
         if self.width > WORD_BITS:
-            raise ValueError(f"sums of {self.ranks} codes in [-{self.levels}, {self.levels}] need "
+            raise ValueError(f"sums of {self.ranks} values in [0, {self.span}] need "
                              f"{self.width} bits, more than a float64 word's {WORD_BITS}")
 
     @property
     def width(self) -> int:
-        """w = ⌈log2(2sP + 1)⌉ bits: a field holds the sum of P offsets in [0, 2s]."""
-        return (2 * self.levels * self.ranks).bit_length()
+        """w = ⌈log2(span·P + 1)⌉ bits: a field holds the sum of P values in [0, span]."""
+        return (self.span * self.ranks).bit_length()
 
     @property
     def per_word(self) -> int:
@@ -50,14 +56,14 @@ class SumFieldLayout:
         return math.ceil(n / self.per_word) + 1
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        """int8 codes -> float64 words (+ sentinel 1.0), ready for a SUM or AVERAGE allreduce."""
+        """int8 values -> float64 words (+ sentinel 1.0), ready for a SUM or AVERAGE allreduce."""
         out = torch.empty(self.words(codes.numel()), dtype=torch.float64, device=codes.device)
-        ops.pack_sum_fields(codes.contiguous(), self.levels, self.width, self.per_word, out=out[:-1])
+        ops.pack_sum_fields(codes.contiguous(), self.offset, self.width, self.per_word, out=out[:-1])
         out[-1] = 1.0
         return out
 
     def unpack(self, reduced: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
-        """Reduced words -> (Σ_p k_p as int32, factor c the reduction applied to the sum)."""
+        """Reduced words -> (Σ_p v_p as int32, factor c the reduction applied to the sum)."""
         if reduced.dtype != torch.float64 or reduced.numel() != self.words(n):
             raise ValueError(f"reduced payload has {reduced.numel()} {reduced.dtype} words, "
                              f"expected {self.words(n)} float64")
@@ -65,6 +71,6 @@ class SumFieldLayout:
         if not math.isfinite(factor) or factor <= 0.0:
             raise ValueError(f"the reduction scaled the payload by {factor!r}: only positive finite "
                              "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
-        ksum = ops.unpack_sum_fields(reduced[:-1].contiguous(), n, self.levels * self.ranks,
+        ksum = ops.unpack_sum_fields(reduced[:-1].contiguous(), n, self.offset * self.ranks,
                                      self.width, self.per_word, factor)
         return ksum, factor

@@ -41,7 +41,7 @@ def allreduce_dqsg(comm, MPI, codec: DQSG, g: torch.Tensor, key: DitherKey) -> t
     common = np.empty_like(absmax)
     comm.Allreduce(absmax, common, op=MPI.MAX)
     delta = codec.step_size(torch.from_numpy(common))
-    layout = SumFieldLayout(codec.levels, size)
+    layout = SumFieldLayout.for_levels(codec.levels, size)
     words = layout.pack(codec.quantize(g, delta, key.for_sender(comm.Get_rank()))).numpy()
     reduced = np.empty_like(words)
     comm.Allreduce(words, reduced, op=MPI.SUM)

@@ -15,7 +15,7 @@ def reduce(payloads, factor):
 @pytest.mark.parametrize("levels,ranks", [(1, 1), (1, 2), (1, 4), (3, 2), (3, 8), (7, 5), (127, 16)])
 @pytest.mark.parametrize("factor_of_p", ["sum", "average", "predivide"])
 def test_roundtrip_exact(levels, ranks, factor_of_p):
-    layout = SumFieldLayout(levels, ranks)
+    layout = SumFieldLayout.for_levels(levels, ranks)
     n = 1001
     gen = torch.Generator().manual_seed(levels * 100 + ranks)
     codes = [torch.randint(-levels, levels + 1, (n,), generator=gen, dtype=torch.int8) for _ in range(ranks)]
@@ -29,14 +29,14 @@ def test_roundtrip_exact(levels, ranks, factor_of_p):
 
 
 def test_width_and_payload_size():
-    layout = SumFieldLayout(levels=1, ranks=2)  # offsets in [0, 2], sums in [0, 4]: 3 bits
+    layout = SumFieldLayout.for_levels(1, 2)  # offsets in [0, 2], sums in [0, 4]: 3 bits
     assert (layout.width, layout.per_word) == (3, 16)
     payload = layout.pack(torch.zeros(1000, dtype=torch.int8))
     assert payload.dtype == torch.float64 and payload.numel() == 63 + 1  # ceil(1000/16) + sentinel
 
 
 def test_bad_scaling_refused():
-    layout = SumFieldLayout(levels=1, ranks=2)
+    layout = SumFieldLayout.for_levels(1, 2)
     payload = layout.pack(torch.zeros(10, dtype=torch.int8))
     payload[-1] = 0.0
     with pytest.raises(ValueError, match="scaled the payload"):
@@ -47,4 +47,4 @@ def test_bad_scaling_refused():
 
 def test_too_wide_refused():
     with pytest.raises(ValueError, match="bits"):
-        SumFieldLayout(levels=127, ranks=1 << 45)
+        SumFieldLayout.for_levels(127, 1 << 45)
