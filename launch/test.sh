@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# hvdquant test command: lint, unit tests, pytest-mpi tests under mpirun -n 2 and -n 4, then
+# hvdquant test command: lint, unit tests, pytest-mpi tests under mpirun -n 1 … 5, then
 # Horovod tests under horovodrun -np 2 and -np 4, each with Gloo and with MPI. Exits non-zero if any stage fails
 # or if any rank of a stage ran no test. Logs: runs/test-logs/.
 set -uo pipefail
@@ -44,8 +44,9 @@ PY
 printf '\n===== lint: ruff check .\n'
 if ruff check .; then summary+=("lint             ruff clean"); else failed+=("lint (ruff)"); fi
 run_stage unit 1 "${PYTEST[@]}" tests/unit
-run_stage mpi-n2 2 mpirun -n 2 "${PYTEST[@]}" --with-mpi tests/mpi
-run_stage mpi-n4 4 mpirun -n 4 "${PYTEST[@]}" --with-mpi tests/mpi
+for n in 1 2 3 4 5; do
+    run_stage "mpi-n$n" "$n" mpirun -n "$n" "${PYTEST[@]}" --with-mpi tests/mpi
+done
 run_stage horovod-gloo 2 horovodrun -np 2 --gloo "${PYTEST[@]}" tests/horovod
 run_stage horovod-mpi 2 horovodrun -np 2 --mpi "${PYTEST[@]}" tests/horovod
 run_stage horovod-gloo-4 4 horovodrun -np 4 --gloo "${PYTEST[@]}" tests/horovod

@@ -1,0 +1,227 @@
+"""mpi4py reference ring-allreduce, plain or carrying coset indices (ALGORITHMS.md §3).
+
+    out = hvdquant.ring_allreduce(tensor, comm=MPI.COMM_WORLD)                       # float32 sums
+    out = hvdquant.ring_allreduce(tensor, codec=hvdquant.NDQSG((3, 1), 512),
+                                  side=hvdquant.PreviousMean(), name="layer.weight")  # coset ring
+
+Bandwidth-optimal ring: the tensor is cut into P chunks (uneven sizes allowed, any P ≥ 1); P − 1
+reduce-scatter steps leave rank r with the complete chunk (r + 1) mod P, and P − 1 allgather steps
+copy every complete chunk to every rank, so all ranks end with the same bits.
+
+Plain: chunk c is summed in the fixed order x_c, x_{c+1}, …, x_{c+P−1} (ranks mod P), the same
+float32 additions on every run.
+
+Coset: the ranks first agree one step Δ_b per bucket (MAX allreduce of max|g|, s₁ levels) and the
+sum of their per-bucket checksums Σ_j (2j+1)k_j mod 2^32. Each rank sends the coset symbols
+(k + ⌊ρ/2⌋) mod ρ of its DQSG(s₁) indices; every hop adds packed symbols modulo ρ
+(:func:`hvdquant.kernels.ops.modadd_cosets`), so each message is log2 ρ bits per coordinate
+(⌈log2 ρ⌉ for powers of two, base-ρ bytes otherwise) however many ranks there are. After the
+allgather every rank resolves K = Σ_p k_p from its residue with side information Y that is
+bit-identical on every rank, checks the bucket checksums, and **recovers** failed buckets with a
+second, small SUM allreduce of their DQSG(s₁) indices; the count is in :class:`RingStats`.
+
+Buffers go through host memory (Debian's Open MPI is not CUDA-aware): CUDA tensors are staged.
+This transport talks MPI directly; it is a reference and benchmark, not a Horovod hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.kernels import DitherKey, ops, tensor_id
+from hvdquant.transports.summable import SumFieldLayout
+
+
+@dataclass
+class RingStats:
+    """Bytes this rank handed to MPI and what the coset decoder saw (accumulated over calls)."""
+
+    calls: int = 0
+    coordinates: int = 0
+    ring_bytes: int = 0
+    scale_bytes: int = 0
+    side_bytes: int = 0
+    recovery_bytes: int = 0
+    failed_buckets: int = 0
+    failed_coordinates: int = 0
+    buckets: int = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.ring_bytes + self.scale_bytes + self.side_bytes + self.recovery_bytes
+
+
+def chunk_bounds(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges covering [0, n), cut at multiples of ``align`` (packing groups)."""
+    units = (n + align - 1) // align
+    cuts = [min(n, (units * c // parts) * align) for c in range(parts + 1)]
+    cuts[-1] = n
+    return [(cuts[c], cuts[c + 1]) for c in range(parts)]
+
+
+def _ring(comm, chunks: list[np.ndarray], combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
+          stats: RingStats | None) -> list[np.ndarray]:
+    """Reduce-scatter then allgather over the ring, in place on ``chunks`` (one array per rank)."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    right, left = (r + 1) % p, (r - 1) % p
+    for t in range(p - 1):  # reduce-scatter: after it, rank r holds the complete chunk (r + 1) % p
+        send_c, recv_c = (r - t) % p, (r - t - 1) % p
+        tmp = np.empty_like(chunks[recv_c])
+        comm.Sendrecv(chunks[send_c], dest=right, recvbuf=tmp, source=left)
+        chunks[recv_c] = combine(tmp, chunks[recv_c])
+        if stats is not None:
+            stats.ring_bytes += chunks[send_c].nbytes
+    for t in range(p - 1):  # allgather
+        send_c, recv_c = (r + 1 - t) % p, (r - t) % p
+        comm.Sendrecv(chunks[send_c], dest=right, recvbuf=chunks[recv_c], source=left)
+        if stats is not None:
+            stats.ring_bytes += chunks[send_c].nbytes
+    return chunks
+
+
+class PreviousMean:
+    """Side information: P × the previous call's decoded mean of the same tensor name (identical on
+    every rank because every rank decoded the same bits). None on a name's first call."""
+
+    def __init__(self) -> None:
+        self.means: dict[str, torch.Tensor] = {}
+
+    def estimate(self, name: str, ranks: int, comm, g, delta, codec, key, stats) -> torch.Tensor | None:
+        mean = self.means.get(name)
+        return None if mean is None or mean.numel() != g.numel() else mean * ranks
+
+    def update(self, name: str, mean: torch.Tensor) -> None:
+        self.means[name] = mean.clone()
+
+
+class GroupDQSG:
+    """Side information: ranks 0 … group−1 share their DQSG(s₁) indices (one SUM allreduce of summable
+    fields, the other ranks adding zeros); Y = (P/G)·Σ_{p<G} ĝ_p. Costs its own collective."""
+
+    def __init__(self, group: int = 1) -> None:
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"group must be a positive int, got {group!r}")
+        self.group = group
+
+    def estimate(self, name, ranks, comm, g, delta, codec: NDQSG, key: DitherKey, stats) -> torch.Tensor:
+        from mpi4py import MPI
+
+        group = min(self.group, ranks)
+        fine = codec.fine
+        layout = SumFieldLayout.for_levels(fine.levels, group)
+        if key.sender < group:
+            words = layout.pack(fine.quantize(g, delta, key)).numpy()
+        else:
+            words = np.zeros(layout.words(g.numel()), np.float64)
+        summed = np.empty_like(words)
+        comm.Allreduce(words, summed, op=MPI.SUM)
+        stats.side_bytes += words.nbytes
+        kg, factor = layout.unpack(torch.from_numpy(summed), g.numel())
+        return fine.decode_sum(kg, delta, key.for_sender(0), senders=group) * (ranks / group)
+
+    def update(self, name: str, mean: torch.Tensor) -> None:
+        pass
+
+
+_STEPS: dict[tuple[int, str], int] = {}  # calls per (communicator, name): the dither step
+
+
+def ring_allreduce(tensor: torch.Tensor, comm=None, codec: NDQSG | None = None, side=None, name: str = "tensor",
+                   seed: int = 0, average: bool = False, stats: RingStats | None = None) -> torch.Tensor:
+    """Allreduce ``tensor`` (sum, or mean with ``average=True``) over ``comm`` (default COMM_WORLD).
+
+    ``codec``: None for float32, or an :class:`~hvdquant.NDQSG` whose s₁, ρ and bucket size define
+    the coset ring (its dqsg_fraction does not apply: every rank sends cosets). ``side``: an object
+    with ``estimate(...)``/``update(...)`` (:class:`PreviousMean`, :class:`GroupDQSG`); with None or
+    no estimate yet, every bucket is resolved by the recovery round. ``name`` and ``seed`` key the
+    dithers (with a per-name call counter); they must match on every rank.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError("ring_allreduce takes a floating-point torch.Tensor")
+    device, shape, dtype = tensor.device, tensor.shape, tensor.dtype
+    g = tensor.detach().reshape(-1).to("cpu", torch.float32).contiguous()
+    ranks = comm.Get_size()
+    if stats is not None:
+        stats.calls += 1
+        stats.coordinates += g.numel()
+    if codec is None:
+        x = g.numpy().copy()
+        chunks = [x[lo:hi].copy() for lo, hi in chunk_bounds(g.numel(), ranks)]
+        out = torch.from_numpy(np.concatenate(_ring(comm, chunks, np.add, stats)))
+    else:
+        out = _coset_allreduce(g, comm, codec, side, name, seed, stats or RingStats())
+    if average:
+        out = out / ranks
+    return out.reshape(shape).to(device=device, dtype=dtype)
+
+
+def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, seed: int, stats: RingStats) -> torch.Tensor:
+    from mpi4py import MPI
+
+    if not isinstance(codec, NDQSG):
+        raise TypeError(f"the coset ring takes an hvdquant.NDQSG codec, got {type(codec).__name__}")
+    ranks, rank = comm.Get_size(), comm.Get_rank()
+    fine, rho, d, n = codec.fine, codec.nesting_ratio, codec.bucket_size, g.numel()
+    step = _STEPS.get((id(comm), name), 0)
+    _STEPS[(id(comm), name)] = step + 1
+    key = DitherKey(seed, step % (1 << 32), tensor_id(name), rank)
+
+    absmax = fine.bucket_absmax(g).numpy()
+    common = np.empty_like(absmax)
+    comm.Allreduce(absmax, common, op=MPI.MAX)
+    if not np.isfinite(common).all():  # the same reduced maxima on every rank: every rank raises
+        raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank")
+    delta = fine.step_size(torch.from_numpy(common))
+    k = fine.quantize(g, delta, key)
+    checks = ops.bucket_checksum(k, d).numpy()
+    check_sum = np.empty_like(checks)
+    comm.Allreduce(checks, check_sum, op=MPI.SUM)
+    stats.scale_bytes += absmax.nbytes + checks.nbytes
+    check_sum &= 0xFFFFFFFF
+
+    sym = ops.nested_encode(g, delta, d, fine.levels, rho, key)
+    bits = ops.coset_bits(rho)
+    align = 8 if bits is not None else ops.radix_per_byte(rho)
+    bounds = chunk_bounds(n, ranks, align)
+    chunks = [ops.pack_cosets(sym[lo:hi].contiguous(), rho).numpy() for lo, hi in bounds]
+
+    def modadd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ops.modadd_cosets(torch.from_numpy(a), torch.from_numpy(b), rho).numpy()
+
+    chunks = _ring(comm, chunks, modadd, stats)
+    residues = torch.cat([ops.unpack_cosets(torch.from_numpy(c), rho, hi - lo) for c, (lo, hi) in zip(chunks, bounds)])
+
+    estimate = None if side is None else side.estimate(name, ranks, comm, g, delta, codec, key, stats)
+    kout = torch.empty(n, dtype=torch.int32)
+    nb = delta.numel()
+    if estimate is not None:
+        ops.nested_decode(residues, delta, d, fine.levels, rho, estimate.contiguous(), key.for_sender(0),
+                          senders=ranks, kout=kout)
+        bad = np.nonzero(ops.bucket_checksum(kout, d).numpy() != check_sum)[0].tolist()
+    else:
+        bad = list(range(nb))
+    stats.buckets += nb
+    if bad:  # the same buckets on every rank: one SUM allreduce of their DQSG(s1) indices
+        idx = torch.cat([torch.arange(b * d, min(n, (b + 1) * d)) for b in bad])
+        layout = SumFieldLayout.for_levels(fine.levels, ranks)
+        words = layout.pack(k[idx].contiguous()).numpy()
+        summed = np.empty_like(words)
+        comm.Allreduce(words, summed, op=MPI.SUM)
+        stats.recovery_bytes += words.nbytes
+        truth = layout.unpack(torch.from_numpy(summed), idx.numel())[0]
+        if estimate is not None:
+            stats.failed_coordinates += int((kout[idx] != truth).sum())
+            stats.failed_buckets += len(bad)
+        kout[idx] = truth
+    total = fine.decode_sum(kout, delta, key.for_sender(0), senders=ranks)
+    if side is not None:
+        side.update(name, total / ranks)
+    return total

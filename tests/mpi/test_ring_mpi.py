@@ -1,0 +1,145 @@
+"""hvdquant.ring_allreduce under mpirun -n 1 … 5 (pytest-mpi)."""
+
+import numpy as np
+import pytest
+import torch
+
+import hvdquant
+from hvdquant import DQSG, NDQSG, GroupDQSG, PreviousMean, RingStats, ring_allreduce
+from hvdquant.kernels import DitherKey, tensor_id
+from hvdquant.transports.ring import chunk_bounds
+
+
+def world():
+    from mpi4py import MPI
+
+    return MPI, MPI.COMM_WORLD
+
+
+def serial_reference(inputs: list[np.ndarray]) -> np.ndarray:
+    """The ring's fixed order: chunk c = ((x_c + x_{c+1}) + …) + x_{c+P−1}, ranks mod P."""
+    p = len(inputs)
+    out = np.empty_like(inputs[0])
+    for c, (lo, hi) in enumerate(chunk_bounds(inputs[0].size, p)):
+        acc = inputs[c][lo:hi].copy()
+        for j in range(1, p):
+            acc = acc + inputs[(c + j) % p][lo:hi]
+        out[lo:hi] = acc
+    return out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [0, 1, 5, 1000, 4099])
+def test_plain_ring_equals_fixed_order_sum_on_every_rank(n):
+    MPI, comm = world()
+    x = torch.randn(n, generator=torch.Generator().manual_seed(comm.Get_rank() + 10 * n))
+    out = ring_allreduce(x, comm)
+    inputs = comm.allgather(x.numpy())
+    assert np.array_equal(out.numpy(), serial_reference(inputs))
+    mpi = np.empty_like(x.numpy())
+    comm.Allreduce(x.numpy(), mpi, op=MPI.SUM)
+    assert np.allclose(out.numpy(), mpi, rtol=1e-5, atol=1e-5)
+    assert all(b == out.numpy().tobytes() for b in comm.allgather(out.numpy().tobytes()))
+    mean = ring_allreduce(x.double(), comm, average=True)
+    assert mean.dtype == torch.float64 and torch.allclose(mean, out.double() / comm.Get_size())
+
+
+def exact_coset_reference(comm, g: torch.Tensor, codec: NDQSG, name: str, seed: int, step: int) -> torch.Tensor:
+    """What the coset ring must return: the DQSG(s₁) sum from the true Σ_p k_p (common Δ)."""
+    fine = codec.fine
+    gs = [torch.from_numpy(a) for a in comm.allgather(g.numpy())]
+    delta = fine.step_size(torch.stack([fine.bucket_absmax(x) for x in gs]).max(0).values)
+    keys = [DitherKey(seed, step, tensor_id(name), p) for p in range(len(gs))]
+    ksum = sum(fine.quantize(x, delta, k).int() for x, k in zip(gs, keys))
+    return fine.decode_sum(ksum, delta, keys[0], senders=len(gs))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("rho_levels", [(3, 1), (8, 2), (15, 1), (5, 1)])
+def test_coset_ring_is_exact_and_uses_side_information(rho_levels):
+    """Three calls on slowly changing gradients with PreviousMean side information: the first has
+    no side information (every bucket through the recovery round); later ones decode from the
+    residues where |Σg − S| is small. Every call must equal the exact DQSG(s₁) sum, bit for bit."""
+    _, comm = world()
+    s1, s2 = rho_levels
+    codec = NDQSG((s1, s2), bucket_size=100)
+    name = f"ring.side.{s1}.{s2}"
+    side = PreviousMean()
+    stats = RingStats()
+    base = torch.randn(2500, generator=torch.Generator().manual_seed(3))
+    for step in range(3):
+        g = base + 1e-3 * torch.randn(2500, generator=torch.Generator().manual_seed(100 * step + comm.Get_rank()))
+        out = ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7, stats=stats)
+        assert torch.equal(out, exact_coset_reference(comm, g, codec, name, 7, step))
+    if codec.nesting_ratio > comm.Get_size():  # sufficient condition |Σg − S| < (ρ − P)Δ/2 can hold
+        assert stats.failed_buckets < 2 * 25  # calls 2 and 3 have 25 buckets each
+
+
+@pytest.mark.mpi
+def test_forced_failure_is_detected_and_recovered():
+    """Side information deliberately wrong by 10ρΔ: every bucket fails its checksum, is counted and
+    recovered; the result is still exact."""
+    _, comm = world()
+    codec = NDQSG((3, 1), bucket_size=64)
+
+    class Wrong:
+        def estimate(self, name, ranks, comm, g, delta, codec, key, stats):
+            return torch.full((g.numel(),), 10.0 * 3 * float(delta.max()) + 1.0)
+
+        def update(self, name, mean):
+            pass
+
+    g = torch.randn(640, generator=torch.Generator().manual_seed(comm.Get_rank()))
+    stats = RingStats()
+    out = ring_allreduce(g, comm, codec=codec, side=Wrong(), name="ring.forced", seed=1, stats=stats)
+    assert torch.equal(out, exact_coset_reference(comm, g, codec, "ring.forced", 1, 0))
+    assert stats.failed_buckets == 10 and stats.failed_coordinates > 0 and stats.recovery_bytes > 0
+
+
+@pytest.mark.mpi
+def test_group_dqsg_side_information():
+    _, comm = world()
+    codec = NDQSG((9, 1), bucket_size=128)
+    base = torch.randn(1280, generator=torch.Generator().manual_seed(9))
+    g = base + 1e-3 * torch.randn(1280, generator=torch.Generator().manual_seed(comm.Get_rank()))
+    stats = RingStats()
+    out = ring_allreduce(g, comm, codec=codec, side=GroupDQSG(1), name="ring.group", seed=2, stats=stats)
+    assert torch.equal(out, exact_coset_reference(comm, g, codec, "ring.group", 2, 0))
+    assert stats.side_bytes > 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("rho,bits", [(4, 2.0), (8, 3.0), (3, 1.6), (9, 4.0)])
+def test_ring_bytes_match_the_formula(rho, bits):
+    """Bytes handed to MPI by the ring itself = 2(P−1)/P · n · b/8 within 2%, b the packed bits per
+    symbol (log2 ρ for powers of two; base-3 bytes give 1.6 = 1.0095·log2 3)."""
+    _, comm = world()
+    p = comm.Get_size()
+    n = 200_000
+    codec = NDQSG((rho, 1), bucket_size=512)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(comm.Get_rank()))
+    stats = RingStats()
+    ring_allreduce(g, comm, codec=codec, side=None, name=f"ring.bytes.{rho}", stats=stats)
+    expected = 2 * (p - 1) / p * n * bits / 8
+    if p == 1:
+        assert stats.ring_bytes == 0
+    else:
+        assert abs(stats.ring_bytes - expected) <= 0.02 * expected
+    nb = -(-n // 512)
+    assert stats.scale_bytes == nb * (4 + 8)
+    assert stats.bytes_sent == stats.ring_bytes + stats.scale_bytes + stats.recovery_bytes + stats.side_bytes
+
+
+@pytest.mark.mpi
+def test_bad_input_refused():
+    _, comm = world()
+    with pytest.raises(TypeError, match="floating-point"):
+        ring_allreduce(torch.arange(4), comm)
+    with pytest.raises(TypeError, match="NDQSG"):
+        ring_allreduce(torch.ones(4), comm, codec=DQSG())
+    g = torch.ones(10)
+    if comm.Get_rank() == 0:
+        g[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="ring.nan"):
+        ring_allreduce(g, comm, codec=NDQSG(), name="ring.nan")
+    assert hvdquant.ring_allreduce is ring_allreduce
