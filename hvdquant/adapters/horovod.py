@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from hvdquant.codecs.base import flat32
+from hvdquant.codecs.base import empirical_entropy, flat32
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.kernels import DitherKey, ops, tensor_id
@@ -117,8 +117,14 @@ class DQSGCompression:
             raise ValueError(f"seed must be an int in [0, 2^64) or None, got {seed!r}")
         self.seed = seed
         self.stats = CommStats()
+        self.entropy_bits = 0.0  # Σ n·(empirical entropy of the indices) + 32 bits per scale
         self._agreed_seed: int | None = None
         self._steps: dict[str, int] = {}
+
+    @property
+    def entropy_bits_per_coordinate(self) -> float:
+        """Zeroth-order entropy of the indices sent (plus 32/d for the scales), beside the measured bits."""
+        return self.entropy_bits / self.stats.coordinates if self.stats.coordinates else float("nan")
 
     def config(self) -> dict[str, Any]:
         return {"scheme": "dqsg", **asdict(self.codec), "seed": self.seed}
@@ -164,8 +170,11 @@ class DQSGCompression:
     def _dqsg_payload(self, tensor: torch.Tensor, name: str, delta: torch.Tensor, key: DitherKey
                       ) -> tuple[torch.Tensor, tuple]:
         layout = SumFieldLayout.for_levels(self.codec.levels, _hvd().size())
-        words = layout.pack(self.codec.quantize(tensor, delta, key))
+        codes = self.codec.quantize(tensor, delta, key)
+        words = layout.pack(codes)
         self.stats.record(name, tensor.numel(), words)
+        self.entropy_bits += codes.numel() * empirical_entropy((codes + self.codec.levels).view(torch.uint8),
+                                                               self.codec.symbols) + 32.0 * delta.numel()
         return words, ("dqsg", name, tensor.shape, tensor.dtype, delta, key.for_sender(0), layout)
 
     def decompress(self, reduced: torch.Tensor, ctx: tuple) -> torch.Tensor:
@@ -215,6 +224,7 @@ class NestedSumCompression(DQSGCompression):
         checks = ops.bucket_checksum(k, d).double()
         words = torch.cat([fields[:-1], checks, fields[-1:]])
         self.stats.record(name, tensor.numel(), words)
+        self.entropy_bits += cosets.numel() * empirical_entropy(cosets, rho) + 64.0 * delta.numel()
         return words, ("nested", name, tensor.shape, tensor.dtype, delta, key, layout, k, side)
 
     def decompress(self, reduced: torch.Tensor, ctx: tuple) -> torch.Tensor:
@@ -252,9 +262,38 @@ class NestedSumCompression(DQSGCompression):
         self._side[name] = (out.reshape(-1) / factor_times_p).contiguous()
 
 
+def _not_summable(scheme: str, example: str):
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{scheme} payloads cannot be summed by Horovod's allreduce, so there is no "
+                        f"hvdquant.Compression.{scheme.lower()}: use hvdquant.DistributedOptimizer(opt, "
+                        f"named_parameters=..., codec={example}, reducer='allgather' or 'scatter_reduce')")
+
+    return staticmethod(refuse)
+
+
 class Compression:
-    """Factory in the style of ``hvd.Compression``: ``hvdquant.Compression.dqsg(levels=1, bucket_size=512)``."""
+    """Factory in the style of ``hvd.Compression``: ``hvdquant.Compression.dqsg(levels=1, bucket_size=512)``.
+
+    Only schemes whose payloads Horovod can sum live here; the others refuse with a pointer to
+    :func:`hvdquant.DistributedOptimizer`.
+    """
 
     dqsg = DQSGCompression
     ndqsg = NestedSumCompression
     metered = Metered
+    qsgd = _not_summable("QSGD", "hvdquant.QSGD(...)")
+    onebit = _not_summable("OneBitSGD", "hvdquant.OneBitSGD()")
+
+    @staticmethod
+    def for_codec(codec: Any, seed: int | None = None) -> DQSGCompression:
+        """The stock-path object for a summable codec (DQSG, NDQSG); others refuse, naming the payload path."""
+        from hvdquant.codecs.base import Codec
+
+        if isinstance(codec, NDQSG):
+            return NestedSumCompression(codec.levels, codec.bucket_size, seed)
+        if isinstance(codec, DQSG):
+            return DQSGCompression(codec.levels, codec.bucket_size, seed)
+        if isinstance(codec, Codec):
+            name = type(codec).__name__
+            _not_summable(name, f"hvdquant.{name}(...)").__func__()
+        raise TypeError(f"expected an hvdquant codec, got {type(codec).__name__}")

@@ -159,3 +159,14 @@ def test_nested_sum_compression_equals_dqsg_and_recovers():
     assert nested.failed_buckets > 0 and nested.recovery_rounds > 0
     assert nested.failed_buckets < 5 * 8  # 5 nested calls × 8 buckets: some decoded without recovery
     assert nested.stats.bits_per_coordinate < plain.stats.bits_per_coordinate + 8  # measured, recovery included
+
+
+def test_unsummable_codecs_refuse_the_stock_path():
+    with pytest.raises(TypeError, match="hvdquant.DistributedOptimizer"):
+        hvdquant.Compression.qsgd(levels=2)
+    with pytest.raises(TypeError, match="codec=hvdquant.OneBitSGD"):
+        hvdquant.Compression.for_codec(hvdquant.OneBitSGD())
+    assert isinstance(hvdquant.Compression.for_codec(hvdquant.NDQSG()), hvdquant.Compression.ndqsg)
+    comp = hvdquant.Compression.for_codec(hvdquant.DQSG(2, 64))
+    hvd.allreduce(torch.randn(300), name="entropy.t", compression=comp)
+    assert 0 < comp.entropy_bits_per_coordinate <= comp.stats.bits_per_coordinate
