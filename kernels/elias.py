@@ -14,14 +14,19 @@ from numba import njit
 
 
 @njit(cache=True)
+def _bitlen(v):
+    b = 0
+    while v:
+        b += 1
+        v >>= 1
+    return b
+
+
+@njit(cache=True)
 def _omega_len(v):
     n = 1
     while v > 1:
-        b = 0
-        t = v
-        while t:
-            b += 1
-            t >>= 1
+        b = _bitlen(v)
         n += b
         v = b - 1
     return n
@@ -43,11 +48,7 @@ def _put_omega(buf, pos, v):
     widths = np.empty(64, np.int64)
     g = 0
     while v > 1:
-        b = 0
-        t = v
-        while t:
-            b += 1
-            t >>= 1
+        b = _bitlen(v)
         groups[g] = v
         widths[g] = b
         g += 1

@@ -34,14 +34,13 @@ from typing import Any
 
 import torch
 
+from hvdquant.adapters.agreement import agree, check_seed
 from hvdquant.codecs.base import empirical_entropy, flat32
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.kernels import DitherKey, ops, tensor_id
 from hvdquant.stats import CommStats
 from hvdquant.transports.summable import SumFieldLayout
-
-_MASK64 = (1 << 64) - 1
 
 
 def _hvd():
@@ -113,8 +112,7 @@ class DQSGCompression:
 
     def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None) -> None:
         self.codec = DQSG(levels=levels, bucket_size=bucket_size)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64):
-            raise ValueError(f"seed must be an int in [0, 2^64) or None, got {seed!r}")
+        check_seed(seed)
         self.seed = seed
         self.stats = CommStats()
         self.entropy_bits = 0.0  # Σ n·(empirical entropy of the indices) + 32 bits per scale
@@ -132,18 +130,7 @@ class DQSGCompression:
     def _agree(self) -> int:
         """Exchange configurations once; return the seed every rank uses (rank 0's)."""
         if self._agreed_seed is None:
-            hvd = _hvd()
-            proposal = self.seed if self.seed is not None else torch.initial_seed() & _MASK64
-            everyone = hvd.allgather_object((self.config(), proposal), name="hvdquant.config")
-            reference = everyone[0][0]
-            for rank, (cfg, _) in enumerate(everyone):
-                diff = {k: (reference.get(k), cfg.get(k)) for k in reference.keys() | cfg.keys()
-                        if reference.get(k) != cfg.get(k)}
-                if diff:
-                    detail = ", ".join(f"{k}: rank 0 has {a!r}, rank {rank} has {b!r}"
-                                       for k, (a, b) in sorted(diff.items()))
-                    raise ValueError(f"hvdquant configuration differs between ranks ({detail})")
-            self._agreed_seed = int(everyone[0][1])
+            self._agreed_seed = agree(self.config(), self.seed, "hvdquant.config")
         return self._agreed_seed
 
     def _common_step(self, tensor: torch.Tensor, name: str | None) -> tuple[str, int, torch.Tensor, DitherKey]:

@@ -30,14 +30,9 @@ from typing import Any
 
 import torch
 
+from hvdquant.adapters.agreement import agree, check_seed
 from hvdquant.codecs.base import Codec
 from hvdquant.transports.horovod_payload import PayloadExchange
-
-_MASK64 = (1 << 64) - 1
-
-
-def _describe(cfg: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in sorted(cfg.items()))
 
 
 def _allreduce_grad_async(self, p):
@@ -89,23 +84,11 @@ class _State:
         self.agreed_seed: int | None = None
 
     def agree(self, opt) -> int:
-        if self.agreed_seed is not None:
-            return self.agreed_seed
-        import horovod.torch as hvd
-
-        names = sorted((n, tuple(p.shape)) for p, n in opt._parameter_names.items() if p.requires_grad)
-        cfg = {"codec": self.codec.config(), "reducer": self.exchange.reducer, "average": self.exchange.average,
-               "min_numel": self.min_numel, "seed": self.seed, "parameters": names}
-        proposal = self.seed if self.seed is not None else torch.initial_seed() & _MASK64
-        everyone = hvd.allgather_object((cfg, proposal), name="hvdquant.optimizer.config")
-        ref = everyone[0][0]
-        for rank, (other, _) in enumerate(everyone):
-            diff = {k: (ref.get(k), other.get(k)) for k in ref.keys() | other.keys() if ref.get(k) != other.get(k)}
-            if diff:
-                detail = "; ".join(f"{k}: rank 0 has {a!r}, rank {rank} has {b!r}"
-                                   for k, (a, b) in sorted(diff.items()))
-                raise ValueError(f"hvdquant configuration differs between ranks ({detail})")
-        self.agreed_seed = int(everyone[0][1])
+        if self.agreed_seed is None:
+            names = sorted((n, tuple(p.shape)) for p, n in opt._parameter_names.items() if p.requires_grad)
+            cfg = {"codec": self.codec.config(), "reducer": self.exchange.reducer, "average": self.exchange.average,
+                   "min_numel": self.min_numel, "seed": self.seed, "parameters": names}
+            self.agreed_seed = agree(cfg, self.seed, "hvdquant.optimizer.config")
         return self.agreed_seed
 
 
@@ -136,8 +119,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
         raise NotImplementedError("sparse_as_dense is not supported: pass dense gradients")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MASK64):
-        raise ValueError(f"seed must be an int in [0, 2^64) or None, got {seed!r}")
+    check_seed(seed)
     state = _State(codec, reducer, op == hvd.Average, seed, min_numel)
 
     attrs = dict(_DistributedOptimizer.__dict__)

@@ -10,6 +10,7 @@ import math
 import horovod.torch as hvd
 import pytest
 import torch
+from hvd_helpers import same_on_all_ranks
 from torch import nn
 
 import hvdquant
@@ -17,18 +18,6 @@ import hvdquant
 pytestmark = pytest.mark.horovod
 
 
-@pytest.fixture(scope="module", autouse=True)
-def horovod():
-    hvd.init()
-    torch.set_num_threads(1)
-    if hvd.size() < 2:
-        pytest.skip("needs horovodrun -np >= 2")
-    yield
-
-
-def same_on_all_ranks(t: torch.Tensor, name: str) -> bool:
-    gathered = hvd.allgather_object(t.detach().numpy().tobytes(), name=name)
-    return all(g == gathered[0] for g in gathered)
 
 
 @pytest.mark.parametrize("op", ["average", "sum"])
