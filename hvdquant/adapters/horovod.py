@@ -40,6 +40,7 @@ from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.kernels import DitherKey, ops, tensor_id
 from hvdquant.stats import CommStats
+from hvdquant.transports.horovod_payload import check_finite_output
 from hvdquant.transports.summable import SumFieldLayout
 
 
@@ -168,6 +169,7 @@ class DQSGCompression:
         _, _, shape, dtype, delta, key, layout = ctx
         ksum, factor = layout.unpack(reduced, shape.numel())
         out = self.codec.decode_sum(ksum, delta, key, senders=layout.ranks, factor=factor)
+        check_finite_output(out)
         return out.reshape(shape).to(dtype)
 
 
@@ -240,6 +242,7 @@ class NestedSumCompression(DQSGCompression):
             summed = _hvd().allreduce(words, op=_hvd().Sum, name=f"hvdquant.recover.{name}")
             kout[idx] = dlayout.unpack(summed, idx.numel())[0]
         out = self.codec.decode_sum(kout, delta, key0, senders=ranks, factor=factor)
+        check_finite_output(out)
         self._remember(name, out, reduced[-1])
         return out.reshape(shape).to(dtype)
 

@@ -82,13 +82,16 @@ class _State:
         self.min_numel = min_numel
         self.steps: dict[str, int] = {}
         self.agreed_seed: int | None = None
+        self.restored_seed: int | None = None  # from a checkpoint: resumes the same dither streams
 
     def agree(self, opt) -> int:
         if self.agreed_seed is None:
             names = sorted((n, tuple(p.shape)) for p, n in opt._parameter_names.items() if p.requires_grad)
             cfg = {"codec": self.codec.config(), "reducer": self.exchange.reducer, "average": self.exchange.average,
-                   "min_numel": self.min_numel, "seed": self.seed, "parameters": names}
-            self.agreed_seed = agree(cfg, self.seed, "hvdquant.optimizer.config")
+                   "min_numel": self.min_numel, "seed": self.seed, "parameters": names,
+                   "steps": sorted(self.steps.items()), "restored_seed": self.restored_seed}
+            proposal = self.restored_seed if self.restored_seed is not None else self.seed
+            self.agreed_seed = agree(cfg, proposal, "hvdquant.optimizer.config")
         return self.agreed_seed
 
 
@@ -154,7 +157,7 @@ def _stats(state: _State) -> dict:
 def _state_dict(self):
     sd = super(self.__class__, self).state_dict()
     codec = self._hvdquant.codec
-    sd["hvdquant"] = {"steps": dict(self._hvdquant.steps),
+    sd["hvdquant"] = {"steps": dict(self._hvdquant.steps), "seed": self._hvdquant.agreed_seed,
                       "residuals": codec.state_dict() if hasattr(codec, "state_dict") else {}}
     return sd
 
@@ -164,6 +167,8 @@ def _load_state_dict(self, state_dict):
     extra = state_dict.pop("hvdquant", None)
     if extra is not None:
         self._hvdquant.steps = dict(extra["steps"])
+        self._hvdquant.restored_seed = extra["seed"]
+        self._hvdquant.agreed_seed = None  # agree again: every rank must have restored the same state
         if hasattr(self._hvdquant.codec, "load_state_dict"):
             self._hvdquant.codec.load_state_dict(extra["residuals"])
     self._handles = {}

@@ -31,6 +31,14 @@ from hvdquant.stats import CommStats
 REDUCERS = ("allgather", "scatter_reduce")
 
 
+def check_finite_output(out: torch.Tensor) -> None:
+    """Finite inputs can still decode past float32's range (|g| near 3.4e38: Δ(k − u) exceeds it).
+    Every rank decodes the same bits, so every rank raises; no inf reaches the parameters."""
+    if not bool(torch.isfinite(out).all()):
+        raise FloatingPointError("decoded gradient overflows float32 (inputs near float32's maximum); "
+                                 "scale the loss down")
+
+
 def _hvd():
     import horovod.torch as hvd
 
@@ -95,16 +103,26 @@ class PayloadExchange:
         return self._scatter_reduce(name, tensor, seed, step)
 
     # ------------------------------------------------------------------ allgather
-    def _allgather_bytes(self, buf: torch.Tensor, name: str, record: str | None = None, n: int = 0):
-        """Start allgathers of a uint8 buffer and its size; returns a waiter giving every rank's bytes."""
+    def _allgather_bytes(self, buf: torch.Tensor | None, name: str):
+        """Start allgathers of a uint8 buffer and its size; returns a waiter giving every rank's bytes.
+
+        ``buf=None`` poisons the exchange (this rank's gradient was not finite): the size word is −1,
+        and every rank's waiter raises the same FloatingPointError once both collectives completed.
+        """
         hvd = _hvd()
-        size = torch.tensor([buf.numel()], dtype=torch.int64)
+        poisoned = buf is None
+        buf = torch.empty(0, dtype=torch.uint8) if poisoned else buf
+        size = torch.tensor([-1 if poisoned else buf.numel()], dtype=torch.int64)
         h_size = hvd.allgather_async(size, name=f"{name}.size")
         h_data = hvd.allgather_async(buf.unsqueeze(1), name=f"{name}.data")  # 2-D: rows may be 0
 
         def wait() -> list[torch.Tensor]:
             sizes = _sync(h_size).tolist()
             data = _sync(h_data).reshape(-1)
+            bad = [r for r, s in enumerate(sizes) if s < 0]
+            if bad:
+                raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on rank(s) {bad}; "
+                                         "hvdquant refuses to quantize it (every rank raises)")
             return list(torch.split(data, sizes))
 
         return wait, size
@@ -114,7 +132,11 @@ class PayloadExchange:
         rank, ranks = hvd.rank(), hvd.size()
         shape, dtype = tuple(tensor.shape), tensor.dtype
         ctx = TensorContext(name, shape, DitherKey(seed, step, tensor_id(name), rank), ranks)
-        enc = self.codec.encode(tensor, ctx)
+        try:
+            enc = self.codec.encode(tensor, ctx)
+        except FloatingPointError:  # tell every rank instead of leaving them waiting
+            wait, _ = self._allgather_bytes(None, f"hvdquant.{name}")
+            return wait
         buf = enc.to_bytes()
         wait, size = self._allgather_bytes(buf, f"hvdquant.{name}")
         self._record(name, enc, [buf, size])
@@ -158,8 +180,12 @@ class PayloadExchange:
             cname = f"{name}#{c}{phase}"
             return TensorContext(cname, (hi - lo,), DitherKey(seed, step, tensor_id(cname), sender), ranks)
 
-        encs = [self.codec.encode(flat[lo:hi], chunk_ctx(c, rank, "")) for c, (lo, hi) in enumerate(chunks)]
-        bufs = [e.to_bytes() for e in encs]
+        finite = bool(torch.isfinite(flat).all())
+        status = hvd.allgather_async(torch.tensor([0 if finite else 1], dtype=torch.int64),
+                                     name=f"hvdquant.{name}.status")
+        encs = [self.codec.encode(flat[lo:hi], chunk_ctx(c, rank, "")) for c, (lo, hi) in enumerate(chunks)] \
+            if finite else []
+        bufs = [e.to_bytes() for e in encs] or [torch.empty(0, dtype=torch.uint8)] * ranks
         splits = torch.tensor([b.numel() for b in bufs], dtype=torch.int32)
         send = torch.cat(bufs)
         h = hvd.alltoall_async(send, splits=splits, name=f"hvdquant.{name}.scatter")
@@ -169,7 +195,11 @@ class PayloadExchange:
         second = _innermost(self.codec)  # the owner re-encodes without error feedback
 
         def finish() -> torch.Tensor:
+            bad = torch.nonzero(_sync(status)).flatten().tolist()
             out = _hvd().synchronize(h)
+            if bad:
+                raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on rank(s) {bad}; "
+                                         "hvdquant refuses to quantize it (every rank raises)")
             received, rsplits = out if isinstance(out, tuple) else (out, None)
             sizes = rsplits.tolist() if rsplits is not None else None
             parts = list(torch.split(received, sizes))
@@ -195,4 +225,5 @@ class PayloadExchange:
 
     def _output(self, mean: torch.Tensor, ranks: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         out = mean if self.average else mean * ranks
+        check_finite_output(out)
         return out.reshape(shape).to(dtype)
