@@ -18,9 +18,26 @@ def _rank() -> str:
     return "0"
 
 
+_OUTCOMES: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _OUTCOMES.append((report.nodeid, report.outcome))
+
+
 def pytest_sessionfinish(session, exitstatus):
     """With HVDQ_TEST_REPORT=<dir>, every rank writes <dir>/rank<R>.json with its own counts, so
-    launch/test.sh can require that each rank ran tests (interleaved stdout cannot tell)."""
+    launch/test.sh can require that each rank ran tests (interleaved stdout cannot tell).
+    With HVDQ_PROPERTY_COUNTS=<file>, the property-test case counts are written there."""
+    import sys
+
+    counts_file = os.environ.get("HVDQ_PROPERTY_COUNTS")
+    if counts_file and "property_counts" in sys.modules:
+        import json
+
+        with open(counts_file, "w") as f:
+            json.dump(dict(sys.modules["property_counts"].COUNTS), f)
     folder = os.environ.get("HVDQ_TEST_REPORT")
     if not folder:
         return
@@ -33,3 +50,4 @@ def pytest_sessionfinish(session, exitstatus):
     counts["exitstatus"] = int(exitstatus)
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / f"rank{_rank()}.json").write_text(json.dumps(counts))
+    (Path(folder) / f"rank{_rank()}-cases.json").write_text(json.dumps(_OUTCOMES))
