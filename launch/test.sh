@@ -24,7 +24,8 @@ run_stage() {
     verdict=$(python - "$reports" "$ranks" <<'PY'
 import json, pathlib, sys
 folder, ranks = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-reports = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))] if folder.is_dir() else []
+files = sorted(p for p in folder.glob("rank*.json") if p.stem[4:].isdigit()) if folder.is_dir() else []
+reports = [json.loads(p.read_text()) for p in files]
 passed = sum(r.get("passed", 0) for r in reports)
 bad = [r for r in reports if r.get("failed") or r.get("error") or not r.get("passed")]
 ok = len(reports) == ranks and not bad

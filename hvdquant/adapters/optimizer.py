@@ -15,7 +15,8 @@ the same order on every rank whatever order the hooks fired in.
 
 Rules:
 - a gradient with fewer than ``min_numel`` elements or fewer than 2 dimensions (biases, norms)
-  is not compressed: it goes through Horovod's own allreduce in float32 (PowerSGD's rule);
+  is not compressed (PowerSGD's rule): it is allgathered in its own dtype and summed in rank order,
+  so that training stays bit-reproducible (Horovod's float allreduce order can vary with fusion);
 - the dither seed is agreed at the first step (rank 0's ``seed``, default its
   ``torch.initial_seed()``), together with a check that every rank has the same codec, reducer,
   op and parameter names/shapes; a mismatch fails on every rank with the difference named;
@@ -48,11 +49,31 @@ def _allreduce_grad_async(self, p):
     state = self._hvdquant
     seed = state.agree(self)
     if tensor.numel() < state.min_numel or tensor.dim() < 2:
-        handle = hvd.allreduce_async_(tensor, name=name, op=self.op)
-        return handle, None
+        state.exchange.stats.record(name, tensor.numel(), tensor)  # uncompressed bytes count too
+        return _exact_small(tensor, name, self.op == hvd.Average), None
     step = state.steps.get(name, 0)
     state.steps[name] = step + 1
     return state.exchange.start(name, tensor, seed, step % (1 << 32)), None
+
+
+def _exact_small(tensor: torch.Tensor, name: str, average: bool):
+    """Uncompressed exchange of a small or 1-D gradient: allgather, then a sum in rank order.
+
+    Horovod's float allreduce may sum in a different order from run to run (tensor fusion changes
+    the buffers its ring cuts), which would make training non-reproducible; these tensors are small,
+    so P× their bytes buys bit-exact determinism."""
+    import horovod.torch as hvd
+
+    handle = hvd.allgather_async(tensor.detach().unsqueeze(0), name=f"hvdquant.small.{name}")
+
+    def finish() -> torch.Tensor:
+        gathered = hvd.synchronize(handle)
+        total = gathered[0].clone()
+        for p in range(1, gathered.shape[0]):
+            total += gathered[p]
+        return total / gathered.shape[0] if average else total
+
+    return finish
 
 
 def _synchronize(self):
