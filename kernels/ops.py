@@ -328,6 +328,15 @@ def onebit_decode(bits: torch.Tensor, cols: int, pos_mean: torch.Tensor, neg_mea
     return out
 
 
+def topk_indices(g: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64, ascending) of the k entries of largest |g|, ties to the lower index, on g's
+    device: a stable sort of −|g| keeps equal magnitudes in index order, so every rank agrees."""
+    _vec("g", g, torch.float32)
+    k = _int("k", k, 0, g.numel())
+    order = torch.sort(g.abs(), descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
 # ----------------------------------------------------------------------------- packing
 def packed_bytes(n: int, nbits: int) -> int:
     """⌈n·b/8⌉: 8 codes of b bits in b bytes, no padding beyond the last byte."""

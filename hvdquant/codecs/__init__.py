@@ -5,6 +5,7 @@ from .dqsg import DQSG
 from .feedback import ErrorFeedback, OneBitSGD
 from .ndqsg import NDQSG
 from .qsgd import QSGD
+from .topk import TopK
 
 __all__ = ["DQSG", "NDQSG", "QSGD", "AggregateStats", "Codec", "Encoded", "ErrorFeedback", "OneBitSGD",
-           "TensorContext", "empirical_entropy"]
+           "TensorContext", "TopK", "empirical_entropy"]

@@ -5,8 +5,8 @@
 
 Schemes: none, fp16 (Horovod's own); dqsg and ndqsg (stock path through hvd.DistributedOptimizer's
 allreduce with --reducer stock — ndqsg then is the allreduce-friendly nested variant — or
---reducer allgather|scatter_reduce through hvdquant.DistributedOptimizer); qsgd, onebit
-(hvdquant.DistributedOptimizer only: their payloads cannot be summed).
+--reducer allgather|scatter_reduce through hvdquant.DistributedOptimizer); qsgd, onebit, topk
+(with error feedback) (hvdquant.DistributedOptimizer only: their payloads cannot be summed).
 
 Each rank trains on its own shard of the 60k training images (stride = world size) and every
 rank evaluates on the 10k test images. Rank 0 shows a tqdm bar, prints per-epoch test accuracy,
@@ -54,13 +54,15 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
         return hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction)
     if args.compression == "qsgd":
         return hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding)
+    if args.compression == "topk":
+        return hvdquant.TopK.with_feedback(args.ratio)
     return hvdquant.OneBitSGD()
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, op):
     """(distributed optimizer, function returning its communication statistics)."""
     if args.reducer == "stock":
-        if args.compression in ("qsgd", "onebit"):
+        if args.compression in ("qsgd", "onebit", "topk"):
             raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
                              "use --reducer allgather or scatter_reduce (hvdquant.DistributedOptimizer)")
         comp = {"none": lambda: hvdquant.Compression.metered(hvd.Compression.none),
@@ -90,7 +92,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compression", choices=["none", "fp16", "dqsg", "ndqsg", "qsgd", "onebit"], default="dqsg")
+    p.add_argument("--compression", choices=["none", "fp16", "dqsg", "ndqsg", "qsgd", "onebit", "topk"],
+                   default="dqsg")
+    p.add_argument("--ratio", type=float, default=0.01, help="top-k: fraction of coordinates sent (with EF)")
     p.add_argument("--reducer", choices=["stock", "allgather", "scatter_reduce"], default=None,
                    help="stock: Horovod's allreduce (none, fp16, dqsg); else hvdquant.DistributedOptimizer "
                         "(default: stock for none/fp16/dqsg, allgather otherwise)")

@@ -35,6 +35,8 @@ SCHEMES = {
     "onebit-allgather": (hvdquant.OneBitSGD, "allgather"),
     "onebit-scatter": (hvdquant.OneBitSGD, "scatter_reduce"),
     "ef-dqsg1-allgather": (lambda: hvdquant.ErrorFeedback(hvdquant.DQSG(1, 256)), "allgather"),
+    "topk-ef-allgather": (lambda: hvdquant.TopK.with_feedback(0.05), "allgather"),
+    "topk-ef-scatter": (lambda: hvdquant.TopK.with_feedback(0.05), "scatter_reduce"),
 }
 
 

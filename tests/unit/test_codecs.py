@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hvdquant import DQSG, NDQSG, QSGD, ErrorFeedback, OneBitSGD
+from hvdquant import DQSG, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.codecs import TensorContext, empirical_entropy
 from hvdquant.kernels import DitherKey, elias
 
@@ -16,7 +16,8 @@ def ctx_for(shape, sender=0, ranks=1, name="w", step=0):
 
 
 FIXED = {"dqsg1": lambda: DQSG(1, 512), "dqsg3": lambda: DQSG(3, 100), "qsgd-max4": lambda: QSGD(4, 64, "max", "fixed"),
-         "qsgd-l2-1": lambda: QSGD(1, 512, "l2", "fixed"), "onebit": OneBitSGD}
+         "qsgd-l2-1": lambda: QSGD(1, 512, "l2", "fixed"), "onebit": OneBitSGD,
+         "topk": lambda: TopK(0.1), "topk-ef": lambda: TopK.with_feedback(0.05)}
 
 
 @pytest.mark.parametrize("make", FIXED.values(), ids=FIXED.keys())
@@ -190,3 +191,17 @@ def test_nonfinite_gradient_named():
 def test_entropy():
     assert empirical_entropy(torch.tensor([0, 1, 0, 1], dtype=torch.uint8), 2) == pytest.approx(1.0)
     assert empirical_entropy(torch.zeros(5, dtype=torch.uint8), 3) == 0.0
+
+
+def test_topk_keeps_the_largest_and_breaks_ties_by_index():
+    g = torch.tensor([0.5, -3.0, 2.0, -2.0, 0.1, 3.0])
+    codec, c = TopK(0.5), ctx_for((6,))
+    enc = codec.encode(g, c)
+    assert enc.fields["indices"].tolist() == [1, 2, 5]  # |−3| = |3| > |2| = |−2|: index 2 before 3
+    assert codec.decode(enc, c).tolist() == [0.0, -3.0, 2.0, 0.0, 0.0, 3.0]
+    with pytest.raises(ValueError, match="ratio"):
+        TopK(0.0)
+    bad = codec.from_bytes(enc.to_bytes(), 6, c)
+    bad.fields["indices"][0] = 99
+    with pytest.raises(ValueError, match="outside"):
+        codec.decode(bad, c)
