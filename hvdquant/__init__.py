@@ -10,14 +10,15 @@ Layers (kept apart on purpose):
 without Horovod loaded.
 """
 
-from hvdquant.codecs import DQSG, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
+from hvdquant.codecs import DQSG, LGC, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import CommStats
 from hvdquant.transports.ring import GroupDQSG, PreviousMean, RingStats, ring_allreduce
 
 __version__ = "0.1.0"
-__all__ = ["DQSG", "NDQSG", "QSGD", "CommStats", "Compression", "DistributedOptimizer", "DitherKey", "ErrorFeedback",
-           "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__", "ring_allreduce"]
+__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CommStats", "Compression", "DistributedOptimizer", "DitherKey",
+           "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__",
+           "ring_allreduce"]
 
 
 def __getattr__(name: str):

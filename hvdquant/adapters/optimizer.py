@@ -33,6 +33,7 @@ import torch
 
 from hvdquant.adapters.agreement import agree, check_seed
 from hvdquant.codecs.base import Codec
+from hvdquant.codecs.lgc import LGC
 from hvdquant.transports.horovod_payload import PayloadExchange
 
 
@@ -110,7 +111,8 @@ class _State:
             names = sorted((n, tuple(p.shape)) for p, n in opt._parameter_names.items() if p.requires_grad)
             cfg = {"codec": self.codec.config(), "reducer": self.exchange.reducer, "average": self.exchange.average,
                    "min_numel": self.min_numel, "seed": self.seed, "parameters": names,
-                   "steps": sorted(self.steps.items()), "restored_seed": self.restored_seed}
+                   "steps": sorted(self.steps.items()), "restored_seed": self.restored_seed,
+                   "torch_threads": torch.get_num_threads() if isinstance(self.codec, LGC) else None}
             proposal = self.restored_seed if self.restored_seed is not None else self.seed
             self.agreed_seed = agree(cfg, proposal, "hvdquant.optimizer.config")
         return self.agreed_seed
@@ -128,7 +130,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     from horovod.torch.optimizer import _DistributedOptimizer
 
     op = hvd.Average if op is None else op
-    if not isinstance(codec, Codec):
+    if not isinstance(codec, (Codec, LGC)):
         raise TypeError(f"codec must be an hvdquant codec (hvdquant.DQSG(...), ...), got {type(codec).__name__}")
     if groups is not None or num_groups:
         raise NotImplementedError("hvdquant.DistributedOptimizer does not support groups/num_groups: "
@@ -162,12 +164,20 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
 
 def _stats(state: _State) -> dict:
     ex = state.exchange
-    return {
+    extra = {}
+    if ex.lgc is not None:
+        lg = ex.lgc
+        extra = {"lgc_stage_bits_per_coordinate": {k: 8.0 * lg.stage_bytes[k] / lg.stage_coordinates[k]
+                                                   for k in lg.stage_bytes if lg.stage_coordinates[k]},
+                 "lgc_autoencoder_parameters": lg.ae_parameters, "lgc_autoencoder_updates": lg.ae_updates,
+                 "lgc_frozen": lg.frozen, "lgc_codec_seconds": lg.codec_seconds,
+                 "lgc_last_train_loss": lg.train_loss[-1] if lg.train_loss else None}
+    return {**extra,
         "bits_per_coordinate": ex.stats.bits_per_coordinate,
         "payload_bits_per_coordinate": ex.payload.bits_per_coordinate,
         "entropy_bits_per_coordinate": ex.entropy_bits_per_coordinate,
         "bytes_handed": ex.stats.bytes_handed,
-        "coordinates": ex.payload.coordinates,
+        "coordinates": ex.stats.coordinates,  # every coordinate exchanged (compressed or not)
         "failed_buckets": ex.totals.failed_buckets,
         "failed_coordinates": ex.totals.failed_coordinates,
         "recovery_rounds": ex.totals.recovery_rounds,

@@ -3,9 +3,10 @@
 from .base import AggregateStats, Codec, Encoded, TensorContext, empirical_entropy
 from .dqsg import DQSG
 from .feedback import ErrorFeedback, OneBitSGD
+from .lgc import LGC
 from .ndqsg import NDQSG
 from .qsgd import QSGD
 from .topk import TopK
 
-__all__ = ["DQSG", "NDQSG", "QSGD", "AggregateStats", "Codec", "Encoded", "ErrorFeedback", "OneBitSGD",
+__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "AggregateStats", "Codec", "Encoded", "ErrorFeedback", "OneBitSGD",
            "TensorContext", "TopK", "empirical_entropy"]

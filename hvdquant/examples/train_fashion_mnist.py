@@ -56,13 +56,16 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
         return hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding)
     if args.compression == "topk":
         return hvdquant.TopK.with_feedback(args.ratio)
+    if args.compression == "lgc":
+        return hvdquant.LGC(ratio=args.ratio, warmup_steps=args.warmup_steps, train_steps=args.train_steps,
+                            form=args.lgc_form)
     return hvdquant.OneBitSGD()
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, op):
     """(distributed optimizer, function returning its communication statistics)."""
     if args.reducer == "stock":
-        if args.compression in ("qsgd", "onebit", "topk"):
+        if args.compression in ("qsgd", "onebit", "topk", "lgc"):
             raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
                              "use --reducer allgather or scatter_reduce (hvdquant.DistributedOptimizer)")
         comp = {"none": lambda: hvdquant.Compression.metered(hvd.Compression.none),
@@ -92,9 +95,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compression", choices=["none", "fp16", "dqsg", "ndqsg", "qsgd", "onebit", "topk"],
+    p.add_argument("--compression", choices=["none", "fp16", "dqsg", "ndqsg", "qsgd", "onebit", "topk", "lgc"],
                    default="dqsg")
-    p.add_argument("--ratio", type=float, default=0.01, help="top-k: fraction of coordinates sent (with EF)")
+    p.add_argument("--lgc-form", choices=["ps", "ring"], default="ps", help="LGC: parameter-server or ring form")
+    p.add_argument("--warmup-steps", type=int, default=100, help="LGC: top-k warm-up exchanges")
+    p.add_argument("--train-steps", type=int, default=100, help="LGC: autoencoder training exchanges")
+    p.add_argument("--ratio", type=float, default=0.01, help="top-k / LGC: fraction of coordinates selected")
     p.add_argument("--reducer", choices=["stock", "allgather", "scatter_reduce"], default=None,
                    help="stock: Horovod's allreduce (none, fp16, dqsg); else hvdquant.DistributedOptimizer "
                         "(default: stock for none/fp16/dqsg, allgather otherwise)")

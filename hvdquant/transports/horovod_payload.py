@@ -24,6 +24,7 @@ import torch
 
 from hvdquant.codecs.base import AggregateStats, Codec, Encoded, TensorContext
 from hvdquant.codecs.feedback import ErrorFeedback
+from hvdquant.codecs.lgc import LGC
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.kernels import DitherKey, tensor_id
 from hvdquant.stats import CommStats
@@ -69,6 +70,31 @@ class ExchangeTotals:
         self.recovery_rounds += st.recovery_rounds
 
 
+def allgather_bytes(buf: torch.Tensor | None, name: str):
+    """Start allgathers of a uint8 buffer and its size; returns a waiter giving every rank's bytes.
+
+    ``buf=None`` poisons the exchange (this rank's gradient was not finite): the size word is −1,
+    and every rank's waiter raises the same FloatingPointError once both collectives completed.
+    """
+    hvd = _hvd()
+    poisoned = buf is None
+    buf = torch.empty(0, dtype=torch.uint8) if poisoned else buf
+    size = torch.tensor([-1 if poisoned else buf.numel()], dtype=torch.int64)
+    h_size = hvd.allgather_async(size, name=f"{name}.size")
+    h_data = hvd.allgather_async(buf.unsqueeze(1), name=f"{name}.data")  # 2-D: rows may be 0
+
+    def wait() -> list[torch.Tensor]:
+        sizes = _sync(h_size).tolist()
+        data = _sync(h_data).reshape(-1)
+        bad = [r for r, s in enumerate(sizes) if s < 0]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on rank(s) {bad}; "
+                                     "hvdquant refuses to quantize it (every rank raises)")
+        return list(torch.split(data, sizes))
+
+    return wait, size
+
+
 class PayloadExchange:
     """Moves one codec's payloads with one reducer. ``stats`` measures the bytes handed to Horovod:
     ``payload`` bytes (what the codec produced) and ``overhead`` (size words for variable lengths)."""
@@ -76,11 +102,19 @@ class PayloadExchange:
     def __init__(self, codec: Codec, reducer: str, average: bool) -> None:
         if reducer not in REDUCERS:
             raise ValueError(f"reducer={reducer!r} must be one of {REDUCERS}")
-        if reducer == "scatter_reduce" and isinstance(_innermost(codec), NDQSG):
+        if reducer == "scatter_reduce" and not isinstance(codec, LGC) and isinstance(_innermost(codec), NDQSG):
             raise ValueError("NDQSG needs reducer='allgather': its side-information decoder and recovery "
                              "round need every sender's payload on every rank")
         self.codec, self.reducer, self.average = codec, reducer, average
         self.stats = CommStats()
+        self.lgc = None
+        if isinstance(codec, LGC):  # a staged protocol of its own (hvdquant/transports/lgc_exchange.py)
+            if reducer != "allgather":
+                raise ValueError("LGC runs its own protocol: use reducer='allgather' (its form= picks "
+                                 "parameter-server or ring)")
+            from hvdquant.transports.lgc_exchange import LGCExchange
+
+            self.lgc = LGCExchange(codec, average, self.stats)
         self.payload = CommStats()
         self.totals = ExchangeTotals()
         self.entropy_bits = 0.0  # Σ over tensors of n·(entropy + side bits per coordinate)
@@ -98,35 +132,13 @@ class PayloadExchange:
         return self.entropy_bits / self.payload.coordinates if self.payload.coordinates else float("nan")
 
     def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
+        if self.lgc is not None:
+            return self.lgc.start(name, tensor, seed, step)
         if self.reducer == "allgather":
             return self._allgather(name, tensor, seed, step)
         return self._scatter_reduce(name, tensor, seed, step)
 
     # ------------------------------------------------------------------ allgather
-    def _allgather_bytes(self, buf: torch.Tensor | None, name: str):
-        """Start allgathers of a uint8 buffer and its size; returns a waiter giving every rank's bytes.
-
-        ``buf=None`` poisons the exchange (this rank's gradient was not finite): the size word is −1,
-        and every rank's waiter raises the same FloatingPointError once both collectives completed.
-        """
-        hvd = _hvd()
-        poisoned = buf is None
-        buf = torch.empty(0, dtype=torch.uint8) if poisoned else buf
-        size = torch.tensor([-1 if poisoned else buf.numel()], dtype=torch.int64)
-        h_size = hvd.allgather_async(size, name=f"{name}.size")
-        h_data = hvd.allgather_async(buf.unsqueeze(1), name=f"{name}.data")  # 2-D: rows may be 0
-
-        def wait() -> list[torch.Tensor]:
-            sizes = _sync(h_size).tolist()
-            data = _sync(h_data).reshape(-1)
-            bad = [r for r, s in enumerate(sizes) if s < 0]
-            if bad:
-                raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on rank(s) {bad}; "
-                                         "hvdquant refuses to quantize it (every rank raises)")
-            return list(torch.split(data, sizes))
-
-        return wait, size
-
     def _allgather(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
         hvd = _hvd()
         rank, ranks = hvd.rank(), hvd.size()
@@ -135,17 +147,17 @@ class PayloadExchange:
         try:
             enc = self.codec.encode(tensor, ctx)
         except FloatingPointError:  # tell every rank instead of leaving them waiting
-            wait, _ = self._allgather_bytes(None, f"hvdquant.{name}")
+            wait, _ = allgather_bytes(None, f"hvdquant.{name}")
             return wait
         buf = enc.to_bytes()
-        wait, size = self._allgather_bytes(buf, f"hvdquant.{name}")
+        wait, size = allgather_bytes(buf, f"hvdquant.{name}")
         self._record(name, enc, [buf, size])
 
         def recover(failed: dict[int, list[int]]) -> dict[int, torch.Tensor]:
             mine = (self.codec.recovery_payload(enc, ctx, failed[rank]) if rank in failed
                     else torch.empty(0, dtype=torch.uint8))
             self.totals.recovery_bytes += mine.numel()
-            got, size = self._allgather_bytes(mine, f"hvdquant.{name}.recovery")
+            got, size = allgather_bytes(mine, f"hvdquant.{name}.recovery")
             self.stats.record(name, 0, mine, size)  # recovery traffic is on the wire too
             parts = got()
             return {p: parts[p] for p in failed}
@@ -210,7 +222,7 @@ class PayloadExchange:
             rctx = chunk_ctx(rank, rank, "@reduced")
             renc = second.encode(mean, rctx)
             rbuf = renc.to_bytes()
-            wait, size = self._allgather_bytes(rbuf, f"hvdquant.{name}.gather")
+            wait, size = allgather_bytes(rbuf, f"hvdquant.{name}.gather")
             self._record(name, renc, [rbuf, size])
             self.payload.coordinates -= renc.n  # count each coordinate once in bits per coordinate
             self.stats.coordinates -= renc.n
