@@ -247,9 +247,9 @@ class NestedSumCompression(DQSGCompression):
         return out.reshape(shape).to(dtype)
 
     def _remember(self, name: str, out: torch.Tensor, sentinel: torch.Tensor) -> None:
-        """Side information for the next step: the decoded mean (out / (factor·P) = out / sentinel·…)."""
-        factor_times_p = float(sentinel)  # the reduced sentinel is factor·P
-        self._side[name] = (out.reshape(-1) / factor_times_p).contiguous()
+        """Side information for the next step: the decoded mean. out = factor·Σĝ and the reduced
+        sentinel is factor·P, so the mean is out / sentinel."""
+        self._side[name] = (out.reshape(-1) / float(sentinel)).contiguous()
 
 
 def _not_summable(scheme: str, example: str):

@@ -28,6 +28,7 @@ from hvdquant.codecs.lgc import LGC
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.kernels import DitherKey, tensor_id
 from hvdquant.stats import CommStats
+from hvdquant.transports.ring import chunk_bounds
 
 REDUCERS = ("allgather", "scatter_reduce")
 
@@ -172,20 +173,13 @@ class PayloadExchange:
         return finish
 
     # ------------------------------------------------------------------ scatter-reduce-allgather
-    def _chunks(self, n: int, ranks: int) -> list[tuple[int, int]]:
-        """P contiguous ranges of [0, n), cut at bucket boundaries where the codec has buckets."""
-        bucket = getattr(_innermost(self.codec), "bucket_size", 1)
-        nb = (n + bucket - 1) // bucket
-        cuts = [min(n, (nb * c // ranks) * bucket) for c in range(ranks + 1)]
-        cuts[-1] = n
-        return [(cuts[c], cuts[c + 1]) for c in range(ranks)]
-
     def _scatter_reduce(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
         hvd = _hvd()
         rank, ranks = hvd.rank(), hvd.size()
         shape, dtype = tuple(tensor.shape), tensor.dtype
         flat = tensor.detach().reshape(-1)
-        chunks = self._chunks(flat.numel(), ranks)
+        # P contiguous ranges cut at bucket boundaries where the codec has buckets
+        chunks = chunk_bounds(flat.numel(), ranks, getattr(_innermost(self.codec), "bucket_size", 1))
 
         def chunk_ctx(c: int, sender: int, phase: str) -> TensorContext:
             lo, hi = chunks[c]

@@ -203,8 +203,9 @@ class LGCExchange:
             z = self.ae.encode(x)
             own = from_chunks(self.ae.decode(z), scale, k)
         self.codec_seconds += time.perf_counter() - t0
-        wait, size = allgather_bytes(_bytes(z), f"hvdquant.lgc.{name}.latent")
-        self._record(name, stage, 0, _bytes(z), size)
+        zbuf = _bytes(z)
+        wait, size = allgather_bytes(zbuf, f"hvdquant.lgc.{name}.latent")
+        self._record(name, stage, 0, zbuf, size)
         parts = wait()
         zsum = torch.zeros_like(z)
         for buf_p in parts:
