@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from hvdquant import DQSG
 from hvdquant.data import load_fashion_mnist
-from hvdquant.examples.train_fashion_mnist import SmallCNN
+from hvdquant.examples.models import SmallCNN
 from hvdquant.kernels import DitherKey, ops, tensor_id
 
 

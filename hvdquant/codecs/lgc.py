@@ -109,7 +109,10 @@ class ChunkAutoencoder(nn.Module):
 
 def to_chunks(v: torch.Tensor, chunk: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """v (k values) → (normalized chunks (m, chunk), per-chunk scales (m,)); zero-padded at the end.
-    With ``scale`` given (the leader's, in the ring form) those scales are used instead."""
+    With ``scale`` given (the leader's, in the ring form) those scales are used instead, and values
+    beyond them are clipped to [−1, 1], the range the autoencoder was trained on: outside it the
+    decoder extrapolates, and error feedback fed those errors back until training diverged (seen in
+    the main job's CNN). What is clipped stays in the sender's residual."""
     m = -(-v.numel() // chunk)
     x = torch.zeros(m * chunk, dtype=torch.float32)
     x[: v.numel()] = v
@@ -117,7 +120,7 @@ def to_chunks(v: torch.Tensor, chunk: int, scale: torch.Tensor | None = None) ->
     if scale is None:
         scale = x.abs().amax(1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return x / safe.unsqueeze(1), scale
+    return (x / safe.unsqueeze(1)).clamp_(-1.0, 1.0), scale
 
 
 def from_chunks(x: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:

@@ -117,29 +117,27 @@ class NDQSG(Codec):
         return ghat, kout, flags
 
     def recovery_payload(self, enc: Encoded, ctx: TensorContext, buckets: list[int]) -> torch.Tensor:
-        """This sender's DQSG(s₁) symbols (packed per bucket, in the order given) for failed buckets."""
+        """This sender's DQSG(s₁) symbols for the failed buckets, concatenated in the order given and
+        packed as one stream."""
         if enc.source is None:
             raise ValueError("this payload kept no source: only a nested sender's own payload can be recovered")
         flat = enc.source
         fine = self.fine
         delta = fine.step_size(fine.bucket_absmax(flat))
         sym = fine.quantize(flat, delta, ctx.key, symbols=True)
-        d = self.bucket_size
-        parts = [ops.pack_symbols(sym[b * d:(b + 1) * d].contiguous(), fine.symbols) for b in buckets]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+        idx = bucket_coordinates(buckets, self.bucket_size, flat.numel())
+        return ops.pack_symbols(sym[idx].contiguous(), fine.symbols)
 
     def _apply_recovery(self, buf: torch.Tensor, n: int, buckets: list[int], kout: torch.Tensor) -> int:
         """Patch the true indices of recovered buckets into kout; returns how many had been wrong."""
-        fine, d, pos, wrong = self.fine, self.bucket_size, 0, 0
-        for b in buckets:
-            m = min(n, (b + 1) * d) - b * d
-            nbytes = ops.symbol_bytes(m, fine.symbols)
-            if pos + nbytes > buf.numel():
-                raise ValueError("recovery payload is shorter than the failed buckets need")
-            codes = ops.unpack_symbols(buf[pos:pos + nbytes].contiguous(), fine.symbols, m).to(torch.int32)
-            wrong += int((kout[b * d:b * d + m] != codes - fine.levels).sum())
-            kout[b * d:b * d + m] = codes - fine.levels
-            pos += nbytes
+        fine = self.fine
+        idx = bucket_coordinates(buckets, self.bucket_size, n)
+        if ops.symbol_bytes(idx.numel(), fine.symbols) != buf.numel():
+            raise ValueError(f"recovery payload has {buf.numel()} bytes; {len(buckets)} failed bucket(s) need "
+                             f"{ops.symbol_bytes(idx.numel(), fine.symbols)}")
+        codes = ops.unpack_symbols(buf, fine.symbols, idx.numel()).to(torch.int32) - fine.levels
+        wrong = int((kout[idx] != codes).sum())
+        kout[idx] = codes
         return wrong
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
@@ -162,9 +160,8 @@ class NDQSG(Codec):
                     side = total / p
                     _, kout, _ = self._resolve(enc, pctx, side)
                     if p in fixed:  # keep recovered buckets exact
-                        done = sorted(recovered[p])
-                        for b in done:
-                            kout[b * d:(b + 1) * d] = fixed[p][b * d:(b + 1) * d]
+                        idx = bucket_coordinates(sorted(recovered[p]), d, n)
+                        kout[idx] = fixed[p][idx]
                     sums = ops.bucket_checksum(kout, d)
                     sent = enc.fields["checksum"].to(torch.int64) & 0xFFFFFFFF
                     bad = [b for b in torch.nonzero(sums != sent).flatten().tolist() if b not in recovered.get(p, ())]
@@ -184,3 +181,12 @@ class NDQSG(Codec):
             for p, buckets in failed.items():
                 stats.failed_coordinates += self._apply_recovery(replies[p], n, buckets, fixed[p])
                 recovered.setdefault(p, set()).update(buckets)
+
+
+def bucket_coordinates(buckets: list[int], bucket_size: int, n: int) -> torch.Tensor:
+    """Coordinates of the given buckets, bucket by bucket in the order given (the last may be short)."""
+    if not buckets:
+        return torch.empty(0, dtype=torch.int64)
+    idx = (torch.tensor(buckets, dtype=torch.int64)[:, None] * bucket_size
+           + torch.arange(min(bucket_size, n), dtype=torch.int64)[None, :]).reshape(-1)
+    return idx[idx < n]

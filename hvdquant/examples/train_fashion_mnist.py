@@ -29,21 +29,7 @@ from tqdm import tqdm
 
 import hvdquant
 from hvdquant.data import load_fashion_mnist
-
-
-class SmallCNN(nn.Module):
-    """conv(1→16, 5) · pool · conv(16→32, 5) · pool · fc(512→10): 18k parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 5)
-        self.conv2 = nn.Conv2d(16, 32, 5)
-        self.fc = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc(x.flatten(1))
+from hvdquant.examples.models import SmallCNN
 
 
 def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:

@@ -29,13 +29,8 @@ from torch import nn
 from hvdquant import DQSG, NDQSG, QSGD
 from hvdquant.codecs import TensorContext
 from hvdquant.data import load_fashion_mnist
-from hvdquant.examples.train_fashion_mnist import SmallCNN
+from hvdquant.examples.models import SmallCNN, fc
 from hvdquant.kernels import DitherKey, tensor_id
-
-
-def fc() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                         nn.Linear(100, 10))
 
 
 def measure(model_name: str, model: nn.Module, steps: int, every: int, ranks: int = 4) -> dict:

@@ -51,3 +51,51 @@ def test_lgc_refuses_scatter_reduce_and_bad_parameters():
                           ({"train_steps": 0}, "train_steps")):
         with pytest.raises(ValueError, match=match):
             hvdquant.LGC(**kwargs)
+
+
+def train_main_job_model(make_opt, steps: int) -> float:
+    """The main job's CNN and data (Fashion-MNIST, rank-strided shards, 64 images per rank and step,
+    SGD lr 0.02 momentum 0.9); the same initial weights and batches for every optimizer. Returns the
+    test accuracy on the 10k test images."""
+    from hvdquant.data import load_fashion_mnist
+    from hvdquant.examples.models import SmallCNN
+
+    train_x, train_y, test_x, test_y = load_fashion_mnist()
+    train_x, train_y = train_x[hvd.rank()::hvd.size()], train_y[hvd.rank()::hvd.size()]
+    torch.manual_seed(0)
+    model = SmallCNN()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = make_opt(model, torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9))
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(hvd.rank()))
+    for step in range(steps):
+        idx = order[(64 * step) % len(order):][:64]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((model(test_x).argmax(1) == test_y).float().mean())
+
+
+def test_lgc_trains_the_main_jobs_model_within_two_points_of_uncompressed():
+    """Issue 8's acceptance: LGC in the parameter-server form (ratio 0.05, innovation 0.3, warm-up 100
+    and autoencoder training 100 exchanges, then 800 compressed steps) reaches Horovod fp32's test
+    accuracy within 2 points after 1000 steps (600 were not enough: 0.848 vs 0.873 at np 2). The ring
+    form is not tested for accuracy: on this model its error feedback diverges a few dozen steps after
+    the stage switch (docs/RESULTS.md). Runs under the Gloo controller only (the Horovod stages run np 2
+    and 4 with Gloo and with MPI; once per world size is enough for a training run of this length)."""
+    if not hvd.gloo_enabled():
+        pytest.skip("training-length test: run once per world size, under --gloo")
+    steps = 1000
+    fp32 = train_main_job_model(lambda m, sgd: hvd.DistributedOptimizer(sgd, named_parameters=m.named_parameters()),
+                                steps)
+    codec = hvdquant.LGC(ratio=0.05, innovation_ratio=0.3, warmup_steps=100, train_steps=100, form="ps")
+    made = []
+
+    def lgc_opt(m, sgd):
+        made.append(hvdquant.DistributedOptimizer(sgd, named_parameters=m.named_parameters(), codec=codec))
+        return made[0]
+
+    lgc = train_main_job_model(lgc_opt, steps)
+    bits = made[0].hvdquant_stats()["lgc_stage_bits_per_coordinate"]
+    assert bits["compress"] < 4.0  # compressing for real in the last 800 steps (fp32: 32 bits)
+    assert lgc >= fp32 - 0.02, f"LGC {lgc:.4f} vs fp32 {fp32:.4f} after {steps} steps"
