@@ -67,6 +67,7 @@ def timed(comm, label: str, n: int, fn: Callable, grad, repeats: int, rows: list
         nbytes, elapsed = result if isinstance(result, tuple) else (result, elapsed)
         times.append(elapsed)
     worst = comm.allreduce(statistics.median(times), op=MPI.MAX)
+    nbytes = comm.allreduce(nbytes) / comm.Get_size()  # the mean: NDQSG's ranks send different sizes
     row = {"method": label, "n": n, "ranks": comm.Get_size(), "seconds": worst, "bytes_per_rank": nbytes,
            "bits_per_coordinate": 8.0 * nbytes / n, **(extra() if extra else {})}
     rows.append(row)

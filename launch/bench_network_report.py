@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BEGIN, END = "<!-- network: begin (launch/bench_network_report.py) -->", "<!-- network: end -->"
-LINK_BPS = {"100mbit": 1e8, "1gbit": 1e9, "10gbit": 1e10}
+LINK_BPS = {"100mbit": 1e8, "1gbit": 1e9, "10gbit": 1e10, "unshaped": None}  # unshaped: the compute floor
 BASE, FP16, POWERSGD = "horovod fp32", "horovod fp16", "ddp powersgd rank 4 (gloo)"
 
 
@@ -97,7 +97,7 @@ def crossovers(by: dict, links: list[str], sizes: list[int]) -> list[str]:
     """Where each hvdquant scheme (best transport) is slower than Horovod fp32 or fp16."""
     out = ["### Where hvdquant does not win", "", "Best transport of each scheme against Horovod fp32 and fp16 "
            "(speed-up < 1 means hvdquant is slower):", "", "| scheme | " +
-           " | ".join(f"{link} n={n:.0e}" for link in links for n in sizes) + " |",
+           " | ".join(f"{link} n={n:.2g}" for link in links for n in sizes) + " |",
            "|---|" + "---:|" * (len(links) * len(sizes))]
     schemes = ["dqsg s=1", "dqsg s=3", "qsgd", "1-bit", "top-1%", "ndqsg (3)", "ndqsg-sum", "ring coset",
                "ddp powersgd"]
@@ -133,28 +133,30 @@ def time_to_accuracy(tta: list[dict]) -> list[str]:
 
 
 def plot(by: dict, links: list[str], sizes: list[int], path: Path) -> None:
-    n = max(sizes)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    methods = sorted({m for link in links for m in by.get((link, n), {})} - {BASE})
-    for m in methods:
-        xs, ys = [], []
-        for link in links:
-            cell = by.get((link, n), {})
-            if m in cell and BASE in cell:
-                xs.append(LINK_BPS[link] / 1e9)
-                ys.append(cell[BASE]["seconds"] / cell[m]["seconds"])
-        if xs:
-            ax.plot(xs, ys, marker="o", label=m, linewidth=1)
-    ax.axhline(1.0, color="k", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("link rate (Gbit/s, shared by 4 ranks)")
-    ax.set_ylabel("speed-up over Horovod fp32")
-    ax.set_title(f"one gradient exchange, n = {n:.2g}")
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3, which="both")
+    """Speed-up over Horovod fp32 against the link rate, one panel per gradient size."""
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5), squeeze=False, sharey=True)
+    methods = sorted({m for k, cell in by.items() for m in cell} - {BASE})
+    for ax, n in zip(axes[0], sizes, strict=True):
+        for i, m in enumerate(methods):
+            xs, ys = [], []
+            for link in links:
+                cell = by.get((link, n), {})
+                if m in cell and BASE in cell and LINK_BPS[link]:
+                    xs.append(LINK_BPS[link] / 1e9)
+                    ys.append(cell[BASE]["seconds"] / cell[m]["seconds"])
+            if xs:
+                ax.plot(xs, ys, marker="o", label=m, linewidth=1, color=plt.cm.tab20(i % 20),
+                        linestyle="-" if i < 20 else "--")
+        ax.axhline(1.0, color="k", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link rate (Gbit/s, shared by 4 ranks)")
+        ax.set_title(f"one gradient exchange, n = {n:.2g}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("speed-up over Horovod fp32")
+    axes[0][-1].legend(fontsize=6, ncol=1, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from hvdquant.adapters.agreement import agree, check_seed
-from hvdquant.codecs.base import empirical_entropy, flat32
+from hvdquant.codecs.base import all_finite, empirical_entropy, flat32
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.kernels import DitherKey, ops, tensor_id
@@ -144,7 +144,7 @@ class DQSGCompression:
         absmax = self.codec.bucket_absmax(tensor)
         common = hvd.allreduce(absmax, op=hvd.Max, name=f"hvdquant.scale.{name}")
         self.stats.record(name, 0, absmax)
-        if not bool(torch.isfinite(common).all()):
+        if not all_finite(common):
             # Every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread.
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank "
                                      f"at step {step}; hvdquant refuses to quantize it")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, check_int, flat32
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, check_int, flat32
 from hvdquant.kernels import DitherKey, ops
 
 
@@ -82,7 +82,7 @@ class DQSG(Codec):
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         flat = flat32(g)
         delta = self.step_size(self.bucket_absmax(flat))
-        if not bool(torch.isfinite(delta).all()):
+        if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         sym = self.quantize(flat, delta, ctx.key, symbols=True)
         return Encoded(flat.numel(), {"delta": delta, "symbols": ops.pack_symbols(sym, self.symbols)},

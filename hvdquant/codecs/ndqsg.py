@@ -21,7 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import AggregateStats, Codec, Encoded, Layout, Recover, TensorContext, check_int, flat32
+from hvdquant.codecs.base import (
+    AggregateStats,
+    Codec,
+    Encoded,
+    Layout,
+    Recover,
+    TensorContext,
+    all_finite,
+    check_int,
+    flat32,
+)
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.kernels import ops
 
@@ -89,7 +99,7 @@ class NDQSG(Codec):
         flat = flat32(g)
         fine = self.fine
         delta = fine.step_size(fine.bucket_absmax(flat))
-        if not bool(torch.isfinite(delta).all()):
+        if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         rho = self.nesting_ratio
         k = fine.quantize(flat, delta, ctx.key)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, flat32
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, flat32
 from hvdquant.kernels import ops
 
 
@@ -35,7 +35,7 @@ class OneBitQuantizer(Codec):
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         flat = flat32(g)
-        if not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         c = columns(ctx.shape) if flat.numel() else 1
         pos, neg = ops.onebit_column_means(flat, c)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, check_int, flat32
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, check_int, flat32
 from hvdquant.kernels import elias, ops
 
 
@@ -66,7 +66,7 @@ class QSGD(Codec):
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         flat = flat32(g)
         scale = (ops.bucket_l2 if self.norm == "l2" else ops.bucket_absmax)(flat, self.bucket_size)
-        if not bool(torch.isfinite(scale).all()):
+        if not all_finite(scale):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         codes = ops.qsgd_encode(flat, scale, self.bucket_size, self.levels, ctx.key)
         sym = (codes + self.levels).view(torch.uint8)

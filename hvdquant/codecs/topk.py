@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, flat32
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, flat32
 from hvdquant.kernels import ops
 
 
@@ -43,7 +43,7 @@ class TopK(Codec):
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         flat = flat32(g)
-        if not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         idx = ops.topk_indices(flat, self.k(flat.numel()))
         return Encoded(flat.numel(), {"indices": idx.to(torch.int32), "values": flat[idx]})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import AggregateStats, Codec, Encoded, TensorContext
+from hvdquant.codecs.base import AggregateStats, Codec, Encoded, TensorContext, all_finite
 from hvdquant.codecs.feedback import ErrorFeedback
 from hvdquant.codecs.lgc import LGC
 from hvdquant.codecs.ndqsg import NDQSG
@@ -36,7 +36,7 @@ REDUCERS = ("allgather", "scatter_reduce")
 def check_finite_output(out: torch.Tensor) -> None:
     """Finite inputs can still decode past float32's range (|g| near 3.4e38: Δ(k − u) exceeds it).
     Every rank decodes the same bits, so every rank raises; no inf reaches the parameters."""
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise FloatingPointError("decoded gradient overflows float32 (inputs near float32's maximum); "
                                  "scale the loss down")
 
@@ -186,7 +186,7 @@ class PayloadExchange:
             cname = f"{name}#{c}{phase}"
             return TensorContext(cname, (hi - lo,), DitherKey(seed, step, tensor_id(cname), sender), ranks)
 
-        finite = bool(torch.isfinite(flat).all())
+        finite = all_finite(flat)
         status = hvd.allgather_async(torch.tensor([0 if finite else 1], dtype=torch.int64),
                                      name=f"hvdquant.{name}.status")
         encs = [self.codec.encode(flat[lo:hi], chunk_ctx(c, rank, "")) for c, (lo, hi) in enumerate(chunks)] \

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from hvdquant.codecs.base import flat32, split_bytes
+from hvdquant.codecs.base import all_finite, flat32, split_bytes
 from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, to_chunks
 from hvdquant.kernels import ops
 from hvdquant.stats import CommStats
@@ -74,7 +74,7 @@ class LGCExchange:
         rank, ranks = hvd.rank(), hvd.size()
         shape, dtype = tuple(tensor.shape), tensor.dtype
         flat = flat32(tensor)
-        if not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             wait, _ = allgather_bytes(None, f"hvdquant.lgc.{name}")
             return wait
         c = flat.double() + self.residuals.get(name, torch.zeros(flat.numel(), dtype=torch.float64))

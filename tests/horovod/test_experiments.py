@@ -51,4 +51,4 @@ def test_paper_runner_records_every_method_kind(tmp_path, monkeypatch):
                                       "--docs", str(docs)])
     report.main()
     text = (docs / "RESULTS.md").read_text()
-    assert "`ndqsg-3.31-d512`" in text and (docs / "results_fc.png").stat().st_size > 0
+    assert "`ndqsg-3.31-d512`" in text and (docs / "results_fc_6.png").stat().st_size > 0
