@@ -18,7 +18,7 @@ run_stage() {
     rm -rf "$reports"
     printf '\n===== %s: %s\n' "$name" "$*"
     local t0=$SECONDS
-    HVDQ_TEST_REPORT="$reports" timeout --kill-after=30 "${HVDQ_STAGE_TIMEOUT:-900}" "$@" 2>&1 | tee "$log"
+    HVDQ_TEST_REPORT="$reports" timeout --kill-after=30 "${HVDQ_STAGE_TIMEOUT:-1800}" "$@" 2>&1 | tee "$log"
     local rc=${PIPESTATUS[0]}
     local verdict
     verdict=$(python - "$reports" "$ranks" <<'PY'
