@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append({"method": m, "diverged": str(e)})
     if hvd.rank() == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"paper-{args.model}-P{size}-seed{args.seed}.json"
+        path = args.out / f"paper-{args.model}-P{size}-seed{args.seed}-it{args.iterations}.json"
         path.write_text(json.dumps({
             "model": args.model, "ranks": size, "seed": args.seed, "iterations": args.iterations,
             "batch": args.batch, "lr": args.lr, "lr_decay": "x0.9 every 300 iterations",

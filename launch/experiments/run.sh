@@ -5,7 +5,7 @@
 #   bash launch/experiments/run.sh --full    # P = 2, 4, 8, seeds 0 1 2, 1500 iterations (hours: see docs/RESULTS.md)
 # Override any part: RANKS="2 4" SEEDS="0 1 2" ITERATIONS=1500 MODELS="fc cnn" METHODS=fp32,dqsg-s3 \
 #   bash launch/experiments/run.sh
-# JSON goes to runs/experiments/ (one file per model, P and seed; earlier files are kept, so a
+# JSON goes to runs/experiments/ (one file per model, P, seed and length; earlier files are kept, so a
 # sweep can be split over several calls); the report reads every file there.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"

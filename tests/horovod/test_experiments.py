@@ -31,7 +31,7 @@ def test_paper_runner_records_every_method_kind(tmp_path, monkeypatch):
                 "--out", str(out)])
     if hvd.rank() != 0:
         return
-    data = json.loads((out / f"paper-fc-P{hvd.size()}-seed0.json").read_text())
+    data = json.loads((out / f"paper-fc-P{hvd.size()}-seed0-it6.json").read_text())
     results = {r["method"]: r for r in data["results"]}
     assert list(results) == methods.split(",")
     assert results["fp32"]["bits_per_coordinate"] == 32.0 and results["fp16"]["bits_per_coordinate"] == 16.0
