@@ -37,7 +37,7 @@ import torch
 from hvdquant.adapters.agreement import agree, check_seed
 from hvdquant.codecs.base import all_finite, empirical_entropy, flat32
 from hvdquant.codecs.dqsg import DQSG
-from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
 from hvdquant.kernels import DitherKey, ops, tensor_id
 from hvdquant.stats import CommStats
 from hvdquant.transports.horovod_payload import check_finite_output
@@ -235,7 +235,7 @@ class NestedSumCompression(DQSGCompression):
         if bad:  # the same buckets on every rank: recover their index sums with one more allreduce
             self.failed_buckets += len(bad)
             self.recovery_rounds += 1
-            idx = torch.cat([torch.arange(b * d, min(n, (b + 1) * d)) for b in bad])
+            idx = bucket_coordinates(bad, d, n)
             dlayout = SumFieldLayout.for_levels(self.codec.levels, ranks)
             words = dlayout.pack(k[idx].contiguous())
             self.stats.record(name, 0, words)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
 from hvdquant.kernels import DitherKey, ops, tensor_id
 from hvdquant.transports.summable import SumFieldLayout
 
@@ -210,7 +210,7 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, seed: int, stats: R
         bad = list(range(nb))
     stats.buckets += nb
     if bad:  # the same buckets on every rank: one SUM allreduce of their DQSG(s1) indices
-        idx = torch.cat([torch.arange(b * d, min(n, (b + 1) * d)) for b in bad])
+        idx = bucket_coordinates(bad, d, n)
         layout = SumFieldLayout.for_levels(fine.levels, ranks)
         words = layout.pack(k[idx].contiguous()).numpy()
         summed = np.empty_like(words)

@@ -122,22 +122,19 @@ def targets(table: dict, methods: list[str]) -> list[str]:
     out = ["#### Targets", "", "| model | P | fp32 % | DQSG s=3 − fp32 | NDQSG d512 − fp32 | NDQSG-sum − fp32 "
            "| NDQSG d512 bits / DQSG s=3 bits (allgather) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for model, p in sorted({(k[0], k[1]) for k in table}):
-        def mean_acc(m: str, model: str = model, p: int = p) -> float | None:
+        def mean_of(m: str, field: str, model: str = model, p: int = p) -> float | None:
+            """Mean of a result field over the seeds whose run finished (diverged runs have none)."""
             rs = [r for r in table.get((model, p, m), []) if "final_accuracy" in r]
-            return statistics.mean(r["final_accuracy"] for r in rs) if rs else None
+            return statistics.mean(r[field] for r in rs) if rs else None
 
-        def mean_bits(m: str, model: str = model, p: int = p) -> float | None:
-            rs = [r for r in table.get((model, p, m), []) if "final_accuracy" in r]
-            return statistics.mean(r["bits_per_coordinate"] for r in rs) if rs else None
-
-        base = mean_acc("fp32")
+        base = mean_of("fp32", "final_accuracy")
         if base is None:
             continue
         diffs = []
         for m in ("dqsg-s3", "ndqsg-3.31-d512", "ndqsg-sum-3.31"):
-            a = mean_acc(m)
+            a = mean_of(m, "final_accuracy")
             diffs.append("–" if a is None else f"{100 * (a - base):+.2f} {'✓' if abs(a - base) <= 0.005 else '✗'}")
-        nb, db = mean_bits("ndqsg-3.31-d512"), mean_bits("dqsg-s3-ag")
+        nb, db = mean_of("ndqsg-3.31-d512", "bits_per_coordinate"), mean_of("dqsg-s3-ag", "bits_per_coordinate")
         ratio = "–" if nb is None or db is None else f"{nb / db:.3f} {'✓' if nb <= 0.8 * db else '✗'}"
         seeds = len(table[model, p, "fp32"])
         out.append(f"| {model} | {p} | {pct(base)} ({seeds} seeds) | " + " | ".join(diffs) + f" | {ratio} |")
