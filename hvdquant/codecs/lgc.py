@@ -23,7 +23,15 @@ The paper's body was not available; the choices made here, and why:
 - **Ring form** (``form="ring"``): the leader fixes the index set and chunk scales; every rank
   encodes its own values at those indices with those scales; the latents are summed (gathered and
   summed in rank order: exact, unlike a float allreduce whose order may vary) and the decoder maps
-  the mean latent to the average values (the decoder's near-linearity is the paper's assumption).
+  the mean latent to the average values. The paper assumes a near-linear decoder; here the ring
+  form's decoder *is* linear (transposed convolutions, no activations, no bias: D), so
+  D(mean_p z_p) = mean_p D(z_p) and every rank's error feedback (c_p − D(z_p)) accounts exactly
+  for what the average missed, as in PowerSGD. A first version with the nonlinear decoder diverged
+  on the main job's CNN a few dozen steps after the stage switch: D(mean z) was not the mean of
+  what the residuals assumed had been sent. Each rank also scales its latent per chunk by the
+  least-squares gain α = max(0, ⟨x, D(z)⟩ / ⟨D(z), D(z)⟩), so ‖x − α·D(z)‖ ≤ ‖x‖ (the compressor
+  never adds energy, which error feedback needs) at no extra bytes: D is linear, so the sum of
+  α_p·z_p still decodes to the mean of the α_p·D(z_p).
 - **Error feedback** throughout: each rank keeps what its own reconstruction missed.
 
 Every rank must run torch with the same number of threads (convolutions may sum in a different
@@ -88,7 +96,8 @@ class LGC:
 
 
 class ChunkAutoencoder(nn.Module):
-    """Four stride-2 Conv1d (1 → hidden → hidden → hidden → latent channels) and their mirror."""
+    """Four stride-2 Conv1d (1 → hidden → hidden → hidden → latent channels) and their mirror; the
+    mirror is linear (no activations, no bias) in the ring form, whose latents are summed."""
 
     def __init__(self, cfg: LGC) -> None:
         super().__init__()
@@ -96,9 +105,14 @@ class ChunkAutoencoder(nn.Module):
         conv = {"kernel_size": 4, "stride": 2, "padding": 1}
         self.encoder = nn.Sequential(nn.Conv1d(1, h, **conv), nn.ReLU(), nn.Conv1d(h, h, **conv), nn.ReLU(),
                                      nn.Conv1d(h, h, **conv), nn.ReLU(), nn.Conv1d(h, z, **conv))
-        self.decoder = nn.Sequential(nn.ConvTranspose1d(z, h, **conv), nn.ReLU(), nn.ConvTranspose1d(h, h, **conv),
-                                     nn.ReLU(), nn.ConvTranspose1d(h, h, **conv), nn.ReLU(),
-                                     nn.ConvTranspose1d(h, 1, **conv))
+        linear = cfg.form == "ring"
+        widths = [(z, h), (h, h), (h, h), (h, 1)]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(widths):
+            layers.append(nn.ConvTranspose1d(a, b, bias=not linear, **conv))
+            if not linear and i < len(widths) - 1:
+                layers.append(nn.ReLU())
+        self.decoder = nn.Sequential(*layers)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x.unsqueeze(1))
@@ -121,6 +135,14 @@ def to_chunks(v: torch.Tensor, chunk: int, scale: torch.Tensor | None = None) ->
         scale = x.abs().amax(1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (x / safe.unsqueeze(1)).clamp_(-1.0, 1.0), scale
+
+
+def least_squares_gain(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per row, α = max(0, ⟨x, d⟩ / ⟨d, d⟩) (0 where d = 0): the α ≥ 0 minimizing ‖x − α·d‖, so that
+    ‖x − α·d‖ ≤ ‖x‖."""
+    dd = (d * d).sum(1)
+    xd = (x * d).sum(1)
+    return torch.where(dd > 0, xd / torch.where(dd > 0, dd, torch.ones_like(dd)), torch.zeros_like(dd)).clamp_(min=0)
 
 
 def from_chunks(x: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:

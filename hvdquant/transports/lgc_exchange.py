@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from hvdquant.codecs.base import all_finite, flat32, split_bytes
-from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, to_chunks
+from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, least_squares_gain, to_chunks
 from hvdquant.kernels import ops
 from hvdquant.stats import CommStats
 from hvdquant.transports.horovod_payload import allgather_bytes, check_finite_output
@@ -201,7 +201,10 @@ class LGCExchange:
         x, _ = to_chunks(c32[idx], self.cfg.chunk, scale)
         with torch.no_grad():
             z = self.ae.encode(x)
-            own = from_chunks(self.ae.decode(z), scale, k)
+            d = self.ae.decode(z)
+            alpha = least_squares_gain(x, d)
+            z = z * alpha.view(-1, 1, 1)  # D linear: D(α·z) = α·D(z)
+            own = from_chunks(d * alpha.unsqueeze(1), scale, k)
         self.codec_seconds += time.perf_counter() - t0
         zbuf = _bytes(z)
         wait, size = allgather_bytes(zbuf, f"hvdquant.lgc.{name}.latent")

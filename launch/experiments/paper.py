@@ -236,6 +236,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merged_results(path: Path, results: list[dict], args: argparse.Namespace) -> list[dict]:
+    """This run's results, plus those of other methods already in ``path`` from a run of the same
+    configuration (so a sweep can be split by method, and one method rerun after a fix), in the
+    order of METHODS. Each result carries the date it was measured."""
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    results = [{**r, "date": now} for r in results]
+    if path.exists():
+        old = json.loads(path.read_text())
+        if (old["batch"], old["lr"]) == (args.batch, args.lr):
+            ran = {r["method"] for r in results}
+            results += [{"date": old["date"], **r} for r in old["results"] if r["method"] not in ran]
+    order = list(METHODS)
+    return sorted(results, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     hvd.init()
@@ -257,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     if hvd.rank() == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"paper-{args.model}-P{size}-seed{args.seed}-it{args.iterations}.json"
+        results = merged_results(path, results, args)
         path.write_text(json.dumps({
             "model": args.model, "ranks": size, "seed": args.seed, "iterations": args.iterations,
             "batch": args.batch, "lr": args.lr, "lr_decay": "x0.9 every 300 iterations",

@@ -59,7 +59,7 @@ def paper_section(runs: list[dict], docs: Path) -> list[str]:
     """One part per iteration count (the quick and the full sweep differ in length)."""
     if not runs:
         return ["No paper-reproduction runs found: run `bash launch/experiments/run.sh --quick`.", ""]
-    dates = sorted({run["date"][:10] for run in runs})
+    dates = sorted({r.get("date", run["date"])[:10] for run in runs for r in run["results"]})
     out = [f"Runs dated {', '.join(dates)}. Total batch {runs[0]['batch']} split across the P ranks, plain SGD, "
            f"lr {runs[0]['lr']} {runs[0]['lr_decay']}; every method starts from the same weights and sees the "
            "same minibatches. Accuracy: the 10k Fashion-MNIST test images. Bits: 8 × bytes handed to "
@@ -231,10 +231,12 @@ def lgc_section(runs: list[dict]) -> list[str]:
                   "- **Short runs.** Warm-up and training take 2/15 of the run here; below a few hundred steps "
                   "the compression stage is too short to pay back, and in 150-iteration runs LGC trails top-k "
                   "and fp32.",
-                  "- **The ring form.** Summing latents and decoding the mean assumes a near-linear decoder; "
-                  "with error feedback the residual then grows without bound on the CNN (rows marked diverged, "
-                  "or far below fp32). Use the parameter-server form; `tests/horovod/test_lgc.py` holds it "
-                  "within 2 points of fp32 after 1000 steps of the main job at np 2 and 4.",
+                  "- **The ring form.** Its latents are summed, so its decoder is linear and each rank scales "
+                  "its latent by a per-chunk least-squares gain (hvdquant/codecs/lgc.py); with the parameter-"
+                  "server form's nonlinear decoder it diverged on the CNN. A linear decoder reconstructs less "
+                  "than the nonlinear one, and the ring form sends no innovation: it relies on error feedback "
+                  "alone for what the leader's index set and the code miss. `tests/horovod/test_lgc.py` holds "
+                  "both forms within 2 points of fp32 after 1000 steps of the main job at np 2 and 4.",
                   "- **Against plain top-k.** LGC sends 1.2–1.5 bits per coordinate in its compression stage "
                   "against top-5%'s 3.4–3.9, at a cost in accuracy that top-k with error feedback does not pay; "
                   "where 3–4 bits are affordable, top-k (or DQSG, unbiased, at 3–5 bits) is the simpler choice.",

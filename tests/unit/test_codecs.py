@@ -205,3 +205,33 @@ def test_topk_keeps_the_largest_and_breaks_ties_by_index():
     bad.fields["indices"][0] = 99
     with pytest.raises(ValueError, match="outside"):
         codec.decode(bad, c)
+
+
+def test_lgc_ring_decoder_is_linear_and_its_gain_never_adds_energy():
+    """The ring form sums latents, so its decoder must satisfy D(Σ α_p z_p) = Σ α_p D(z_p) (exact up
+    to float32 rounding: bound 1e-5 relative), and α = argmin ‖x − α·D(z)‖ over α ≥ 0 gives
+    ‖x − α·D(z)‖ ≤ ‖x‖ for every chunk (the error feedback's non-expansion)."""
+    from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, least_squares_gain, to_chunks
+
+    torch.manual_seed(0)
+    ring = ChunkAutoencoder(LGC(form="ring"))
+    assert not any(isinstance(m, torch.nn.ReLU) for m in ring.decoder)
+    assert all(m.bias is None for m in ring.decoder)
+    assert any(isinstance(m, torch.nn.ReLU) for m in ChunkAutoencoder(LGC(form="ps")).decoder)
+    with torch.no_grad():
+        xs = [to_chunks(torch.randn(640), 64)[0] for _ in range(3)]
+        zs, ds = [], []
+        for x in xs:
+            z = ring.encode(x)
+            d = ring.decode(z)
+            a = least_squares_gain(x, d)
+            assert (a >= 0).all()
+            assert ((x - a.unsqueeze(1) * d).norm(dim=1) <= x.norm(dim=1) * (1 + 1e-6)).all()
+            zs.append(z * a.view(-1, 1, 1))
+            ds.append(d * a.unsqueeze(1))
+        summed = ring.decode(sum(zs))
+        assert torch.allclose(summed, sum(ds), rtol=1e-5, atol=1e-6 * float(sum(ds).abs().max()))
+    x = torch.ones(2, 64)
+    assert least_squares_gain(x, torch.zeros(2, 64)).eq(0).all()  # D(z) = 0: nothing sent
+    assert least_squares_gain(x, -x).eq(0).all()  # anti-aligned: α clamps to 0
+    assert torch.allclose(least_squares_gain(x, 2 * x), torch.full((2,), 0.5))
