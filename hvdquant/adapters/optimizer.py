@@ -178,6 +178,7 @@ def _stats(state: _State) -> dict:
         "entropy_bits_per_coordinate": ex.entropy_bits_per_coordinate,
         "bytes_handed": ex.stats.bytes_handed,
         "coordinates": ex.stats.coordinates,  # every coordinate exchanged (compressed or not)
+        "compressed_coordinates": ex.payload.coordinates,  # those the codec encoded (the rest: float32)
         "failed_buckets": ex.totals.failed_buckets,
         "failed_coordinates": ex.totals.failed_coordinates,
         "recovery_rounds": ex.totals.recovery_rounds,

@@ -208,9 +208,8 @@ def comm_stats(codec, opt, method: Method) -> dict:
         payload_coords = s["coordinates"]
         # entropy_bits_per_coordinate covers the compressed tensors; the rest travel as float32
         ent = s["entropy_bits_per_coordinate"]
-        exact_coords = payload_coords - opt._hvdquant.exchange.payload.coordinates
-        bits = None if ent is None or math.isnan(ent) else \
-            ent * opt._hvdquant.exchange.payload.coordinates + 32.0 * exact_coords
+        compressed = s["compressed_coordinates"]
+        bits = None if ent is None or math.isnan(ent) else ent * compressed + 32.0 * (payload_coords - compressed)
         return {"bytes_handed": s["bytes_handed"], "coordinates": payload_coords, "entropy_bits": bits,
                 "failed_buckets": s["failed_buckets"]}
     stats = codec.stats

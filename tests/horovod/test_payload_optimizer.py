@@ -72,6 +72,10 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
         else:
             assert measured == pytest.approx(expected, rel=0.01)
     assert stats["bits_per_coordinate"] >= stats["payload_bits_per_coordinate"]
+    # every weight matrix goes through the codec, every bias (1-D) travels as float32
+    compressed = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    assert stats["compressed_coordinates"] == 6 * compressed
+    assert stats["coordinates"] == 6 * sum(p.numel() for p in model.parameters())
     assert stats["entropy_bits_per_coordinate"] <= stats["payload_bits_per_coordinate"] + 1e-9
 
 
