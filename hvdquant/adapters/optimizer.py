@@ -191,6 +191,9 @@ def _state_dict(self):
     codec = self._hvdquant.codec
     sd["hvdquant"] = {"steps": dict(self._hvdquant.steps), "seed": self._hvdquant.agreed_seed,
                       "residuals": codec.state_dict() if hasattr(codec, "state_dict") else {}}
+    lgc = self._hvdquant.exchange.lgc
+    if lgc is not None:
+        sd["hvdquant"]["lgc"] = lgc.state_dict()
     return sd
 
 
@@ -203,6 +206,13 @@ def _load_state_dict(self, state_dict):
         self._hvdquant.agreed_seed = None  # agree again: every rank must have restored the same state
         if hasattr(self._hvdquant.codec, "load_state_dict"):
             self._hvdquant.codec.load_state_dict(extra["residuals"])
+        lgc = self._hvdquant.exchange.lgc
+        if (lgc is None) != ("lgc" not in extra):
+            raise ValueError("checkpoint and optimizer disagree on LGC: the checkpoint "
+                             f"{'has no' if lgc is not None else 'has'} LGC state, the optimizer's codec "
+                             f"{'is' if lgc is not None else 'is not'} hvdquant.LGC")
+        if lgc is not None:
+            lgc.load_state_dict(extra["lgc"])
     self._handles = {}
     self._synchronized = False
     self._should_synchronize = True

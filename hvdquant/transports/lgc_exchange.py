@@ -7,6 +7,7 @@ invokes in sorted parameter-name order.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -47,6 +48,22 @@ class LGCExchange:
         self.train_loss: list[float] = []
         self.codec_seconds = 0.0
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue bit for bit: the autoencoder and its Adam state (rank
+        0's trained weights before the switch, the broadcast ones after), whether it is frozen, this
+        rank's float64 residuals and the training record. Copies, so later steps do not change it."""
+        return copy.deepcopy({"ae": self.ae.state_dict(), "adam": self.opt.state_dict(), "frozen": self.frozen,
+                              "residuals": self.residuals, "ae_updates": self.ae_updates,
+                              "train_loss": self.train_loss})
+
+    def load_state_dict(self, state: dict) -> None:
+        state = copy.deepcopy(state)
+        self.ae.load_state_dict(state["ae"])
+        self.opt.load_state_dict(state["adam"])
+        self.frozen, self.residuals = bool(state["frozen"]), state["residuals"]
+        self.ae_updates, self.train_loss = int(state["ae_updates"]), list(state["train_loss"])
+        self.ae.eval()
+
     @property
     def ae_parameters(self) -> int:
         return sum(p.numel() for p in self.ae.parameters())
@@ -84,7 +101,7 @@ class LGCExchange:
         leader = step % ranks
         if stage == "compress" and not self.frozen:
             raise RuntimeError(f"LGC: '{name}' reached the compression stage but the autoencoder was never "
-                               "trained and broadcast (a restored optimizer? LGC state is not checkpointed)")
+                               "trained and broadcast (step counters restored without the LGC state?)")
         if stage != "compress":
             return self._topk_round(name, c, c32, n, k, stage, step, rank, ranks, shape, dtype)
         t0 = time.perf_counter()

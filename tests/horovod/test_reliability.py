@@ -106,13 +106,21 @@ def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize("codec", ["dqsg", "onebit-ef"])
+RESUMABLE = {"dqsg": lambda: hvdquant.DQSG(1, 256), "onebit-ef": hvdquant.OneBitSGD,
+             # checkpoint at step 4, inside the autoencoder-training stage (steps 2-4); the resumed run
+             # trains once more, switches (broadcast) after step 4, and compresses in steps 5-7
+             "lgc-ps": lambda: hvdquant.LGC(ratio=0.1, warmup_steps=2, train_steps=3, form="ps"),
+             "lgc-ring": lambda: hvdquant.LGC(ratio=0.1, warmup_steps=2, train_steps=3, form="ring")}
+
+
+@pytest.mark.parametrize("codec", sorted(RESUMABLE))
 @pytest.mark.parametrize("seed", [None, 11])
 def test_determinism_and_checkpoint_resume(codec, seed):
     """Two runs with the same seed give the same bits; checkpoint at step k and resume gives, at
     step 2k, the bits of the uninterrupted run (momentum, residuals, step counters and the agreed
-    seed travel in the optimizer's state_dict). seed=None: rank 0's torch.initial_seed()."""
-    make = {"dqsg": lambda: hvdquant.DQSG(1, 256), "onebit-ef": hvdquant.OneBitSGD}[codec]
+    seed travel in the optimizer's state_dict; for LGC also the autoencoder, its Adam state and
+    whether it is frozen). seed=None: rank 0's torch.initial_seed()."""
+    make = RESUMABLE[codec]
     k = 4
     a_model, a_opt = fresh(make, seed)
     train(a_model, a_opt, range(2 * k))
@@ -142,3 +150,17 @@ def test_resumed_ranks_with_different_steps_are_detected():
     with pytest.raises(ValueError, match="steps: rank 0 has"):
         train(model2, opt2, range(2, 3))
     opt2._handles.clear()
+
+
+def test_lgc_checkpoint_and_optimizer_must_agree():
+    """Restoring a checkpoint without LGC state into an LGC optimizer (or the reverse) is refused by
+    name, instead of failing later at the compression stage."""
+    lgc = lambda: hvdquant.LGC(ratio=0.1, warmup_steps=1, train_steps=1)  # noqa: E731
+    dqsg_model, dqsg_opt = fresh(lambda: hvdquant.DQSG(1, 256), 3)
+    lgc_model, lgc_opt = fresh(lgc, 3)
+    train(dqsg_model, dqsg_opt, range(2))
+    train(lgc_model, lgc_opt, range(2))
+    with pytest.raises(ValueError, match="has no LGC state"):
+        fresh(lgc, 3)[1].load_state_dict(dqsg_opt.state_dict())
+    with pytest.raises(ValueError, match="has LGC state"):
+        fresh(lambda: hvdquant.DQSG(1, 256), 3)[1].load_state_dict(lgc_opt.state_dict())
