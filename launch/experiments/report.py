@@ -224,7 +224,8 @@ def lgc_section(runs: list[dict]) -> list[str]:
                    f"{r['codec_seconds_per_step']:.4f} | {r['ae_parameters']:,} / {r['model_parameters']:,} | "
                    f"{r['ae_flops_per_step'] / r['model_flops_per_step']:.3f} |")
     return out + ["", "Where LGC is not worth it (read with the rows above and docs/BENCHMARKS.md):", "",
-                  "- **Small models.** The autoencoder is a fixed 1,397 parameters: 7.6% of the main job's CNN. "
+                  "- **Small models.** The autoencoder is a fixed ~1,400 parameters (1,397 in the parameter-"
+                  "server form, 1,372 in the ring form without decoder biases): 7.5–7.6% of the main job's CNN. "
                   "For such a model the gradient was never the bottleneck (docs/BENCHMARKS.md: at 100 Mbit/s "
                   "compression does not shorten the CNN's time to accuracy), and the warm-up and autoencoder "
                   "stages cost accuracy before any byte is saved.",
