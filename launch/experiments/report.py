@@ -223,6 +223,28 @@ def lgc_section(runs: list[dict]) -> list[str]:
         out.append(head + f"{acc} | {r['bits_per_coordinate']:.3f} | {stage:.3f} | "
                    f"{r['codec_seconds_per_step']:.4f} | {r['ae_parameters']:,} / {r['model_parameters']:,} | "
                    f"{r['ae_flops_per_step'] / r['model_flops_per_step']:.3f} |")
+    short = min(run["iterations"] for run, _ in rows)
+    gaps, below_topk, pairs = [], 0, 0
+    for run in runs:
+        acc = {q["method"]: q.get("final_accuracy") for q in run["results"]}
+        if run["iterations"] != short or acc.get("fp32") is None:
+            continue
+        for form in ("lgc-ps", "lgc-ring"):
+            if acc.get(form) is not None:
+                gaps.append(100 * (acc[form] - acc["fp32"]))
+                if acc.get("topk-ef-5%") is not None:
+                    pairs += 1
+                    below_topk += acc[form] < acc["topk-ef-5%"]
+    short_runs = (f"in the {short}-iteration runs LGC ends {min(gaps):+.1f} to {max(gaps):+.1f} points from fp32, "
+                  f"below top-k in {below_topk} of {pairs} runs." if gaps else "")
+    lgc_bits = [r["lgc_stage_bits_per_coordinate"]["compress"] for _, r in rows
+                if "compress" in r.get("lgc_stage_bits_per_coordinate", {})]
+    topk_bits = [r["bits_per_coordinate"] for _, r in rows
+                 if r["method"] == "topk-ef-5%" and "bits_per_coordinate" in r]
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.1f}–{max(values):.1f}" if values else "–"
+
     return out + ["", "Where LGC is not worth it (read with the rows above and docs/BENCHMARKS.md):", "",
                   "- **Small models.** The autoencoder is a fixed ~1,400 parameters (1,397 in the parameter-"
                   "server form, 1,372 in the ring form without decoder biases): 7.5–7.6% of the main job's CNN. "
@@ -230,16 +252,16 @@ def lgc_section(runs: list[dict]) -> list[str]:
                   "compression does not shorten the CNN's time to accuracy), and the warm-up and autoencoder "
                   "stages cost accuracy before any byte is saved.",
                   "- **Short runs.** Warm-up and training take 2/15 of the run here; below a few hundred steps "
-                  "the compression stage is too short to pay back, and in 150-iteration runs LGC trails top-k "
-                  "and fp32.",
+                  "the compression stage is too short to pay back: " + short_runs,
                   "- **The ring form.** Its latents are summed, so its decoder is linear and each rank scales "
                   "its latent by a per-chunk least-squares gain (hvdquant/codecs/lgc.py); with the parameter-"
                   "server form's nonlinear decoder it diverged on the CNN. A linear decoder reconstructs less "
                   "than the nonlinear one, and the ring form sends no innovation: it relies on error feedback "
                   "alone for what the leader's index set and the code miss. `tests/horovod/test_lgc.py` holds "
                   "both forms within 2 points of fp32 after 1000 steps of the main job at np 2 and 4.",
-                  "- **Against plain top-k.** LGC sends 1.2–1.5 bits per coordinate in its compression stage "
-                  "against top-5%'s 3.4–3.9, at a cost in accuracy that top-k with error feedback does not pay; "
+                  f"- **Against plain top-k.** LGC sends {span(lgc_bits)} bits per coordinate in its compression "
+                  f"stage against top-5%'s {span(topk_bits)}, at a cost in accuracy that top-k with error feedback "
+                  "does not pay; "
                   "where 3–4 bits are affordable, top-k (or DQSG, unbiased, at 3–5 bits) is the simpler choice.",
                   ""]
 
