@@ -224,8 +224,10 @@ def main() -> None:
         path = args.out / "bench_network.json"
         old = json.loads(path.read_text()) if path.exists() else {"rows": []}
         stamp = {"link": args.label, "framework": args.framework, "date": datetime.now().isoformat(timespec="seconds")}
+        # a rerun replaces its own (method, size) rows and keeps the rest (e.g. one size remeasured)
+        ran = {(x["method"], x["n"]) for x in rows}
         keep = [r for r in old["rows"] if not (r["link"] == args.label and r["framework"] == args.framework
-                                               and (not wanted or r["method"] in {x["method"] for x in rows}))]
+                                               and (r["method"], r["n"]) in ran)]
         path.write_text(json.dumps({"rows": keep + [{**stamp, **r} for r in rows]}, indent=1))
 
 

@@ -137,7 +137,8 @@ def targets(table: dict, methods: list[str]) -> list[str]:
         nb, db = mean_of("ndqsg-3.31-d512", "bits_per_coordinate"), mean_of("dqsg-s3-ag", "bits_per_coordinate")
         ratio = "–" if nb is None or db is None else f"{nb / db:.3f} {'✓' if nb <= 0.8 * db else '✗'}"
         seeds = len(table[model, p, "fp32"])
-        out.append(f"| {model} | {p} | {pct(base)} ({seeds} seeds) | " + " | ".join(diffs) + f" | {ratio} |")
+        seeds_run = f"{seeds} seed{'s' if seeds != 1 else ''}"
+        out.append(f"| {model} | {p} | {pct(base)} ({seeds_run}) | " + " | ".join(diffs) + f" | {ratio} |")
     out += ["", "✓: within 0.5 points of fp32 (mean over the seeds run) / at least 20% fewer measured bits "
             "than DQSG s=3 on the same transport (allgather; both pay for uncompressed biases; NDQSG's "
             "recovery traffic included).", ""]
