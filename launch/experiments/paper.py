@@ -237,8 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def merged_results(path: Path, results: list[dict], args: argparse.Namespace) -> list[dict]:
     """This run's results, plus those of other methods already in ``path`` from a run of the same
-    configuration (so a sweep can be split by method, and one method rerun after a fix), in the
-    order of METHODS. Each result carries the date it was measured."""
+    configuration (so a sweep can be split by method, and one method rerun after a fix): this run's
+    in the order run, then the others in their recorded order. Each result carries the date it was
+    measured."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
     results = [{**r, "date": now} for r in results]
     if path.exists():
@@ -246,8 +247,7 @@ def merged_results(path: Path, results: list[dict], args: argparse.Namespace) ->
         if (old["batch"], old["lr"]) == (args.batch, args.lr):
             ran = {r["method"] for r in results}
             results += [{"date": old["date"], **r} for r in old["results"] if r["method"] not in ran]
-    order = list(METHODS)
-    return sorted(results, key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,3 +52,18 @@ def test_paper_runner_records_every_method_kind(tmp_path, monkeypatch):
     report.main()
     text = (docs / "RESULTS.md").read_text()
     assert "`ndqsg-3.31-d512`" in text and (docs / "results_fc_6.png").stat().st_size > 0
+
+
+def test_paper_runner_merges_a_rerun_of_some_methods(tmp_path):
+    """Rerunning one method replaces its result and keeps the others' (a sweep split by method)."""
+    paper = load("paper")
+    args = ["--model", "fc", "--iterations", "4", "--eval-every", "2", "--out", str(tmp_path)]
+    paper.main(args + ["--methods", "fp32,fp16"])
+    path = tmp_path / f"paper-fc-P{hvd.size()}-seed0-it4.json"
+    first = json.loads(path.read_text())["results"] if hvd.rank() == 0 else None
+    paper.main(args + ["--methods", "fp16,dqsg-s3"])
+    if hvd.rank() != 0:
+        return
+    merged = json.loads(path.read_text())["results"]
+    assert [r["method"] for r in merged] == ["fp16", "dqsg-s3", "fp32"]  # this run's, then the kept ones
+    assert merged[2] == first[0]  # fp32 kept as recorded, with its date
