@@ -201,16 +201,16 @@ def _load_state_dict(self, state_dict):
     state_dict = dict(state_dict)
     extra = state_dict.pop("hvdquant", None)
     if extra is not None:
+        lgc = self._hvdquant.exchange.lgc
+        if (lgc is None) != ("lgc" not in extra):  # refused before anything is restored
+            raise ValueError("checkpoint and optimizer disagree on LGC: the checkpoint "
+                             f"{'has no' if lgc is not None else 'has'} LGC state, the optimizer's codec "
+                             f"{'is' if lgc is not None else 'is not'} hvdquant.LGC")
         self._hvdquant.steps = dict(extra["steps"])
         self._hvdquant.restored_seed = extra["seed"]
         self._hvdquant.agreed_seed = None  # agree again: every rank must have restored the same state
         if hasattr(self._hvdquant.codec, "load_state_dict"):
             self._hvdquant.codec.load_state_dict(extra["residuals"])
-        lgc = self._hvdquant.exchange.lgc
-        if (lgc is None) != ("lgc" not in extra):
-            raise ValueError("checkpoint and optimizer disagree on LGC: the checkpoint "
-                             f"{'has no' if lgc is not None else 'has'} LGC state, the optimizer's codec "
-                             f"{'is' if lgc is not None else 'is not'} hvdquant.LGC")
         if lgc is not None:
             lgc.load_state_dict(extra["lgc"])
     self._handles = {}

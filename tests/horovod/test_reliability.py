@@ -1,6 +1,8 @@
 """Bad input, mismatched ranks, determinism and checkpoints through real Horovod (docs/RELIABILITY.md).
 Every test finishes its collectives on every rank before asserting."""
 
+import functools
+
 import horovod.torch as hvd
 import pytest
 import torch
@@ -155,12 +157,14 @@ def test_resumed_ranks_with_different_steps_are_detected():
 def test_lgc_checkpoint_and_optimizer_must_agree():
     """Restoring a checkpoint without LGC state into an LGC optimizer (or the reverse) is refused by
     name, instead of failing later at the compression stage."""
-    lgc = lambda: hvdquant.LGC(ratio=0.1, warmup_steps=1, train_steps=1)  # noqa: E731
-    dqsg_model, dqsg_opt = fresh(lambda: hvdquant.DQSG(1, 256), 3)
+    lgc = functools.partial(hvdquant.LGC, ratio=0.1, warmup_steps=1, train_steps=1)
+    dqsg_model, dqsg_opt = fresh(RESUMABLE["dqsg"], 3)
     lgc_model, lgc_opt = fresh(lgc, 3)
     train(dqsg_model, dqsg_opt, range(2))
     train(lgc_model, lgc_opt, range(2))
-    with pytest.raises(ValueError, match="has no LGC state"):
-        fresh(lgc, 3)[1].load_state_dict(dqsg_opt.state_dict())
-    with pytest.raises(ValueError, match="has LGC state"):
-        fresh(lambda: hvdquant.DQSG(1, 256), 3)[1].load_state_dict(lgc_opt.state_dict())
+    for (make, match), checkpoint in (((lgc, "has no LGC state"), dqsg_opt.state_dict()),
+                                      ((RESUMABLE["dqsg"], "has LGC state"), lgc_opt.state_dict())):
+        target = fresh(make, 3)[1]
+        with pytest.raises(ValueError, match=match):
+            target.load_state_dict(checkpoint)
+        assert target.state_dict()["hvdquant"]["steps"] == {}  # nothing restored from the refused checkpoint
