@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from hvdquant.codecs.base import all_finite, flat32, split_bytes
-from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, least_squares_gain, to_chunks
+from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, innovation, least_squares_gain, rebuild, to_chunks
 from hvdquant.kernels import ops
 from hvdquant.stats import CommStats
 from hvdquant.transports.horovod_payload import allgather_bytes, check_finite_output
@@ -108,8 +108,11 @@ class LGCExchange:
         if rank == leader:
             idx = ops.topk_indices(c32, k)
             x, scale = to_chunks(c32[idx], self.cfg.chunk)
-            with torch.no_grad():
-                z = self.ae.encode(x) if self.cfg.form == "ps" else torch.empty(0)
+            z = torch.empty(0)
+            if self.cfg.form == "ps":
+                with torch.no_grad():
+                    z = self.ae.encode(x)
+                    scale = scale * least_squares_gain(x, self.ae.decode(z))  # ‖x − α·D(z)‖ ≤ ‖x‖
             buf = _bytes(idx.to(torch.int32), scale, z)
         else:
             buf = torch.empty(0, dtype=torch.uint8)
@@ -190,11 +193,10 @@ class LGCExchange:
         t0 = time.perf_counter()
         with torch.no_grad():
             base = from_chunks(self.ae.decode(f["z"].view(self._latent_shape(k))), f["scale"], k)
-        ki = self.cfg.innovations(k)
+        ki, chunk = self.cfg.innovations(k), self.cfg.chunk
         if rank != leader:
-            diff = c32[idx] - base
-            j = ops.topk_indices(diff.contiguous(), ki)
-            buf = _bytes(j.to(torch.int32), diff[j])
+            beta, j, vals = innovation(c32[idx], base, chunk, ki)
+            buf = _bytes(j.to(torch.int32), vals, beta)
         else:
             buf = torch.empty(0, dtype=torch.uint8)
         self.codec_seconds += time.perf_counter() - t0
@@ -203,11 +205,12 @@ class LGCExchange:
         parts = wait()
         total = torch.zeros(k, dtype=torch.float32)
         own = base
+        layout = [("j", torch.int32, ki), ("val", torch.float32, ki), ("beta", torch.float32, -(-k // chunk))]
         for p in range(ranks):
-            vp = base.clone()
+            vp = base
             if p != leader:
-                g = split_bytes(parts[p], [("j", torch.int32, ki), ("val", torch.float32, ki)])
-                vp[g["j"].long()] += g["val"]
+                g = split_bytes(parts[p], layout)
+                vp = rebuild(base, g["beta"], g["j"].long(), g["val"], chunk)
             if p == rank:
                 own = vp
             total += vp

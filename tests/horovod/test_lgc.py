@@ -42,6 +42,37 @@ def test_lgc_bit_identical_and_stages(form):
     assert torch.isfinite(flat).all()
 
 
+@pytest.mark.parametrize("form", ["ps", "ring"])
+def test_lgc_compressor_never_adds_energy_when_ranks_disagree(form):
+    """Error feedback needs a compressor that never adds energy: after every exchange each rank's
+    residual r_t = c_t − (what every rank rebuilt for it) satisfies ‖r_t‖ ≤ ‖c_t‖, c_t = g_t + r_{t−1}
+    (float64 residuals; slack 1e-5 relative for float32 decoding). Ranks get opposite gradients
+    (±v plus 1% noise), the case that broke the parameter-server form: a non-leader's values at the
+    leader's indices are the negation of the leader's, and subtracting the leader's decoded values
+    doubled them (the FC model's training diverged 60 steps after the switch, residuals ×1000)."""
+    torch.manual_seed(0)
+    v = torch.randn(64, 64)
+    layer = nn.Linear(64, 64, bias=False)
+    codec = hvdquant.LGC(ratio=0.1, innovation_ratio=0.3, warmup_steps=3, train_steps=40, form=form)
+    opt = hvdquant.DistributedOptimizer(torch.optim.SGD(layer.parameters(), lr=1e-3),
+                                        named_parameters=layer.named_parameters(), codec=codec, min_numel=16)
+    sign = 1.0 if hvd.rank() % 2 == 0 else -1.0
+    noise = torch.Generator().manual_seed(hvd.rank())
+    previous = torch.zeros(64 * 64, dtype=torch.float64)
+    ratios = []
+    for step in range(56):
+        g = sign * v + 0.01 * torch.randn(64, 64, generator=noise)
+        opt.zero_grad()
+        (layer.weight * g).sum().backward()  # d/dW = g
+        opt.step()
+        c = g.reshape(-1).double() + previous
+        previous = opt.state_dict()["hvdquant"]["lgc"]["residuals"]["weight"]
+        if codec.stage(step) == "compress":
+            ratios.append(float(previous.norm() / c.norm()))
+    assert len(ratios) == 13  # exchanges 43..55 compress
+    assert max(ratios) <= 1 + 1e-5, f"{form}: residual / (gradient + old residual) up to {max(ratios):.3f}"
+
+
 def test_lgc_refuses_scatter_reduce_and_bad_parameters():
     model = nn.Linear(64, 64)
     with pytest.raises(ValueError, match="reducer='allgather'"):

@@ -235,3 +235,28 @@ def test_lgc_ring_decoder_is_linear_and_its_gain_never_adds_energy():
     assert least_squares_gain(x, torch.zeros(2, 64)).eq(0).all()  # D(z) = 0: nothing sent
     assert least_squares_gain(x, -x).eq(0).all()  # anti-aligned: α clamps to 0
     assert torch.allclose(least_squares_gain(x, 2 * x), torch.full((2,), 0.5))
+
+
+def test_lgc_ps_innovation_never_adds_energy():
+    """A non-leader's message in the parameter-server form, β per chunk and the ki largest entries of
+    v − β·b: ‖v − rebuild‖ ≤ ‖v − β·b‖ ≤ ‖v‖ for any decoded leader values b (β ≥ 0 is the least-
+    squares gain), β = 0 where b opposes v, β = 1 and an exact rebuild where b = v; positions
+    ascending and ties to the lower index, so every rank rebuilds the same values."""
+    from hvdquant.codecs.lgc import innovation, rebuild
+
+    torch.manual_seed(0)
+    v = torch.randn(200)
+    for b in (torch.randn(200), -3 * v, 5 * v + torch.randn(200), torch.zeros(200)):
+        beta, j, vals = innovation(v, b, 64, 30)
+        assert beta.shape == (4,) and (beta >= 0).all()
+        assert j.tolist() == sorted(j.tolist()) and len(set(j.tolist())) == 30
+        out = rebuild(b, beta, j, vals, 64)
+        assert (v - out).norm() <= v.norm() * (1 + 1e-6)
+        scaled = rebuild(b, beta, j, torch.zeros(30), 64)
+        assert (v - out).norm() <= (v - scaled).norm() * (1 + 1e-6)
+    beta, j, vals = innovation(v, -3 * v, 64, 30)
+    assert beta.eq(0).all() and torch.equal(vals, v[j])
+    beta, _, vals = innovation(v, v.clone(), 64, 30)
+    assert torch.allclose(beta, torch.ones(4)) and vals.abs().max() <= 1e-6
+    tied = torch.tensor([1.0, -1.0, 1.0, 0.5])
+    assert innovation(tied, torch.zeros(4), 32, 2)[1].tolist() == [0, 1]
