@@ -231,6 +231,14 @@ def stat_section(path: Path) -> list[str]:
             f"{span(nd_fail)} of nested buckets fail their checksum on "
             "minibatch gradients, so with the recovery round NDQSG sends more than DQSG(3). QSGD's ratio is "
             "below 2 because real gradients have many coordinates near 0, where QSGD's p(1−p) is small.", ""]
+    if "ndqsg_failed_coordinate_fraction" in rows[0]:
+        f = [r["ndqsg_failed_coordinate_fraction"] for r in rows]
+        ideal = [1 - r["ndqsg_bits_with_ideal_escapes"] / r["dqsg3_bits"] for r in rows]
+        out += [f"Recovering coordinates instead of buckets would not reach the 20% target either: {span(f)} of "
+                "nested coordinates are resolved to a wrong index (|g − y + eΔ| ≥ ρΔ/2 on minibatch gradients), "
+                "and even flagging each at the ideal cost of the binary entropy of the failure pattern "
+                f"(the correction itself free) leaves NDQSG {span(ideal)} below DQSG(3)'s bits "
+                "(`ndqsg_bits_with_ideal_escapes`).", ""]
     return out
 
 

@@ -11,7 +11,11 @@ weight gradient of every rank:
   (ALGORITHMS.md §1: about 2× on average);
 - NDQSG (3)/(3,1), r = 0.5, P = 4, decoded in rank order with the running mean as side information:
   its mean's error variance relative to DQSG(3)'s (1 whenever decoding succeeds or is recovered),
-  and its measured bits per coordinate with and without the recovery traffic, against DQSG(3)'s.
+  and its measured bits per coordinate with and without the recovery traffic, against DQSG(3)'s;
+  the fraction of nested coordinates whose index the side information resolves wrongly, and what
+  NDQSG would send if each such coordinate could be flagged at the ideal cost of the binary entropy
+  H(f) of the failure pattern per nested coordinate (a lower bound for any coordinate-level recovery:
+  the correction's value is not even counted).
 Prints a table and writes JSON (runs/stat_claims/).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from datetime import date
 from pathlib import Path
 
@@ -40,7 +45,8 @@ def measure(model_name: str, model: nn.Module, steps: int, every: int, ranks: in
     dq, qs, nd = DQSG(3, 512), QSGD(3, 512, "max", "fixed"), NDQSG((3, 1), 512, 0.5)
     acc = {"dqsg_err_var": 0.0, "dqsg_theory_var": 0.0, "err_g_cov": 0.0, "err_sq": 0.0, "g_sq": 0.0,
            "qsgd_err_var": 0.0, "nd_mean_err_var": 0.0, "dq_mean_err_var": 0.0, "coords": 0,
-           "nd_payload_bytes": 0, "nd_recovery_bytes": 0, "dq_payload_bytes": 0, "failed_buckets": 0, "buckets": 0}
+           "nd_payload_bytes": 0, "nd_recovery_bytes": 0, "dq_payload_bytes": 0, "failed_buckets": 0, "buckets": 0,
+           "failed_coordinates": 0, "nested_coordinates": 0}
     for step in range(steps):
         grads = []
         for _ in range(ranks):
@@ -84,6 +90,8 @@ def measure(model_name: str, model: nn.Module, steps: int, every: int, ranks: in
 
                 mean_nd, st = nd.aggregate(encs, base, recover)
                 acc["failed_buckets"] += st.failed_buckets
+                acc["failed_coordinates"] += st.failed_coordinates
+                acc["nested_coordinates"] += sum(1 for q in range(ranks) if nd.is_nested(q, ranks)) * n
                 acc["buckets"] += sum(1 for q in range(ranks) if nd.is_nested(q, ranks)) * -(-n // 512)
                 truth = torch.stack([g.double() for g in gs]).mean(0)
                 acc["nd_mean_err_var"] += float(((mean_nd.double() - truth) ** 2).sum())
@@ -92,6 +100,8 @@ def measure(model_name: str, model: nn.Module, steps: int, every: int, ranks: in
             p.grad = torch.stack([gr[name] for gr in grads]).mean(0).reshape(p.shape)
         opt.step()
     a = acc
+    f = a["failed_coordinates"] / max(1, a["nested_coordinates"])
+    entropy = 0.0 if f in (0.0, 1.0) else -(f * math.log2(f) + (1 - f) * math.log2(1 - f))
     return {
         "model": model_name,
         "dqsg_error_variance_over_theory": a["dqsg_err_var"] / a["dqsg_theory_var"],
@@ -102,6 +112,8 @@ def measure(model_name: str, model: nn.Module, steps: int, every: int, ranks: in
         "ndqsg_bits_without_recovery": 8 * a["nd_payload_bytes"] / a["coords"],
         "ndqsg_bits_with_recovery": 8 * (a["nd_payload_bytes"] + a["nd_recovery_bytes"]) / a["coords"],
         "ndqsg_failed_bucket_fraction": a["failed_buckets"] / max(1, a["buckets"]),
+        "ndqsg_failed_coordinate_fraction": f,
+        "ndqsg_bits_with_ideal_escapes": (8 * a["nd_payload_bytes"] + entropy * a["nested_coordinates"]) / a["coords"],
     }
 
 
