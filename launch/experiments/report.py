@@ -157,6 +157,8 @@ def baselines(table: dict, methods: list[str], iters: int) -> list[str]:
             return [r for r in table.get((model, p, m), []) if "final_accuracy" in r]
 
         cells = [(p, [m for m in methods if done(p, m)]) for p in sorted({k[1] for k in table if k[0] == model})]
+        if not cells:
+            continue
         p, ran = max(cells, key=lambda c: (len(c[1]), -c[0]))
         if len(ran) < 3 or "fp32" not in ran:
             continue
@@ -184,7 +186,10 @@ def baselines(table: dict, methods: list[str], iters: int) -> list[str]:
         kept = sorted((bits, m) for bits, m, _, final in rows if abs(final - base) <= 0.005)
         ours = ", ".join(f"`{m}` {bits:.3f}" for bits, m, _, _ in sorted(rows) if m.startswith(("dqsg", "ndqsg")))
         out += ["", f"Within 0.5 points of fp32: {len(kept)} of {len(rows)} methods; the fewest bits: `{kept[0][1]}` "
-                f"({kept[0][0]:.3f} bits/coord). The dithered and nested quantizers: {ours} bits/coord.", ""]
+                f"({kept[0][0]:.3f} bits/coord). The dithered and nested quantizers: {ours} bits/coord."
+                + ("" if kept[0][1].startswith(("dqsg", "ndqsg")) else
+                   " So here the paper's claim is **not reproduced**: an existing method keeps the accuracy "
+                   "with fewer bits than DQSG and NDQSG (this task is easy enough that every method does)."), ""]
     return out
 
 

@@ -52,6 +52,7 @@ def test_paper_runner_records_every_method_kind(tmp_path, monkeypatch):
     report.main()
     text = (docs / "RESULTS.md").read_text()
     assert "`ndqsg-3.31-d512`" in text and (docs / "results_fc_6.png").stat().st_size > 0
+    assert "#### Against the baselines" in text and "FC 784-300-100-10, P = " in text  # FC only: no CNN table
 
 
 def test_paper_runner_merges_a_rerun_of_some_methods(tmp_path):
