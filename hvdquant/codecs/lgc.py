@@ -129,16 +129,21 @@ class ChunkAutoencoder(nn.Module):
         return self.decoder(z).squeeze(1)
 
 
+def _rows(v: torch.Tensor, chunk: int) -> torch.Tensor:
+    """v (k values) as zero-padded rows of ``chunk``."""
+    m = -(-v.numel() // chunk)
+    x = torch.zeros(m * chunk, dtype=v.dtype)
+    x[: v.numel()] = v
+    return x.view(m, chunk)
+
+
 def to_chunks(v: torch.Tensor, chunk: int, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """v (k values) → (normalized chunks (m, chunk), per-chunk scales (m,)); zero-padded at the end.
     With ``scale`` given (the leader's, in the ring form) those scales are used instead, and values
     beyond them are clipped to [−1, 1], the range the autoencoder was trained on: outside it the
     decoder extrapolates, and error feedback fed those errors back until training diverged (seen in
     the main job's CNN). What is clipped stays in the sender's residual."""
-    m = -(-v.numel() // chunk)
-    x = torch.zeros(m * chunk, dtype=torch.float32)
-    x[: v.numel()] = v
-    x = x.view(m, chunk)
+    x = _rows(v.to(torch.float32), chunk)
     if scale is None:
         scale = x.abs().amax(1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -157,14 +162,6 @@ def from_chunks(x: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
     return (x * scale.unsqueeze(1)).reshape(-1)[:k]
 
 
-def _rows(v: torch.Tensor, chunk: int) -> torch.Tensor:
-    """v (k values) as zero-padded rows of ``chunk``."""
-    m = -(-v.numel() // chunk)
-    x = torch.zeros(m * chunk, dtype=v.dtype)
-    x[: v.numel()] = v
-    return x.view(m, chunk)
-
-
 def innovation(values: torch.Tensor, base: torch.Tensor, chunk: int, ki: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A non-leader's message in the parameter-server form, for its ``values`` at the leader's indices
@@ -173,14 +170,15 @@ def innovation(values: torch.Tensor, base: torch.Tensor, chunk: int, ki: int
     With β, ‖v − rebuild(...)‖ ≤ ‖v − β·b‖ ≤ ‖v‖: the message never adds energy, whatever the leader
     sent (with β = 1, a rank whose values disagree with the leader's kept ‖v − b‖ in its residual,
     and error feedback grew it until training diverged)."""
-    beta = least_squares_gain(_rows(values, chunk), _rows(base, chunk))
-    diff = values - (_rows(base, chunk) * beta.unsqueeze(1)).reshape(-1)[: values.numel()]
+    b = _rows(base, chunk)
+    beta = least_squares_gain(_rows(values, chunk), b)
+    diff = values - from_chunks(b, beta, values.numel())
     j = ops.topk_indices(diff.contiguous(), ki)  # ties to the lower index: every rank agrees
     return beta, j, diff[j]
 
 
 def rebuild(base: torch.Tensor, beta: torch.Tensor, j: torch.Tensor, vals: torch.Tensor, chunk: int) -> torch.Tensor:
     """β·base per chunk with the innovation added at ``j``: a non-leader's values as every rank sees them."""
-    v = (_rows(base, chunk) * beta.unsqueeze(1)).reshape(-1)[: base.numel()].clone()
+    v = from_chunks(_rows(base, chunk), beta, base.numel())  # a new tensor: safe to add into
     v[j] += vals
     return v

@@ -91,8 +91,9 @@ def measure(model_name: str, model: nn.Module, steps: int, every: int, ranks: in
                 mean_nd, st = nd.aggregate(encs, base, recover)
                 acc["failed_buckets"] += st.failed_buckets
                 acc["failed_coordinates"] += st.failed_coordinates
-                acc["nested_coordinates"] += sum(1 for q in range(ranks) if nd.is_nested(q, ranks)) * n
-                acc["buckets"] += sum(1 for q in range(ranks) if nd.is_nested(q, ranks)) * -(-n // 512)
+                nested = sum(1 for q in range(ranks) if nd.is_nested(q, ranks))
+                acc["nested_coordinates"] += nested * n
+                acc["buckets"] += nested * -(-n // 512)
                 truth = torch.stack([g.double() for g in gs]).mean(0)
                 acc["nd_mean_err_var"] += float(((mean_nd.double() - truth) ** 2).sum())
                 acc["dq_mean_err_var"] += float(((torch.stack(dq_dec).mean(0) - truth) ** 2).sum())
