@@ -1,46 +1,53 @@
-"""Communication statistics measured from the tensors handed to collectives."""
+"""Statistics shared by every layer: bytes handed to collectives, and what a decoder had to recover."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 
+def nbytes(*tensors: torch.Tensor) -> int:
+    """Bytes the tensors occupy: what a collective is handed when they are passed to it."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass
 class CommStats:
-    """Running totals of gradient coordinates compressed and bytes handed to collectives.
+    """Running totals of gradient coordinates exchanged and bytes handed to collectives.
 
     ``bits_per_coordinate`` = 8 · bytes handed / coordinates: what the collectives were actually
-    given (payload words, sentinels and scales included), not a formula.
+    given (payload words, sentinels, scales, size words and recovery rounds included), not a formula.
+    A second round over coordinates already counted records its bytes with ``coordinates=0``.
     """
 
     coordinates: int = 0
     bytes_handed: int = 0
     calls: int = 0
-    per_tensor: dict[str, list[int]] = field(default_factory=dict)
 
-    def record(self, name: str, coordinates: int, *tensors: torch.Tensor) -> None:
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    def record(self, coordinates: int, handed: int) -> None:
         self.coordinates += coordinates
-        self.bytes_handed += nbytes
+        self.bytes_handed += handed
         self.calls += 1
-        entry = self.per_tensor.setdefault(name, [0, 0])
-        entry[0] += coordinates
-        entry[1] += nbytes
 
     @property
     def bits_per_coordinate(self) -> float:
         return 8.0 * self.bytes_handed / self.coordinates if self.coordinates else float("nan")
 
-    def reset(self) -> None:
-        self.coordinates = self.bytes_handed = self.calls = 0
-        self.per_tensor.clear()
 
-    def as_dict(self) -> dict:
-        return {
-            "coordinates": self.coordinates,
-            "bytes_handed": self.bytes_handed,
-            "calls": self.calls,
-            "bits_per_coordinate": self.bits_per_coordinate,
-        }
+@dataclass
+class DecodeStats:
+    """What nested (coset) decoding saw: buckets whose checksum failed, coordinates that had resolved
+    to the wrong coset member, the second rounds run to recover them and the bytes those rounds
+    handed to the collectives. One type for every decoder (payload path, stock path, coset ring)."""
+
+    failed_buckets: int = 0
+    failed_coordinates: int = 0
+    recovery_rounds: int = 0
+    recovery_bytes: int = 0
+
+    def add(self, other: DecodeStats) -> None:
+        self.failed_buckets += other.failed_buckets
+        self.failed_coordinates += other.failed_coordinates
+        self.recovery_rounds += other.recovery_rounds
+        self.recovery_bytes += other.recovery_bytes

@@ -79,7 +79,7 @@ def horovod_methods(comm, n: int) -> list[tuple[str, Callable, Callable | None]]
     import horovod.torch as hvd
 
     import hvdquant
-    from hvdquant.transports.horovod_payload import PayloadExchange
+    from hvdquant.transports import HorovodCollectives, make_exchange
 
     out: list[tuple[str, Callable, Callable | None]] = []
 
@@ -97,7 +97,8 @@ def horovod_methods(comm, n: int) -> list[tuple[str, Callable, Callable | None]]
             before = comp.stats.bytes_handed
             hvd.allreduce(g, op=hvd.Average, compression=comp, name=f"bench.{label}")
             return comp.stats.bytes_handed - before
-        extra = (lambda: {"failed_buckets": comp.failed_buckets}) if hasattr(comp, "failed_buckets") else None
+        nested = getattr(comp, "decode_stats", None)
+        extra = (lambda: {"failed_buckets": nested.failed_buckets}) if nested is not None else None
         out.append((label, fn, extra))
 
     hvdq_stock("dqsg s=1 stock allreduce", hvdquant.Compression.dqsg(levels=1, bucket_size=512, seed=0))
@@ -105,13 +106,13 @@ def horovod_methods(comm, n: int) -> list[tuple[str, Callable, Callable | None]]
     hvdq_stock("ndqsg-sum (3,1) stock allreduce", hvdquant.Compression.ndqsg(levels=(3, 1), bucket_size=512, seed=0))
 
     def payload(label: str, codec, reducer: str) -> None:
-        ex = PayloadExchange(codec, reducer, average=True)
+        ex = make_exchange(codec, reducer, True, HorovodCollectives())
 
         def fn(g, i):
             before = ex.stats.bytes_handed
             ex.start(f"bench.{label}", g, 0, i)()
             return ex.stats.bytes_handed - before
-        out.append((f"{label} {reducer}", fn, lambda: {"failed_buckets": ex.totals.failed_buckets}))
+        out.append((f"{label} {reducer}", fn, lambda: {"failed_buckets": ex.decode.failed_buckets}))
 
     for reducer in ("allgather", "scatter_reduce"):
         payload("dqsg s=1", hvdquant.DQSG(1, 512), reducer)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Gradient exchanges on an emulated slow network (issue 6; a benchmark, not a test; needs root).
+# Gradient exchanges on an emulated slow network(a benchmark, not a test; needs root).
 #   bash launch/bench_network.sh                      # 100 Mbit/s, 1 Gbit/s, 10 Gbit/s; 1e6, 1e7, 2.5e7
 #   LINKS="1gbit" SIZES="2.5e7" ONLY="fp32,fp16,dqsg s=1,powersgd" bash launch/bench_network.sh
 #   TTA=0 ...                                         # skip the main job's time-to-accuracy runs

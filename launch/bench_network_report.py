@@ -37,7 +37,7 @@ def section(data: dict, tta: list[dict], docs: Path) -> list[str]:
     links = [link for link in LINK_BPS if any(k[0] == link for k in by)]
     sizes = sorted({k[1] for k in by})
     dates = sorted({r["date"][:10] for r in rows})
-    out = [BEGIN, "## Gradient exchange on an emulated slow network (issue 6)", "",
+    out = [BEGIN, "## Gradient exchange on an emulated slow network", "",
            f"Command: `bash launch/bench_network.sh` ({', '.join(dates)}; {platform.machine()} Linux, 2 cores, "
            "4 ranks oversubscribed). The ranks share one network namespace whose loopback is shaped with "
            "`tc tbf` to the link rate: **the rate is shared by all ranks' traffic** (a shared medium, not a "

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# hvdquant test command: lint, unit tests, pytest-mpi tests under mpirun -n 1 … 5, then
+# hvdquant test command: lint, unit tests, the packaging check (launch/check_wheel.sh: the built wheel,
+# installed on its own, imports and trains), pytest-mpi tests under mpirun -n 1 … 5, then
 # Horovod tests under horovodrun -np 2 and -np 4, each with Gloo and with MPI. Exits non-zero if any stage fails
 # or if any rank of a stage ran no test. Logs: runs/test-logs/.
 set -uo pipefail
@@ -42,9 +43,23 @@ PY
         "$name" "$rc" "$total" "$nreports" "$ranks" $((SECONDS - t0)))")
 }
 
+# run_check NAME CMD...: a stage that is not pytest (no per-rank reports): CMD must exit 0. The summary
+# shows CMD's last line (its verdict).
+run_check() {
+    local name=$1; shift
+    local log="$LOGS/$name.log"
+    printf '\n===== %s: %s\n' "$name" "$*"
+    local t0=$SECONDS
+    timeout --kill-after=30 "${HVDQ_CHECK_TIMEOUT:-600}" "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && failed+=("$name (exit $rc)")
+    summary+=("$(printf '%-16s exit %-3s in %ss: %s' "$name" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$log" | cut -c 1-100)")")
+}
+
 printf '\n===== lint: ruff check .\n'
 if ruff check .; then summary+=("lint             ruff clean"); else failed+=("lint (ruff)"); fi
 run_stage unit 1 "${PYTEST[@]}" tests/unit
+run_check wheel bash launch/check_wheel.sh
 for n in 1 2 3 4 5; do
     run_stage "mpi-n$n" "$n" mpirun -n "$n" "${PYTEST[@]}" --with-mpi tests/mpi
 done

@@ -7,7 +7,7 @@ stock allreduce in between. Use::
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    compression=hvdquant.Compression.dqsg(levels=1, bucket_size=512))
 
-How DQSG fits that contract (ALGORITHMS.md §3): ``compress`` agrees one step Δ_b per bucket with
+How DQSG fits that contract (docs/ALGORITHMS.md §3): ``compress`` agrees one step Δ_b per bucket with
 the other ranks (a small synchronous MAX allreduce of per-bucket max|g|), encodes with this rank's
 dither stream, and packs the indices into summable float64 fields with a sentinel
 (:class:`~hvdquant.transports.SumFieldLayout`). Horovod sums (or averages) the words;
@@ -29,30 +29,20 @@ Horovod's stall check reports a violation after 60 s instead of a silent hang.
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from hvdquant.adapters.agreement import agree, check_seed
-from hvdquant.codecs.base import all_finite, empirical_entropy, flat32
 from hvdquant.codecs.dqsg import DQSG
-from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
-from hvdquant.kernels import DitherKey, ops, tensor_id
-from hvdquant.stats import CommStats
-from hvdquant.transports.horovod_payload import check_finite_output
-from hvdquant.transports.summable import SumFieldLayout
-
-
-def _hvd():
-    import horovod.torch as hvd
-
-    return hvd
+from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.stats import CommStats, DecodeStats, nbytes
+from hvdquant.transports.collectives import HorovodCollectives, horovod
+from hvdquant.transports.summed import SumContext, SummedDQSG, SummedNested
 
 
 def _call_site() -> str:
     """The Horovod tensor name of the current compress() call; refuses unsupported call sites."""
-    hvd = _hvd()
+    hvd = horovod()
     frame = sys._getframe(2)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
@@ -94,7 +84,7 @@ class Metered:
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         payload, ctx = self.compressor.compress(tensor)
-        self.stats.record("tensor", tensor.numel(), payload)
+        self.stats.record(tensor.numel(), nbytes(payload))
         return payload, ctx
 
     def decompress(self, tensor: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -109,147 +99,47 @@ class DQSGCompression:
     all ranks exchange their configuration and fail with an error naming the first rank whose
     levels, bucket size or seed differ from rank 0's. Dithers are keyed by (seed, step, tensor
     name, sender): the step counts the calls per tensor name, so they never depend on hook order.
+    ``stats`` measures the bytes handed to Horovod (scales included);
+    ``entropy_bits_per_coordinate`` is the zeroth-order entropy of the indices sent beside it.
+    The work is done by :class:`~hvdquant.transports.summed.SummedDQSG`.
     """
 
     def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None) -> None:
-        self.codec = DQSG(levels=levels, bucket_size=bucket_size)
-        check_seed(seed)
-        self.seed = seed
-        self.stats = CommStats()
-        self.entropy_bits = 0.0  # Σ n·(empirical entropy of the indices) + 32 bits per scale
-        self._agreed_seed: int | None = None
-        self._steps: dict[str, int] = {}
+        self.transport: SummedDQSG | SummedNested = SummedDQSG(levels, bucket_size, seed, HorovodCollectives)
+        self._plain = self.transport
+
+    @property
+    def codec(self) -> DQSG:
+        return self._plain.codec
+
+    @property
+    def stats(self) -> CommStats:
+        return self._plain.stats
 
     @property
     def entropy_bits_per_coordinate(self) -> float:
-        """Zeroth-order entropy of the indices sent (plus 32/d for the scales), beside the measured bits."""
-        return self.entropy_bits / self.stats.coordinates if self.stats.coordinates else float("nan")
+        return self._plain.entropy_bits_per_coordinate
 
-    def config(self) -> dict[str, Any]:
-        return {"scheme": "dqsg", **asdict(self.codec), "seed": self.seed}
+    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, SumContext]:
+        return self.transport.encode(tensor, _call_site() if name is None else name)
 
-    def _agree(self) -> int:
-        """Exchange configurations once; return the seed every rank uses (rank 0's)."""
-        if self._agreed_seed is None:
-            self._agreed_seed = agree(self.config(), self.seed, "hvdquant.config")
-        return self._agreed_seed
-
-    def _common_step(self, tensor: torch.Tensor, name: str | None) -> tuple[str, int, torch.Tensor, DitherKey]:
-        """Name, step, common Δ_b (MAX-allreduced max|g| / s) and this rank's dither key."""
-        hvd = _hvd()
-        name = _call_site() if name is None else name
-        seed = self._agree()
-        step = self._steps.get(name, 0)
-        self._steps[name] = step + 1
-        absmax = self.codec.bucket_absmax(tensor)
-        common = hvd.allreduce(absmax, op=hvd.Max, name=f"hvdquant.scale.{name}")
-        self.stats.record(name, 0, absmax)
-        if not all_finite(common):
-            # Every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread.
-            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank "
-                                     f"at step {step}; hvdquant refuses to quantize it")
-        key = DitherKey(seed, step % (1 << 32), tensor_id(name), hvd.rank())
-        return name, step, self.codec.step_size(common), key
-
-    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, tuple]:
-        name, _, delta, key = self._common_step(tensor, name)
-        return self._dqsg_payload(tensor, name, delta, key)
-
-    def _dqsg_payload(self, tensor: torch.Tensor, name: str, delta: torch.Tensor, key: DitherKey
-                      ) -> tuple[torch.Tensor, tuple]:
-        layout = SumFieldLayout.for_levels(self.codec.levels, _hvd().size())
-        codes = self.codec.quantize(tensor, delta, key)
-        words = layout.pack(codes)
-        self.stats.record(name, tensor.numel(), words)
-        self.entropy_bits += codes.numel() * empirical_entropy((codes + self.codec.levels).view(torch.uint8),
-                                                               self.codec.symbols) + 32.0 * delta.numel()
-        return words, ("dqsg", name, tensor.shape, tensor.dtype, delta, key.for_sender(0), layout)
-
-    def decompress(self, reduced: torch.Tensor, ctx: tuple) -> torch.Tensor:
-        _, _, shape, dtype, delta, key, layout = ctx
-        ksum, factor = layout.unpack(reduced, shape.numel())
-        out = self.codec.decode_sum(ksum, delta, key, senders=layout.ranks, factor=factor)
-        check_finite_output(out)
-        return out.reshape(shape).to(dtype)
+    def decompress(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
+        return self.transport.decode(reduced, ctx)
 
 
 class NestedSumCompression(DQSGCompression):
-    """Allreduce-friendly nested DQSG (ALGORITHMS.md §3) for the stock Horovod path.
-
-    With a common Δ_b (s₁ levels), every rank sends its coset symbols (k + ⌊ρ/2⌋) mod ρ in summable
-    fields of ⌈log2(P(ρ−1)+1)⌉ bits, plus its per-bucket checksums Σ_j (2j+1)k_j mod 2^32 (linear,
-    so they sum too). The receiver reduces the field sums mod ρ and resolves Σ_p k_p with side
-    information P·ḡ_prev, the previous step's decoded mean of the same tensor, which is
-    bit-identical on every rank. Buckets whose resolved index sums miss the summed checksum are
-    detected on every rank alike and **recovered** by a second, synchronous allreduce of their
-    DQSG(s₁) index sums; counts are in ``failed_buckets``/``recovery_rounds``. The first step of
-    each tensor (no side information yet) is sent as plain DQSG(s₁).
-
-    Decoding succeeds where |Σ_p g_p − P·ḡ_prev| < (ρ − P)Δ/2 (sufficient): the scheme pays off only
-    when ρ is well above P and gradients change slowly; otherwise recovery traffic dominates.
-    """
+    """Nested DQSG as a Horovod compression object: coset indices in summable fields, decoded with
+    the previous step's mean as side information and failed buckets recovered by a second
+    allreduce (:class:`~hvdquant.transports.summed.SummedNested`; counts in ``decode_stats``).
+    Pays off only for ρ well above P and slowly changing gradients (recovery traffic is counted)."""
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None) -> None:
-        self.nested = NDQSG(levels, bucket_size)
-        super().__init__(levels[0], bucket_size, seed)
-        self._side: dict[str, torch.Tensor] = {}
-        self.failed_buckets = 0
-        self.recovery_rounds = 0
+        self.transport = SummedNested(levels, bucket_size, seed, HorovodCollectives)
+        self._plain = self.transport.plain
 
-    def config(self) -> dict[str, Any]:
-        return {"scheme": "ndqsg-sum", "levels": self.nested.levels, "bucket_size": self.nested.bucket_size,
-                "seed": self.seed}
-
-    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, tuple]:
-        name, _, delta, key = self._common_step(tensor, name)
-        side = self._side.get(name)
-        if side is None or side.numel() != tensor.numel():
-            return self._dqsg_payload(tensor, name, delta, key)
-        rho, d = self.nested.nesting_ratio, self.nested.bucket_size
-        k = self.codec.quantize(tensor, delta, key)
-        cosets = ops.nested_encode(flat32(tensor), delta, d, self.codec.levels, rho, key)
-        layout = SumFieldLayout(0, rho - 1, _hvd().size())
-        fields = layout.pack(cosets.view(torch.int8))
-        checks = ops.bucket_checksum(k, d).double()
-        words = torch.cat([fields[:-1], checks, fields[-1:]])
-        self.stats.record(name, tensor.numel(), words)
-        self.entropy_bits += cosets.numel() * empirical_entropy(cosets, rho) + 64.0 * delta.numel()
-        return words, ("nested", name, tensor.shape, tensor.dtype, delta, key, layout, k, side)
-
-    def decompress(self, reduced: torch.Tensor, ctx: tuple) -> torch.Tensor:
-        mode, name, shape, dtype = ctx[:4]
-        if mode == "dqsg":
-            out = super().decompress(reduced, ctx)
-            self._remember(name, out, reduced[-1])
-            return out
-        _, _, _, _, delta, key, layout, k, side = ctx
-        n, ranks, rho, d = shape.numel(), layout.ranks, self.nested.nesting_ratio, self.nested.bucket_size
-        nb = delta.numel()
-        sums, factor = layout.unpack(torch.cat([reduced[:-1 - nb], reduced[-1:]]), n)
-        checks = torch.round(reduced[-1 - nb:-1] / factor).to(torch.int64) & 0xFFFFFFFF
-        kout = torch.empty(n, dtype=torch.int32)
-        key0 = key.for_sender(0)
-        ops.nested_decode((sums % rho).to(torch.uint8), delta, d, self.codec.levels, rho, side * ranks, key0,
-                          senders=ranks, kout=kout)
-        bad = torch.nonzero(ops.bucket_checksum(kout, d) != checks).flatten().tolist()
-        if bad:  # the same buckets on every rank: recover their index sums with one more allreduce
-            self.failed_buckets += len(bad)
-            self.recovery_rounds += 1
-            idx = bucket_coordinates(bad, d, n)
-            dlayout = SumFieldLayout.for_levels(self.codec.levels, ranks)
-            words = dlayout.pack(k[idx].contiguous())
-            self.stats.record(name, 0, words)
-            summed = _hvd().allreduce(words, op=_hvd().Sum, name=f"hvdquant.recover.{name}")
-            kout[idx] = dlayout.unpack(summed, idx.numel())[0]
-        out = self.codec.decode_sum(kout, delta, key0, senders=ranks, factor=factor)
-        check_finite_output(out)
-        self._remember(name, out, reduced[-1])
-        return out.reshape(shape).to(dtype)
-
-    def _remember(self, name: str, out: torch.Tensor, sentinel: torch.Tensor) -> None:
-        """Side information for the next step: the decoded mean. out = factor·Σĝ and the reduced
-        sentinel is factor·P, so the mean is out / sentinel."""
-        self._side[name] = (out.reshape(-1) / float(sentinel)).contiguous()
+    @property
+    def decode_stats(self) -> DecodeStats:
+        return self.transport.decode_stats
 
 
 def _not_summable(scheme: str, example: str):
@@ -275,7 +165,7 @@ class Compression:
     onebit = _not_summable("OneBitSGD", "hvdquant.OneBitSGD()")
 
     @staticmethod
-    def for_codec(codec: Any, seed: int | None = None) -> DQSGCompression:
+    def for_codec(codec: Any, seed: int | None = None) -> DQSGCompression | NestedSumCompression:
         """The stock-path object for a summable codec (DQSG, NDQSG); others refuse, naming the payload path."""
         from hvdquant.codecs.base import Codec
 

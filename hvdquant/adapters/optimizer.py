@@ -31,15 +31,16 @@ from typing import Any
 
 import torch
 
-from hvdquant.adapters.agreement import agree, check_seed
 from hvdquant.codecs.base import Codec
 from hvdquant.codecs.lgc import LGC
-from hvdquant.transports.horovod_payload import PayloadExchange
+from hvdquant.keys import STEP_MODULUS, StepCounter
+from hvdquant.stats import nbytes
+from hvdquant.transports.agreement import agree, check_seed
+from hvdquant.transports.collectives import HorovodCollectives
+from hvdquant.transports.exchange import Exchange, make_exchange
 
 
 def _allreduce_grad_async(self, p):
-    import horovod.torch as hvd
-
     if p.grad is None:
         p.grad = p.data.new(p.size()).zero_()
     name = self._parameter_names.get(p)
@@ -50,11 +51,9 @@ def _allreduce_grad_async(self, p):
     state = self._hvdquant
     seed = state.agree(self)
     if tensor.numel() < state.min_numel or tensor.dim() < 2:
-        state.exchange.stats.record(name, tensor.numel(), tensor)  # uncompressed bytes count too
-        return _exact_small(tensor, name, self.op == hvd.Average), None
-    step = state.steps.get(name, 0)
-    state.steps[name] = step + 1
-    return state.exchange.start(name, tensor, seed, step % (1 << 32)), None
+        state.exchange.stats.record(tensor.numel(), nbytes(tensor))  # uncompressed bytes count too
+        return _exact_small(tensor, name, state.exchange.average), None
+    return state.exchange.start(name, tensor, seed, state.steps.next(name) % STEP_MODULUS), None
 
 
 def _exact_small(tensor: torch.Tensor, name: str, average: bool):
@@ -95,34 +94,41 @@ def _synchronize(self):
 
 
 class _State:
-    """Per-optimizer hvdquant state: codec, exchange, seed agreement, step counters, statistics."""
+    """Per-optimizer hvdquant state: the exchange, seed agreement, step counters."""
 
-    def __init__(self, codec: Codec, reducer: str, average: bool, seed: int | None, min_numel: int) -> None:
-        self.codec = codec
-        self.exchange = PayloadExchange(codec, reducer, average)
+    def __init__(self, exchange: Exchange, seed: int | None, min_numel: int) -> None:
+        self.exchange = exchange
         self.seed = seed
         self.min_numel = min_numel
-        self.steps: dict[str, int] = {}
+        self.steps = StepCounter()
         self.agreed_seed: int | None = None
         self.restored_seed: int | None = None  # from a checkpoint: resumes the same dither streams
 
     def agree(self, opt) -> int:
         if self.agreed_seed is None:
             names = sorted((n, tuple(p.shape)) for p, n in opt._parameter_names.items() if p.requires_grad)
-            cfg = {"codec": self.codec.config(), "reducer": self.exchange.reducer, "average": self.exchange.average,
-                   "min_numel": self.min_numel, "seed": self.seed, "parameters": names,
-                   "steps": sorted(self.steps.items()), "restored_seed": self.restored_seed,
-                   "torch_threads": torch.get_num_threads() if isinstance(self.codec, LGC) else None}
+            cfg = {**self.exchange.config(), "min_numel": self.min_numel, "seed": self.seed, "parameters": names,
+                   "steps": sorted(self.steps.counts.items()), "restored_seed": self.restored_seed}
             proposal = self.restored_seed if self.restored_seed is not None else self.seed
-            self.agreed_seed = agree(cfg, proposal, "hvdquant.optimizer.config")
+            self.agreed_seed = agree(HorovodCollectives(), cfg, proposal, "hvdquant.optimizer.config")
         return self.agreed_seed
 
+    def state_dict(self) -> dict:
+        return {"steps": self.steps.state_dict(), "seed": self.agreed_seed, "exchange": self.exchange.state_dict()}
 
-def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any = None, codec: Codec | None = None,
-                         reducer: str = "allgather", backward_passes_per_step: int = 1, op: Any = None,
+    def load_state_dict(self, state: dict) -> None:
+        self.exchange.load_state_dict(state["exchange"])  # refuses a checkpoint of another kind first
+        self.steps.load_state_dict(state["steps"])
+        self.restored_seed = state["seed"]
+        self.agreed_seed = None  # agree again: every rank must have restored the same state
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any = None, *,
+                         codec: Codec | LGC | None = None, reducer: str = "allgather",
+                         backward_passes_per_step: int = 1, op: Any = None,
                          gradient_predivide_factor: float = 1.0, groups: Any = None, num_groups: int = 0,
-                         sparse_as_dense: bool = False, process_set: Any = None, seed: int | None = None,
-                         min_numel: int = 1024) -> torch.optim.Optimizer:
+                         sparse_as_dense: bool = False, process_set: Any = None,
+                         seed: int | None = None, min_numel: int = 1024) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging gradients with ``codec`` over
     ``reducer`` ("allgather" or "scatter_reduce"). ``op`` is ``hvd.Average`` (default) or ``hvd.Sum``.
     Statistics: ``opt.hvdquant_stats()``; error-feedback residuals travel in ``opt.state_dict()``."""
@@ -130,8 +136,6 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     from horovod.torch.optimizer import _DistributedOptimizer
 
     op = hvd.Average if op is None else op
-    if not isinstance(codec, (Codec, LGC)):
-        raise TypeError(f"codec must be an hvdquant codec (hvdquant.DQSG(...), ...), got {type(codec).__name__}")
     if groups is not None or num_groups:
         raise NotImplementedError("hvdquant.DistributedOptimizer does not support groups/num_groups: "
                                   "Horovod's grouped path bypasses the hook hvdquant uses")
@@ -146,12 +150,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
     check_seed(seed)
-    state = _State(codec, reducer, op == hvd.Average, seed, min_numel)
+    state = _State(make_exchange(codec, reducer, op == hvd.Average, HorovodCollectives()), seed, min_numel)
 
     attrs = dict(_DistributedOptimizer.__dict__)
     attrs["_allreduce_grad_async"] = _allreduce_grad_async
     attrs["synchronize"] = _synchronize
-    attrs["hvdquant_stats"] = lambda self: _stats(self._hvdquant)
+    attrs["hvdquant_stats"] = lambda self: self._hvdquant.exchange.statistics()
     attrs["state_dict"] = _state_dict
     attrs["load_state_dict"] = _load_state_dict
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), attrs)
@@ -162,38 +166,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     return opt
 
 
-def _stats(state: _State) -> dict:
-    ex = state.exchange
-    extra = {}
-    if ex.lgc is not None:
-        lg = ex.lgc
-        extra = {"lgc_stage_bits_per_coordinate": {k: 8.0 * lg.stage_bytes[k] / lg.stage_coordinates[k]
-                                                   for k in lg.stage_bytes if lg.stage_coordinates[k]},
-                 "lgc_autoencoder_parameters": lg.ae_parameters, "lgc_autoencoder_updates": lg.ae_updates,
-                 "lgc_frozen": lg.frozen, "lgc_codec_seconds": lg.codec_seconds,
-                 "lgc_last_train_loss": lg.train_loss[-1] if lg.train_loss else None}
-    return {**extra,
-        "bits_per_coordinate": ex.stats.bits_per_coordinate,
-        "payload_bits_per_coordinate": ex.payload.bits_per_coordinate,
-        "entropy_bits_per_coordinate": ex.entropy_bits_per_coordinate,
-        "bytes_handed": ex.stats.bytes_handed,
-        "coordinates": ex.stats.coordinates,  # every coordinate exchanged (compressed or not)
-        "compressed_coordinates": ex.payload.coordinates,  # those the codec encoded (the rest: float32)
-        "failed_buckets": ex.totals.failed_buckets,
-        "failed_coordinates": ex.totals.failed_coordinates,
-        "recovery_rounds": ex.totals.recovery_rounds,
-        "recovery_bytes": ex.totals.recovery_bytes,
-    }
-
-
 def _state_dict(self):
     sd = super(self.__class__, self).state_dict()
-    codec = self._hvdquant.codec
-    sd["hvdquant"] = {"steps": dict(self._hvdquant.steps), "seed": self._hvdquant.agreed_seed,
-                      "residuals": codec.state_dict() if hasattr(codec, "state_dict") else {}}
-    lgc = self._hvdquant.exchange.lgc
-    if lgc is not None:
-        sd["hvdquant"]["lgc"] = lgc.state_dict()
+    sd["hvdquant"] = self._hvdquant.state_dict()
     return sd
 
 
@@ -201,18 +176,7 @@ def _load_state_dict(self, state_dict):
     state_dict = dict(state_dict)
     extra = state_dict.pop("hvdquant", None)
     if extra is not None:
-        lgc = self._hvdquant.exchange.lgc
-        if (lgc is None) != ("lgc" not in extra):  # refused before anything is restored
-            raise ValueError("checkpoint and optimizer disagree on LGC: the checkpoint "
-                             f"{'has no' if lgc is not None else 'has'} LGC state, the optimizer's codec "
-                             f"{'is' if lgc is not None else 'is not'} hvdquant.LGC")
-        self._hvdquant.steps = dict(extra["steps"])
-        self._hvdquant.restored_seed = extra["seed"]
-        self._hvdquant.agreed_seed = None  # agree again: every rank must have restored the same state
-        if hasattr(self._hvdquant.codec, "load_state_dict"):
-            self._hvdquant.codec.load_state_dict(extra["residuals"])
-        if lgc is not None:
-            lgc.load_state_dict(extra["lgc"])
+        self._hvdquant.load_state_dict(extra)
     self._handles = {}
     self._synchronized = False
     self._should_synchronize = True

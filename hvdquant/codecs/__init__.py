@@ -1,12 +1,13 @@
 """Codecs: pure maths. Each encodes a tensor to a payload and decodes it back; none communicates."""
 
-from .base import AggregateStats, Codec, Encoded, TensorContext, empirical_entropy
+from .base import Codec, Encoded, TensorContext, empirical_entropy
 from .dqsg import DQSG
-from .feedback import ErrorFeedback, OneBitSGD
+from .feedback import ErrorFeedback
 from .lgc import LGC
 from .ndqsg import NDQSG
+from .onebit import OneBitSGD
 from .qsgd import QSGD
 from .topk import TopK
 
-__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "AggregateStats", "Codec", "Encoded", "ErrorFeedback", "OneBitSGD",
+__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "Codec", "Encoded", "ErrorFeedback", "OneBitSGD",
            "TensorContext", "TopK", "empirical_entropy"]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from hvdquant.kernels import DitherKey
+from hvdquant.stats import DecodeStats
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,13 @@ class Encoded:
         return sum(t.numel() * t.element_size() for t in self.fields.values())
 
     def to_bytes(self) -> torch.Tensor:
-        parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in self.fields.values()]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+        return as_bytes(*self.fields.values())
+
+
+def as_bytes(*tensors: torch.Tensor) -> torch.Tensor:
+    """The tensors' bytes, concatenated in order (one uint8 buffer for a byte collective)."""
+    parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
 
 Layout = list[tuple[str, torch.dtype, int | None]]  # (field, dtype, count); None = the rest (last only)
@@ -85,7 +91,7 @@ def split_bytes(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 
 
 def empirical_entropy(symbols: torch.Tensor, alphabet: int) -> float:
-    """Zeroth-order entropy −Σ p log2 p of the symbols, bits per symbol (ALGORITHMS.md §1).
+    """Zeroth-order entropy −Σ p log2 p of the symbols, bits per symbol (docs/ALGORITHMS.md §1).
     uint8 symbols are counted as they are (an int64 copy made this 8× slower)."""
     if symbols.numel() == 0:
         return 0.0
@@ -97,16 +103,6 @@ def empirical_entropy(symbols: torch.Tensor, alphabet: int) -> float:
 
 
 Recover = Callable[[dict[int, list[int]]], dict[int, torch.Tensor]]
-
-
-@dataclass
-class AggregateStats:
-    """What an aggregation saw: decode failures detected and buckets recovered by a second round."""
-
-    failed_coordinates: int = 0
-    failed_buckets: int = 0
-    recovery_rounds: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Codec(ABC):
@@ -139,12 +135,12 @@ class Codec(ABC):
         return Encoded(n, split_bytes(buf, self.layout(n, ctx)))
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
-                  ) -> tuple[torch.Tensor, AggregateStats]:
+                  ) -> tuple[torch.Tensor, DecodeStats]:
         """Mean of all senders' reconstructions, summed in sender order (bit-identical on every rank)."""
         total = torch.zeros(payloads[0].n, dtype=torch.float32)
         for p, enc in enumerate(payloads):
             total += self.decode(enc, ctx.sender(p))
-        return total / len(payloads), AggregateStats()
+        return total / len(payloads), DecodeStats()
 
 
 def all_finite(t: torch.Tensor) -> bool:

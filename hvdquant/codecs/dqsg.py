@@ -1,4 +1,4 @@
-"""DQSG: subtractive dithered quantization of stochastic gradients (ALGORITHMS.md §1, §3).
+"""DQSG: subtractive dithered quantization of stochastic gradients (docs/ALGORITHMS.md §1, §3).
 
 Per bucket b of ``bucket_size`` (d) coordinates, with ``levels`` (s) levels:
 
@@ -46,7 +46,7 @@ class DQSG(Codec):
         return 2 * self.levels + 1
 
     def entropy_bound_bits(self) -> float:
-        """log2(2s+1) + 32/d: the nominal bits per coordinate of one sender (ALGORITHMS.md §1)."""
+        """log2(2s+1) + 32/d: the nominal bits per coordinate of one sender (docs/ALGORITHMS.md §1)."""
         return math.log2(self.symbols) + 32.0 / self.bucket_size
 
     def num_buckets(self, n: int) -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from hvdquant.codecs.base import AggregateStats, Codec, Encoded, Layout, Recover, TensorContext, flat32
-from hvdquant.codecs.onebit import OneBitQuantizer
+from hvdquant.codecs.base import Codec, Encoded, Layout, Recover, TensorContext, flat32
+from hvdquant.stats import DecodeStats
 
 
 class ErrorFeedback(Codec):
@@ -53,29 +53,14 @@ class ErrorFeedback(Codec):
         return self.codec.from_bytes(buf, n, ctx)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
-                  ) -> tuple[torch.Tensor, AggregateStats]:
+                  ) -> tuple[torch.Tensor, DecodeStats]:
         return self.codec.aggregate(payloads, ctx, recover)
 
     def recovery_payload(self, enc: Encoded, ctx: TensorContext, buckets: list[int]) -> torch.Tensor:
         return self.codec.recovery_payload(enc, ctx, buckets)  # type: ignore[attr-defined]
-
-    def reset(self) -> None:
-        self.residuals.clear()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.residuals.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.residuals = {k: v.clone().double() for k, v in state.items()}
-
-
-class OneBitSGD(ErrorFeedback):
-    """Seide's 1-bit SGD: sign bits, per-column bin means, error feedback."""
-
-    scheme = "onebit"
-
-    def __init__(self) -> None:
-        super().__init__(OneBitQuantizer())
-
-    def config(self) -> dict:
-        return {"scheme": "onebit"}

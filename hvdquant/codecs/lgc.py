@@ -1,4 +1,4 @@
-"""Learned gradient compression (seed 002, ALGORITHMS.md §6): the configuration and the autoencoder.
+"""Learned gradient compression (docs/ALGORITHMS.md §6): the configuration and the autoencoder.
 
 The paper's body was not available; the choices made here, and why:
 
@@ -6,9 +6,9 @@ The paper's body was not available; the choices made here, and why:
   ``chunk`` (64) values, each chunk divided by its max |value| (one float32 scale per chunk, sent),
   so one small model serves every tensor and every scale.
 - **The autoencoder.** A lightweight 1-D convolutional encoder, four stride-2 convolutions down to
-  ``latent_channels`` (4) channels (ALGORITHMS.md's reading of "lightweight"): 64 values → 4×4 = 16
+  ``latent_channels`` (4) channels (docs/ALGORITHMS.md's reading of "lightweight"): 64 values → 4×4 = 16
   latent floats, a 4× reduction of the values; the decoder mirrors it with transposed convolutions.
-  Chunk length 64 ≥ 31 as ALGORITHMS.md requires.
+  Chunk length 64 ≥ 31 as docs/ALGORITHMS.md requires.
 - **Stages** (per tensor, counted in exchanges): warm-up (``warmup_steps``: top-k with error
   feedback, allgathered); autoencoder training (``train_steps``: the same exchange, and rank 0
   trains the autoencoder with Adam on the normalized chunks of *every* rank's top-k values, which

@@ -1,4 +1,4 @@
-"""NDQSG: nested dithered quantization with side information (ALGORITHMS.md §2).
+"""NDQSG: nested dithered quantization with side information (docs/ALGORITHMS.md §2).
 
 Fine lattice Δℤ with Δ_b = ‖g_b‖∞/s₁; coarse lattice ρΔℤ, nesting ratio ρ = s₁/s₂. A fraction
 ``dqsg_fraction`` (r) of the ranks — ranks 0 … ⌈rP⌉−1, at least one — send plain DQSG(s₁); the
@@ -17,12 +17,12 @@ decoding restarts with the corrected values until no bucket fails. Nothing wrong
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from hvdquant.codecs.base import (
-    AggregateStats,
     Codec,
     Encoded,
     Layout,
@@ -33,7 +33,8 @@ from hvdquant.codecs.base import (
     flat32,
 )
 from hvdquant.codecs.dqsg import DQSG
-from hvdquant.kernels import ops
+from hvdquant.kernels import DitherKey, ops
+from hvdquant.stats import DecodeStats
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,6 @@ class NDQSG(Codec):
             return 0.0
         return 8.0 * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.layout(n, ctx)) / n
 
-    def mean_formula_bits(self, n: int, ranks: int, ctx: TensorContext) -> float:
-        """Average over the ranks of their payload bits per coordinate (r·DQSG + (1−r)·nested)."""
-        return sum(self.formula_bits(n, ctx.sender(p)) for p in range(ranks)) / ranks
-
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         if not self.is_nested(ctx.key.sender, ctx.ranks):
             return self.fine.encode(g, ctx)
@@ -114,18 +111,58 @@ class NDQSG(Codec):
             return self.fine.decode(enc, ctx)
         if side is None:
             raise ValueError("a nested (coset) payload cannot be decoded without side information")
-        return self._resolve(enc, ctx, side)[0]
+        kout, _ = self.resolve(self._residues(enc), enc.fields["delta"], side, ctx.key, 1, enc.fields["checksum"])
+        return self.fine.decode_sum(kout, enc.fields["delta"], ctx.key)
 
-    def _resolve(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ĝ, resolved indices K̂, per-coordinate flags)."""
-        rho = self.nesting_ratio
-        cosets = ops.unpack_cosets(enc.fields["cosets"], rho, enc.n)
-        kout = torch.empty(enc.n, dtype=torch.int32)
-        ghat, flags = ops.nested_decode(cosets, enc.fields["delta"], self.bucket_size, self.levels[0], rho,
-                                        side.contiguous(), ctx.key, kout=kout)
-        return ghat, kout, flags
+    # ------------------------------------------------------------- the coset-sum resolver
+    def resolve(self, residues: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
+                senders: int, checksums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Resolve an index sum from its residues mod ρ (§2, §3).
 
+        ``residues``: (Σ_p k_p + senders·⌊ρ/2⌋) mod ρ for the ``senders`` senders key.sender, … ;
+        ``side``: an estimate of Σ_p g_p, bit-identical on every rank. Each coordinate takes the
+        member of its coset nearest side/Δ + Σ_p u_p. Returns the resolved sums K̂ (int32) and the
+        buckets whose checksum Σ_j (2j+1)·K̂_j mod 2^32 differs from ``checksums`` (the senders'
+        checksums summed mod 2^32): exactly the buckets where some coordinate resolved wrongly,
+        up to checksum collisions."""
+        kout = torch.empty(residues.numel(), dtype=torch.int32)
+        ops.nested_decode(residues, delta, self.bucket_size, self.levels[0], self.nesting_ratio,
+                          side.contiguous(), key, senders=senders, kout=kout)
+        sent = checksums.to(torch.int64) & 0xFFFFFFFF
+        bad = torch.nonzero(ops.bucket_checksum(kout, self.bucket_size) != sent).flatten().tolist()
+        return kout, bad
+
+    def patch(self, kout: torch.Tensor, buckets: list[int], truth: torch.Tensor, stats: DecodeStats) -> None:
+        """Write the recovered true index sums ``truth`` of failed ``buckets`` (their coordinates in
+        the order given) into ``kout``, counting the buckets and the coordinates that had been wrong."""
+        idx = bucket_coordinates(buckets, self.bucket_size, kout.numel())
+        if truth.numel() != idx.numel():
+            raise ValueError(f"recovery gave {truth.numel()} values; {len(buckets)} failed bucket(s) hold "
+                             f"{idx.numel()} coordinates")
+        truth = truth.to(torch.int32)
+        stats.failed_buckets += len(buckets)
+        stats.failed_coordinates += int((kout[idx] != truth).sum())
+        kout[idx] = truth
+
+    def decode_sum(self, residues: torch.Tensor, delta: torch.Tensor, side: torch.Tensor | None, key: DitherKey,
+                   senders: int, checksums: torch.Tensor, *, recover: Callable[[torch.Tensor], torch.Tensor],
+                   stats: DecodeStats) -> torch.Tensor:
+        """Σ_p k_p over ``senders`` senders, exact: resolved with side information, failed buckets
+        replaced by ``recover(coordinates)`` (a collective giving the true index sums there; every
+        rank finds the same failures, so every rank takes part). Without side information every
+        bucket is recovered (not counted as a failure)."""
+        n = residues.numel()
+        if side is None:
+            kout, bad = torch.empty(n, dtype=torch.int32), list(range(ops.num_buckets(n, self.bucket_size)))
+        else:
+            kout, bad = self.resolve(residues, delta, side, key, senders, checksums)
+        if bad:
+            stats.recovery_rounds += 1
+            truth = recover(bucket_coordinates(bad, self.bucket_size, n))
+            self.patch(kout, bad, truth, DecodeStats() if side is None else stats)
+        return kout
+
+    # ------------------------------------------------------------- payload path (paper's NDQSG)
     def recovery_payload(self, enc: Encoded, ctx: TensorContext, buckets: list[int]) -> torch.Tensor:
         """This sender's DQSG(s₁) symbols for the failed buckets, concatenated in the order given and
         packed as one stream."""
@@ -138,49 +175,37 @@ class NDQSG(Codec):
         idx = bucket_coordinates(buckets, self.bucket_size, flat.numel())
         return ops.pack_symbols(sym[idx].contiguous(), fine.symbols)
 
-    def _apply_recovery(self, buf: torch.Tensor, n: int, buckets: list[int], kout: torch.Tensor) -> int:
-        """Patch the true indices of recovered buckets into kout; returns how many had been wrong."""
-        fine = self.fine
-        idx = bucket_coordinates(buckets, self.bucket_size, n)
-        if ops.symbol_bytes(idx.numel(), fine.symbols) != buf.numel():
-            raise ValueError(f"recovery payload has {buf.numel()} bytes; {len(buckets)} failed bucket(s) need "
-                             f"{ops.symbol_bytes(idx.numel(), fine.symbols)}")
-        codes = ops.unpack_symbols(buf, fine.symbols, idx.numel()).to(torch.int32) - fine.levels
-        wrong = int((kout[idx] != codes).sum())
-        kout[idx] = codes
-        return wrong
+    def _residues(self, enc: Encoded) -> torch.Tensor:
+        return ops.unpack_cosets(enc.fields["cosets"], self.nesting_ratio, enc.n)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
-                  ) -> tuple[torch.Tensor, AggregateStats]:
+                  ) -> tuple[torch.Tensor, DecodeStats]:
         """Decode in rank order with the running mean as side information; detect failed buckets by
-        checksum and recover them through ``recover`` (a collective the transport runs) until none fail."""
-        ranks, n, d = len(payloads), payloads[0].n, self.bucket_size
+        checksum and recover them through ``recover`` (a collective the transport runs), then decode
+        again with the corrected values until no bucket fails."""
+        ranks, n = len(payloads), payloads[0].n
         fine = self.fine
-        fixed: dict[int, torch.Tensor] = {}  # sender -> resolved indices with recovered buckets patched in
-        recovered: dict[int, set[int]] = {}
-        stats = AggregateStats()
+        known: dict[int, list[tuple[list[int], torch.Tensor]]] = {}  # sender -> recovered (buckets, indices)
+        stats = DecodeStats()
         while True:
             total = torch.zeros(n, dtype=torch.float32)
             failed: dict[int, list[int]] = {}
+            resolved: dict[int, torch.Tensor] = {}
             for p, enc in enumerate(payloads):
                 pctx = ctx.sender(p)
                 if "cosets" not in enc.fields:
-                    ghat = fine.decode(enc, pctx)
-                else:
-                    side = total / p
-                    _, kout, _ = self._resolve(enc, pctx, side)
-                    if p in fixed:  # keep recovered buckets exact
-                        idx = bucket_coordinates(sorted(recovered[p]), d, n)
-                        kout[idx] = fixed[p][idx]
-                    sums = ops.bucket_checksum(kout, d)
-                    sent = enc.fields["checksum"].to(torch.int64) & 0xFFFFFFFF
-                    bad = [b for b in torch.nonzero(sums != sent).flatten().tolist() if b not in recovered.get(p, ())]
-                    if bad:
-                        failed[p] = bad
-                        stats.failed_buckets += len(bad)
-                        fixed[p] = kout
-                    ghat = fine.decode_sum(kout, enc.fields["delta"], pctx.key)
-                total += ghat
+                    total += fine.decode(enc, pctx)
+                    continue
+                kout, bad = self.resolve(self._residues(enc), enc.fields["delta"], total / p, pctx.key, 1,
+                                         enc.fields["checksum"])
+                done: set[int] = set()
+                for buckets, truth in known.get(p, ()):  # keep recovered buckets exact
+                    self.patch(kout, buckets, truth, DecodeStats())
+                    done.update(buckets)
+                bad = [b for b in bad if b not in done]
+                if bad:
+                    failed[p], resolved[p] = bad, kout
+                total += fine.decode_sum(kout, enc.fields["delta"], pctx.key)
             if not failed:
                 return total / ranks, stats
             if recover is None:
@@ -189,8 +214,18 @@ class NDQSG(Codec):
             stats.recovery_rounds += 1
             replies = recover(failed)
             for p, buckets in failed.items():
-                stats.failed_coordinates += self._apply_recovery(replies[p], n, buckets, fixed[p])
-                recovered.setdefault(p, set()).update(buckets)
+                truth = self._recovered_codes(replies[p], n, buckets)
+                self.patch(resolved[p], buckets, truth, stats)
+                known.setdefault(p, []).append((buckets, truth))
+
+    def _recovered_codes(self, buf: torch.Tensor, n: int, buckets: list[int]) -> torch.Tensor:
+        """A recovery reply (packed DQSG(s₁) symbols of the buckets) as int32 indices."""
+        fine = self.fine
+        count = bucket_coordinates(buckets, self.bucket_size, n).numel()
+        if ops.symbol_bytes(count, fine.symbols) != buf.numel():
+            raise ValueError(f"recovery payload has {buf.numel()} bytes; {len(buckets)} failed bucket(s) need "
+                             f"{ops.symbol_bytes(count, fine.symbols)}")
+        return ops.unpack_symbols(buf, fine.symbols, count).to(torch.int32) - fine.levels
 
 
 def bucket_coordinates(buckets: list[int], bucket_size: int, n: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""1-bit SGD (Seide et al. 2014; ALGORITHMS.md §5): one bit per coordinate (g ≥ 0), each bit
+"""1-bit SGD (Seide et al. 2014; docs/ALGORITHMS.md §5): one bit per coordinate (g ≥ 0), each bit
 reconstructed as the mean of its bin in its column, two float32 per column.
 
 The tensor is viewed as (rows, cols) with rows = shape[0] (a 1-D tensor is one column). Without
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, flat32
+from hvdquant.codecs.feedback import ErrorFeedback
 from hvdquant.kernels import ops
 
 
@@ -47,3 +48,15 @@ class OneBitQuantizer(Codec):
         bits = ops.bitunpack(enc.fields["bits"], 1, enc.n)
         return ops.onebit_decode(bits, max(1, enc.fields["pos_mean"].numel()), enc.fields["pos_mean"],
                                  enc.fields["neg_mean"])
+
+
+class OneBitSGD(ErrorFeedback):
+    """Seide's 1-bit SGD: sign bits, per-column bin means, error feedback."""
+
+    scheme = "onebit"
+
+    def __init__(self) -> None:
+        super().__init__(OneBitQuantizer())
+
+    def config(self) -> dict:
+        return {"scheme": "onebit"}

@@ -1,4 +1,4 @@
-"""QSGD: stochastic quantization to s levels per bucket (seed 001, ALGORITHMS.md §4).
+"""QSGD: stochastic quantization to s levels per bucket (Alistarh et al., QSGD; docs/ALGORITHMS.md §4).
 
     Q_s(v)_i = ‖v_b‖ · sgn(v_i) · ξ_i / s,   ξ_i = ⌊s|v_i|/‖v_b‖ + U⌋,  U ~ U(0, 1)
 
@@ -7,7 +7,7 @@ E‖Q(v)‖² ≤ (1 + min(d/s², √d/s))‖v‖². The U are drawn from the ke
 subtracted: this is QSGD, not dithered quantization).
 
 Payload: one float32 norm per bucket, then the levels either as fixed-width symbols k + s
-(``coding="fixed"``) or as the Elias recursive stream of seed 001 (``coding="elias"``: ω(nnz+1),
+(``coding="fixed"``) or as the Elias recursive stream of the QSGD paper (``coding="elias"``: ω(nnz+1),
 then per nonzero ω(gap), a sign bit, ω(level); variable length).
 """
 
@@ -48,7 +48,7 @@ class QSGD(Codec):
         return [("norm", torch.float32, nb), ("levels", torch.uint8, tail)]
 
     def formula_bits(self, n: int, ctx: TensorContext | None = None) -> float:
-        """Fixed coding: exact. Elias: seed 001's bound on the expected size for one bucket of n
+        """Fixed coding: exact. Elias: the QSGD paper's bound on the expected size for one bucket of n
         (sublinear regime), F + (3 + 1.5·log2(2(s²+n)/(s²+√n)))·(s²+√n), F = 32."""
         if not n:
             return 0.0

@@ -1,5 +1,5 @@
 """Top-k sparsification (the DGC-style warm-up that learned gradient compression starts from,
-ALGORITHMS.md §6): send the k = ⌈ratio·n⌉ coordinates of largest magnitude as (int32 index,
+docs/ALGORITHMS.md §6): send the k = ⌈ratio·n⌉ coordinates of largest magnitude as (int32 index,
 float32 value) pairs; the rest decode as 0. Biased on its own: wrap it in
 :class:`~hvdquant.codecs.feedback.ErrorFeedback`, as DGC does (``hvdquant.TopK.with_feedback(ratio)``).
 Ties are broken by the lower index, so every rank selects the same coordinates for the same input.

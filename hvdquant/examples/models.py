@@ -8,7 +8,7 @@ from torch import nn
 
 
 def fc() -> nn.Module:
-    """FC 784-300-100-10 with ReLU, the authors' fully connected network (seed 001): 266k parameters."""
+    """FC 784-300-100-10 with ReLU, the authors' fully connected network (Alistarh et al., QSGD): 266k parameters."""
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
                          nn.Linear(100, 10))
 

@@ -1,8 +1,8 @@
-"""The exchange protocol of learned gradient compression over Horovod (hvdquant.codecs.lgc).
+"""The exchange protocol of learned gradient compression (:mod:`hvdquant.codecs.lgc`, docs/ALGORITHMS.md §6).
 
 Every collective is an allgather of bytes (exact), and every sum runs in rank order, so all ranks
-end bit-identical. Second rounds run inside the callables that ``hvdquant.DistributedOptimizer``
-invokes in sorted parameter-name order.
+end bit-identical. Second rounds run inside the callables the adapter invokes in sorted
+tensor-name order. Written against :class:`~hvdquant.transports.collectives.Collectives`.
 """
 
 from __future__ import annotations
@@ -10,53 +10,83 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import all_finite, flat32, split_bytes
+from hvdquant.codecs.base import all_finite, as_bytes, flat32, split_bytes
 from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, innovation, least_squares_gain, rebuild, to_chunks
 from hvdquant.kernels import ops
-from hvdquant.stats import CommStats
-from hvdquant.transports.horovod_payload import allgather_bytes, check_finite_output
+from hvdquant.stats import CommStats, DecodeStats
+from hvdquant.transports.collectives import Collectives, check_finite_output, raise_if_poisoned
+from hvdquant.transports.payload import check_kind, statistics
+
+STAGES = ("warmup", "train", "compress")
 
 
-def _hvd():
-    import horovod.torch as hvd
+@dataclass(frozen=True)
+class _Round:
+    """One tensor's exchange: its name, step, stage, the error-compensated gradient c = g + residual
+    (float64, and as float32), k = ⌈ratio·n⌉, and the shape and dtype to hand back."""
 
-    return hvd
+    name: str
+    step: int
+    stage: str
+    c: torch.Tensor
+    c32: torch.Tensor
+    k: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
-
-def _bytes(*tensors: torch.Tensor) -> torch.Tensor:
-    parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    @property
+    def n(self) -> int:
+        return self.c32.numel()
 
 
 class LGCExchange:
     """State of one optimizer's LGC: the autoencoder, residuals, stage statistics."""
 
-    def __init__(self, cfg: LGC, average: bool, stats: CommStats) -> None:
-        self.cfg, self.average, self.stats = cfg, average, stats
+    kind = "lgc"
+    reducer = "allgather"
+
+    def __init__(self, cfg: LGC, average: bool, collectives: Collectives) -> None:
+        self.cfg, self.average, self.coll = cfg, average, collectives
+        self.stats = CommStats()
         with torch.random.fork_rng():
             torch.manual_seed(0)
             self.ae = ChunkAutoencoder(cfg)
         self.opt = torch.optim.Adam(self.ae.parameters(), lr=cfg.lr)
         self.frozen = False
         self.residuals: dict[str, torch.Tensor] = {}
-        self.stage_bytes = {"warmup": 0, "train": 0, "compress": 0}
-        self.stage_coordinates = {"warmup": 0, "train": 0, "compress": 0}
+        self.stage_stats = {stage: CommStats() for stage in STAGES}
         self.ae_updates = 0
         self.train_loss: list[float] = []
         self.codec_seconds = 0.0
+
+    def config(self) -> dict:
+        # decoding gives the same bits on every rank only with the same torch thread count everywhere
+        return {"codec": self.cfg.config(), "reducer": self.reducer, "average": self.average,
+                "torch_threads": torch.get_num_threads()}
+
+    def statistics(self) -> dict:
+        return {**statistics(self.stats, CommStats(), 0.0, DecodeStats()),  # no symbols, no nested decoding
+                "lgc_stage_bits_per_coordinate": {stage: st.bits_per_coordinate
+                                                  for stage, st in self.stage_stats.items() if st.coordinates},
+                "lgc_autoencoder_parameters": sum(p.numel() for p in self.ae.parameters()),
+                "lgc_autoencoder_updates": self.ae_updates, "lgc_frozen": self.frozen,
+                "lgc_codec_seconds": self.codec_seconds,
+                "lgc_last_train_loss": self.train_loss[-1] if self.train_loss else None}
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue bit for bit: the autoencoder and its Adam state (rank
         0's trained weights before the switch, the broadcast ones after), whether it is frozen, this
         rank's float64 residuals and the training record. Copies, so later steps do not change it."""
-        return copy.deepcopy({"ae": self.ae.state_dict(), "adam": self.opt.state_dict(), "frozen": self.frozen,
-                              "residuals": self.residuals, "ae_updates": self.ae_updates,
+        return copy.deepcopy({"kind": self.kind, "ae": self.ae.state_dict(), "adam": self.opt.state_dict(),
+                              "frozen": self.frozen, "residuals": self.residuals, "ae_updates": self.ae_updates,
                               "train_loss": self.train_loss})
 
     def load_state_dict(self, state: dict) -> None:
+        check_kind(self.kind, state)
         state = copy.deepcopy(state)
         self.ae.load_state_dict(state["ae"])
         self.opt.load_state_dict(state["adam"])
@@ -64,107 +94,67 @@ class LGCExchange:
         self.ae_updates, self.train_loss = int(state["ae_updates"]), list(state["train_loss"])
         self.ae.eval()
 
-    @property
-    def ae_parameters(self) -> int:
-        return sum(p.numel() for p in self.ae.parameters())
+    def _record(self, stage: str, coordinates: int, handed: int) -> None:
+        self.stats.record(coordinates, handed)
+        self.stage_stats[stage].record(coordinates, handed)
 
-    def _record(self, name: str, stage: str, n: int, *tensors: torch.Tensor) -> None:
-        self.stats.record(name, n, *tensors)
-        self.stage_bytes[stage] += sum(t.numel() * t.element_size() for t in tensors)
-        self.stage_coordinates[stage] += n
+    def _gather(self, r: _Round, buf: torch.Tensor, part: str, coordinates: int = 0) -> list[torch.Tensor]:
+        """Allgather this rank's ``buf`` (counted) and wait for every rank's."""
+        started = self.coll.allgather_bytes(buf, f"hvdquant.lgc.{r.name}.{part}")
+        self._record(r.stage, coordinates, started.nbytes)
+        return raise_if_poisoned(started.wait(), r.name)
 
     def _layout_leader(self, k: int) -> list:
         m = -(-k // self.cfg.chunk)
         zlen = m * self.cfg.latent_channels * (self.cfg.chunk // 16)
-        return [("idx", torch.int32, k), ("scale", torch.float32, m), ("z", torch.float32, zlen)]
+        layout = [("idx", torch.int32, k), ("scale", torch.float32, m), ("z", torch.float32, zlen)]
+        return layout if self.cfg.form == "ps" else layout[:2]
 
     def _latent_shape(self, k: int) -> tuple[int, int, int]:
         return (-(-k // self.cfg.chunk), self.cfg.latent_channels, self.cfg.chunk // 16)
 
-    def _output(self, out: torch.Tensor, ranks: int, shape, dtype) -> torch.Tensor:
-        out = out if self.average else out * ranks
+    def _output(self, r: _Round, mean: torch.Tensor) -> torch.Tensor:
+        out = mean if self.average else mean * self.coll.size
         check_finite_output(out)
-        return out.reshape(shape).to(dtype)
+        return out.reshape(r.shape).to(r.dtype)
 
     def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
-        hvd = _hvd()
-        rank, ranks = hvd.rank(), hvd.size()
-        shape, dtype = tuple(tensor.shape), tensor.dtype
         flat = flat32(tensor)
         if not all_finite(flat):
-            wait, _ = allgather_bytes(None, f"hvdquant.lgc.{name}")
-            return wait
+            poisoned = self.coll.allgather_bytes(None, f"hvdquant.lgc.{name}")
+            return lambda: raise_if_poisoned(poisoned.wait(), name)
         c = flat.double() + self.residuals.get(name, torch.zeros(flat.numel(), dtype=torch.float64))
         c32 = c.float()
-        n, k = c32.numel(), self.cfg.k(c32.numel())
-        stage = self.cfg.stage(step)
-        leader = step % ranks
-        if stage == "compress" and not self.frozen:
+        r = _Round(name, step, self.cfg.stage(step), c, c32, self.cfg.k(c32.numel()), tuple(tensor.shape),
+                   tensor.dtype)
+        if r.stage == "compress" and not self.frozen:
             raise RuntimeError(f"LGC: '{name}' reached the compression stage but the autoencoder was never "
                                "trained and broadcast (step counters restored without the LGC state?)")
-        if stage != "compress":
-            return self._topk_round(name, c, c32, n, k, stage, step, rank, ranks, shape, dtype)
-        t0 = time.perf_counter()
-        if rank == leader:
-            idx = ops.topk_indices(c32, k)
-            x, scale = to_chunks(c32[idx], self.cfg.chunk)
-            z = torch.empty(0)
-            if self.cfg.form == "ps":
-                with torch.no_grad():
-                    z = self.ae.encode(x)
-                    scale = scale * least_squares_gain(x, self.ae.decode(z))  # ‖x − α·D(z)‖ ≤ ‖x‖
-            buf = _bytes(idx.to(torch.int32), scale, z)
-        else:
-            buf = torch.empty(0, dtype=torch.uint8)
-        self.codec_seconds += time.perf_counter() - t0
-        wait, size = allgather_bytes(buf, f"hvdquant.lgc.{name}.lead")
-        self._record(name, stage, n, buf, size)
+        return self._topk_round(r) if r.stage != "compress" else self._compress_round(r)
 
-        def finish() -> torch.Tensor:
-            parts = wait()
-            lead = parts[leader]
-            layout = self._layout_leader(k)
-            if self.cfg.form == "ring":
-                layout = layout[:2]
-            f = split_bytes(lead, layout)
-            idx = f["idx"].long()
-            if self.cfg.form == "ps":
-                mean_v, own = self._ps(name, c32, idx, f, k, rank, ranks, leader, stage)
-            else:
-                mean_v, own = self._ring(name, c32, idx, f["scale"], k, ranks, stage)
-            out = torch.zeros(n, dtype=torch.float32)
-            out[idx] = mean_v
-            rebuilt = torch.zeros(n, dtype=torch.float64)
-            rebuilt[idx] = own.double()
-            self.residuals[name] = c - rebuilt
-            return self._output(out, ranks, shape, dtype)
-
-        return finish
-
-    def _topk_round(self, name, c, c32, n, k, stage, step, rank, ranks, shape, dtype):
-        idx = ops.topk_indices(c32, k)
-        vals = c32[idx]
-        buf = _bytes(idx.to(torch.int32), vals)
-        wait, size = allgather_bytes(buf, f"hvdquant.lgc.{name}.topk")
-        self._record(name, stage, n, buf, size)
-        sent = torch.zeros(n, dtype=torch.float64)
+    # ------------------------------------------------------------------ warm-up and training: top-k
+    def _topk_round(self, r: _Round) -> Callable[[], torch.Tensor]:
+        idx = ops.topk_indices(r.c32, r.k)
+        vals = r.c32[idx]
+        started = self.coll.allgather_bytes(as_bytes(idx.to(torch.int32), vals), f"hvdquant.lgc.{r.name}.topk")
+        self._record(r.stage, r.n, started.nbytes)
+        sent = torch.zeros(r.n, dtype=torch.float64)
         sent[idx] = vals.double()
-        self.residuals[name] = c - sent
+        self.residuals[r.name] = r.c - sent
 
         def finish() -> torch.Tensor:
-            parts = wait()
-            out = torch.zeros(n, dtype=torch.float32)
+            out = torch.zeros(r.n, dtype=torch.float32)
             chunks = []
-            for buf_p in parts:
-                f = split_bytes(buf_p, [("idx", torch.int32, k), ("vals", torch.float32, k)])
+            for buf_p in raise_if_poisoned(started.wait(), r.name):
+                f = split_bytes(buf_p, [("idx", torch.int32, r.k), ("vals", torch.float32, r.k)])
                 out[f["idx"].long()] += f["vals"]
                 chunks.append(to_chunks(f["vals"], self.cfg.chunk)[0])
-            if stage == "train" and not self.frozen:
-                if rank == 0:
+            if r.stage == "train" and not self.frozen:
+                if self.coll.rank == 0:
                     self._train(torch.cat(chunks))
-                if step == self.cfg.warmup_steps + self.cfg.train_steps - 1:
+                if r.step == self.cfg.warmup_steps + self.cfg.train_steps - 1:
                     self._freeze()
-            return self._output(out / ranks, ranks, shape, dtype)
+            return self._output(r, out / self.coll.size)
 
         return finish
 
@@ -183,56 +173,87 @@ class LGCExchange:
 
     def _freeze(self) -> None:
         """Stage switch: rank 0's weights to every rank, bit for bit (a collective, same order on all)."""
-        hvd = _hvd()
         for i, p in enumerate(self.ae.parameters()):
-            p.data.copy_(hvd.broadcast(p.data, root_rank=0, name=f"hvdquant.lgc.ae.{i}"))
+            p.data.copy_(self.coll.broadcast(p.data, 0, f"hvdquant.lgc.ae.{i}"))
         self.frozen = True
         self.ae.eval()
 
-    def _ps(self, name, c32, idx, f, k, rank, ranks, leader, stage):
+    # ------------------------------------------------------------------ compression: the autoencoder
+    def _compress_round(self, r: _Round) -> Callable[[], torch.Tensor]:
+        leader = r.step % self.coll.size
         t0 = time.perf_counter()
-        with torch.no_grad():
-            base = from_chunks(self.ae.decode(f["z"].view(self._latent_shape(k))), f["scale"], k)
-        ki, chunk = self.cfg.innovations(k), self.cfg.chunk
-        if rank != leader:
-            beta, j, vals = innovation(c32[idx], base, chunk, ki)
-            buf = _bytes(j.to(torch.int32), vals, beta)
+        if self.coll.rank == leader:
+            idx = ops.topk_indices(r.c32, r.k)
+            x, scale = to_chunks(r.c32[idx], self.cfg.chunk)
+            z = torch.empty(0)
+            if self.cfg.form == "ps":
+                with torch.no_grad():
+                    z = self.ae.encode(x)
+                    scale = scale * least_squares_gain(x, self.ae.decode(z))  # ‖x − α·D(z)‖ ≤ ‖x‖
+            buf = as_bytes(idx.to(torch.int32), scale, z)
         else:
             buf = torch.empty(0, dtype=torch.uint8)
         self.codec_seconds += time.perf_counter() - t0
-        wait, size = allgather_bytes(buf, f"hvdquant.lgc.{name}.innovation")
-        self._record(name, stage, 0, buf, size)
-        parts = wait()
-        total = torch.zeros(k, dtype=torch.float32)
+        started = self.coll.allgather_bytes(buf, f"hvdquant.lgc.{r.name}.lead")
+        self._record(r.stage, r.n, started.nbytes)
+
+        def finish() -> torch.Tensor:
+            lead = split_bytes(raise_if_poisoned(started.wait(), r.name)[leader], self._layout_leader(r.k))
+            idx = lead["idx"].long()
+            if self.cfg.form == "ps":
+                mean_v, own = self._ps(r, idx, lead, leader)
+            else:
+                mean_v, own = self._ring(r, idx, lead["scale"])
+            out = torch.zeros(r.n, dtype=torch.float32)
+            out[idx] = mean_v
+            rebuilt = torch.zeros(r.n, dtype=torch.float64)
+            rebuilt[idx] = own.double()
+            self.residuals[r.name] = r.c - rebuilt
+            return self._output(r, out)
+
+        return finish
+
+    def _ps(self, r: _Round, idx: torch.Tensor, lead: dict[str, torch.Tensor], leader: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameter-server form: (mean of every rank's rebuilt values, this rank's own)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            base = from_chunks(self.ae.decode(lead["z"].view(self._latent_shape(r.k))), lead["scale"], r.k)
+        ki, chunk = self.cfg.innovations(r.k), self.cfg.chunk
+        if self.coll.rank != leader:
+            beta, j, vals = innovation(r.c32[idx], base, chunk, ki)
+            buf = as_bytes(j.to(torch.int32), vals, beta)
+        else:
+            buf = torch.empty(0, dtype=torch.uint8)
+        self.codec_seconds += time.perf_counter() - t0
+        parts = self._gather(r, buf, "innovation")
+        total = torch.zeros(r.k, dtype=torch.float32)
         own = base
-        layout = [("j", torch.int32, ki), ("val", torch.float32, ki), ("beta", torch.float32, -(-k // chunk))]
-        for p in range(ranks):
+        layout = [("j", torch.int32, ki), ("val", torch.float32, ki), ("beta", torch.float32, -(-r.k // chunk))]
+        for p, part in enumerate(parts):
             vp = base
             if p != leader:
-                g = split_bytes(parts[p], layout)
+                g = split_bytes(part, layout)
                 vp = rebuild(base, g["beta"], g["j"].long(), g["val"], chunk)
-            if p == rank:
+            if p == self.coll.rank:
                 own = vp
             total += vp
-        return total / ranks, own
+        return total / self.coll.size, own
 
-    def _ring(self, name, c32, idx, scale, k, ranks, stage):
+    def _ring(self, r: _Round, idx: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ring form: (decoded mean latent, this rank's own reconstruction)."""
         t0 = time.perf_counter()
-        x, _ = to_chunks(c32[idx], self.cfg.chunk, scale)
+        x, _ = to_chunks(r.c32[idx], self.cfg.chunk, scale)
         with torch.no_grad():
             z = self.ae.encode(x)
             d = self.ae.decode(z)
             alpha = least_squares_gain(x, d)
             z = z * alpha.view(-1, 1, 1)  # D linear: D(α·z) = α·D(z)
-            own = from_chunks(d * alpha.unsqueeze(1), scale, k)
+            own = from_chunks(d * alpha.unsqueeze(1), scale, r.k)
         self.codec_seconds += time.perf_counter() - t0
-        zbuf = _bytes(z)
-        wait, size = allgather_bytes(zbuf, f"hvdquant.lgc.{name}.latent")
-        self._record(name, stage, 0, zbuf, size)
-        parts = wait()
         zsum = torch.zeros_like(z)
-        for buf_p in parts:
-            zsum += buf_p.clone().view(torch.float32).view(z.shape)
+        for part in self._gather(r, as_bytes(z), "latent"):
+            zsum += part.clone().view(torch.float32).view(z.shape)
         with torch.no_grad():
-            mean_v = from_chunks(self.ae.decode(zsum / ranks), scale, k)
+            mean_v = from_chunks(self.ae.decode(zsum / self.coll.size), scale, r.k)
         return mean_v, own

@@ -1,4 +1,4 @@
-"""mpi4py reference ring-allreduce, plain or carrying coset indices (ALGORITHMS.md §3).
+"""mpi4py reference ring-allreduce, plain or carrying coset indices (docs/ALGORITHMS.md §3).
 
     out = hvdquant.ring_allreduce(tensor, comm=MPI.COMM_WORLD)                       # float32 sums
     out = hvdquant.ring_allreduce(tensor, codec=hvdquant.NDQSG((3, 1), 512),
@@ -32,36 +32,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
-from hvdquant.kernels import DitherKey, ops, tensor_id
+from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.kernels import DitherKey, ops
+from hvdquant.keys import StepCounter, dither_key
+from hvdquant.stats import DecodeStats
+from hvdquant.transports.collectives import chunk_bounds
 from hvdquant.transports.summable import SumFieldLayout
 
 
 @dataclass
-class RingStats:
-    """Bytes this rank handed to MPI and what the coset decoder saw (accumulated over calls)."""
+class RingStats(DecodeStats):
+    """Bytes this rank handed to MPI and what the coset decoder saw (accumulated over calls): the
+    decode counters of :class:`~hvdquant.stats.DecodeStats` plus the ring's own byte counts."""
 
     calls: int = 0
     coordinates: int = 0
     ring_bytes: int = 0
     scale_bytes: int = 0
     side_bytes: int = 0
-    recovery_bytes: int = 0
-    failed_buckets: int = 0
-    failed_coordinates: int = 0
     buckets: int = 0
 
     @property
     def bytes_sent(self) -> int:
         return self.ring_bytes + self.scale_bytes + self.side_bytes + self.recovery_bytes
-
-
-def chunk_bounds(n: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
-    """``parts`` contiguous ranges covering [0, n), cut at multiples of ``align`` (packing groups)."""
-    units = (n + align - 1) // align
-    cuts = [min(n, (units * c // parts) * align) for c in range(parts + 1)]
-    cuts[-1] = n
-    return [(cuts[c], cuts[c + 1]) for c in range(parts)]
 
 
 def _ring(comm, chunks: list[np.ndarray], combine: Callable[[np.ndarray, np.ndarray], np.ndarray],
@@ -84,6 +77,22 @@ def _ring(comm, chunks: list[np.ndarray], combine: Callable[[np.ndarray, np.ndar
     return chunks
 
 
+@dataclass(frozen=True)
+class SideRequest:
+    """What a side-information estimator may use for one coset-ring call: the tensor name, the
+    communicator and its size, this rank's gradient g, the common steps Δ_b, the codec, this rank's
+    dither key and the statistics to charge extra bytes to."""
+
+    name: str
+    comm: object
+    ranks: int
+    g: torch.Tensor
+    delta: torch.Tensor
+    codec: NDQSG
+    key: DitherKey
+    stats: RingStats
+
+
 class PreviousMean:
     """Side information: P × the previous call's decoded mean of the same tensor name (identical on
     every rank because every rank decoded the same bits). None on a name's first call."""
@@ -91,9 +100,9 @@ class PreviousMean:
     def __init__(self) -> None:
         self.means: dict[str, torch.Tensor] = {}
 
-    def estimate(self, name: str, ranks: int, comm, g, delta, codec, key, stats) -> torch.Tensor | None:
-        mean = self.means.get(name)
-        return None if mean is None or mean.numel() != g.numel() else mean * ranks
+    def estimate(self, req: SideRequest) -> torch.Tensor | None:
+        mean = self.means.get(req.name)
+        return None if mean is None or mean.numel() != req.g.numel() else mean * req.ranks
 
     def update(self, name: str, mean: torch.Tensor) -> None:
         self.means[name] = mean.clone()
@@ -108,38 +117,43 @@ class GroupDQSG:
             raise ValueError(f"group must be a positive int, got {group!r}")
         self.group = group
 
-    def estimate(self, name, ranks, comm, g, delta, codec: NDQSG, key: DitherKey, stats) -> torch.Tensor:
-        from mpi4py import MPI
-
-        group = min(self.group, ranks)
-        fine = codec.fine
+    def estimate(self, req: SideRequest) -> torch.Tensor:
+        group = min(self.group, req.ranks)
+        fine = req.codec.fine
         layout = SumFieldLayout.for_levels(fine.levels, group)
-        if key.sender < group:
-            words = layout.pack(fine.quantize(g, delta, key)).numpy()
+        if req.key.sender < group:
+            words = layout.pack(fine.quantize(req.g, req.delta, req.key)).numpy()
         else:
-            words = np.zeros(layout.words(g.numel()), np.float64)
-        summed = np.empty_like(words)
-        comm.Allreduce(words, summed, op=MPI.SUM)
-        stats.side_bytes += words.nbytes
-        kg, factor = layout.unpack(torch.from_numpy(summed), g.numel())
-        return fine.decode_sum(kg, delta, key.for_sender(0), senders=group) * (ranks / group)
+            words = np.zeros(layout.words(req.g.numel()), np.float64)
+        summed = _allreduce(req.comm, words, "sum")
+        req.stats.side_bytes += words.nbytes
+        kg, _ = layout.unpack(torch.from_numpy(summed), req.g.numel())
+        return fine.decode_sum(kg, req.delta, req.key.for_sender(0), senders=group) * (req.ranks / group)
 
     def update(self, name: str, mean: torch.Tensor) -> None:
         pass
 
 
-_STEPS: dict[tuple[int, str], int] = {}  # calls per (communicator, name): the dither step
+_STEPS: dict[int, StepCounter] = {}  # per communicator: calls per name, the dither step
 
 
-def ring_allreduce(tensor: torch.Tensor, comm=None, codec: NDQSG | None = None, side=None, name: str = "tensor",
+def _allreduce(comm, x: np.ndarray, op: str) -> np.ndarray:
+    from mpi4py import MPI
+
+    out = np.empty_like(x)
+    comm.Allreduce(x, out, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
+    return out
+
+
+def ring_allreduce(tensor: torch.Tensor, comm=None, *, codec: NDQSG | None = None, side=None, name: str = "tensor",
                    seed: int = 0, average: bool = False, stats: RingStats | None = None) -> torch.Tensor:
     """Allreduce ``tensor`` (sum, or mean with ``average=True``) over ``comm`` (default COMM_WORLD).
 
     ``codec``: None for float32, or an :class:`~hvdquant.NDQSG` whose s₁, ρ and bucket size define
     the coset ring (its dqsg_fraction does not apply: every rank sends cosets). ``side``: an object
-    with ``estimate(...)``/``update(...)`` (:class:`PreviousMean`, :class:`GroupDQSG`); with None or
-    no estimate yet, every bucket is resolved by the recovery round. ``name`` and ``seed`` key the
-    dithers (with a per-name call counter); they must match on every rank.
+    with ``estimate(SideRequest)``/``update(name, mean)`` (:class:`PreviousMean`, :class:`GroupDQSG`);
+    with None or no estimate yet, every bucket is resolved by the recovery round. ``name`` and
+    ``seed`` key the dithers (with a per-name call counter); they must match on every rank.
     """
     from mpi4py import MPI
 
@@ -149,43 +163,36 @@ def ring_allreduce(tensor: torch.Tensor, comm=None, codec: NDQSG | None = None, 
     device, shape, dtype = tensor.device, tensor.shape, tensor.dtype
     g = tensor.detach().reshape(-1).to("cpu", torch.float32).contiguous()
     ranks = comm.Get_size()
-    if stats is not None:
-        stats.calls += 1
-        stats.coordinates += g.numel()
+    stats = RingStats() if stats is None else stats
+    stats.calls += 1
+    stats.coordinates += g.numel()
     if codec is None:
         x = g.numpy().copy()
         chunks = [x[lo:hi].copy() for lo, hi in chunk_bounds(g.numel(), ranks)]
         out = torch.from_numpy(np.concatenate(_ring(comm, chunks, np.add, stats)))
     else:
-        out = _coset_allreduce(g, comm, codec, side, name, seed, stats or RingStats())
+        out = _coset_allreduce(g, comm, codec, side, name, seed=seed, stats=stats)
     if average:
         out = out / ranks
     return out.reshape(shape).to(device=device, dtype=dtype)
 
 
-def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, seed: int, stats: RingStats) -> torch.Tensor:
-    from mpi4py import MPI
-
+def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats: RingStats) -> torch.Tensor:
     if not isinstance(codec, NDQSG):
         raise TypeError(f"the coset ring takes an hvdquant.NDQSG codec, got {type(codec).__name__}")
     ranks, rank = comm.Get_size(), comm.Get_rank()
     fine, rho, d, n = codec.fine, codec.nesting_ratio, codec.bucket_size, g.numel()
-    step = _STEPS.get((id(comm), name), 0)
-    _STEPS[(id(comm), name)] = step + 1
-    key = DitherKey(seed, step % (1 << 32), tensor_id(name), rank)
+    key = dither_key(seed, _STEPS.setdefault(id(comm), StepCounter()).next(name), name, rank)
 
     absmax = fine.bucket_absmax(g).numpy()
-    common = np.empty_like(absmax)
-    comm.Allreduce(absmax, common, op=MPI.MAX)
+    common = _allreduce(comm, absmax, "max")
     if not np.isfinite(common).all():  # the same reduced maxima on every rank: every rank raises
         raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank")
     delta = fine.step_size(torch.from_numpy(common))
     k = fine.quantize(g, delta, key)
     checks = ops.bucket_checksum(k, d).numpy()
-    check_sum = np.empty_like(checks)
-    comm.Allreduce(checks, check_sum, op=MPI.SUM)
+    check_sum = _allreduce(comm, checks, "sum")
     stats.scale_bytes += absmax.nbytes + checks.nbytes
-    check_sum &= 0xFFFFFFFF
 
     sym = ops.nested_encode(g, delta, d, fine.levels, rho, key)
     bits = ops.coset_bits(rho)
@@ -199,28 +206,19 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, seed: int, stats: R
     chunks = _ring(comm, chunks, modadd, stats)
     residues = torch.cat([ops.unpack_cosets(torch.from_numpy(c), rho, hi - lo) for c, (lo, hi) in zip(chunks, bounds)])
 
-    estimate = None if side is None else side.estimate(name, ranks, comm, g, delta, codec, key, stats)
-    kout = torch.empty(n, dtype=torch.int32)
-    nb = delta.numel()
-    if estimate is not None:
-        ops.nested_decode(residues, delta, d, fine.levels, rho, estimate.contiguous(), key.for_sender(0),
-                          senders=ranks, kout=kout)
-        bad = np.nonzero(ops.bucket_checksum(kout, d).numpy() != check_sum)[0].tolist()
-    else:
-        bad = list(range(nb))
-    stats.buckets += nb
-    if bad:  # the same buckets on every rank: one SUM allreduce of their DQSG(s1) indices
-        idx = bucket_coordinates(bad, d, n)
+    def recover(idx: torch.Tensor) -> torch.Tensor:
+        """The true index sums at ``idx``: one SUM allreduce of their DQSG(s₁) indices."""
         layout = SumFieldLayout.for_levels(fine.levels, ranks)
         words = layout.pack(k[idx].contiguous()).numpy()
-        summed = np.empty_like(words)
-        comm.Allreduce(words, summed, op=MPI.SUM)
+        summed = _allreduce(comm, words, "sum")
         stats.recovery_bytes += words.nbytes
-        truth = layout.unpack(torch.from_numpy(summed), idx.numel())[0]
-        if estimate is not None:
-            stats.failed_coordinates += int((kout[idx] != truth).sum())
-            stats.failed_buckets += len(bad)
-        kout[idx] = truth
+        return layout.unpack(torch.from_numpy(summed), idx.numel())[0]
+
+    request = SideRequest(name, comm, ranks, g, delta, codec, key, stats)
+    estimate = None if side is None else side.estimate(request)
+    stats.buckets += delta.numel()
+    kout = codec.decode_sum(residues, delta, estimate, key.for_sender(0), ranks, torch.from_numpy(check_sum),
+                            recover=recover, stats=stats)
     total = fine.decode_sum(kout, delta, key.for_sender(0), senders=ranks)
     if side is not None:
         side.update(name, total / ranks)

@@ -1,4 +1,4 @@
-"""Carrying small integer codes through a stock SUM/AVERAGE allreduce (ALGORITHMS.md §3).
+"""Carrying small integer codes through a stock SUM/AVERAGE allreduce (docs/ALGORITHMS.md §3).
 
 Horovod's torch allreduce takes int32/int64/float16/float32/float64 only, and it averages integer
 tensors by floor division. So codes are offset to be non-negative, packed ``per_word`` at a time

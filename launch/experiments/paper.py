@@ -1,8 +1,8 @@
-"""One horovodrun job of the paper reproduction (issue 6): every method in turn, one model, one seed.
+"""One horovodrun job of the paper reproduction: every method in turn, one model, one seed.
 
     horovodrun -np 4 python launch/experiments/paper.py --model fc --seed 0 --iterations 1500
 
-The authors' configuration (seed 001, ALGORITHMS.md §7) on Fashion-MNIST: total batch 200 split
+The authors' configuration (Alistarh et al., QSGD; docs/ALGORITHMS.md §7) on Fashion-MNIST: total batch 200 split
 evenly across the P ranks, plain SGD with lr 0.01 decayed ×0.9 every 300 iterations, models FC
 784-300-100-10 and the main job's LeNet-like CNN. Each method starts from the same initial weights
 (``torch.manual_seed(seed)``) and sees the same minibatches, so methods differ only in how gradients
@@ -68,7 +68,7 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("ndqsg-3.31-d512", codec=lambda iters: hvdquant.NDQSG((3, 1), BUCKET, 0.5)),
     Method("ndqsg-3.31", codec=lambda iters: hvdquant.NDQSG((3, 1), WHOLE, 0.5)),
     Method("ndqsg-sum-3.31", stock=lambda: hvdquant.Compression.ndqsg(levels=(3, 1), bucket_size=BUCKET)),
-    # seed 002 (issue 8): top-k with error feedback, and LGC starting from it (warm-up and autoencoder
+    # learned gradient compression: top-k with error feedback, and LGC starting from it (warm-up and autoencoder
     # training 1/15 of the run each: 100 exchanges in 1500 iterations; then the frozen encoder)
     Method("topk-ef-5%", codec=lambda iters: hvdquant.TopK.with_feedback(0.05)),
     Method("lgc-ps", codec=lambda iters: lgc(iters, "ps")),
@@ -84,7 +84,7 @@ def lgc(iterations: int, form: str) -> hvdquant.LGC:
 def nested_buckets_per_step(method: Method, codec, model: nn.Module, ranks: int) -> int:
     """Nested buckets decoded per step, the denominator of the decode-failure rate."""
     if method.label.startswith("ndqsg-sum"):  # every rank's coset sums, one decode per bucket
-        d = codec.nested.bucket_size
+        d = codec.codec.bucket_size
         return sum(ops.num_buckets(p.numel(), d) for p in model.parameters())
     if isinstance(codec, hvdquant.NDQSG):
         nested = ranks - codec.dqsg_senders(ranks)
@@ -176,7 +176,7 @@ def run_method(method: Method, args: argparse.Namespace, data: tuple[torch.Tenso
 
 
 def lgc_costs(codec: hvdquant.LGC, opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict:
-    """LGC's own costs beside the model's (issue 8): bits per coordinate in each stage, codec seconds
+    """LGC's own costs beside the model's: bits per coordinate in each stage, codec seconds
     per step, autoencoder parameters, and the autoencoder's FLOPs per step (encoding and decoding the
     top-k values of every compressed tensor) over the model's forward and backward FLOPs per step,
     both counted by torch.utils.flop_counter."""
@@ -214,7 +214,9 @@ def comm_stats(codec, opt, method: Method) -> dict:
                 "failed_buckets": s["failed_buckets"]}
     stats = codec.stats
     return {"bytes_handed": stats.bytes_handed, "coordinates": stats.coordinates,
-            "entropy_bits": getattr(codec, "entropy_bits", None), "failed_buckets": getattr(codec, "failed_buckets", 0)}
+            "entropy_bits": (codec.entropy_bits_per_coordinate * stats.coordinates
+                             if hasattr(codec, "entropy_bits_per_coordinate") and stats.coordinates else None),
+            "failed_buckets": codec.decode_stats.failed_buckets if hasattr(codec, "decode_stats") else 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper reproduction (issue 6): every method, both models, P ranks under horovodrun, seeds,
+# The paper reproduction: every method, both models, P ranks under horovodrun, seeds,
 # then the statistical claims and docs/RESULTS.md with its plots.
 #   bash launch/experiments/run.sh --quick   # P = 2 and 4, seed 0, 150 iterations (under 10 minutes)
 #   bash launch/experiments/run.sh --full    # P = 2, 4, 8, seeds 0 1 2, 1500 iterations (hours: see docs/RESULTS.md)

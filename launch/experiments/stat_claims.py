@@ -1,4 +1,4 @@
-"""The papers' statistical claims, measured on real gradients (part of issue 6; a measurement).
+"""The papers' statistical claims, measured on real gradients (a measurement).
 
     .venv/bin/python launch/experiments/stat_claims.py --steps 200
 
@@ -8,7 +8,7 @@ weight gradient of every rank:
 - DQSG (s=3, d=512): error variance / mean(Δ²/12) (theory: 1) and correlation of the error with g
   (theory: 0);
 - QSGD (s=3, max norm, d=512, the same levels and scale): its error variance relative to DQSG's
-  (ALGORITHMS.md §1: about 2× on average);
+  (docs/ALGORITHMS.md §1: about 2× on average);
 - NDQSG (3)/(3,1), r = 0.5, P = 4, decoded in rank order with the running mean as side information:
   its mean's error variance relative to DQSG(3)'s (1 whenever decoding succeeds or is recovered),
   and its measured bits per coordinate with and without the recovery traffic, against DQSG(3)'s;

@@ -145,8 +145,8 @@ def test_nested_sum_compression_equals_dqsg_and_recovers():
         a = hvd.allreduce(g, name="t", compression=nested, op=op)  # same name, same dithers
         b = hvd.allreduce(g, name="t", compression=plain, op=op)
         assert torch.equal(a, b), f"step {step}"
-    assert nested.failed_buckets > 0 and nested.recovery_rounds > 0
-    assert nested.failed_buckets < 5 * 8  # 5 nested calls × 8 buckets: some decoded without recovery
+    assert nested.decode_stats.failed_buckets > 0 and nested.decode_stats.recovery_rounds > 0
+    assert nested.decode_stats.failed_buckets < 5 * 8  # 5 nested calls × 8 buckets: some decoded without recovery
     assert nested.stats.bits_per_coordinate < plain.stats.bits_per_coordinate + 8  # measured, recovery included
 
 

@@ -66,7 +66,7 @@ def test_lgc_compressor_never_adds_energy_when_ranks_disagree(form):
         (layer.weight * g).sum().backward()  # d/dW = g
         opt.step()
         c = g.reshape(-1).double() + previous
-        previous = opt.state_dict()["hvdquant"]["lgc"]["residuals"]["weight"]
+        previous = opt.state_dict()["hvdquant"]["exchange"]["residuals"]["weight"]
         if codec.stage(step) == "compress":
             ratios.append(float(previous.norm() / c.norm()))
     assert len(ratios) == 13  # exchanges 43..55 compress

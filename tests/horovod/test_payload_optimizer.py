@@ -14,7 +14,7 @@ import hvdquant
 from hvdquant.codecs import TensorContext
 from hvdquant.data import load_digits
 from hvdquant.kernels import DitherKey, tensor_id
-from hvdquant.transports.horovod_payload import PayloadExchange
+from hvdquant.transports import HorovodCollectives, make_exchange
 
 pytestmark = pytest.mark.horovod
 
@@ -68,7 +68,7 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
                        * p.numel() for n, p in weights) / sum(p.numel() for _, p in weights)
         measured = stats["payload_bits_per_coordinate"]
         if isinstance(codec, hvdquant.QSGD) and codec.coding == "elias":
-            assert measured <= expected  # seed 001's bound on the expected length
+            assert measured <= expected  # the QSGD paper's bound on the expected length
         else:
             assert measured == pytest.approx(expected, rel=0.01)
     assert stats["bits_per_coordinate"] >= stats["payload_bits_per_coordinate"]
@@ -80,7 +80,7 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
 
 
 def exchange_once(codec, g, step, name="layer.weight", reducer="allgather"):
-    ex = PayloadExchange(codec, reducer, average=True)
+    ex = make_exchange(codec, reducer, True, HorovodCollectives())
     return ex.start(name, g, seed=1234, step=step)(), ex
 
 
@@ -90,7 +90,7 @@ def test_ndqsg_equals_dqsg_s1_bit_for_bit_when_decoding_succeeds():
     g = torch.randn(40, 50, generator=torch.Generator().manual_seed(5))
     nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100), g, step=0)
     dq, _ = exchange_once(hvdquant.DQSG(3, 100), g, step=0)
-    assert ex.totals.failed_buckets == 0
+    assert ex.decode.failed_buckets == 0
     assert torch.equal(nd, dq)
 
 
@@ -101,7 +101,7 @@ def test_ndqsg_recovers_failed_buckets():
     g = torch.randn(40, 50, generator=torch.Generator().manual_seed(50 + rank)) * (1 + 3 * rank)
     nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100), g, step=1)
     dq, _ = exchange_once(hvdquant.DQSG(3, 100), g, step=1)
-    failed = hvd.allreduce(torch.tensor([ex.totals.failed_buckets]), op=hvd.Sum, name="ndqsg.failed")
+    failed = hvd.allreduce(torch.tensor([ex.decode.failed_buckets]), op=hvd.Sum, name="ndqsg.failed")
     identical = same_on_all_ranks(nd, "ndqsg.recovered")
     assert identical and torch.equal(nd, dq)
     assert int(failed) > 0

@@ -11,7 +11,7 @@ from torch import nn
 
 import hvdquant
 from hvdquant.data import load_digits
-from hvdquant.transports.horovod_payload import PayloadExchange
+from hvdquant.transports import HorovodCollectives, make_exchange
 
 pytestmark = pytest.mark.horovod
 HUGE = 3.0e38  # Δ(k − u) of such values exceeds float32's 3.4e38
@@ -22,7 +22,7 @@ def test_payload_path_nonfinite_gradient_raises_on_every_rank(reducer):
     g = torch.ones(40, 30)
     if hvd.rank() == 1:
         g[3, 4] = float("nan")
-    ex = PayloadExchange(hvdquant.DQSG(1, 128), reducer, average=True)
+    ex = make_exchange(hvdquant.DQSG(1, 128), reducer, True, HorovodCollectives())
     with pytest.raises(FloatingPointError, match=r"layer\.w.*rank\(s\) \[1\]"):
         ex.start("layer.w", g, seed=1, step=0)()
 
@@ -36,7 +36,8 @@ def test_overflowing_decode_raises_instead_of_inf(path):
             hvd.allreduce(g, name="huge", compression=comp)
     else:
         with pytest.raises(FloatingPointError, match="overflows"):
-            PayloadExchange(hvdquant.DQSG(1, 100), "allgather", True).start("huge", g.reshape(3, 100), 1, 0)()
+            exchange = make_exchange(hvdquant.DQSG(1, 100), "allgather", True, HorovodCollectives())
+            exchange.start("huge", g.reshape(3, 100), 1, 0)()
 
 
 def test_large_but_safe_values_and_denormals():
@@ -53,7 +54,8 @@ def test_large_but_safe_values_and_denormals():
 def test_other_dtypes_keep_their_dtype(dtype):
     g = torch.randn(20, 30).to(dtype)
     stock = hvd.allreduce(g, name=f"dtype.{dtype}", compression=hvdquant.Compression.dqsg(levels=3, bucket_size=64))
-    payload = PayloadExchange(hvdquant.DQSG(3, 64), "allgather", True).start(f"dtype.{dtype}", g, 1, 0)()
+    exchange = make_exchange(hvdquant.DQSG(3, 64), "allgather", True, HorovodCollectives())
+    payload = exchange.start(f"dtype.{dtype}", g, 1, 0)()
     assert stock.dtype == payload.dtype == dtype and stock.shape == payload.shape == g.shape
 
 

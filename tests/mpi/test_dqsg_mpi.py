@@ -70,7 +70,7 @@ def test_common_scale_mean_is_close_and_bit_identical(levels, n):
 @pytest.mark.mpi(min_size=2)
 def test_decoded_mean_is_unbiased_over_steps():
     """T = 200 steps of fresh dithers on fixed gradients. The mean over steps of the decoded mean
-    minus the true mean has per-coordinate std Δ/√(12·P·T) (ALGORITHMS.md §3); with 512
+    minus the true mean has per-coordinate std Δ/√(12·P·T) (docs/ALGORITHMS.md §3); with 512
     coordinates, the standardized errors z must satisfy max|z| < 5 and mean z² ∈ [0.8, 1.2]
     (the latter is 512 χ²-samples: std of the mean 0.0625, so 3.2 standard deviations)."""
     MPI, comm = world()

@@ -7,7 +7,7 @@ import torch
 import hvdquant
 from hvdquant import DQSG, NDQSG, GroupDQSG, PreviousMean, RingStats, ring_allreduce
 from hvdquant.kernels import DitherKey, tensor_id
-from hvdquant.transports.ring import chunk_bounds
+from hvdquant.transports.collectives import chunk_bounds
 
 
 def world():
@@ -83,8 +83,8 @@ def test_forced_failure_is_detected_and_recovered():
     codec = NDQSG((3, 1), bucket_size=64)
 
     class Wrong:
-        def estimate(self, name, ranks, comm, g, delta, codec, key, stats):
-            return torch.full((g.numel(),), 10.0 * 3 * float(delta.max()) + 1.0)
+        def estimate(self, req):
+            return torch.full((req.g.numel(),), 10.0 * 3 * float(req.delta.max()) + 1.0)
 
         def update(self, name, mean):
             pass

@@ -97,7 +97,7 @@ def emulate_allgather(codec, gs, ranks, name="w"):
 @pytest.mark.parametrize("ranks", [2, 3, 4, 8])
 @pytest.mark.parametrize("noise", [0.01, 3.0])
 def test_ndqsg_equals_dqsg_s1_bit_for_bit(ranks, noise):
-    """ALGORITHMS.md §2: a successful nested decode reproduces DQSG(s₁)'s reconstruction exactly.
+    """docs/ALGORITHMS.md §2: a successful nested decode reproduces DQSG(s₁)'s reconstruction exactly.
     With correlated gradients (noise 0.01) decoding succeeds; with independent ones (noise 3) buckets
     fail, are detected by checksum and recovered — the mean must equal DQSG(s₁)'s either way."""
     n = 3000

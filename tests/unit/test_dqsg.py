@@ -1,4 +1,4 @@
-"""DQSG codec (ALGORITHMS.md §1): exact properties, error statistics, multi-sender sums."""
+"""DQSG codec (docs/ALGORITHMS.md §1): exact properties, error statistics, multi-sender sums."""
 
 import math
 
@@ -44,7 +44,7 @@ def test_known_values_by_hand():
 
 
 def test_error_statistics_match_theory():
-    """Subtractive dither (ALGORITHMS.md §1): error uniform on (−Δ/2, Δ/2], mean 0, variance Δ²/12,
+    """Subtractive dither (docs/ALGORITHMS.md §1): error uniform on (−Δ/2, Δ/2], mean 0, variance Δ²/12,
     uncorrelated with g. n = 262144 coordinates; bounds are 5 standard errors of each estimate:
     mean: 5·σ/√n; variance ratio: 5·√(0.8/n) (uniform kurtosis 1.8); correlation: 5/√n."""
     n = 1 << 18

@@ -76,7 +76,7 @@ def test_dither1_matches_reference_and_is_unbiased(n):
 
 
 def test_dither1_error_statistics():
-    """q/2 − u reconstruction (ALGORITHMS.md §1): error uniform, variance Δ²/12 in gradient units.
+    """q/2 − u reconstruction (docs/ALGORITHMS.md §1): error uniform, variance Δ²/12 in gradient units.
     n = 2^18; z = err/√(Δ²/12): |mean z| < 5/√n, |mean z² − 1| < 5·√(0.8/n)."""
     n = 1 << 18
     g = randn(n, 4)
@@ -99,7 +99,7 @@ def test_nested_encode_is_coset_of_dqsg_code(rho):
 
 @pytest.mark.parametrize("rho", [3, 4, 7])
 def test_nested_decode_exact_under_condition_and_bounded_always(rho):
-    """ALGORITHMS.md §2: ĝ equals the DQSG(s₁) reconstruction g + eΔ exactly iff
+    """docs/ALGORITHMS.md §2: ĝ equals the DQSG(s₁) reconstruction g + eΔ exactly iff
     |g − y + eΔ| < ρΔ/2, and always |ĝ − y| ≤ ρΔ/2. Side information y = g + noise with noise
     scale chosen so both cases occur."""
     n, levels, bucket = 4096, 3, 128
@@ -156,7 +156,7 @@ def test_nested_decode_of_a_modular_sum():
     ksum = sum(ops.dqsg_encode(g, delta, bucket, levels, k).int() for g, k in zip(gs, keys))
     assert torch.equal(kout, ksum.int())
     expected = ops.dqsg_decode(ksum.int(), delta, bucket, KEY.for_sender(0), senders=P)
-    # |Σg − S| = 0 < (ρ − P)Δ/2: the sufficient condition of ALGORITHMS.md §3 holds everywhere.
+    # |Σg − S| = 0 < (ρ − P)Δ/2: the sufficient condition of docs/ALGORITHMS.md §3 holds everywhere.
     assert torch.equal(ghat, expected) and int(flags.sum()) == 0
 
 

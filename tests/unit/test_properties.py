@@ -1,8 +1,8 @@
 """Property-based tests (hypothesis) of every codec's invariants, 1,000 generated cases per codec
 (derandomized, so CI sees the same cases every run). Bounds come from the maths:
-- DQSG: |ĝ − g| ≤ Δ/2 per coordinate, Δ = max|g_b|/s (ALGORITHMS.md §1);
-- QSGD: |ĝ − g| ≤ ‖g_b‖/s (one level spacing), |k| ≤ s (seed 001);
-- NDQSG: decode equals DQSG(s₁) bit for bit whenever |g − y + eΔ| < ρΔ/2 (ALGORITHMS.md §2);
+- DQSG: |ĝ − g| ≤ Δ/2 per coordinate, Δ = max|g_b|/s (docs/ALGORITHMS.md §1);
+- QSGD: |ĝ − g| ≤ ‖g_b‖/s (one level spacing), |k| ≤ s (Alistarh et al., QSGD);
+- NDQSG: decode equals DQSG(s₁) bit for bit whenever |g − y + eΔ| < ρΔ/2 (docs/ALGORITHMS.md §2);
 - 1-bit SGD: every decoded value is its column's bin mean; error feedback conserves g + r;
 - every payload's size equals the codec's formula; fixed codes decode from their bytes exactly.
 Cases run are counted per codec (tests/unit/property_counts.py) for launch/reliability_report.py.

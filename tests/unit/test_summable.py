@@ -1,4 +1,4 @@
-"""Summable field packing (ALGORITHMS.md §3): sums through SUM and AVERAGE reductions stay exact."""
+"""Summable field packing (docs/ALGORITHMS.md §3): sums through SUM and AVERAGE reductions stay exact."""
 
 import pytest
 import torch

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from hvdquant.transports.collectives import Collectives
+
 MASK64 = (1 << 64) - 1
 
 
@@ -14,14 +16,12 @@ def check_seed(seed: object) -> None:
         raise ValueError(f"seed must be an int in [0, 2^64) or None, got {seed!r}")
 
 
-def agree(config: dict[str, Any], seed: int | None, name: str) -> int:
+def agree(collectives: Collectives, config: dict[str, Any], seed: int | None, name: str) -> int:
     """Allgather every rank's ``config`` and seed proposal (``seed``, or its ``torch.initial_seed()``);
     raise on every rank, naming the rank and the fields, if any configuration differs from rank
     0's; else return rank 0's proposal, the seed every rank then uses."""
-    import horovod.torch as hvd
-
     proposal = seed if seed is not None else torch.initial_seed() & MASK64
-    everyone = hvd.allgather_object((config, proposal), name=name)
+    everyone = collectives.allgather_object((config, proposal), name)
     ref = everyone[0][0]
     for rank, (other, _) in enumerate(everyone):
         diff = {k: (ref.get(k), other.get(k)) for k in ref.keys() | other.keys() if ref.get(k) != other.get(k)}
