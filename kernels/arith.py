@@ -237,35 +237,6 @@ def build(jit: Callable) -> SimpleNamespace:
             i = j
 
     @jit
-    def dither1_encode(i0, i1, u, g, delta, bucket, bits, step, tid, sender, key0, key1):
-        """1-bit dithered quantizer (ALGORITHMS.md §1): Δ = 2‖g‖∞, x = g/Δ ∈ [−½, ½],
-        bit = [x + u > 0] (q = 2·bit − 1 = sign(x + u)); uint8 0/1 per element."""
-        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
-        i = i0
-        while i < i1:
-            j = segment_end(i, i1, bucket)
-            d = delta[i // bucket]
-            for k in range(i, j):
-                t = u[k - i0]
-                if d != F32_ZERO:
-                    t = g[k] / d + t
-                bits[k] = 1 if t > F32_ZERO else 0
-            i = j
-
-    @jit
-    def dither1_decode(i0, i1, u, bits, delta, bucket, out, step, tid, sender, key0, key1):
-        """ĝ = Δ (q/2 − u) = Δ (bit − ½ − u): unbiased, error uniform with variance Δ²/12."""
-        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
-        i = i0
-        while i < i1:
-            j = segment_end(i, i1, bucket)
-            d = delta[i // bucket]
-            for k in range(i, j):
-                half_q = F32_HALF if bits[k] else -F32_HALF
-                out[k] = d * (half_q - u[k - i0])
-            i = j
-
-    @jit
     def nested_encode(i0, i1, u, g, delta, bucket, levels, rho, symbols, step, tid, sender, key0, key1):
         """NDQSG (ALGORITHMS.md §2): fine index k = DQSG(s₁) code, sent as its coset symbol
         (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) (uint8)."""
@@ -280,22 +251,18 @@ def build(jit: Callable) -> SimpleNamespace:
             i = j
 
     @jit
-    def nested_decode(i0, i1, u, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard,
-                      out, flags, kout, step, tid, key0, key1):
+    def nested_decode(i0, i1, u, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid,
+                      key0, key1):
         """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
         first .. first+senders−1 (one sender: ALGORITHMS.md §2; several: §3).
 
         side[i] estimates the senders' summed gradient. With U = Σ_p u_p and Y = side/Δ + U (the
         estimate of K = Σ_p k_p), C = symbol − P⌊ρ/2⌋ is K's coset value and
             K̂ = C + ρ · round((Y − C)/ρ),   out = factor · Δ (K̂ − U).
-        K̂ = K exactly iff |K − Y| < ρ/2. flags[i] = 1 where decoding cannot be trusted: K̂ outside
-        [−P·s, P·s] (certainly wrong) or |Y − K̂| > ρ/2 − guard (side information near the edge).
-        kout[i] = K̂ (int32), for checksums.
+        K̂ = K exactly iff |K − Y| < ρ/2. kout[i] = K̂ (int32), for checksums.
         """
         dither_range(i0, i1, first, senders, u, step, tid, key0, key1)
         rho_f = np.float32(rho)
-        edge = rho_f * F32_HALF - guard
-        limit = senders * levels
         shift = centered_mod(senders * (rho // 2), rho, 0)
         i = i0
         while i < i1:
@@ -304,7 +271,6 @@ def build(jit: Callable) -> SimpleNamespace:
             for k in range(i, j):
                 if d == F32_ZERO:
                     out[k] = F32_ZERO
-                    flags[k] = 0
                     kout[k] = 0
                     continue
                 uk = u[k - i0]
@@ -313,8 +279,6 @@ def build(jit: Callable) -> SimpleNamespace:
                 r = min(max((y - np.float32(c)) / rho_f, -RESOLVE_LIMIT), RESOLVE_LIMIT)
                 kk = c + rho * round_half_up(r)
                 out[k] = factor * (d * (np.float32(kk) - uk))
-                bad = kk > limit or kk < -limit or abs(y - np.float32(kk)) > edge
-                flags[k] = 1 if bad else 0
                 kout[k] = kk
             i = j
 

@@ -3,15 +3,23 @@
 Range kernels (the Philox-driven codecs) take ``(nb, n, ...)`` and give each of the ``nb``
 iterations a chunk of ``CHUNK`` elements of ``[0, n)`` with its own dither scratch buffer: inside a
 chunk the Philox loop and the per-bucket loops vectorize. Index kernels take ``(nb, ...)`` and map
-each index below ``nb`` (element, bucket, column, packed group). Callers use :mod:`.ops`.
+each index below ``nb`` (element, bucket, column, packed group).
+
+Each kernel is compiled twice: ``parallel=True`` (this module's names) and as a serial twin
+(``serial.<name>``: the same loop without ``parallel=True``, where ``prange`` is ``range``). Every
+iteration writes its own outputs, so both give the same bits. :func:`launch` picks one per call
+(:mod:`.threads`). Callers use :mod:`.ops`.
 """
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
+from numba.core.registry import CPUDispatcher
 
-from . import arith
+from . import arith, threads
 
 CHUNK = 4096  # elements per prange iteration of a range kernel (a multiple of 4)
 
@@ -21,8 +29,6 @@ _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
 _bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
-_dither1_decode = _f.dither1_decode
-_dither1_encode = _f.dither1_encode
 _dither_fill = _f.dither_fill
 _dqsg_decode = _f.dqsg_decode
 _dqsg_encode = _f.dqsg_encode
@@ -67,22 +73,6 @@ def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, t
 
 
 @_par
-def dither1_encode(nb, n, g, delta, bucket, bits, step, tid, sender, k0, k1):
-    for c in prange(nb):
-        u = np.empty(CHUNK, np.float32)
-        _dither1_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, bits, step, tid, sender, k0,
-                           k1)
-
-
-@_par
-def dither1_decode(nb, n, bits, delta, bucket, out, step, tid, sender, k0, k1):
-    for c in prange(nb):
-        u = np.empty(CHUNK, np.float32)
-        _dither1_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, bits, delta, bucket, out, step, tid, sender,
-                           k0, k1)
-
-
-@_par
 def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, sender, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
@@ -91,12 +81,11 @@ def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, send
 
 
 @_par
-def nested_decode(nb, n, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard, out, flags, kout,
-                  step, tid, k0, k1):
+def nested_decode(nb, n, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
-        _nested_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, symbols, delta, bucket, levels, rho, side,
-                          first, senders, factor, guard, out, flags, kout, step, tid, k0, k1)
+        _nested_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, symbols, delta, bucket, rho, side, first, senders,
+                       factor, out, kout, step, tid, k0, k1)
 
 
 @_par
@@ -195,3 +184,30 @@ def pack_sum_fields(nb, codes, offset, width, per_word, words):
 def unpack_sum_fields(nb, words, factor, width, per_word, offset, ksum):
     for b in prange(nb):
         _unpack_sum_fields(b, words, factor, width, per_word, offset, ksum)
+
+
+def _serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:
+    """``kernel``'s loop compiled without ``parallel=True`` (``prange`` runs as ``range`` on the calling
+    thread). Its own name keeps its on-disk cache entry apart from the parallel kernel's."""
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__doc__ = f.__doc__
+    return njit(cache=True)(twin)
+
+
+KERNELS = tuple(name for name, v in list(globals().items())
+                if isinstance(v, CPUDispatcher) and v.targetoptions.get("parallel"))
+serial = types.SimpleNamespace(**{name: _serial_twin(globals()[name]) for name in KERNELS})
+
+
+def launch(kernel: str, work: int, *args: object) -> None:
+    """Run ``kernel(*args)`` on the threads :func:`.threads.plan` gives a call of ``work`` cost
+    units: the serial twin on one, the parallel kernel on more."""
+    n = threads.plan(work)
+    if n > 1:
+        with threads.using(n) as used:
+            if used > 1:
+                globals()[kernel](*args)
+                return
+    getattr(serial, kernel)(*args)

@@ -20,8 +20,6 @@ _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
 _bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
-_dither1_decode = _f.dither1_decode
-_dither1_encode = _f.dither1_encode
 _dither_fill = _f.dither_fill
 _dqsg_decode = _f.dqsg_decode
 _dqsg_encode = _f.dqsg_encode
@@ -66,22 +64,6 @@ def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, t
 
 
 @cuda.jit
-def dither1_encode(nb, n, g, delta, bucket, bits, step, tid, sender, k0, k1):
-    b = cuda.grid(1)
-    if b < nb:
-        u = cuda.local.array(4, float32)
-        _dither1_encode(4 * b, min(n, 4 * b + 4), u, g, delta, bucket, bits, step, tid, sender, k0, k1)
-
-
-@cuda.jit
-def dither1_decode(nb, n, bits, delta, bucket, out, step, tid, sender, k0, k1):
-    b = cuda.grid(1)
-    if b < nb:
-        u = cuda.local.array(4, float32)
-        _dither1_decode(4 * b, min(n, 4 * b + 4), u, bits, delta, bucket, out, step, tid, sender, k0, k1)
-
-
-@cuda.jit
 def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, sender, k0, k1):
     b = cuda.grid(1)
     if b < nb:
@@ -91,13 +73,12 @@ def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, send
 
 
 @cuda.jit
-def nested_decode(nb, n, symbols, delta, bucket, levels, rho, side, first, senders, factor, guard, out, flags, kout,
-                  step, tid, k0, k1):
+def nested_decode(nb, n, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
-        _nested_decode(4 * b, min(n, 4 * b + 4), u, symbols, delta, bucket, levels, rho, side, first, senders,
-                          factor, guard, out, flags, kout, step, tid, k0, k1)
+        _nested_decode(4 * b, min(n, 4 * b + 4), u, symbols, delta, bucket, rho, side, first, senders, factor, out,
+                       kout, step, tid, k0, k1)
 
 
 @cuda.jit

@@ -1,10 +1,11 @@
 """The kernels' public API over torch tensors, on either device.
 
 Every function takes and returns 1-D contiguous torch tensors and runs where its inputs live:
-CPU tensors go to the CPU twins (:mod:`.cpu`) through zero-copy NumPy views; CUDA tensors go to the
-CUDA kernels (:mod:`.cuda`) through ``__cuda_array_interface__``, launched on torch's current CUDA
-stream (Horovod records its ready event on that stream, so a payload is never sent before it is
-written). Arguments are checked here, with errors that name the argument.
+CPU tensors go to the CPU twins (:mod:`.cpu`) through zero-copy NumPy views, serially or on a few
+threads as :mod:`.threads` decides per call (same bits either way); CUDA tensors go to the CUDA
+kernels (:mod:`.cuda`) through ``__cuda_array_interface__``, launched on torch's current CUDA stream
+(Horovod records its ready event on that stream, so a payload is never sent before it is written).
+Arguments are checked here, with errors that name the argument.
 
 ``force_target("cuda")`` runs the CUDA kernels on CPU tensors: under ``NUMBA_ENABLE_CUDASIM=1``
 that is Numba's CUDA simulator, which is how the CUDA kernels are tested against their CPU twins
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from . import cpu
+from . import cpu, threads
 from .key import MAX_ELEMENTS, DitherKey
 
 THREADS_PER_BLOCK = 256
@@ -78,7 +79,9 @@ def _launch(kernel: str, count: int, *args: object, ranged: bool = False) -> Non
     if target == "cpu":
         if on_gpu:
             raise ValueError(f"{kernel}: CUDA tensors cannot run on the CPU target")
-        getattr(cpu, kernel)(np.int64(nblocks), *conv)
+        # Cost units for kernels/threads.py, which picks the serial twin or the parallel kernel.
+        work = count * threads.RANGE_COST if ranged else max(count, max((t.numel() for t in tensors), default=0))
+        cpu.launch(kernel, work, np.int64(nblocks), *conv)
         return
     from numba import cuda as nb_cuda
 
@@ -204,28 +207,6 @@ def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
     return out
 
 
-def dither1_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """1-bit dithered quantizer: bit = [g/Δ + u > 0] with Δ = 2‖g_b‖∞ (uint8 0/1; ALGORITHMS.md §1)."""
-    _vec("g", g, torch.float32)
-    bucket = _int("bucket", bucket, 1, 1 << 31)
-    _scales("delta", delta, g.numel(), bucket)
-    out = _out(out, "out", g.numel(), torch.uint8, g)
-    _launch("dither1_encode", g.numel(), g, delta, bucket, out, *key.words(), ranged=True)
-    return out
-
-
-def dither1_decode(bits: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """ĝ = Δ (q/2 − u), q = 2·bit − 1: unbiased, error variance Δ²/12."""
-    _vec("bits", bits, torch.uint8)
-    bucket = _int("bucket", bucket, 1, 1 << 31)
-    _scales("delta", delta, bits.numel(), bucket)
-    out = _out(out, "out", bits.numel(), torch.float32, bits)
-    _launch("dither1_decode", bits.numel(), bits, delta, bucket, out, *key.words(), ranged=True)
-    return out
-
-
 # ----------------------------------------------------------------------------- NDQSG
 def nested_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, nesting_ratio: int,
                   key: DitherKey, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -240,35 +221,28 @@ def nested_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int
     return out
 
 
-def nested_decode(symbols: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, nesting_ratio: int,
-                  side: torch.Tensor, key: DitherKey, senders: int = 1, factor: float = 1.0, guard: float = 0.0,
-                  out: torch.Tensor | None = None, flags: torch.Tensor | None = None,
-                  kout: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nested_decode(symbols: torch.Tensor, delta: torch.Tensor, bucket: int, nesting_ratio: int, side: torch.Tensor,
+                  key: DitherKey, senders: int = 1, factor: float = 1.0, out: torch.Tensor | None = None,
+                  kout: torch.Tensor | None = None) -> torch.Tensor:
     """Decode coset symbols (or their mod-ρ sum over ``senders`` senders) with side information.
 
-    ``side`` estimates the senders' summed gradient, in gradient units. Returns (factor·Σ_p ĝ_p,
-    flags) where flags (uint8) is 1 where decoding cannot be trusted: the resolved index sum lies
-    outside [−P·s₁, P·s₁], or the side information is within ``guard`` (in units of Δ) of the
-    ρ/2 decision edge. Exact, flag or not, whenever |K − (side/Δ + Σu)| < ρ/2. The resolved index
-    sums K̂ (int32) are written to ``kout`` when given (for :func:`bucket_checksum`).
+    ``side`` estimates the senders' summed gradient, in gradient units. Returns factor·Σ_p ĝ_p
+    (float32), exact whenever |K − (side/Δ + Σu)| < ρ/2. The resolved index sums K̂ (int32) are
+    written to ``kout`` when given (for :func:`bucket_checksum`, which detects a wrong K̂).
     """
     _vec("symbols", symbols, torch.uint8)
     n = symbols.numel()
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, n, bucket)
-    _vec("side", side, torch.float32, n)
-    levels = _int("levels", levels, 1, 127)
     rho = _int("nesting_ratio", nesting_ratio, 2, 255)
+    _vec("side", side, torch.float32, n)
     senders = _int("senders", senders, 1, 1 << 24)
-    if not 0.0 <= guard < rho / 2:
-        raise ValueError(f"guard={guard} must lie in [0, nesting_ratio/2)")
     out = _out(out, "out", n, torch.float32, symbols)
-    flags = _out(flags, "flags", n, torch.uint8, symbols)
     kout = _out(kout, "kout", n, torch.int32, symbols)
     step, tid, first, k0, k1 = key.words()
-    _launch("nested_decode", n, symbols, delta, bucket, levels, rho, side, int(first), senders,
-            float(factor), float(guard), out, flags, kout, step, tid, k0, k1, ranged=True)
-    return out, flags
+    _launch("nested_decode", n, symbols, delta, bucket, rho, side, int(first), senders, float(factor), out, kout,
+            step, tid, k0, k1, ranged=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- QSGD, 1-bit SGD

@@ -9,6 +9,7 @@ straightforward torch-ops implementation of the same codec. Prints a table, writ
 
 Throughput is GB/s of float32 gradient processed: 4·n bytes / seconds (median of --repeats runs
 after one warm-up). "vs copy" = throughput / copy throughput; "vs torch" = torch-ops time / ours.
+CPU kernels run serially or on up to "threads" threads as kernels/threads.py decides per call.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, threads
 
 KEY = DitherKey(seed=2026, step=1, tensor_id=7, sender=0)
 BUCKET = 512
@@ -71,7 +72,7 @@ def ndqsg_pipeline(levels: int = 3, rho: int = 3) -> tuple[Callable, Callable]:
     def decode(payload, n, side=None):
         packed, delta = payload
         side = torch.zeros(n, device=packed.device) if side is None else side
-        return ops.nested_decode(ops.unpack_cosets(packed, rho, n), delta, BUCKET, levels, rho, side, KEY)[0]
+        return ops.nested_decode(ops.unpack_cosets(packed, rho, n), delta, BUCKET, rho, side, KEY)
 
     return encode, decode
 
@@ -87,18 +88,6 @@ def qsgd_pipeline(levels: int = 4) -> tuple[Callable, Callable]:
     def decode(payload, n):
         packed, norm = payload
         return ops.scale_decode(ops.bitunpack(packed, nbits, n).view(torch.int8) - levels, norm, BUCKET, levels)
-
-    return encode, decode
-
-
-def dither1_pipeline() -> tuple[Callable, Callable]:
-    def encode(g):
-        delta = 2 * ops.bucket_absmax(g, BUCKET)
-        return ops.bitpack(ops.dither1_encode(g, delta, BUCKET, KEY), 1), delta
-
-    def decode(payload, n):
-        packed, delta = payload
-        return ops.dither1_decode(ops.bitunpack(packed, 1, n), delta, BUCKET, KEY)
 
     return encode, decode
 
@@ -179,7 +168,6 @@ CODECS: dict[str, tuple[Callable, Callable | None]] = {
     "dqsg s=1 (base-3)": (lambda: dqsg_pipeline(1), lambda: torch_dqsg(1)),
     "dqsg s=3 (3 bit)": (lambda: dqsg_pipeline(3), lambda: torch_dqsg(3)),
     "ndqsg (3)/(3,1)": (ndqsg_pipeline, None),
-    "dither 1-bit": (dither1_pipeline, None),
     "qsgd s=4 l2 (4 bit)": (qsgd_pipeline, None),
     "1-bit sgd": (onebit_pipeline, torch_onebit),
 }
@@ -222,7 +210,7 @@ def main() -> None:
             print(format_row(row), flush=True)
         del g
     meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(), "device": dev,
+            "cpus": threads.budget(), "device": dev,  # the kernels' thread budget (kernels/threads.py)
             "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "bucket": BUCKET}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench_kernels_{dev}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

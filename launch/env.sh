@@ -10,7 +10,11 @@ export PATH="$VENV/bin:$PATH"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # More ranks than cores (this project's machines have 2) need oversubscription.
 export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_mpi_yield_when_idle=1
-# Keep each rank to one thread: ranks already share the cores.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" NUMBA_NUM_THREADS="${NUMBA_NUM_THREADS:-1}"
+# No NUMBA_NUM_THREADS: hvdquant's kernels choose their threads themselves (kernels/threads.py),
+# as they must in users' jobs, which set no thread variables. OMP_NUM_THREADS=1 is for torch, not
+# for the kernels: torch's CPU results depend on its thread count (a small CNN's gradients differ
+# between 1 and 2 threads), every result recorded in docs/ ran torch on one thread per rank, and the
+# test stages put up to 5 ranks on 2 cores.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
 cd "$HVDQ_ROOT"

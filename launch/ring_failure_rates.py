@@ -69,7 +69,7 @@ def main() -> None:
                         continue
                     residues = ((ksum + ranks * (rho // 2)) % rho).to(torch.uint8)
                     kout = torch.empty_like(ksum)
-                    ops.nested_decode(residues, delta, args.bucket_size, rho, rho, side * ranks, keys[0],
+                    ops.nested_decode(residues, delta, args.bucket_size, rho, side * ranks, keys[0],
                                       senders=ranks, kout=kout)
                     failed = ops.bucket_checksum(kout, args.bucket_size) != ops.bucket_checksum(ksum, args.bucket_size)
                     c = counts[rho]

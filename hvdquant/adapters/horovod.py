@@ -37,7 +37,7 @@ from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.stats import CommStats, DecodeStats, nbytes
 from hvdquant.transports.collectives import HorovodCollectives, horovod
-from hvdquant.transports.summed import SumContext, SummedDQSG, SummedNested
+from hvdquant.transports.summed import DQSGSum, NestedSum, SumContext, SummedExchange
 
 
 def _call_site() -> str:
@@ -95,30 +95,38 @@ class DQSGCompression:
     """DQSG as a Horovod compression object (stock ``hvd.DistributedOptimizer`` path).
 
     Parameters: ``levels`` (s), ``bucket_size`` (d) as in :class:`~hvdquant.codecs.DQSG`;
-    ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``. At the first call
-    all ranks exchange their configuration and fail with an error naming the first rank whose
-    levels, bucket size or seed differ from rank 0's. Dithers are keyed by (seed, step, tensor
+    ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``. At the first
+    exchange all ranks exchange their configuration and fail with an error naming the first rank
+    whose levels, bucket size or seed differ from rank 0's. Dithers are keyed by (seed, step, tensor
     name, sender): the step counts the calls per tensor name, so they never depend on hook order.
-    ``stats`` measures the bytes handed to Horovod (scales included);
-    ``entropy_bits_per_coordinate`` is the zeroth-order entropy of the indices sent beside it.
-    The work is done by :class:`~hvdquant.transports.summed.SummedDQSG`.
+
+    ``compress`` never waits on other ranks: it starts the MAX allreduce of the tensor's bucket
+    maxima and hands Horovod one word; the first ``decompress`` of a step exchanges every tensor
+    compressed since the last one in a single fused allreduce
+    (:class:`~hvdquant.transports.summed.SummedExchange`). ``stats`` measures the bytes handed to
+    Horovod (scales and words included); ``entropy_bits_per_coordinate`` is the zeroth-order
+    entropy of the indices sent beside it.
     """
 
     def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None) -> None:
-        self.transport: SummedDQSG | SummedNested = SummedDQSG(levels, bucket_size, seed, HorovodCollectives)
-        self._plain = self.transport
+        self.transport = SummedExchange(DQSGSum(levels, bucket_size), seed, HorovodCollectives)
 
     @property
     def codec(self) -> DQSG:
-        return self._plain.codec
+        return self.transport.codec
 
     @property
     def stats(self) -> CommStats:
-        return self._plain.stats
+        return self.transport.stats
+
+    @property
+    def decode_stats(self) -> DecodeStats:
+        """Buckets recovered in a second round (nested decoding's failed checksums)."""
+        return self.transport.decode_stats
 
     @property
     def entropy_bits_per_coordinate(self) -> float:
-        return self._plain.entropy_bits_per_coordinate
+        return self.transport.entropy_bits_per_coordinate
 
     def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, SumContext]:
         return self.transport.encode(tensor, _call_site() if name is None else name)
@@ -130,16 +138,11 @@ class DQSGCompression:
 class NestedSumCompression(DQSGCompression):
     """Nested DQSG as a Horovod compression object: coset indices in summable fields, decoded with
     the previous step's mean as side information and failed buckets recovered by a second
-    allreduce (:class:`~hvdquant.transports.summed.SummedNested`; counts in ``decode_stats``).
+    allreduce (:class:`~hvdquant.transports.summed.NestedSum`; counts in ``decode_stats``).
     Pays off only for ρ well above P and slowly changing gradients (recovery traffic is counted)."""
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None) -> None:
-        self.transport = SummedNested(levels, bucket_size, seed, HorovodCollectives)
-        self._plain = self.transport.plain
-
-    @property
-    def decode_stats(self) -> DecodeStats:
-        return self.transport.decode_stats
+        self.transport = SummedExchange(NestedSum(levels, bucket_size), seed, HorovodCollectives)
 
 
 def _not_summable(scheme: str, example: str):

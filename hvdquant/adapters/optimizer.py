@@ -9,14 +9,17 @@ Same call shape as ``hvd.DistributedOptimizer``, plus ``codec=`` and ``reducer=`
 Built without patching Horovod: the class is assembled with one ``type()`` call from Horovod's
 ``_DistributedOptimizer.__dict__`` (subclassing it would recurse, as it calls
 ``super(self.__class__, self)``) with two overrides. ``_allreduce_grad_async`` (run by Horovod's
-gradient hook) encodes the gradient and starts the collectives, returning a callable handle;
-``synchronize`` runs those handles in **sorted parameter-name order**, so second rounds start in
-the same order on every rank whatever order the hooks fired in.
+gradient hook) encodes the gradient and queues it in the exchange, returning a callable handle;
+``synchronize`` runs those handles in **sorted parameter-name order**: the first one sends every
+queued gradient, fused into groups of at most ``fusion_threshold`` gradient bytes (one collective
+round per group and phase, whatever the number of tensors), and second rounds start in the same
+order on every rank whatever order the hooks fired in.
 
 Rules:
 - a gradient with fewer than ``min_numel`` elements or fewer than 2 dimensions (biases, norms)
-  is not compressed (PowerSGD's rule): it is allgathered in its own dtype and summed in rank order,
-  so that training stays bit-reproducible (Horovod's float allreduce order can vary with fusion);
+  is not compressed (PowerSGD's rule): its float32 values travel in the same fused groups and are
+  summed in rank order, so that training stays bit-reproducible (Horovod's float allreduce order
+  can vary with its fusion);
 - the dither seed is agreed at the first step (rank 0's ``seed``, default its
   ``torch.initial_seed()``), together with a check that every rank has the same codec, reducer,
   op and parameter names/shapes; a mismatch fails on every rank with the difference named;
@@ -34,10 +37,10 @@ import torch
 from hvdquant.codecs.base import Codec
 from hvdquant.codecs.lgc import LGC
 from hvdquant.keys import STEP_MODULUS, StepCounter
-from hvdquant.stats import nbytes
 from hvdquant.transports.agreement import agree, check_seed
 from hvdquant.transports.collectives import HorovodCollectives
 from hvdquant.transports.exchange import Exchange, make_exchange
+from hvdquant.transports.payload import FUSION_THRESHOLD
 
 
 def _allreduce_grad_async(self, p):
@@ -51,29 +54,8 @@ def _allreduce_grad_async(self, p):
     state = self._hvdquant
     seed = state.agree(self)
     if tensor.numel() < state.min_numel or tensor.dim() < 2:
-        state.exchange.stats.record(tensor.numel(), nbytes(tensor))  # uncompressed bytes count too
-        return _exact_small(tensor, name, state.exchange.average), None
+        return state.exchange.start_raw(name, tensor), None
     return state.exchange.start(name, tensor, seed, state.steps.next(name) % STEP_MODULUS), None
-
-
-def _exact_small(tensor: torch.Tensor, name: str, average: bool):
-    """Uncompressed exchange of a small or 1-D gradient: allgather, then a sum in rank order.
-
-    Horovod's float allreduce may sum in a different order from run to run (tensor fusion changes
-    the buffers its ring cuts), which would make training non-reproducible; these tensors are small,
-    so P× their bytes buys bit-exact determinism."""
-    import horovod.torch as hvd
-
-    handle = hvd.allgather_async(tensor.detach().unsqueeze(0), name=f"hvdquant.small.{name}")
-
-    def finish() -> torch.Tensor:
-        gathered = hvd.synchronize(handle)
-        total = gathered[0].clone()
-        for p in range(1, gathered.shape[0]):
-            total += gathered[p]
-        return total / gathered.shape[0] if average else total
-
-    return finish
 
 
 def _synchronize(self):
@@ -128,7 +110,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          backward_passes_per_step: int = 1, op: Any = None,
                          gradient_predivide_factor: float = 1.0, groups: Any = None, num_groups: int = 0,
                          sparse_as_dense: bool = False, process_set: Any = None,
-                         seed: int | None = None, min_numel: int = 1024) -> torch.optim.Optimizer:
+                         seed: int | None = None, min_numel: int = 1024,
+                         fusion_threshold: int = FUSION_THRESHOLD) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging gradients with ``codec`` over
     ``reducer`` ("allgather" or "scatter_reduce"). ``op`` is ``hvd.Average`` (default) or ``hvd.Sum``.
     Statistics: ``opt.hvdquant_stats()``; error-feedback residuals travel in ``opt.state_dict()``."""
@@ -150,7 +133,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
     check_seed(seed)
-    state = _State(make_exchange(codec, reducer, op == hvd.Average, HorovodCollectives()), seed, min_numel)
+    state = _State(make_exchange(codec, reducer, op == hvd.Average, HorovodCollectives(), fusion_threshold),
+                   seed, min_numel)
 
     attrs = dict(_DistributedOptimizer.__dict__)
     attrs["_allreduce_grad_async"] = _allreduce_grad_async

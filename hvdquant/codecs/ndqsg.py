@@ -126,8 +126,8 @@ class NDQSG(Codec):
         checksums summed mod 2^32): exactly the buckets where some coordinate resolved wrongly,
         up to checksum collisions."""
         kout = torch.empty(residues.numel(), dtype=torch.int32)
-        ops.nested_decode(residues, delta, self.bucket_size, self.levels[0], self.nesting_ratio,
-                          side.contiguous(), key, senders=senders, kout=kout)
+        ops.nested_decode(residues, delta, self.bucket_size, self.nesting_ratio, side.contiguous(), key,
+                          senders=senders, kout=kout)
         sent = checksums.to(torch.int64) & 0xFFFFFFFF
         bad = torch.nonzero(ops.bucket_checksum(kout, self.bucket_size) != sent).flatten().tolist()
         return kout, bad

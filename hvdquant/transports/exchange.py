@@ -12,7 +12,7 @@ from hvdquant.codecs.lgc import LGC
 from hvdquant.stats import CommStats
 from hvdquant.transports.collectives import Collectives
 from hvdquant.transports.lgc_exchange import LGCExchange
-from hvdquant.transports.payload import REDUCERS, PayloadExchange
+from hvdquant.transports.payload import FUSION_THRESHOLD, REDUCERS, PayloadExchange
 
 
 class Exchange(Protocol):
@@ -27,6 +27,10 @@ class Exchange(Protocol):
     stats: CommStats
 
     def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]: ...
+
+    def start_raw(self, name: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The same for a tensor sent uncompressed (small ones), summed in rank order."""
+        ...
 
     def config(self) -> dict:
         """What every rank must agree on at the first step."""
@@ -45,8 +49,11 @@ class Exchange(Protocol):
         ...
 
 
-def make_exchange(codec: Codec | LGC, reducer: str, average: bool, collectives: Collectives) -> Exchange:
-    """The exchange for ``codec`` over ``reducer`` ("allgather" or "scatter_reduce")."""
+def make_exchange(codec: Codec | LGC, reducer: str, average: bool, collectives: Collectives,
+                  fusion_threshold: int = FUSION_THRESHOLD) -> Exchange:
+    """The exchange for ``codec`` over ``reducer`` ("allgather" or "scatter_reduce"); payloads are
+    fused into groups of at most ``fusion_threshold`` gradient bytes (LGC runs its own protocol,
+    tensor by tensor)."""
     if reducer not in REDUCERS:
         raise ValueError(f"reducer={reducer!r} must be one of {REDUCERS}")
     if isinstance(codec, LGC):  # a staged protocol of its own
@@ -55,5 +62,5 @@ def make_exchange(codec: Codec | LGC, reducer: str, average: bool, collectives: 
                              "parameter-server or ring)")
         return LGCExchange(codec, average, collectives)
     if isinstance(codec, Codec):
-        return PayloadExchange(codec, reducer, average, collectives)
+        return PayloadExchange(codec, reducer, average, collectives, fusion_threshold)
     raise TypeError(f"codec must be an hvdquant codec (hvdquant.DQSG(...), ...), got {type(codec).__name__}")

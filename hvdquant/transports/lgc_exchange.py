@@ -132,6 +132,23 @@ class LGCExchange:
                                "trained and broadcast (step counters restored without the LGC state?)")
         return self._topk_round(r) if r.stage != "compress" else self._compress_round(r)
 
+    def start_raw(self, name: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """An uncompressed tensor: allgathered and summed in rank order."""
+        flat = flat32(tensor)
+        started = self.coll.allgather_bytes(flat.view(torch.uint8) if all_finite(flat) else None,
+                                            f"hvdquant.lgc.{name}.raw")
+        self.stats.record(flat.numel(), started.nbytes)
+
+        def finish() -> torch.Tensor:
+            parts = raise_if_poisoned(started.wait(), name)
+            total = parts[0].clone().view(torch.float32)
+            for part in parts[1:]:
+                total += part.view(torch.float32)
+            out = total / self.coll.size if self.average else total
+            return out.reshape(tensor.shape).to(tensor.dtype)
+
+        return finish
+
     # ------------------------------------------------------------------ warm-up and training: top-k
     def _topk_round(self, r: _Round) -> Callable[[], torch.Tensor]:
         idx = ops.topk_indices(r.c32, r.k)

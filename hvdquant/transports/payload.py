@@ -1,17 +1,25 @@
 """Payload transports, for codecs whose payloads cannot be summed (docs/ALGORITHMS.md §3).
 
-``start(name, tensor, seed, step)`` encodes this rank's gradient and starts the collectives
-asynchronously (in the framework's gradient hook, overlapping the backward pass); it returns a
-callable that waits, decodes and returns the averaged (or summed) gradient. The adapter runs those
-callables in sorted tensor-name order, so any second round a codec asks for (NDQSG recovery, the
-scatter-reduce allgather) starts in the same order on every rank.
+``start(name, tensor, seed, step)`` encodes this rank's gradient at once (in the framework's
+gradient hook, overlapping the backward pass) and queues it; ``start_raw(name, tensor)`` queues an
+uncompressed tensor (small ones: their float32 values are summed in rank order). Each returns a
+callable that finishes the exchange and returns the averaged (or summed) gradient. **Fusion:** the
+first finisher called sends everything queued, sorted by name and cut into groups of at most
+``fusion_threshold`` gradient bytes (like Horovod's fusion buffer); each group travels in one
+collective round per phase, so the number of rounds per step does not grow with the number of
+tensors. Every rank queues the same tensors between two flushes (an optimizer step), so every
+rank builds the same groups whatever order the hooks fired in. A group's buffer from one rank is a
+header of int64 sizes (−1 where that rank's gradient was not finite: every rank then raises
+``FloatingPointError`` naming the tensor and the ranks) followed by the payloads.
 
-- ``allgather``: every rank gathers every rank's payload and aggregates all of them with the codec
-  (paper-faithful NDQSG, QSGD-Elias, 1-bit SGD). Wire cost per rank ≈ b·n·(P−1) bits.
-- ``scatter_reduce``: the tensor is split into P bucket-aligned chunks; chunk c goes to rank c by
-  all-to-all; its owner aggregates the P payloads, re-encodes the mean with the codec, **decodes its
-  own re-encoding** and allgathers it, so every rank ends with the same bits. Two quantizations per
-  coordinate; wire cost ≈ 2b·n·(P−1)/P bits.
+- ``allgather``: every rank gathers every rank's group buffer and aggregates each tensor's payloads
+  with the codec (paper-faithful NDQSG, QSGD-Elias, 1-bit SGD); a codec's second round (NDQSG
+  recovery) runs per tensor when its finisher is called. Wire cost per rank ≈ b·n·(P−1) bits.
+- ``scatter_reduce``: each tensor is split into P bucket-aligned chunks; chunk c of every tensor
+  of the group goes to rank c in one all-to-all; its owner aggregates the P payloads, re-encodes
+  the mean with the codec, **decodes its own re-encoding**, and one allgather of the group's
+  re-encodings gives every rank the same bits. Two quantizations per coordinate; wire cost
+  ≈ 2b·n·(P−1)/P bits.
 
 Both are written once against :class:`~hvdquant.transports.collectives.Collectives`.
 """
@@ -19,48 +27,110 @@ Both are written once against :class:`~hvdquant.transports.collectives.Collectiv
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite, empirical_entropy
+from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite, empirical_entropy, flat32
 from hvdquant.codecs.feedback import ErrorFeedback
 from hvdquant.keys import dither_key
 from hvdquant.stats import CommStats, DecodeStats
-from hvdquant.transports.collectives import Collectives, check_finite_output, chunk_bounds, raise_if_poisoned
+from hvdquant.transports.collectives import (
+    Collectives,
+    Parts,
+    Started,
+    check_finite_output,
+    chunk_bounds,
+    raise_if_poisoned,
+)
 
 REDUCERS = ("allgather", "scatter_reduce")
+FUSION_THRESHOLD = 64 << 20  # gradient bytes per fused group (Horovod's fusion buffer is 64 MiB too)
+SIZE = torch.empty(0, dtype=torch.int64).element_size()
 
 
 def _innermost(codec: Codec) -> Codec:
     return codec.codec if isinstance(codec, ErrorFeedback) else codec
 
 
-class PayloadExchange:
-    """Moves one codec's payloads with one reducer over ``collectives``.
+@dataclass
+class _Item:
+    """One queued tensor. ``sent``: what this rank sends of it, one uint8 buffer per destination
+    chunk (allgather: one chunk, the whole tensor), or None where its gradient was not finite."""
 
-    ``stats`` counts the bytes handed to the collectives (payloads, size and status words, second
-    rounds); ``payload`` only what the codec produced; ``decode`` what nested decoding recovered."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    raw: bool
+    seed: int
+    step: int
+    chunks: list[tuple[int, int]]
+    sent: list[torch.Tensor] | None
+    encodings: list[Encoded] = field(default_factory=list)  # this rank's payloads (recovery rounds)
+    group: _Group | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.chunks[-1][1]
+
+
+@dataclass
+class _Group:
+    """Tensors that travel together; ``results`` (per name: the output, or the error every rank
+    raises) once the group is finished."""
+
+    items: list[_Item]
+    started: Started[Parts] | None = None
+    results: dict[str, torch.Tensor | str] | None = None
+
+
+def _header(sizes: list[int]) -> torch.Tensor:
+    if not sizes:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.tensor(sizes, dtype=torch.int64).view(torch.uint8)
+
+
+def _split(buf: torch.Tensor, count: int) -> list[torch.Tensor | None]:
+    """A group buffer (header of ``count`` sizes, then the payloads) as one entry per tensor."""
+    if not count:
+        return []
+    sizes = buf[:count * SIZE].clone().view(torch.int64).tolist()
+    body = torch.split(buf[count * SIZE:], [max(s, 0) for s in sizes])
+    return [None if s < 0 else part for s, part in zip(sizes, body)]
+
+
+class PayloadExchange:
+    """Moves one codec's payloads with one reducer over ``collectives``, fused per group.
+
+    ``stats`` counts the bytes handed to the collectives (headers, payloads, size and status words,
+    second rounds); ``payload`` only what the codec produced; ``decode`` what nested decoding
+    recovered."""
 
     kind = "payload"
 
-    def __init__(self, codec: Codec, reducer: str, average: bool, collectives: Collectives) -> None:
+    def __init__(self, codec: Codec, reducer: str, average: bool, collectives: Collectives,
+                 fusion_threshold: int = FUSION_THRESHOLD) -> None:
         if reducer not in REDUCERS:
             raise ValueError(f"reducer={reducer!r} must be one of {REDUCERS}")
         if reducer == "scatter_reduce" and hasattr(_innermost(codec), "recovery_payload"):
             raise ValueError(f"{type(_innermost(codec)).__name__} needs reducer='allgather': its side-information "
                              "decoder and recovery round need every sender's payload on every rank")
+        if isinstance(fusion_threshold, bool) or not isinstance(fusion_threshold, int) or fusion_threshold < 0:
+            raise ValueError(f"fusion_threshold={fusion_threshold!r} must be a non-negative int (bytes)")
         self.codec, self.reducer, self.average = codec, reducer, average
+        self.fusion_threshold = fusion_threshold
         self.coll = collectives
         self.stats = CommStats()
         self.payload = CommStats()
         self.decode = DecodeStats()
         self.entropy_bits = 0.0  # Σ over tensors of n·(entropy + side bits per coordinate)
+        self._queue: list[_Item] = []
 
     def config(self) -> dict:
-        return {"codec": self.codec.config(), "reducer": self.reducer, "average": self.average}
+        return {"codec": self.codec.config(), "reducer": self.reducer, "average": self.average,
+                "fusion_threshold": self.fusion_threshold}
 
-    def _record(self, enc: Encoded, coordinates: int, handed: int) -> None:
-        self.stats.record(coordinates, handed)
+    def _record(self, enc: Encoded, coordinates: int) -> None:
         self.payload.record(coordinates, enc.nbytes())
         if enc.symbols is not None:
             self.entropy_bits += enc.n * empirical_entropy(enc.symbols, enc.alphabet) + enc.side_bits
@@ -77,89 +147,186 @@ class PayloadExchange:
         if hasattr(self.codec, "load_state_dict"):
             self.codec.load_state_dict(state["residuals"])
 
-    def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
+    # ------------------------------------------------------------------ queueing (in the gradient hook)
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
         if self.reducer == "allgather":
-            return self._allgather(name, tensor, seed, step)
-        return self._scatter_reduce(name, tensor, seed, step)
+            return [(0, n)]
+        # P contiguous ranges cut at bucket boundaries where the codec has buckets
+        return chunk_bounds(n, self.coll.size, getattr(_innermost(self.codec), "bucket_size", 1))
 
-    def _output(self, mean: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _context(self, item: _Item, c: int, sender: int, phase: str = "") -> TensorContext:
+        """The codec's context of chunk ``c`` (allgather: the tensor) as sent by ``sender``."""
+        if self.reducer == "allgather":
+            return TensorContext(item.name, item.shape, dither_key(item.seed, item.step, item.name, sender),
+                                 self.coll.size)
+        lo, hi = item.chunks[c]
+        cname = f"{item.name}#{c}{phase}"
+        return TensorContext(cname, (hi - lo,), dither_key(item.seed, item.step, cname, sender), self.coll.size)
+
+    def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
+        """Encode ``tensor`` with the codec and queue it."""
+        flat = tensor.detach().reshape(-1)
+        item = _Item(name, tuple(tensor.shape), tensor.dtype, False, seed, step, self._chunks(flat.numel()), None)
+        if self.reducer == "scatter_reduce" and not all_finite(flat):
+            return self._queued(item)
+        try:
+            for c, (lo, hi) in enumerate(item.chunks):
+                source = tensor if self.reducer == "allgather" else flat[lo:hi]
+                item.encodings.append(self.codec.encode(source, self._context(item, c, self.coll.rank)))
+        except FloatingPointError:  # tell every rank instead of leaving them waiting
+            item.encodings = []
+            return self._queued(item)
+        for enc in item.encodings:
+            self._record(enc, enc.n)
+        item.sent = [enc.to_bytes() for enc in item.encodings]
+        return self._queued(item)
+
+    def start_raw(self, name: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Queue ``tensor`` uncompressed: its float32 values are summed in rank order (exact and
+        reproducible, unlike a float allreduce whose order may change with the framework's fusion)."""
+        flat = flat32(tensor)
+        item = _Item(name, tuple(tensor.shape), tensor.dtype, True, 0, 0, self._chunks(flat.numel()), None)
+        if all_finite(flat):
+            item.sent = [flat[lo:hi].contiguous().view(torch.uint8) for lo, hi in item.chunks]
+        return self._queued(item)
+
+    def _queued(self, item: _Item) -> Callable[[], torch.Tensor]:
+        self.stats.record(item.numel, 0)
+        self._queue.append(item)
+
+        def finish() -> torch.Tensor:
+            if item.group is None:
+                self._flush()
+            group = item.group
+            if group.results is None:
+                self._finish(group)
+            result = group.results.pop(item.name)
+            if isinstance(result, str):
+                raise FloatingPointError(result)
+            return result
+
+        return finish
+
+    # ------------------------------------------------------------------ sending (at the first finisher)
+    def _flush(self) -> None:
+        """Cut everything queued into groups (sorted by name) and start every group's first round."""
+        items, self._queue = sorted(self._queue, key=lambda it: it.name), []
+        groups, size = [], 0
+        for item in items:
+            nbytes = 4 * item.numel
+            if not groups or (size + nbytes > self.fusion_threshold and groups[-1].items):
+                groups.append(_Group([]))
+                size = 0
+            groups[-1].items.append(item)
+            item.group = groups[-1]
+            size += nbytes
+        for g, group in enumerate(groups):
+            tag = f"hvdquant.group{g}"
+            if self.reducer == "allgather":
+                group.started = self.coll.allgather_bytes(self._buffer(group.items, 0), tag)
+            else:
+                group.started = self.coll.alltoall_bytes([self._buffer(group.items, c) for c in range(self.coll.size)],
+                                                         f"{tag}.scatter")
+            self.stats.record(0, group.started.nbytes)
+
+    @staticmethod
+    def _buffer(items: list[_Item], c: int) -> torch.Tensor:
+        """This rank's buffer of chunk ``c`` of every item: header of sizes, then the payloads."""
+        parts = [item.sent[c] for item in items if item.sent is not None]
+        return torch.cat([_header([-1 if item.sent is None else item.sent[c].numel() for item in items]), *parts])
+
+    def _output(self, mean: torch.Tensor, item: _Item) -> torch.Tensor:
         out = mean if self.average else mean * self.coll.size
         check_finite_output(out)
-        return out.reshape(shape).to(dtype)
+        return out.reshape(item.shape).to(item.dtype)
+
+    @staticmethod
+    def _poisoned(item: _Item, received: list[torch.Tensor | None]) -> str | None:
+        bad = [p for p, part in enumerate(received) if part is None]
+        if not bad:
+            return None
+        return (f"non-finite gradient (NaN or Inf) in '{item.name}' on rank(s) {bad}; hvdquant refuses to "
+                "quantize it (every rank raises)")
+
+    @staticmethod
+    def _rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Σ_p of float32 values sent as bytes, in rank order (bit-identical on every rank)."""
+        total = parts[0].clone().view(torch.float32)
+        for part in parts[1:]:
+            total += part.clone().view(torch.float32)  # a copy: a part need not be 4-byte aligned
+        return total
+
+    def _finish(self, group: _Group) -> None:
+        per_rank = [_split(buf, len(group.items)) for buf in raise_if_poisoned(group.started.wait(), "group")]
+        received = [[per_rank[p][i] for p in range(self.coll.size)] for i in range(len(group.items))]
+        if self.reducer == "allgather":
+            group.results = {item.name: self._gathered(item, parts) for item, parts in zip(group.items, received)}
+        else:
+            group.results = self._reduce_and_gather(group, received)
 
     # ------------------------------------------------------------------ allgather
-    def _allgather(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
-        rank, ranks = self.coll.rank, self.coll.size
-        shape, dtype = tuple(tensor.shape), tensor.dtype
-        ctx = TensorContext(name, shape, dither_key(seed, step, name, rank), ranks)
-        tag = f"hvdquant.{name}"
-        try:
-            enc = self.codec.encode(tensor, ctx)
-        except FloatingPointError:  # tell every rank instead of leaving them waiting
-            poisoned = self.coll.allgather_bytes(None, tag)
-            return lambda: raise_if_poisoned(poisoned.wait(), name)
-        gathered = self.coll.allgather_bytes(enc.to_bytes(), tag)
-        self._record(enc, enc.n, gathered.nbytes)
+    def _gathered(self, item: _Item, parts: list[torch.Tensor | None]) -> torch.Tensor | str:
+        error = self._poisoned(item, parts)
+        if error is not None:
+            return error
+        if item.raw:
+            total = self._rank_order_sum(parts)
+            return self._output(total / self.coll.size, item)
+        rank, ctx = self.coll.rank, self._context(item, 0, self.coll.rank)
+        enc = item.encodings[0]
 
         def recover(failed: dict[int, list[int]]) -> dict[int, torch.Tensor]:
             mine = (self.codec.recovery_payload(enc, ctx, failed[rank]) if rank in failed
                     else torch.empty(0, dtype=torch.uint8))
-            round_ = self.coll.allgather_bytes(mine, f"{tag}.recovery")
+            round_ = self.coll.allgather_bytes(mine, f"hvdquant.{item.name}.recovery")
             self.stats.record(0, round_.nbytes)  # recovery traffic is on the wire too
             self.decode.recovery_bytes += round_.nbytes
-            parts = raise_if_poisoned(round_.wait(), name)
-            return {p: parts[p] for p in failed}
+            got = raise_if_poisoned(round_.wait(), item.name)
+            return {p: got[p] for p in failed}
 
-        def finish() -> torch.Tensor:
-            parts = raise_if_poisoned(gathered.wait(), name)
-            payloads = [self.codec.from_bytes(parts[p], enc.n, ctx.sender(p)) for p in range(ranks)]
-            mean, st = self.codec.aggregate(payloads, ctx, recover)
-            self.decode.add(st)
-            return self._output(mean, shape, dtype)
-
-        return finish
+        payloads = [self.codec.from_bytes(parts[p], item.numel, ctx.sender(p)) for p in range(self.coll.size)]
+        mean, st = self.codec.aggregate(payloads, ctx, recover)
+        self.decode.add(st)
+        return self._output(mean, item)
 
     # ------------------------------------------------------------------ scatter-reduce-allgather
-    def _scatter_reduce(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
+    def _reduce_and_gather(self, group: _Group, received: list[list[torch.Tensor | None]]
+                           ) -> dict[str, torch.Tensor | str]:
         rank, ranks = self.coll.rank, self.coll.size
-        shape, dtype = tuple(tensor.shape), tensor.dtype
-        flat = tensor.detach().reshape(-1)
-        # P contiguous ranges cut at bucket boundaries where the codec has buckets
-        chunks = chunk_bounds(flat.numel(), ranks, getattr(_innermost(self.codec), "bucket_size", 1))
-        tag = f"hvdquant.{name}"
-
-        def chunk_ctx(c: int, sender: int, phase: str) -> TensorContext:
-            lo, hi = chunks[c]
-            cname = f"{name}#{c}{phase}"
-            return TensorContext(cname, (hi - lo,), dither_key(seed, step, cname, sender), ranks)
-
-        encs = [self.codec.encode(flat[lo:hi], chunk_ctx(c, rank, "")) for c, (lo, hi) in enumerate(chunks)] \
-            if all_finite(flat) else None
-        scattered = self.coll.alltoall_bytes(None if encs is None else [e.to_bytes() for e in encs],
-                                             f"{tag}.scatter")
-        for i, e in enumerate(encs or []):
-            self._record(e, e.n, scattered.nbytes if i == 0 else 0)
-        if encs is None:
-            self.stats.record(0, scattered.nbytes)
         second = _innermost(self.codec)  # the owner re-encodes without error feedback
-
-        def finish() -> torch.Tensor:
-            parts = raise_if_poisoned(scattered.wait(), name)
-            lo, hi = chunks[rank]
-            payloads = [self.codec.from_bytes(parts[p], hi - lo, chunk_ctx(rank, p, "")) for p in range(ranks)]
-            mean, st = self.codec.aggregate(payloads, chunk_ctx(rank, 0, ""))
-            self.decode.add(st)
-            renc = second.encode(mean, chunk_ctx(rank, rank, "@reduced"))
-            gathered = self.coll.allgather_bytes(renc.to_bytes(), f"{tag}.gather")
-            self._record(renc, 0, gathered.nbytes)  # these coordinates were counted when scattered
-            owned = raise_if_poisoned(gathered.wait(), name)
-            result = torch.empty(flat.numel(), dtype=torch.float32)
-            for c, (clo, chi) in enumerate(chunks):
-                cctx = chunk_ctx(c, c, "@reduced")
-                result[clo:chi] = second.decode(second.from_bytes(owned[c], chi - clo, cctx), cctx)
-            return self._output(result, shape, dtype)
-
-        return finish
+        results: dict[str, torch.Tensor | str] = {}
+        live, mine = [], []
+        for item, parts in zip(group.items, received):
+            error = self._poisoned(item, parts)
+            if error is not None:
+                results[item.name] = error
+                continue
+            lo, hi = item.chunks[rank]
+            if item.raw:
+                mine.append(self._rank_order_sum(parts).view(torch.uint8))
+            else:
+                payloads = [self.codec.from_bytes(parts[p], hi - lo, self._context(item, rank, p))
+                            for p in range(ranks)]
+                mean, st = self.codec.aggregate(payloads, self._context(item, rank, 0))
+                self.decode.add(st)
+                renc = second.encode(mean, self._context(item, rank, rank, "@reduced"))
+                self._record(renc, 0)  # these coordinates were counted when scattered
+                mine.append(renc.to_bytes())
+            live.append(item)
+        gathered = self.coll.allgather_bytes(torch.cat([_header([b.numel() for b in mine]), *mine]),
+                                             f"hvdquant.{live[0].name if live else 'none'}.gather")
+        self.stats.record(0, gathered.nbytes)
+        owned = [_split(buf, len(live)) for buf in raise_if_poisoned(gathered.wait(), "group")]
+        for i, item in enumerate(live):
+            result = torch.empty(item.numel, dtype=torch.float32)
+            for c, (clo, chi) in enumerate(item.chunks):
+                if item.raw:
+                    result[clo:chi] = owned[c][i].clone().view(torch.float32)
+                else:
+                    cctx = self._context(item, c, c, "@reduced")
+                    result[clo:chi] = second.decode(second.from_bytes(owned[c][i], chi - clo, cctx), cctx)
+            results[item.name] = self._output(result if not item.raw else result / ranks, item)
+        return results
 
 
 def statistics(handed: CommStats, payload: CommStats, entropy_bits: float, decode: DecodeStats) -> dict:

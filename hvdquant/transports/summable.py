@@ -51,26 +51,76 @@ class SumFieldLayout:
     def per_word(self) -> int:
         return WORD_BITS // self.width
 
+    def field_words(self, n: int) -> int:
+        """Words holding n codes (no sentinel)."""
+        return math.ceil(n / self.per_word)
+
     def words(self, n: int) -> int:
         """Words handed to the collective for n codes, sentinel included."""
-        return math.ceil(n / self.per_word) + 1
+        return self.field_words(n) + 1
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """int8 values -> float64 words (+ sentinel 1.0), ready for a SUM or AVERAGE allreduce."""
-        out = torch.empty(self.words(codes.numel()), dtype=torch.float64, device=codes.device)
-        ops.pack_sum_fields(codes.contiguous(), self.offset, self.width, self.per_word, out=out[:-1])
-        out[-1] = 1.0
-        return out
+        return SumMessage(self.ranks, ((self, codes.numel()),)).pack([codes])
 
     def unpack(self, reduced: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
         """Reduced words -> (Σ_p v_p as int32, factor c the reduction applied to the sum)."""
-        if reduced.dtype != torch.float64 or reduced.numel() != self.words(n):
+        (ksum,), factor = SumMessage(self.ranks, ((self, n),)).unpack(reduced)
+        return ksum, factor
+
+
+Segment = tuple["SumFieldLayout | None", int]  # (layout, codes) or (None, raw float64 words)
+
+
+@dataclass(frozen=True)
+class SumMessage:
+    """Several segments in one summable payload, then one sentinel word: a segment is either
+    ``(layout, n)``, n small codes packed in ``layout``'s fields, or ``(None, m)``, m float64 words
+    summed as they are (e.g. checksums: integers below 2^53)."""
+
+    ranks: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def words(self) -> int:
+        return sum(layout.field_words(n) if layout is not None else n for layout, n in self.segments) + 1
+
+    def pack(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor per segment (int8 codes, or float64 words) -> the payload words + sentinel 1.0."""
+        out = torch.empty(self.words, dtype=torch.float64, device=values[0].device if values else "cpu")
+        pos = 0
+        for (layout, n), v in zip(self.segments, values, strict=True):
+            if v.numel() != n:
+                raise ValueError(f"segment of {n} values given {v.numel()}")
+            if layout is None:
+                out[pos:pos + n] = v
+                pos += n
+            else:
+                m = layout.field_words(n)
+                ops.pack_sum_fields(v.contiguous(), layout.offset, layout.width, layout.per_word,
+                                    out=out[pos:pos + m])
+                pos += m
+        out[-1] = 1.0
+        return out
+
+    def unpack(self, reduced: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+        """Reduced words -> (per segment: Σ_p v_p as int32, or the raw words divided by c; the
+        factor c the reduction applied to the sum)."""
+        if reduced.dtype != torch.float64 or reduced.numel() != self.words:
             raise ValueError(f"reduced payload has {reduced.numel()} {reduced.dtype} words, "
-                             f"expected {self.words(n)} float64")
+                             f"expected {self.words} float64")
         factor = float(reduced[-1]) / self.ranks
         if not math.isfinite(factor) or factor <= 0.0:
             raise ValueError(f"the reduction scaled the payload by {factor!r}: only positive finite "
                              "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
-        ksum = ops.unpack_sum_fields(reduced[:-1].contiguous(), n, self.offset * self.ranks,
-                                     self.width, self.per_word, factor)
-        return ksum, factor
+        out, pos = [], 0
+        for layout, n in self.segments:
+            if layout is None:
+                out.append(reduced[pos:pos + n] / factor)
+                pos += n
+            else:
+                m = layout.field_words(n)
+                out.append(ops.unpack_sum_fields(reduced[pos:pos + m].contiguous(), n, layout.offset * self.ranks,
+                                                 layout.width, layout.per_word, factor))
+                pos += m
+        return out, factor

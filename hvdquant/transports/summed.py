@@ -1,71 +1,101 @@
 """The summable-allreduce reducer: DQSG indices (and nested coset indices) in summable fields.
 
 With one step Δ_b per bucket common to all ranks (docs/ALGORITHMS.md §3), every rank packs its
-integer indices into summable float64 fields plus a sentinel word (:class:`SumFieldLayout`); any
-SUM or AVERAGE allreduce of the words gives the exact index sums, from which one decoder returns
-factor · Σ_p ĝ_p. ``encode`` runs before the allreduce and ``decode`` after it; who runs the
-allreduce is the adapter's business (Horovod's stock ``DistributedOptimizer`` does it between
-``compress`` and ``decompress``). The transport's own rounds (the first-step agreement, the scale
-agreement, nested recovery) go through a :class:`~hvdquant.transports.collectives.Collectives`.
+integer indices into summable float64 fields (:class:`SumMessage`); a SUM allreduce of the words
+gives the exact index sums, from which one decoder returns Σ_p ĝ_p.
+
+**Batched, and never waiting in the gradient hook.** ``encode(tensor, name)`` only computes the
+tensor's per-bucket max|g| and *starts* a MAX allreduce of it; it returns one float64 word (1.0)
+for the framework's own allreduce, whose reduced value c·P reveals the factor c the framework
+applies (Sum: 1, Average: 1/P, pre/postscale factors). The first ``decode`` after a run of
+``encode`` calls exchanges the whole batch: it waits for the maxima, quantizes every tensor with
+its common step, and sums the fields of *all* tensors in **one** allreduce (plus, for nested
+decoding, one fused recovery round); later ``decode`` calls of the batch only scale their
+tensor's sum by c. So a step costs a fixed number of collective rounds however many tensors the
+model has, and the gradient hook never blocks. Tensors of a batch are exchanged in sorted name
+order, so every rank packs the same layout whatever order the hooks fired in.
+
+A non-finite gradient shows as a non-finite agreed maximum on every rank, and every rank raises
+``FloatingPointError`` naming the tensor. The first exchange also agrees the configuration and
+the dither seed between ranks (once per job).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from hvdquant.codecs.base import all_finite, empirical_entropy, flat32
 from hvdquant.codecs.dqsg import DQSG
-from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.keys import StepCounter, dither_key
-from hvdquant.stats import CommStats, DecodeStats, nbytes
+from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.agreement import agree, check_seed
-from hvdquant.transports.collectives import Collectives, check_finite_output
-from hvdquant.transports.summable import SumFieldLayout
+from hvdquant.transports.collectives import Collectives, Started, check_finite_output
+from hvdquant.transports.summable import SumFieldLayout, SumMessage
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One tensor handed to ``encode``, waiting for its batch's exchange: its name and step, the
+    flat float32 gradient, its shape and dtype, and the MAX allreduce of its per-bucket max|g|."""
+
+    name: str
+    step: int
+    source: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    maxima: Started[torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """The tensors encoded since the last exchange; after it, each tensor's Σ_p ĝ_p (or the error
+    every rank raised)."""
+
+    items: list[Pending] = field(default_factory=list)
+    sums: dict[str, torch.Tensor] | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
 class SumContext:
-    """What ``decompress`` needs of a DQSG ``compress``: the tensor's name, shape and dtype, the
-    common steps Δ_b, sender 0's dither key (the decoder regenerates senders 0 … P−1) and the field
-    layout the indices were packed with."""
+    """What ``decode`` needs of an ``encode``: the tensor and the batch it was exchanged in."""
 
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    delta: torch.Tensor
-    key: DitherKey
-    layout: SumFieldLayout
+    pending: Pending
+    batch: Batch
 
 
 @dataclass(frozen=True)
-class CosetContext(SumContext):
-    """A nested ``compress``: also this rank's DQSG(s₁) indices (for a recovery round) and the side
-    information, P × the previous decoded mean."""
+class Quantized:
+    """One tensor of a batch after its step is agreed: Δ_b and this rank's dither key."""
 
-    indices: torch.Tensor
-    side: torch.Tensor
+    item: Pending
+    delta: torch.Tensor
+    key: DitherKey
 
 
-class SummedDQSG:
-    """DQSG over a summable allreduce: the first-step agreement, per-name step counters, the common
-    scale (a MAX allreduce of per-bucket max|g|), the field packing and the measured statistics.
+class SummedExchange:
+    """A summable scheme (:class:`DQSGSum` or :class:`NestedSum`) over a summable allreduce: the
+    first-step agreement, per-name step counters, batching, the fused rounds and the measured
+    statistics. The scheme decides what a batch sends and how its sums decode.
 
     ``collectives`` is a :class:`Collectives` or a callable returning one (made on first use, after
-    the framework is initialised). ``config`` is what every rank must agree on at the first step."""
+    the framework is initialised)."""
 
-    def __init__(self, levels: int, bucket_size: int, seed: int | None, collectives: Any,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(self, scheme: DQSGSum | NestedSum, seed: int | None, collectives: Any) -> None:
         check_seed(seed)
-        self.codec = DQSG(levels=levels, bucket_size=bucket_size)
-        self.seed = seed
-        self.config = {"scheme": "dqsg", **asdict(self.codec), "seed": seed} if config is None else config
+        self.scheme, self.seed = scheme, seed
+        self.codec = scheme.fine
         self.stats = CommStats()
+        self.decode_stats = DecodeStats()
         self.entropy_bits = 0.0  # Σ n·(empirical entropy of the symbols sent) + side bits
         self.steps = StepCounter()
+        self.exchanges = 0  # batches exchanged
+        self._open = Batch()
         self._agreed_seed: int | None = None
         self._coll = collectives
 
@@ -75,121 +105,178 @@ class SummedDQSG:
             self._coll = self._coll()
         return self._coll
 
-    def encode(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, SumContext]:
-        """The summable words of this rank's indices for ``tensor`` (named alike on every rank)."""
-        name, delta, key = self.begin(tensor, name)
-        return self.dqsg_payload(tensor, name, delta, key)
-
-    def decode(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
-        """factor · Σ_p ĝ_p from the reduced words (the mean under AVERAGE, the sum under SUM)."""
-        return self.decode_dqsg(reduced, ctx)
-
-    def begin(self, tensor: torch.Tensor, name: str) -> tuple[str, torch.Tensor, DitherKey]:
-        """Name, common Δ_b and this rank's dither key for one exchange of ``tensor``."""
-        if self._agreed_seed is None:  # exchange configurations once; every rank uses rank 0's seed
-            self._agreed_seed = agree(self.coll, self.config, self.seed, "hvdquant.config")
-        step = self.steps.next(name)
-        absmax = self.codec.bucket_absmax(tensor)
-        started = self.coll.allreduce(absmax, f"hvdquant.scale.{name}", op="max")
-        self.stats.record(0, started.nbytes)
-        common = started.wait()
-        if not all_finite(common):
-            # Every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread.
-            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank "
-                                     f"at step {step}; hvdquant refuses to quantize it")
-        return name, self.codec.step_size(common), dither_key(self._agreed_seed, step, name, self.coll.rank)
-
-    def dqsg_payload(self, tensor: torch.Tensor, name: str, delta: torch.Tensor, key: DitherKey
-                     ) -> tuple[torch.Tensor, SumContext]:
-        layout = SumFieldLayout.for_levels(self.codec.levels, self.coll.size)
-        codes = self.codec.quantize(tensor, delta, key)
-        words = layout.pack(codes)
-        self.record(tensor.numel(), words, codes.numel() * empirical_entropy(
-            (codes + self.codec.levels).view(torch.uint8), self.codec.symbols) + 32.0 * delta.numel())
-        return words, SumContext(name, tensor.shape, tensor.dtype, delta, key.for_sender(0), layout)
-
-    def record(self, coordinates: int, words: torch.Tensor, entropy_bits: float) -> None:
-        self.stats.record(coordinates, nbytes(words))
-        self.entropy_bits += entropy_bits
-
-    def decode_dqsg(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
-        ksum, factor = ctx.layout.unpack(reduced, ctx.shape.numel())
-        out = self.codec.decode_sum(ksum, ctx.delta, ctx.key, senders=ctx.layout.ranks, factor=factor)
-        check_finite_output(out)
-        return out.reshape(ctx.shape).to(ctx.dtype)
-
     @property
     def entropy_bits_per_coordinate(self) -> float:
         return self.entropy_bits / self.stats.coordinates if self.stats.coordinates else float("nan")
 
+    # ------------------------------------------------------------------ in the gradient hook
+    def encode(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, SumContext]:
+        """Queue ``tensor`` (named alike on every rank) for the next exchange and start the MAX
+        allreduce of its per-bucket maxima; returns the word for the framework's allreduce."""
+        if any(item.name == name for item in self._open.items):
+            raise ValueError(f"'{name}' was encoded twice before its batch was exchanged: decode it first")
+        flat = flat32(tensor)
+        started = self.coll.allreduce(self.codec.bucket_absmax(flat), f"hvdquant.scale.{name}", op="max")
+        word = torch.ones(1, dtype=torch.float64)
+        self.stats.record(0, started.nbytes + word.numel() * word.element_size())
+        item = Pending(name, self.steps.next(name), flat, tensor.shape, tensor.dtype, started)
+        self._open.items.append(item)
+        return word, SumContext(item, self._open)
 
-class SummedNested:
-    """Allreduce-friendly nested DQSG (docs/ALGORITHMS.md §3) over a summable allreduce.
+    # ------------------------------------------------------------------ after the framework's allreduce
+    def decode(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
+        """c · Σ_p ĝ_p for the tensor of ``ctx`` (the mean under AVERAGE, the sum under SUM), with
+        c read off the reduced word; exchanges the tensor's batch first if that has not happened."""
+        if reduced.dtype != torch.float64 or reduced.numel() != 1:
+            raise ValueError(f"reduced word has {reduced.numel()} {reduced.dtype} values, expected 1 float64")
+        factor = float(reduced[0]) / self.coll.size
+        if not 0.0 < factor < float("inf"):
+            raise ValueError(f"the reduction scaled the payload by {factor!r}: only positive finite "
+                             "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
+        batch = ctx.batch
+        if batch.sums is None and batch.error is None:
+            batch.sums = self.scheme.exchange(self, self.agree_steps(batch))
+        if batch.error is not None:
+            raise FloatingPointError(batch.error)
+        total = batch.sums.pop(ctx.pending.name)
+        out = total if factor == 1.0 else total * factor
+        check_finite_output(out)
+        return out.reshape(ctx.pending.shape).to(ctx.pending.dtype)
+
+    def agree_steps(self, batch: Batch) -> list[Quantized]:
+        """Close ``batch`` and collect its agreed maxima (sorted by name): Δ_b = max / s and this
+        rank's key per tensor. A non-finite maximum raises on every rank (and on each later decode
+        of the batch)."""
+        if batch is self._open:
+            self._open = Batch()
+        if self._agreed_seed is None:  # exchange configurations once; every rank uses rank 0's seed
+            self._agreed_seed = agree(self.coll, self.scheme.config(self.seed), self.seed, "hvdquant.config")
+        self.exchanges += 1
+        items = sorted(batch.items, key=lambda item: item.name)
+        maxima = [item.maxima.wait() for item in items]
+        bad = [item.name for item, m in zip(items, maxima) if not all_finite(m)]
+        if bad:  # every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread
+            batch.error = (f"non-finite gradient (NaN or Inf) in '{bad[0]}' on at least one rank at step "
+                           f"{items[0].step}; hvdquant refuses to quantize it")
+            raise FloatingPointError(batch.error)
+        return [Quantized(item, self.codec.step_size(m), dither_key(self._agreed_seed, item.step, item.name,
+                                                                    self.coll.rank))
+                for item, m in zip(items, maxima)]
+
+    def sum_fields(self, message: SumMessage, values: list[torch.Tensor], coordinates: int, phase: str = "fields"
+                   ) -> list[torch.Tensor]:
+        """One SUM allreduce of every segment of ``message``; ``coordinates`` are counted in the
+        statistics (0 for second rounds). Rounds complete before the next starts, so the names
+        repeat from step to step (Horovod caches their negotiation)."""
+        words = message.pack(values)
+        started = self.coll.allreduce(words, f"hvdquant.sum.{phase}")
+        self.stats.record(coordinates, started.nbytes)
+        parts, _ = message.unpack(started.wait())
+        return parts
+
+
+@dataclass(frozen=True)
+class DQSGSum:
+    """DQSG(s) indices in summable fields: Σ_p k_p decoded once with every sender's dither."""
+
+    levels: int = 1
+    bucket_size: int = 512
+
+    @property
+    def fine(self) -> DQSG:
+        return DQSG(self.levels, self.bucket_size)
+
+    def config(self, seed: int | None) -> dict[str, Any]:
+        return {"scheme": "dqsg", **asdict(self.fine), "seed": seed}
+
+    def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
+        """Quantize every tensor, sum all fields in one allreduce, decode Σ_p ĝ_p per tensor."""
+        codec, ranks = ex.codec, ex.coll.size
+        layout = SumFieldLayout.for_levels(codec.levels, ranks)
+        codes = [codec.quantize(q.item.source, q.delta, q.key) for q in rounds]
+        for q, k in zip(rounds, codes):
+            ex.entropy_bits += k.numel() * empirical_entropy((k + codec.levels).view(torch.uint8),
+                                                             codec.symbols) + 32.0 * q.delta.numel()
+        sizes = [q.item.source.numel() for q in rounds]
+        sums = ex.sum_fields(SumMessage(ranks, tuple((layout, n) for n in sizes)), codes, sum(sizes))
+        return {q.item.name: codec.decode_sum(ksum, q.delta, q.key.for_sender(0), senders=ranks)
+                for q, ksum in zip(rounds, sums)}
+
+
+class NestedSum:
+    """Allreduce-friendly nested DQSG (docs/ALGORITHMS.md §3).
 
     With a common Δ_b (s₁ levels), every rank sends its coset symbols (k + ⌊ρ/2⌋) mod ρ in summable
     fields of ⌈log2(P(ρ−1)+1)⌉ bits, plus its per-bucket checksums Σ_j (2j+1)k_j mod 2^32 (linear,
     so they sum too). The receiver reduces the field sums mod ρ and resolves Σ_p k_p with side
     information P·ḡ_prev, the previous step's decoded mean of the same tensor, which is
-    bit-identical on every rank (:meth:`hvdquant.NDQSG.decode_sum`). Buckets whose resolved index
-    sums miss the summed checksum are detected on every rank alike and **recovered** by a second,
-    synchronous allreduce of their DQSG(s₁) index sums; counts are in ``decode_stats``. The first
-    step of each tensor (no side information yet) is sent as plain DQSG(s₁).
+    bit-identical on every rank (:meth:`hvdquant.NDQSG.resolve`). Buckets whose resolved index sums
+    miss the summed checksum are detected on every rank alike and **recovered** by one more
+    allreduce of their DQSG(s₁) index sums (all failed buckets of the batch together); counts are
+    in the exchange's ``decode_stats``. A tensor's first step (no side information yet) is sent as
+    plain DQSG(s₁).
 
     Decoding succeeds where |Σ_p g_p − P·ḡ_prev| < (ρ − P)Δ/2 (sufficient): the scheme pays off only
     when ρ is well above P and gradients change slowly; otherwise recovery traffic dominates.
     """
 
-    def __init__(self, levels: tuple[int, int], bucket_size: int, seed: int | None, collectives: Any) -> None:
+    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512) -> None:
         self.nested = NDQSG(levels, bucket_size)
-        self.plain = SummedDQSG(levels[0], bucket_size, seed, collectives,
-                                {"scheme": "ndqsg-sum", "levels": self.nested.levels, "bucket_size": bucket_size,
-                                 "seed": seed})  # DQSG(s₁): scales, agreement, statistics, first steps
-        self._side: dict[str, torch.Tensor] = {}
-        self.decode_stats = DecodeStats()
+        self.fine = self.nested.fine
+        self._side: dict[str, torch.Tensor] = {}  # per name: P × the last decoded mean
 
-    def encode(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, SumContext]:
-        path = self.plain
-        name, delta, key = path.begin(tensor, name)
-        side = self._side.get(name)
-        if side is None or side.numel() != tensor.numel():
-            return path.dqsg_payload(tensor, name, delta, key)
-        rho, d, s1 = self.nested.nesting_ratio, self.nested.bucket_size, self.nested.levels[0]
-        k = path.codec.quantize(tensor, delta, key)
-        cosets = ops.nested_encode(flat32(tensor), delta, d, s1, rho, key)
-        layout = SumFieldLayout(0, rho - 1, path.coll.size)
-        fields = layout.pack(cosets.view(torch.int8))
-        checks = ops.bucket_checksum(k, d).double()
-        words = torch.cat([fields[:-1], checks, fields[-1:]])
-        path.record(tensor.numel(), words, cosets.numel() * empirical_entropy(cosets, rho) + 64.0 * delta.numel())
-        return words, CosetContext(name, tensor.shape, tensor.dtype, delta, key.for_sender(0), layout, k, side)
+    def config(self, seed: int | None) -> dict[str, Any]:
+        return {"scheme": "ndqsg-sum", "levels": self.nested.levels, "bucket_size": self.nested.bucket_size,
+                "seed": seed}
 
-    def decode(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
-        if not isinstance(ctx, CosetContext):
-            out = self.plain.decode_dqsg(reduced, ctx)
-            self._remember(ctx.name, out, reduced[-1])
-            return out
-        n, ranks, nb = ctx.shape.numel(), ctx.layout.ranks, ctx.delta.numel()
-        sums, factor = ctx.layout.unpack(torch.cat([reduced[:-1 - nb], reduced[-1:]]), n)
-        checks = torch.round(reduced[-1 - nb:-1] / factor).to(torch.int64)
-
-        def recover(idx: torch.Tensor) -> torch.Tensor:
-            """The true index sums at ``idx``: one more allreduce (the same buckets on every rank)."""
-            layout = SumFieldLayout.for_levels(self.nested.levels[0], ranks)
-            started = self.plain.coll.allreduce(layout.pack(ctx.indices[idx].contiguous()),
-                                                f"hvdquant.recover.{ctx.name}")
-            self.plain.stats.record(0, started.nbytes)
-            self.decode_stats.recovery_bytes += started.nbytes
-            return layout.unpack(started.wait(), idx.numel())[0]
-
-        kout = self.nested.decode_sum((sums % self.nested.nesting_ratio).to(torch.uint8), ctx.delta, ctx.side,
-                                      ctx.key, ranks, checks, recover=recover,
-                                      stats=self.decode_stats)
-        out = self.plain.codec.decode_sum(kout, ctx.delta, ctx.key, senders=ranks, factor=factor)
-        check_finite_output(out)
-        self._remember(ctx.name, out, reduced[-1])
-        return out.reshape(ctx.shape).to(ctx.dtype)
-
-    def _remember(self, name: str, out: torch.Tensor, sentinel: torch.Tensor) -> None:
-        """Side information for the next step: P × the decoded mean. out = factor·Σĝ and the reduced
-        sentinel is factor·P, so the mean is out / sentinel."""
-        self._side[name] = (out.reshape(-1) / float(sentinel) * self.plain.coll.size).contiguous()
+    def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
+        path, nested = ex, self.nested
+        ranks, d, rho, s1 = path.coll.size, nested.bucket_size, nested.nesting_ratio, nested.levels[0]
+        fine = SumFieldLayout.for_levels(s1, ranks)
+        cosets_layout = SumFieldLayout(0, rho - 1, ranks)
+        segments, values, indices, nested_names = [], [], [], set()
+        for q in rounds:
+            src, n, nb = q.item.source, q.item.source.numel(), q.delta.numel()
+            k = path.codec.quantize(src, q.delta, q.key)
+            indices.append(k)
+            side = self._side.get(q.item.name)
+            if side is None or side.numel() != n:
+                segments.append((fine, n))
+                values.append(k)
+                path.entropy_bits += n * empirical_entropy((k + s1).view(torch.uint8), 2 * s1 + 1) + 32.0 * nb
+                continue
+            nested_names.add(q.item.name)
+            cosets = ops.nested_encode(src, q.delta, d, s1, rho, q.key)
+            segments += [(cosets_layout, n), (None, nb)]
+            values += [cosets.view(torch.int8), ops.bucket_checksum(k, d).double()]
+            path.entropy_bits += n * empirical_entropy(cosets, rho) + 64.0 * nb
+        parts = iter(path.sum_fields(SumMessage(ranks, tuple(segments)), values,
+                                     sum(q.item.source.numel() for q in rounds)))
+        resolved, failed = [], []
+        for q in rounds:
+            key0 = q.key.for_sender(0)
+            if q.item.name not in nested_names:
+                resolved.append(next(parts))
+                failed.append([])
+                continue
+            sums, checks = next(parts), next(parts)
+            kout, bad = nested.resolve((sums % rho).to(torch.uint8), q.delta, self._side[q.item.name], key0,
+                                       ranks, torch.round(checks).to(torch.int64))
+            resolved.append(kout)
+            failed.append(bad)
+        if any(failed):  # the same buckets on every rank: one allreduce of their DQSG(s1) index sums
+            path.decode_stats.recovery_rounds += 1
+            coords = [bucket_coordinates(bad, d, q.item.source.numel()) for q, bad in zip(rounds, failed)]
+            before = path.stats.bytes_handed
+            truths = path.sum_fields(SumMessage(ranks, tuple((fine, idx.numel()) for idx in coords)),
+                                     [k[idx].contiguous() for k, idx in zip(indices, coords)], 0, "recovery")
+            path.decode_stats.recovery_bytes += path.stats.bytes_handed - before
+            for kout, bad, truth in zip(resolved, failed, truths):
+                if bad:
+                    nested.patch(kout, bad, truth, path.decode_stats)
+        sums = {}
+        for q, kout in zip(rounds, resolved):
+            total = path.codec.decode_sum(kout, q.delta, q.key.for_sender(0), senders=ranks)
+            self._side[q.item.name] = total  # side information for the next step: P × the decoded mean
+            sums[q.item.name] = total
+        return sums

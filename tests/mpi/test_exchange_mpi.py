@@ -69,12 +69,72 @@ def test_nan_on_one_rank_raises_on_every_rank_over_mpi(reducer):
 
 @pytest.mark.mpi(min_size=2)
 def test_bytes_counted_are_the_bytes_handed_to_mpi():
-    """Allgather: this rank's payload plus one 8-byte size word, nothing estimated."""
+    """Allgather of one tensor: this rank's payload, its 8-byte size in the group header and the
+    8-byte size word of the allgather itself, nothing estimated."""
     coll = MPICollectives()
     codec = DQSG(levels=1, bucket_size=64)
     ex = make_exchange(codec, "allgather", True, coll)
     ex.start("w", gradient(coll.rank), seed=1, step=0)()
     ctx = TensorContext("w", (10, 100), dither_key(1, 0, "w", coll.rank), coll.size)
     payload = codec.encode(gradient(coll.rank), ctx).to_bytes()
-    assert ex.stats.bytes_handed == payload.numel() + 8
+    assert ex.stats.bytes_handed == payload.numel() + 8 + 8
     assert ex.stats.coordinates == 1000
+
+
+class Counting(MPICollectives):
+    """MPICollectives that counts the byte collectives it starts (the rounds of a step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds: list[str] = []
+
+    def allgather_bytes(self, buf, name):
+        self.rounds.append("allgather")
+        return super().allgather_bytes(buf, name)
+
+    def alltoall_bytes(self, bufs, name):
+        self.rounds.append("alltoall")
+        return super().alltoall_bytes(bufs, name)
+
+
+def step_of_tensors(coll, reducer: str, threshold: int, poison: str | None = None):
+    """Eight gradients (six compressed, two raw) queued as hooks would, finished in name order."""
+    ex = make_exchange(OneBitSGD() if reducer == "scatter_reduce" else DQSG(1, 64), reducer, True, coll,
+                       fusion_threshold=threshold)
+    gen = torch.Generator().manual_seed(7 + coll.rank)
+    finishers = {}
+    for i in range(8):
+        g = torch.randn(20 + 13 * i, 6, generator=gen)
+        name = f"layer{i}.weight"
+        if name == poison and coll.rank == 1:
+            g[0, 0] = float("nan")
+        finishers[name] = ex.start_raw(name, g) if i in (2, 5) else ex.start(name, g, seed=3, step=0)
+    outs = {}
+    for name in sorted(finishers):
+        try:
+            outs[name] = finishers[name]()
+        except FloatingPointError as err:
+            outs[name] = str(err)
+    return outs
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("reducer", ["allgather", "scatter_reduce"])
+def test_a_step_of_many_tensors_is_one_round_per_phase(reducer):
+    """Fused (default threshold): one allgather (scatter-reduce: one all-to-all and one allgather)
+    for eight tensors; unfused (threshold 0): one group per tensor. The bits are the same."""
+    fused, alone = Counting(), Counting()
+    a = step_of_tensors(fused, reducer, 64 << 20)
+    b = step_of_tensors(alone, reducer, 0)
+    assert fused.rounds == (["allgather"] if reducer == "allgather" else ["alltoall", "allgather"])
+    assert len(alone.rounds) == 8 * len(fused.rounds)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert all(same_everywhere(fused, a[name]) for name in sorted(a))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("reducer", ["allgather", "scatter_reduce"])
+def test_nan_in_one_fused_tensor_names_it_and_spares_the_others(reducer):
+    outs = step_of_tensors(Counting(), reducer, 64 << 20, poison="layer3.weight")
+    assert "'layer3.weight' on rank(s) [1]" in outs["layer3.weight"]
+    assert all(isinstance(v, torch.Tensor) for k, v in outs.items() if k != "layer3.weight")

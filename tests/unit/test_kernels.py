@@ -62,31 +62,6 @@ def test_dqsg_encode_matches_reference(n, levels):
     assert np.array_equal(ghat, np.float32(1.0) * (d * (k.astype(np.float32) - u)))
 
 
-@pytest.mark.parametrize("n", SIZES)
-def test_dither1_matches_reference_and_is_unbiased(n):
-    g = randn(n, 3)
-    delta = 2 * ops.bucket_absmax(g, 16)
-    bits = ops.dither1_encode(g, delta, 16, KEY).numpy()
-    u = ops.dither(n, KEY).numpy()
-    d = per_coord(delta, 16, n)
-    assert np.array_equal(bits, (g.numpy() / d + u > 0).astype(np.uint8))
-    ghat = ops.dither1_decode(torch.from_numpy(bits), delta, 16, KEY).numpy()
-    assert np.array_equal(ghat, d * (np.where(bits == 1, np.float32(0.5), np.float32(-0.5)) - u))
-    assert np.all(np.abs(ghat - g.numpy()) <= d / 2 + 1e-6)
-
-
-def test_dither1_error_statistics():
-    """q/2 − u reconstruction (docs/ALGORITHMS.md §1): error uniform, variance Δ²/12 in gradient units.
-    n = 2^18; z = err/√(Δ²/12): |mean z| < 5/√n, |mean z² − 1| < 5·√(0.8/n)."""
-    n = 1 << 18
-    g = randn(n, 4)
-    delta = 2 * ops.bucket_absmax(g, 256)
-    ghat = ops.dither1_decode(ops.dither1_encode(g, delta, 256, KEY), delta, 256, KEY).double().numpy()
-    z = (ghat - g.double().numpy()) / (per_coord(delta, 256, n).astype(np.float64) / math.sqrt(12))
-    assert abs(z.mean()) < 5 / math.sqrt(n)
-    assert abs((z**2).mean() - 1) < 5 * math.sqrt(0.8 / n)
-
-
 @pytest.mark.parametrize("rho", [2, 3, 4, 5, 8, 9])
 def test_nested_encode_is_coset_of_dqsg_code(rho):
     g = randn(1031, 5)
@@ -107,7 +82,8 @@ def test_nested_decode_exact_under_condition_and_bounded_always(rho):
     delta = ops.bucket_absmax(g, bucket) / levels
     y = g + randn(n, 7, scale=float(delta.mean()) * rho / 3)
     sym = ops.nested_encode(g, delta, bucket, levels, rho, KEY)
-    ghat, flags = ops.nested_decode(sym, delta, bucket, levels, rho, y, KEY)
+    kout = torch.empty(n, dtype=torch.int32)
+    ghat = ops.nested_decode(sym, delta, bucket, rho, y, KEY, kout=kout)
     k = ops.dqsg_encode(g, delta, bucket, levels, KEY)
     dqsg = ops.dqsg_decode(k.int(), delta, bucket, KEY).numpy()
     d = per_coord(delta, bucket, n).astype(np.float64)
@@ -118,8 +94,10 @@ def test_nested_decode_exact_under_condition_and_bounded_always(rho):
     assert np.all(ghat.numpy()[~cond & sure] != dqsg[~cond & sure])
     assert cond.sum() > n // 2 and (~cond).sum() > 10  # both regimes exercised
     assert np.all(np.abs(ghat.double().numpy() - y.double().numpy()) <= rho * d / 2 * (1 + 1e-5) + 1e-6)
-    # Every coordinate flagged as certainly wrong (resolved index out of [−s, s]) is indeed wrong.
-    assert np.all(ghat.numpy()[flags.numpy() == 1] != dqsg[flags.numpy() == 1])
+    # kout holds the resolved index: the DQSG index where decoding is exact, off by a multiple of ρ elsewhere.
+    ki, ko = k.numpy().astype(np.int64), kout.numpy().astype(np.int64)
+    assert np.array_equal(ko[cond & sure], ki[cond & sure])
+    assert np.all((ko - ki) % rho == 0) and np.all(ko[~cond & sure] != ki[~cond & sure])
 
 
 @pytest.mark.parametrize("n", [0, 1, 130, 1031])
@@ -151,24 +129,27 @@ def test_nested_decode_of_a_modular_sum():
     symbols = (total % rho).to(torch.uint8)
     truth = sum(gs)
     kout = torch.empty(n, dtype=torch.int32)
-    ghat, flags = ops.nested_decode(symbols, delta, bucket, levels, rho, truth, KEY.for_sender(0), senders=P,
-                                    kout=kout)
+    ghat = ops.nested_decode(symbols, delta, bucket, rho, truth, KEY.for_sender(0), senders=P, kout=kout)
     ksum = sum(ops.dqsg_encode(g, delta, bucket, levels, k).int() for g, k in zip(gs, keys))
     assert torch.equal(kout, ksum.int())
     expected = ops.dqsg_decode(ksum.int(), delta, bucket, KEY.for_sender(0), senders=P)
     # |Σg − S| = 0 < (ρ − P)Δ/2: the sufficient condition of docs/ALGORITHMS.md §3 holds everywhere.
-    assert torch.equal(ghat, expected) and int(flags.sum()) == 0
+    assert torch.equal(ghat, expected)
 
 
-def test_nested_decode_flags_wrong_side_information():
-    """Side information off by 2ρΔ: the resolved index leaves [−s, s] and every coordinate is flagged."""
-    n, levels, rho = 300, 1, 3
+def test_nested_decode_wrong_side_information_fails_checksum():
+    """Side information off by 2ρΔ: every resolved index is off by a nonzero multiple of ρ, and the
+    bucket checksum (what the callers compare) detects it in every bucket."""
+    n, levels, rho, bucket = 300, 1, 3, 100
     g = randn(n, 8)
-    delta = ops.bucket_absmax(g, 100) / levels
-    y = g + 2 * rho * per_coord(delta, 100, n).max()
-    sym = ops.nested_encode(g, delta, 100, levels, rho, KEY)
-    _, flags = ops.nested_decode(sym, delta, 100, levels, rho, y.float(), KEY)
-    assert int(flags.sum()) == n
+    delta = ops.bucket_absmax(g, bucket) / levels
+    y = g + 2 * rho * per_coord(delta, bucket, n).max()
+    sym = ops.nested_encode(g, delta, bucket, levels, rho, KEY)
+    kout = torch.empty(n, dtype=torch.int32)
+    ops.nested_decode(sym, delta, bucket, rho, y.float(), KEY, kout=kout)
+    k = ops.dqsg_encode(g, delta, bucket, levels, KEY).int()
+    assert bool(((kout - k) % rho == 0).all()) and bool((kout != k).all())
+    assert bool((ops.bucket_checksum(kout, bucket) != ops.bucket_checksum(k, bucket)).all())
 
 
 @pytest.mark.parametrize("norm", ["l2", "max"])

@@ -36,6 +36,13 @@ def sym_of(n, hi, seed=0):
     return torch.randint(0, hi, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
+def nested_decode_with_kout(n):
+    kout = torch.empty(n, dtype=torch.int32)
+    ghat = ops.nested_decode(sym_of(n, 5), scales(g_of(n), 64, 2), 64, 5, g_of(n, 3) * 2, KEY.for_sender(0),
+                             senders=2, factor=0.5, kout=kout)
+    return ghat, kout
+
+
 CASES = {
     "dither": lambda n: (ops.dither(n, KEY),),
     "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
@@ -46,11 +53,8 @@ CASES = {
     "dqsg_decode": lambda n: (ops.dqsg_decode(
         torch.randint(-6, 7, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(1)),
         scales(g_of(n), 64, 3), 64, KEY.for_sender(0), senders=3, factor=1 / 3),),
-    "dither1": lambda n: (ops.dither1_encode(g_of(n), 2 * scales(g_of(n), 32), 32, KEY),
-                          ops.dither1_decode(sym_of(n, 2), 2 * scales(g_of(n), 32), 32, KEY)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
-    "nested_decode": lambda n: ops.nested_decode(sym_of(n, 5), scales(g_of(n), 64, 2), 64, 2, 5,
-                                                 g_of(n, 3) * 2, KEY.for_sender(0), senders=2, guard=0.25),
+    "nested_decode": lambda n: nested_decode_with_kout(n),
     "qsgd": lambda n: (ops.qsgd_encode(g_of(n), ops.bucket_l2(g_of(n), 64), 64, 4, KEY),
                        ops.scale_decode(sym_of(n, 9).to(torch.int8) - 4, ops.bucket_l2(g_of(n), 64),
                                         64, 4)),
