@@ -118,6 +118,7 @@ def roundtrip(cache: str, hit: bool) -> None:
     import hvdquant
     from hvdquant.codecs import TensorContext
     from hvdquant.kernels import cpu, tensor_id
+    from hvdquant.kernels.threads import SERIAL_BELOW
 
     codec = hvdquant.DQSG(levels=1, bucket_size=512)
     n = 5 * 512 + 77  # a partial last bucket; magnitudes differ by 4 orders between buckets
@@ -147,18 +148,21 @@ def roundtrip(cache: str, hit: bool) -> None:
 
     # Where Numba keeps the compiled kernels: the installed package's __pycache__ when it is writable,
     # else the user cache (~/.cache/numba or $XDG_CACHE_HOME/numba), else nothing is cached.
-    locator = type(cpu.dqsg_encode._cache._impl.locator).__name__
-    path = Path(cpu.dqsg_encode._cache._cache_path)
+    # The kernel this round trip ran: below kernels.threads.SERIAL_BELOW elements, the serial twin.
+    kernel = cpu.serial.dqsg_encode if n < SERIAL_BELOW else cpu.dqsg_encode
+    locator = type(kernel._cache._impl.locator).__name__
+    path = Path(kernel._cache._cache_path)
     pkg = Path(cpu.__file__).parent
     where = "intree" if inside(path, pkg) else "user" if locator == "UserWideCacheLocator" else locator
     if cache != where:
         fail(f"Numba cache in {path} ({locator}), expected the {cache} cache")
-    index = sorted(path.glob("cpu.dqsg_encode-*.nbi"))
+    index = sorted(path.glob(f"cpu.{kernel.__name__}-*.nbi"))
     if not index:
-        fail(f"Numba wrote no cache index for cpu.dqsg_encode in {path}: {sorted(p.name for p in path.glob('*'))}")
-    hits, misses = sum(cpu.dqsg_encode.stats.cache_hits.values()), sum(cpu.dqsg_encode.stats.cache_misses.values())
+        found = sorted(p.name for p in path.glob("*"))
+        fail(f"Numba wrote no cache index for cpu.{kernel.__name__} in {path}: {found}")
+    hits, misses = sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values())
     if hit and (not hits or misses):
-        fail(f"cpu.dqsg_encode was compiled again ({hits} cache hits, {misses} misses), not loaded from {path}")
+        fail(f"cpu.{kernel.__name__} was compiled again ({hits} cache hits, {misses} misses), not loaded from {path}")
     print(f"round trip ok: DQSG(s=1, d=512) on {n} coordinates, max error {ratio:.4f} Δ (bound 0.5), "
           f"{enc.nbytes()} bytes, {seconds:.1f} s; Numba cache {where} ({'loaded' if hits else 'compiled'}): {path}")
 
