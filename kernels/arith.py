@@ -89,7 +89,7 @@ def _round_half_up(t):
 
 
 def _stochastic_level(a, u):
-    """QSGD level: floor(a + U) with U = u + 1/2 uniform on (0, 1): E = a for a >= 0 (seed 001)."""
+    """QSGD level: floor(a + U) with U = u + 1/2 uniform on (0, 1): E = a for a >= 0 (Alistarh et al., QSGD)."""
     return math.floor(a + (u + F32_HALF))
 
 
@@ -97,7 +97,7 @@ def _centered_mod(k, rho, half):
     """Coset symbol of integer k modulo rho: (k + half) mod rho in [0, rho), half = rho // 2.
 
     The coset *value* is symbol − half ∈ [−⌊ρ/2⌋, ρ−1−⌊ρ/2⌋] (ρ = 3 → {−1, 0, 1}), computed from the
-    integer k (ALGORITHMS.md §2: never from the unrounded t, which gives ρ+1 symbols for even ρ).
+    integer k (docs/ALGORITHMS.md §2: never from the unrounded t, which gives ρ+1 symbols for even ρ).
     The quotient is floor((m + ½)/ρ) in float32 (exact for |m| < 2^20: the ½ keeps it clear of
     rounding), which vectorizes where an integer modulo does not.
     """
@@ -142,7 +142,7 @@ def build(jit: Callable) -> SimpleNamespace:
 
     @jit
     def dither_code(g, delta, u, levels):
-        """DQSG index k = round(g/Δ + u) clipped to [-levels, levels] (ALGORITHMS.md §1).
+        """DQSG index k = round(g/Δ + u) clipped to [-levels, levels] (docs/ALGORITHMS.md §1).
 
         Δ == 0 marks an all-zero (or underflowed) bucket: the index is 0. The clip only acts when
         float32 rounding of Δ = max|g|/levels pushes |g/Δ| a hair above levels.
@@ -210,7 +210,7 @@ def build(jit: Callable) -> SimpleNamespace:
 
     @jit
     def dqsg_encode(i0, i1, u, g, delta, bucket, levels, offset, codes, step, tid, sender, key0, key1):
-        """codes[i] = round(g_i/Δ_b + u_i) + offset, the index in [−s, s] (ALGORITHMS.md §1) shifted
+        """codes[i] = round(g_i/Δ_b + u_i) + offset, the index in [−s, s] (docs/ALGORITHMS.md §1) shifted
         by ``offset`` (0 for signed int8 codes, s for unsigned symbols ready to pack)."""
         dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
         i = i0
@@ -225,7 +225,7 @@ def build(jit: Callable) -> SimpleNamespace:
     def dqsg_decode(i0, i1, u, ksum, delta, bucket, first, senders, factor, out, step, tid, key0, key1):
         """out[i] = factor · Δ_b · (ksum[i] − Σ_p u_p[i]), p = first .. first+senders−1 in order.
 
-        One sender: the DQSG decoder Δ(k − u). P senders with a common Δ: Σ_p ĝ_p (ALGORITHMS.md §3).
+        One sender: the DQSG decoder Δ(k − u). P senders with a common Δ: Σ_p ĝ_p (docs/ALGORITHMS.md §3).
         """
         dither_range(i0, i1, first, senders, u, step, tid, key0, key1)
         i = i0
@@ -238,7 +238,7 @@ def build(jit: Callable) -> SimpleNamespace:
 
     @jit
     def nested_encode(i0, i1, u, g, delta, bucket, levels, rho, symbols, step, tid, sender, key0, key1):
-        """NDQSG (ALGORITHMS.md §2): fine index k = DQSG(s₁) code, sent as its coset symbol
+        """NDQSG (docs/ALGORITHMS.md §2): fine index k = DQSG(s₁) code, sent as its coset symbol
         (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) (uint8)."""
         dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
         half = rho // 2
@@ -254,7 +254,7 @@ def build(jit: Callable) -> SimpleNamespace:
     def nested_decode(i0, i1, u, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid,
                       key0, key1):
         """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
-        first .. first+senders−1 (one sender: ALGORITHMS.md §2; several: §3).
+        first .. first+senders−1 (one sender: docs/ALGORITHMS.md §2; several: §3).
 
         side[i] estimates the senders' summed gradient. With U = Σ_p u_p and Y = side/Δ + U (the
         estimate of K = Σ_p k_p), C = symbol − P⌊ρ/2⌋ is K's coset value and
@@ -284,7 +284,7 @@ def build(jit: Callable) -> SimpleNamespace:
 
     @jit
     def qsgd_encode(i0, i1, u, g, norm, bucket, levels, codes, step, tid, sender, key0, key1):
-        """QSGD (seed 001): k = sgn(g)·floor(s|g|/‖g_b‖ + U), U ~ U(0, 1): E[k]·‖g_b‖/s = g (int8)."""
+        """QSGD (Alistarh et al., QSGD): k = sgn(g)·floor(s|g|/‖g_b‖ + U), U ~ U(0, 1): E[k]·‖g_b‖/s = g (int8)."""
         dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
         sf = np.float32(levels)
         i = i0

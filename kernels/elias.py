@@ -1,4 +1,4 @@
-"""Elias recursive (omega) coding of QSGD's sparse levels (seed 001), CPU only.
+"""Elias recursive (omega) coding of QSGD's sparse levels (Alistarh et al., QSGD), CPU only.
 
 Stream layout, bits MSB-first: ω(nnz + 1), then for each nonzero coordinate in index order:
 ω(gap) with gap = index − previous index (previous = −1 at the start, so gap ≥ 1), one sign bit

@@ -174,7 +174,7 @@ def bucket_l2(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None) -> 
 # ----------------------------------------------------------------------------- DQSG
 def dqsg_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey,
                 out: torch.Tensor | None = None, symbols: bool = False) -> torch.Tensor:
-    """k_i = round(g_i/Δ_b + u_i) ∈ [−s, s] (int8); Δ_b = 0 gives k = 0 (ALGORITHMS.md §1).
+    """k_i = round(g_i/Δ_b + u_i) ∈ [−s, s] (int8); Δ_b = 0 gives k = 0 (docs/ALGORITHMS.md §1).
 
     ``symbols=True`` returns k + s as uint8 in [0, 2s] instead, ready for :func:`bitpack` or
     :func:`radixpack` (one pass, no separate offset step).
@@ -194,7 +194,7 @@ def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
     """factor · Δ_b · (Σ_p k_p − Σ_p u_p) over senders key.sender … key.sender+senders−1 (float32).
 
     One sender: Δ(k − u). key.sender = 0 and P senders with a common Δ: the sum of all P
-    reconstructions (ALGORITHMS.md §3); dithers are summed in sender order on every device.
+    reconstructions (docs/ALGORITHMS.md §3); dithers are summed in sender order on every device.
     """
     _vec("ksum", ksum, torch.int32)
     bucket = _int("bucket", bucket, 1, 1 << 31)
@@ -210,7 +210,7 @@ def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
 # ----------------------------------------------------------------------------- NDQSG
 def nested_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, nesting_ratio: int,
                   key: DitherKey, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Coset symbols (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) of the DQSG(s₁) indices k (uint8; ALGORITHMS.md §2)."""
+    """Coset symbols (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) of the DQSG(s₁) indices k (uint8; docs/ALGORITHMS.md §2)."""
     _vec("g", g, torch.float32)
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, g.numel(), bucket)
