@@ -24,9 +24,13 @@ at 4·10^6 (5.7-8 ms vs 2.3 ms) while dqsg_encode still wins at 10^6 (7.5 vs 14 
   a lower value a user set there stands).
 
 No threading layer is chosen here: an explicit ``NUMBA_THREADING_LAYER`` (or its priority list) is
-the user's, and Numba's default (tbb if installed, else omp) measured as well as any on the parallel
-path. workqueue costs 50-130 µs a launch even on one thread and aborts the process when two Python
-threads launch kernels at once.
+the user's, and Numba's default (tbb if installed, else omp) serves the parallel path: tbb
+(installed for the measurement) and omp measured alike, while workqueue costs 50-130 µs a launch
+even on one thread and aborts the process when two Python threads launch kernels at once.
+
+What remains slow under load is torch's: at its default thread count its own 256x256 matmul took
+8-66 ms instead of 0.2 ms in about half the processes, and the (serial) kernel call right after it
+100-180 µs instead of 15 µs. ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` are the user's to set.
 
 torch's settings stay as they are. In pip wheels Numba's OpenMP layer binds to the libgomp torch
 loaded, and starting the layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` on it: it turned

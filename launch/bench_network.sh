@@ -18,7 +18,7 @@ ip netns add "$ns"
 trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
 ip netns exec "$ns" ip link set lo up
 mpi=(mpirun -np "$NP" --mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo
-     -x PATH -x PYTHONUNBUFFERED -x OMP_NUM_THREADS -x NUMBA_NUM_THREADS)
+     -x PATH -x PYTHONUNBUFFERED -x OMP_NUM_THREADS)
 mkdir -p runs/bench_network
 for link in $LINKS; do
     rate_bps=$(python -c "import sys; s=sys.argv[1]; u={'mbit':1e6,'gbit':1e9}; print(int(float(s[:-4])*u[s[-4:]]))" "$link")

@@ -118,7 +118,7 @@ def roundtrip(cache: str, hit: bool) -> None:
     import hvdquant
     from hvdquant.codecs import TensorContext
     from hvdquant.kernels import cpu, tensor_id
-    from hvdquant.kernels.threads import SERIAL_BELOW
+    from hvdquant.kernels.threads import RANGE_COST, SERIAL_BELOW
 
     codec = hvdquant.DQSG(levels=1, bucket_size=512)
     n = 5 * 512 + 77  # a partial last bucket; magnitudes differ by 4 orders between buckets
@@ -148,8 +148,9 @@ def roundtrip(cache: str, hit: bool) -> None:
 
     # Where Numba keeps the compiled kernels: the installed package's __pycache__ when it is writable,
     # else the user cache (~/.cache/numba or $XDG_CACHE_HOME/numba), else nothing is cached.
-    # The kernel this round trip ran: below kernels.threads.SERIAL_BELOW elements, the serial twin.
-    kernel = cpu.serial.dqsg_encode if n < SERIAL_BELOW else cpu.dqsg_encode
+    # The kernel this round trip ran: below kernels.threads.SERIAL_BELOW units of work (a Philox
+    # kernel's element counts RANGE_COST units), the serial twin.
+    kernel = cpu.serial.dqsg_encode if n * RANGE_COST < SERIAL_BELOW else cpu.dqsg_encode
     locator = type(kernel._cache._impl.locator).__name__
     path = Path(kernel._cache._cache_path)
     pkg = Path(cpu.__file__).parent
