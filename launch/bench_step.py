@@ -28,10 +28,11 @@ its hook hands to ``dist.all_reduce``; nominal 32/16 for the plain fp32/fp16 row
 No thread counts are set here (no ``torch.set_num_threads``): the ranks run with the library
 defaults, as a user's job would; the counts seen are recorded in every row. ``--profile`` runs
 ``--steps`` more steps of the stock method under cProfile on rank 0 (after the timed ones, so the
-timing is not disturbed) and writes ``profile_<model>_P<ranks>_<link>_stock.{txt,json}``.
+timing is not disturbed) and writes ``profile_<model>_P<ranks>_<link>_stock.{txt,json,pstats}``.
 
 Rank 0 writes ``<out>/step_<model>_P<ranks>_<link>.json`` after every method; a rerun replaces the
-rows of the methods it runs and keeps the others.
+rows of the methods it runs and keeps the others. Every row records the machine, the thread counts,
+the command, and which hvdquant it measured (commit and a hash of hvdquant/ and kernels/ on disk).
 """
 
 from __future__ import annotations

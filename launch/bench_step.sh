@@ -3,7 +3,8 @@
 # gradient exchange, optimizer step) of three models under Horovod fp32/fp16, hvdquant DQSG s=1
 # (stock allreduce path; payload path over allgather and scatter-reduce), and DDP (gloo) plain and
 # with PowerSGD, on an unlimited and a tc-shaped loopback.
-#   bash launch/bench_step.sh                                   # everything (about 20-25 min on 2 cores)
+#   bash launch/bench_step.sh     # everything: 18 min on the shared 2-core machine (2026-11-30), 29 min
+#                                 # under heavy load from other jobs; mostly hvdquant's ResNet-18 steps at P=4
 #   MODELS=mlp4x256 RANKS=2 LINKS="unlimited 1gbit" bash launch/bench_step.sh     # a quick subset
 #   METHODS=fp16,stock,scatter_reduce STEPS=20 WARMUP=5 bash launch/bench_step.sh
 # Variables: MODELS (mlp4x256 mlp20x512 resnet18), RANKS (2 4), LINKS (unlimited 1gbit 10gbit; any

@@ -175,8 +175,11 @@ def header(rows: list[dict]) -> list[str]:
     for r in rows:
         links_of[r.get("command") or "?"].add(r["link"])
     commands = sorted(links_of, key=lambda c: (-len(links_of[c]), c))
-    codes = sorted({(r.get("git_head") or "?", r.get("code_hash") or "?", r.get("code_dirty")) for r in rows
-                    if "code_hash" in r})
+    codes: dict[str, set[str]] = defaultdict(set)  # hash of hvdquant/ + kernels/ -> commits it was seen at
+    for r in rows:
+        if "code_hash" in r:
+            codes[r["code_hash"]].add((r.get("git_head") or "?") + (" + uncommitted edits" if r.get("code_dirty")
+                                                                     else ""))
     thr = sorted({(r["ranks"], r.get("torch_threads"), r.get("numba_threads")) for r in ok})
     models = {}
     for r in rows:
@@ -189,8 +192,8 @@ def header(rows: list[dict]) -> list[str]:
         + "; ".join(f"`{c}`" + (f" ({', '.join(sorted(links_of[c], key=link_key))} rows)" if len(commands) > 1
                                 else "") for c in commands)
         + f" ({', '.join(dates)}). Code measured: "
-        + (", ".join(f"commit {h}{' + uncommitted edits' if d else ''} (hvdquant/ and kernels/ hash {c})"
-                     for h, c, d in codes) if codes else "not recorded")
+        + ("; ".join(f"hvdquant/ and kernels/ hash {c} (at {', '.join(sorted(heads))})"
+                     for c, heads in sorted(codes.items())) if codes else "not recorded")
         + (" — **the rows come from different versions of hvdquant**, which was being changed during the "
            "sweep; rerun the command for one snapshot" if len(codes) > 1 else "")
         + f". Machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores, "
