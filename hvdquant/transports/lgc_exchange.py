@@ -19,7 +19,7 @@ from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, innovation, 
 from hvdquant.kernels import ops
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import Collectives, check_finite_output, raise_if_poisoned
-from hvdquant.transports.payload import check_kind, statistics
+from hvdquant.transports.payload import check_kind, rank_order_sum, statistics
 
 STAGES = ("warmup", "train", "compress")
 
@@ -140,10 +140,7 @@ class LGCExchange:
         self.stats.record(flat.numel(), started.nbytes)
 
         def finish() -> torch.Tensor:
-            parts = raise_if_poisoned(started.wait(), name)
-            total = parts[0].clone().view(torch.float32)
-            for part in parts[1:]:
-                total += part.view(torch.float32)
+            total = rank_order_sum(raise_if_poisoned(started.wait(), name))
             out = total / self.coll.size if self.average else total
             return out.reshape(tensor.shape).to(tensor.dtype)
 

@@ -49,6 +49,14 @@ FUSION_THRESHOLD = 64 << 20  # gradient bytes per fused group (Horovod's fusion 
 SIZE = torch.empty(0, dtype=torch.int64).element_size()
 
 
+def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_p of float32 values sent as bytes, in rank order (bit-identical on every rank)."""
+    total = parts[0].clone().view(torch.float32)
+    for part in parts[1:]:
+        total += part.clone().view(torch.float32)  # a copy: a part need not be 4-byte aligned
+    return total
+
+
 def _innermost(codec: Codec) -> Codec:
     return codec.codec if isinstance(codec, ErrorFeedback) else codec
 
@@ -248,14 +256,6 @@ class PayloadExchange:
         return (f"non-finite gradient (NaN or Inf) in '{item.name}' on rank(s) {bad}; hvdquant refuses to "
                 "quantize it (every rank raises)")
 
-    @staticmethod
-    def _rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-        """Σ_p of float32 values sent as bytes, in rank order (bit-identical on every rank)."""
-        total = parts[0].clone().view(torch.float32)
-        for part in parts[1:]:
-            total += part.clone().view(torch.float32)  # a copy: a part need not be 4-byte aligned
-        return total
-
     def _finish(self, group: _Group) -> None:
         per_rank = [_split(buf, len(group.items)) for buf in raise_if_poisoned(group.started.wait(), "group")]
         received = [[per_rank[p][i] for p in range(self.coll.size)] for i in range(len(group.items))]
@@ -270,7 +270,7 @@ class PayloadExchange:
         if error is not None:
             return error
         if item.raw:
-            total = self._rank_order_sum(parts)
+            total = rank_order_sum(parts)
             return self._output(total / self.coll.size, item)
         rank, ctx = self.coll.rank, self._context(item, 0, self.coll.rank)
         enc = item.encodings[0]
@@ -303,7 +303,7 @@ class PayloadExchange:
                 continue
             lo, hi = item.chunks[rank]
             if item.raw:
-                mine.append(self._rank_order_sum(parts).view(torch.uint8))
+                mine.append(rank_order_sum(parts).view(torch.uint8))
             else:
                 payloads = [self.codec.from_bytes(parts[p], hi - lo, self._context(item, rank, p))
                             for p in range(ranks)]

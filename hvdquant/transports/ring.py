@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hvdquant.codecs.base import all_finite
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.keys import StepCounter, dither_key
 from hvdquant.stats import DecodeStats
-from hvdquant.transports.collectives import chunk_bounds
+from hvdquant.transports.collectives import MPICollectives, chunk_bounds
 from hvdquant.transports.summable import SumFieldLayout
 
 
@@ -122,12 +123,12 @@ class GroupDQSG:
         fine = req.codec.fine
         layout = SumFieldLayout.for_levels(fine.levels, group)
         if req.key.sender < group:
-            words = layout.pack(fine.quantize(req.g, req.delta, req.key)).numpy()
+            words = layout.pack(fine.quantize(req.g, req.delta, req.key))
         else:
-            words = np.zeros(layout.words(req.g.numel()), np.float64)
-        summed = _allreduce(req.comm, words, "sum")
-        req.stats.side_bytes += words.nbytes
-        kg, _ = layout.unpack(torch.from_numpy(summed), req.g.numel())
+            words = torch.zeros(layout.words(req.g.numel()), dtype=torch.float64)
+        summed = MPICollectives(req.comm).allreduce(words, "side")
+        req.stats.side_bytes += summed.nbytes
+        kg, _ = layout.unpack(summed.wait(), req.g.numel())
         return fine.decode_sum(kg, req.delta, req.key.for_sender(0), senders=group) * (req.ranks / group)
 
     def update(self, name: str, mean: torch.Tensor) -> None:
@@ -135,14 +136,6 @@ class GroupDQSG:
 
 
 _STEPS: dict[int, StepCounter] = {}  # per communicator: calls per name, the dither step
-
-
-def _allreduce(comm, x: np.ndarray, op: str) -> np.ndarray:
-    from mpi4py import MPI
-
-    out = np.empty_like(x)
-    comm.Allreduce(x, out, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
-    return out
 
 
 def ring_allreduce(tensor: torch.Tensor, comm=None, *, codec: NDQSG | None = None, side=None, name: str = "tensor",
@@ -183,16 +176,16 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
     ranks, rank = comm.Get_size(), comm.Get_rank()
     fine, rho, d, n = codec.fine, codec.nesting_ratio, codec.bucket_size, g.numel()
     key = dither_key(seed, _STEPS.setdefault(id(comm), StepCounter()).next(name), name, rank)
+    coll = MPICollectives(comm)
 
-    absmax = fine.bucket_absmax(g).numpy()
-    common = _allreduce(comm, absmax, "max")
-    if not np.isfinite(common).all():  # the same reduced maxima on every rank: every rank raises
+    maxima = coll.allreduce(fine.bucket_absmax(g), "scale", op="max")
+    common = maxima.wait()
+    if not all_finite(common):  # the same reduced maxima on every rank: every rank raises
         raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank")
-    delta = fine.step_size(torch.from_numpy(common))
+    delta = fine.step_size(common)
     k = fine.quantize(g, delta, key)
-    checks = ops.bucket_checksum(k, d).numpy()
-    check_sum = _allreduce(comm, checks, "sum")
-    stats.scale_bytes += absmax.nbytes + checks.nbytes
+    check_sum = coll.allreduce(ops.bucket_checksum(k, d), "checksums")
+    stats.scale_bytes += maxima.nbytes + check_sum.nbytes
 
     sym = ops.nested_encode(g, delta, d, fine.levels, rho, key)
     bits = ops.coset_bits(rho)
@@ -209,15 +202,14 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
     def recover(idx: torch.Tensor) -> torch.Tensor:
         """The true index sums at ``idx``: one SUM allreduce of their DQSG(s₁) indices."""
         layout = SumFieldLayout.for_levels(fine.levels, ranks)
-        words = layout.pack(k[idx].contiguous()).numpy()
-        summed = _allreduce(comm, words, "sum")
-        stats.recovery_bytes += words.nbytes
-        return layout.unpack(torch.from_numpy(summed), idx.numel())[0]
+        summed = coll.allreduce(layout.pack(k[idx].contiguous()), "recovery")
+        stats.recovery_bytes += summed.nbytes
+        return layout.unpack(summed.wait(), idx.numel())[0]
 
     request = SideRequest(name, comm, ranks, g, delta, codec, key, stats)
     estimate = None if side is None else side.estimate(request)
     stats.buckets += delta.numel()
-    kout = codec.decode_sum(residues, delta, estimate, key.for_sender(0), ranks, torch.from_numpy(check_sum),
+    kout = codec.decode_sum(residues, delta, estimate, key.for_sender(0), ranks, check_sum.wait(),
                             recover=recover, stats=stats)
     total = fine.decode_sum(kout, delta, key.for_sender(0), senders=ranks)
     if side is not None:

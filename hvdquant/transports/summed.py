@@ -94,7 +94,6 @@ class SummedExchange:
         self.decode_stats = DecodeStats()
         self.entropy_bits = 0.0  # Σ n·(empirical entropy of the symbols sent) + side bits
         self.steps = StepCounter()
-        self.exchanges = 0  # batches exchanged
         self._open = Batch()
         self._agreed_seed: int | None = None
         self._coll = collectives
@@ -151,13 +150,12 @@ class SummedExchange:
             self._open = Batch()
         if self._agreed_seed is None:  # exchange configurations once; every rank uses rank 0's seed
             self._agreed_seed = agree(self.coll, self.scheme.config(self.seed), self.seed, "hvdquant.config")
-        self.exchanges += 1
         items = sorted(batch.items, key=lambda item: item.name)
         maxima = [item.maxima.wait() for item in items]
-        bad = [item.name for item, m in zip(items, maxima) if not all_finite(m)]
+        bad = [item for item, m in zip(items, maxima) if not all_finite(m)]
         if bad:  # every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread
-            batch.error = (f"non-finite gradient (NaN or Inf) in '{bad[0]}' on at least one rank at step "
-                           f"{items[0].step}; hvdquant refuses to quantize it")
+            batch.error = (f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank at step "
+                           f"{bad[0].step}; hvdquant refuses to quantize it")
             raise FloatingPointError(batch.error)
         return [Quantized(item, self.codec.step_size(m), dither_key(self._agreed_seed, item.step, item.name,
                                                                     self.coll.rank))
