@@ -11,27 +11,20 @@
 # network section and plot through launch/bench_network_report.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
 : "${LINKS:=100mbit 1gbit 10gbit}" "${SIZES:=1e6 1e7 2.5e7}" "${REPEATS:=5}" "${ONLY:=}" "${TTA:=1}" "${NP:=4}"
-if [ "$(id -u)" != 0 ]; then echo "bench_network.sh needs root (ip netns, tc)" >&2; exit 1; fi
-ns="hvdq-bench-$$"
-ip netns add "$ns"
-trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
-ip netns exec "$ns" ip link set lo up
-mpi=(mpirun -np "$NP" --mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo
-     -x PATH -x PYTHONUNBUFFERED -x OMP_NUM_THREADS)
+netns_create hvdq-bench
+mpi=(mpirun -np "$NP" "${MPI_ON_LO[@]}" -x PATH -x PYTHONUNBUFFERED -x OMP_NUM_THREADS)
 mkdir -p runs/bench_network
 for link in $LINKS; do
-    rate_bps=$(python -c "import sys; s=sys.argv[1]; u={'mbit':1e6,'gbit':1e9}; print(int(float(s[:-4])*u[s[-4:]]))" "$link")
-    burst=$(( rate_bps / 8 / 100 > 262144 ? rate_bps / 8 / 100 : 262144 ))   # 10 ms of traffic, at least 256 KiB
-    ip netns exec "$ns" tc qdisc replace dev lo root tbf rate "$link" burst "$burst" limit $(( 4 * burst ))
-    echo "== $link: $(ip netns exec "$ns" tc qdisc show dev lo)"
+    netns_shape "$link"
     for fw in horovod torch; do
         ip netns exec "$ns" "${mpi[@]}" python launch/bench_network.py --framework "$fw" --label "$link" \
             --sizes $SIZES --repeats "$REPEATS" ${ONLY:+--only "$ONLY"}
     done
 done
 if [ "$TTA" = 1 ]; then  # the main job at 100 Mbit/s: time to accuracy
-    ip netns exec "$ns" tc qdisc replace dev lo root tbf rate 100mbit burst 262144 limit 1048576
+    netns_shape 100mbit
     for args in "--compression none" "--compression fp16" "--compression dqsg" \
                 "--compression ndqsg --reducer allgather"; do
         ip netns exec "$ns" horovodrun --gloo --network-interface lo -np "$NP" \

@@ -26,28 +26,18 @@ for v in "${vars[@]}"; do  # the exact command, with the overrides given, for th
 done
 command="${prefix}bash launch/bench_step.sh${*:+ $*}"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-unset OMP_NUM_THREADS NUMBA_NUM_THREADS   # env.sh sets them to 1; a user's job would not
+unset OMP_NUM_THREADS NUMBA_NUM_THREADS   # env.sh sets OMP_NUM_THREADS=1; a user's job would not
+source "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
 : "${MODELS:=mlp4x256 mlp20x512 resnet18}" "${RANKS:=2 4}" "${LINKS:=unlimited 1gbit 10gbit}" "${METHODS:=}"
 : "${STEPS:=10}" "${WARMUP:=3}" "${BATCH:=0}" "${PROFILE:=1}" "${JOB_TIMEOUT:=1200}" "${REPORT:=1}"
-if [ "$(id -u)" != 0 ]; then echo "bench_step.sh needs root (ip netns, tc)" >&2; exit 1; fi
-ns="hvdq-step-$$"
-ip netns add "$ns"
-trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
-ip netns exec "$ns" ip link set lo up
+netns_create hvdq-step
 mkdir -p runs/bench_step
 export MASTER_ADDR=127.0.0.1
 port=29600
 failed=()
 start=$SECONDS
 for link in $LINKS; do
-    if [ "$link" = unlimited ]; then
-        ip netns exec "$ns" tc qdisc del dev lo root 2>/dev/null || true
-    else
-        rate_bps=$(python -c "import sys; s=sys.argv[1]; u={'mbit':1e6,'gbit':1e9}; print(int(float(s[:-4])*u[s[-4:]]))" "$link")
-        burst=$(( rate_bps / 8 / 100 > 262144 ? rate_bps / 8 / 100 : 262144 ))   # 10 ms of traffic, at least 256 KiB
-        ip netns exec "$ns" tc qdisc replace dev lo root tbf rate "$link" burst "$burst" limit $(( 4 * burst ))
-    fi
-    echo "== $link: $(ip netns exec "$ns" tc qdisc show dev lo)"
+    netns_shape "$link"
     for model in $MODELS; do
         for np in $RANKS; do
             port=$((port + 1))   # a fresh rendezvous port per job (the last one may linger in TIME_WAIT)
@@ -57,7 +47,7 @@ for link in $LINKS; do
             fi
             t=$SECONDS
             if ! MASTER_PORT=$port timeout --kill-after=30 "$JOB_TIMEOUT" ip netns exec "$ns" \
-                mpirun -np "$np" --mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo \
+                mpirun -np "$np" "${MPI_ON_LO[@]}" \
                     -x PATH -x PYTHONUNBUFFERED -x MASTER_ADDR -x MASTER_PORT \
                     python launch/bench_step.py --model "$model" --link "$link" --steps "$STEPS" \
                     --warmup "$WARMUP" --batch "$BATCH" ${METHODS:+--methods "$METHODS"} "${prof[@]}" \
