@@ -36,7 +36,7 @@ import torch
 
 from hvdquant.codecs.base import Codec
 from hvdquant.codecs.lgc import LGC
-from hvdquant.keys import STEP_MODULUS, StepCounter
+from hvdquant.keys import StepCounter
 from hvdquant.transports.agreement import agree, check_seed
 from hvdquant.transports.collectives import HorovodCollectives
 from hvdquant.transports.exchange import Exchange, make_exchange
@@ -55,7 +55,7 @@ def _allreduce_grad_async(self, p):
     seed = state.agree(self)
     if tensor.numel() < state.min_numel or tensor.dim() < 2:
         return state.exchange.start_raw(name, tensor), None
-    return state.exchange.start(name, tensor, seed, state.steps.next(name) % STEP_MODULUS), None
+    return state.exchange.start(name, tensor, seed, state.steps.next(name)), None
 
 
 def _synchronize(self):
