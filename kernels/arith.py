@@ -27,6 +27,9 @@ import numpy as np
 MASK32 = np.uint64(0xFFFFFFFF)
 SHIFT32 = np.uint64(32)
 SHIFT9 = np.uint64(9)
+SHIFT16 = np.uint64(16)
+U64_ZERO = np.uint64(0)
+U64_ONE = np.uint64(1)
 # Philox-4x32 multipliers and Weyl key increments (Salmon et al., SC'11, "Parallel random
 # numbers: as easy as 1, 2, 3"; the Random123 reference values).
 PHILOX_M0 = np.uint64(0xD2511F53)
@@ -41,6 +44,16 @@ F32_ONE = np.float32(1.0)
 F32_ULP23 = np.float32(2.0**-23)
 F32_INF = np.float32(np.inf)
 RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage side information finite
+# Sender words of the streams every rank shares under the stratified dither (docs/ALGORITHMS.md §9):
+# v (the common offset), the permutation's (a, c) and, for a rank count that is not a power of 2,
+# the shift b. Real ranks stay below key.MAX_STRATIFIED_RANKS = 2^16, far from these words.
+SHARED_V = 0xFFFFFFFF
+SHARED_PERM = 0xFFFFFFFE
+SHARED_SHIFT = 0xFFFFFFFD
+# The smallest irreducible polynomial of each degree m over GF(2) (bit i = coefficient of x^i),
+# the modulus of GF(2^m) arithmetic; index m (entry 0 unused).
+GF_POLY = (0, 0x3, 0x7, 0xB, 0x13, 0x25, 0x43, 0x83, 0x11B, 0x203, 0x409, 0x805, 0x1009, 0x201B, 0x4021, 0x8003,
+           0x1002B)
 
 
 # ----------------------------------------------------------------------------- scalars
@@ -88,6 +101,16 @@ def _round_half_up(t):
     return f
 
 
+def _gf_mul(a, x, m, poly):
+    """a·x in GF(2^m) = GF(2)[t]/poly: carry-less product, then reduction, branch-free (uint64)."""
+    r = U64_ZERO
+    for i in range(m):
+        r ^= (a << np.uint64(i)) & (U64_ZERO - ((x >> np.uint64(i)) & U64_ONE))
+    for i in range(2 * m - 2, m - 1, -1):
+        r ^= (poly << np.uint64(i - m)) & (U64_ZERO - ((r >> np.uint64(i)) & U64_ONE))
+    return r
+
+
 def _stochastic_level(a, u):
     """QSGD level: floor(a + U) with U = u + 1/2 uniform on (0, 1): E = a for a >= 0 (Alistarh et al., QSGD)."""
     return math.floor(a + (u + F32_HALF))
@@ -120,6 +143,7 @@ def build(jit: Callable) -> SimpleNamespace:
     round_half_up = jit(_round_half_up)
     stochastic_level = jit(_stochastic_level)
     centered_mod = jit(_centered_mod)
+    gf_mul = jit(_gf_mul)
 
     @jit
     def uniforms(b, step, tid, sender, key0, key1):
@@ -162,8 +186,9 @@ def build(jit: Callable) -> SimpleNamespace:
     # (the Philox loop and the per-bucket loops then vectorize), the GPU gives each thread 4.
 
     @jit
-    def dither_range(i0, i1, first, senders, u, step, tid, key0, key1):
-        """u[i − i0] = Σ_p u_p[i] for i in [i0, i1), senders p = first .. first+senders−1 in order.
+    def independent_range(i0, i1, first, senders, u, step, tid, key0, key1):
+        """u[i − i0] = Σ_p u_p[i] for i in [i0, i1), senders p = first .. first+senders−1 in order,
+        under the paper's independent dither.
 
         Element i of sender p's stream is lane i % 4 of Philox(counter = (i // 4, step, tensor,
         p), key = seed). The sum runs in sender order on every device.
@@ -198,8 +223,82 @@ def build(jit: Callable) -> SimpleNamespace:
                     u[4 * full + j] += lane(r0, r1, r2, r3, j)
 
     @jit
-    def dither_fill(i0, i1, u, out, step, tid, sender, key0, key1):
-        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+    def stratum(p, ranks, m, poly, w, s):
+        """π(p): the stratum of rank p among ``ranks`` (uint64) for one coordinate, whose shared words
+        are w (the map's a and c) and s (the shift b); m = ⌈log2 ranks⌉ ≥ 1, q = 2^m.
+
+        x ↦ a·x ⊕ c in GF(2^m), a = 1 + ⌊(w >> 16)(q − 1) / 2^16⌋ ≠ 0, c = w mod q, is a bijection of
+        [0, q); the family is sharply 2-transitive (every ordered pair of distinct ranks lands on every
+        ordered pair of distinct strata for exactly one (a, c)), which is all the variance of a sum of
+        errors depends on. Cycle walking restricts it to [0, ranks). When ranks is not a power of 2
+        the walk is not exactly uniform, so a shift b = ⌊s·ranks / 2^32⌋ (mod ranks) follows.
+        """
+        q = U64_ONE << m
+        a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
+        c = w & (q - U64_ONE)
+        x = np.uint64(p)
+        x = gf_mul(a, x, m, poly) ^ c
+        while x >= ranks:
+            x = gf_mul(a, x, m, poly) ^ c
+        if q != ranks:
+            x = (x + ((s * ranks) >> SHIFT32)) % ranks
+        return x
+
+    @jit
+    def stratified_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1):
+        """u[i − i0] = Σ_p u_p[i], p = first .. first+senders−1, under the stratified dither among
+        ``ranks`` ranks (docs/ALGORITHMS.md §9): u_p = (π(p) + v)/P − ½ with v ∈ (0, 1) from the shared
+        stream SHARED_V (the top 23 bits of its word, as in uniform_centered) and π from the shared
+        words of SHARED_PERM (and SHARED_SHIFT when P is not a power of 2). Each rank's u_p is uniform
+        on (−½, ½); all P of them sum to v − ½, which :func:`dither_range` regenerates alone."""
+        rk = np.uint64(ranks)
+        m = 1
+        while (1 << m) < ranks:
+            m += 1
+        mu = np.uint64(m)
+        poly = np.uint64(GF_POLY[m])
+        pow2 = (U64_ONE << mu) == rk
+        pf = np.float32(ranks)
+        sv = np.uint64(SHARED_V)
+        sw = np.uint64(SHARED_PERM)
+        ss = np.uint64(SHARED_SHIFT)
+        n = i1 - i0
+        b0 = i0 // 4
+        for q in range((n + 3) // 4):
+            b = np.uint64(b0 + q)
+            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
+            w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
+            s0 = s1 = s2 = s3 = U64_ZERO
+            if not pow2:
+                s0, s1, s2, s3 = philox4x32(b, step, tid, ss, key0, key1)
+            for j in range(min(4, n - 4 * q)):
+                v = (np.float32(lane(v0, v1, v2, v3, j) >> SHIFT9) + F32_HALF) * F32_ULP23
+                w = lane(w0, w1, w2, w3, j)
+                s = lane(s0, s1, s2, s3, j)
+                acc = F32_ZERO
+                for p in range(first, first + senders):
+                    acc += (np.float32(stratum(p, rk, mu, poly, w, s)) + v) / pf - F32_HALF
+                u[4 * q + j] = acc
+
+    @jit
+    def dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1):
+        """u[i − i0] = Σ_p u_p[i] for i in [i0, i1) over senders p = first .. first+senders−1.
+
+        ``ranks`` = 0: the independent dither (one Philox stream per sender, summed in sender order).
+        ``ranks`` = P ≥ 1: the stratified dither among P ranks; the sum over all P ranks is v − ½,
+        one shared stream whatever P (in exact arithmetic; float32 rounding of the P terms differs
+        from it by at most P·2^-24, far below the quantization noise).
+        """
+        if ranks == 0:
+            independent_range(i0, i1, first, senders, u, step, tid, key0, key1)
+        elif first == 0 and senders == ranks:
+            independent_range(i0, i1, SHARED_V, 1, u, step, tid, key0, key1)
+        else:
+            stratified_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
+
+    @jit
+    def dither_fill(i0, i1, u, out, step, tid, sender, ranks, key0, key1):
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
         for i in range(i0, i1):
             out[i] = u[i - i0]
 
@@ -209,10 +308,10 @@ def build(jit: Callable) -> SimpleNamespace:
         return min(i1, (i // bucket + 1) * bucket)
 
     @jit
-    def dqsg_encode(i0, i1, u, g, delta, bucket, levels, offset, codes, step, tid, sender, key0, key1):
+    def dqsg_encode(i0, i1, u, g, delta, bucket, levels, offset, codes, step, tid, sender, ranks, key0, key1):
         """codes[i] = round(g_i/Δ_b + u_i) + offset, the index in [−s, s] (docs/ALGORITHMS.md §1) shifted
         by ``offset`` (0 for signed int8 codes, s for unsigned symbols ready to pack)."""
-        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
         i = i0
         while i < i1:
             j = segment_end(i, i1, bucket)
@@ -222,12 +321,12 @@ def build(jit: Callable) -> SimpleNamespace:
             i = j
 
     @jit
-    def dqsg_decode(i0, i1, u, ksum, delta, bucket, first, senders, factor, out, step, tid, key0, key1):
+    def dqsg_decode(i0, i1, u, ksum, delta, bucket, first, senders, factor, out, step, tid, ranks, key0, key1):
         """out[i] = factor · Δ_b · (ksum[i] − Σ_p u_p[i]), p = first .. first+senders−1 in order.
 
         One sender: the DQSG decoder Δ(k − u). P senders with a common Δ: Σ_p ĝ_p (docs/ALGORITHMS.md §3).
         """
-        dither_range(i0, i1, first, senders, u, step, tid, key0, key1)
+        dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
         i = i0
         while i < i1:
             j = segment_end(i, i1, bucket)
@@ -237,10 +336,10 @@ def build(jit: Callable) -> SimpleNamespace:
             i = j
 
     @jit
-    def nested_encode(i0, i1, u, g, delta, bucket, levels, rho, symbols, step, tid, sender, key0, key1):
+    def nested_encode(i0, i1, u, g, delta, bucket, levels, rho, symbols, step, tid, sender, ranks, key0, key1):
         """NDQSG (docs/ALGORITHMS.md §2): fine index k = DQSG(s₁) code, sent as its coset symbol
         (k + ⌊ρ/2⌋) mod ρ ∈ [0, ρ) (uint8)."""
-        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
         half = rho // 2
         i = i0
         while i < i1:
@@ -252,7 +351,7 @@ def build(jit: Callable) -> SimpleNamespace:
 
     @jit
     def nested_decode(i0, i1, u, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid,
-                      key0, key1):
+                      ranks, key0, key1):
         """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
         first .. first+senders−1 (one sender: docs/ALGORITHMS.md §2; several: §3).
 
@@ -261,7 +360,7 @@ def build(jit: Callable) -> SimpleNamespace:
             K̂ = C + ρ · round((Y − C)/ρ),   out = factor · Δ (K̂ − U).
         K̂ = K exactly iff |K − Y| < ρ/2. kout[i] = K̂ (int32), for checksums.
         """
-        dither_range(i0, i1, first, senders, u, step, tid, key0, key1)
+        dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
         rho_f = np.float32(rho)
         shift = centered_mod(senders * (rho // 2), rho, 0)
         i = i0
@@ -283,9 +382,9 @@ def build(jit: Callable) -> SimpleNamespace:
             i = j
 
     @jit
-    def qsgd_encode(i0, i1, u, g, norm, bucket, levels, codes, step, tid, sender, key0, key1):
+    def qsgd_encode(i0, i1, u, g, norm, bucket, levels, codes, step, tid, sender, ranks, key0, key1):
         """QSGD (Alistarh et al., QSGD): k = sgn(g)·floor(s|g|/‖g_b‖ + U), U ~ U(0, 1): E[k]·‖g_b‖/s = g (int8)."""
-        dither_range(i0, i1, sender, 1, u, step, tid, key0, key1)
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
         sf = np.float32(levels)
         i = i0
         while i < i1:

@@ -50,50 +50,51 @@ _par = njit(parallel=True, cache=True)
 
 
 @_par
-def dither_fill(nb, n, out, step, tid, sender, k0, k1):
+def dither_fill(nb, n, out, step, tid, sender, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
-        _dither_fill(c * CHUNK, min(n, (c + 1) * CHUNK), u, out, step, tid, sender, k0, k1)
+        _dither_fill(c * CHUNK, min(n, (c + 1) * CHUNK), u, out, step, tid, sender, ranks, k0, k1)
 
 
 @_par
-def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sender, k0, k1):
+def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sender, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
         _dqsg_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, levels, offset, codes, step, tid,
-                        sender, k0, k1)
+                        sender, ranks, k0, k1)
 
 
 @_par
-def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, tid, k0, k1):
+def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, tid, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
         _dqsg_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, ksum, delta, bucket, first, senders, factor, out,
-                        step, tid, k0, k1)
+                        step, tid, ranks, k0, k1)
 
 
 @_par
-def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, sender, k0, k1):
+def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, sender, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
         _nested_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, delta, bucket, levels, rho, symbols, step,
-                          tid, sender, k0, k1)
+                          tid, sender, ranks, k0, k1)
 
 
 @_par
-def nested_decode(nb, n, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid, k0, k1):
+def nested_decode(nb, n, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid, ranks,
+                  k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
         _nested_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, symbols, delta, bucket, rho, side, first, senders,
-                       factor, out, kout, step, tid, k0, k1)
+                       factor, out, kout, step, tid, ranks, k0, k1)
 
 
 @_par
-def qsgd_encode(nb, n, g, norm, bucket, levels, codes, step, tid, sender, k0, k1):
+def qsgd_encode(nb, n, g, norm, bucket, levels, codes, step, tid, sender, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
         _qsgd_encode(c * CHUNK, min(n, (c + 1) * CHUNK), u, g, norm, bucket, levels, codes, step, tid, sender,
-                        k0, k1)
+                        ranks, k0, k1)
 
 
 @_par

@@ -39,54 +39,56 @@ _unpack_sum_fields = _f.unpack_sum_fields
 
 
 @cuda.jit
-def dither_fill(nb, n, out, step, tid, sender, k0, k1):
+def dither_fill(nb, n, out, step, tid, sender, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
-        _dither_fill(4 * b, min(n, 4 * b + 4), u, out, step, tid, sender, k0, k1)
+        _dither_fill(4 * b, min(n, 4 * b + 4), u, out, step, tid, sender, ranks, k0, k1)
 
 
 @cuda.jit
-def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sender, k0, k1):
+def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sender, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
-        _dqsg_encode(4 * b, min(n, 4 * b + 4), u, g, delta, bucket, levels, offset, codes, step, tid, sender, k0, k1)
+        _dqsg_encode(4 * b, min(n, 4 * b + 4), u, g, delta, bucket, levels, offset, codes, step, tid, sender, ranks,
+                     k0, k1)
 
 
 @cuda.jit
-def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, tid, k0, k1):
+def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, tid, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
         _dqsg_decode(4 * b, min(n, 4 * b + 4), u, ksum, delta, bucket, first, senders, factor, out, step, tid,
-                        k0, k1)
+                        ranks, k0, k1)
 
 
 @cuda.jit
-def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, sender, k0, k1):
+def nested_encode(nb, n, g, delta, bucket, levels, rho, symbols, step, tid, sender, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
         _nested_encode(4 * b, min(n, 4 * b + 4), u, g, delta, bucket, levels, rho, symbols, step, tid, sender,
-                          k0, k1)
+                          ranks, k0, k1)
 
 
 @cuda.jit
-def nested_decode(nb, n, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid, k0, k1):
+def nested_decode(nb, n, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid, ranks,
+                  k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
         _nested_decode(4 * b, min(n, 4 * b + 4), u, symbols, delta, bucket, rho, side, first, senders, factor, out,
-                       kout, step, tid, k0, k1)
+                       kout, step, tid, ranks, k0, k1)
 
 
 @cuda.jit
-def qsgd_encode(nb, n, g, norm, bucket, levels, codes, step, tid, sender, k0, k1):
+def qsgd_encode(nb, n, g, norm, bucket, levels, codes, step, tid, sender, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
-        _qsgd_encode(4 * b, min(n, 4 * b + 4), u, g, norm, bucket, levels, codes, step, tid, sender, k0, k1)
+        _qsgd_encode(4 * b, min(n, 4 * b + 4), u, g, norm, bucket, levels, codes, step, tid, sender, ranks, k0, k1)
 
 
 @cuda.jit

@@ -121,6 +121,12 @@ def _out(out: torch.Tensor | None, name: str, n: int, dtype: torch.dtype, like: 
     return _vec(name, out, dtype, n)
 
 
+def _check_senders(key: DitherKey, senders: int) -> None:
+    if key.ranks and key.sender + senders > key.ranks:
+        raise ValueError(f"senders {key.sender} .. {key.sender + senders - 1} are not all among the "
+                         f"{key.ranks} ranks of the stratified dither")
+
+
 def num_buckets(n: int, bucket: int) -> int:
     return (n + bucket - 1) // bucket
 
@@ -201,9 +207,10 @@ def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
     _scales("delta", delta, ksum.numel(), bucket)
     senders = _int("senders", senders, 1, 1 << 24)
     out = _out(out, "out", ksum.numel(), torch.float32, ksum)
-    step, tid, first, k0, k1 = key.words()
+    _check_senders(key, senders)
+    step, tid, first, ranks, k0, k1 = key.words()
     _launch("dqsg_decode", ksum.numel(), ksum, delta, bucket, int(first), senders, float(factor),
-            out, step, tid, k0, k1, ranged=True)
+            out, step, tid, ranks, k0, k1, ranged=True)
     return out
 
 
@@ -239,9 +246,10 @@ def nested_decode(symbols: torch.Tensor, delta: torch.Tensor, bucket: int, nesti
     senders = _int("senders", senders, 1, 1 << 24)
     out = _out(out, "out", n, torch.float32, symbols)
     kout = _out(kout, "kout", n, torch.int32, symbols)
-    step, tid, first, k0, k1 = key.words()
+    _check_senders(key, senders)
+    step, tid, first, ranks, k0, k1 = key.words()
     _launch("nested_decode", n, symbols, delta, bucket, rho, side, int(first), senders, float(factor), out, kout,
-            step, tid, k0, k1, ranged=True)
+            step, tid, ranks, k0, k1, ranged=True)
     return out
 
 

@@ -94,10 +94,11 @@ class Metered:
 class DQSGCompression:
     """DQSG as a Horovod compression object (stock ``hvd.DistributedOptimizer`` path).
 
-    Parameters: ``levels`` (s), ``bucket_size`` (d) as in :class:`~hvdquant.codecs.DQSG`;
+    Parameters: ``levels`` (s), ``bucket_size`` (d) and ``dither`` as in :class:`~hvdquant.codecs.DQSG`
+    (``"stratified"``: decoding the sum regenerates one dither stream whatever the number of ranks);
     ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``. At the first
     exchange all ranks exchange their configuration and fail with an error naming the first rank
-    whose levels, bucket size or seed differ from rank 0's. Dithers are keyed by (seed, step, tensor
+    whose levels, bucket size, dither or seed differ from rank 0's. Dithers are keyed by (seed, step, tensor
     name, sender): the step counts the calls per tensor name, so they never depend on hook order.
 
     ``compress`` never waits on other ranks: it starts the MAX allreduce of the tensor's bucket
@@ -108,8 +109,9 @@ class DQSGCompression:
     entropy of the indices sent beside it.
     """
 
-    def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None) -> None:
-        self.transport = SummedExchange(DQSGSum(levels, bucket_size), seed, HorovodCollectives)
+    def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None,
+                 dither: str = "independent") -> None:
+        self.transport = SummedExchange(DQSGSum(levels, bucket_size, dither), seed, HorovodCollectives)
 
     @property
     def codec(self) -> DQSG:
@@ -175,7 +177,7 @@ class Compression:
         if isinstance(codec, NDQSG):
             return NestedSumCompression(codec.levels, codec.bucket_size, seed)
         if isinstance(codec, DQSG):
-            return DQSGCompression(codec.levels, codec.bucket_size, seed)
+            return DQSGCompression(codec.levels, codec.bucket_size, seed, codec.dither)
         if isinstance(codec, Codec):
             name = type(codec).__name__
             _not_summable(name, f"hvdquant.{name}(...)").__func__()

@@ -10,6 +10,11 @@ The error ĝ − g is uniform on (−Δ/2, Δ/2], independent of g, unbiased, of
 With one Δ_b shared by P ranks, Σ_p ĝ_p = Δ_b (Σ_p k_p − Σ_p u_p): integer indices can be summed
 by any transport and decoded once (variance of the mean Δ²/(12P)).
 
+``dither="independent"`` is the paper's dither: one Philox stream per sender, so decoding a sum
+regenerates P streams. ``dither="stratified"`` (docs/ALGORITHMS.md §9) gives rank p of P the dither
+u_p = (π(p) + v)/P − ½ (v and the permutation π shared per coordinate): every u_p is still uniform,
+so each rank's error keeps the properties above, and Σ_p u_p = v − ½ is one stream whatever P.
+
 Payload (one sender): Δ_b as float32 per bucket, then the symbols k + s packed densely
 (base 3 for s = 1: 1.6 bits; otherwise ⌈log2(2s+1)⌉ bits or base-(2s+1) bytes, whichever is
 smaller). The arithmetic lives in :mod:`hvdquant.kernels`.
@@ -25,6 +30,8 @@ import torch
 from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, check_int, flat32
 from hvdquant.kernels import DitherKey, ops
 
+DITHERS = ("independent", "stratified")
+
 
 @dataclass(frozen=True)
 class DQSG(Codec):
@@ -32,6 +39,7 @@ class DQSG(Codec):
 
     levels: int = 1
     bucket_size: int = 512
+    dither: str = "independent"
 
     scheme = "dqsg"
     summable = True
@@ -39,6 +47,13 @@ class DQSG(Codec):
     def __post_init__(self) -> None:
         check_int("DQSG", "levels", self.levels, 1, 127)
         check_int("DQSG", "bucket_size", self.bucket_size, 1, 1 << 30)
+        if self.dither not in DITHERS:
+            raise ValueError(f"DQSG dither must be one of {DITHERS}, got {self.dither!r}")
+
+    def keyed(self, key: DitherKey, ranks: int) -> DitherKey:
+        """The key of this sender's dither among ``ranks`` ranks: ``key`` itself for the independent
+        dither, its stratified form otherwise (the stratified dither depends on P)."""
+        return key.stratified(ranks) if self.dither == "stratified" else key
 
     @property
     def symbols(self) -> int:
@@ -84,7 +99,7 @@ class DQSG(Codec):
         delta = self.step_size(self.bucket_absmax(flat))
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
-        sym = self.quantize(flat, delta, ctx.key, symbols=True)
+        sym = self.quantize(flat, delta, self.keyed(ctx.key, ctx.ranks), symbols=True)
         return Encoded(flat.numel(), {"delta": delta, "symbols": ops.pack_symbols(sym, self.symbols)},
                        symbols=sym, alphabet=self.symbols, side_bits=32.0 * delta.numel())
 
@@ -93,4 +108,4 @@ class DQSG(Codec):
         return ops.unpack_symbols(enc.fields["symbols"], self.symbols, enc.n).to(torch.int32) - self.levels
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        return self.decode_sum(self.unpack_codes(enc), enc.fields["delta"], ctx.key)
+        return self.decode_sum(self.unpack_codes(enc), enc.fields["delta"], self.keyed(ctx.key, ctx.ranks))

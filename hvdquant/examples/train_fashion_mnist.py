@@ -35,7 +35,7 @@ from hvdquant.examples.models import SmallCNN
 def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
     """The codec of a payload-path run, from the flags."""
     if args.compression == "dqsg":
-        return hvdquant.DQSG(args.levels, args.bucket_size)
+        return hvdquant.DQSG(args.levels, args.bucket_size, args.dither)
     if args.compression == "ndqsg":
         return hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction)
     if args.compression == "qsgd":
@@ -57,7 +57,7 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.
         comp = {"none": lambda: hvdquant.Compression.metered(hvd.Compression.none),
                 "fp16": lambda: hvdquant.Compression.metered(hvd.Compression.fp16),
                 "dqsg": lambda: hvdquant.Compression.dqsg(levels=args.levels, bucket_size=args.bucket_size,
-                                                          seed=args.seed),
+                                                          seed=args.seed, dither=args.dither),
                 "ndqsg": lambda: hvdquant.Compression.ndqsg(levels=(args.levels, args.coarse_levels),
                                                             bucket_size=args.bucket_size, seed=args.seed),
                 }[args.compression]()
@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: stock for none/fp16/dqsg, allgather otherwise)")
     p.add_argument("--levels", type=int, default=None,
                    help="levels s (DQSG, QSGD) or s1 (NDQSG); default 1, and 3 for NDQSG")
+    p.add_argument("--dither", choices=["independent", "stratified"], default="independent",
+                   help="DQSG's dither: the paper's independent one, or stratified (one stream to decode a sum)")
     p.add_argument("--coarse-levels", type=int, default=1, help="NDQSG s2 (nesting ratio = s1/s2)")
     p.add_argument("--dqsg-fraction", type=float, default=0.5, help="NDQSG: fraction of ranks sending DQSG(s1)")
     p.add_argument("--norm", choices=["l2", "max"], default="l2", help="QSGD bucket norm")

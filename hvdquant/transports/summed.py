@@ -157,8 +157,9 @@ class SummedExchange:
             batch.error = (f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank at step "
                            f"{bad[0].step}; hvdquant refuses to quantize it")
             raise FloatingPointError(batch.error)
-        return [Quantized(item, self.codec.step_size(m), dither_key(self._agreed_seed, item.step, item.name,
-                                                                    self.coll.rank))
+        return [Quantized(item, self.codec.step_size(m),
+                          self.codec.keyed(dither_key(self._agreed_seed, item.step, item.name, self.coll.rank),
+                                           self.coll.size))
                 for item, m in zip(items, maxima)]
 
     def sum_fields(self, message: SumMessage, values: list[torch.Tensor], coordinates: int, phase: str = "fields"
@@ -175,14 +176,16 @@ class SummedExchange:
 
 @dataclass(frozen=True)
 class DQSGSum:
-    """DQSG(s) indices in summable fields: Σ_p k_p decoded once with every sender's dither."""
+    """DQSG(s) indices in summable fields: Σ_p k_p decoded once, with the sum of every sender's
+    dither (P streams under the independent dither, one under the stratified dither)."""
 
     levels: int = 1
     bucket_size: int = 512
+    dither: str = "independent"
 
     @property
     def fine(self) -> DQSG:
-        return DQSG(self.levels, self.bucket_size)
+        return DQSG(self.levels, self.bucket_size, self.dither)
 
     def config(self, seed: int | None) -> dict[str, Any]:
         return {"scheme": "dqsg", **asdict(self.fine), "seed": seed}

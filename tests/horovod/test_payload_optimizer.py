@@ -29,6 +29,8 @@ def mlp() -> nn.Module:
 SCHEMES = {
     "dqsg1-allgather": (lambda: hvdquant.DQSG(1, 256), "allgather"),
     "dqsg3-scatter": (lambda: hvdquant.DQSG(3, 128), "scatter_reduce"),
+    "dqsg1-stratified-allgather": (lambda: hvdquant.DQSG(1, 256, "stratified"), "allgather"),
+    "dqsg3-stratified-scatter": (lambda: hvdquant.DQSG(3, 128, "stratified"), "scatter_reduce"),
     "ndqsg-allgather": (lambda: hvdquant.NDQSG((3, 1), 128, 0.5), "allgather"),
     "qsgd-elias-allgather": (lambda: hvdquant.QSGD(2, 128, "l2", "elias"), "allgather"),
     "qsgd-fixed-scatter": (lambda: hvdquant.QSGD(4, 128, "max", "fixed"), "scatter_reduce"),

@@ -15,6 +15,8 @@ if not cuda.is_available():
     pytest.skip("no CUDA device and no simulator", allow_module_level=True)
 
 KEY = DitherKey(seed=123456789, step=11, tensor_id=5, sender=1)
+STRAT4 = KEY.stratified(4)  # stratified dither among 4 ranks (a power of 2) and among 3 (cycle walk + shift)
+STRAT3 = KEY.stratified(3)
 SIZES = [0, 1, 7, 130, 517]
 REAL_GPU = not cuda.simulator_enabled if hasattr(cuda, "simulator_enabled") else False
 
@@ -53,6 +55,13 @@ CASES = {
     "dqsg_decode": lambda n: (ops.dqsg_decode(
         torch.randint(-6, 7, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(1)),
         scales(g_of(n), 64, 3), 64, KEY.for_sender(0), senders=3, factor=1 / 3),),
+    "stratified": lambda n: (ops.dither(n, STRAT4), ops.dither(n, STRAT3),
+                             ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, STRAT3),
+                             ops.dqsg_decode(torch.randint(-6, 7, (n,), dtype=torch.int32,
+                                                           generator=torch.Generator().manual_seed(2)),
+                                             scales(g_of(n), 64, 3), 64, STRAT4.for_sender(1), senders=2),
+                             ops.dqsg_decode(torch.ones(n, dtype=torch.int32), scales(g_of(n), 64, 3), 64,
+                                             STRAT4.for_sender(0), senders=4)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),
     "qsgd": lambda n: (ops.qsgd_encode(g_of(n), ops.bucket_l2(g_of(n), 64), 64, 4, KEY),
