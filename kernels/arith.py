@@ -102,12 +102,13 @@ def _round_half_up(t):
 
 
 def _gf_mul(a, x, m, poly):
-    """a·x in GF(2^m) = GF(2)[t]/poly: carry-less product, then reduction, branch-free (uint64)."""
+    """a·x in GF(2^m) = GF(2)[t]/poly (uint64), branch-free shift-and-add: m steps, each adding a·t^i
+    where bit i of x is set and reducing a·t^(i+1) by poly when it reaches degree m."""
     r = U64_ZERO
+    top = np.uint64(m - 1)
     for i in range(m):
-        r ^= (a << np.uint64(i)) & (U64_ZERO - ((x >> np.uint64(i)) & U64_ONE))
-    for i in range(2 * m - 2, m - 1, -1):
-        r ^= (poly << np.uint64(i - m)) & (U64_ZERO - ((r >> np.uint64(i)) & U64_ONE))
+        r ^= a & (U64_ZERO - ((x >> np.uint64(i)) & U64_ONE))
+        a = (a << U64_ONE) ^ (poly & (U64_ZERO - ((a >> top) & U64_ONE)))
     return r
 
 
@@ -236,13 +237,38 @@ def build(jit: Callable) -> SimpleNamespace:
         q = U64_ONE << m
         a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
         c = w & (q - U64_ONE)
-        x = np.uint64(p)
-        x = gf_mul(a, x, m, poly) ^ c
+        x = gf_mul(a, np.uint64(p), m, poly) ^ c
+        if q == ranks:
+            return x
         while x >= ranks:
             x = gf_mul(a, x, m, poly) ^ c
-        if q != ranks:
-            x = (x + ((s * ranks) >> SHIFT32)) % ranks
-        return x
+        return (x + ((s * ranks) >> SHIFT32)) % ranks
+
+    @jit
+    def placed(stratum, v, pf):
+        """u = (π + v)/P − ½ in float32 for stratum π (uint64, converted through int64: faster) and v ∈ (0, 1)."""
+        return (np.float32(np.int64(stratum)) + v) / pf - F32_HALF
+
+    @jit
+    def strata_field(ranks):
+        """(P, m, GF(2^m) modulus, P == 2^m, P as float32) for ``ranks`` = P, m = max(1, ⌈log2 P⌉)."""
+        m = 1
+        while (1 << m) < ranks:
+            m += 1
+        mu = np.uint64(m)
+        rk = np.uint64(ranks)
+        return rk, mu, np.uint64(GF_POLY[m]), (U64_ONE << mu) == rk, np.float32(ranks)
+
+    @jit
+    def offsets_range(i0, i1, u, step, tid, key0, key1):
+        """u[i − i0] = v_i ∈ (0, 1), the shared offsets of the stratified dither (stream SHARED_V)."""
+        n = i1 - i0
+        b0 = i0 // 4
+        sv = np.uint64(SHARED_V)
+        for q in range((n + 3) // 4):
+            v0, v1, v2, v3 = philox4x32(np.uint64(b0 + q), step, tid, sv, key0, key1)
+            for j in range(min(4, n - 4 * q)):
+                u[4 * q + j] = (np.float32(lane(v0, v1, v2, v3, j) >> SHIFT9) + F32_HALF) * F32_ULP23
 
     @jit
     def stratified_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1):
@@ -250,34 +276,37 @@ def build(jit: Callable) -> SimpleNamespace:
         ``ranks`` ranks (docs/ALGORITHMS.md §9): u_p = (π(p) + v)/P − ½ with v ∈ (0, 1) from the shared
         stream SHARED_V (the top 23 bits of its word, as in uniform_centered) and π from the shared
         words of SHARED_PERM (and SHARED_SHIFT when P is not a power of 2). Each rank's u_p is uniform
-        on (−½, ½); all P of them sum to v − ½, which :func:`dither_range` regenerates alone."""
-        rk = np.uint64(ranks)
-        m = 1
-        while (1 << m) < ranks:
-            m += 1
-        mu = np.uint64(m)
-        poly = np.uint64(GF_POLY[m])
-        pow2 = (U64_ONE << mu) == rk
-        pf = np.float32(ranks)
-        sv = np.uint64(SHARED_V)
+        on (−½, ½); all P of them sum to v − ½, which :func:`dither_range` regenerates alone.
+
+        Two passes, as in :func:`independent_range`: v first (the Philox loop vectorizes), then the
+        strata, added in sender order.
+        """
+        rk, mu, poly, pow2, pf = strata_field(ranks)
         sw = np.uint64(SHARED_PERM)
         ss = np.uint64(SHARED_SHIFT)
         n = i1 - i0
         b0 = i0 // 4
-        for q in range((n + 3) // 4):
+        offsets_range(i0, i1, u, step, tid, key0, key1)
+        full = n // 4 if senders == 1 and pow2 else 0
+        for q in range(full):  # one sender, P a power of 2: the encoder's case, unrolled
+            w0, w1, w2, w3 = philox4x32(np.uint64(b0 + q), step, tid, sw, key0, key1)
+            u[4 * q] = placed(stratum(first, rk, mu, poly, w0, U64_ZERO), u[4 * q], pf)
+            u[4 * q + 1] = placed(stratum(first, rk, mu, poly, w1, U64_ZERO), u[4 * q + 1], pf)
+            u[4 * q + 2] = placed(stratum(first, rk, mu, poly, w2, U64_ZERO), u[4 * q + 2], pf)
+            u[4 * q + 3] = placed(stratum(first, rk, mu, poly, w3, U64_ZERO), u[4 * q + 3], pf)
+        for q in range(full, (n + 3) // 4):
             b = np.uint64(b0 + q)
-            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
             w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
             s0 = s1 = s2 = s3 = U64_ZERO
             if not pow2:
                 s0, s1, s2, s3 = philox4x32(b, step, tid, ss, key0, key1)
             for j in range(min(4, n - 4 * q)):
-                v = (np.float32(lane(v0, v1, v2, v3, j) >> SHIFT9) + F32_HALF) * F32_ULP23
                 w = lane(w0, w1, w2, w3, j)
                 s = lane(s0, s1, s2, s3, j)
+                v = u[4 * q + j]
                 acc = F32_ZERO
                 for p in range(first, first + senders):
-                    acc += (np.float32(stratum(p, rk, mu, poly, w, s)) + v) / pf - F32_HALF
+                    acc += placed(stratum(p, rk, mu, poly, w, s), v, pf)
                 u[4 * q + j] = acc
 
     @jit
@@ -334,6 +363,35 @@ def build(jit: Callable) -> SimpleNamespace:
             for k in range(i, j):
                 out[k] = factor * (d * (np.float32(ksum[k]) - u[k - i0]))
             i = j
+
+    @jit
+    def dqsg_aggregate(i0, i1, u, codes, delta, bucket, factor, out, step, tid, ranks, key0, key1):
+        """out[i] = factor · Σ_p Δ_{p,b}(k_{p,i} − u_p[i]) over the P = codes.shape[0] senders in order,
+        each with its own scales delta[p] (own-scale DQSG payloads, docs/ALGORITHMS.md §1), under the
+        stratified dither among P ranks: v and the strata words are generated once per coordinate, not
+        once per sender."""
+        rk, mu, poly, pow2, pf = strata_field(ranks)
+        sw = np.uint64(SHARED_PERM)
+        ss = np.uint64(SHARED_SHIFT)
+        n = i1 - i0
+        b0 = i0 // 4
+        offsets_range(i0, i1, u, step, tid, key0, key1)
+        for q in range((n + 3) // 4):
+            b = np.uint64(b0 + q)
+            w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
+            s0 = s1 = s2 = s3 = U64_ZERO
+            if not pow2:
+                s0, s1, s2, s3 = philox4x32(b, step, tid, ss, key0, key1)
+            for j in range(min(4, n - 4 * q)):
+                w = lane(w0, w1, w2, w3, j)
+                s = lane(s0, s1, s2, s3, j)
+                v = u[4 * q + j]
+                i = i0 + 4 * q + j
+                c = i // bucket
+                acc = F32_ZERO
+                for p in range(codes.shape[0]):
+                    acc += delta[p, c] * (np.float32(codes[p, i]) - placed(stratum(p, rk, mu, poly, w, s), v, pf))
+                out[i] = factor * acc
 
     @jit
     def nested_encode(i0, i1, u, g, delta, bucket, levels, rho, symbols, step, tid, sender, ranks, key0, key1):

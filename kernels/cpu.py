@@ -13,7 +13,9 @@ iteration writes its own outputs, so both give the same bits. :func:`launch` pic
 
 from __future__ import annotations
 
+import os
 import types
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit, prange
@@ -30,6 +32,7 @@ _bucket_absmax = _f.bucket_absmax
 _bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
 _dither_fill = _f.dither_fill
+_dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
 _dqsg_encode = _f.dqsg_encode
 _modadd_bits = _f.modadd_bits
@@ -46,7 +49,36 @@ _radixunpack = _f.radixunpack
 _scale_decode = _f.scale_decode
 _unpack_sum_fields = _f.unpack_sum_fields
 philox4x32 = _f.philox4x32
-_par = njit(parallel=True, cache=True)
+
+
+def _restamp() -> None:
+    """Numba's on-disk cache keys a kernel by the (mtime, size) of the file that defines it (this one),
+    not of arith.py where its arithmetic lives: give this file a stamp no older than arith.py's so an
+    edited arith.py never meets a stale cached kernel (a no-op in an installed, unchanged package)."""
+    try:
+        if os.stat(arith.__file__).st_mtime > os.stat(__file__).st_mtime:
+            os.utime(__file__)
+    except OSError:
+        pass
+
+
+def _compiler(**options: object) -> Callable:
+    """``njit(cache=True, **options)``, or without the on-disk cache where Numba finds no writable
+    place for it (a read-only install and no writable cache directory): slower first calls, same bits."""
+
+    def compile_(f: Callable) -> CPUDispatcher:
+        try:
+            return njit(cache=True, **options)(f)
+        except RuntimeError as err:
+            if "no locator available" not in str(err):
+                raise
+            return njit(**options)(f)
+
+    return compile_
+
+
+_restamp()
+_par = _compiler(parallel=True)
 
 
 @_par
@@ -70,6 +102,14 @@ def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, t
         u = np.empty(CHUNK, np.float32)
         _dqsg_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, ksum, delta, bucket, first, senders, factor, out,
                         step, tid, ranks, k0, k1)
+
+
+@_par
+def dqsg_aggregate(nb, n, codes, delta, bucket, factor, out, step, tid, ranks, k0, k1):
+    for c in prange(nb):
+        u = np.empty(CHUNK, np.float32)
+        _dqsg_aggregate(c * CHUNK, min(n, (c + 1) * CHUNK), u, codes, delta, bucket, factor, out, step, tid, ranks,
+                        k0, k1)
 
 
 @_par
@@ -194,7 +234,7 @@ def _serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:
     twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"
     twin.__doc__ = f.__doc__
-    return njit(cache=True)(twin)
+    return _compiler()(twin)
 
 
 KERNELS = tuple(name for name, v in list(globals().items())

@@ -21,6 +21,7 @@ _bucket_absmax = _f.bucket_absmax
 _bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
 _dither_fill = _f.dither_fill
+_dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
 _dqsg_encode = _f.dqsg_encode
 _modadd_bits = _f.modadd_bits
@@ -62,6 +63,14 @@ def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, t
         u = cuda.local.array(4, float32)
         _dqsg_decode(4 * b, min(n, 4 * b + 4), u, ksum, delta, bucket, first, senders, factor, out, step, tid,
                         ranks, k0, k1)
+
+
+@cuda.jit
+def dqsg_aggregate(nb, n, codes, delta, bucket, factor, out, step, tid, ranks, k0, k1):
+    b = cuda.grid(1)
+    if b < nb:
+        u = cuda.local.array(4, float32)
+        _dqsg_aggregate(4 * b, min(n, 4 * b + 4), u, codes, delta, bucket, factor, out, step, tid, ranks, k0, k1)
 
 
 @cuda.jit

@@ -214,6 +214,30 @@ def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
     return out
 
 
+def dqsg_aggregate(codes: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey, factor: float = 1.0,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """factor · Σ_p Δ_{p,b}(k_{p,i} − u_p[i]) over the P = codes.shape[0] senders of own-scale DQSG
+    payloads (codes: P × n int8, delta: P × buckets float32), under the stratified dither among
+    key.ranks = P ranks: the shared dither words are generated once per coordinate."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
+        raise TypeError(f"codes must be a 2-D int8 tensor (senders × n), got {getattr(codes, 'dtype', codes)}")
+    ranks, n = codes.shape
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    if not isinstance(delta, torch.Tensor) or delta.dtype != torch.float32 or \
+            tuple(delta.shape) != (ranks, num_buckets(n, bucket)):
+        raise ValueError(f"delta must be float32 of shape {(ranks, num_buckets(n, bucket))}, got "
+                         f"{getattr(delta, 'dtype', None)} {tuple(getattr(delta, 'shape', ()))}")
+    if key.ranks != ranks or key.sender != 0:
+        raise ValueError(f"dqsg_aggregate needs the stratified key of sender 0 among the {ranks} senders, got {key}")
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"codes has {n} columns, more than the dither counter's {MAX_ELEMENTS}")
+    out = _out(out, "out", n, torch.float32, codes)
+    step, tid, _, ranks_word, k0, k1 = key.words()
+    _launch("dqsg_aggregate", n, codes.contiguous(), delta.contiguous(), bucket, float(factor), out, step, tid,
+            ranks_word, k0, k1, ranged=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- NDQSG
 def nested_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, nesting_ratio: int,
                   key: DitherKey, out: torch.Tensor | None = None) -> torch.Tensor:

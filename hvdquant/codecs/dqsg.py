@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, check_int, flat32
+from hvdquant.codecs.base import Codec, Encoded, Layout, Recover, TensorContext, all_finite, check_int, flat32
 from hvdquant.kernels import DitherKey, ops
+from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
 
@@ -109,3 +110,16 @@ class DQSG(Codec):
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         return self.decode_sum(self.unpack_codes(enc), enc.fields["delta"], self.keyed(ctx.key, ctx.ranks))
+
+    def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
+                  ) -> tuple[torch.Tensor, DecodeStats]:
+        """Mean of all senders' reconstructions Δ_p(k_p − u_p), summed in sender order. Under the
+        stratified dither one kernel pass regenerates the shared words once per coordinate for all
+        P senders (each still has its own scales, so every u_p is formed)."""
+        if self.dither == "independent":
+            return super().aggregate(payloads, ctx, recover)
+        codes = torch.stack([ops.unpack_symbols(e.fields["symbols"], self.symbols, e.n) for e in payloads])
+        codes = (codes - self.levels).view(torch.int8)  # k = symbol − s ∈ [−s, s] (uint8 wraps, int8 reads)
+        delta = torch.stack([e.fields["delta"] for e in payloads])
+        key = self.keyed(ctx.key.for_sender(0), ctx.ranks)
+        return ops.dqsg_aggregate(codes, delta, self.bucket_size, key, factor=1.0 / len(payloads)), DecodeStats()

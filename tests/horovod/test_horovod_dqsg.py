@@ -5,8 +5,6 @@ Every rank runs every test in the same order. Each test finishes its collectives
 asserts, so a failure on one rank cannot leave the others waiting.
 """
 
-import math
-
 import horovod.torch as hvd
 import pytest
 import torch

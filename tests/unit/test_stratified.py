@@ -112,6 +112,20 @@ def test_strata_are_permutations_and_the_sum_is_one_stream(ranks):
     assert torch.equal(decoded, -ops.dither(n, DitherKey(5, 2, 3, SHARED_V)))
 
 
+@pytest.mark.parametrize("ranks,levels", [(1, 1), (2, 1), (3, 3), (4, 127), (8, 1)])
+def test_aggregate_of_own_scale_payloads_equals_the_sum_of_single_decodes(ranks, levels):
+    """The fused kernel (shared words once per coordinate) against P separate one-sender decodes: same
+    terms in the same sender order, so equal up to the final scaling (×1/P vs ÷P: one rounding)."""
+    n = 1501
+    codec = DQSG(levels, 128, "stratified")
+    gen = torch.Generator().manual_seed(ranks)
+    ctxs = [TensorContext("t", (n,), DitherKey(4, 5, 6, p), ranks) for p in range(ranks)]
+    encs = [codec.encode(torch.randn(n, generator=gen) * (p + 1), c) for p, c in enumerate(ctxs)]
+    fused, _ = codec.aggregate(encs, ctxs[0])
+    single = sum(codec.decode(e, c) for e, c in zip(encs, ctxs)) / ranks
+    assert torch.allclose(fused, single, rtol=0, atol=2e-6 * float(single.abs().max()))
+
+
 def test_bad_keys_are_refused():
     with pytest.raises(ValueError, match="not a rank"):
         DitherKey(1, 0, 0, 4, 4)
