@@ -107,8 +107,8 @@ def _gf_mul(a, x, m, poly):
     r = U64_ZERO
     top = np.uint64(m - 1)
     for i in range(m):
-        r ^= a & (U64_ZERO - ((x >> np.uint64(i)) & U64_ONE))
-        a = (a << U64_ONE) ^ (poly & (U64_ZERO - ((a >> top) & U64_ONE)))
+        r ^= a * ((x >> np.uint64(i)) & U64_ONE)
+        a = (a << U64_ONE) ^ (poly * ((a >> top) & U64_ONE))
     return r
 
 

@@ -110,7 +110,7 @@ class DQSGCompression:
     """
 
     def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None,
-                 dither: str = "independent") -> None:
+                 dither: str = "stratified") -> None:
         self.transport = SummedExchange(DQSGSum(levels, bucket_size, dither), seed, HorovodCollectives)
 
     @property

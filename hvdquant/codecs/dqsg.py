@@ -10,10 +10,12 @@ The error ĝ − g is uniform on (−Δ/2, Δ/2], independent of g, unbiased, of
 With one Δ_b shared by P ranks, Σ_p ĝ_p = Δ_b (Σ_p k_p − Σ_p u_p): integer indices can be summed
 by any transport and decoded once (variance of the mean Δ²/(12P)).
 
-``dither="independent"`` is the paper's dither: one Philox stream per sender, so decoding a sum
-regenerates P streams. ``dither="stratified"`` (docs/ALGORITHMS.md §9) gives rank p of P the dither
+``dither="stratified"`` (the default; docs/ALGORITHMS.md §9) gives rank p of P the dither
 u_p = (π(p) + v)/P − ½ (v and the permutation π shared per coordinate): every u_p is still uniform,
-so each rank's error keeps the properties above, and Σ_p u_p = v − ½ is one stream whatever P.
+so each rank's error keeps the properties above, and Σ_p u_p = v − ½ is one stream whatever P; the
+ranks' errors partly cancel in the mean (measured on real gradients: 0.2–0.6× the variance).
+``dither="independent"`` is the paper's dither: one Philox stream per sender, so decoding a sum
+regenerates P streams.
 
 Payload (one sender): Δ_b as float32 per bucket, then the symbols k + s packed densely
 (base 3 for s = 1: 1.6 bits; otherwise ⌈log2(2s+1)⌉ bits or base-(2s+1) bytes, whichever is
@@ -40,7 +42,7 @@ class DQSG(Codec):
 
     levels: int = 1
     bucket_size: int = 512
-    dither: str = "independent"
+    dither: str = "stratified"
 
     scheme = "dqsg"
     summable = True

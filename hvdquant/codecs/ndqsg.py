@@ -40,11 +40,14 @@ from hvdquant.stats import DecodeStats
 @dataclass(frozen=True)
 class NDQSG(Codec):
     """Nested DQSG with ``levels`` = (s₁, s₂), ρ = s₁/s₂, buckets of ``bucket_size``, and a fraction
-    ``dqsg_fraction`` of ranks sending plain DQSG(s₁). The paper's setting: (3, 1), r = 0.5."""
+    ``dqsg_fraction`` of ranks sending plain DQSG(s₁). The paper's setting: (3, 1), r = 0.5.
+    ``dither`` as in :class:`DQSG`: under ``"stratified"`` each nested rank's u_p is still its own
+    function of the key, so it is decoded against side information exactly as before."""
 
     levels: tuple[int, int] = (3, 1)
     bucket_size: int = 512
     dqsg_fraction: float = 0.5
+    dither: str = "independent"
 
     scheme = "ndqsg"
 
@@ -69,7 +72,7 @@ class NDQSG(Codec):
     @property
     def fine(self) -> DQSG:
         """DQSG(s₁): what the DQSG ranks send and what a successful nested decode reproduces."""
-        return DQSG(self.levels[0], self.bucket_size)
+        return DQSG(self.levels[0], self.bucket_size, self.dither)
 
     def dqsg_senders(self, ranks: int) -> int:
         """⌈rP⌉ ranks (at least one: the first decoded sender must not need side information)."""
@@ -99,9 +102,10 @@ class NDQSG(Codec):
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         rho = self.nesting_ratio
-        k = fine.quantize(flat, delta, ctx.key)
+        key = fine.keyed(ctx.key, ctx.ranks)
+        k = fine.quantize(flat, delta, key)
         checksum = ops.bucket_checksum(k, self.bucket_size).to(torch.int32)
-        cosets = ops.nested_encode(flat, delta, self.bucket_size, self.levels[0], rho, ctx.key)
+        cosets = ops.nested_encode(flat, delta, self.bucket_size, self.levels[0], rho, key)
         return Encoded(flat.numel(), {"delta": delta, "checksum": checksum, "cosets": ops.pack_cosets(cosets, rho)},
                        symbols=cosets, alphabet=rho, side_bits=64.0 * delta.numel(), source=flat)
 
@@ -111,8 +115,9 @@ class NDQSG(Codec):
             return self.fine.decode(enc, ctx)
         if side is None:
             raise ValueError("a nested (coset) payload cannot be decoded without side information")
-        kout, _ = self.resolve(self._residues(enc), enc.fields["delta"], side, ctx.key, 1, enc.fields["checksum"])
-        return self.fine.decode_sum(kout, enc.fields["delta"], ctx.key)
+        key = self.fine.keyed(ctx.key, ctx.ranks)
+        kout, _ = self.resolve(self._residues(enc), enc.fields["delta"], side, key, 1, enc.fields["checksum"])
+        return self.fine.decode_sum(kout, enc.fields["delta"], key)
 
     # ------------------------------------------------------------- the coset-sum resolver
     def resolve(self, residues: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
@@ -171,7 +176,7 @@ class NDQSG(Codec):
         flat = enc.source
         fine = self.fine
         delta = fine.step_size(fine.bucket_absmax(flat))
-        sym = fine.quantize(flat, delta, ctx.key, symbols=True)
+        sym = fine.quantize(flat, delta, fine.keyed(ctx.key, ctx.ranks), symbols=True)
         idx = bucket_coordinates(buckets, self.bucket_size, flat.numel())
         return ops.pack_symbols(sym[idx].contiguous(), fine.symbols)
 
@@ -196,7 +201,8 @@ class NDQSG(Codec):
                 if "cosets" not in enc.fields:
                     total += fine.decode(enc, pctx)
                     continue
-                kout, bad = self.resolve(self._residues(enc), enc.fields["delta"], total / p, pctx.key, 1,
+                key = fine.keyed(pctx.key, pctx.ranks)
+                kout, bad = self.resolve(self._residues(enc), enc.fields["delta"], total / p, key, 1,
                                          enc.fields["checksum"])
                 done: set[int] = set()
                 for buckets, truth in known.get(p, ()):  # keep recovered buckets exact
@@ -205,7 +211,7 @@ class NDQSG(Codec):
                 bad = [b for b in bad if b not in done]
                 if bad:
                     failed[p], resolved[p] = bad, kout
-                total += fine.decode_sum(kout, enc.fields["delta"], pctx.key)
+                total += fine.decode_sum(kout, enc.fields["delta"], key)
             if not failed:
                 return total / ranks, stats
             if recover is None:

@@ -92,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: stock for none/fp16/dqsg, allgather otherwise)")
     p.add_argument("--levels", type=int, default=None,
                    help="levels s (DQSG, QSGD) or s1 (NDQSG); default 1, and 3 for NDQSG")
-    p.add_argument("--dither", choices=["independent", "stratified"], default="independent",
-                   help="DQSG's dither: the paper's independent one, or stratified (one stream to decode a sum)")
+    p.add_argument("--dither", choices=["independent", "stratified"], default="stratified",
+                   help="DQSG's dither: stratified (default: one stream decodes a sum) or the paper's independent one")
     p.add_argument("--coarse-levels", type=int, default=1, help="NDQSG s2 (nesting ratio = s1/s2)")
     p.add_argument("--dqsg-fraction", type=float, default=0.5, help="NDQSG: fraction of ranks sending DQSG(s1)")
     p.add_argument("--norm", choices=["l2", "max"], default="l2", help="QSGD bucket norm")

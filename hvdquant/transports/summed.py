@@ -181,7 +181,7 @@ class DQSGSum:
 
     levels: int = 1
     bucket_size: int = 512
-    dither: str = "independent"
+    dither: str = "stratified"
 
     @property
     def fine(self) -> DQSG:

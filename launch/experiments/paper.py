@@ -63,8 +63,9 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     Method("qsgd-s1", codec=lambda iters: hvdquant.QSGD(1, WHOLE, "l2", "elias")),
     Method("qsgd-s3-d512", codec=lambda iters: hvdquant.QSGD(3, BUCKET, "l2", "elias")),
     Method("qsgd-s3", codec=lambda iters: hvdquant.QSGD(3, WHOLE, "l2", "elias")),
-    Method("dqsg-s3", stock=lambda: hvdquant.Compression.dqsg(levels=3, bucket_size=BUCKET)),
-    Method("dqsg-s3-ag", codec=lambda iters: hvdquant.DQSG(3, BUCKET)),
+    # the paper's DQSG: independent dither per rank (hvdquant's default is the stratified one)
+    Method("dqsg-s3", stock=lambda: hvdquant.Compression.dqsg(levels=3, bucket_size=BUCKET, dither="independent")),
+    Method("dqsg-s3-ag", codec=lambda iters: hvdquant.DQSG(3, BUCKET, "independent")),
     Method("ndqsg-3.31-d512", codec=lambda iters: hvdquant.NDQSG((3, 1), BUCKET, 0.5)),
     Method("ndqsg-3.31", codec=lambda iters: hvdquant.NDQSG((3, 1), WHOLE, 0.5)),
     Method("ndqsg-sum-3.31", stock=lambda: hvdquant.Compression.ndqsg(levels=(3, 1), bucket_size=BUCKET)),

@@ -36,12 +36,15 @@ def test_payload_roundtrip_and_size_equals_formula(make, shape):
         codec.from_bytes(buf[:-1], n, ctx)
 
 
-def test_dqsg_payload_decodes_to_the_kernel_reconstruction():
+@pytest.mark.parametrize("dither", ["independent", "stratified"])
+def test_dqsg_payload_decodes_to_the_kernel_reconstruction(dither):
     g = torch.randn(2000)
-    codec, ctx = DQSG(3, 128), ctx_for((2000,))
+    codec, ctx = DQSG(3, 128, dither), ctx_for((2000,), 1, 3)
     ghat = codec.decode(codec.encode(g, ctx), ctx)
     delta = codec.step_size(codec.bucket_absmax(g))
-    assert torch.equal(ghat, codec.decode_sum(codec.quantize(g, delta, ctx.key), delta, ctx.key))
+    key = codec.keyed(ctx.key, ctx.ranks)
+    assert key.ranks == (3 if dither == "stratified" else 0)
+    assert torch.equal(ghat, codec.decode_sum(codec.quantize(g, delta, key), delta, key))
 
 
 def test_qsgd_elias_roundtrip_and_seed001_bound():
@@ -94,16 +97,18 @@ def emulate_allgather(codec, gs, ranks, name="w"):
     return codec.aggregate(payloads, base, recover)
 
 
+@pytest.mark.parametrize("dither", ["independent", "stratified"])
 @pytest.mark.parametrize("ranks", [2, 3, 4, 8])
 @pytest.mark.parametrize("noise", [0.01, 3.0])
-def test_ndqsg_equals_dqsg_s1_bit_for_bit(ranks, noise):
+def test_ndqsg_equals_dqsg_s1_bit_for_bit(ranks, noise, dither):
     """docs/ALGORITHMS.md §2: a successful nested decode reproduces DQSG(s₁)'s reconstruction exactly.
     With correlated gradients (noise 0.01) decoding succeeds; with independent ones (noise 3) buckets
-    fail, are detected by checksum and recovered — the mean must equal DQSG(s₁)'s either way."""
+    fail, are detected by checksum and recovered — the mean must equal DQSG(s₁)'s either way. Under
+    the stratified dither each nested rank's u_p is regenerated on its own (docs/ALGORITHMS.md §9)."""
     n = 3000
     common = torch.randn(n, generator=torch.Generator().manual_seed(0))
     gs = [common + noise * torch.randn(n, generator=torch.Generator().manual_seed(p + 1)) for p in range(ranks)]
-    nd = NDQSG(levels=(3, 1), bucket_size=256, dqsg_fraction=0.5)
+    nd = NDQSG(levels=(3, 1), bucket_size=256, dqsg_fraction=0.5, dither=dither)
     mean, stats = emulate_allgather(nd, gs, ranks)
     fine = nd.fine
     ref = sum(fine.decode(fine.encode(g, ctx_for((n,), p, ranks)), ctx_for((n,), p, ranks)) for p, g in enumerate(gs))
