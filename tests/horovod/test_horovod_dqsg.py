@@ -145,7 +145,7 @@ def test_nested_sum_compression_equals_dqsg_and_recovers():
     call equals Compression.dqsg(s₁) with the same seed, bit for bit, under Average and Sum."""
     rank = hvd.rank()
     nested = hvdquant.Compression.ndqsg(levels=(8, 1), bucket_size=64, seed=9)  # ρ = 8 > P
-    plain = hvdquant.Compression.dqsg(levels=8, bucket_size=64, seed=9)
+    plain = hvdquant.Compression.dqsg(levels=8, bucket_size=64, seed=9, dither="independent")  # NestedSum's dither
     base = torch.randn(500, generator=torch.Generator().manual_seed(1))
     for step in range(6):
         noise = 0.01 if step < 4 else 2.0  # slowly changing, then a jump that breaks the side information

@@ -86,23 +86,25 @@ def exchange_once(codec, g, step, name="layer.weight", reducer="allgather"):
     return ex.start(name, g, seed=1234, step=step)(), ex
 
 
-def test_ndqsg_equals_dqsg_s1_bit_for_bit_when_decoding_succeeds():
+@pytest.mark.parametrize("dither", ["independent", "stratified"])
+def test_ndqsg_equals_dqsg_s1_bit_for_bit_when_decoding_succeeds(dither):
     """Identical gradients on every rank: |g − y + eΔ| ≤ Δ < ρΔ/2, so every nested decode succeeds
-    and NDQSG's mean must be DQSG(3)'s, bit for bit, with the same dithers."""
+    and NDQSG's mean must be DQSG(3)'s, bit for bit, with the same dithers (either family)."""
     g = torch.randn(40, 50, generator=torch.Generator().manual_seed(5))
-    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100), g, step=0)
-    dq, _ = exchange_once(hvdquant.DQSG(3, 100), g, step=0)
+    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100, dither=dither), g, step=0)
+    dq, _ = exchange_once(hvdquant.DQSG(3, 100, dither), g, step=0)
     assert ex.decode.failed_buckets == 0
     assert torch.equal(nd, dq)
 
 
-def test_ndqsg_recovers_failed_buckets():
+@pytest.mark.parametrize("dither", ["independent", "stratified"])
+def test_ndqsg_recovers_failed_buckets(dither):
     """Independent gradients of different scales: nested decodes fail, are detected and recovered;
     the result is still exactly DQSG(3)'s mean, on every rank."""
     rank = hvd.rank()
     g = torch.randn(40, 50, generator=torch.Generator().manual_seed(50 + rank)) * (1 + 3 * rank)
-    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100), g, step=1)
-    dq, _ = exchange_once(hvdquant.DQSG(3, 100), g, step=1)
+    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100, dither=dither), g, step=1)
+    dq, _ = exchange_once(hvdquant.DQSG(3, 100, dither), g, step=1)
     failed = hvd.allreduce(torch.tensor([ex.decode.failed_buckets]), op=hvd.Sum, name="ndqsg.failed")
     identical = same_on_all_ranks(nd, "ndqsg.recovered")
     assert identical and torch.equal(nd, dq)
