@@ -260,50 +260,55 @@ def build(jit: Callable) -> SimpleNamespace:
         return rk, mu, np.uint64(GF_POLY[m]), (U64_ONE << mu) == rk, np.float32(ranks)
 
     @jit
-    def offsets_range(i0, i1, u, step, tid, key0, key1):
-        """u[i − i0] = v_i ∈ (0, 1), the shared offsets of the stratified dither (stream SHARED_V)."""
-        n = i1 - i0
-        b0 = i0 // 4
-        sv = np.uint64(SHARED_V)
-        for q in range((n + 3) // 4):
-            v0, v1, v2, v3 = philox4x32(np.uint64(b0 + q), step, tid, sv, key0, key1)
-            for j in range(min(4, n - 4 * q)):
-                u[4 * q + j] = (np.float32(lane(v0, v1, v2, v3, j) >> SHIFT9) + F32_HALF) * F32_ULP23
+    def offset(x):
+        """v = ((x >> 9) + ½)·2^-23 ∈ (0, 1) from a SHARED_V word: uniform_centered(x) + ½, exactly."""
+        return (np.float32(x >> SHIFT9) + F32_HALF) * F32_ULP23
+
+    @jit
+    def strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1):
+        """The strata words (w, s) of elements 4b .. 4b+3, given their SHARED_V words v: w from stream
+        SHARED_PERM, except for P = 2 (m = 1), whose permutation has one random bit c = w mod 2 and
+        takes it from bit 0 of the v word (v itself uses bits 9–31), so no second stream is needed;
+        s from stream SHARED_SHIFT when P is not a power of 2."""
+        w0, w1, w2, w3 = v0, v1, v2, v3
+        if mu != U64_ONE:
+            w0, w1, w2, w3 = philox4x32(b, step, tid, np.uint64(SHARED_PERM), key0, key1)
+        s0 = s1 = s2 = s3 = U64_ZERO
+        if not pow2:
+            s0, s1, s2, s3 = philox4x32(b, step, tid, np.uint64(SHARED_SHIFT), key0, key1)
+        return w0, w1, w2, w3, s0, s1, s2, s3
 
     @jit
     def stratified_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1):
         """u[i − i0] = Σ_p u_p[i], p = first .. first+senders−1, under the stratified dither among
         ``ranks`` ranks (docs/ALGORITHMS.md §9): u_p = (π(p) + v)/P − ½ with v ∈ (0, 1) from the shared
         stream SHARED_V (the top 23 bits of its word, as in uniform_centered) and π from the shared
-        words of SHARED_PERM (and SHARED_SHIFT when P is not a power of 2). Each rank's u_p is uniform
-        on (−½, ½); all P of them sum to v − ½, which :func:`dither_range` regenerates alone.
-
-        Two passes, as in :func:`independent_range`: v first (the Philox loop vectorizes), then the
-        strata, added in sender order.
+        words of :func:`strata_words`. Each rank's u_p is uniform on (−½, ½); all P of them sum to
+        v − ½, which :func:`dither_range` regenerates alone. One sender and P a power of 2 (the
+        encoder's case) runs unrolled, so the Philox loop vectorizes.
         """
         rk, mu, poly, pow2, pf = strata_field(ranks)
-        sw = np.uint64(SHARED_PERM)
-        ss = np.uint64(SHARED_SHIFT)
+        sv = np.uint64(SHARED_V)
         n = i1 - i0
         b0 = i0 // 4
-        offsets_range(i0, i1, u, step, tid, key0, key1)
+        pu = np.uint64(first)
         full = n // 4 if senders == 1 and pow2 else 0
-        for q in range(full):  # one sender, P a power of 2: the encoder's case, unrolled
-            w0, w1, w2, w3 = philox4x32(np.uint64(b0 + q), step, tid, sw, key0, key1)
-            u[4 * q] = placed(stratum(first, rk, mu, poly, w0, U64_ZERO), u[4 * q], pf)
-            u[4 * q + 1] = placed(stratum(first, rk, mu, poly, w1, U64_ZERO), u[4 * q + 1], pf)
-            u[4 * q + 2] = placed(stratum(first, rk, mu, poly, w2, U64_ZERO), u[4 * q + 2], pf)
-            u[4 * q + 3] = placed(stratum(first, rk, mu, poly, w3, U64_ZERO), u[4 * q + 3], pf)
+        for q in range(full):
+            b = np.uint64(b0 + q)
+            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
+            w0, w1, w2, w3, _, _, _, _ = strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1)
+            u[4 * q] = placed(stratum(pu, rk, mu, poly, w0, U64_ZERO), offset(v0), pf)
+            u[4 * q + 1] = placed(stratum(pu, rk, mu, poly, w1, U64_ZERO), offset(v1), pf)
+            u[4 * q + 2] = placed(stratum(pu, rk, mu, poly, w2, U64_ZERO), offset(v2), pf)
+            u[4 * q + 3] = placed(stratum(pu, rk, mu, poly, w3, U64_ZERO), offset(v3), pf)
         for q in range(full, (n + 3) // 4):
             b = np.uint64(b0 + q)
-            w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
-            s0 = s1 = s2 = s3 = U64_ZERO
-            if not pow2:
-                s0, s1, s2, s3 = philox4x32(b, step, tid, ss, key0, key1)
+            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
+            w0, w1, w2, w3, s0, s1, s2, s3 = strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
                 w = lane(w0, w1, w2, w3, j)
                 s = lane(s0, s1, s2, s3, j)
-                v = u[4 * q + j]
+                v = offset(lane(v0, v1, v2, v3, j))
                 acc = F32_ZERO
                 for p in range(first, first + senders):
                     acc += placed(stratum(p, rk, mu, poly, w, s), v, pf)
@@ -369,23 +374,19 @@ def build(jit: Callable) -> SimpleNamespace:
         """out[i] = factor · Σ_p Δ_{p,b}(k_{p,i} − u_p[i]) over the P = codes.shape[0] senders in order,
         each with its own scales delta[p] (own-scale DQSG payloads, docs/ALGORITHMS.md §1), under the
         stratified dither among P ranks: v and the strata words are generated once per coordinate, not
-        once per sender."""
+        once per sender. (``u`` is unused: the range-kernel signature.)"""
         rk, mu, poly, pow2, pf = strata_field(ranks)
-        sw = np.uint64(SHARED_PERM)
-        ss = np.uint64(SHARED_SHIFT)
+        sv = np.uint64(SHARED_V)
         n = i1 - i0
         b0 = i0 // 4
-        offsets_range(i0, i1, u, step, tid, key0, key1)
         for q in range((n + 3) // 4):
             b = np.uint64(b0 + q)
-            w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
-            s0 = s1 = s2 = s3 = U64_ZERO
-            if not pow2:
-                s0, s1, s2, s3 = philox4x32(b, step, tid, ss, key0, key1)
+            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
+            w0, w1, w2, w3, s0, s1, s2, s3 = strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
                 w = lane(w0, w1, w2, w3, j)
                 s = lane(s0, s1, s2, s3, j)
-                v = u[4 * q + j]
+                v = offset(lane(v0, v1, v2, v3, j))
                 i = i0 + 4 * q + j
                 c = i // bucket
                 acc = F32_ZERO

@@ -13,9 +13,10 @@ iteration writes its own outputs, so both give the same bits. :func:`launch` pic
 
 from __future__ import annotations
 
-import os
+import hashlib
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from numba import njit, prange
@@ -51,22 +52,27 @@ _unpack_sum_fields = _f.unpack_sum_fields
 philox4x32 = _f.philox4x32
 
 
-def _restamp() -> None:
-    """Numba's on-disk cache keys a kernel by the (mtime, size) of the file that defines it (this one),
-    not of arith.py where its arithmetic lives: give this file a stamp no older than arith.py's so an
-    edited arith.py never meets a stale cached kernel (a no-op in an installed, unchanged package)."""
-    try:
-        if os.stat(arith.__file__).st_mtime > os.stat(__file__).st_mtime:
-            os.utime(__file__)
-    except OSError:
-        pass
+# Numba's on-disk cache keys a kernel by a hash of the file that defines it (this one), not of
+# arith.py where its arithmetic lives. Every kernel is compiled under a name carrying arith.py's
+# content hash, so an edited arith.py never meets a stale cached kernel.
+ARITH_STAMP = hashlib.sha1(Path(arith.__file__).read_bytes()).hexdigest()[:12]
 
 
-def _compiler(**options: object) -> Callable:
-    """``njit(cache=True, **options)``, or without the on-disk cache where Numba finds no writable
-    place for it (a read-only install and no writable cache directory): slower first calls, same bits."""
+def _renamed(f: Callable, suffix: str) -> Callable:
+    """A copy of function ``f`` named ``f.__name__ + suffix`` (its own on-disk cache entry)."""
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + suffix
+    g.__doc__ = f.__doc__
+    return g
+
+
+def _compiler(suffix: str, **options: object) -> Callable:
+    """Compile a copy of a function named ``name + suffix`` with ``njit(cache=True, **options)``, or
+    without the on-disk cache where Numba finds no writable place for it (a read-only install and no
+    writable cache directory): slower first calls, same bits."""
 
     def compile_(f: Callable) -> CPUDispatcher:
+        f = _renamed(f, suffix)
         try:
             return njit(cache=True, **options)(f)
         except RuntimeError as err:
@@ -77,8 +83,7 @@ def _compiler(**options: object) -> Callable:
     return compile_
 
 
-_restamp()
-_par = _compiler(parallel=True)
+_par = _compiler("_" + ARITH_STAMP, parallel=True)
 
 
 @_par
@@ -230,11 +235,7 @@ def unpack_sum_fields(nb, words, factor, width, per_word, offset, ksum):
 def _serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:
     """``kernel``'s loop compiled without ``parallel=True`` (``prange`` runs as ``range`` on the calling
     thread). Its own name keeps its on-disk cache entry apart from the parallel kernel's."""
-    f = kernel.py_func
-    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
-    twin.__qualname__ = f.__qualname__ + "_serial"
-    twin.__doc__ = f.__doc__
-    return _compiler()(twin)
+    return _compiler("_serial")(kernel.py_func)
 
 
 KERNELS = tuple(name for name, v in list(globals().items())

@@ -7,7 +7,8 @@
 #   - the wheel holds exactly hvdquant/ and kernels/ (as hvdquant/kernels/) and nothing else;
 #   - hvdquant is imported from the wheel, and every name of hvdquant.__all__ and every module imports;
 #   - a DQSG round trip stays within Δ/2, with Numba's cache (cache=True) in the installed package's
-#     __pycache__, and again with that folder unwritable (the cache then goes to the user cache);
+#     __pycache__, and again with that folder unwritable (the cache then goes to the user cache), and
+#     with no writable cache at all (compiled in memory);
 #   - the main job's --help works (module and hvdquant-train console script), and a 2-rank
 #     horovodrun --gloo run of it (1 epoch, --max-steps) trains with bit-identical replicas.
 # Exits non-zero on any failure; the last line is the verdict. Leaves nothing behind (the work
@@ -145,6 +146,13 @@ wait "$BG" || rc=$?
 BG=""
 cat "$WORK/roundtrip-user.log"
 [ "$rc" -eq 0 ]
+
+step "DQSG round trip with no writable Numba cache anywhere"
+mv "$HOME/.cache/numba" "$WORK/numba-user-cache"
+touch "$HOME/.cache/numba"
+"$TPY" wheel_smoke.py roundtrip --cache none
+rm -f "$HOME/.cache/numba"
+mv "$WORK/numba-user-cache" "$HOME/.cache/numba"
 chmod u+w "$KDIR"
 rm -f "$KDIR/__pycache__"
 
@@ -161,6 +169,6 @@ timeout --kill-after=20 "${HVDQ_WHEEL_TRAIN_TIMEOUT:-300}" \
 "$TPY" wheel_smoke.py summary "$WORK/out/train-dqsg.json" --ranks 2 --min-accuracy "${HVDQ_WHEEL_MIN_ACCURACY:-0.3}" \
     | tee "$WORK/train.txt"
 
-NOTE="$(basename "$WHEEL"): contents, imports, DQSG round trip, Numba cache writable and not, --help, 2-rank training"
+NOTE="$(basename "$WHEEL"): contents, imports, DQSG round trip, Numba cache in-tree, user-wide and none, --help, 2-rank training"
 NOTE="$NOTE: $(sed -n 's/^training ok: 2 ranks, //p' "$WORK/train.txt" | cut -d, -f1)"
 STEP="done"

@@ -62,7 +62,7 @@ def reference_dither(i: int, p: int, key: DitherKey) -> np.float32:
                                         key.seed >> 32)]
         return int(cpu.philox4x32(*words)[i % 4])
 
-    w = word(arith.SHARED_PERM)
+    w = word(arith.SHARED_PERM if m > 1 else arith.SHARED_V)  # P = 2: c is bit 0 of the v word
     a, c = 1 + ((w >> 16) * (q - 1) >> 16), w & (q - 1)
     x = gf_mul(a, p, m) ^ c
     while x >= P:
@@ -124,6 +124,19 @@ def test_aggregate_of_own_scale_payloads_equals_the_sum_of_single_decodes(ranks,
     fused, _ = codec.aggregate(encs, ctxs[0])
     single = sum(codec.decode(e, c) for e, c in zip(encs, ctxs)) / ranks
     assert torch.allclose(fused, single, rtol=0, atol=2e-6 * float(single.abs().max()))
+
+
+def test_cpu_kernels_are_named_after_the_arithmetic_they_compile():
+    """Numba's disk cache keys a kernel by its own file's content: the names carry arith.py's hash,
+    so editing arith.py can never load a stale compiled kernel."""
+    import hashlib
+    from pathlib import Path
+
+    stamp = hashlib.sha1(Path(arith.__file__).read_bytes()).hexdigest()[:12]
+    assert cpu.ARITH_STAMP == stamp
+    for name in cpu.KERNELS:
+        assert getattr(cpu, name).py_func.__name__ == f"{name}_{stamp}"
+        assert getattr(cpu.serial, name).py_func.__name__ == f"{name}_{stamp}_serial"
 
 
 def test_bad_keys_are_refused():
