@@ -5,7 +5,8 @@
   packing, modular addition, summable fields) written once;
 - :mod:`.cpu`   — those functions compiled with ``numba.njit`` and looped with ``prange``;
 - :mod:`.cuda`  — the same functions compiled with ``numba.cuda.jit`` (imported lazily);
-- :mod:`.ops`   — the public API over torch tensors: checks arguments, dispatches by device.
+- :mod:`.ops`   — the public API over torch tensors: checks arguments, dispatches by device;
+- :mod:`.jit`   — ``njit`` with Numba's disk cache where one is writable (:mod:`.cpu`, :mod:`.elias`).
 
 This folder sits at ``kernels/`` in the checkout and installs as ``hvdquant.kernels``
 (setup.cfg ``package_dir``), so it cannot collide with another distribution's ``kernels``.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import types
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from numba import njit, prange
 from numba.core.registry import CPUDispatcher
 
 from . import arith, threads
+from .jit import cached
 
 CHUNK = 4096  # elements per prange iteration of a range kernel (a multiple of 4)
 
@@ -58,32 +58,7 @@ philox4x32 = _f.philox4x32
 ARITH_STAMP = hashlib.sha1(Path(arith.__file__).read_bytes()).hexdigest()[:12]
 
 
-def _renamed(f: Callable, suffix: str) -> Callable:
-    """A copy of function ``f`` named ``f.__name__ + suffix`` (its own on-disk cache entry)."""
-    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
-    g.__qualname__ = f.__qualname__ + suffix
-    g.__doc__ = f.__doc__
-    return g
-
-
-def _compiler(suffix: str, **options: object) -> Callable:
-    """Compile a copy of a function named ``name + suffix`` with ``njit(cache=True, **options)``, or
-    without the on-disk cache where Numba finds no writable place for it (a read-only install and no
-    writable cache directory): slower first calls, same bits."""
-
-    def compile_(f: Callable) -> CPUDispatcher:
-        f = _renamed(f, suffix)
-        try:
-            return njit(cache=True, **options)(f)
-        except RuntimeError as err:
-            if "no locator available" not in str(err):
-                raise
-            return njit(**options)(f)
-
-    return compile_
-
-
-_par = _compiler("_" + ARITH_STAMP, parallel=True)
+_par = cached("_" + ARITH_STAMP, parallel=True)
 
 
 @_par
@@ -235,7 +210,7 @@ def unpack_sum_fields(nb, words, factor, width, per_word, offset, ksum):
 def _serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:
     """``kernel``'s loop compiled without ``parallel=True`` (``prange`` runs as ``range`` on the calling
     thread). Its own name keeps its on-disk cache entry apart from the parallel kernel's."""
-    return _compiler("_serial")(kernel.py_func)
+    return cached("_serial")(kernel.py_func)
 
 
 KERNELS = tuple(name for name, v in list(globals().items())

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit
+
+from .jit import cached
 
 
-@njit(cache=True)
+@cached()
 def _bitlen(v):
     b = 0
     while v:
@@ -22,7 +23,7 @@ def _bitlen(v):
     return b
 
 
-@njit(cache=True)
+@cached()
 def _omega_len(v):
     n = 1
     while v > 1:
@@ -32,7 +33,7 @@ def _omega_len(v):
     return n
 
 
-@njit(cache=True)
+@cached()
 def _put(buf, pos, value, nbits):
     for i in range(nbits - 1, -1, -1):
         if (value >> i) & 1:
@@ -41,7 +42,7 @@ def _put(buf, pos, value, nbits):
     return pos
 
 
-@njit(cache=True)
+@cached()
 def _put_omega(buf, pos, v):
     # groups are emitted from the innermost outwards: collect them, then write in reverse.
     groups = np.empty(64, np.int64)
@@ -58,7 +59,7 @@ def _put_omega(buf, pos, v):
     return _put(buf, pos, 0, 1)
 
 
-@njit(cache=True)
+@cached()
 def _get(buf, pos, nbits):
     v = 0
     for _ in range(nbits):
@@ -67,7 +68,7 @@ def _get(buf, pos, nbits):
     return v, pos
 
 
-@njit(cache=True)
+@cached()
 def _get_omega(buf, pos):
     n = 1
     while True:
@@ -78,7 +79,7 @@ def _get_omega(buf, pos):
         n = v
 
 
-@njit(cache=True)
+@cached()
 def _encode(codes):
     nnz = 0
     total = 0
@@ -103,7 +104,7 @@ def _encode(codes):
     return buf, total
 
 
-@njit(cache=True)
+@cached()
 def _decode(buf, nbits, out):
     """buf is the stream followed by zero padding (a truncated stream then reads as ω(1) groups
     and ends within the loop bounds); returns the bits consumed, or −1 for a corrupt stream."""
