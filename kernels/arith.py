@@ -265,18 +265,25 @@ def build(jit: Callable) -> SimpleNamespace:
         return (np.float32(x >> SHIFT9) + F32_HALF) * F32_ULP23
 
     @jit
-    def strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1):
-        """The strata words (w, s) of elements 4b .. 4b+3, given their SHARED_V words v: w from stream
-        SHARED_PERM, except for P = 2 (m = 1), whose permutation has one random bit c = w mod 2 and
-        takes it from bit 0 of the v word (v itself uses bits 9–31), so no second stream is needed;
-        s from stream SHARED_SHIFT when P is not a power of 2."""
-        w0, w1, w2, w3 = v0, v1, v2, v3
+    def strata_block(b, mu, pow2, step, tid, key0, key1):
+        """Shared words of elements 4b .. 4b+3: the offsets v (SHARED_V), the strata words w (SHARED_PERM,
+        except for P = 2 (m = 1), whose permutation has one random bit c = w mod 2 and takes it from
+        bit 0 of the v word, which v does not use, so no second stream is needed) and s (SHARED_SHIFT,
+        when P is not a power of 2)."""
+        x0, x1, x2, x3 = philox4x32(b, step, tid, np.uint64(SHARED_V), key0, key1)
+        w0, w1, w2, w3 = x0, x1, x2, x3
         if mu != U64_ONE:
             w0, w1, w2, w3 = philox4x32(b, step, tid, np.uint64(SHARED_PERM), key0, key1)
         s0 = s1 = s2 = s3 = U64_ZERO
         if not pow2:
             s0, s1, s2, s3 = philox4x32(b, step, tid, np.uint64(SHARED_SHIFT), key0, key1)
-        return w0, w1, w2, w3, s0, s1, s2, s3
+        return offset(x0), offset(x1), offset(x2), offset(x3), w0, w1, w2, w3, s0, s1, s2, s3
+
+    @jit
+    def lanes3(block, j):
+        """(v, w, s) of lane j of a :func:`strata_block`."""
+        return (lane(block[0], block[1], block[2], block[3], j), lane(block[4], block[5], block[6], block[7], j),
+                lane(block[8], block[9], block[10], block[11], j))
 
     @jit
     def stratified_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1):
@@ -288,27 +295,21 @@ def build(jit: Callable) -> SimpleNamespace:
         encoder's case) runs unrolled, so the Philox loop vectorizes.
         """
         rk, mu, poly, pow2, pf = strata_field(ranks)
-        sv = np.uint64(SHARED_V)
         n = i1 - i0
         b0 = i0 // 4
         pu = np.uint64(first)
         full = n // 4 if senders == 1 and pow2 else 0
         for q in range(full):
-            b = np.uint64(b0 + q)
-            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
-            w0, w1, w2, w3, _, _, _, _ = strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1)
-            u[4 * q] = placed(stratum(pu, rk, mu, poly, w0, U64_ZERO), offset(v0), pf)
-            u[4 * q + 1] = placed(stratum(pu, rk, mu, poly, w1, U64_ZERO), offset(v1), pf)
-            u[4 * q + 2] = placed(stratum(pu, rk, mu, poly, w2, U64_ZERO), offset(v2), pf)
-            u[4 * q + 3] = placed(stratum(pu, rk, mu, poly, w3, U64_ZERO), offset(v3), pf)
+            v0, v1, v2, v3, w0, w1, w2, w3, _, _, _, _ = strata_block(np.uint64(b0 + q), mu, pow2, step, tid,
+                                                                      key0, key1)
+            u[4 * q] = placed(stratum(pu, rk, mu, poly, w0, U64_ZERO), v0, pf)
+            u[4 * q + 1] = placed(stratum(pu, rk, mu, poly, w1, U64_ZERO), v1, pf)
+            u[4 * q + 2] = placed(stratum(pu, rk, mu, poly, w2, U64_ZERO), v2, pf)
+            u[4 * q + 3] = placed(stratum(pu, rk, mu, poly, w3, U64_ZERO), v3, pf)
         for q in range(full, (n + 3) // 4):
-            b = np.uint64(b0 + q)
-            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
-            w0, w1, w2, w3, s0, s1, s2, s3 = strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1)
+            block = strata_block(np.uint64(b0 + q), mu, pow2, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
-                w = lane(w0, w1, w2, w3, j)
-                s = lane(s0, s1, s2, s3, j)
-                v = offset(lane(v0, v1, v2, v3, j))
+                v, w, s = lanes3(block, j)
                 acc = F32_ZERO
                 for p in range(first, first + senders):
                     acc += placed(stratum(p, rk, mu, poly, w, s), v, pf)
@@ -376,17 +377,12 @@ def build(jit: Callable) -> SimpleNamespace:
         stratified dither among P ranks: v and the strata words are generated once per coordinate, not
         once per sender. (``u`` is unused: the range-kernel signature.)"""
         rk, mu, poly, pow2, pf = strata_field(ranks)
-        sv = np.uint64(SHARED_V)
         n = i1 - i0
         b0 = i0 // 4
         for q in range((n + 3) // 4):
-            b = np.uint64(b0 + q)
-            v0, v1, v2, v3 = philox4x32(b, step, tid, sv, key0, key1)
-            w0, w1, w2, w3, s0, s1, s2, s3 = strata_words(b, mu, pow2, v0, v1, v2, v3, step, tid, key0, key1)
+            block = strata_block(np.uint64(b0 + q), mu, pow2, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
-                w = lane(w0, w1, w2, w3, j)
-                s = lane(s0, s1, s2, s3, j)
-                v = offset(lane(v0, v1, v2, v3, j))
+                v, w, s = lanes3(block, j)
                 i = i0 + 4 * q + j
                 c = i // bucket
                 acc = F32_ZERO
