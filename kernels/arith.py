@@ -52,6 +52,7 @@ SHARED_PERM = 0xFFFFFFFE
 SHARED_SHIFT = 0xFFFFFFFD
 # The smallest irreducible polynomial of each degree m over GF(2) (bit i = coefficient of x^i),
 # the modulus of GF(2^m) arithmetic; index m (entry 0 unused).
+GF_MAX_DEGREE = 16
 GF_POLY = (0, 0x3, 0x7, 0xB, 0x13, 0x25, 0x43, 0x83, 0x11B, 0x203, 0x409, 0x805, 0x1009, 0x201B, 0x4021, 0x8003,
            0x1002B)
 
@@ -102,11 +103,11 @@ def _round_half_up(t):
 
 
 def _gf_mul(a, x, m, poly):
-    """a·x in GF(2^m) = GF(2)[t]/poly (uint64), branch-free shift-and-add: m steps, each adding a·t^i
-    where bit i of x is set and reducing a·t^(i+1) by poly when it reaches degree m."""
+    """a·x in GF(2^m) = GF(2)[t]/poly (uint64), branch-free shift-and-add, each step adding a·t^i where
+    bit i of x is set and reducing a·t^(i+1) by poly when it reaches degree m."""
     r = U64_ZERO
     top = np.uint64(m - 1)
-    for i in range(m):
+    for i in range(GF_MAX_DEGREE):  # a fixed count (x < 2^m leaves r alone past m): unrolled, vectorizable
         r ^= a * ((x >> np.uint64(i)) & U64_ONE)
         a = (a << U64_ONE) ^ (poly * ((a >> top) & U64_ONE))
     return r
@@ -224,6 +225,13 @@ def build(jit: Callable) -> SimpleNamespace:
                     u[4 * full + j] += lane(r0, r1, r2, r3, j)
 
     @jit
+    def stratum_pow2(p, m, poly, w):
+        """:func:`stratum` for ranks = 2^m: a·p ⊕ c, straight-line code."""
+        q = U64_ONE << m
+        a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
+        return gf_mul(a, np.uint64(p), m, poly) ^ (w & (q - U64_ONE))
+
+    @jit
     def stratum(p, ranks, m, poly, w, s):
         """π(p): the stratum of rank p among ``ranks`` (uint64) for one coordinate, whose shared words
         are w (the map's a and c) and s (the shift b); m = ⌈log2 ranks⌉ ≥ 1, q = 2^m.
@@ -237,7 +245,7 @@ def build(jit: Callable) -> SimpleNamespace:
         q = U64_ONE << m
         a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
         c = w & (q - U64_ONE)
-        x = gf_mul(a, np.uint64(p), m, poly) ^ c
+        x = stratum_pow2(p, m, poly, w)
         if q == ranks:
             return x
         while x >= ranks:
@@ -298,14 +306,25 @@ def build(jit: Callable) -> SimpleNamespace:
         n = i1 - i0
         b0 = i0 // 4
         pu = np.uint64(first)
+        # One sender and P a power of 2 (the encoder): straight-line loops that vectorize.
         full = n // 4 if senders == 1 and pow2 else 0
-        for q in range(full):
-            v0, v1, v2, v3, w0, w1, w2, w3, _, _, _, _ = strata_block(np.uint64(b0 + q), mu, pow2, step, tid,
-                                                                      key0, key1)
-            u[4 * q] = placed(stratum(pu, rk, mu, poly, w0, U64_ZERO), v0, pf)
-            u[4 * q + 1] = placed(stratum(pu, rk, mu, poly, w1, U64_ZERO), v1, pf)
-            u[4 * q + 2] = placed(stratum(pu, rk, mu, poly, w2, U64_ZERO), v2, pf)
-            u[4 * q + 3] = placed(stratum(pu, rk, mu, poly, w3, U64_ZERO), v3, pf)
+        sv, sw = np.uint64(SHARED_V), np.uint64(SHARED_PERM)
+        if mu == U64_ONE:  # P = 2: π(p) = p ⊕ c, c = bit 0 of the v word (see strata_block)
+            for q in range(full):
+                x0, x1, x2, x3 = philox4x32(np.uint64(b0 + q), step, tid, sv, key0, key1)
+                u[4 * q] = placed(pu ^ (x0 & U64_ONE), offset(x0), pf)
+                u[4 * q + 1] = placed(pu ^ (x1 & U64_ONE), offset(x1), pf)
+                u[4 * q + 2] = placed(pu ^ (x2 & U64_ONE), offset(x2), pf)
+                u[4 * q + 3] = placed(pu ^ (x3 & U64_ONE), offset(x3), pf)
+        else:
+            for q in range(full):
+                b = np.uint64(b0 + q)
+                x0, x1, x2, x3 = philox4x32(b, step, tid, sv, key0, key1)
+                w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
+                u[4 * q] = placed(stratum_pow2(pu, mu, poly, w0), offset(x0), pf)
+                u[4 * q + 1] = placed(stratum_pow2(pu, mu, poly, w1), offset(x1), pf)
+                u[4 * q + 2] = placed(stratum_pow2(pu, mu, poly, w2), offset(x2), pf)
+                u[4 * q + 3] = placed(stratum_pow2(pu, mu, poly, w3), offset(x3), pf)
         for q in range(full, (n + 3) // 4):
             block = strata_block(np.uint64(b0 + q), mu, pow2, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
