@@ -26,7 +26,7 @@ from .jit import cached
 
 CHUNK = 4096  # elements per prange iteration of a range kernel (a multiple of 4)
 
-_f = arith.build(njit(inline="always"))
+_f = arith.build(njit, njit(inline="always"))
 _bitpack = _f.bitpack
 _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
