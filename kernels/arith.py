@@ -380,10 +380,12 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
             i = j
 
     @jit
-    def dqsg_decode(i0, i1, u, ksum, delta, bucket, first, senders, factor, out, step, tid, ranks, key0, key1):
-        """out[i] = factor · Δ_b · (ksum[i] − Σ_p u_p[i]), p = first .. first+senders−1 in order.
+    def dqsg_decode(i0, i1, u, ksum, offset, delta, bucket, first, senders, factor, out, step, tid, ranks, key0,
+                    key1):
+        """out[i] = factor · Δ_b · (ksum[i] − offset − Σ_p u_p[i]), p = first .. first+senders−1 in order.
 
-        One sender: the DQSG decoder Δ(k − u). P senders with a common Δ: Σ_p ĝ_p (docs/ALGORITHMS.md §3).
+        One sender: the DQSG decoder Δ(k − u) (from k, or from the symbols k + s with offset s). P senders
+        with a common Δ: Σ_p ĝ_p (docs/ALGORITHMS.md §3).
         """
         dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
         i = i0
@@ -391,7 +393,7 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
             j = segment_end(i, i1, bucket)
             d = delta[i // bucket]
             for k in range(i, j):
-                out[k] = factor * (d * (np.float32(ksum[k]) - u[k - i0]))
+                out[k] = factor * (d * (np.float32(np.int64(ksum[k]) - offset) - u[k - i0]))
             i = j
 
     @jit

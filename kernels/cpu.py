@@ -77,10 +77,10 @@ def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sende
 
 
 @_par
-def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, tid, ranks, k0, k1):
+def dqsg_decode(nb, n, ksum, offset, delta, bucket, first, senders, factor, out, step, tid, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
-        _dqsg_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, ksum, delta, bucket, first, senders, factor, out,
+        _dqsg_decode(c * CHUNK, min(n, (c + 1) * CHUNK), u, ksum, offset, delta, bucket, first, senders, factor, out,
                         step, tid, ranks, k0, k1)
 
 

@@ -57,11 +57,11 @@ def dqsg_encode(nb, n, g, delta, bucket, levels, offset, codes, step, tid, sende
 
 
 @cuda.jit
-def dqsg_decode(nb, n, ksum, delta, bucket, first, senders, factor, out, step, tid, ranks, k0, k1):
+def dqsg_decode(nb, n, ksum, offset, delta, bucket, first, senders, factor, out, step, tid, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
-        _dqsg_decode(4 * b, min(n, 4 * b + 4), u, ksum, delta, bucket, first, senders, factor, out, step, tid,
+        _dqsg_decode(4 * b, min(n, 4 * b + 4), u, ksum, offset, delta, bucket, first, senders, factor, out, step, tid,
                         ranks, k0, k1)
 
 

@@ -196,20 +196,25 @@ def dqsg_encode(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, 
 
 
 def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey, senders: int = 1,
-                factor: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+                factor: float = 1.0, out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """factor · Δ_b · (Σ_p k_p − Σ_p u_p) over senders key.sender … key.sender+senders−1 (float32).
 
     One sender: Δ(k − u). key.sender = 0 and P senders with a common Δ: the sum of all P
     reconstructions (docs/ALGORITHMS.md §3); dithers are summed in sender order on every device.
+    ``ksum`` is int32 indices, or uint8 symbols k + ``offset`` (a payload's unpacked symbols, no
+    conversion pass).
     """
-    _vec("ksum", ksum, torch.int32)
+    if not isinstance(ksum, torch.Tensor) or ksum.dtype not in (torch.int32, torch.uint8):
+        raise TypeError(f"ksum must be an int32 or uint8 tensor, got {getattr(ksum, 'dtype', type(ksum).__name__)}")
+    _vec("ksum", ksum, ksum.dtype)
+    offset = _int("offset", offset, 0, 255)
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, ksum.numel(), bucket)
     senders = _int("senders", senders, 1, 1 << 24)
     out = _out(out, "out", ksum.numel(), torch.float32, ksum)
     _check_senders(key, senders)
     step, tid, first, ranks, k0, k1 = key.words()
-    _launch("dqsg_decode", ksum.numel(), ksum, delta, bucket, int(first), senders, float(factor),
+    _launch("dqsg_decode", ksum.numel(), ksum, offset, delta, bucket, int(first), senders, float(factor),
             out, step, tid, ranks, k0, k1, ranged=True)
     return out
 

@@ -59,7 +59,7 @@ def dqsg_pipeline(levels: int) -> tuple[Callable, Callable]:
     def decode(payload, n):
         packed, delta = payload
         sym = ops.radixunpack(packed, 3, n) if nbits is None else ops.bitunpack(packed, nbits, n)
-        return ops.dqsg_decode(sym.to(torch.int32) - levels, delta, BUCKET, KEY)
+        return ops.dqsg_decode(sym, delta, BUCKET, KEY, offset=levels)
 
     return encode, decode
 

@@ -106,12 +106,10 @@ class DQSG(Codec):
         return Encoded(flat.numel(), {"delta": delta, "symbols": ops.pack_symbols(sym, self.symbols)},
                        symbols=sym, alphabet=self.symbols, side_bits=32.0 * delta.numel())
 
-    def unpack_codes(self, enc: Encoded) -> torch.Tensor:
-        """The indices k (int32) of a payload."""
-        return ops.unpack_symbols(enc.fields["symbols"], self.symbols, enc.n).to(torch.int32) - self.levels
-
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        return self.decode_sum(self.unpack_codes(enc), enc.fields["delta"], self.keyed(ctx.key, ctx.ranks))
+        sym = ops.unpack_symbols(enc.fields["symbols"], self.symbols, enc.n)  # k + s, decoded without a k pass
+        return ops.dqsg_decode(sym, enc.fields["delta"].contiguous(), self.bucket_size,
+                               self.keyed(ctx.key, ctx.ranks), offset=self.levels)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

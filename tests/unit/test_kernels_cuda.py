@@ -54,7 +54,8 @@ CASES = {
                               ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY, symbols=True)),
     "dqsg_decode": lambda n: (ops.dqsg_decode(
         torch.randint(-6, 7, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(1)),
-        scales(g_of(n), 64, 3), 64, KEY.for_sender(0), senders=3, factor=1 / 3),),
+        scales(g_of(n), 64, 3), 64, KEY.for_sender(0), senders=3, factor=1 / 3),
+                              ops.dqsg_decode(sym_of(n, 7), scales(g_of(n), 64, 3), 64, KEY, offset=3)),
     "stratified": lambda n: (ops.dither(n, STRAT4), ops.dither(n, STRAT3),
                              ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, STRAT3),
                              ops.dqsg_decode(torch.randint(-6, 7, (n,), dtype=torch.int32,
