@@ -102,6 +102,8 @@ def horovod_methods(comm, n: int) -> list[tuple[str, Callable, Callable | None]]
         out.append((label, fn, extra))
 
     hvdq_stock("dqsg s=1 stock allreduce", hvdquant.Compression.dqsg(levels=1, bucket_size=512, seed=0))
+    hvdq_stock("dqsg s=1 stock, independent dither",
+               hvdquant.Compression.dqsg(levels=1, bucket_size=512, seed=0, dither="independent"))
     hvdq_stock("dqsg s=3 stock allreduce", hvdquant.Compression.dqsg(levels=3, bucket_size=512, seed=0))
     hvdq_stock("ndqsg-sum (3,1) stock allreduce", hvdquant.Compression.ndqsg(levels=(3, 1), bucket_size=512, seed=0))
 

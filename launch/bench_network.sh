@@ -3,6 +3,7 @@
 #   bash launch/bench_network.sh                      # 100 Mbit/s, 1 Gbit/s, 10 Gbit/s; 1e6, 1e7, 2.5e7
 #   LINKS="1gbit" SIZES="2.5e7" ONLY="fp32,fp16,dqsg s=1,powersgd" bash launch/bench_network.sh
 #   TTA=0 ...                                         # skip the main job's time-to-accuracy runs
+#   NP=2 OUT=runs/bench_network_np2 ...               # 2 ranks; rows kept apart (no docs regeneration)
 # 4 ranks run inside a fresh network namespace whose only interface is its loopback, shaped with
 # tc tbf to the link rate. That limit is shared by all traffic of all ranks (a shared medium,
 # not one link per rank): absolute times are for R bits/s in total, ratios are what carries over.
@@ -13,14 +14,15 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
 : "${LINKS:=100mbit 1gbit 10gbit}" "${SIZES:=1e6 1e7 2.5e7}" "${REPEATS:=5}" "${ONLY:=}" "${TTA:=1}" "${NP:=4}"
+: "${OUT:=runs/bench_network}"  # another folder: rows kept apart, docs/BENCHMARKS.md's block not regenerated
 netns_create hvdq-bench
 mpi=(mpirun -np "$NP" "${MPI_ON_LO[@]}" -x PATH -x PYTHONUNBUFFERED -x OMP_NUM_THREADS)
-mkdir -p runs/bench_network
+mkdir -p "$OUT"
 for link in $LINKS; do
     netns_shape "$link"
     for fw in horovod torch; do
         ip netns exec "$ns" "${mpi[@]}" python launch/bench_network.py --framework "$fw" --label "$link" \
-            --sizes $SIZES --repeats "$REPEATS" ${ONLY:+--only "$ONLY"}
+            --sizes $SIZES --repeats "$REPEATS" ${ONLY:+--only "$ONLY"} --out "$OUT"
     done
 done
 if [ "$TTA" = 1 ]; then  # the main job at 100 Mbit/s: time to accuracy
@@ -31,4 +33,4 @@ if [ "$TTA" = 1 ]; then  # the main job at 100 Mbit/s: time to accuracy
             python -m hvdquant.examples.train_fashion_mnist $args --epochs 2 --out runs/bench_network/tta
     done
 fi
-python launch/bench_network_report.py
+if [ "$OUT" = runs/bench_network ]; then python launch/bench_network_report.py; fi
