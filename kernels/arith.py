@@ -102,12 +102,13 @@ def _round_half_up(t):
     return f
 
 
-def _gf_mul(a, x, m, poly):
+def _gf_mul(a, x, m, poly, steps):
     """a·x in GF(2^m) = GF(2)[t]/poly (uint64), branch-free shift-and-add, each step adding a·t^i where
-    bit i of x is set and reducing a·t^(i+1) by poly when it reaches degree m."""
+    bit i of x is set and reducing a·t^(i+1) by poly when it reaches degree m. ``steps`` ≥ m, a
+    constant at each call site (x < 2^m leaves r alone past m), so the loop unrolls and vectorizes."""
     r = U64_ZERO
     top = np.uint64(m - 1)
-    for i in range(GF_MAX_DEGREE):  # a fixed count (x < 2^m leaves r alone past m): unrolled, vectorizable
+    for i in range(steps):
         r ^= a * ((x >> np.uint64(i)) & U64_ONE)
         a = (a << U64_ONE) ^ (poly * ((a >> top) & U64_ONE))
     return r
@@ -230,11 +231,11 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
                     u[4 * full + j] += lane(r0, r1, r2, r3, j)
 
     @leaf
-    def stratum_pow2(p, m, poly, w):
-        """:func:`stratum` for ranks = 2^m: a·p ⊕ c, straight-line code."""
+    def stratum_pow2(p, m, poly, w, steps):
+        """:func:`stratum` for ranks = 2^m: a·p ⊕ c, straight-line code (``steps``: see gf_mul)."""
         q = U64_ONE << m
         a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
-        return gf_mul(a, np.uint64(p), m, poly) ^ (w & (q - U64_ONE))
+        return gf_mul(a, np.uint64(p), m, poly, steps) ^ (w & (q - U64_ONE))
 
     @leaf
     def stratum(p, ranks, m, poly, w, s):
@@ -250,11 +251,11 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         q = U64_ONE << m
         a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
         c = w & (q - U64_ONE)
-        x = stratum_pow2(p, m, poly, w)
+        x = stratum_pow2(p, m, poly, w, GF_MAX_DEGREE)
         if q == ranks:
             return x
         while x >= ranks:
-            x = gf_mul(a, x, m, poly) ^ c
+            x = gf_mul(a, x, m, poly, GF_MAX_DEGREE) ^ c
         return (x + ((s * ranks) >> SHIFT32)) % ranks
 
     @leaf
@@ -293,6 +294,20 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         return offset(x0), offset(x1), offset(x2), offset(x3), w0, w1, w2, w3, s0, s1, s2, s3
 
     @leaf
+    def pow2_range(u, b0, full, pu, mu, poly, pf, steps, step, tid, key0, key1):
+        """u[4q .. 4q+3] = rank pu's stratified dither for blocks q < full, P = 2^m ≥ 4 (inlined with a
+        constant ``steps`` so the GF(2^m) product unrolls and the loop vectorizes)."""
+        sv, sw = np.uint64(SHARED_V), np.uint64(SHARED_PERM)
+        for q in range(full):
+            b = np.uint64(b0 + q)
+            x0, x1, x2, x3 = philox4x32(b, step, tid, sv, key0, key1)
+            w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
+            u[4 * q] = placed(stratum_pow2(pu, mu, poly, w0, steps), offset(x0), pf)
+            u[4 * q + 1] = placed(stratum_pow2(pu, mu, poly, w1, steps), offset(x1), pf)
+            u[4 * q + 2] = placed(stratum_pow2(pu, mu, poly, w2, steps), offset(x2), pf)
+            u[4 * q + 3] = placed(stratum_pow2(pu, mu, poly, w3, steps), offset(x3), pf)
+
+    @leaf
     def lanes3(block, j):
         """(v, w, s) of lane j of a :func:`strata_block`."""
         return (lane(block[0], block[1], block[2], block[3], j), lane(block[4], block[5], block[6], block[7], j),
@@ -313,7 +328,7 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         pu = np.uint64(first)
         # One sender and P a power of 2 (the encoder): straight-line loops that vectorize.
         full = n // 4 if senders == 1 and pow2 else 0
-        sv, sw = np.uint64(SHARED_V), np.uint64(SHARED_PERM)
+        sv = np.uint64(SHARED_V)
         if mu == U64_ONE:  # P = 2: π(p) = p ⊕ c, c = bit 0 of the v word (see strata_block)
             for q in range(full):
                 x0, x1, x2, x3 = philox4x32(np.uint64(b0 + q), step, tid, sv, key0, key1)
@@ -321,15 +336,10 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
                 u[4 * q + 1] = placed(pu ^ (x1 & U64_ONE), offset(x1), pf)
                 u[4 * q + 2] = placed(pu ^ (x2 & U64_ONE), offset(x2), pf)
                 u[4 * q + 3] = placed(pu ^ (x3 & U64_ONE), offset(x3), pf)
+        elif mu <= np.uint64(4):  # P = 4 .. 16: four product steps
+            pow2_range(u, b0, full, pu, mu, poly, pf, 4, step, tid, key0, key1)
         else:
-            for q in range(full):
-                b = np.uint64(b0 + q)
-                x0, x1, x2, x3 = philox4x32(b, step, tid, sv, key0, key1)
-                w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
-                u[4 * q] = placed(stratum_pow2(pu, mu, poly, w0), offset(x0), pf)
-                u[4 * q + 1] = placed(stratum_pow2(pu, mu, poly, w1), offset(x1), pf)
-                u[4 * q + 2] = placed(stratum_pow2(pu, mu, poly, w2), offset(x2), pf)
-                u[4 * q + 3] = placed(stratum_pow2(pu, mu, poly, w3), offset(x3), pf)
+            pow2_range(u, b0, full, pu, mu, poly, pf, GF_MAX_DEGREE, step, tid, key0, key1)
         for q in range(full, (n + 3) // 4):
             block = strata_block(np.uint64(b0 + q), mu, pow2, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
