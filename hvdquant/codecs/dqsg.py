@@ -113,10 +113,11 @@ class DQSG(Codec):
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
-        """Mean of all senders' reconstructions Δ_p(k_p − u_p), summed in sender order. Under the
-        stratified dither one kernel pass regenerates the shared words once per coordinate for all
-        P senders (each still has its own scales, so every u_p is formed)."""
-        if self.dither == "independent":
+        """Mean of all senders' reconstructions Δ_p(k_p − u_p), summed in sender order. Each sender
+        has its own scales, so every u_p is formed: one vectorized decode per sender, except under
+        the stratified dither with P not a power of 2, where one kernel pass generating the shared
+        words once per coordinate for all senders is faster (docs/BENCHMARKS.md, dither families)."""
+        if self.dither == "independent" or ctx.ranks & (ctx.ranks - 1) == 0:
             return super().aggregate(payloads, ctx, recover)
         codes = torch.stack([ops.unpack_symbols(e.fields["symbols"], self.symbols, e.n) for e in payloads])
         codes = (codes - self.levels).view(torch.int8)  # k = symbol − s ∈ [−s, s] (uint8 wraps, int8 reads)

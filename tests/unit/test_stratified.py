@@ -112,7 +112,7 @@ def test_strata_are_permutations_and_the_sum_is_one_stream(ranks):
     assert torch.equal(decoded, -ops.dither(n, DitherKey(5, 2, 3, SHARED_V)))
 
 
-@pytest.mark.parametrize("ranks,levels", [(1, 1), (2, 1), (3, 3), (4, 127), (8, 1)])
+@pytest.mark.parametrize("ranks,levels", [(1, 1), (2, 1), (3, 3), (4, 127), (6, 1), (8, 1)])
 def test_aggregate_of_own_scale_payloads_equals_the_sum_of_single_decodes(ranks, levels):
     """The fused kernel (shared words once per coordinate) against P separate one-sender decodes: same
     terms in the same sender order, so equal up to the final scaling (×1/P vs ÷P: one rounding)."""
@@ -121,8 +121,12 @@ def test_aggregate_of_own_scale_payloads_equals_the_sum_of_single_decodes(ranks,
     gen = torch.Generator().manual_seed(ranks)
     ctxs = [TensorContext("t", (n,), DitherKey(4, 5, 6, p), ranks) for p in range(ranks)]
     encs = [codec.encode(torch.randn(n, generator=gen) * (p + 1), c) for p, c in enumerate(ctxs)]
-    fused, _ = codec.aggregate(encs, ctxs[0])
+    codes = torch.stack([ops.unpack_symbols(e.fields["symbols"], codec.symbols, n) for e in encs])
+    codes = (codes - levels).view(torch.int8)
+    delta = torch.stack([e.fields["delta"] for e in encs])
+    fused = ops.dqsg_aggregate(codes, delta, 128, DitherKey(4, 5, 6, 0, ranks), factor=1.0 / ranks)
     single = sum(codec.decode(e, c) for e, c in zip(encs, ctxs)) / ranks
+    assert torch.equal(codec.aggregate(encs, ctxs[0])[0], fused if ranks & (ranks - 1) else single)
     assert torch.allclose(fused, single, rtol=0, atol=2e-6 * float(single.abs().max()))
 
 
