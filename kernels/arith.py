@@ -50,9 +50,9 @@ RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage
 SHARED_V = 0xFFFFFFFF
 SHARED_PERM = 0xFFFFFFFE
 SHARED_SHIFT = 0xFFFFFFFD
+GF_MAX_DEGREE = 16  # GF(2^m) with m <= 16: up to 2^16 ranks share a stratified dither
 # The smallest irreducible polynomial of each degree m over GF(2) (bit i = coefficient of x^i),
 # the modulus of GF(2^m) arithmetic; index m (entry 0 unused).
-GF_MAX_DEGREE = 16
 GF_POLY = (0, 0x3, 0x7, 0xB, 0x13, 0x25, 0x43, 0x83, 0x11B, 0x203, 0x409, 0x805, 0x1009, 0x201B, 0x4021, 0x8003,
            0x1002B)
 
@@ -231,11 +231,17 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
                     u[4 * full + j] += lane(r0, r1, r2, r3, j)
 
     @leaf
+    def strata_map(m, w):
+        """(a, c) of the map x ↦ a·x ⊕ c in GF(2^m) from a shared word w: a = 1 + ⌊(w >> 16)(q − 1)/2^16⌋
+        ∈ [1, q), c = w mod q, q = 2^m."""
+        q = U64_ONE << m
+        return U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16), w & (q - U64_ONE)
+
+    @leaf
     def stratum_pow2(p, m, poly, w, steps):
         """:func:`stratum` for ranks = 2^m: a·p ⊕ c, straight-line code (``steps``: see gf_mul)."""
-        q = U64_ONE << m
-        a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
-        return gf_mul(a, np.uint64(p), m, poly, steps) ^ (w & (q - U64_ONE))
+        a, c = strata_map(m, w)
+        return gf_mul(a, np.uint64(p), m, poly, steps) ^ c
 
     @leaf
     def stratum(p, ranks, m, poly, w, s):
@@ -248,11 +254,9 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         errors depends on. Cycle walking restricts it to [0, ranks). When ranks is not a power of 2
         the walk is not exactly uniform, so a shift b = ⌊s·ranks / 2^32⌋ (mod ranks) follows.
         """
-        q = U64_ONE << m
-        a = U64_ONE + (((w >> SHIFT16) * (q - U64_ONE)) >> SHIFT16)
-        c = w & (q - U64_ONE)
-        x = stratum_pow2(p, m, poly, w, GF_MAX_DEGREE)
-        if q == ranks:
+        a, c = strata_map(m, w)
+        x = gf_mul(a, np.uint64(p), m, poly, GF_MAX_DEGREE) ^ c
+        if (U64_ONE << m) == ranks:
             return x
         while x >= ranks:
             x = gf_mul(a, x, m, poly, GF_MAX_DEGREE) ^ c
@@ -318,7 +322,7 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         """u[i − i0] = Σ_p u_p[i], p = first .. first+senders−1, under the stratified dither among
         ``ranks`` ranks (docs/ALGORITHMS.md §9): u_p = (π(p) + v)/P − ½ with v ∈ (0, 1) from the shared
         stream SHARED_V (the top 23 bits of its word, as in uniform_centered) and π from the shared
-        words of :func:`strata_words`. Each rank's u_p is uniform on (−½, ½); all P of them sum to
+        words of :func:`strata_block`. Each rank's u_p is uniform on (−½, ½); all P of them sum to
         v − ½, which :func:`dither_range` regenerates alone. One sender and P a power of 2 (the
         encoder's case) runs unrolled, so the Philox loop vectorizes.
         """
@@ -407,8 +411,9 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
             i = j
 
     @jit
-    def dqsg_aggregate(i0, i1, u, codes, delta, bucket, factor, out, step, tid, ranks, key0, key1):
-        """out[i] = factor · Σ_p Δ_{p,b}(k_{p,i} − u_p[i]) over the P = codes.shape[0] senders in order,
+    def dqsg_aggregate(i0, i1, u, codes, offset, delta, bucket, factor, out, step, tid, ranks, key0, key1):
+        """out[i] = factor · Σ_p Δ_{p,b}(k_{p,i} − u_p[i]) over the P = codes.shape[0] senders in order
+        (codes: the symbols k + ``offset``, as :func:`dqsg_decode` takes them),
         each with its own scales delta[p] (own-scale DQSG payloads, docs/ALGORITHMS.md §1), under the
         stratified dither among P ranks: v and the strata words are generated once per coordinate, not
         once per sender. (``u`` is unused: the range-kernel signature.)"""
@@ -423,7 +428,8 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
                 c = i // bucket
                 acc = F32_ZERO
                 for p in range(codes.shape[0]):
-                    acc += delta[p, c] * (np.float32(codes[p, i]) - placed(stratum(p, rk, mu, poly, w, s), v, pf))
+                    k = np.float32(np.int64(codes[p, i]) - offset)
+                    acc += delta[p, c] * (k - placed(stratum(p, rk, mu, poly, w, s), v, pf))
                 out[i] = factor * acc
 
     @jit

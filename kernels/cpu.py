@@ -85,11 +85,11 @@ def dqsg_decode(nb, n, ksum, offset, delta, bucket, first, senders, factor, out,
 
 
 @_par
-def dqsg_aggregate(nb, n, codes, delta, bucket, factor, out, step, tid, ranks, k0, k1):
+def dqsg_aggregate(nb, n, codes, offset, delta, bucket, factor, out, step, tid, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(CHUNK, np.float32)
-        _dqsg_aggregate(c * CHUNK, min(n, (c + 1) * CHUNK), u, codes, delta, bucket, factor, out, step, tid, ranks,
-                        k0, k1)
+        _dqsg_aggregate(c * CHUNK, min(n, (c + 1) * CHUNK), u, codes, offset, delta, bucket, factor, out, step, tid,
+                        ranks, k0, k1)
 
 
 @_par

@@ -66,11 +66,12 @@ def dqsg_decode(nb, n, ksum, offset, delta, bucket, first, senders, factor, out,
 
 
 @cuda.jit
-def dqsg_aggregate(nb, n, codes, delta, bucket, factor, out, step, tid, ranks, k0, k1):
+def dqsg_aggregate(nb, n, codes, offset, delta, bucket, factor, out, step, tid, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(4, float32)
-        _dqsg_aggregate(4 * b, min(n, 4 * b + 4), u, codes, delta, bucket, factor, out, step, tid, ranks, k0, k1)
+        _dqsg_aggregate(4 * b, min(n, 4 * b + 4), u, codes, offset, delta, bucket, factor, out, step, tid, ranks,
+                        k0, k1)
 
 
 @cuda.jit

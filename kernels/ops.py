@@ -220,12 +220,15 @@ def dqsg_decode(ksum: torch.Tensor, delta: torch.Tensor, bucket: int, key: Dithe
 
 
 def dqsg_aggregate(codes: torch.Tensor, delta: torch.Tensor, bucket: int, key: DitherKey, factor: float = 1.0,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """factor · Σ_p Δ_{p,b}(k_{p,i} − u_p[i]) over the P = codes.shape[0] senders of own-scale DQSG
-    payloads (codes: P × n int8, delta: P × buckets float32), under the stratified dither among
-    key.ranks = P ranks: the shared dither words are generated once per coordinate."""
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
-        raise TypeError(f"codes must be a 2-D int8 tensor (senders × n), got {getattr(codes, 'dtype', codes)}")
+    payloads (codes: P × n, int8 indices or uint8 symbols k + ``offset`` as :func:`dqsg_decode`
+    takes them; delta: P × buckets float32), under the stratified dither among key.ranks = P ranks:
+    the shared dither words are generated once per coordinate."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int8, torch.uint8) or codes.dim() != 2:
+        raise TypeError(f"codes must be a 2-D int8 or uint8 tensor (senders × n), got "
+                        f"{getattr(codes, 'dtype', codes)}")
+    offset = _int("offset", offset, 0, 255)
     ranks, n = codes.shape
     bucket = _int("bucket", bucket, 1, 1 << 31)
     if not isinstance(delta, torch.Tensor) or delta.dtype != torch.float32 or \
@@ -238,8 +241,8 @@ def dqsg_aggregate(codes: torch.Tensor, delta: torch.Tensor, bucket: int, key: D
         raise ValueError(f"codes has {n} columns, more than the dither counter's {MAX_ELEMENTS}")
     out = _out(out, "out", n, torch.float32, codes)
     step, tid, _, ranks_word, k0, k1 = key.words()
-    _launch("dqsg_aggregate", n, codes.contiguous(), delta.contiguous(), bucket, float(factor), out, step, tid,
-            ranks_word, k0, k1, ranged=True)
+    _launch("dqsg_aggregate", n, codes.contiguous(), offset, delta.contiguous(), bucket, float(factor), out, step,
+            tid, ranks_word, k0, k1, ranged=True)
     return out
 
 

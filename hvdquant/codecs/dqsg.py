@@ -119,8 +119,8 @@ class DQSG(Codec):
         words once per coordinate for all senders is faster (docs/BENCHMARKS.md, dither families)."""
         if self.dither == "independent" or ctx.ranks & (ctx.ranks - 1) == 0:
             return super().aggregate(payloads, ctx, recover)
-        codes = torch.stack([ops.unpack_symbols(e.fields["symbols"], self.symbols, e.n) for e in payloads])
-        codes = (codes - self.levels).view(torch.int8)  # k = symbol − s ∈ [−s, s] (uint8 wraps, int8 reads)
+        sym = torch.stack([ops.unpack_symbols(e.fields["symbols"], self.symbols, e.n) for e in payloads])
         delta = torch.stack([e.fields["delta"] for e in payloads])
         key = self.keyed(ctx.key.for_sender(0), ctx.ranks)
-        return ops.dqsg_aggregate(codes, delta, self.bucket_size, key, factor=1.0 / len(payloads)), DecodeStats()
+        mean = ops.dqsg_aggregate(sym, delta, self.bucket_size, key, factor=1.0 / len(payloads), offset=self.levels)
+        return mean, DecodeStats()

@@ -121,10 +121,11 @@ def test_aggregate_of_own_scale_payloads_equals_the_sum_of_single_decodes(ranks,
     gen = torch.Generator().manual_seed(ranks)
     ctxs = [TensorContext("t", (n,), DitherKey(4, 5, 6, p), ranks) for p in range(ranks)]
     encs = [codec.encode(torch.randn(n, generator=gen) * (p + 1), c) for p, c in enumerate(ctxs)]
-    codes = torch.stack([ops.unpack_symbols(e.fields["symbols"], codec.symbols, n) for e in encs])
-    codes = (codes - levels).view(torch.int8)
+    sym = torch.stack([ops.unpack_symbols(e.fields["symbols"], codec.symbols, n) for e in encs])
     delta = torch.stack([e.fields["delta"] for e in encs])
-    fused = ops.dqsg_aggregate(codes, delta, 128, DitherKey(4, 5, 6, 0, ranks), factor=1.0 / ranks)
+    fused = ops.dqsg_aggregate(sym, delta, 128, DitherKey(4, 5, 6, 0, ranks), factor=1.0 / ranks, offset=levels)
+    codes = (sym - levels).view(torch.int8)  # the same indices as int8 codes: the same bits
+    assert torch.equal(fused, ops.dqsg_aggregate(codes, delta, 128, DitherKey(4, 5, 6, 0, ranks), factor=1.0 / ranks))
     single = sum(codec.decode(e, c) for e, c in zip(encs, ctxs)) / ranks
     assert torch.equal(codec.aggregate(encs, ctxs[0])[0], fused if ranks & (ranks - 1) else single)
     assert torch.allclose(fused, single, rtol=0, atol=2e-6 * float(single.abs().max()))
