@@ -43,6 +43,7 @@ F32_HALF = np.float32(0.5)
 F32_ONE = np.float32(1.0)
 F32_ULP23 = np.float32(2.0**-23)
 F32_INF = np.float32(np.inf)
+GPU_SPAN = 120  # elements per GPU thread in the fused payload passes: a multiple of 4 and of every packing group
 RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage side information finite
 # Sender words of the streams every rank shares under the stratified dither (docs/ALGORITHMS.md §9):
 # v (the common offset), the permutation's (a, c) and, for a rank count that is not a power of 2,
@@ -94,11 +95,11 @@ def _round_half_up(t):
     floor by truncation and correction (one conversion instruction, no libm call); callers keep
     |t| < 2^31.
     """
-    f = np.int64(t)
+    f = np.int32(t)
     if np.float32(f) > t:
-        f -= 1
+        f -= np.int32(1)
     if t - np.float32(f) >= F32_HALF:
-        f += 1
+        f += np.int32(1)
     return f
 
 
@@ -135,7 +136,12 @@ def _centered_mod(k, rho, half):
     return m - rho * q
 
 
-def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
+def _tally(counts, row, symbol, amount):
+    """counts[row, symbol] += amount (the CPU's; a range owns its row, so no two ranges race)."""
+    counts[row, symbol] += amount
+
+
+def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = None) -> SimpleNamespace:
     """Compile every scalar and block function; return them in a namespace.
 
     Small functions (scalars, per-element helpers, index block functions) are compiled with ``leaf``
@@ -143,9 +149,12 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
     loops around them — the Philox loop runs 4× faster than with calls), the range functions with
     ``jit`` (called once per chunk; inlining them too would only multiply compile time). Block
     functions reference the compiled functions through this closure, which is how Numba lets one
-    device function call another on both the CPU and the CUDA target.
+    device function call another on both the CPU and the CUDA target. ``tally(counts, row, symbol,
+    amount)`` adds to a histogram cell: the CPU's plain increment by default, an atomic add on the GPU
+    (where many threads share a row).
     """
     leaf = leaf or jit
+    tally = tally or leaf(_tally)
     philox4x32 = leaf(_philox4x32)
     uniform_centered = leaf(_uniform_centered)
     round_half_up = leaf(_round_half_up)
@@ -385,12 +394,17 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         """codes[i] = round(g_i/Δ_b + u_i) + offset, the index in [−s, s] (docs/ALGORITHMS.md §1) shifted
         by ``offset`` (0 for signed int8 codes, s for unsigned symbols ready to pack)."""
         dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
+        quantize_range(i0, i1, u, g, delta, bucket, levels, offset, codes, 0)
+
+    @leaf
+    def quantize_range(i0, i1, u, g, delta, bucket, levels, offset, codes, origin):
+        """codes[i − origin] = round(g_i/Δ_b + u[i − i0]) + offset for i in [i0, i1), bucket by bucket."""
         i = i0
         while i < i1:
             j = segment_end(i, i1, bucket)
             d = delta[i // bucket]
             for k in range(i, j):
-                codes[k] = dither_code(g[k], d, u[k - i0], levels) + offset
+                codes[k - origin] = dither_code(g[k], d, u[k - i0], levels) + offset
             i = j
 
     @jit
@@ -402,12 +416,18 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         with a common Δ: Σ_p ĝ_p (docs/ALGORITHMS.md §3).
         """
         dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
+        reconstruct_range(i0, i1, u, ksum, offset, delta, bucket, factor, out, 0)
+
+    @leaf
+    def reconstruct_range(i0, i1, u, ksum, offset, delta, bucket, factor, out, origin):
+        """out[i] = factor · Δ_b · (ksum[i − origin] − offset − u[i − i0]) for i in [i0, i1)."""
+        off = np.int32(offset)
         i = i0
         while i < i1:
             j = segment_end(i, i1, bucket)
             d = delta[i // bucket]
             for k in range(i, j):
-                out[k] = factor * (d * (np.float32(np.int64(ksum[k]) - offset) - u[k - i0]))
+                out[k] = factor * (d * (np.float32(np.int32(ksum[k - origin]) - off) - u[k - i0]))
             i = j
 
     @jit
@@ -569,53 +589,121 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
         out[i] = pos_mean[c] if bits[i] else neg_mean[c]
 
     @leaf
-    def bitpack(b, symbols, nbits, out):
-        """Group b: symbols 8b .. 8b+7 (each < 2^nbits) into bytes nbits·b .. nbits·b+nbits−1,
-        little-endian bit order; the last group writes only the ⌈n·nbits/8⌉ − nbits·b bytes left."""
+    def pack_bits(src, i, n, nbits, out, o):
+        """Symbols src[i .. min(i + 8, n)) (each < 2^nbits) into bytes out[o .. o + nbits) (those
+        below out's end), little-endian bit order."""
         acc = np.uint64(0)
         shift = np.uint64(nbits)
-        for j in range(8):
-            i = 8 * b + j
-            if i < symbols.shape[0]:
-                acc |= np.uint64(symbols[i]) << (shift * np.uint64(j))
-        for k in range(nbits):
-            o = nbits * b + k
-            if o < out.shape[0]:
-                out[o] = np.uint8((acc >> np.uint64(8 * k)) & np.uint64(0xFF))
+        for j in range(min(8, n - i)):
+            acc |= np.uint64(src[i + j]) << (shift * np.uint64(j))
+        for k in range(min(nbits, out.shape[0] - o)):
+            out[o + k] = np.uint8((acc >> np.uint64(8 * k)) & np.uint64(0xFF))
+
+    @leaf
+    def unpack_bits(packed, o, nbits, dst, i, n):
+        """Inverse of :func:`pack_bits`: bytes packed[o ..] into symbols dst[i .. min(i + 8, n))."""
+        acc = np.uint64(0)
+        for k in range(min(nbits, packed.shape[0] - o)):
+            acc |= np.uint64(packed[o + k]) << np.uint64(8 * k)
+        mask = (np.uint64(1) << np.uint64(nbits)) - np.uint64(1)
+        for j in range(min(8, n - i)):
+            dst[i + j] = np.uint8((acc >> np.uint64(nbits * j)) & mask)
+
+    @leaf
+    def pack_radix(src, i, n, radix, per_byte, out, o):
+        """out[o] = Σ_j src[i + j] · radix^j over j < min(per_byte, n − i) (radix 3: 5 trits per byte)."""
+        acc = 0
+        p = 1
+        for j in range(min(per_byte, n - i)):
+            acc += np.int64(src[i + j]) * p
+            p *= radix
+        out[o] = np.uint8(acc)
+
+    @leaf
+    def unpack_radix(packed, o, radix, per_byte, dst, i, n):
+        """Inverse of :func:`pack_radix`: the base-``radix`` digits of packed[o] into dst[i ..]."""
+        acc = np.int64(packed[o])
+        for j in range(min(per_byte, n - i)):
+            dst[i + j] = np.uint8(acc % radix)
+            acc //= radix
+
+    @leaf
+    def bitpack(b, symbols, nbits, out):
+        """Group b: symbols 8b .. 8b+7 (each < 2^nbits) into bytes nbits·b .. nbits·b+nbits−1;
+        the last group writes only the ⌈n·nbits/8⌉ − nbits·b bytes left."""
+        pack_bits(symbols, 8 * b, symbols.shape[0], nbits, out, nbits * b)
 
     @leaf
     def bitunpack(b, packed, nbits, out):
-        acc = np.uint64(0)
-        for k in range(nbits):
-            o = nbits * b + k
-            if o < packed.shape[0]:
-                acc |= np.uint64(packed[o]) << np.uint64(8 * k)
-        mask = (np.uint64(1) << np.uint64(nbits)) - np.uint64(1)
-        for j in range(8):
-            i = 8 * b + j
-            if i < out.shape[0]:
-                out[i] = np.uint8((acc >> np.uint64(nbits * j)) & mask)
+        unpack_bits(packed, nbits * b, nbits, out, 8 * b, out.shape[0])
 
     @leaf
     def radixpack(b, symbols, radix, per_byte, out):
-        """Byte b = Σ_j symbols[b·m + j] · radix^j, m = per_byte (radix 3: 5 trits per byte)."""
-        acc = 0
-        p = 1
-        for j in range(per_byte):
-            i = b * per_byte + j
-            if i < symbols.shape[0]:
-                acc += np.int64(symbols[i]) * p
-            p *= radix
-        out[b] = np.uint8(acc)
+        """Byte b = Σ_j symbols[b·m + j] · radix^j, m = per_byte."""
+        pack_radix(symbols, b * per_byte, symbols.shape[0], radix, per_byte, out, b)
 
     @leaf
     def radixunpack(b, packed, radix, per_byte, out):
-        acc = np.int64(packed[b])
-        for j in range(per_byte):
-            i = b * per_byte + j
-            if i < out.shape[0]:
-                out[i] = np.uint8(acc % radix)
-            acc //= radix
+        unpack_radix(packed, b, radix, per_byte, out, b * per_byte, out.shape[0])
+
+    # ------------------------------------------------------------------ fused DQSG payload passes
+    # One pass per range [i0, i1) from the gradient to its packed payload and back (i0 a multiple of
+    # 4 and of the packing group: ``per_byte`` symbols for radix packing, 8 for bit packing), through
+    # scratch buffers u (float32) and sym (uint8) of at least i1 − i0 entries: no symbol array in
+    # memory. ``radix`` > 0 selects radix packing, else bit packing with ``nbits``.
+
+    @leaf
+    def pack_range(i0, i1, sym, radix, nbits, per_byte, packed):
+        n = i1 - i0
+        if radix > 0:
+            for q in range(0, n, per_byte):
+                pack_radix(sym, q, n, radix, per_byte, packed, (i0 + q) // per_byte)
+        else:
+            for q in range(0, n, 8):
+                pack_bits(sym, q, n, nbits, packed, (i0 + q) // 8 * nbits)
+
+    @leaf
+    def count_symbols(sym, n, alphabet, counts, row):
+        """counts[row, v] += #{i < n : sym[i] = v}: one counting pass per value (they vectorize; a
+        scatter of increments does not) for small alphabets, the scatter for large ones."""
+        if alphabet <= 16:
+            for v in range(alphabet):
+                c = 0
+                for i in range(n):
+                    c += np.int64(sym[i] == v)
+                tally(counts, row, v, c)
+        else:
+            for i in range(n):
+                tally(counts, row, sym[i], 1)
+
+    @jit
+    def dqsg_encode_packed(i0, i1, u, sym, g, delta, scaled, bucket, levels, radix, nbits, per_byte, packed,
+                           counts, row, step, tid, sender, ranks, key0, key1):
+        """Own-scale DQSG payload of [i0, i1): with ``scaled``, first Δ_b = max|g|/s of the buckets the
+        range holds (whole buckets; NaN → +inf as :func:`bucket_absmax`), then the symbols k + s
+        (:func:`dqsg_encode`), counted into counts[row] (for the entropy statistic) and packed."""
+        if scaled:
+            for b in range(i0 // bucket, (i1 + bucket - 1) // bucket):
+                bucket_absmax(b, g, bucket, delta)
+                delta[b] = delta[b] / np.float32(levels)
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
+        quantize_range(i0, i1, u, g, delta, bucket, levels, levels, sym, i0)
+        count_symbols(sym, i1 - i0, 2 * levels + 1, counts, row % counts.shape[0])
+        pack_range(i0, i1, sym, radix, nbits, per_byte, packed)
+
+    @jit
+    def dqsg_decode_packed(i0, i1, u, sym, packed, levels, radix, nbits, per_byte, delta, bucket, out, step, tid,
+                           sender, ranks, key0, key1):
+        """Inverse of :func:`dqsg_encode_packed`: out[i] = Δ_b (k_i − u_i) from the packed symbols."""
+        n = i1 - i0
+        if radix > 0:
+            for q in range(0, n, per_byte):
+                unpack_radix(packed, (i0 + q) // per_byte, radix, per_byte, sym, q, n)
+        else:
+            for q in range(0, n, 8):
+                unpack_bits(packed, (i0 + q) // 8 * nbits, nbits, sym, q, n)
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
+        reconstruct_range(i0, i1, u, sym, levels, delta, bucket, F32_ONE, out, i0)
 
     @leaf
     def modadd_bits(b, x, y, nbits, out):
@@ -671,4 +759,4 @@ def build(jit: Callable, leaf: Callable | None = None) -> SimpleNamespace:
             if i < ksum.shape[0]:
                 ksum[i] = np.int32(((total >> np.int64(width * j)) & mask) - offset)
 
-    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "jit"})
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("jit", "leaf", "tally")})

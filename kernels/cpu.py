@@ -35,7 +35,9 @@ _bucket_l2 = _f.bucket_l2
 _dither_fill = _f.dither_fill
 _dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
+_dqsg_decode_packed = _f.dqsg_decode_packed
 _dqsg_encode = _f.dqsg_encode
+_dqsg_encode_packed = _f.dqsg_encode_packed
 _modadd_bits = _f.modadd_bits
 _modadd_radix = _f.modadd_radix
 _nested_decode = _f.nested_decode
@@ -90,6 +92,26 @@ def dqsg_aggregate(nb, n, codes, offset, delta, bucket, factor, out, step, tid, 
         u = np.empty(CHUNK, np.float32)
         _dqsg_aggregate(c * CHUNK, min(n, (c + 1) * CHUNK), u, codes, offset, delta, bucket, factor, out, step, tid,
                         ranks, k0, k1)
+
+
+@_par
+def dqsg_encode_packed(nb, n, span, g, delta, scaled, bucket, levels, radix, nbits, per_byte, packed, counts, step,
+                       tid, sender, ranks, k0, k1):
+    for c in prange(nb):
+        u = np.empty(span, np.float32)
+        sym = np.empty(span, np.uint8)
+        _dqsg_encode_packed(c * span, min(n, (c + 1) * span), u, sym, g, delta, scaled, bucket, levels, radix, nbits,
+                            per_byte, packed, counts, c, step, tid, sender, ranks, k0, k1)
+
+
+@_par
+def dqsg_decode_packed(nb, n, span, packed, levels, radix, nbits, per_byte, delta, bucket, out, step, tid, sender,
+                       ranks, k0, k1):
+    for c in prange(nb):
+        u = np.empty(span, np.float32)
+        sym = np.empty(span, np.uint8)
+        _dqsg_decode_packed(c * span, min(n, (c + 1) * span), u, sym, packed, levels, radix, nbits, per_byte, delta,
+                            bucket, out, step, tid, sender, ranks, k0, k1)
 
 
 @_par

@@ -10,11 +10,18 @@ Imported lazily: only when a CUDA tensor (or ``ops.force_target("cuda")``) asks 
 
 from __future__ import annotations
 
-from numba import cuda, float32
+from numba import cuda, float32, uint8
 
 from . import arith
+from .arith import GPU_SPAN
 
-_f = arith.build(cuda.jit(device=True))
+
+@cuda.jit(device=True)
+def _tally_atomic(counts, row, symbol, amount):
+    cuda.atomic.add(counts, (row, symbol), amount)
+
+
+_f = arith.build(cuda.jit(device=True), tally=_tally_atomic)
 _bitpack = _f.bitpack
 _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
@@ -23,7 +30,9 @@ _bucket_l2 = _f.bucket_l2
 _dither_fill = _f.dither_fill
 _dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
+_dqsg_decode_packed = _f.dqsg_decode_packed
 _dqsg_encode = _f.dqsg_encode
+_dqsg_encode_packed = _f.dqsg_encode_packed
 _modadd_bits = _f.modadd_bits
 _modadd_radix = _f.modadd_radix
 _nested_decode = _f.nested_decode
@@ -72,6 +81,28 @@ def dqsg_aggregate(nb, n, codes, offset, delta, bucket, factor, out, step, tid, 
         u = cuda.local.array(4, float32)
         _dqsg_aggregate(4 * b, min(n, 4 * b + 4), u, codes, offset, delta, bucket, factor, out, step, tid, ranks,
                         k0, k1)
+
+
+@cuda.jit
+def dqsg_encode_packed(nb, n, span, g, delta, scaled, bucket, levels, radix, nbits, per_byte, packed, counts, step,
+                       tid, sender, ranks, k0, k1):
+    b = cuda.grid(1)
+    if b < nb:
+        u = cuda.local.array(GPU_SPAN, float32)
+        sym = cuda.local.array(GPU_SPAN, uint8)
+        _dqsg_encode_packed(span * b, min(n, span * b + span), u, sym, g, delta, scaled, bucket, levels, radix, nbits,
+                            per_byte, packed, counts, b, step, tid, sender, ranks, k0, k1)
+
+
+@cuda.jit
+def dqsg_decode_packed(nb, n, span, packed, levels, radix, nbits, per_byte, delta, bucket, out, step, tid, sender,
+                       ranks, k0, k1):
+    b = cuda.grid(1)
+    if b < nb:
+        u = cuda.local.array(GPU_SPAN, float32)
+        sym = cuda.local.array(GPU_SPAN, uint8)
+        _dqsg_decode_packed(span * b, min(n, span * b + span), u, sym, packed, levels, radix, nbits, per_byte, delta,
+                            bucket, out, step, tid, sender, ranks, k0, k1)
 
 
 @cuda.jit

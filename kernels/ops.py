@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import cpu, threads
+from .arith import GPU_SPAN
 from .key import MAX_ELEMENTS, DitherKey
 
 THREADS_PER_BLOCK = 256
@@ -41,19 +42,32 @@ def force_target(target: str | None) -> Iterator[None]:
         _forced = old
 
 
-def _launch(kernel: str, count: int, *args: object, ranged: bool = False) -> None:
-    """Run ``kernel`` over ``count`` indices, or over ``count`` elements for a range kernel
-    (``ranged=True``: the CPU takes chunks of ``cpu.CHUNK`` elements, each GPU thread takes 4)."""
+def _target(kernel: str, *args: object) -> str:
+    """Where ``kernel`` runs on these arguments: "cuda" if its tensors are on a GPU (all on the same
+    one), else "cpu"; :func:`force_target` overrides."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     on_gpu = any(t.is_cuda for t in tensors)
     if on_gpu and not all(t.is_cuda and t.device == tensors[0].device for t in tensors):
         raise ValueError(f"{kernel}: all tensors must be on the same device, got "
                          f"{sorted({str(t.device) for t in tensors})}")
-    target = _forced or ("cuda" if on_gpu else "cpu")
+    return _forced or ("cuda" if on_gpu else "cpu")
+
+
+def _launch(kernel: str, count: int, *args: object, ranged: bool = False, span: int | None = None) -> None:
+    """Run ``kernel`` over ``count`` indices, or over ``count`` elements for a range kernel
+    (``ranged=True``: the CPU takes chunks of ``cpu.CHUNK`` elements, each GPU thread takes 4;
+    ``span=m``: ranges of m elements on either device, passed to the kernel after ``count``)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    on_gpu = any(t.is_cuda for t in tensors)
+    target = _target(kernel, *args)
     if count == 0:
         return
     nblocks = count
-    if ranged:
+    if span is not None:
+        nblocks = (count + span - 1) // span
+        args = (count, span, *args)
+        ranged = True
+    elif ranged:
         per = cpu.CHUNK if target == "cpu" else 4
         nblocks = (count + per - 1) // per
         args = (count, *args)
@@ -243,6 +257,78 @@ def dqsg_aggregate(codes: torch.Tensor, delta: torch.Tensor, bucket: int, key: D
     step, tid, _, ranks_word, k0, k1 = key.words()
     _launch("dqsg_aggregate", n, codes.contiguous(), offset, delta.contiguous(), bucket, float(factor), out, step,
             tid, ranks_word, k0, k1, ranged=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- DQSG payloads, fused
+MAX_SCALED_SPAN = 1 << 16  # the CPU computes scales inside the fused pass when whole buckets fit a range this long
+
+
+def _packing(alphabet: int) -> tuple[int, int, int, int]:
+    """(radix, nbits, per_byte, group) of :func:`symbol_packing`'s choice for the fused kernels:
+    radix > 0 for radix packing, else nbits; group = symbols per packing unit."""
+    kind, v = symbol_packing(alphabet)
+    return (alphabet, 0, v, v) if kind == "radix" else (0, v, 8, 8)
+
+
+def _span(target: str, group: int, bucket: int | None = None) -> tuple[int, bool]:
+    """Range length of a fused pass and whether a range holds whole buckets of ``bucket`` (then the
+    encoder computes their scales itself; CPU only). Ranges start at multiples of 4 (a Philox
+    block) and of the packing group."""
+    unit = math.lcm(4, group)
+    if target == "cuda":
+        return GPU_SPAN, False
+    if bucket is not None and math.lcm(bucket, unit) <= MAX_SCALED_SPAN:
+        whole = math.lcm(bucket, unit)
+        return whole * max(1, cpu.CHUNK // whole), True
+    return unit * max(1, cpu.CHUNK // unit), False
+
+
+def dqsg_encode_packed(g: torch.Tensor, bucket: int, levels: int, key: DitherKey
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An own-scale DQSG payload in one pass over g: (Δ, packed symbols, histogram).
+
+    Δ_b = max|g|/s per bucket (float32; NaN → +inf: check before sending), the symbols k + s of
+    :func:`dqsg_encode` packed as :func:`pack_symbols` packs them, and the count of each symbol
+    value (int64, 2s + 1 entries) for the entropy statistic. Bit-identical to those functions run
+    one after the other; no n-byte symbol array is written or read back. On the GPU the scales are
+    a separate pass (a thread's range does not hold whole buckets)."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    levels = _int("levels", levels, 1, 127)
+    alphabet = 2 * levels + 1
+    radix, nbits, per_byte, group = _packing(alphabet)
+    n = g.numel()
+    span, scaled = _span(_target("dqsg_encode_packed", g), group, bucket)
+    delta = torch.empty(num_buckets(n, bucket), dtype=torch.float32, device=g.device)
+    if not scaled:
+        bucket_absmax(g, bucket, out=delta).div_(float(levels))
+    packed = torch.empty(symbol_bytes(n, alphabet), dtype=torch.uint8, device=g.device)
+    rows = max(1, min((n + span - 1) // span, 1024 if g.is_cuda else 1 << 62))
+    counts = torch.zeros((rows, alphabet), dtype=torch.int64, device=g.device)
+    _launch("dqsg_encode_packed", n, g, delta, int(scaled), bucket, levels, radix, nbits, per_byte, packed, counts,
+            *key.words(), span=span)
+    return delta, packed, counts.sum(0)
+
+
+def dqsg_decode_packed(packed: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey, n: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`dqsg_encode_packed`: Δ_b(k_i − u_i) (float32) from the packed symbols in one
+    pass, equal to :func:`unpack_symbols` then :func:`dqsg_decode` with offset s."""
+    _vec("packed", packed, torch.uint8)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    levels = _int("levels", levels, 1, 127)
+    n = _int("n", n, 0, MAX_ELEMENTS)
+    alphabet = 2 * levels + 1
+    if packed.numel() != symbol_bytes(n, alphabet):
+        raise ValueError(f"packed has {packed.numel()} bytes, {n} symbols of {alphabet} values need "
+                         f"{symbol_bytes(n, alphabet)}")
+    _scales("delta", delta, n, bucket)
+    radix, nbits, per_byte, group = _packing(alphabet)
+    span, _ = _span(_target("dqsg_decode_packed", packed, delta), group)
+    out = _out(out, "out", n, torch.float32, packed)
+    _launch("dqsg_decode_packed", n, packed, levels, radix, nbits, per_byte, delta, bucket, out, *key.words(),
+            span=span)
     return out
 
 

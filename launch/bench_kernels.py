@@ -47,19 +47,17 @@ def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
 
 # ----------------------------------------------------------------------------- hvdquant pipelines
 def dqsg_pipeline(levels: int) -> tuple[Callable, Callable]:
-    """Encode = scales + dithered indices as unsigned symbols k + s + dense packing (base 3 for
-    s = 1, else ⌈log2(2s+1)⌉ bits)."""
-    nbits = (2 * levels).bit_length() if levels > 1 else None
+    """The DQSG payload codec's passes: encode = one fused pass from g to scales, dithered indices as
+    unsigned symbols k + s densely packed (base 3 for s = 1, else ⌈log2(2s+1)⌉ bits) and their
+    histogram; decode = one fused pass from the packed symbols to Δ(k − u)."""
 
     def encode(g):
-        delta = ops.bucket_absmax(g, BUCKET) / levels
-        sym = ops.dqsg_encode(g, delta, BUCKET, levels, KEY, symbols=True)
-        return (ops.radixpack(sym, 3) if nbits is None else ops.bitpack(sym, nbits)), delta
+        delta, packed, _ = ops.dqsg_encode_packed(g, BUCKET, levels, KEY)
+        return packed, delta
 
     def decode(payload, n):
         packed, delta = payload
-        sym = ops.radixunpack(packed, 3, n) if nbits is None else ops.bitunpack(packed, nbits, n)
-        return ops.dqsg_decode(sym, delta, BUCKET, KEY, offset=levels)
+        return ops.dqsg_decode_packed(packed, delta, BUCKET, levels, KEY, n)
 
     return encode, decode
 

@@ -40,8 +40,9 @@ class TensorContext:
 
 @dataclass
 class Encoded:
-    """One sender's payload. ``fields`` travel (in order); ``symbols``/``alphabet`` are kept
-    locally for the empirical-entropy statistic and never sent."""
+    """One sender's payload. ``fields`` travel (in order); ``symbols``/``alphabet`` (or the symbols'
+    histogram ``counts``, from encoders that never hold the symbols in memory) are kept locally for
+    the empirical-entropy statistic and never sent."""
 
     n: int
     fields: dict[str, torch.Tensor]
@@ -49,9 +50,18 @@ class Encoded:
     alphabet: int = 0
     side_bits: float = 0.0  # bits of per-bucket side data (scales, checksums) counted in the entropy
     source: torch.Tensor | None = None  # the float32 input, kept where a recovery round may need it
+    counts: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.fields.values())
+
+    def entropy(self) -> float | None:
+        """Zeroth-order entropy of the symbols sent, bits per symbol; None if the codec kept none."""
+        if self.counts is not None:
+            return counts_entropy(self.counts)
+        if self.symbols is not None:
+            return empirical_entropy(self.symbols, self.alphabet)
+        return None
 
     def to_bytes(self) -> torch.Tensor:
         return as_bytes(*self.fields.values())
@@ -96,8 +106,16 @@ def empirical_entropy(symbols: torch.Tensor, alphabet: int) -> float:
     if symbols.numel() == 0:
         return 0.0
     flat = symbols.reshape(-1)
-    p = torch.bincount(flat if flat.dtype == torch.uint8 else flat.to(torch.int64), minlength=alphabet).double()
-    p = p / symbols.numel()
+    return counts_entropy(torch.bincount(flat if flat.dtype == torch.uint8 else flat.to(torch.int64),
+                                         minlength=alphabet))
+
+
+def counts_entropy(counts: torch.Tensor) -> float:
+    """−Σ p log2 p of a histogram (bits per symbol; 0 for an empty one)."""
+    total = counts.sum()
+    if int(total) == 0:
+        return 0.0
+    p = counts.double() / total.double()
     p = p[p > 0]
     return float(-(p * p.log2()).sum())
 

@@ -19,7 +19,8 @@ regenerates P streams.
 
 Payload (one sender): Δ_b as float32 per bucket, then the symbols k + s packed densely
 (base 3 for s = 1: 1.6 bits; otherwise ⌈log2(2s+1)⌉ bits or base-(2s+1) bytes, whichever is
-smaller). The arithmetic lives in :mod:`hvdquant.kernels`.
+smaller). Encoding (scales, dither, indices, packing) and decoding (unpacking, Δ(k − u)) each run
+as one fused kernel pass; the arithmetic lives in :mod:`hvdquant.kernels`.
 """
 
 from __future__ import annotations
@@ -98,18 +99,19 @@ class DQSG(Codec):
         return 8.0 * (4 * self.num_buckets(n) + ops.symbol_bytes(n, self.symbols)) / n if n else 0.0
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
+        """Scales, dithered indices and packing in one pass (:func:`ops.dqsg_encode_packed`)."""
         flat = flat32(g)
-        delta = self.step_size(self.bucket_absmax(flat))
+        delta, packed, counts = ops.dqsg_encode_packed(flat, self.bucket_size, self.levels,
+                                                       self.keyed(ctx.key, ctx.ranks))
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
-        sym = self.quantize(flat, delta, self.keyed(ctx.key, ctx.ranks), symbols=True)
-        return Encoded(flat.numel(), {"delta": delta, "symbols": ops.pack_symbols(sym, self.symbols)},
-                       symbols=sym, alphabet=self.symbols, side_bits=32.0 * delta.numel())
+        return Encoded(flat.numel(), {"delta": delta, "symbols": packed}, counts=counts,
+                       side_bits=32.0 * delta.numel())
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        sym = ops.unpack_symbols(enc.fields["symbols"], self.symbols, enc.n)  # k + s, decoded without a k pass
-        return ops.dqsg_decode(sym, enc.fields["delta"].contiguous(), self.bucket_size,
-                               self.keyed(ctx.key, ctx.ranks), offset=self.levels)
+        """Unpacking and Δ(k − u) in one pass (:func:`ops.dqsg_decode_packed`)."""
+        return ops.dqsg_decode_packed(enc.fields["symbols"], enc.fields["delta"].contiguous(), self.bucket_size,
+                                      self.levels, self.keyed(ctx.key, ctx.ranks), enc.n)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

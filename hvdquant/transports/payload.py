@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite, empirical_entropy, flat32
+from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite, flat32
 from hvdquant.codecs.feedback import ErrorFeedback
 from hvdquant.keys import dither_key
 from hvdquant.stats import CommStats, DecodeStats
@@ -140,8 +140,9 @@ class PayloadExchange:
 
     def _record(self, enc: Encoded, coordinates: int) -> None:
         self.payload.record(coordinates, enc.nbytes())
-        if enc.symbols is not None:
-            self.entropy_bits += enc.n * empirical_entropy(enc.symbols, enc.alphabet) + enc.side_bits
+        entropy = enc.entropy()
+        if entropy is not None:
+            self.entropy_bits += enc.n * entropy + enc.side_bits
 
     def statistics(self) -> dict:
         return statistics(self.stats, self.payload, self.entropy_bits, self.decode)

@@ -62,6 +62,35 @@ def test_dqsg_encode_matches_reference(n, levels):
     assert np.array_equal(ghat, np.float32(1.0) * (d * (k.astype(np.float32) - u)))
 
 
+@pytest.mark.parametrize("levels", [1, 2, 3, 7, 127])
+@pytest.mark.parametrize("bucket", [7, 512, 70_000, 1 << 20])  # ranges of whole buckets; buckets too long for that
+@pytest.mark.parametrize("n", [0, 1, 13, 4097, 150_001])
+@pytest.mark.parametrize("key", [KEY, KEY.stratified(4), KEY.stratified(3)], ids=["independent", "strat4", "strat3"])
+def test_fused_payload_passes_equal_the_separate_passes(levels, bucket, n, key):
+    """dqsg_encode_packed = scales, dqsg_encode(symbols=True), pack_symbols and the histogram, run one
+    after the other; dqsg_decode_packed = unpack_symbols then dqsg_decode(offset=s): bit for bit."""
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n + levels))
+    g[: min(n, 9)] = 0.0  # an all-zero start of the first bucket (Δ = 0 where the bucket is short)
+    delta = ops.bucket_absmax(g, bucket) / levels
+    sym = ops.dqsg_encode(g, delta, bucket, levels, key, symbols=True)
+    alphabet = 2 * levels + 1
+    d2, packed, counts = ops.dqsg_encode_packed(g, bucket, levels, key)
+    assert torch.equal(d2, delta)
+    assert torch.equal(packed, ops.pack_symbols(sym, alphabet))
+    assert torch.equal(counts, torch.bincount(sym.long(), minlength=alphabet))
+    want = ops.dqsg_decode(ops.unpack_symbols(packed, alphabet, n), delta, bucket, key, offset=levels)
+    got = ops.dqsg_decode_packed(packed, d2, bucket, levels, key, n)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_fused_encode_reports_non_finite_scales():
+    g = torch.ones(3000)
+    g[2500] = float("nan")
+    g[10] = float("-inf")
+    delta, _, _ = ops.dqsg_encode_packed(g, 512, 1, KEY)
+    assert torch.isinf(delta[0]) and torch.isinf(delta[4]) and bool(torch.isfinite(delta[[1, 2, 3, 5]]).all())
+
+
 @pytest.mark.parametrize("rho", [2, 3, 4, 5, 8, 9])
 def test_nested_encode_is_coset_of_dqsg_code(rho):
     g = randn(1031, 5)
