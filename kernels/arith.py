@@ -44,6 +44,7 @@ F32_ONE = np.float32(1.0)
 F32_ULP23 = np.float32(2.0**-23)
 F32_INF = np.float32(np.inf)
 GPU_SPAN = 120  # elements per GPU thread in the fused payload passes: a multiple of 4 and of every packing group
+GPU_FIELD_SCRATCH = 200  # scratch per GPU thread in the fused summable passes: ≥ lcm(4, F) for F ≤ 50 fields a word
 RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage side information finite
 # Sender words of the streams every rank shares under the stratified dither (docs/ALGORITHMS.md §9):
 # v (the common offset), the permutation's (a, c) and, for a rank count that is not a power of 2,
@@ -740,23 +741,57 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         out[b] = np.uint8(acc)
 
     @leaf
+    def field_word(src, i, n, offset, width, per_word):
+        """Σ_j (src[i + j] + offset) · 2^(width·j) over j < min(per_word, n − i), as an exact float64."""
+        acc = np.int64(0)
+        for j in range(min(per_word, n - i)):
+            acc |= np.int64(src[i + j] + offset) << np.int64(width * j)
+        return np.float64(acc)
+
+    @leaf
+    def split_word(words, w, factor, width, per_word, offset, dst, i, n):
+        """Inverse of :func:`field_word` after a reduction that scaled the summed words by ``factor``:
+        dst[i + j] = field j of round(words[w] / factor) − offset (int32)."""
+        mask = (np.int64(1) << np.int64(width)) - np.int64(1)
+        total = np.int64(math.floor(words[w] / factor + 0.5))  # exact: |words/factor| < 2^50
+        for j in range(min(per_word, n - i)):
+            dst[i + j] = np.int32(((total >> np.int64(width * j)) & mask) - offset)
+
+    @leaf
     def pack_sum_fields(w, codes, offset, width, per_word, words):
         """Word w = Σ_j (codes[w·F + j] + offset) · 2^(width·j), F = per_word, as an exact float64."""
-        acc = np.int64(0)
-        for j in range(per_word):
-            i = w * per_word + j
-            if i < codes.shape[0]:
-                acc |= np.int64(codes[i] + offset) << np.int64(width * j)
-        words[w] = np.float64(acc)
+        words[w] = field_word(codes, w * per_word, codes.shape[0], offset, width, per_word)
 
     @leaf
     def unpack_sum_fields(w, words, factor, width, per_word, offset, ksum):
         """Inverse of pack_sum_fields after a reduction that scaled the summed words by ``factor``."""
-        mask = (np.int64(1) << np.int64(width)) - np.int64(1)
-        total = np.int64(math.floor(words[w] / factor + 0.5))  # exact: |words/factor| < 2^50
-        for j in range(per_word):
-            i = w * per_word + j
-            if i < ksum.shape[0]:
-                ksum[i] = np.int32(((total >> np.int64(width * j)) & mask) - offset)
+        split_word(words, w, factor, width, per_word, offset, ksum, w * per_word, ksum.shape[0])
+
+    # ------------------------------------------------------------------ fused DQSG summable fields
+    # The stock path's passes (docs/ALGORITHMS.md §3) fused like the payload ones: ranges [i0, i1)
+    # start at multiples of 4 and of ``per_word``; scratch u (float32) and sym/ksum of i1 − i0 entries.
+
+    @jit
+    def dqsg_encode_fields(i0, i1, u, sym, g, delta, bucket, levels, width, per_word, words, counts, row, step, tid,
+                           sender, ranks, key0, key1):
+        """words[i0/F ..] = the summable fields of the symbols k + s of [i0, i1) (:func:`dqsg_encode` with a
+        common Δ, then :func:`pack_sum_fields`), the symbols counted into counts[row]."""
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
+        quantize_range(i0, i1, u, g, delta, bucket, levels, levels, sym, i0)
+        count_symbols(sym, i1 - i0, 2 * levels + 1, counts, row % counts.shape[0])
+        n = i1 - i0
+        for q in range(0, n, per_word):
+            words[(i0 + q) // per_word] = field_word(sym, q, n, 0, width, per_word)
+
+    @jit
+    def dqsg_decode_fields(i0, i1, u, ksum, words, factor, width, per_word, offset, delta, bucket, first, senders,
+                           out, step, tid, ranks, key0, key1):
+        """out[i] = Δ_b (Σ_p k_p[i] − Σ_p u_p[i]) for [i0, i1), the index sums read from the reduced
+        words (:func:`unpack_sum_fields` with ``offset`` = P·s, then :func:`dqsg_decode`)."""
+        n = i1 - i0
+        for q in range(0, n, per_word):
+            split_word(words, (i0 + q) // per_word, factor, width, per_word, offset, ksum, q, n)
+        dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
+        reconstruct_range(i0, i1, u, ksum, 0, delta, bucket, F32_ONE, out, i0)
 
     return SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("jit", "leaf", "tally")})

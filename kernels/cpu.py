@@ -35,8 +35,10 @@ _bucket_l2 = _f.bucket_l2
 _dither_fill = _f.dither_fill
 _dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
+_dqsg_decode_fields = _f.dqsg_decode_fields
 _dqsg_decode_packed = _f.dqsg_decode_packed
 _dqsg_encode = _f.dqsg_encode
+_dqsg_encode_fields = _f.dqsg_encode_fields
 _dqsg_encode_packed = _f.dqsg_encode_packed
 _modadd_bits = _f.modadd_bits
 _modadd_radix = _f.modadd_radix
@@ -112,6 +114,26 @@ def dqsg_decode_packed(nb, n, span, packed, levels, radix, nbits, per_byte, delt
         sym = np.empty(span, np.uint8)
         _dqsg_decode_packed(c * span, min(n, (c + 1) * span), u, sym, packed, levels, radix, nbits, per_byte, delta,
                             bucket, out, step, tid, sender, ranks, k0, k1)
+
+
+@_par
+def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, width, per_word, words, counts, step, tid, sender,
+                       ranks, k0, k1):
+    for c in prange(nb):
+        u = np.empty(span, np.float32)
+        sym = np.empty(span, np.uint8)
+        _dqsg_encode_fields(c * span, min(n, (c + 1) * span), u, sym, g, delta, bucket, levels, width, per_word, words,
+                            counts, c, step, tid, sender, ranks, k0, k1)
+
+
+@_par
+def dqsg_decode_fields(nb, n, span, words, factor, width, per_word, offset, delta, bucket, first, senders, out, step,
+                       tid, ranks, k0, k1):
+    for c in prange(nb):
+        u = np.empty(span, np.float32)
+        ksum = np.empty(span, np.int32)
+        _dqsg_decode_fields(c * span, min(n, (c + 1) * span), u, ksum, words, factor, width, per_word, offset, delta,
+                            bucket, first, senders, out, step, tid, ranks, k0, k1)
 
 
 @_par

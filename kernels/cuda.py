@@ -10,10 +10,10 @@ Imported lazily: only when a CUDA tensor (or ``ops.force_target("cuda")``) asks 
 
 from __future__ import annotations
 
-from numba import cuda, float32, uint8
+from numba import cuda, float32, int32, uint8
 
 from . import arith
-from .arith import GPU_SPAN
+from .arith import GPU_FIELD_SCRATCH, GPU_SPAN
 
 
 @cuda.jit(device=True)
@@ -30,8 +30,10 @@ _bucket_l2 = _f.bucket_l2
 _dither_fill = _f.dither_fill
 _dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
+_dqsg_decode_fields = _f.dqsg_decode_fields
 _dqsg_decode_packed = _f.dqsg_decode_packed
 _dqsg_encode = _f.dqsg_encode
+_dqsg_encode_fields = _f.dqsg_encode_fields
 _dqsg_encode_packed = _f.dqsg_encode_packed
 _modadd_bits = _f.modadd_bits
 _modadd_radix = _f.modadd_radix
@@ -103,6 +105,28 @@ def dqsg_decode_packed(nb, n, span, packed, levels, radix, nbits, per_byte, delt
         sym = cuda.local.array(GPU_SPAN, uint8)
         _dqsg_decode_packed(span * b, min(n, span * b + span), u, sym, packed, levels, radix, nbits, per_byte, delta,
                             bucket, out, step, tid, sender, ranks, k0, k1)
+
+
+@cuda.jit
+def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, width, per_word, words, counts, step, tid, sender,
+                       ranks, k0, k1):
+    b = cuda.grid(1)
+    if b < nb:
+        u = cuda.local.array(GPU_FIELD_SCRATCH, float32)
+        sym = cuda.local.array(GPU_FIELD_SCRATCH, uint8)
+        _dqsg_encode_fields(span * b, min(n, span * b + span), u, sym, g, delta, bucket, levels, width, per_word,
+                            words, counts, b, step, tid, sender, ranks, k0, k1)
+
+
+@cuda.jit
+def dqsg_decode_fields(nb, n, span, words, factor, width, per_word, offset, delta, bucket, first, senders, out, step,
+                       tid, ranks, k0, k1):
+    b = cuda.grid(1)
+    if b < nb:
+        u = cuda.local.array(GPU_FIELD_SCRATCH, float32)
+        ksum = cuda.local.array(GPU_FIELD_SCRATCH, int32)
+        _dqsg_decode_fields(span * b, min(n, span * b + span), u, ksum, words, factor, width, per_word, offset, delta,
+                            bucket, first, senders, out, step, tid, ranks, k0, k1)
 
 
 @cuda.jit

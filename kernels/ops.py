@@ -562,15 +562,70 @@ def modadd_cosets(x: torch.Tensor, y: torch.Tensor, nesting_ratio: int,
 SUM_WORD_BITS = 50  # float64 words hold integers < 2^50, with margin for the /P and ×P of Average
 
 
-def pack_sum_fields(codes: torch.Tensor, offset: int, width: int, per_word: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Word w = Σ_j (codes[w·F + j] + offset)·2^(width·j), F = per_word, as an exact float64."""
-    _vec("codes", codes, torch.int8)
+def _fields(width: int, per_word: int) -> tuple[int, int]:
     width = _int("width", width, 1, SUM_WORD_BITS)
     per_word = _int("per_word", per_word, 1, SUM_WORD_BITS)
     if width * per_word > SUM_WORD_BITS:
         raise ValueError(f"width*per_word = {width * per_word} > {SUM_WORD_BITS} bits: "
                          "float64 sums would not stay exact")
+    return width, per_word
+
+
+def _field_span(target: str, per_word: int) -> int:
+    """Range length of a fused summable pass: a multiple of 4 (a Philox block) and of ``per_word``."""
+    unit = math.lcm(4, per_word)
+    return unit if target == "cuda" else unit * max(1, cpu.CHUNK // unit)
+
+
+def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey, width: int,
+                       per_word: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DQSG with common scales Δ straight into summable fields: (words, histogram).
+
+    Equal to :func:`dqsg_encode` then :func:`pack_sum_fields` of the indices with offset s (fields
+    of ``width`` bits, ``per_word`` to a float64 word), in one pass; the histogram counts the
+    symbols k + s (int64, 2s + 1 entries) for the entropy statistic."""
+    _vec("g", g, torch.float32)
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, g.numel(), bucket)
+    levels = _int("levels", levels, 1, 127)
+    width, per_word = _fields(width, per_word)
+    n = g.numel()
+    out = _out(out, "out", math.ceil(n / per_word), torch.float64, g)
+    span = _field_span(_target("dqsg_encode_fields", g, delta, out), per_word)
+    rows = max(1, min((n + span - 1) // span, 1024 if g.is_cuda else 1 << 62))
+    counts = torch.zeros((rows, 2 * levels + 1), dtype=torch.int64, device=g.device)
+    _launch("dqsg_encode_fields", n, g, delta, bucket, levels, width, per_word, out, counts, *key.words(), span=span)
+    return out, counts.sum(0)
+
+
+def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, width: int, per_word: int, offset: int,
+                       delta: torch.Tensor, bucket: int, key: DitherKey, senders: int = 1,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Δ_b (Σ_p k_p − Σ_p u_p) (float32) straight from the reduced summable words, in one pass.
+
+    Equal to :func:`unpack_sum_fields` (``factor``: what the reduction scaled the words by;
+    ``offset``: the summed field offset, P·s) then :func:`dqsg_decode` over senders
+    key.sender … key.sender + senders − 1."""
+    n = _int("n", n, 0, MAX_ELEMENTS)
+    width, per_word = _fields(width, per_word)
+    _vec("words", words, torch.float64, math.ceil(n / per_word))
+    bucket = _int("bucket", bucket, 1, 1 << 31)
+    _scales("delta", delta, n, bucket)
+    senders = _int("senders", senders, 1, 1 << 24)
+    _check_senders(key, senders)
+    out = _out(out, "out", n, torch.float32, words)
+    span = _field_span(_target("dqsg_decode_fields", words, delta, out), per_word)
+    step, tid, first, ranks, k0, k1 = key.words()
+    _launch("dqsg_decode_fields", n, words, np.float64(factor), width, per_word, int(offset), delta, bucket,
+            int(first), senders, out, step, tid, ranks, k0, k1, span=span)
+    return out
+
+
+def pack_sum_fields(codes: torch.Tensor, offset: int, width: int, per_word: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Word w = Σ_j (codes[w·F + j] + offset)·2^(width·j), F = per_word, as an exact float64."""
+    _vec("codes", codes, torch.int8)
+    width, per_word = _fields(width, per_word)
     nw = math.ceil(codes.numel() / per_word)
     out = _out(out, "out", nw, torch.float64, codes)
     _launch("pack_sum_fields", nw, codes, int(offset), width, per_word, out)

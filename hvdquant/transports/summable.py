@@ -13,6 +13,7 @@ so sums never overflow into their neighbours.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,7 @@ class SumFieldLayout:
 
 
 Segment = tuple["SumFieldLayout | None", int]  # (layout, codes) or (None, raw float64 words)
+FieldWriter = Callable[[torch.Tensor], object]  # writes a fields segment's words into the slice given
 
 
 @dataclass(frozen=True)
@@ -85,27 +87,31 @@ class SumMessage:
     def words(self) -> int:
         return sum(layout.field_words(n) if layout is not None else n for layout, n in self.segments) + 1
 
-    def pack(self, values: list[torch.Tensor]) -> torch.Tensor:
-        """One tensor per segment (int8 codes, or float64 words) -> the payload words + sentinel 1.0."""
-        out = torch.empty(self.words, dtype=torch.float64, device=values[0].device if values else "cpu")
+    def pack(self, values: list[torch.Tensor | FieldWriter]) -> torch.Tensor:
+        """One entry per segment -> the payload words + sentinel 1.0. An entry is int8 codes (packed
+        here) or float64 words, or for a fields segment a callable that writes the segment's words
+        into the slice it is given (a fused quantizer: no code array in between)."""
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), "cpu")
+        out = torch.empty(self.words, dtype=torch.float64, device=device)
         pos = 0
         for (layout, n), v in zip(self.segments, values, strict=True):
-            if v.numel() != n:
+            m = n if layout is None else layout.field_words(n)
+            if callable(v) and layout is not None:
+                v(out[pos:pos + m])
+            elif v.numel() != n:
                 raise ValueError(f"segment of {n} values given {v.numel()}")
-            if layout is None:
+            elif layout is None:
                 out[pos:pos + n] = v
-                pos += n
             else:
-                m = layout.field_words(n)
                 ops.pack_sum_fields(v.contiguous(), layout.offset, layout.width, layout.per_word,
                                     out=out[pos:pos + m])
-                pos += m
+            pos += m
         out[-1] = 1.0
         return out
 
-    def unpack(self, reduced: torch.Tensor) -> tuple[list[torch.Tensor], float]:
-        """Reduced words -> (per segment: Σ_p v_p as int32, or the raw words divided by c; the
-        factor c the reduction applied to the sum)."""
+    def split(self, reduced: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+        """Reduced words -> (per segment: its reduced field words, or its raw words divided by c;
+        the factor c the reduction applied to the sum)."""
         if reduced.dtype != torch.float64 or reduced.numel() != self.words:
             raise ValueError(f"reduced payload has {reduced.numel()} {reduced.dtype} words, "
                              f"expected {self.words} float64")
@@ -115,12 +121,15 @@ class SumMessage:
                              "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
         out, pos = [], 0
         for layout, n in self.segments:
-            if layout is None:
-                out.append(reduced[pos:pos + n] / factor)
-                pos += n
-            else:
-                m = layout.field_words(n)
-                out.append(ops.unpack_sum_fields(reduced[pos:pos + m].contiguous(), n, layout.offset * self.ranks,
-                                                 layout.width, layout.per_word, factor))
-                pos += m
+            m = n if layout is None else layout.field_words(n)
+            out.append(reduced[pos:pos + m] / factor if layout is None else reduced[pos:pos + m].contiguous())
+            pos += m
         return out, factor
+
+    def unpack(self, reduced: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+        """Reduced words -> (per segment: Σ_p v_p as int32, or the raw words divided by c; the
+        factor c the reduction applied to the sum)."""
+        parts, factor = self.split(reduced)
+        return [part if layout is None else
+                ops.unpack_sum_fields(part, n, layout.offset * self.ranks, layout.width, layout.per_word, factor)
+                for (layout, n), part in zip(self.segments, parts)], factor

@@ -22,12 +22,13 @@ the dither seed between ranks (once per job).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from hvdquant.codecs.base import all_finite, empirical_entropy, flat32
+from hvdquant.codecs.base import all_finite, counts_entropy, empirical_entropy, flat32
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
 from hvdquant.kernels import DitherKey, ops
@@ -162,15 +163,19 @@ class SummedExchange:
                                            self.coll.size))
                 for item, m in zip(items, maxima)]
 
+    def sum_words(self, message: SumMessage, values: list, coordinates: int, phase: str = "fields") -> torch.Tensor:
+        """One SUM allreduce of every segment of ``message`` (:meth:`SumMessage.pack` takes ``values``);
+        returns the reduced words. ``coordinates`` are counted in the statistics (0 for second
+        rounds). Rounds complete before the next starts, so the names repeat from step to step
+        (Horovod caches their negotiation)."""
+        started = self.coll.allreduce(message.pack(values), f"hvdquant.sum.{phase}")
+        self.stats.record(coordinates, started.nbytes)
+        return started.wait()
+
     def sum_fields(self, message: SumMessage, values: list[torch.Tensor], coordinates: int, phase: str = "fields"
                    ) -> list[torch.Tensor]:
-        """One SUM allreduce of every segment of ``message``; ``coordinates`` are counted in the
-        statistics (0 for second rounds). Rounds complete before the next starts, so the names
-        repeat from step to step (Horovod caches their negotiation)."""
-        words = message.pack(values)
-        started = self.coll.allreduce(words, f"hvdquant.sum.{phase}")
-        self.stats.record(coordinates, started.nbytes)
-        parts, _ = message.unpack(started.wait())
+        """:meth:`sum_words`, unpacked: per segment Σ_p v_p (int32) or the raw words' sum."""
+        parts, _ = message.unpack(self.sum_words(message, values, coordinates, phase))
         return parts
 
 
@@ -191,17 +196,25 @@ class DQSGSum:
         return {"scheme": "dqsg", **asdict(self.fine), "seed": seed}
 
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
-        """Quantize every tensor, sum all fields in one allreduce, decode Σ_p ĝ_p per tensor."""
+        """Quantize every tensor straight into its summable fields (one fused pass per tensor), sum
+        all fields in one allreduce, decode Σ_p ĝ_p per tensor straight from the reduced words."""
         codec, ranks = ex.codec, ex.coll.size
         layout = SumFieldLayout.for_levels(codec.levels, ranks)
-        codes = [codec.quantize(q.item.source, q.delta, q.key) for q in rounds]
-        for q, k in zip(rounds, codes):
-            ex.entropy_bits += k.numel() * empirical_entropy((k + codec.levels).view(torch.uint8),
-                                                             codec.symbols) + 32.0 * q.delta.numel()
+
+        def writer(q: Quantized) -> Callable[[torch.Tensor], None]:
+            def write(words: torch.Tensor) -> None:
+                _, counts = ops.dqsg_encode_fields(q.item.source, q.delta, codec.bucket_size, codec.levels, q.key,
+                                                   layout.width, layout.per_word, out=words)
+                ex.entropy_bits += q.item.source.numel() * counts_entropy(counts) + 32.0 * q.delta.numel()
+            return write
+
         sizes = [q.item.source.numel() for q in rounds]
-        sums = ex.sum_fields(SumMessage(ranks, tuple((layout, n) for n in sizes)), codes, sum(sizes))
-        return {q.item.name: codec.decode_sum(ksum, q.delta, q.key.for_sender(0), senders=ranks)
-                for q, ksum in zip(rounds, sums)}
+        message = SumMessage(ranks, tuple((layout, n) for n in sizes))
+        words, factor = message.split(ex.sum_words(message, [writer(q) for q in rounds], sum(sizes)))
+        return {q.item.name: ops.dqsg_decode_fields(w, n, factor, layout.width, layout.per_word,
+                                                    layout.offset * ranks, q.delta, codec.bucket_size,
+                                                    q.key.for_sender(0), senders=ranks)
+                for q, w, n in zip(rounds, words, sizes)}
 
 
 class NestedSum:

@@ -83,6 +83,36 @@ def test_fused_payload_passes_equal_the_separate_passes(levels, bucket, n, key):
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 3, 8])
+@pytest.mark.parametrize("levels", [1, 3, 20])
+@pytest.mark.parametrize("bucket", [7, 512, 1 << 20])
+@pytest.mark.parametrize("n", [0, 1, 13, 4097, 100_003])
+@pytest.mark.parametrize("stratified", [False, True])
+def test_fused_summable_passes_equal_the_separate_passes(ranks, levels, bucket, n, stratified):
+    """dqsg_encode_fields = dqsg_encode then pack_sum_fields (offset s), with the symbols' histogram;
+    dqsg_decode_fields of the reduced words = unpack_sum_fields (offset P·s) then dqsg_decode over all
+    P senders: bit for bit, here after an Average (words × 1/P ... any factor: 0.25)."""
+    from hvdquant.transports.summable import SumFieldLayout
+
+    layout = SumFieldLayout.for_levels(levels, ranks)
+    keys = [DitherKey(5, 2, 9, p, ranks=ranks if stratified else 0) for p in range(ranks)]
+    gs = [torch.randn(n, generator=torch.Generator().manual_seed(p + n)) for p in range(ranks)]
+    delta = torch.stack([ops.bucket_absmax(g, bucket) for g in gs]).amax(0) / levels
+    total = torch.zeros(layout.field_words(n), dtype=torch.float64)
+    for g, key in zip(gs, keys):
+        k = ops.dqsg_encode(g, delta, bucket, levels, key)
+        words, counts = ops.dqsg_encode_fields(g, delta, bucket, levels, key, layout.width, layout.per_word)
+        assert torch.equal(words, ops.pack_sum_fields(k, levels, layout.width, layout.per_word))
+        assert torch.equal(counts, torch.bincount((k + levels).view(torch.uint8).long(), minlength=2 * levels + 1))
+        total += words
+    reduced = total * 0.25
+    ksum = ops.unpack_sum_fields(reduced, n, levels * ranks, layout.width, layout.per_word, 0.25)
+    want = ops.dqsg_decode(ksum, delta, bucket, keys[0], senders=ranks)
+    got = ops.dqsg_decode_fields(reduced, n, 0.25, layout.width, layout.per_word, levels * ranks, delta, bucket,
+                                 keys[0], senders=ranks)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_fused_encode_reports_non_finite_scales():
     g = torch.ones(3000)
     g[2500] = float("nan")

@@ -75,6 +75,11 @@ CASES = {
                                                     STRAT4, n),
                              ops.dqsg_decode_packed(ops.bitpack(sym_of(n, 7), 3), scales(g_of(n), 64, 3), 64, 3,
                                                     KEY, n)),
+    "dqsg_fields": lambda n: (*ops.dqsg_encode_fields(g_of(n), scales(g_of(n), 64, 3), 64, 3, STRAT3, 4, 12),
+                              ops.dqsg_encode_fields(g_of(n), scales(g_of(n), 64), 64, 1, KEY, 7, 7)[0],
+                              ops.dqsg_decode_fields(ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 9, 5, 10)
+                                                     * 0.5, n, 0.5, 5, 10, 9, scales(g_of(n), 64, 3), 64,
+                                                     STRAT3.for_sender(0), senders=3)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),
     "qsgd": lambda n: (ops.qsgd_encode(g_of(n), ops.bucket_l2(g_of(n), 64), 64, 4, KEY),
