@@ -43,7 +43,7 @@ F32_HALF = np.float32(0.5)
 F32_ONE = np.float32(1.0)
 F32_ULP23 = np.float32(2.0**-23)
 F32_INF = np.float32(np.inf)
-GPU_SPAN = 120  # elements per GPU thread in the fused payload passes: a multiple of 4 and of every packing group
+GPU_SPAN = 20  # scratch per GPU thread in the fused payload passes: ≥ lcm(4, packing group) (8, 12 or 20)
 GPU_FIELD_SCRATCH = 200  # scratch per GPU thread in the fused summable passes: ≥ lcm(4, F) for F ≤ 50 fields a word
 RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage side information finite
 # Sender words of the streams every rank shares under the stratified dither (docs/ALGORITHMS.md §9):

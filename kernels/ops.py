@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from . import cpu, threads
-from .arith import GPU_SPAN
 from .key import MAX_ELEMENTS, DitherKey
 
 THREADS_PER_BLOCK = 256
@@ -276,8 +275,8 @@ def _span(target: str, group: int, bucket: int | None = None) -> tuple[int, bool
     encoder computes their scales itself; CPU only). Ranges start at multiples of 4 (a Philox
     block) and of the packing group."""
     unit = math.lcm(4, group)
-    if target == "cuda":
-        return GPU_SPAN, False
+    if target == "cuda":  # short ranges: neighbouring threads read neighbouring memory
+        return unit, False
     if bucket is not None and math.lcm(bucket, unit) <= MAX_SCALED_SPAN:
         whole = math.lcm(bucket, unit)
         return whole * max(1, cpu.CHUNK // whole), True
