@@ -22,6 +22,8 @@ For each setting and nesting configuration (s₁, s₂), ρ = s₁/s₂:
   the wrong coset member and of nested buckets failing their checksum, and the bytes all ranks
   hand over (payloads plus the recovery of failed buckets) ÷ the bytes of DQSG(s₁) payloads.
   Recovered NDQSG decodes to DQSG(s₁) exactly, so this is the bits ratio **at equal variance**.
+- **adaptive payload NDQSG** (`NDQSG(..., adaptive=True)`): the same, nesting switched per tensor
+  from the previous step's outcome (off at a tensor's first step), its bytes over all steps.
 - **nested sum / coset ring** (`hvdquant.Compression.ndqsg`, `hvdquant.ring_allreduce`): a common
   Δ, the residues of Σ_p k_p mod ρ resolved against P × the previous step's decoded mean (side
   information *across* steps). The two share this decoder, hence these failure rates. Bits are
@@ -170,7 +172,7 @@ def main() -> None:
     p.add_argument("--levels", nargs="+", default=["3,1", "8,1"], help="nesting configurations s1,s2")
     p.add_argument("--batches", nargs="+", type=int, default=[25, 100, 400, 1600])
     p.add_argument("--sigmas", nargs="+", type=float, default=[0.01, 0.03, 0.1, 0.3, 1.0])
-    p.add_argument("--steps", type=int, default=6, help="measured steps per setting (the first has no "
+    p.add_argument("--steps", type=int, default=8, help="measured steps per setting (the first has no "
                    "previous mean: the nested sum skips it)")
     p.add_argument("--late-after", type=int, default=300)
     p.add_argument("--synthetic-n", type=int, default=1 << 16)
@@ -178,6 +180,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/nesting_sweep"))
     args = p.parse_args()
     codecs = [NDQSG(tuple(int(v) for v in lv.split(",")), args.bucket_size) for lv in args.levels]
+    adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
     acc: dict[tuple[str, str, str, str], dict[str, float]] = {}
     corr: dict[tuple[str, str], list[float]] = {}
     side: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -189,6 +192,8 @@ def main() -> None:
                 cfg = f"({codec.levels[0]},{codec.levels[1]})"
                 add(acc.setdefault((setting, layer, cfg, "payload"), {}),
                     payload_ndqsg(codec, gs, f"{setting}/{name}", step))
+                add(acc.setdefault((setting, layer, cfg, "adaptive"), {}),
+                    payload_ndqsg(adaptive[codec.levels], gs, f"{setting}/{name}", step))
                 prev = side.get((setting, name, cfg)) if step > 0 else None
                 part, side[(setting, name, cfg)] = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step)
                 add(acc.setdefault((setting, layer, cfg, "sum"), {}), part)
@@ -199,16 +204,17 @@ def main() -> None:
             continue
         rows.append({"setting": setting, "layer": layer, "levels": cfg, "scheme": scheme,
                      "correlation": sum(corr[setting, layer]) / len(corr[setting, layer]),
-                     "coordinate_failure_rate": a["failed_coordinates"] / a["coordinates"],
-                     "bucket_failure_rate": a["failed_buckets"] / a["buckets"],
+                     "coordinate_failure_rate": a["failed_coordinates"] / max(a["coordinates"], 1),
+                     "bucket_failure_rate": a["failed_buckets"] / max(a["buckets"], 1),
                      "bits_ratio": a["bytes"] / a["dqsg_bytes"]})
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"date": date.today().isoformat(), "ranks": args.ranks, "bucket_size": args.bucket_size,
             "steps": args.steps, "command": "launch/nesting_sweep.py"}
     (args.out / "nesting_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| setting | layer | ρ config | mean corr. | payload NDQSG: coords wrong | buckets failed "
-          "| bits ÷ DQSG(s₁) | nested sum / ring: coords wrong | buckets failed | bits ÷ DQSG(s₁) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| bits ÷ DQSG(s₁) | adaptive: bits ÷ DQSG(s₁) | nested sum / ring: coords wrong | buckets failed "
+          "| bits ÷ DQSG(s₁) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     by = {(r["setting"], r["layer"], r["levels"], r["scheme"]): r for r in rows}
     for (setting, layer, cfg, scheme), r in by.items():
         if scheme != "payload":
@@ -216,8 +222,9 @@ def main() -> None:
         s = by.get((setting, layer, cfg, "sum"))
         tail = (f"{s['coordinate_failure_rate']:.2%} | {s['bucket_failure_rate']:.1%} | {s['bits_ratio']:.2f}"
                 if s else "– | – | –")
+        a = by[setting, layer, cfg, "adaptive"]
         print(f"| {setting} | {layer} | {cfg} | {r['correlation']:.3f} | {r['coordinate_failure_rate']:.2%} | "
-              f"{r['bucket_failure_rate']:.1%} | {r['bits_ratio']:.2f} | {tail} |")
+              f"{r['bucket_failure_rate']:.1%} | {r['bits_ratio']:.2f} | {a['bits_ratio']:.2f} | {tail} |")
     plot(rows, args.out / "nesting_sweep.png", meta)
 
 
@@ -227,9 +234,11 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, scheme, title in zip(axes, ("payload", "sum"), ("payload NDQSG (side info: this step's DQSG ranks)",
-                                                            "nested sum / coset ring (side info: last step)")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, scheme, title in zip(axes, ("payload", "adaptive", "sum"),
+                                 ("payload NDQSG (side info: this step's DQSG ranks)",
+                                  "payload NDQSG, adaptive=True (first step: off)",
+                                  "nested sum / coset ring (side info: last step)")):
         for cfg in sorted({r["levels"] for r in rows}):
             for kind, marker in (("real", "o"), ("synthetic", "s")):
                 pts = sorted((-math.log10(max(1 - r["correlation"], 1e-6)), r["bits_ratio"]) for r in rows

@@ -175,6 +175,10 @@ class Compression:
         from hvdquant.codecs.base import Codec
 
         if isinstance(codec, NDQSG):
+            if codec.adaptive:
+                raise NotImplementedError("adaptive nesting runs on the payload path only: use "
+                                          "hvdquant.DistributedOptimizer(..., codec=NDQSG(..., adaptive=True), "
+                                          "reducer='allgather')")
             return NestedSumCompression(codec.levels, codec.bucket_size, seed)
         if isinstance(codec, DQSG):
             return DQSGCompression(codec.levels, codec.bucket_size, seed, codec.dither)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -42,14 +42,28 @@ class NDQSG(Codec):
     """Nested DQSG with ``levels`` = (s₁, s₂), ρ = s₁/s₂, buckets of ``bucket_size``, and a fraction
     ``dqsg_fraction`` of ranks sending plain DQSG(s₁). The paper's setting: (3, 1), r = 0.5.
     ``dither`` as in :class:`DQSG`: under ``"stratified"`` each nested rank's u_p is still its own
-    function of the key, so it is decoded against side information exactly as before."""
+    function of the key, so it is decoded against side information exactly as before.
+
+    ``adaptive=True`` (payload path over allgather): nesting is decided per tensor name for the next
+    step from what every rank decoded at this one — the nested senders' bytes (recovery included)
+    when nesting was on, or a probe (their DQSG(s₁) indices resolved from their residues against
+    the same side information) when it was off — and kept on only where it sends at most
+    ``ADAPTIVE_MARGIN`` × the DQSG(s₁) bytes. A tensor starts with nesting off. The decisions are
+    identical on every rank without a collective, live in :meth:`state_dict`, and cost one nested
+    decode per nested sender while off. (docs/RESULTS.md, "When nesting pays".)"""
 
     levels: tuple[int, int] = (3, 1)
     bucket_size: int = 512
     dqsg_fraction: float = 0.5
     dither: str = "independent"
+    adaptive: bool = False
+    #: adaptive nesting: per tensor name, whether its nested senders send cosets at the next step
+    nesting: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     scheme = "ndqsg"
+    #: adaptive nesting stays on (or turns on) only where it is expected to send at most this
+    #: fraction of the nested senders' DQSG(s₁) bytes
+    ADAPTIVE_MARGIN = 0.95
 
     def __post_init__(self) -> None:
         if not (isinstance(self.levels, tuple) and len(self.levels) == 2):
@@ -61,6 +75,8 @@ class NDQSG(Codec):
             raise ValueError(f"NDQSG levels {self.levels}: s1 must be a multiple of s2 with s1/s2 >= 2 "
                              "(the nesting ratio)")
         check_int("NDQSG", "bucket_size", self.bucket_size, 1, 1 << 30)
+        if not isinstance(self.adaptive, bool):
+            raise TypeError(f"NDQSG adaptive must be a bool, got {type(self.adaptive).__name__}")
         if isinstance(self.dqsg_fraction, bool) or not isinstance(self.dqsg_fraction, (int, float)) \
                 or not 0.0 <= self.dqsg_fraction <= 1.0:
             raise ValueError(f"NDQSG dqsg_fraction={self.dqsg_fraction!r} must be a number in [0, 1]")
@@ -78,11 +94,23 @@ class NDQSG(Codec):
         """⌈rP⌉ ranks (at least one: the first decoded sender must not need side information)."""
         return max(1, math.ceil(self.dqsg_fraction * ranks - 1e-9))
 
-    def is_nested(self, sender: int, ranks: int) -> bool:
-        return sender >= self.dqsg_senders(ranks)
+    def config(self) -> dict:
+        return {"scheme": self.scheme, **{k: v for k, v in asdict(self).items() if k != "nesting"}}
+
+    def is_nested(self, sender: int, ranks: int, name: str | None = None) -> bool:
+        """Whether ``sender`` sends coset symbols (of tensor ``name``, under adaptive nesting)."""
+        return sender >= self.dqsg_senders(ranks) and (not self.adaptive or self.nesting.get(name, False))
+
+    def state_dict(self) -> dict[str, bool]:
+        """The adaptive nesting decisions (a checkpoint resumes with them)."""
+        return dict(self.nesting)
+
+    def load_state_dict(self, state: dict[str, bool]) -> None:
+        self.nesting.clear()
+        self.nesting.update({str(k): bool(v) for k, v in state.items()})
 
     def layout(self, n: int, ctx: TensorContext) -> Layout:
-        if not self.is_nested(ctx.key.sender, ctx.ranks):
+        if not self.is_nested(ctx.key.sender, ctx.ranks, ctx.name):
             return self.fine.layout(n)
         nb = ops.num_buckets(n, self.bucket_size)
         return [("delta", torch.float32, nb), ("checksum", torch.int32, nb),
@@ -94,7 +122,7 @@ class NDQSG(Codec):
         return 8.0 * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.layout(n, ctx)) / n
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
-        if not self.is_nested(ctx.key.sender, ctx.ranks):
+        if not self.is_nested(ctx.key.sender, ctx.ranks, ctx.name):
             return self.fine.encode(g, ctx)
         flat = flat32(g)
         fine = self.fine
@@ -192,6 +220,7 @@ class NDQSG(Codec):
         fine = self.fine
         known: dict[int, list[tuple[list[int], torch.Tensor]]] = {}  # sender -> recovered (buckets, indices)
         stats = DecodeStats()
+        probed = 0  # adaptive, nesting off: bytes the nested senders would have sent with nesting on
         while True:
             total = torch.zeros(n, dtype=torch.float32)
             failed: dict[int, list[int]] = {}
@@ -199,6 +228,8 @@ class NDQSG(Codec):
             for p, enc in enumerate(payloads):
                 pctx = ctx.sender(p)
                 if "cosets" not in enc.fields:
+                    if self.adaptive and p >= self.dqsg_senders(ranks):
+                        probed += self._probe(enc, pctx, total / p)
                     total += fine.decode(enc, pctx)
                     continue
                 key = fine.keyed(pctx.key, pctx.ranks)
@@ -213,6 +244,8 @@ class NDQSG(Codec):
                     failed[p], resolved[p] = bad, kout
                 total += fine.decode_sum(kout, enc.fields["delta"], key)
             if not failed:
+                if self.adaptive:
+                    self._decide(ctx, ranks, n, probed, known)
                 return total / ranks, stats
             if recover is None:
                 raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed.values()))} bucket(s) of "
@@ -223,6 +256,41 @@ class NDQSG(Codec):
                 truth = self._recovered_codes(replies[p], n, buckets)
                 self.patch(resolved[p], buckets, truth, stats)
                 known.setdefault(p, []).append((buckets, truth))
+
+    # ------------------------------------------------------------- adaptive nesting
+    def nested_bytes(self, n: int, recovered: int) -> int:
+        """Bytes a nested sender hands over for n coordinates, ``recovered`` of them resent as DQSG(s₁)."""
+        nb = ops.num_buckets(n, self.bucket_size)
+        return 8 * nb + ops.coset_bytes(n, self.nesting_ratio) + (
+            ops.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
+
+    def _probe(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor) -> int:
+        """Bytes this DQSG(s₁) payload would have cost as a nested one: its indices' residues mod ρ
+        resolved against the same side information a nested payload would have met, the failed
+        buckets counted as recovered."""
+        fine, n = self.fine, enc.n
+        k = ops.unpack_symbols(enc.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
+        residues = ((k + self.nesting_ratio // 2) % self.nesting_ratio).to(torch.uint8)
+        _, bad = self.resolve(residues, enc.fields["delta"], side, fine.keyed(ctx.key, ctx.ranks), 1,
+                              ops.bucket_checksum(k, self.bucket_size))
+        return self.nested_bytes(n, bucket_coordinates(bad, self.bucket_size, n).numel())
+
+    def _decide(self, ctx: TensorContext, ranks: int, n: int, probed: int,
+                known: dict[int, list[tuple[list[int], torch.Tensor]]]) -> None:
+        """Nesting of ``ctx.name`` at its next step: on iff the nested senders' bytes this step (sent,
+        recovery included, or probed) were at most ADAPTIVE_MARGIN × their DQSG(s₁) bytes. Every
+        rank decodes every payload alike, so every rank decides alike, without a collective."""
+        senders = ranks - self.dqsg_senders(ranks)
+        if not senders:
+            return
+        if self.nesting.get(ctx.name, False):
+            spent = sum(self.nested_bytes(n, sum(bucket_coordinates(b, self.bucket_size, n).numel()
+                                                 for b, _ in known.get(p, ())))
+                        for p in range(ranks - senders, ranks))
+        else:
+            spent = probed
+        plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
+        self.nesting[ctx.name] = spent <= self.ADAPTIVE_MARGIN * plain
 
     def _recovered_codes(self, buf: torch.Tensor, n: int, buckets: list[int]) -> torch.Tensor:
         """A recovery reply (packed DQSG(s₁) symbols of the buckets) as int32 indices."""

@@ -119,6 +119,50 @@ def test_ndqsg_equals_dqsg_s1_bit_for_bit(ranks, noise, dither):
         assert stats.failed_buckets > 0 and stats.recovery_rounds >= 1 and stats.failed_coordinates > 0
 
 
+@pytest.mark.parametrize("noise,expect_nesting", [(0.01, True), (3.0, False)])
+def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting):
+    """Adaptive nesting on the allgather path, P = 4 ranks each with its own codec object: every
+    rank decides alike from what it decoded (no collective). Step 0 sends DQSG(s₁) everywhere and
+    probes; correlated gradients (noise 0.01, correlation ≈ 0.9999) then nest and send at most
+    ADAPTIVE_MARGIN (0.95) × DQSG(s₁)'s bytes for the nested senders, recovery included;
+    independent ones (noise 3) never nest, so they send exactly DQSG(s₁)'s bytes. The mean always
+    equals DQSG(s₁)'s bit for bit."""
+    ranks, n, steps = 4, 4096, 4
+    codecs = [NDQSG((3, 1), 256, adaptive=True) for _ in range(ranks)]
+    fine = codecs[0].fine
+    gen = torch.Generator().manual_seed(5)
+    common = torch.randn(n, generator=gen)
+    for step in range(steps):
+        common = common + noise * torch.randn(n, generator=gen)
+        gs = [common + noise * torch.randn(n, generator=gen) for _ in range(ranks)]
+        base = ctx_for((n,), ranks=ranks, step=step)
+        encs = [codecs[p].encode(gs[p], base.sender(p)) for p in range(ranks)]
+        for rank in range(ranks):  # every rank aggregates every payload, as allgather does
+            codec = codecs[rank]
+            payloads = [codec.from_bytes(e.to_bytes(), n, base.sender(p)) for p, e in enumerate(encs)]
+            recovered = [0]
+
+            def recover(failed, codec=codec, encs=encs, base=base, recovered=recovered):
+                out = {p: codec.recovery_payload(encs[p], base.sender(p), b) for p, b in failed.items()}
+                recovered[0] += sum(v.numel() for v in out.values())
+                return out
+
+            mean, _ = codec.aggregate(payloads, base, recover)
+            ref = sum(fine.decode(fine.encode(g, base.sender(p)), base.sender(p)) for p, g in enumerate(gs))
+            assert torch.equal(mean, ref / ranks)
+        assert len({tuple(c.state_dict().items()) for c in codecs}) == 1  # the same decision on every rank
+        nested_bytes = sum(e.nbytes() for e in encs[2:]) + recovered[0]
+        plain_bytes = sum(fine.encode(g, base.sender(p)).nbytes() for p, g in enumerate(gs[2:], 2))
+        if step == 0 or not expect_nesting:
+            assert nested_bytes == plain_bytes  # nesting off: exactly DQSG(s₁)
+        else:
+            assert nested_bytes <= NDQSG.ADAPTIVE_MARGIN * plain_bytes
+        assert codecs[0].state_dict() == {"w": expect_nesting}
+    restored = NDQSG((3, 1), 256, adaptive=True)
+    restored.load_state_dict(codecs[0].state_dict())
+    assert restored.state_dict() == codecs[0].state_dict() and restored.config() == codecs[0].config()
+
+
 def test_ndqsg_without_recovery_refuses_to_return_wrong_values():
     n, ranks = 2000, 2
     gs = [torch.randn(n, generator=torch.Generator().manual_seed(p)) * 5 for p in range(ranks)]
