@@ -81,6 +81,33 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
     assert stats["entropy_bits_per_coordinate"] <= stats["payload_bits_per_coordinate"] + 1e-9
 
 
+@pytest.mark.parametrize("shared_data", [True, False])
+def test_adaptive_ndqsg_decides_alike_on_every_rank(shared_data):
+    """NDQSG(adaptive=True): with the same minibatch on every rank (gradients equal up to nothing)
+    every weight tensor nests from its second step on; with each rank's own minibatch of 8 digits
+    (weakly correlated gradients) nesting stays off. Either way every rank holds the same
+    decisions and bit-identical replicas after every step."""
+    codec = hvdquant.NDQSG((3, 1), 64, adaptive=True)
+    x, y = load_digits()
+    model = mlp()
+    opt = hvdquant.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                        named_parameters=model.named_parameters(), codec=codec,
+                                        reducer="allgather", min_numel=16)
+    agree = []
+    for step in range(4):
+        idx = torch.arange(8) + 8 * (step if shared_data else hvd.rank() + hvd.size() * step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        decisions = torch.tensor([codec.state_dict()[n] for n in sorted(codec.state_dict())])
+        agree.append(same_on_all_ranks(decisions, f"adaptive.{shared_data}.{step}"))
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    identical = same_on_all_ranks(after, f"adaptive.{shared_data}.weights")
+    assert all(agree) and identical
+    weights = sorted(n for n, p in model.named_parameters() if p.dim() >= 2)
+    assert codec.state_dict() == {n: shared_data for n in weights}
+
+
 def exchange_once(codec, g, step, name="layer.weight", reducer="allgather"):
     ex = make_exchange(codec, reducer, True, HorovodCollectives())
     return ex.start(name, g, seed=1234, step=step)(), ex
