@@ -20,6 +20,12 @@ allgather every rank resolves K = Σ_p k_p from its residue with side informatio
 bit-identical on every rank, checks the bucket checksums, and **recovers** failed buckets with a
 second, small SUM allreduce of their DQSG(s₁) indices; the count is in :class:`RingStats`.
 
+With ``NDQSG(..., adaptive=True)`` the ring switches nesting per tensor name from call to call: while
+off, the ranks sum their DQSG(s₁) indices in summable fields (one SUM allreduce) and probe what the
+residues of that sum would have cost against the same side information; while on, they run the
+coset ring and keep nesting only if its bytes (cosets, checksums, recovery) were at most
+``ADAPTIVE_MARGIN`` × the fields'. Every rank sees the same sums, so every rank decides alike.
+
 Buffers go through host memory (Debian's Open MPI is not CUDA-aware): CUDA tensors are staged.
 This transport talks MPI directly; it is a reference and benchmark, not a Horovod hook.
 """
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 
 from hvdquant.codecs.base import all_finite
-from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.keys import StepCounter, dither_key
 from hvdquant.stats import DecodeStats
@@ -184,6 +190,30 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
         raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on at least one rank")
     delta = fine.step_size(common)
     k = fine.quantize(g, delta, key)
+    request = SideRequest(name, comm, ranks, g, delta, codec, key, stats)
+    layout = SumFieldLayout.for_levels(fine.levels, ranks)
+
+    def recover(idx: torch.Tensor) -> torch.Tensor:
+        """The true index sums at ``idx``: one SUM allreduce of their DQSG(s₁) indices."""
+        summed = coll.allreduce(layout.pack(k[idx].contiguous()), "recovery")
+        stats.recovery_bytes += summed.nbytes
+        return layout.unpack(summed.wait(), idx.numel())[0]
+
+    if codec.adaptive and not codec.nesting.get(name, False):  # nesting off: DQSG(s₁) sums, then a probe
+        summed = coll.allreduce(layout.pack(k), "fields")
+        stats.scale_bytes += maxima.nbytes
+        stats.ring_bytes += summed.nbytes
+        plain = summed.nbytes
+        kout = layout.unpack(summed.wait(), n)[0]
+        estimate = None if side is None else side.estimate(request)
+        if estimate is not None:
+            residues = ((kout + ranks * (rho // 2)) % rho).to(torch.uint8)
+            _, bad = codec.resolve(residues, delta, estimate, key.for_sender(0), ranks, ops.bucket_checksum(kout, d))
+            probed = (_coset_ring_bytes(n, ranks, rho) + 8 * delta.numel()
+                      + 8 * layout.words(bucket_coordinates(bad, d, n).numel()))
+            codec.nesting[name] = probed <= codec.ADAPTIVE_MARGIN * plain
+        return _finish(fine, kout, delta, key, ranks, side, name)
+
     check_sum = coll.allreduce(ops.bucket_checksum(k, d), "checksums")
     stats.scale_bytes += maxima.nbytes + check_sum.nbytes
 
@@ -199,18 +229,24 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
     chunks = _ring(comm, chunks, modadd, stats)
     residues = torch.cat([ops.unpack_cosets(torch.from_numpy(c), rho, hi - lo) for c, (lo, hi) in zip(chunks, bounds)])
 
-    def recover(idx: torch.Tensor) -> torch.Tensor:
-        """The true index sums at ``idx``: one SUM allreduce of their DQSG(s₁) indices."""
-        layout = SumFieldLayout.for_levels(fine.levels, ranks)
-        summed = coll.allreduce(layout.pack(k[idx].contiguous()), "recovery")
-        stats.recovery_bytes += summed.nbytes
-        return layout.unpack(summed.wait(), idx.numel())[0]
-
-    request = SideRequest(name, comm, ranks, g, delta, codec, key, stats)
     estimate = None if side is None else side.estimate(request)
     stats.buckets += delta.numel()
+    before = stats.recovery_bytes
     kout = codec.decode_sum(residues, delta, estimate, key.for_sender(0), ranks, check_sum.wait(),
                             recover=recover, stats=stats)
+    if codec.adaptive:  # keep nesting only where this call cost at most the margin × DQSG(s₁) sums
+        spent = _coset_ring_bytes(n, ranks, rho) + check_sum.nbytes + stats.recovery_bytes - before
+        codec.nesting[name] = spent <= codec.ADAPTIVE_MARGIN * 8 * layout.words(n)
+    return _finish(fine, kout, delta, key, ranks, side, name)
+
+
+def _coset_ring_bytes(n: int, ranks: int, rho: int) -> int:
+    """Bytes one rank hands to the ring for n coset symbols: 2(P − 1) chunks of about n/P symbols."""
+    return 2 * (ranks - 1) * ops.coset_bytes(-(-n // ranks), rho) if ranks > 1 else 0
+
+
+def _finish(fine, kout: torch.Tensor, delta: torch.Tensor, key: DitherKey, ranks: int, side, name: str) -> torch.Tensor:
+    """Σ_p ĝ_p from the exact index sums; the side information learns the mean."""
     total = fine.decode_sum(kout, delta, key.for_sender(0), senders=ranks)
     if side is not None:
         side.update(name, total / ranks)

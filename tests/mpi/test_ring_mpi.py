@@ -76,6 +76,27 @@ def test_coset_ring_is_exact_and_uses_side_information(rho_levels):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("drift,expect_nesting", [(1e-4, True), (1.0, False)])
+def test_adaptive_coset_ring_switches_nesting_and_stays_exact(drift, expect_nesting):
+    """NDQSG((8, 1), adaptive=True) on the ring with PreviousMean side information: the first call
+    sums DQSG(s₁) indices (nesting off) and probes; slowly drifting gradients (1e-4) then take the
+    coset ring, fast-changing ones (drift 1, as large as the gradient) never do. Every call equals
+    the exact DQSG(s₁) sum bit for bit, and every rank holds the same decision."""
+    _, comm = world()
+    codec = NDQSG((8, 1), bucket_size=100, adaptive=True)
+    name = f"ring.adaptive.{drift}"
+    side = PreviousMean()
+    base = torch.randn(2500, generator=torch.Generator().manual_seed(3))
+    for step in range(4):
+        g = base + drift * torch.randn(2500, generator=torch.Generator().manual_seed(100 * step + comm.Get_rank()))
+        out = ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7)
+        assert torch.equal(out, exact_coset_reference(comm, g, codec, name, 7, step))
+        decisions = comm.allgather(codec.state_dict())
+        assert all(dec == decisions[0] for dec in decisions)
+    assert codec.state_dict() == {name: expect_nesting}
+
+
+@pytest.mark.mpi
 def test_forced_failure_is_detected_and_recovered():
     """Side information deliberately wrong by 10ρΔ: every bucket fails its checksum, is counted and
     recovered; the result is still exact."""
