@@ -141,10 +141,12 @@ class NestedSumCompression(DQSGCompression):
     """Nested DQSG as a Horovod compression object: coset indices in summable fields, decoded with
     the previous step's mean as side information and failed buckets recovered by a second
     allreduce (:class:`~hvdquant.transports.summed.NestedSum`; counts in ``decode_stats``).
-    Pays off only for ρ well above P and slowly changing gradients (recovery traffic is counted)."""
+    Pays off only for ρ well above P and slowly changing gradients (recovery traffic is counted);
+    ``adaptive=True`` nests a tensor only while that pays (:class:`~hvdquant.transports.summed.NestedSum`)."""
 
-    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None) -> None:
-        self.transport = SummedExchange(NestedSum(levels, bucket_size), seed, HorovodCollectives)
+    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None,
+                 adaptive: bool = False) -> None:
+        self.transport = SummedExchange(NestedSum(levels, bucket_size, adaptive), seed, HorovodCollectives)
 
 
 def _not_summable(scheme: str, example: str):
@@ -175,11 +177,7 @@ class Compression:
         from hvdquant.codecs.base import Codec
 
         if isinstance(codec, NDQSG):
-            if codec.adaptive:
-                raise NotImplementedError("adaptive nesting runs on the payload path only: use "
-                                          "hvdquant.DistributedOptimizer(..., codec=NDQSG(..., adaptive=True), "
-                                          "reducer='allgather')")
-            return NestedSumCompression(codec.levels, codec.bucket_size, seed)
+            return NestedSumCompression(codec.levels, codec.bucket_size, seed, codec.adaptive)
         if isinstance(codec, DQSG):
             return DQSGCompression(codec.levels, codec.bucket_size, seed, codec.dither)
         if isinstance(codec, Codec):

@@ -109,6 +109,20 @@ class SummedExchange:
     def entropy_bits_per_coordinate(self) -> float:
         return self.entropy_bits / self.stats.coordinates if self.stats.coordinates else float("nan")
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the same dither streams and decoders: the agreed
+        seed, the per-name step counters and the scheme's state (nested side information)."""
+        return {"kind": "summed", "seed": self._agreed_seed, "steps": self.steps.state_dict(),
+                "scheme": self.scheme.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the seed is agreed again at the next exchange (rank 0's)."""
+        if state.get("kind") != "summed":
+            raise ValueError(f"checkpoint holds {state.get('kind')!r} exchange state; this exchange is 'summed'")
+        self.scheme.load_state_dict(state["scheme"])
+        self.steps.load_state_dict(state["steps"])
+        self.seed, self._agreed_seed = state["seed"], None
+
     # ------------------------------------------------------------------ in the gradient hook
     def encode(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, SumContext]:
         """Queue ``tensor`` (named alike on every rank) for the next exchange and start the MAX
@@ -195,6 +209,13 @@ class DQSGSum:
     def config(self, seed: int | None) -> dict[str, Any]:
         return {"scheme": "dqsg", **asdict(self.fine), "seed": seed}
 
+    def state_dict(self) -> dict[str, Any]:
+        """DQSG keeps nothing between steps."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
         """Quantize every tensor straight into its summable fields (one fused pass per tensor), sum
         all fields in one allreduce, decode Σ_p ĝ_p per tensor straight from the reduced words."""
@@ -232,16 +253,45 @@ class NestedSum:
 
     Decoding succeeds where |Σ_p g_p − P·ḡ_prev| < (ρ − P)Δ/2 (sufficient): the scheme pays off only
     when ρ is well above P and gradients change slowly; otherwise recovery traffic dominates.
+
+    ``adaptive=True`` (``NDQSG``'s switch): a tensor is nested only while it pays. While off, it is
+    sent as DQSG(s₁) and its exact index sums are *probed*: their residues mod ρ resolved against
+    the same side information, the failed buckets counted; while on, the step's own failures are
+    counted. The next step nests iff cosets, checksums and recovery took at most
+    ``NDQSG.ADAPTIVE_MARGIN`` × the DQSG(s₁) fields' words. Every rank sees the same sums, so every
+    rank decides alike.
     """
 
-    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512) -> None:
-        self.nested = NDQSG(levels, bucket_size)
+    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, adaptive: bool = False) -> None:
+        self.nested = NDQSG(levels, bucket_size, adaptive=adaptive)
         self.fine = self.nested.fine
         self._side: dict[str, torch.Tensor] = {}  # per name: P × the last decoded mean
 
     def config(self, seed: int | None) -> dict[str, Any]:
         return {"scheme": "ndqsg-sum", "levels": self.nested.levels, "bucket_size": self.nested.bucket_size,
-                "seed": seed}
+                "adaptive": self.nested.adaptive, "seed": seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The side information (per name, P × the last decoded mean, copies) and the nesting decisions."""
+        return {"side": {name: side.clone() for name, side in self._side.items()},
+                "nesting": self.nested.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._side = {str(name): side.clone() for name, side in state["side"].items()}
+        self.nested.load_state_dict(state.get("nesting", {}))
+
+    def _words(self, n: int, nb: int, failed: list[int], ranks: int) -> tuple[int, int]:
+        """(nested, plain) summable words of one tensor: cosets + checksums + recovered buckets'
+        DQSG(s₁) index sums, against DQSG(s₁)'s fields."""
+        nested, d = self.nested, self.nested.bucket_size
+        fine = SumFieldLayout.for_levels(nested.levels[0], ranks)
+        recovered = bucket_coordinates(failed, d, n).numel()
+        words = SumFieldLayout(0, nested.nesting_ratio - 1, ranks).field_words(n) + nb
+        return words + (fine.field_words(recovered) if recovered else 0), fine.field_words(n)
+
+    def _decide(self, name: str, n: int, nb: int, failed: list[int], ranks: int) -> None:
+        nested_words, plain_words = self._words(n, nb, failed, ranks)
+        self.nested.nesting[name] = nested_words <= NDQSG.ADAPTIVE_MARGIN * plain_words
 
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
         path, nested = ex, self.nested
@@ -254,7 +304,7 @@ class NestedSum:
             k = path.codec.quantize(src, q.delta, q.key)
             indices.append(k)
             side = self._side.get(q.item.name)
-            if side is None or side.numel() != n:
+            if side is None or side.numel() != n or (nested.adaptive and not nested.nesting.get(q.item.name)):
                 segments.append((fine, n))
                 values.append(k)
                 path.entropy_bits += n * empirical_entropy((k + s1).view(torch.uint8), 2 * s1 + 1) + 32.0 * nb
@@ -272,6 +322,12 @@ class NestedSum:
             if q.item.name not in nested_names:
                 resolved.append(next(parts))
                 failed.append([])
+                side = self._side.get(q.item.name)
+                if nested.adaptive and side is not None and side.numel() == resolved[-1].numel():  # the probe
+                    ksum = resolved[-1]
+                    _, bad = nested.resolve(((ksum + ranks * (rho // 2)) % rho).to(torch.uint8), q.delta, side,
+                                            key0, ranks, ops.bucket_checksum(ksum, d))
+                    self._decide(q.item.name, ksum.numel(), q.delta.numel(), bad, ranks)
                 continue
             sums, checks = next(parts), next(parts)
             kout, bad = nested.resolve((sums % rho).to(torch.uint8), q.delta, self._side[q.item.name], key0,
@@ -289,8 +345,21 @@ class NestedSum:
                 if bad:
                     nested.patch(kout, bad, truth, path.decode_stats)
         sums = {}
-        for q, kout in zip(rounds, resolved):
+        for q, kout, bad in zip(rounds, resolved, failed):
+            if nested.adaptive and q.item.name in nested_names:
+                self._decide(q.item.name, kout.numel(), q.delta.numel(), bad, ranks)
             total = path.codec.decode_sum(kout, q.delta, q.key.for_sender(0), senders=ranks)
             self._side[q.item.name] = total  # side information for the next step: P × the decoded mean
             sums[q.item.name] = total
         return sums
+
+
+def scheme_for(codec: object) -> DQSGSum | NestedSum:
+    """The summable scheme of a codec: :class:`NestedSum` for NDQSG, :class:`DQSGSum` for DQSG; other
+    codecs' payloads cannot be summed (a TypeError says so)."""
+    if isinstance(codec, NDQSG):
+        return NestedSum(codec.levels, codec.bucket_size, codec.adaptive)
+    if isinstance(codec, DQSG):
+        return DQSGSum(codec.levels, codec.bucket_size, codec.dither)
+    raise TypeError(f"{type(codec).__name__} payloads cannot be summed by an allreduce: use reducer='allgather' "
+                    "or 'scatter_reduce'")
