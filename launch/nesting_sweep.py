@@ -179,7 +179,7 @@ def main() -> None:
     p.add_argument("--bucket-size", type=int, default=512)
     p.add_argument("--out", type=Path, default=Path("runs/nesting_sweep"))
     args = p.parse_args()
-    codecs = [NDQSG(tuple(int(v) for v in lv.split(",")), args.bucket_size) for lv in args.levels]
+    codecs = [NDQSG(tuple(int(v) for v in lv.split(",")), args.bucket_size, adaptive=False) for lv in args.levels]
     adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
     acc: dict[tuple[str, str, str, str], dict[str, float]] = {}
     corr: dict[tuple[str, str], list[float]] = {}

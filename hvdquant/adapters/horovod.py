@@ -145,7 +145,7 @@ class NestedSumCompression(DQSGCompression):
     ``adaptive=True`` nests a tensor only while that pays (:class:`~hvdquant.transports.summed.NestedSum`)."""
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None,
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = True) -> None:
         self.transport = SummedExchange(NestedSum(levels, bucket_size, adaptive), seed, HorovodCollectives)
 
 

@@ -44,19 +44,22 @@ class NDQSG(Codec):
     ``dither`` as in :class:`DQSG`: under ``"stratified"`` each nested rank's u_p is still its own
     function of the key, so it is decoded against side information exactly as before.
 
-    ``adaptive=True`` (payload path over allgather): nesting is decided per tensor name for the next
+    ``adaptive=True`` (the default; ``adaptive=False`` is the paper's fixed nesting): nesting is
+    decided per tensor name for the next
     step from what every rank decoded at this one — the nested senders' bytes (recovery included)
     when nesting was on, or a probe (their DQSG(s₁) indices resolved from their residues against
     the same side information) when it was off — and kept on only where it sends at most
     ``ADAPTIVE_MARGIN`` × the DQSG(s₁) bytes. A tensor starts with nesting off. The decisions are
     identical on every rank without a collective, live in :meth:`state_dict`, and cost one nested
-    decode per nested sender while off. (docs/RESULTS.md, "When nesting pays".)"""
+    decode per nested sender while off. The stock path (:class:`~hvdquant.transports.summed.NestedSum`)
+    and the coset ring (:func:`hvdquant.ring_allreduce`) take the same switch. (docs/RESULTS.md,
+    "When nesting pays".)"""
 
     levels: tuple[int, int] = (3, 1)
     bucket_size: int = 512
     dqsg_fraction: float = 0.5
     dither: str = "independent"
-    adaptive: bool = False
+    adaptive: bool = True
     #: adaptive nesting: per tensor name, whether its nested senders send cosets at the next step
     nesting: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 

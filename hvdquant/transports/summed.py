@@ -262,7 +262,7 @@ class NestedSum:
     rank decides alike.
     """
 
-    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, adaptive: bool = False) -> None:
+    def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, adaptive: bool = True) -> None:
         self.nested = NDQSG(levels, bucket_size, adaptive=adaptive)
         self.fine = self.nested.fine
         self._side: dict[str, torch.Tensor] = {}  # per name: P × the last decoded mean

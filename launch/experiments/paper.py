@@ -66,9 +66,10 @@ METHODS: dict[str, Method] = {m.label: m for m in [
     # the paper's DQSG: independent dither per rank (hvdquant's default is the stratified one)
     Method("dqsg-s3", stock=lambda: hvdquant.Compression.dqsg(levels=3, bucket_size=BUCKET, dither="independent")),
     Method("dqsg-s3-ag", codec=lambda iters: hvdquant.DQSG(3, BUCKET, "independent")),
-    Method("ndqsg-3.31-d512", codec=lambda iters: hvdquant.NDQSG((3, 1), BUCKET, 0.5)),
-    Method("ndqsg-3.31", codec=lambda iters: hvdquant.NDQSG((3, 1), WHOLE, 0.5)),
-    Method("ndqsg-sum-3.31", stock=lambda: hvdquant.Compression.ndqsg(levels=(3, 1), bucket_size=BUCKET)),
+    Method("ndqsg-3.31-d512", codec=lambda iters: hvdquant.NDQSG((3, 1), BUCKET, 0.5, adaptive=False)),
+    Method("ndqsg-3.31", codec=lambda iters: hvdquant.NDQSG((3, 1), WHOLE, 0.5, adaptive=False)),
+    Method("ndqsg-sum-3.31",
+           stock=lambda: hvdquant.Compression.ndqsg(levels=(3, 1), bucket_size=BUCKET, adaptive=False)),
     # learned gradient compression: top-k with error feedback, and LGC starting from it (warm-up and autoencoder
     # training 1/15 of the run each: 100 exchanges in 1500 iterations; then the frozen encoder)
     Method("topk-ef-5%", codec=lambda iters: hvdquant.TopK.with_feedback(0.05)),

@@ -43,7 +43,7 @@ def measure(model_name: str, model: nn.Module, steps: int, every: int, ranks: in
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(1)
     # the paper's DQSG (independent dither), which NDQSG reproduces
-    dq, qs, nd = DQSG(3, 512, "independent"), QSGD(3, 512, "max", "fixed"), NDQSG((3, 1), 512, 0.5)
+    dq, qs, nd = DQSG(3, 512, "independent"), QSGD(3, 512, "max", "fixed"), NDQSG((3, 1), 512, 0.5, adaptive=False)
     acc = {"dqsg_err_var": 0.0, "dqsg_theory_var": 0.0, "err_g_cov": 0.0, "err_sq": 0.0, "g_sq": 0.0,
            "qsgd_err_var": 0.0, "nd_mean_err_var": 0.0, "dq_mean_err_var": 0.0, "coords": 0,
            "nd_payload_bytes": 0, "nd_recovery_bytes": 0, "dq_payload_bytes": 0, "failed_buckets": 0, "buckets": 0,

@@ -31,7 +31,8 @@ SCHEMES = {
     "dqsg3-scatter": (lambda: hvdquant.DQSG(3, 128), "scatter_reduce"),
     "dqsg1-stratified-allgather": (lambda: hvdquant.DQSG(1, 256, "stratified"), "allgather"),
     "dqsg3-stratified-scatter": (lambda: hvdquant.DQSG(3, 128, "stratified"), "scatter_reduce"),
-    "ndqsg-allgather": (lambda: hvdquant.NDQSG((3, 1), 128, 0.5), "allgather"),
+    "ndqsg-allgather": (lambda: hvdquant.NDQSG((3, 1), 128, 0.5, adaptive=False), "allgather"),
+    "ndqsg-adaptive-allgather": (lambda: hvdquant.NDQSG((3, 1), 128, 0.5), "allgather"),
     "qsgd-elias-allgather": (lambda: hvdquant.QSGD(2, 128, "l2", "elias"), "allgather"),
     "qsgd-fixed-scatter": (lambda: hvdquant.QSGD(4, 128, "max", "fixed"), "scatter_reduce"),
     "onebit-allgather": (hvdquant.OneBitSGD, "allgather"),
@@ -118,7 +119,7 @@ def test_ndqsg_equals_dqsg_s1_bit_for_bit_when_decoding_succeeds(dither):
     """Identical gradients on every rank: |g − y + eΔ| ≤ Δ < ρΔ/2, so every nested decode succeeds
     and NDQSG's mean must be DQSG(3)'s, bit for bit, with the same dithers (either family)."""
     g = torch.randn(40, 50, generator=torch.Generator().manual_seed(5))
-    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100, dither=dither), g, step=0)
+    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100, dither=dither, adaptive=False), g, step=0)
     dq, _ = exchange_once(hvdquant.DQSG(3, 100, dither), g, step=0)
     assert ex.decode.failed_buckets == 0
     assert torch.equal(nd, dq)
@@ -130,7 +131,7 @@ def test_ndqsg_recovers_failed_buckets(dither):
     the result is still exactly DQSG(3)'s mean, on every rank."""
     rank = hvd.rank()
     g = torch.randn(40, 50, generator=torch.Generator().manual_seed(50 + rank)) * (1 + 3 * rank)
-    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100, dither=dither), g, step=1)
+    nd, ex = exchange_once(hvdquant.NDQSG((3, 1), 100, dither=dither, adaptive=False), g, step=1)
     dq, _ = exchange_once(hvdquant.DQSG(3, 100, dither), g, step=1)
     failed = hvd.allreduce(torch.tensor([ex.decode.failed_buckets]), op=hvd.Sum, name="ndqsg.failed")
     identical = same_on_all_ranks(nd, "ndqsg.recovered")
@@ -145,7 +146,7 @@ def test_decoded_mean_is_unbiased(codec_name):
     (each rank's own scale); z-scores: max |z| < 5 over 200 coordinates, mean z² ∈ [0.7, 1.3]."""
     rank, size = hvd.rank(), hvd.size()
     g = torch.randn(2, 100, generator=torch.Generator().manual_seed(rank)) * (1 + rank)
-    codec = hvdquant.DQSG(3, 200) if codec_name == "dqsg" else hvdquant.NDQSG((3, 1), 200)
+    codec = hvdquant.DQSG(3, 200) if codec_name == "dqsg" else hvdquant.NDQSG((3, 1), 200, adaptive=False)
     true = hvd.allreduce(g.double(), op=hvd.Average, name=f"unbiased.{codec_name}.true").reshape(-1)
     delta2 = hvd.allreduce(((g.abs().max() / 3) ** 2).double(), op=hvd.Average,
                            name=f"unbiased.{codec_name}.delta")

@@ -62,7 +62,7 @@ def test_coset_ring_is_exact_and_uses_side_information(rho_levels):
     residues where |Σg − S| is small. Every call must equal the exact DQSG(s₁) sum, bit for bit."""
     _, comm = world()
     s1, s2 = rho_levels
-    codec = NDQSG((s1, s2), bucket_size=100)
+    codec = NDQSG((s1, s2), bucket_size=100, adaptive=False)
     name = f"ring.side.{s1}.{s2}"
     side = PreviousMean()
     stats = RingStats()
@@ -101,7 +101,7 @@ def test_forced_failure_is_detected_and_recovered():
     """Side information deliberately wrong by 10ρΔ: every bucket fails its checksum, is counted and
     recovered; the result is still exact."""
     _, comm = world()
-    codec = NDQSG((3, 1), bucket_size=64)
+    codec = NDQSG((3, 1), bucket_size=64, adaptive=False)
 
     class Wrong:
         def estimate(self, req):
@@ -120,7 +120,7 @@ def test_forced_failure_is_detected_and_recovered():
 @pytest.mark.mpi
 def test_group_dqsg_side_information():
     _, comm = world()
-    codec = NDQSG((9, 1), bucket_size=128)
+    codec = NDQSG((9, 1), bucket_size=128, adaptive=False)
     base = torch.randn(1280, generator=torch.Generator().manual_seed(9))
     g = base + 1e-3 * torch.randn(1280, generator=torch.Generator().manual_seed(comm.Get_rank()))
     stats = RingStats()
@@ -137,7 +137,7 @@ def test_ring_bytes_match_the_formula(rho, bits):
     _, comm = world()
     p = comm.Get_size()
     n = 200_000
-    codec = NDQSG((rho, 1), bucket_size=512)
+    codec = NDQSG((rho, 1), bucket_size=512, adaptive=False)
     g = torch.randn(n, generator=torch.Generator().manual_seed(comm.Get_rank()))
     stats = RingStats()
     ring_allreduce(g, comm, codec=codec, side=None, name=f"ring.bytes.{rho}", stats=stats)

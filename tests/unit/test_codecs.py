@@ -108,7 +108,7 @@ def test_ndqsg_equals_dqsg_s1_bit_for_bit(ranks, noise, dither):
     n = 3000
     common = torch.randn(n, generator=torch.Generator().manual_seed(0))
     gs = [common + noise * torch.randn(n, generator=torch.Generator().manual_seed(p + 1)) for p in range(ranks)]
-    nd = NDQSG(levels=(3, 1), bucket_size=256, dqsg_fraction=0.5, dither=dither)
+    nd = NDQSG(levels=(3, 1), bucket_size=256, dqsg_fraction=0.5, dither=dither, adaptive=False)
     mean, stats = emulate_allgather(nd, gs, ranks)
     fine = nd.fine
     ref = sum(fine.decode(fine.encode(g, ctx_for((n,), p, ranks)), ctx_for((n,), p, ranks)) for p, g in enumerate(gs))
@@ -166,7 +166,7 @@ def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting):
 def test_ndqsg_without_recovery_refuses_to_return_wrong_values():
     n, ranks = 2000, 2
     gs = [torch.randn(n, generator=torch.Generator().manual_seed(p)) * 5 for p in range(ranks)]
-    nd = NDQSG((3, 1), 128)
+    nd = NDQSG((3, 1), 128, adaptive=False)
     base = ctx_for((n,), ranks=ranks)
     payloads = [nd.encode(g, base.sender(p)) for p, g in enumerate(gs)]
     with pytest.raises(RuntimeError, match="failed"):
@@ -175,7 +175,7 @@ def test_ndqsg_without_recovery_refuses_to_return_wrong_values():
 
 def test_ndqsg_rates():
     """Rank 0 sends DQSG(3) (3 bits + 32/d), rank 1 coset indices (base-3: 1.6 bits + 64/d)."""
-    nd = NDQSG((3, 1), 512, 0.5)
+    nd = NDQSG((3, 1), 512, 0.5, adaptive=False)
     ctx = ctx_for((51200,), ranks=2)
     assert nd.formula_bits(51200, ctx.sender(0)) == pytest.approx(3 + 32 / 512)
     assert nd.formula_bits(51200, ctx.sender(1)) == pytest.approx(1.6 + 64 / 512)
