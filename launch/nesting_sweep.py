@@ -24,12 +24,13 @@ For each setting and nesting configuration (s₁, s₂), ρ = s₁/s₂:
   Recovered NDQSG decodes to DQSG(s₁) exactly, so this is the bits ratio **at equal variance**.
 - **adaptive payload NDQSG** (`NDQSG(..., adaptive=True)`): the same, nesting switched per tensor
   from the previous step's outcome (off at a tensor's first step), its bytes over all steps.
-- **nested sum / coset ring** (`hvdquant.Compression.ndqsg`, `hvdquant.ring_allreduce`): a common
+- **nested sum / coset ring** (`Compression.ndqsg(adaptive=False)`, `ring_allreduce`): a common
   Δ, the residues of Σ_p k_p mod ρ resolved against P × the previous step's decoded mean (side
   information *across* steps). The two share this decoder, hence these failure rates. Bits are
   the stock path's per coordinate: coset fields of bit_length((ρ−1)P) bits and a float64 checksum
   per bucket, plus the failed buckets' DQSG(s₁) index sums in fields of bit_length(2s₁P) bits,
-  ÷ DQSG(s₁)'s own summable fields (scales, equal for both, left out of both).
+  ÷ DQSG(s₁)'s own summable fields (scales, equal for both, left out of both). Its adaptive twin
+  (the default of both paths) sends the fields while nesting is off and decides from the probe.
 
 Writes runs/nesting_sweep/nesting_sweep.json and .png; prints a markdown table.
 """
@@ -87,10 +88,12 @@ def payload_ndqsg(codec: NDQSG, gs: list[torch.Tensor], name: str, step: int) ->
             "failed_buckets": stats.failed_buckets, "buckets": nested * ops.num_buckets(n, codec.bucket_size)}
 
 
-def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None, name: str, step: int
-                 ) -> tuple[dict[str, float] | None, torch.Tensor]:
+def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None, name: str, step: int,
+                 nesting: dict[str, bool] | None = None) -> tuple[dict[str, float] | None, torch.Tensor]:
     """Nested sum / coset ring: Σk mod ρ resolved against ``side`` (P × the previous decoded mean).
-    Returns the counts (None without side information) and this step's P × decoded mean."""
+    Returns the counts (None without side information) and this step's P × decoded mean. With
+    ``nesting`` (adaptive: per name, whether this step nests), the bytes are the fields' while off,
+    and the decision for the next step is made as `NestedSum` makes it."""
     ranks, n, d = len(gs), gs[0].numel(), codec.bucket_size
     fine, rho, s1 = codec.fine, codec.nesting_ratio, codec.levels[0]
     delta = fine.step_size(torch.stack([fine.bucket_absmax(g) for g in gs]).amax(0))
@@ -107,7 +110,12 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
     failed_coords = int((kout != ksum).sum())
     recovery = fine_fields.field_words(bucket_coordinates(bad, d, n).numel()) if bad else 0
     words = coset_fields.field_words(n) + ops.num_buckets(n, d) + recovery
-    return ({"bytes": 8 * words, "dqsg_bytes": 8 * fine_fields.field_words(n),
+    plain = fine_fields.field_words(n)
+    if nesting is not None:
+        nested_now = nesting.get(name, False)
+        nesting[name] = words <= NDQSG.ADAPTIVE_MARGIN * plain
+        words = words if nested_now else plain
+    return ({"bytes": 8 * words, "dqsg_bytes": 8 * plain,
              "failed_coordinates": failed_coords, "coordinates": n,
              "failed_buckets": len(bad), "buckets": ops.num_buckets(n, d)}, total)
 
@@ -181,6 +189,7 @@ def main() -> None:
     args = p.parse_args()
     codecs = [NDQSG(tuple(int(v) for v in lv.split(",")), args.bucket_size, adaptive=False) for lv in args.levels]
     adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
+    nesting: dict[tuple[int, int], dict[str, bool]] = {codec.levels: {} for codec in codecs}
     acc: dict[tuple[str, str, str, str], dict[str, float]] = {}
     corr: dict[tuple[str, str], list[float]] = {}
     side: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -197,6 +206,8 @@ def main() -> None:
                 prev = side.get((setting, name, cfg)) if step > 0 else None
                 part, side[(setting, name, cfg)] = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step)
                 add(acc.setdefault((setting, layer, cfg, "sum"), {}), part)
+                part, _ = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step, nesting[codec.levels])
+                add(acc.setdefault((setting, layer, cfg, "sum-adaptive"), {}), part)
             print(f"{setting:24s} {name:14s} step {step}", flush=True)
     rows = []
     for (setting, layer, cfg, scheme), a in acc.items():
@@ -213,15 +224,16 @@ def main() -> None:
     (args.out / "nesting_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| setting | layer | ρ config | mean corr. | payload NDQSG: coords wrong | buckets failed "
           "| bits ÷ DQSG(s₁) | adaptive: bits ÷ DQSG(s₁) | nested sum / ring: coords wrong | buckets failed "
-          "| bits ÷ DQSG(s₁) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| bits ÷ DQSG(s₁) | adaptive: bits ÷ DQSG(s₁) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     by = {(r["setting"], r["layer"], r["levels"], r["scheme"]): r for r in rows}
     for (setting, layer, cfg, scheme), r in by.items():
         if scheme != "payload":
             continue
         s = by.get((setting, layer, cfg, "sum"))
-        tail = (f"{s['coordinate_failure_rate']:.2%} | {s['bucket_failure_rate']:.1%} | {s['bits_ratio']:.2f}"
-                if s else "– | – | –")
+        sa = by.get((setting, layer, cfg, "sum-adaptive"))
+        tail = (f"{s['coordinate_failure_rate']:.2%} | {s['bucket_failure_rate']:.1%} | {s['bits_ratio']:.2f} | "
+                f"{sa['bits_ratio']:.2f}" if s else "– | – | – | –")
         a = by[setting, layer, cfg, "adaptive"]
         print(f"| {setting} | {layer} | {cfg} | {r['correlation']:.3f} | {r['coordinate_failure_rate']:.2%} | "
               f"{r['bucket_failure_rate']:.1%} | {r['bits_ratio']:.2f} | {a['bits_ratio']:.2f} | {tail} |")
@@ -234,11 +246,12 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    for ax, scheme, title in zip(axes, ("payload", "adaptive", "sum"),
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), sharey=True)
+    for ax, scheme, title in zip(axes, ("payload", "adaptive", "sum", "sum-adaptive"),
                                  ("payload NDQSG (side info: this step's DQSG ranks)",
-                                  "payload NDQSG, adaptive=True (first step: off)",
-                                  "nested sum / coset ring (side info: last step)")):
+                                  "payload NDQSG, adaptive (first step: off)",
+                                  "nested sum / coset ring (side info: last step)",
+                                  "nested sum / coset ring, adaptive")):
         for cfg in sorted({r["levels"] for r in rows}):
             for kind, marker in (("real", "o"), ("synthetic", "s")):
                 pts = sorted((-math.log10(max(1 - r["correlation"], 1e-6)), r["bits_ratio"]) for r in rows
@@ -250,7 +263,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
         ax.axhline(0.8, color="g", lw=0.8, ls="--")
         ticks = [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999]
         ax.set_xticks([-math.log10(1 - c) for c in ticks], [f"{c:g}" for c in ticks])
-        ax.set_xlabel("mean inter-rank correlation of the gradients (axis: −log10(1 − corr))")
+        ax.set_xlabel("inter-rank correlation (axis: −log10(1 − c))", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("bits ÷ DQSG(s₁) bits (equal variance)")
