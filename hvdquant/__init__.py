@@ -3,11 +3,12 @@
 Layers (kept apart on purpose):
 - codecs (:mod:`hvdquant.codecs`): pure maths, tensor -> payload -> tensor, no communication;
 - transports (:mod:`hvdquant.transports`): how payloads travel (summable field packing, ...);
-- framework adapters (:mod:`hvdquant.adapters`): Horovod compression objects;
+- framework adapters (:mod:`hvdquant.adapters`): Horovod compression objects, a DDP communication hook;
 - kernels (:mod:`hvdquant.kernels`, from ``kernels/`` in the checkout): the arithmetic.
 
-``hvdquant.Compression`` and ``hvdquant.DistributedOptimizer`` are imported lazily, so the codecs work
-without Horovod loaded.
+``hvdquant.Compression``, ``hvdquant.DistributedOptimizer`` and ``hvdquant.ddp`` (the DDP communication
+hook: ``hvdquant.ddp.State``, ``hvdquant.ddp.hook``) are imported lazily, so the codecs work without
+Horovod loaded or torch.distributed initialised.
 """
 
 from hvdquant.codecs import DQSG, LGC, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
@@ -18,7 +19,7 @@ from hvdquant.transports.ring import GroupDQSG, PreviousMean, RingStats, ring_al
 __version__ = "0.1.0"
 __all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CommStats", "Compression", "DistributedOptimizer", "DitherKey",
            "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__",
-           "ring_allreduce"]
+           "ddp", "ring_allreduce"]
 
 
 def __getattr__(name: str):
@@ -30,4 +31,8 @@ def __getattr__(name: str):
         from hvdquant.adapters.optimizer import DistributedOptimizer
 
         return DistributedOptimizer
+    if name == "ddp":
+        import hvdquant.adapters.ddp as ddp
+
+        return ddp
     raise AttributeError(f"module 'hvdquant' has no attribute {name!r}")

@@ -16,9 +16,10 @@ gradients are not; docs/RING.md). Failed nested buckets are recovered and counte
 
 ``--framework horovod``: Horovod none/fp16 allreduce; hvdquant's stock-path compressions through
 Horovod's allreduce; every codec on the payload transports (allgather, scatter-reduce); the mpi4py
-ring (float32 and coset). ``--framework torch``: DDP (gloo) with its default allreduce and with the
-PowerSGD comm hook (rank 4, error feedback, warm start); the time of a backward pass minus the time
-of the same backward under ``no_sync()``. Rank 0 appends rows to ``--out``/bench_network.json.
+ring (float32 and coset). ``--framework torch``: DDP (gloo) with its default allreduce, with torch's
+fp16 and PowerSGD comm hooks (rank 4, error feedback, warm start) and with the hvdquant hook
+(``hvdquant.ddp``, DQSG s=1 over the summable allreduce and over allgather); the time of a backward
+pass minus the time of the same backward under ``no_sync()``. Rank 0 appends rows to ``--out``/bench_network.json.
 """
 
 from __future__ import annotations
@@ -142,8 +143,11 @@ def horovod_methods(comm, n: int) -> list[tuple[str, Callable, Callable | None]]
 
 def torch_methods(n: int) -> list[tuple[str, Callable, Callable | None]]:
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import hvdquant
 
     counted = {"bytes": 0}
     real_all_reduce = dist.all_reduce
@@ -152,7 +156,7 @@ def torch_methods(n: int) -> list[tuple[str, Callable, Callable | None]]:
         counted["bytes"] += tensor.numel() * tensor.element_size()
         return real_all_reduce(tensor, *args, **kwargs)
 
-    dist.all_reduce = counting_all_reduce  # PowerSGD's hook calls dist.all_reduce for P and Q
+    dist.all_reduce = counting_all_reduce  # PowerSGD's and the fp16 hook call dist.all_reduce
 
     class Weight(torch.nn.Module):
         """One weight matrix; forward(g) = Σ w∘g, so the gradient DDP exchanges is g."""
@@ -164,13 +168,17 @@ def torch_methods(n: int) -> list[tuple[str, Callable, Callable | None]]:
         def forward(self, g: torch.Tensor) -> torch.Tensor:
             return (self.w * g).sum()
 
-    def ddp(label: str, hook_state=None) -> tuple[str, Callable, None]:
+    def ddp(label: str, hook: Callable | None = None, hook_state=None,
+            handed: Callable[[], int] | None = None) -> tuple[str, Callable, None]:
+        """A DDP row: no hook (DDP's own fp32 allreduce) or ``hook``; bytes from ``handed`` (the
+        hvdquant hook's own statistics) or from the dist.all_reduce counter."""
         model = DDP(Weight(), bucket_cap_mb=4 * n / 2**20 + 1)
-        if hook_state is not None:
-            model.register_comm_hook(hook_state, powersgd.powerSGD_hook)
+        if hook is not None:
+            model.register_comm_hook(hook_state, hook)
 
         def fn(g, i):
             counted["bytes"] = 0
+            before = handed() if handed is not None else 0
             with model.no_sync():  # the same forward and backward without communication, subtracted
                 t = time.perf_counter()
                 model(g).backward()
@@ -179,14 +187,23 @@ def torch_methods(n: int) -> list[tuple[str, Callable, Callable | None]]:
             model(g).backward()
             total = time.perf_counter() - t
             model.module.w.grad = None
+            if handed is not None:
+                return handed() - before, total - local
             # DDP's own bucket allreduce does not go through dist.all_reduce: count the bucket
-            return counted["bytes"] if hook_state is not None else 4 * n, total - local
+            return counted["bytes"] if hook is not None else 4 * n, total - local
         return label, fn, None
 
+    def hvdquant_hook(label: str, codec, reducer: str) -> tuple[str, Callable, None]:
+        state = hvdquant.ddp.State(codec, reducer, seed=0)
+        return ddp(label, hvdquant.ddp.hook, state, lambda: state.statistics()["bytes_handed"])
+
     return [ddp("ddp fp32 (gloo)"),
-            ddp("ddp powersgd rank 4 (gloo)",
+            ddp("ddp fp16 hook (gloo)", default_hooks.fp16_compress_hook),
+            ddp("ddp powersgd rank 4 (gloo)", powersgd.powerSGD_hook,
                 powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=2,
-                                       min_compression_rate=0.0, use_error_feedback=True, warm_start=True))]
+                                       min_compression_rate=0.0, use_error_feedback=True, warm_start=True)),
+            hvdquant_hook("ddp hvdquant dqsg s=1 hook allreduce (gloo)", hvdquant.DQSG(1, 512), "allreduce"),
+            hvdquant_hook("ddp hvdquant dqsg s=1 hook allgather (gloo)", hvdquant.DQSG(1, 512), "allgather")]
 
 
 def main() -> None:

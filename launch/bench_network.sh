@@ -2,13 +2,14 @@
 # Gradient exchanges on an emulated slow network(a benchmark, not a test; needs root).
 #   bash launch/bench_network.sh                      # 100 Mbit/s, 1 Gbit/s, 10 Gbit/s; 1e6, 1e7, 2.5e7
 #   LINKS="1gbit" SIZES="2.5e7" ONLY="fp32,fp16,dqsg s=1,powersgd" bash launch/bench_network.sh
-#   TTA=0 ...                                         # skip the main job's time-to-accuracy runs
+#   TTA=0 ...                                         # skip the main job's time-to-accuracy runs (Horovod and DDP)
 #   NP=2 OUT=runs/bench_network_np2 ...               # 2 ranks; rows kept apart (no docs regeneration)
 # 4 ranks run inside a fresh network namespace whose only interface is its loopback, shaped with
 # tc tbf to the link rate. That limit is shared by all traffic of all ranks (a shared medium,
 # not one link per rank): absolute times are for R bits/s in total, ratios are what carries over.
 # Open MPI is confined to TCP on that loopback (no shared-memory transport), Gloo and
-# torch.distributed can only use it. Writes runs/bench_network/*.json, then docs/BENCHMARKS.md's
+# torch.distributed can only use it. DDP rows (--framework torch): DDP fp32, torch's fp16 and PowerSGD
+# hooks, and the hvdquant hook (hvdquant.ddp). Writes runs/bench_network/*.json, then docs/BENCHMARKS.md's
 # network section and plot through launch/bench_network_report.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -31,6 +32,11 @@ if [ "$TTA" = 1 ]; then  # the main job at 100 Mbit/s: time to accuracy
                 "--compression ndqsg --reducer allgather"; do
         ip netns exec "$ns" horovodrun --gloo --network-interface lo -np "$NP" \
             python -m hvdquant.examples.train_fashion_mnist $args --epochs 2 --out runs/bench_network/tta
+    done
+    # the same job under PyTorch DDP: DDP fp32, torch's fp16 and PowerSGD hooks, the hvdquant hook
+    for args in "--compression none" "--compression fp16" "--compression powersgd" "--compression dqsg"; do
+        ip netns exec "$ns" env GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node "$NP" \
+            -m hvdquant.examples.train_fashion_mnist --framework ddp $args --epochs 2 --out runs/bench_network/tta
     done
 fi
 if [ "$OUT" = runs/bench_network ]; then python launch/bench_network_report.py; fi

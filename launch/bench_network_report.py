@@ -100,7 +100,7 @@ def crossovers(by: dict, links: list[str], sizes: list[int]) -> list[str]:
            " | ".join(f"{link} n={n:.2g}" for link in links for n in sizes) + " |",
            "|---|" + "---:|" * (len(links) * len(sizes))]
     schemes = ["dqsg s=1", "dqsg s=3", "qsgd", "1-bit", "top-1%", "ndqsg (3)", "ndqsg-sum", "ring coset",
-               "ddp powersgd"]
+               "ddp powersgd", "ddp fp16", "ddp hvdquant dqsg s=1"]
     for s in schemes:
         cells = []
         for link in links:
@@ -121,12 +121,15 @@ def time_to_accuracy(tta: list[dict]) -> list[str]:
     if not tta:
         return []
     out = ["### The main job at 100 Mbit/s (time to accuracy)", "",
-           "`horovodrun --gloo -np 4` inside the shaped namespace, the main job's CNN (18k parameters), "
+           "`horovodrun --gloo -np 4` (rows `ddp …`: `torchrun`, PyTorch DDP on Gloo, torch's hooks or the "
+           "hvdquant hook) inside the shaped namespace, the main job's CNN (18k parameters), "
            "2 epochs; test accuracy and wall time at the end of each epoch.", "",
            "| method | epoch 1: s, accuracy | epoch 2: s, accuracy | bits/coord |", "|---|---:|---:|---:|"]
     for r in tta:
         h = r["history"]
-        label = r["compression"] + ("" if r["reducer"] == "stock" else f" ({r['reducer']})")
+        ddp = r.get("framework") == "ddp"
+        label = ("ddp " if ddp else "") + r["compression"] + (
+            "" if r["reducer"] == ("allreduce" if ddp else "stock") else f" ({r['reducer']})")
         out.append(f"| {label} | " + " | ".join(f"{e['seconds']:.1f} s, {e['test_accuracy']:.4f}" for e in h)
                    + f" | {r['bits_per_coordinate']:.2f} |")
     return out + [""]

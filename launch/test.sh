@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # hvdquant test command: lint, unit tests, the packaging check (launch/check_wheel.sh: the built wheel,
 # installed on its own, imports and trains), pytest-mpi tests under mpirun -n 1 … 5, then
-# Horovod tests under horovodrun -np 2 and -np 4, each with Gloo and with MPI. Exits non-zero if any stage fails
+# Horovod tests under horovodrun -np 2 and -np 4, each with Gloo and with MPI, then the DDP hook's tests under
+# torchrun --nproc_per_node 2 and 4 (Gloo, CPU; no Horovod). Exits non-zero if any stage fails
 # or if any rank of a stage ran no test. Logs: runs/test-logs/.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -67,6 +68,10 @@ run_stage horovod-gloo 2 horovodrun -np 2 --gloo "${PYTEST[@]}" tests/horovod
 run_stage horovod-mpi 2 horovodrun -np 2 --mpi "${PYTEST[@]}" tests/horovod
 run_stage horovod-gloo-4 4 horovodrun -np 4 --gloo "${PYTEST[@]}" tests/horovod
 run_stage horovod-mpi-4 4 horovodrun -np 4 --mpi "${PYTEST[@]}" tests/horovod
+# torchrun runs a module: "-m pytest …" (PYTEST without its leading "python -m")
+for n in 2 4; do
+    run_stage "ddp-gloo-$n" "$n" torchrun --standalone --nproc_per_node "$n" -m "${PYTEST[@]:2}" tests/ddp
+done
 
 printf '\n===== summary\n'
 printf '%s\n' "${summary[@]}"

@@ -12,7 +12,7 @@ if os.environ.get("HVDQ_REAL_GPU") != "1":
 
 
 def _rank() -> str:
-    for var in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK"):
+    for var in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "RANK"):  # RANK: torchrun
         if var in os.environ:
             return os.environ[var]
     return "0"

@@ -1,16 +1,23 @@
-"""The main job: data-parallel training of a small CNN on Fashion-MNIST under horovodrun.
+"""The main job: data-parallel training of a small CNN on Fashion-MNIST under horovodrun or DDP.
 
     horovodrun -np 2 python -m hvdquant.examples.train_fashion_mnist --compression dqsg --levels 1
     horovodrun -np 2 python -m hvdquant.examples.train_fashion_mnist --compression ndqsg --reducer allgather
+    torchrun --nproc_per_node 2 -m hvdquant.examples.train_fashion_mnist --framework ddp --compression dqsg
 
-Schemes: none, fp16 (Horovod's own); dqsg and ndqsg (stock path through hvd.DistributedOptimizer's
-allreduce with --reducer stock — ndqsg then is the allreduce-friendly nested variant — or
---reducer allgather|scatter_reduce through hvdquant.DistributedOptimizer); qsgd, onebit, topk
-(with error feedback) (hvdquant.DistributedOptimizer only: their payloads cannot be summed).
+Schemes under Horovod (``--framework horovod``, the default): none, fp16 (Horovod's own); dqsg and
+ndqsg (stock path through hvd.DistributedOptimizer's allreduce with --reducer stock — ndqsg then is
+the allreduce-friendly nested variant — or --reducer allgather|scatter_reduce through
+hvdquant.DistributedOptimizer); qsgd, onebit, topk (with error feedback) (hvdquant.DistributedOptimizer
+only: their payloads cannot be summed).
+
+Under PyTorch DDP (``--framework ddp``; torchrun or mpirun, no Horovod): none (DDP's fp32 allreduce),
+fp16 and powersgd (torch's fp16_compress_hook and PowerSGD hook, rank --powersgd-rank), and the
+hvdquant hook (:mod:`hvdquant.ddp`) for every codec: dqsg and ndqsg with --reducer allreduce (summable
+fields; the default for them) or allgather|scatter_reduce, the others on allgather|scatter_reduce.
 
 Each rank trains on its own shard of the 60k training images (stride = world size) and every
 rank evaluates on the 10k test images. Rank 0 shows a tqdm bar, prints per-epoch test accuracy,
-the bits per gradient coordinate actually handed to the allreduce and the bytes handed, and
+the bits per gradient coordinate actually handed to the collectives and the bytes handed, and
 writes a JSON summary. Data comes from Debian's dataset-fashion-mnist; nothing is downloaded.
 """
 
@@ -19,9 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +38,7 @@ from tqdm import tqdm
 import hvdquant
 from hvdquant.data import load_fashion_mnist
 from hvdquant.examples.models import SmallCNN
+from hvdquant.stats import CommStats
 
 
 def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
@@ -50,6 +59,8 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, op):
     """(distributed optimizer, function returning its communication statistics)."""
+    import horovod.torch as hvd
+
     if args.reducer == "stock":
         if args.compression in ("qsgd", "onebit", "topk", "lgc"):
             raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
@@ -71,25 +82,151 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.
     return dist, dist.hvdquant_stats
 
 
+def counted(stats: CommStats, bytes_per_coordinate: int, hook: Callable) -> Callable:
+    """A DDP hook that records each bucket's coordinates and the bytes it hands to the allreduce
+    (unannotated: DDP checks hook annotations, and this module's are strings)."""
+    def run(state, bucket):
+        stats.record(bucket.buffer().numel(), bytes_per_coordinate * bucket.buffer().numel())
+        return hook(state, bucket)
+
+    return run
+
+
+def counting_all_reduce(stats: CommStats, hook: Callable) -> Callable:
+    """``hook`` with the bytes of every ``torch.distributed.all_reduce`` it starts recorded (PowerSGD
+    calls it for its P and Q factors and uncompressed tensors, in the hook and in its callbacks)."""
+    real = torch.distributed.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        stats.record(0, tensor.numel() * tensor.element_size())
+        return real(tensor, *args, **kwargs)
+
+    # process-wide (PowerSGD's callbacks run outside the hook); the job's other all_reduce calls come
+    # after its statistics are gathered
+    torch.distributed.all_reduce = all_reduce
+
+    def run(state, bucket):
+        stats.record(bucket.buffer().numel(), 0)
+        return hook(state, bucket)
+
+    return run
+
+
+class HorovodJob:
+    """The main job's framework calls under horovodrun."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import horovod.torch as hvd
+
+        if args.reducer == "allreduce" or args.compression == "powersgd":
+            raise SystemExit("--reducer allreduce and --compression powersgd are DDP's: add --framework ddp")
+        self.hvd = hvd
+        hvd.init()
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.device = torch.device("cpu")
+
+    def wrap(self, args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer):
+        """(model to train, distributed optimizer, function returning communication statistics)."""
+        hvd = self.hvd
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        return (model, *make_optimizer(args, model, opt, hvd.Sum if args.op == "sum" else hvd.Average))
+
+    def identical(self, flat: torch.Tensor) -> bool:
+        """Whether every rank's ``flat`` equals rank 0's (on every rank)."""
+        hvd = self.hvd
+        same = bool(torch.equal(hvd.broadcast(flat, root_rank=0, name="hvdquant.check"), flat))
+        return bool(hvd.allreduce(torch.tensor([int(same)]), op=hvd.Min, name="hvdquant.check.min"))
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return self.hvd.allgather_object(obj, name="hvdquant.stats")
+
+
+class DDPJob:
+    """The main job's framework calls under torchrun or mpirun: PyTorch DDP, Gloo on the CPU (NCCL
+    where CUDA is available)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.reducer == "stock" or args.op == "sum":
+            raise SystemExit("--reducer stock and --op sum are Horovod's: DDP averages (drop --framework ddp)")
+        self.rank, self.size = hvdquant.ddp.init_from_env()
+        cuda = torch.distributed.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+    def hook(self, args: argparse.Namespace) -> tuple[Any, Callable, Callable[[], dict]]:
+        """(hook state, hook, function returning communication statistics) for --compression."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+        if args.compression in ("none", "fp16", "powersgd"):
+            stats = CommStats()
+            report = lambda: {"bits_per_coordinate": stats.bits_per_coordinate,  # noqa: E731
+                              "bytes_handed": stats.bytes_handed, "coordinates": stats.coordinates}
+            if args.compression == "powersgd":
+                state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
+                                                    start_powerSGD_iter=max(2, args.ddp_warmup_steps),
+                                                    random_seed=args.seed)
+                return state, counting_all_reduce(stats, powerSGD_hook.powerSGD_hook), report
+            hooks = {"none": (4, default_hooks.allreduce_hook), "fp16": (2, default_hooks.fp16_compress_hook)}
+            width, base = hooks[args.compression]
+            return None, counted(stats, width, base), report
+        state = hvdquant.ddp.State(make_codec(args), args.reducer, seed=args.seed, warmup_steps=args.ddp_warmup_steps,
+                                   min_numel=args.min_numel)
+        return state, hvdquant.ddp.hook, state.statistics
+
+    def wrap(self, args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer):
+        """(model to train, optimizer, function returning communication statistics). DDP broadcasts
+        rank 0's parameters when it wraps the model."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        state, hook, report = self.hook(args)
+        ddp.register_comm_hook(state, hook)
+        return ddp, opt, report
+
+    def identical(self, flat: torch.Tensor) -> bool:
+        """Whether every rank's ``flat`` equals rank 0's (on every rank)."""
+        ref = flat.clone()
+        torch.distributed.broadcast(ref, src=0)
+        same = torch.tensor([int(torch.equal(ref, flat))], device=flat.device)
+        torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+        return bool(same.item())
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    device = next(model.parameters()).device
+    correct = sum(int((model(x[i:i + batch].to(device)).argmax(1).cpu() == y[i:i + batch]).sum())
+                  for i in range(0, len(x), batch))
     model.train()
     return correct / len(x)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compression", choices=["none", "fp16", "dqsg", "ndqsg", "qsgd", "onebit", "topk", "lgc"],
-                   default="dqsg")
+    p.add_argument("--framework", choices=["horovod", "ddp"], default="horovod",
+                   help="horovod (under horovodrun) or ddp (PyTorch DDP under torchrun or mpirun)")
+    p.add_argument("--compression",
+                   choices=["none", "fp16", "powersgd", "dqsg", "ndqsg", "qsgd", "onebit", "topk", "lgc"],
+                   default="dqsg", help="powersgd: DDP only (torch's PowerSGD hook)")
+    p.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD: matrix approximation rank")
+    p.add_argument("--ddp-warmup-steps", type=int, default=0,
+                   help="DDP: full-precision iterations before compressing (hvdquant hook; PowerSGD's start "
+                        "iteration, at least 2)")
     p.add_argument("--lgc-form", choices=["ps", "ring"], default="ps", help="LGC: parameter-server or ring form")
     p.add_argument("--warmup-steps", type=int, default=100, help="LGC: top-k warm-up exchanges")
     p.add_argument("--train-steps", type=int, default=100, help="LGC: autoencoder training exchanges")
     p.add_argument("--ratio", type=float, default=0.01, help="top-k / LGC: fraction of coordinates selected")
-    p.add_argument("--reducer", choices=["stock", "allgather", "scatter_reduce"], default=None,
-                   help="stock: Horovod's allreduce (none, fp16, dqsg); else hvdquant.DistributedOptimizer "
-                        "(default: stock for none/fp16/dqsg, allgather otherwise)")
+    p.add_argument("--reducer", choices=["stock", "allreduce", "allgather", "scatter_reduce"], default=None,
+                   help="Horovod: stock (Horovod's allreduce: none, fp16, dqsg, ndqsg) or allgather|scatter_reduce "
+                        "(hvdquant.DistributedOptimizer; default: stock for none/fp16/dqsg, allgather otherwise). "
+                        "DDP: allreduce (summable dqsg/ndqsg fields; the default for them and for "
+                        "none/fp16/powersgd) or allgather|scatter_reduce (hvdquant.ddp hook, the default allgather "
+                        "for the other codecs)")
     p.add_argument("--levels", type=int, default=None,
                    help="levels s (DQSG, QSGD) or s1 (NDQSG); default 1, and 3 for NDQSG")
     p.add_argument("--dither", choices=["independent", "stratified"], default="stratified",
@@ -110,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="folder for the JSON summary")
     args = p.parse_args(argv)
+    if args.reducer is None and args.framework == "ddp":
+        args.reducer = "allreduce" if args.compression in ("none", "fp16", "powersgd", "dqsg", "ndqsg") else "allgather"
     if args.reducer is None:
         args.reducer = "stock" if args.compression in ("none", "fp16", "dqsg") else "allgather"
     if args.levels is None:
@@ -119,21 +258,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    hvd.init()
+    job = DDPJob(args) if args.framework == "ddp" else HorovodJob(args)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    rank, size = hvd.rank(), hvd.size()
+    rank, size = job.rank, job.size
 
     train_x, train_y, test_x, test_y = load_fashion_mnist()
     train_x, train_y = train_x[rank::size], train_y[rank::size]
 
-    model = SmallCNN()
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    model = SmallCNN().to(job.device)
     # With op=Sum Horovod returns the sum of gradients, so the step size is divided by the world size
     # to train the same model; the compression must then return the sum (hvdquant does).
     lr = args.lr / size if args.op == "sum" else args.lr
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum)
-    opt, comm_stats = make_optimizer(args, model, opt, hvd.Sum if args.op == "sum" else hvd.Average)
+    trained, opt, comm_stats = job.wrap(args, model, opt)
 
     steps_per_epoch = len(train_x) // args.batch_size
     if args.max_steps:
@@ -147,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         for step in bar:
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             opt.zero_grad()
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+            loss = F.cross_entropy(trained(train_x[idx].to(job.device)), train_y[idx].to(job.device))
             loss.backward()
             opt.step()
             if step % 50 == 0:
@@ -160,13 +298,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{stats['bits_per_coordinate']:.3f}  bytes handed {stats['bytes_handed']:,}  "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
 
+    per_rank = job.allgather_object(comm_stats())
     # Replicas must end bit-identical: compare every rank's parameters with rank 0's.
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    identical = bool(torch.equal(hvd.broadcast(flat, root_rank=0, name="hvdquant.check"), flat))
-    all_identical = bool(hvd.allreduce(torch.tensor([int(identical)]), op=hvd.Min, name="hvdquant.check.min"))
-    per_rank = hvd.allgather_object(comm_stats(), name="hvdquant.stats")
+    all_identical = job.identical(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     mean_bits = sum(8.0 * r["bytes_handed"] for r in per_rank) / max(1, sum(r["coordinates"] for r in per_rank))
     summary = {
+        "framework": args.framework,
         "compression": args.compression,
         "reducer": args.reducer,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -182,14 +319,20 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.reducer == "stock" else f"-{args.reducer}"
-        path = args.out / f"train-{args.compression}{suffix}.json"
+        path = args.out / f"train-{run_name(args)}.json"
         path.write_text(json.dumps(summary, indent=2))
         print(f"final test accuracy {summary['test_accuracy']:.4f}; bits/coordinate (mean over ranks) "
               f"{mean_bits:.3f}; replicas bit-identical: {all_identical}; summary written to {path}", flush=True)
     if not all_identical:
         raise SystemExit("replicas diverged: parameters differ between ranks")
     return summary
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """The summary's file name stem: ``dqsg``, ``ndqsg-allgather``, ``ddp-dqsg``, ``ddp-qsgd-scatter_reduce``…"""
+    default = "allreduce" if args.framework == "ddp" else "stock"
+    suffix = "" if args.reducer == default else f"-{args.reducer}"
+    return f"{'ddp-' if args.framework == 'ddp' else ''}{args.compression}{suffix}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,235 @@
+"""PyTorch DDP adapter: hvdquant codecs as a DDP communication hook (``hvdquant.ddp``).
+
+Use::
+
+    state = hvdquant.ddp.State(codec=hvdquant.DQSG(levels=1, bucket_size=512), reducer="allreduce")
+    ddp_model.register_comm_hook(state, hvdquant.ddp.hook)
+
+``reducer="allreduce"`` sums DQSG indices (or NDQSG coset indices) in summable float64 fields
+(:class:`~hvdquant.transports.summed.SummedExchange`); ``"allgather"`` and ``"scatter_reduce"`` move
+any codec's payloads (:func:`~hvdquant.transports.exchange.make_exchange`: DQSG, NDQSG, QSGD, 1-bit
+SGD and top-k with error feedback, LGC on ``"allgather"``). Collectives run over torch.distributed
+(:class:`~hvdquant.transports.torchdist.TorchDistCollectives`): Gloo, NCCL or MPI, no Horovod.
+
+How a bucket is exchanged. DDP hands the hook a flat bucket of several parameters' gradients and
+runs the hooks of a step in increasing bucket index on every rank, so the hook runs its collectives
+at once and returns a completed future holding the **mean**. Within a bucket, every parameter with
+at least 2 dimensions and ``min_numel`` elements is compressed as its own tensor, named
+``ddp.param<i>`` (i: the order in which the hook first saw the parameter: the same on every rank,
+and in a new DDP model after a restart). The tensors of a bucket travel together: on the payload
+reducers in one fused round per phase; on the summable allreduce each tensor's MAX allreduce of
+bucket maxima is started at once (all in flight together), then one SUM allreduce carries every
+tensor's fields. The other parameters (biases, norms) travel uncompressed: their float32 values are
+summed in rank order (PowerSGD's rule; exact and independent of the bucket layout). The first
+``warmup_steps`` iterations are plain float32 allreduces of the whole bucket (PowerSGD's
+``start_powerSGD_iter``). Codecs run on host tensors: a CUDA bucket is copied to the host,
+exchanged, and the mean copied back (collectives on NCCL run on the GPU, on Gloo on the host).
+
+Why per parameter and not per bucket: DDP puts every parameter in one bucket at the first iteration
+and rebuilds its buckets afterwards (and again in a new DDP model after a restart). Keys, step
+counters, error-feedback residuals and nested side information keyed by parameter do not depend on
+that layout, so a resumed job continues bit for bit, and residuals stay with their parameters.
+
+Guarantees, as on the Horovod paths:
+- dither keys are (agreed seed, step, parameter name, sender), the step counting the parameter's
+  exchanges, identical on every rank; replicas stay bit-identical (every sum is exact or runs in
+  the same order on every rank);
+- the configuration (codec, reducer, min_numel, warm-up, seed, restored state, the first bucket's
+  parameter shapes) is agreed at the first step; a difference fails on every rank, naming the
+  first differing rank;
+- a non-finite gradient makes every rank raise ``FloatingPointError`` from ``backward()``;
+- :meth:`State.state_dict` holds the step counters, the iteration, the agreed seed and the
+  exchange's state (error-feedback residuals, nested side information), so a job restarted into
+  a new DDP model continues bit for bit;
+- :meth:`State.statistics` measures the bits per coordinate handed to the collectives.
+
+(No ``from __future__ import annotations`` here: DDP checks that the hook's annotations are the
+real types ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]``.)
+"""
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hvdquant.codecs.base import Codec, all_finite
+from hvdquant.codecs.lgc import LGC
+from hvdquant.keys import StepCounter
+from hvdquant.stats import CommStats
+from hvdquant.transports.agreement import agree, check_seed
+from hvdquant.transports.collectives import raise_if_poisoned
+from hvdquant.transports.exchange import make_exchange
+from hvdquant.transports.payload import REDUCERS, rank_order_sum, statistics
+from hvdquant.transports.summed import SummedExchange, scheme_for
+from hvdquant.transports.torchdist import TorchDistCollectives
+
+
+def _total(*stats: CommStats) -> CommStats:
+    return CommStats(sum(s.coordinates for s in stats), sum(s.bytes_handed for s in stats), sum(s.calls for s in stats))
+
+
+class State:
+    """The hook's state: the exchange, step counters, seed agreement, statistics and checkpoints.
+
+    ``codec``: an hvdquant codec (``hvdquant.ErrorFeedback(codec)`` for error feedback);
+    ``reducer``: "allreduce" (DQSG, NDQSG), "allgather" or "scatter_reduce"; ``seed``: the dither
+    seed, default rank 0's ``torch.initial_seed()``; ``warmup_steps``: full-precision iterations
+    first; ``min_numel``: parameters with fewer elements (or fewer than 2 dimensions) go
+    uncompressed; ``process_group``: the DDP model's group (default: the global one). Build it
+    after ``torch.distributed.init_process_group``.
+    """
+
+    def __init__(self, codec: Codec | LGC, reducer: str = "allreduce", seed: int | None = None,
+                 warmup_steps: int = 0, min_numel: int = 1024, process_group: Any = None) -> None:
+        check_seed(seed)
+        for what, value in (("warmup_steps", warmup_steps), ("min_numel", min_numel)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+        if reducer not in ("allreduce", *REDUCERS):
+            raise ValueError(f"reducer={reducer!r} must be one of {('allreduce', *REDUCERS)}")
+        self.coll = TorchDistCollectives(process_group)
+        self.codec, self.reducer, self.seed = codec, reducer, seed
+        self.warmup_steps, self.min_numel = warmup_steps, min_numel
+        self.summed = SummedExchange(scheme_for(codec), seed, self.coll) if reducer == "allreduce" else None
+        self.exchange = make_exchange(codec, reducer, True, self.coll) if reducer != "allreduce" else None
+        self.steps = StepCounter()
+        self.iteration = 0  # completed backward passes that communicated (buckets with is_last())
+        self.full = CommStats()  # uncompressed values: warm-up buckets and small parameters
+        self._ids: dict[int, int] = {}
+        self.agreed_seed: int | None = None
+        self.restored_seed: int | None = None
+
+    # ------------------------------------------------------------------ checkpoints and statistics
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: steps, iteration, seed and the exchange's (residuals, side information)."""
+        ex = self.summed if self.summed is not None else self.exchange
+        return {"steps": self.steps.state_dict(), "iteration": self.iteration, "seed": self.agreed_seed,
+                "exchange": ex.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a State of the same configuration (agreed again at the next step)."""
+        ex = self.summed if self.summed is not None else self.exchange
+        ex.load_state_dict(state["exchange"])  # refuses a checkpoint of another kind first
+        self.steps.load_state_dict(state["steps"])
+        self.iteration = int(state["iteration"])
+        self.restored_seed, self.agreed_seed = state["seed"], None
+
+    def statistics(self) -> dict[str, Any]:
+        """Measured bits per coordinate handed to the collectives (warm-up and uncompressed
+        parameters included) and the exchange's own counters."""
+        if self.summed is not None:
+            sx = self.summed
+            return statistics(_total(sx.stats, self.full), sx.stats, sx.entropy_bits, sx.decode_stats)
+        own = self.exchange.statistics()
+        handed = _total(CommStats(own["coordinates"], own["bytes_handed"]), self.full)
+        return {**own, "bits_per_coordinate": handed.bits_per_coordinate, "bytes_handed": handed.bytes_handed,
+                "coordinates": handed.coordinates}
+
+    # ------------------------------------------------------------------ one bucket
+    def _agree(self, bucket: dist.GradBucket) -> int:
+        if self.agreed_seed is None:
+            cfg = {"codec": self.codec.config(), "reducer": self.reducer, "min_numel": self.min_numel,
+                   "warmup_steps": self.warmup_steps, "seed": self.seed, "restored_seed": self.restored_seed,
+                   "steps": sorted(self.steps.counts.items()), "iteration": self.iteration,
+                   "first_bucket": [tuple(p.shape) for p in bucket.parameters()],
+                   "threads": torch.get_num_threads() if isinstance(self.codec, LGC) else None}
+            proposal = self.restored_seed if self.restored_seed is not None else self.seed
+            self.agreed_seed = agree(self.coll, cfg, proposal, "hvdquant.ddp.config")
+            if self.summed is not None:
+                self.summed.seed = self.agreed_seed
+        return self.agreed_seed
+
+    def _name(self, p: torch.Tensor) -> str:
+        return f"ddp.param{self._ids.setdefault(id(p), len(self._ids))}"
+
+    def _allreduced(self, flat: torch.Tensor) -> torch.Tensor:
+        """The mean of float32 values by one SUM allreduce (warm-up: the same bits on every rank)."""
+        started = self.coll.allreduce(flat, "hvdquant.ddp.full")
+        self.full.record(flat.numel(), started.nbytes)
+        return _finite(started.wait()) / self.coll.size
+
+    def _gathered(self, flat: torch.Tensor) -> torch.Tensor:
+        """The mean of float32 values summed in rank order (exact whatever the bucket layout)."""
+        started = self.coll.allgather_bytes(flat.view(torch.uint8) if all_finite(flat) else None, "hvdquant.ddp.raw")
+        self.full.record(flat.numel(), started.nbytes)
+        return rank_order_sum(raise_if_poisoned(started.wait(), "uncompressed parameters")) / self.coll.size
+
+    def _start(self, named: list[tuple[str, torch.Tensor]], raw: list[tuple[str, torch.Tensor]]
+               ) -> list[Callable[[], torch.Tensor]]:
+        """Start the exchange of a bucket's compressed tensors and uncompressed ones; returns one
+        finisher per tensor (compressed first), each returning the mean."""
+        if self.summed is not None:
+            encoded = [self.summed.encode(t, name) for name, t in named]
+            words = self.coll.allreduce(torch.cat([w for w, _ in encoded]), "hvdquant.ddp.words")  # counted by encode
+            finishers = [lambda i=i, ctx=ctx: self.summed.decode(words.wait()[i:i + 1], ctx) / self.coll.size
+                         for i, (_, ctx) in enumerate(encoded)]
+            if raw:
+                sizes = [t.numel() for _, t in raw]
+                means = functools.cache(lambda: self._gathered(torch.cat([t.reshape(-1) for _, t in raw])).split(sizes))
+                finishers += [lambda j=j: means()[j].reshape(raw[j][1].shape) for j in range(len(raw))]
+            return finishers
+        steps = [self.steps.next(name) for name, _ in named]
+        return ([self.exchange.start(name, t, self.agreed_seed, step) for (name, t), step in zip(named, steps)]
+                + [self.exchange.start_raw(name, t) for name, t in raw])
+
+    def reduce(self, bucket: dist.GradBucket) -> torch.Tensor:
+        """The mean over ranks of ``bucket``'s gradients, in the buffer's dtype and device."""
+        buffer = bucket.buffer()
+        self._agree(bucket)
+        flat = buffer.detach().to("cpu", torch.float32).reshape(-1)
+        params = bucket.parameters()
+        if self.iteration < self.warmup_steps:
+            out = self._allreduced(flat)
+        else:
+            pieces = [(self._name(p), g.view(p.shape)) for p, g in zip(params, flat.split([p.numel() for p in params]))]
+            compress = [p.dim() >= 2 and p.numel() >= self.min_numel for p in params]
+            named = [piece for piece, c in zip(pieces, compress) if c]
+            raw = [piece for piece, c in zip(pieces, compress) if not c]
+            finishers = dict(zip([name for name, _ in named + raw], self._start(named, raw)))
+            # finish in bucket order; the first finisher sends the whole bucket, and raises on every
+            # rank if a gradient was not finite
+            out = torch.cat([finishers[name]().reshape(-1) for name, _ in pieces])
+        if bucket.is_last():
+            self.iteration += 1
+        return out.to(buffer.device, buffer.dtype)
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    if not all_finite(t):
+        raise FloatingPointError("non-finite gradient (NaN or Inf) on at least one rank; hvdquant refuses to "
+                                 "average it (every rank raises)")
+    return t
+
+
+def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: ``ddp_model.register_comm_hook(state, hvdquant.ddp.hook)``. Runs the
+    bucket's exchange at once and returns a completed future holding the mean. Errors (a non-finite
+    gradient, a configuration mismatch) are raised, not set on the future: DDP then re-raises them
+    from every rank's ``backward()`` with their own type and message (a future's exception reaches
+    ``backward()`` as an unrelated cast error)."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(state.reduce(bucket))
+    return fut
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """``torch.distributed.init_process_group`` for a job started by torchrun (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT set) or by mpirun (Open MPI's OMPI_COMM_WORLD_RANK/SIZE; MASTER_ADDR
+    defaults to 127.0.0.1 and MASTER_PORT to 29500: one host); backend: NCCL where CUDA is
+    available, else Gloo. Returns (rank, world size)."""
+    env = os.environ
+    if "RANK" not in env and "OMPI_COMM_WORLD_RANK" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        env.setdefault("LOCAL_RANK", env.get("OMPI_COMM_WORLD_LOCAL_RANK", env["RANK"]))
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
