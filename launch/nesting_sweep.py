@@ -89,11 +89,11 @@ def payload_ndqsg(codec: NDQSG, gs: list[torch.Tensor], name: str, step: int) ->
 
 
 def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None, name: str, step: int,
-                 nesting: dict[str, bool] | None = None) -> tuple[dict[str, float] | None, torch.Tensor]:
+                 adaptive: NDQSG | None = None) -> tuple[dict[str, float] | None, torch.Tensor]:
     """Nested sum / coset ring: Σk mod ρ resolved against ``side`` (P × the previous decoded mean).
     Returns the counts (None without side information) and this step's P × decoded mean. With
-    ``nesting`` (adaptive: per name, whether this step nests), the bytes are the fields' while off,
-    and the decision for the next step is made as `NestedSum` makes it."""
+    ``adaptive`` (an adaptive NDQSG holding the decisions), the bytes are the fields' while nesting
+    is off, and the decision for the next step is made as `NestedSum` makes it."""
     ranks, n, d = len(gs), gs[0].numel(), codec.bucket_size
     fine, rho, s1 = codec.fine, codec.nesting_ratio, codec.levels[0]
     delta = fine.step_size(torch.stack([fine.bucket_absmax(g) for g in gs]).amax(0))
@@ -111,9 +111,9 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
     recovery = fine_fields.field_words(bucket_coordinates(bad, d, n).numel()) if bad else 0
     words = coset_fields.field_words(n) + ops.num_buckets(n, d) + recovery
     plain = fine_fields.field_words(n)
-    if nesting is not None:
-        nested_now = nesting.get(name, False)
-        nesting[name] = words <= NDQSG.ADAPTIVE_MARGIN * plain
+    if adaptive is not None:
+        nested_now = adaptive.nesting.get(name, False)
+        adaptive.observe(name, words <= NDQSG.ADAPTIVE_MARGIN * plain)
         words = words if nested_now else plain
     return ({"bytes": 8 * words, "dqsg_bytes": 8 * plain,
              "failed_coordinates": failed_coords, "coordinates": n,
@@ -189,7 +189,7 @@ def main() -> None:
     args = p.parse_args()
     codecs = [NDQSG(tuple(int(v) for v in lv.split(",")), args.bucket_size, adaptive=False) for lv in args.levels]
     adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
-    nesting: dict[tuple[int, int], dict[str, bool]] = {codec.levels: {} for codec in codecs}
+    summed_adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
     acc: dict[tuple[str, str, str, str], dict[str, float]] = {}
     corr: dict[tuple[str, str], list[float]] = {}
     side: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -206,7 +206,7 @@ def main() -> None:
                 prev = side.get((setting, name, cfg)) if step > 0 else None
                 part, side[(setting, name, cfg)] = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step)
                 add(acc.setdefault((setting, layer, cfg, "sum"), {}), part)
-                part, _ = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step, nesting[codec.levels])
+                part, _ = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step, summed_adaptive[codec.levels])
                 add(acc.setdefault((setting, layer, cfg, "sum-adaptive"), {}), part)
             print(f"{setting:24s} {name:14s} step {step}", flush=True)
     rows = []

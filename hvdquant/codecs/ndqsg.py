@@ -62,6 +62,9 @@ class NDQSG(Codec):
     adaptive: bool = True
     #: adaptive nesting: per tensor name, whether its nested senders send cosets at the next step
     nesting: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: per name while off: consecutive steps that would have paid; times nesting was switched off again
+    streak: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    reversals: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     scheme = "ndqsg"
     #: adaptive nesting stays on (or turns on) only where it is expected to send at most this
@@ -98,19 +101,39 @@ class NDQSG(Codec):
         return max(1, math.ceil(self.dqsg_fraction * ranks - 1e-9))
 
     def config(self) -> dict:
-        return {"scheme": self.scheme, **{k: v for k, v in asdict(self).items() if k != "nesting"}}
+        return {"scheme": self.scheme, **{k: v for k, v in asdict(self).items()
+                                          if k not in ("nesting", "streak", "reversals")}}
 
     def is_nested(self, sender: int, ranks: int, name: str | None = None) -> bool:
         """Whether ``sender`` sends coset symbols (of tensor ``name``, under adaptive nesting)."""
         return sender >= self.dqsg_senders(ranks) and (not self.adaptive or self.nesting.get(name, False))
 
-    def state_dict(self) -> dict[str, bool]:
-        """The adaptive nesting decisions (a checkpoint resumes with them)."""
-        return dict(self.nesting)
+    def observe(self, name: str, pays: bool) -> None:
+        """Adaptive nesting's rule, after a step of tensor ``name`` whose nesting would have paid
+        (or paid) iff ``pays``: nesting that did not pay is switched off at once; nesting that is off
+        is switched on after 2^r consecutive steps that would have paid, r being the number of times
+        it was switched off before (the first switch is immediate; a tensor whose outcome keeps
+        changing stops oscillating)."""
+        if self.nesting.get(name, False):
+            if not pays:
+                self.nesting[name] = False
+                self.reversals[name] = self.reversals.get(name, 0) + 1
+                self.streak[name] = 0
+            return
+        self.streak[name] = self.streak.get(name, 0) + 1 if pays else 0
+        if self.streak[name] >= 2 ** self.reversals.get(name, 0):
+            self.nesting[name] = True
+            self.streak[name] = 0
 
-    def load_state_dict(self, state: dict[str, bool]) -> None:
-        self.nesting.clear()
-        self.nesting.update({str(k): bool(v) for k, v in state.items()})
+    def state_dict(self) -> dict[str, dict]:
+        """The adaptive nesting state (a checkpoint resumes with it)."""
+        return {"nesting": dict(self.nesting), "streak": dict(self.streak), "reversals": dict(self.reversals)}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for mine, kind, key in ((self.nesting, bool, "nesting"), (self.streak, int, "streak"),
+                                (self.reversals, int, "reversals")):
+            mine.clear()
+            mine.update({str(k): kind(v) for k, v in state.get(key, {}).items()})
 
     def layout(self, n: int, ctx: TensorContext) -> Layout:
         if not self.is_nested(ctx.key.sender, ctx.ranks, ctx.name):
@@ -280,9 +303,10 @@ class NDQSG(Codec):
 
     def _decide(self, ctx: TensorContext, ranks: int, n: int, probed: int,
                 known: dict[int, list[tuple[list[int], torch.Tensor]]]) -> None:
-        """Nesting of ``ctx.name`` at its next step: on iff the nested senders' bytes this step (sent,
-        recovery included, or probed) were at most ADAPTIVE_MARGIN × their DQSG(s₁) bytes. Every
-        rank decodes every payload alike, so every rank decides alike, without a collective."""
+        """Nesting of ``ctx.name`` at its next step (:meth:`observe`), from whether the nested senders'
+        bytes this step (sent, recovery included, or probed) were at most ADAPTIVE_MARGIN × their
+        DQSG(s₁) bytes. Every rank decodes every payload alike, so every rank decides alike, without
+        a collective."""
         senders = ranks - self.dqsg_senders(ranks)
         if not senders:
             return
@@ -293,7 +317,7 @@ class NDQSG(Codec):
         else:
             spent = probed
         plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
-        self.nesting[ctx.name] = spent <= self.ADAPTIVE_MARGIN * plain
+        self.observe(ctx.name, spent <= self.ADAPTIVE_MARGIN * plain)
 
     def _recovered_codes(self, buf: torch.Tensor, n: int, buckets: list[int]) -> torch.Tensor:
         """A recovery reply (packed DQSG(s₁) symbols of the buckets) as int32 indices."""

@@ -150,17 +150,32 @@ def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting):
             mean, _ = codec.aggregate(payloads, base, recover)
             ref = sum(fine.decode(fine.encode(g, base.sender(p)), base.sender(p)) for p, g in enumerate(gs))
             assert torch.equal(mean, ref / ranks)
-        assert len({tuple(c.state_dict().items()) for c in codecs}) == 1  # the same decision on every rank
+        assert all(c.state_dict() == codecs[0].state_dict() for c in codecs)  # the same decisions on every rank
         nested_bytes = sum(e.nbytes() for e in encs[2:]) + recovered[0]
         plain_bytes = sum(fine.encode(g, base.sender(p)).nbytes() for p, g in enumerate(gs[2:], 2))
         if step == 0 or not expect_nesting:
             assert nested_bytes == plain_bytes  # nesting off: exactly DQSG(s₁)
         else:
             assert nested_bytes <= NDQSG.ADAPTIVE_MARGIN * plain_bytes
-        assert codecs[0].state_dict() == {"w": expect_nesting}
+        assert codecs[0].nesting.get("w", False) == expect_nesting
     restored = NDQSG((3, 1), 256, adaptive=True)
     restored.load_state_dict(codecs[0].state_dict())
     assert restored.state_dict() == codecs[0].state_dict() and restored.config() == codecs[0].config()
+
+
+def test_adaptive_rule_switches_on_at_once_then_backs_off():
+    """NDQSG.observe: off → on after the first step that would have paid; each switch-off doubles the
+    good steps needed to switch on again (1, 2, 4, …); the state round-trips through state_dict."""
+    nd = NDQSG((3, 1), 64)
+    outcomes = [True, False, True, True, False, True, True, True, True, True]
+    seen = []
+    for pays in outcomes:
+        nd.observe("w", pays)
+        seen.append(nd.nesting.get("w", False))
+    assert seen == [True, False, False, True, False, False, False, False, True, True]
+    twin = NDQSG((3, 1), 64)
+    twin.load_state_dict(nd.state_dict())
+    assert twin.state_dict() == nd.state_dict() == {"nesting": {"w": True}, "streak": {"w": 0}, "reversals": {"w": 2}}
 
 
 def test_ndqsg_without_recovery_refuses_to_return_wrong_values():
