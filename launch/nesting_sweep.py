@@ -113,7 +113,7 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
     plain = fine_fields.field_words(n)
     if adaptive is not None:
         nested_now = adaptive.nesting.get(name, False)
-        adaptive.observe(name, words <= NDQSG.ADAPTIVE_MARGIN * plain)
+        adaptive.observe(name, words <= NDQSG.ADAPTIVE_MARGIN * plain, NDQSG.PREVIOUS_MEAN_CONFIRM)
         words = words if nested_now else plain
     return ({"bytes": 8 * words, "dqsg_bytes": 8 * plain,
              "failed_coordinates": failed_coords, "coordinates": n,

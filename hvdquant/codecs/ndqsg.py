@@ -70,6 +70,8 @@ class NDQSG(Codec):
     #: adaptive nesting stays on (or turns on) only where it is expected to send at most this
     #: fraction of the nested senders' DQSG(s₁) bytes
     ADAPTIVE_MARGIN = 0.95
+    #: good steps in a row before nesting with the previous step's mean as side information
+    PREVIOUS_MEAN_CONFIRM = 2
 
     def __post_init__(self) -> None:
         if not (isinstance(self.levels, tuple) and len(self.levels) == 2):
@@ -108,12 +110,14 @@ class NDQSG(Codec):
         """Whether ``sender`` sends coset symbols (of tensor ``name``, under adaptive nesting)."""
         return sender >= self.dqsg_senders(ranks) and (not self.adaptive or self.nesting.get(name, False))
 
-    def observe(self, name: str, pays: bool) -> None:
+    def observe(self, name: str, pays: bool, confirm: int = 1) -> None:
         """Adaptive nesting's rule, after a step of tensor ``name`` whose nesting would have paid
         (or paid) iff ``pays``: nesting that did not pay is switched off at once; nesting that is off
-        is switched on after 2^r consecutive steps that would have paid, r being the number of times
-        it was switched off before (the first switch is immediate; a tensor whose outcome keeps
-        changing stops oscillating)."""
+        is switched on after confirm·2^r consecutive steps that would have paid, r being the number
+        of times it was switched off before (a tensor whose outcome keeps changing stops
+        oscillating). The payload path confirms once (its side information is this step's own
+        senders); the stock nested sum and the coset ring, whose side information is the previous
+        step's mean, confirm twice."""
         if self.nesting.get(name, False):
             if not pays:
                 self.nesting[name] = False
@@ -121,7 +125,7 @@ class NDQSG(Codec):
                 self.streak[name] = 0
             return
         self.streak[name] = self.streak.get(name, 0) + 1 if pays else 0
-        if self.streak[name] >= 2 ** self.reversals.get(name, 0):
+        if self.streak[name] >= confirm * 2 ** self.reversals.get(name, 0):
             self.nesting[name] = True
             self.streak[name] = 0
 

@@ -79,8 +79,8 @@ def test_coset_ring_is_exact_and_uses_side_information(rho_levels):
 @pytest.mark.parametrize("drift,expect_nesting", [(1e-4, True), (1.0, False)])
 def test_adaptive_coset_ring_switches_nesting_and_stays_exact(drift, expect_nesting):
     """NDQSG((8, 1), adaptive=True) on the ring with PreviousMean side information: the first call
-    sums DQSG(s₁) indices (nesting off) and probes; slowly drifting gradients (1e-4) then take the
-    coset ring, fast-changing ones (drift 1, as large as the gradient) never do. Every call equals
+    sums DQSG(s₁) indices (nesting off) and the next two probe; slowly drifting gradients (1e-4) then
+    take the coset ring, fast-changing ones (drift 1, as large as the gradient) never do. Every call equals
     the exact DQSG(s₁) sum bit for bit, and every rank holds the same decision."""
     _, comm = world()
     codec = NDQSG((8, 1), bucket_size=100, adaptive=True)

@@ -96,11 +96,11 @@ def test_encoding_a_name_twice_in_one_batch_is_refused():
 
 @pytest.mark.parametrize("drift,expect_nesting", [(1e-4, True), (1.0, False)])
 def test_adaptive_nested_sum_switches_by_the_probe_and_stays_exact(drift, expect_nesting):
-    """NestedSum(adaptive=True), one rank: step 0 has no side information (DQSG(s₁)), step 1 is sent
-    as DQSG(s₁) and probed against the previous mean, and from step 2 the tensor nests only if the
-    probe said cosets + checksums + recovery cost at most ADAPTIVE_MARGIN × the DQSG(s₁) fields
-    (slow drift: yes; drift as large as the gradient: no). Every step equals plain DQSGSum's result
-    bit for bit."""
+    """NestedSum(adaptive=True), one rank: step 0 has no side information (DQSG(s₁)), steps 1 and 2
+    are sent as DQSG(s₁) and probed against the previous mean, and from step 3 the tensor nests only
+    if both probes said cosets + checksums + recovery cost at most ADAPTIVE_MARGIN × the DQSG(s₁)
+    fields (PREVIOUS_MEAN_CONFIRM = 2; slow drift: yes; drift as large as the gradient: no). Every
+    step equals plain DQSGSum's result bit for bit."""
     nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), seed=3, collectives=Recording())
     plain = SummedExchange(DQSGSum(8, 64, dither="independent"), seed=3, collectives=Recording())
     gen = torch.Generator().manual_seed(4)
@@ -112,6 +112,6 @@ def test_adaptive_nested_sum_switches_by_the_probe_and_stays_exact(drift, expect
             word, ctx = ex.encode(g, "w")
             outs.append(ex.decode(word, ctx))
         assert torch.equal(outs[0], outs[1])
-        assert nested.scheme.nested.nesting.get("w", False) == (expect_nesting and step > 0)
-    if expect_nesting:  # steps 2–4 went through the cosets and never needed the recovery round
+        assert nested.scheme.nested.nesting.get("w", False) == (expect_nesting and step > 1)
+    if expect_nesting:  # steps 3 and 4 went through the cosets and never needed the recovery round
         assert nested.decode_stats.failed_buckets == 0 and nested.decode_stats.recovery_rounds == 0
