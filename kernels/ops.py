@@ -273,7 +273,7 @@ def _packing(alphabet: int) -> tuple[int, int, int, int]:
 def _span(target: str, group: int, bucket: int | None = None) -> tuple[int, bool]:
     """Range length of a fused pass and whether a range holds whole buckets of ``bucket`` (then the
     encoder computes their scales itself; CPU only). Ranges start at multiples of 4 (a Philox
-    block) and of the packing group."""
+    block) and of ``group`` (the symbols of a packing unit, or the fields of a summable word)."""
     unit = math.lcm(4, group)
     if target == "cuda":  # short ranges: neighbouring threads read neighbouring memory
         return unit, False
@@ -281,6 +281,13 @@ def _span(target: str, group: int, bucket: int | None = None) -> tuple[int, bool
         whole = math.lcm(bucket, unit)
         return whole * max(1, cpu.CHUNK // whole), True
     return unit * max(1, cpu.CHUNK // unit), False
+
+
+def _histogram(n: int, span: int, alphabet: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeroed symbol counts for a fused encoder: one row per range on the CPU (a range owns its row),
+    at most 1024 rows on the GPU (threads share rows through atomic adds); summed by the caller."""
+    rows = max(1, min((n + span - 1) // span, 1024 if like.is_cuda else 1 << 62))
+    return torch.zeros((rows, alphabet), dtype=torch.int64, device=like.device)
 
 
 def dqsg_encode_packed(g: torch.Tensor, bucket: int, levels: int, key: DitherKey
@@ -303,8 +310,7 @@ def dqsg_encode_packed(g: torch.Tensor, bucket: int, levels: int, key: DitherKey
     if not scaled:
         bucket_absmax(g, bucket, out=delta).div_(float(levels))
     packed = torch.empty(symbol_bytes(n, alphabet), dtype=torch.uint8, device=g.device)
-    rows = max(1, min((n + span - 1) // span, 1024 if g.is_cuda else 1 << 62))
-    counts = torch.zeros((rows, alphabet), dtype=torch.int64, device=g.device)
+    counts = _histogram(n, span, alphabet, g)
     _launch("dqsg_encode_packed", n, g, delta, int(scaled), bucket, levels, radix, nbits, per_byte, packed, counts,
             *key.words(), span=span)
     return delta, packed, counts.sum(0)
@@ -570,12 +576,6 @@ def _fields(width: int, per_word: int) -> tuple[int, int]:
     return width, per_word
 
 
-def _field_span(target: str, per_word: int) -> int:
-    """Range length of a fused summable pass: a multiple of 4 (a Philox block) and of ``per_word``."""
-    unit = math.lcm(4, per_word)
-    return unit if target == "cuda" else unit * max(1, cpu.CHUNK // unit)
-
-
 def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey, width: int,
                        per_word: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DQSG with common scales Δ straight into summable fields: (words, histogram).
@@ -590,9 +590,8 @@ def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels
     width, per_word = _fields(width, per_word)
     n = g.numel()
     out = _out(out, "out", math.ceil(n / per_word), torch.float64, g)
-    span = _field_span(_target("dqsg_encode_fields", g, delta, out), per_word)
-    rows = max(1, min((n + span - 1) // span, 1024 if g.is_cuda else 1 << 62))
-    counts = torch.zeros((rows, 2 * levels + 1), dtype=torch.int64, device=g.device)
+    span, _ = _span(_target("dqsg_encode_fields", g, delta, out), per_word)
+    counts = _histogram(n, span, 2 * levels + 1, g)
     _launch("dqsg_encode_fields", n, g, delta, bucket, levels, width, per_word, out, counts, *key.words(), span=span)
     return out, counts.sum(0)
 
@@ -613,7 +612,7 @@ def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, width: int, p
     senders = _int("senders", senders, 1, 1 << 24)
     _check_senders(key, senders)
     out = _out(out, "out", n, torch.float32, words)
-    span = _field_span(_target("dqsg_decode_fields", words, delta, out), per_word)
+    span, _ = _span(_target("dqsg_decode_fields", words, delta, out), per_word)
     step, tid, first, ranks, k0, k1 = key.words()
     _launch("dqsg_decode_fields", n, words, np.float64(factor), width, per_word, int(offset), delta, bucket,
             int(first), senders, out, step, tid, ranks, k0, k1, span=span)

@@ -195,6 +195,16 @@ class NDQSG(Codec):
         bad = torch.nonzero(ops.bucket_checksum(kout, self.bucket_size) != sent).flatten().tolist()
         return kout, bad
 
+    def probe(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
+              senders: int) -> list[int]:
+        """The buckets that would fail if the exact index sums ``ksum`` (int32) of ``senders`` senders
+        had been sent as their residues mod ρ and resolved against ``side`` (adaptive nesting's
+        probe: what nesting would have cost, from data the receiver already holds)."""
+        rho = self.nesting_ratio
+        residues = ((ksum + senders * (rho // 2)) % rho).to(torch.uint8)
+        _, bad = self.resolve(residues, delta, side, key, senders, ops.bucket_checksum(ksum, self.bucket_size))
+        return bad
+
     def patch(self, kout: torch.Tensor, buckets: list[int], truth: torch.Tensor, stats: DecodeStats) -> None:
         """Write the recovered true index sums ``truth`` of failed ``buckets`` (their coordinates in
         the order given) into ``kout``, counting the buckets and the coordinates that had been wrong."""
@@ -300,9 +310,7 @@ class NDQSG(Codec):
         buckets counted as recovered."""
         fine, n = self.fine, enc.n
         k = ops.unpack_symbols(enc.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
-        residues = ((k + self.nesting_ratio // 2) % self.nesting_ratio).to(torch.uint8)
-        _, bad = self.resolve(residues, enc.fields["delta"], side, fine.keyed(ctx.key, ctx.ranks), 1,
-                              ops.bucket_checksum(k, self.bucket_size))
+        bad = self.probe(k, enc.fields["delta"], side, fine.keyed(ctx.key, ctx.ranks), 1)
         return self.nested_bytes(n, bucket_coordinates(bad, self.bucket_size, n).numel())
 
     def _decide(self, ctx: TensorContext, ranks: int, n: int, probed: int,

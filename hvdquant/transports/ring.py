@@ -207,8 +207,7 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
         kout = layout.unpack(summed.wait(), n)[0]
         estimate = None if side is None else side.estimate(request)
         if estimate is not None:
-            residues = ((kout + ranks * (rho // 2)) % rho).to(torch.uint8)
-            _, bad = codec.resolve(residues, delta, estimate, key.for_sender(0), ranks, ops.bucket_checksum(kout, d))
+            bad = codec.probe(kout, delta, estimate, key.for_sender(0), ranks)
             probed = (_coset_ring_bytes(n, ranks, rho) + 8 * delta.numel()
                       + 8 * layout.words(bucket_coordinates(bad, d, n).numel()))
             codec.observe(name, probed <= codec.ADAPTIVE_MARGIN * plain, codec.PREVIOUS_MEAN_CONFIRM)

@@ -324,10 +324,8 @@ class NestedSum:
                 failed.append([])
                 side = self._side.get(q.item.name)
                 if nested.adaptive and side is not None and side.numel() == resolved[-1].numel():  # the probe
-                    ksum = resolved[-1]
-                    _, bad = nested.resolve(((ksum + ranks * (rho // 2)) % rho).to(torch.uint8), q.delta, side,
-                                            key0, ranks, ops.bucket_checksum(ksum, d))
-                    self._decide(q.item.name, ksum.numel(), q.delta.numel(), bad, ranks)
+                    bad = nested.probe(resolved[-1], q.delta, side, key0, ranks)
+                    self._decide(q.item.name, resolved[-1].numel(), q.delta.numel(), bad, ranks)
                 continue
             sums, checks = next(parts), next(parts)
             kout, bad = nested.resolve((sums % rho).to(torch.uint8), q.delta, self._side[q.item.name], key0,
