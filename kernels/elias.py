@@ -1,4 +1,5 @@
-"""Elias recursive (omega) coding of QSGD's sparse levels (Alistarh et al., QSGD), CPU only.
+"""Elias recursive (omega) coding of QSGD's sparse levels (Alistarh et al., QSGD), on the host: a CUDA
+tensor's levels are copied to host memory and the stream back to the tensor's device (decode alike).
 
 Stream layout, bits MSB-first: ω(nnz + 1), then for each nonzero coordinate in index order:
 ω(gap) with gap = index − previous index (previous = −1 at the start, so gap ≥ 1), one sign bit
@@ -126,16 +127,16 @@ def encode(codes: torch.Tensor) -> tuple[torch.Tensor, int]:
     """int8 levels -> (uint8 stream, its length in bits)."""
     if codes.dtype != torch.int8 or codes.dim() != 1:
         raise TypeError("codes must be a 1-D int8 tensor")
-    buf, bits = _encode(codes.contiguous().numpy())
-    return torch.from_numpy(buf), int(bits)
+    buf, bits = _encode(codes.contiguous().cpu().numpy())
+    return torch.from_numpy(buf).to(codes.device), int(bits)
 
 
 def decode(stream: torch.Tensor, n: int) -> torch.Tensor:
     """uint8 stream -> n int8 levels; a stream that points past n coordinates is refused."""
     out = np.empty(n, np.int8)
-    raw = stream.contiguous().numpy()
+    raw = stream.contiguous().cpu().numpy()
     padded = np.zeros(raw.shape[0] + 16, np.uint8)
     padded[: raw.shape[0]] = raw
     if _decode(padded, 8 * raw.shape[0], out) < 0:
         raise ValueError("corrupt Elias stream: a position lies beyond the tensor")
-    return torch.from_numpy(out)
+    return torch.from_numpy(out).to(stream.device)

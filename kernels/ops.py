@@ -15,6 +15,7 @@ on machines without a GPU.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,8 @@ from .key import MAX_ELEMENTS, DitherKey
 
 THREADS_PER_BLOCK = 256
 _forced: str | None = None
+#: kernel launches per target ("cpu", "cuda") in this process: where the arithmetic really ran
+launches: Counter[str] = Counter()
 
 
 @contextmanager
@@ -58,9 +61,10 @@ def _launch(kernel: str, count: int, *args: object, ranged: bool = False, span: 
     ``span=m``: ranges of m elements on either device, passed to the kernel after ``count``)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     on_gpu = any(t.is_cuda for t in tensors)
-    target = _target(kernel, *args)
+    target = _target(kernel, *tensors)
     if count == 0:
         return
+    launches[target] += 1
     nblocks = count
     if span is not None:
         nblocks = (count + span - 1) // span

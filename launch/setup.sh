@@ -8,6 +8,12 @@
 #   HVDQ_WHEEL_CACHE  where the built Horovod wheel is cached, outside the checkout
 #                     (default: ~/.cache/hvdquant/wheels)
 #   HVDQ_SKIP_APT=1   skip apt-get (when the system packages are known to be there)
+#   HVDQ_GPU=1        GPU build (opt-in; not run by CI, which has no GPU): torch==$TORCH_VERSION with
+#                     CUDA from HVDQ_TORCH_INDEX (default https://download.pytorch.org/whl/cu130) and
+#                     Horovod with GPU operations over NCCL (HOROVOD_GPU_OPERATIONS=NCCL; needs nvcc
+#                     from the CUDA toolkit on PATH; launch/build_horovod.sh). Cached apart from the
+#                     CPU wheel. Without it Horovod is CPU-only and hvdquant stages CUDA payloads
+#                     through host memory.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +23,12 @@ PY="${PYTHON:-python3}"
 TORCH_VERSION=2.13.0
 HOROVOD_VERSION=0.28.1
 log() { printf '\n[setup] %s\n' "$*"; }
+GPU="${HVDQ_GPU:-0}"
+GPU_NOTE=""; GPU_KEY=""; CHECKS=(PyTorch MPI Gloo)
+if [ "$GPU" = 1 ]; then
+    GPU_NOTE=" + NCCL GPU operations"; GPU_KEY="-gpu"; CHECKS+=(NCCL)
+    command -v nvcc >/dev/null || { echo "[setup] ERROR: HVDQ_GPU=1 needs nvcc (the CUDA toolkit) on PATH" >&2; exit 1; }
+fi
 
 # ---------------------------------------------------------------- system packages
 APT_PKGS=(openmpi-bin libopenmpi-dev cmake g++ make iproute2 dataset-fashion-mnist)
@@ -44,37 +56,29 @@ VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip setuptools wheel
 
-log "installing torch==$TORCH_VERSION (CPU) and Python dependencies"
-"${PIP[@]}" "torch==$TORCH_VERSION"
+if [ "$GPU" = 1 ]; then
+    log "installing torch==$TORCH_VERSION (CUDA) and Python dependencies"
+    "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "${HVDQ_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}"
+else
+    log "installing torch==$TORCH_VERSION (CPU) and Python dependencies"
+    "${PIP[@]}" "torch==$TORCH_VERSION"
+fi
 # Horovod's own runtime needs (it is installed --no-deps below) and the build's tools.
 "${PIP[@]}" cloudpickle psutil pyyaml packaging cffi
 "${PIP[@]}" numpy numba numba-cuda mpi4py pytest pytest-mpi tqdm scikit-learn matplotlib hypothesis ruff
 
 # ---------------------------------------------------------------- Horovod from source
 PYTAG="$("$VPY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
-KEY="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PYTAG"
+KEY="horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PYTAG$GPU_KEY"
 WHEEL_DIR="$CACHE/$KEY"
 if "$VPY" -c "import horovod, horovod.torch; assert horovod.__version__ == '$HOROVOD_VERSION'" 2>/dev/null \
-   && "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] PyTorch'; then
+   && "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q '\[X\] PyTorch' \
+   && { [ "$GPU" != 1 ] || "$VENV/bin/horovodrun" --check-build | grep -q '\[X\] NCCL'; }; then
     log "Horovod $HOROVOD_VERSION already installed in $VENV"
 else
     if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
-        log "building Horovod $HOROVOD_VERSION from its PyPI sdist (C++17 fix; PyTorch + MPI + Gloo); takes ~15 min on 2 cores"
-        BUILD="$(mktemp -d)"
-        trap 'rm -rf "$BUILD"' EXIT
-        "$VPY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
-        tar -xzf "$BUILD"/horovod-"$HOROVOD_VERSION".tar.gz -C "$BUILD"
-        SRC="$BUILD/horovod-$HOROVOD_VERSION"
-        # torch >= 2.1 requires C++17; 0.28.1 hard-codes C++14 here (horovod PR #3998, unreleased).
-        sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
-            "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
-        grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/horovod/torch/CMakeLists.txt"
-        mkdir -p "$WHEEL_DIR.tmp"
-        HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-        HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=MPI \
-        MAKEFLAGS="-j$(nproc)" HOROVOD_BUILD_ARCH_FLAGS="" \
-            "$VPY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHEEL_DIR.tmp" "$SRC"
-        rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
+        log "building Horovod $HOROVOD_VERSION from its PyPI sdist (C++17 fix; PyTorch + MPI + Gloo${GPU_NOTE}); takes ~15 min on 2 cores"
+        HVDQ_GPU="$GPU" bash "$ROOT/launch/build_horovod.sh" "$VPY" "$HOROVOD_VERSION" "$WHEEL_DIR"
     else
         log "using cached Horovod wheel from $WHEEL_DIR"
     fi
@@ -87,7 +91,7 @@ log "installing hvdquant (editable)"
 
 log "horovodrun --check-build"
 "$VENV/bin/horovodrun" --check-build | tee "$VENV/horovod-check-build.txt"
-for fw in PyTorch MPI Gloo; do
+for fw in "${CHECKS[@]}"; do
     grep -q "\[X\] $fw" "$VENV/horovod-check-build.txt" || { echo "[setup] ERROR: Horovod built without $fw" >&2; exit 1; }
 done
 log "done. Activate with: source $VENV/bin/activate"

@@ -22,8 +22,9 @@ bucket maxima is started at once (all in flight together), then one SUM allreduc
 tensor's fields. The other parameters (biases, norms) travel uncompressed: their float32 values are
 summed in rank order (PowerSGD's rule; exact and independent of the bucket layout). The first
 ``warmup_steps`` iterations are plain float32 allreduces of the whole bucket (PowerSGD's
-``start_powerSGD_iter``). Codecs run on host tensors: a CUDA bucket is copied to the host,
-exchanged, and the mean copied back (collectives on NCCL run on the GPU, on Gloo on the host).
+``start_powerSGD_iter``). Codecs run where the bucket lives: a CUDA bucket is encoded and decoded
+by the CUDA kernels on the GPU, and only the payloads move (on NCCL they stay on the GPU, on Gloo
+they are staged through host memory; :class:`~hvdquant.transports.torchdist.TorchDistCollectives`).
 
 Why per parameter and not per bucket: DDP puts every parameter in one bucket at the first iteration
 and rebuilds its buckets afterwards (and again in a new DDP model after a restart). Keys, step
@@ -179,7 +180,7 @@ class State:
         """The mean over ranks of ``bucket``'s gradients, in the buffer's dtype and device."""
         buffer = bucket.buffer()
         self._agree(bucket)
-        flat = buffer.detach().to("cpu", torch.float32).reshape(-1)
+        flat = buffer.detach().to(torch.float32).reshape(-1)
         params = bucket.parameters()
         if self.iteration < self.warmup_steps:
             out = self._allreduced(flat)
@@ -210,16 +211,20 @@ def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Te
     gradient, a configuration mismatch) are raised, not set on the future: DDP then re-raises them
     from every rank's ``backward()`` with their own type and message (a future's exception reaches
     ``backward()`` as an unrelated cast error)."""
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(state.reduce(bucket))
+    out = state.reduce(bucket)
+    # a CUDA result needs a future that knows its device (it records the current stream's event)
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=[out.device] if out.is_cuda else None)
+    fut.set_result(out)
     return fut
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:
     """``torch.distributed.init_process_group`` for a job started by torchrun (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT set) or by mpirun (Open MPI's OMPI_COMM_WORLD_RANK/SIZE; MASTER_ADDR
-    defaults to 127.0.0.1 and MASTER_PORT to 29500: one host); backend: NCCL where CUDA is
-    available, else Gloo. Returns (rank, world size)."""
+    defaults to 127.0.0.1 and MASTER_PORT to 29500: one host); backend: NCCL where every local
+    rank has a GPU of its own, else Gloo (NCCL refuses two ranks on one GPU; Gloo stages CUDA
+    tensors through host memory). Each local rank uses GPU ``local_rank mod device count``.
+    Returns (rank, world size)."""
     env = os.environ
     if "RANK" not in env and "OMPI_COMM_WORLD_RANK" in env:
         env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
@@ -227,9 +232,11 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        local_ranks = int(env.get("LOCAL_WORLD_SIZE", env.get("OMPI_COMM_WORLD_LOCAL_SIZE", env["WORLD_SIZE"])))
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)))
+            backend = "nccl" if gpus >= local_ranks else "gloo"
+        if gpus:
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)) % gpus)
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()

@@ -21,6 +21,11 @@ equal on every rank, so it is read from the calling Horovod frame (``Distributed
 ``compress`` directly. Call sites whose reduction would scramble the fields (Adasum, grouped
 allreduce, reducescatter, Min/Max/Product, non-global process sets) are refused with an error.
 
+CUDA gradients: the bucket maxima, quantization and decoding run in the CUDA kernels on the
+gradient's device and the decompressed gradient lands there; the word handed to Horovod is a host
+tensor, so the setup's CPU-only Horovod runs it, and the maxima and fields travel through host
+memory (or stay on the GPU where Horovod was built with NCCL; :class:`HorovodCollectives`).
+
 The scale agreement is a blocking collective inside Horovod's gradient hook: like PyTorch DDP,
 it relies on every rank firing the hooks in the same order (true for the same model and graph).
 Horovod's stall check reports a violation after 60 s instead of a silent hang.

@@ -15,6 +15,9 @@ queued gradient, fused into groups of at most ``fusion_threshold`` gradient byte
 round per group and phase, whatever the number of tensors), and second rounds start in the same
 order on every rank whatever order the hooks fired in.
 
+CUDA gradients are encoded and decoded on their device; the fused group buffers travel through
+host memory under a CPU-only Horovod and stay on the GPU under Horovod's NCCL build.
+
 Rules:
 - a gradient with fewer than ``min_numel`` elements or fewer than 2 dimensions (biases, norms)
   is not compressed (PowerSGD's rule): its float32 values travel in the same fused groups and are

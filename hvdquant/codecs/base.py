@@ -55,6 +55,11 @@ class Encoded:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.fields.values())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the payload's fields live (the gradient's device)."""
+        return next(iter(self.fields.values())).device
+
     def entropy(self) -> float | None:
         """Zeroth-order entropy of the symbols sent, bits per symbol; None if the codec kept none."""
         if self.counts is not None:
@@ -155,7 +160,7 @@ class Codec(ABC):
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
         """Mean of all senders' reconstructions, summed in sender order (bit-identical on every rank)."""
-        total = torch.zeros(payloads[0].n, dtype=torch.float32)
+        total = torch.zeros(payloads[0].n, dtype=torch.float32, device=payloads[0].device)
         for p, enc in enumerate(payloads):
             total += self.decode(enc, ctx.sender(p))
         return total / len(payloads), DecodeStats()

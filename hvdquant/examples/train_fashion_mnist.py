@@ -15,6 +15,13 @@ fp16 and powersgd (torch's fp16_compress_hook and PowerSGD hook, rank --powersgd
 hvdquant hook (:mod:`hvdquant.ddp`) for every codec: dqsg and ndqsg with --reducer allreduce (summable
 fields; the default for them) or allgather|scatter_reduce, the others on allgather|scatter_reduce.
 
+GPUs (``--device cuda``, or ``auto`` where CUDA is available): ranks share the GPUs round-robin and
+hvdquant's CUDA kernels encode and decode on the gradient's device. Under DDP the backend is NCCL
+where every local rank has a GPU of its own, else Gloo (payloads staged through host memory). Under
+the setup's CPU-only Horovod, hvdquant's payloads are staged through host memory (Horovod's own
+none/fp16 then refuse: they need Horovod's GPU build). The summary records the device, the median
+step time and the kernel launches per target (``"cuda"`` counts prove the GPU did the arithmetic).
+
 Each rank trains on its own shard of the 60k training images (stride = world size) and every
 rank evaluates on the 10k test images. Rank 0 shows a tqdm bar, prints per-epoch test accuracy,
 the bits per gradient coordinate actually handed to the collectives and the bytes handed, and
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +46,7 @@ from tqdm import tqdm
 import hvdquant
 from hvdquant.data import load_fashion_mnist
 from hvdquant.examples.models import SmallCNN
+from hvdquant.kernels import ops
 from hvdquant.stats import CommStats
 
 
@@ -123,17 +132,30 @@ class HorovodJob:
         self.hvd = hvd
         hvd.init()
         self.rank, self.size = hvd.rank(), hvd.size()
-        self.device = torch.device("cpu")
+        self.device = pick_device(args.device, hvd.local_rank())
+        # the setup's Horovod is CPU-only: a GPU model's hvdquant payloads are staged through host
+        # memory, but Horovod's own fp32/fp16 allreduce of CUDA gradients needs its GPU build
+        self.staged = self.device.type == "cuda" and not hvd.nccl_built()
+        if self.staged and args.compression in ("none", "fp16"):
+            raise SystemExit(f"--compression {args.compression} on a GPU needs Horovod built with GPU operations "
+                             "(HVDQ_GPU=1 bash launch/setup.sh); this Horovod is CPU-only, so only hvdquant "
+                             "compression (payloads staged through host memory) runs CUDA gradients")
 
     def wrap(self, args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer):
         """(model to train, distributed optimizer, function returning communication statistics)."""
         hvd = self.hvd
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        if self.staged:  # rank 0's initial parameters, through host memory
+            state = {k: v.cpu() for k, v in model.state_dict().items()}
+            hvd.broadcast_parameters(state, root_rank=0)
+            model.load_state_dict(state)
+        else:
+            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         return (model, *make_optimizer(args, model, opt, hvd.Sum if args.op == "sum" else hvd.Average))
 
     def identical(self, flat: torch.Tensor) -> bool:
         """Whether every rank's ``flat`` equals rank 0's (on every rank)."""
         hvd = self.hvd
+        flat = flat.cpu()
         same = bool(torch.equal(hvd.broadcast(flat, root_rank=0, name="hvdquant.check"), flat))
         return bool(hvd.allreduce(torch.tensor([int(same)]), op=hvd.Min, name="hvdquant.check.min"))
 
@@ -149,8 +171,10 @@ class DDPJob:
         if args.reducer == "stock" or args.op == "sum":
             raise SystemExit("--reducer stock and --op sum are Horovod's: DDP averages (drop --framework ddp)")
         self.rank, self.size = hvdquant.ddp.init_from_env()
-        cuda = torch.distributed.get_backend() == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.device = pick_device(args.device, torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        if torch.distributed.get_backend() == "nccl" and self.device.type != "cuda":
+            raise SystemExit("--device cpu under NCCL: NCCL needs CUDA tensors (run with Gloo: no GPU per rank)")
+        self.comm_device = torch.device("cpu") if torch.distributed.get_backend() == "gloo" else self.device
 
     def hook(self, args: argparse.Namespace) -> tuple[Any, Callable, Callable[[], dict]]:
         """(hook state, hook, function returning communication statistics) for --compression."""
@@ -184,6 +208,7 @@ class DDPJob:
 
     def identical(self, flat: torch.Tensor) -> bool:
         """Whether every rank's ``flat`` equals rank 0's (on every rank)."""
+        flat = flat.to(self.comm_device)
         ref = flat.clone()
         torch.distributed.broadcast(ref, src=0)
         same = torch.tensor([int(torch.equal(ref, flat))], device=flat.device)
@@ -194,6 +219,19 @@ class DDPJob:
         out: list[Any] = [None] * self.size
         torch.distributed.all_gather_object(out, obj)
         return out
+
+
+def pick_device(choice: str, local: int) -> torch.device:
+    """``--device``: "cuda" (GPU ``local mod device count``), "cpu", or "auto" (CUDA where available)."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    device = torch.device("cuda", local % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 @torch.no_grad()
@@ -239,6 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-numel", type=int, default=1024,
                    help="payload path: tensors smaller than this (and 1-D ones) go uncompressed")
     p.add_argument("--op", choices=["average", "sum"], default="average", help="Horovod reduction op")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the model, its gradients and hvdquant's kernels run (auto: CUDA where available; "
+                        "ranks share GPUs round-robin)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="per-rank batch size")
     p.add_argument("--lr", type=float, default=0.02)
@@ -276,18 +317,22 @@ def main(argv: list[str] | None = None) -> dict:
     steps_per_epoch = len(train_x) // args.batch_size
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
-    history = []
+    history, step_seconds = [], []
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(train_x), generator=gen)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{args.epochs}", disable=rank != 0, leave=False)
         for step in bar:
+            tick = time.perf_counter()
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             opt.zero_grad()
             loss = F.cross_entropy(trained(train_x[idx].to(job.device)), train_y[idx].to(job.device))
             loss.backward()
             opt.step()
+            if job.device.type == "cuda":
+                torch.cuda.synchronize(job.device)  # a step's time includes its kernels
+            step_seconds.append(time.perf_counter() - tick)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         acc = evaluate(model, test_x, test_y)
@@ -315,6 +360,12 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "replicas_bit_identical": all_identical,
         "seconds": time.perf_counter() - start,
+        "device": str(job.device),
+        "steps": len(step_seconds),
+        # median of the training steps (forward, backward, exchange, update), the first 10 left out
+        # (JIT compilation, Horovod negotiation); None when the run had no more steps than that
+        "step_seconds_median": statistics.median(step_seconds[10:]) if len(step_seconds) > 10 else None,
+        "kernel_launches": dict(ops.launches),
         "history": history,
     }
     if rank == 0:

@@ -9,6 +9,14 @@ count the bytes that really travel. Byte exchanges carry variable-size ``uint8``
 that has nothing valid to send (its gradient was not finite) passes ``None`` and every rank sees
 ``None`` in that rank's slot, so all ranks can raise together instead of leaving some waiting.
 
+Devices: inputs may live on any device (a CUDA gradient's payload stays where the codec wrote it).
+Each implementation moves them to where its framework runs the collective: the GPU for Horovod
+built with GPU operations (``HOROVOD_GPU_OPERATIONS=NCCL``) and for torch.distributed on NCCL, host
+memory for CPU-only Horovod, MPI and Gloo (a blocking device-to-host copy, which also orders the
+copy after the kernels that wrote the payload on torch's current stream). Results come back on
+the input's device: the reduced tensor on the tensor's, received bytes on the device of this
+rank's buffer (host memory where this rank sent none).
+
 This is the bottom module of :mod:`hvdquant.transports`: it imports nothing else of it.
 """
 
@@ -73,6 +81,11 @@ def _byte_view(buf: torch.Tensor) -> torch.Tensor:
     return buf.contiguous()
 
 
+def _device(buf: torch.Tensor | None) -> torch.device:
+    """Where received bytes go: the device of this rank's own buffer (host memory without one)."""
+    return torch.device("cpu") if buf is None else buf.device
+
+
 def horovod():
     """``horovod.torch``, imported on first use so the codecs work without Horovod."""
     import horovod.torch as hvd
@@ -81,11 +94,19 @@ def horovod():
 
 
 class HorovodCollectives:
-    """:class:`Collectives` over Horovod's asynchronous torch operations (global process set)."""
+    """:class:`Collectives` over Horovod's asynchronous torch operations (global process set).
+
+    CUDA tensors go to Horovod as they are where Horovod was built with GPU operations
+    (``hvd.nccl_built()``), and through host memory otherwise (the setup's CPU-only build)."""
 
     def __init__(self) -> None:
         hvd = horovod()
         self.rank, self.size = hvd.rank(), hvd.size()
+        self.gpu_operations = bool(hvd.nccl_built())
+
+    def _staged(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` where Horovod can reduce it: host memory for a CUDA tensor without GPU operations."""
+        return t.cpu() if t.is_cuda and not self.gpu_operations else t
 
     @staticmethod
     def _result(handle):
@@ -97,19 +118,19 @@ class HorovodCollectives:
         ops = {"sum": hvd.Sum, "max": hvd.Max}
         if op not in ops:
             raise ValueError(f"allreduce op={op!r} must be one of {sorted(ops)}")
-        handle = hvd.allreduce_async(tensor, op=ops[op], name=name)
-        return Started(lambda: self._result(handle), tensor.numel() * tensor.element_size())
+        handle = hvd.allreduce_async(self._staged(tensor), op=ops[op], name=name)
+        return Started(lambda: self._result(handle).to(tensor.device), tensor.numel() * tensor.element_size())
 
     def allgather_bytes(self, buf: torch.Tensor | None, name: str) -> Started[Parts]:
         hvd = horovod()
-        data = _empty() if buf is None else _byte_view(buf)
+        data = _empty() if buf is None else self._staged(_byte_view(buf))
         size = torch.tensor([-1 if buf is None else data.numel()], dtype=torch.int64)
         h_size = hvd.allgather_async(size, name=f"{name}.size")
         h_data = hvd.allgather_async(data.unsqueeze(1), name=f"{name}.data")  # 2-D: a rank may send 0 rows
 
         def wait() -> Parts:
             sizes = self._result(h_size).tolist()
-            gathered = self._result(h_data).reshape(-1)
+            gathered = self._result(h_data).reshape(-1).to(_device(buf))
             parts = torch.split(gathered, [max(s, 0) for s in sizes])
             return [None if s < 0 else part for s, part in zip(sizes, parts)]
 
@@ -120,9 +141,10 @@ class HorovodCollectives:
         if bufs is not None and len(bufs) != self.size:
             raise ValueError(f"alltoall needs one buffer per rank ({self.size}), got {len(bufs)}")
         status = torch.tensor([1 if bufs is None else 0], dtype=torch.int64)
-        parts = [_empty()] * self.size if bufs is None else [_byte_view(b) for b in bufs]
+        parts = [_empty()] * self.size if bufs is None else [self._staged(_byte_view(b)) for b in bufs]
         splits = torch.tensor([b.numel() for b in parts], dtype=torch.int32)
         send = torch.cat(parts)
+        home = _device(None if bufs is None else bufs[0])
         h_status = hvd.allgather_async(status, name=f"{name}.status")
         h_data = hvd.alltoall_async(send, splits=splits, name=f"{name}.data")
 
@@ -131,13 +153,13 @@ class HorovodCollectives:
             out = horovod().synchronize(h_data)
             received, rsplits = out if isinstance(out, tuple) else (out, None)
             sizes = rsplits.tolist() if rsplits is not None else [received.numel() // self.size] * self.size
-            got = torch.split(received, sizes)
+            got = torch.split(received.to(home), sizes)
             return [None if bad else part for bad, part in zip(poisoned, got)]
 
         return Started(wait, send.numel() + splits.numel() * 4 + status.numel() * 8)
 
     def broadcast(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:
-        return horovod().broadcast(tensor, root_rank=root, name=name)
+        return horovod().broadcast(self._staged(tensor), root_rank=root, name=name).to(tensor.device)
 
     def allgather_object(self, obj: Any, name: str) -> list[Any]:
         return horovod().allgather_object(obj, name=name)
@@ -179,7 +201,7 @@ class MPICollectives:
         self.comm.Alltoallv([send, (counts, np.cumsum([0] + counts[:-1]).tolist())],
                             [recv, (rcounts, np.cumsum([0] + rcounts[:-1]).tolist())])
         parts = torch.split(torch.from_numpy(recv), rcounts)
-        return [None if s < 0 else part for s, part in zip(recv_sizes, parts)]
+        return [None if s < 0 else part for s, part in zip(recv_sizes, parts)]  # host memory
 
     def allgather_bytes(self, buf: torch.Tensor | None, name: str) -> Started[Parts]:
         import numpy as np
@@ -189,7 +211,7 @@ class MPICollectives:
         counts = [max(s, 0) for s in sizes]
         recv = np.empty(sum(counts), np.uint8)
         self.comm.Allgatherv(data.numpy(), [recv, counts])
-        parts = torch.split(torch.from_numpy(recv), counts)
+        parts = torch.split(torch.from_numpy(recv).to(_device(buf)), counts)
         return self._done([None if s < 0 else part for s, part in zip(sizes, parts)], data.numel() + 8)
 
     def alltoall_bytes(self, bufs: list[torch.Tensor] | None, name: str) -> Started[Parts]:
@@ -197,7 +219,8 @@ class MPICollectives:
             raise ValueError(f"alltoall needs one buffer per rank ({self.size}), got {len(bufs)}")
         sends = [_empty()] * self.size if bufs is None else [_byte_view(b).cpu() for b in bufs]
         sizes = [-1] * self.size if bufs is None else [b.numel() for b in sends]
-        parts = self._exchange(sends, sizes)
+        home = _device(None if bufs is None else bufs[0])
+        parts = [None if part is None else part.to(home) for part in self._exchange(sends, sizes)]
         return self._done(parts, sum(b.numel() for b in sends) + 8 * self.size)
 
     def broadcast(self, tensor: torch.Tensor, root: int, name: str) -> torch.Tensor:

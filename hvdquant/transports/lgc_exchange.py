@@ -119,6 +119,14 @@ class LGCExchange:
         return out.reshape(r.shape).to(r.dtype)
 
     def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
+        """Queue ``tensor``'s exchange. LGC runs on the host (its autoencoder and top-k selection are
+        CPU torch): a CUDA gradient is copied to host memory and the result back to its device."""
+        if not tensor.is_cuda:
+            return self._start(name, tensor, step)
+        finish = self._start(name, tensor.detach().cpu(), step)
+        return lambda: finish().to(tensor.device)
+
+    def _start(self, name: str, tensor: torch.Tensor, step: int) -> Callable[[], torch.Tensor]:
         flat = flat32(tensor)
         if not all_finite(flat):
             poisoned = self.coll.allgather_bytes(None, f"hvdquant.lgc.{name}")

@@ -74,6 +74,7 @@ class _Item:
     step: int
     chunks: list[tuple[int, int]]
     sent: list[torch.Tensor] | None
+    device: torch.device = torch.device("cpu")  # the gradient's: payloads, buffers and results live there
     encodings: list[Encoded] = field(default_factory=list)  # this rank's payloads (recovery rounds)
     group: _Group | None = None
 
@@ -92,10 +93,8 @@ class _Group:
     results: dict[str, torch.Tensor | str] | None = None
 
 
-def _header(sizes: list[int]) -> torch.Tensor:
-    if not sizes:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.tensor(sizes, dtype=torch.int64).view(torch.uint8)
+def _header(sizes: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(sizes, dtype=torch.int64, device=device).view(torch.uint8)
 
 
 def _split(buf: torch.Tensor, count: int) -> list[torch.Tensor | None]:
@@ -175,7 +174,8 @@ class PayloadExchange:
     def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
         """Encode ``tensor`` with the codec and queue it."""
         flat = tensor.detach().reshape(-1)
-        item = _Item(name, tuple(tensor.shape), tensor.dtype, False, seed, step, self._chunks(flat.numel()), None)
+        item = _Item(name, tuple(tensor.shape), tensor.dtype, False, seed, step, self._chunks(flat.numel()), None,
+                     flat.device)
         if self.reducer == "scatter_reduce" and not all_finite(flat):
             return self._queued(item)
         try:
@@ -194,7 +194,8 @@ class PayloadExchange:
         """Queue ``tensor`` uncompressed: its float32 values are summed in rank order (exact and
         reproducible, unlike a float allreduce whose order may change with the framework's fusion)."""
         flat = flat32(tensor)
-        item = _Item(name, tuple(tensor.shape), tensor.dtype, True, 0, 0, self._chunks(flat.numel()), None)
+        item = _Item(name, tuple(tensor.shape), tensor.dtype, True, 0, 0, self._chunks(flat.numel()), None,
+                     flat.device)
         if all_finite(flat):
             item.sent = [flat[lo:hi].contiguous().view(torch.uint8) for lo, hi in item.chunks]
         return self._queued(item)
@@ -242,7 +243,8 @@ class PayloadExchange:
     def _buffer(items: list[_Item], c: int) -> torch.Tensor:
         """This rank's buffer of chunk ``c`` of every item: header of sizes, then the payloads."""
         parts = [item.sent[c] for item in items if item.sent is not None]
-        return torch.cat([_header([-1 if item.sent is None else item.sent[c].numel() for item in items]), *parts])
+        header = _header([-1 if item.sent is None else item.sent[c].numel() for item in items], items[0].device)
+        return torch.cat([header, *parts])
 
     def _output(self, mean: torch.Tensor, item: _Item) -> torch.Tensor:
         out = mean if self.average else mean * self.coll.size
@@ -278,7 +280,7 @@ class PayloadExchange:
 
         def recover(failed: dict[int, list[int]]) -> dict[int, torch.Tensor]:
             mine = (self.codec.recovery_payload(enc, ctx, failed[rank]) if rank in failed
-                    else torch.empty(0, dtype=torch.uint8))
+                    else torch.empty(0, dtype=torch.uint8, device=item.device))
             round_ = self.coll.allgather_bytes(mine, f"hvdquant.{item.name}.recovery")
             self.stats.record(0, round_.nbytes)  # recovery traffic is on the wire too
             self.decode.recovery_bytes += round_.nbytes
@@ -314,12 +316,13 @@ class PayloadExchange:
                 self._record(renc, 0)  # these coordinates were counted when scattered
                 mine.append(renc.to_bytes())
             live.append(item)
-        gathered = self.coll.allgather_bytes(torch.cat([_header([b.numel() for b in mine]), *mine]),
+        home = group.items[0].device
+        gathered = self.coll.allgather_bytes(torch.cat([_header([b.numel() for b in mine], home), *mine]),
                                              f"hvdquant.{live[0].name if live else 'none'}.gather")
         self.stats.record(0, gathered.nbytes)
         owned = [_split(buf, len(live)) for buf in raise_if_poisoned(gathered.wait(), "group")]
         for i, item in enumerate(live):
-            result = torch.empty(item.numel, dtype=torch.float32)
+            result = torch.empty(item.numel, dtype=torch.float32, device=item.device)
             for c, (clo, chi) in enumerate(item.chunks):
                 if item.raw:
                     result[clo:chi] = owned[c][i].clone().view(torch.float32)

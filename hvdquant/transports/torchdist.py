@@ -1,8 +1,9 @@
 """:class:`~hvdquant.transports.collectives.Collectives` over ``torch.distributed`` (Gloo, NCCL, MPI).
 
-The transports hand host (CPU) tensors and expect host tensors back. Collectives run on the process
-group's device: the host for Gloo and MPI, ``cuda:<current>`` for NCCL (which refuses host tensors);
-inputs are copied there and results copied back, so one code path serves both backends.
+Tensors may live on any device. Collectives run on the process group's device: the host for Gloo
+and MPI, ``cuda:<current>`` for NCCL (which refuses host tensors); inputs are copied there and
+results copied back to the input's device (received bytes: to the device of this rank's buffer),
+so one code path serves every backend and both kinds of gradients.
 
 Byte exchanges carry variable sizes: ``allgather_bytes`` gathers the sizes first (−1 from a poisoned
 rank), then every rank's buffer padded to the largest; ``alltoall_bytes`` exchanges the sizes with
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hvdquant.transports.collectives import Parts, Started, _byte_view, _empty
+from hvdquant.transports.collectives import Parts, Started, _byte_view, _device, _empty
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
@@ -73,14 +74,14 @@ class TorchDistCollectives:
         padded[:data.numel()] = data.to(self.device)
         gathered = torch.empty(self.size * width, dtype=torch.uint8, device=self.device)
         _gather_into(gathered, padded, group=self.group)
-        rows = gathered.cpu().reshape(self.size, width)
+        rows = gathered.to(_device(buf)).reshape(self.size, width)
         parts = [None if s < 0 else rows[p, :s] for p, s in enumerate(sizes)]
         return Started(lambda: parts, width + 8)
 
     def alltoall_bytes(self, bufs: list[torch.Tensor] | None, name: str) -> Started[Parts]:
         if bufs is not None and len(bufs) != self.size:
             raise ValueError(f"alltoall needs one buffer per rank ({self.size}), got {len(bufs)}")
-        sends = [_empty()] * self.size if bufs is None else [_byte_view(b).cpu() for b in bufs]
+        sends = [_empty()] * self.size if bufs is None else [_byte_view(b).to(self.device) for b in bufs]
         sizes = [-1] * self.size if bufs is None else [b.numel() for b in sends]
         recv_sizes = torch.empty(self.size, dtype=torch.int64, device=self.device)
         dist.all_to_all_single(recv_sizes, torch.tensor(sizes, dtype=torch.int64, device=self.device),
@@ -89,7 +90,7 @@ class TorchDistCollectives:
         counts, rcounts = [max(s, 0) for s in sizes], [max(s, 0) for s in rsizes]
         received = torch.empty(sum(rcounts), dtype=torch.uint8, device=self.device)
         dist.all_to_all_single(received, torch.cat(sends).to(self.device), rcounts, counts, group=self.group)
-        got = torch.split(received.cpu(), rcounts)
+        got = torch.split(received.to(_device(None if bufs is None else bufs[0])), rcounts)
         parts = [None if s < 0 else part for s, part in zip(rsizes, got)]
         return Started(lambda: parts, sum(counts) + 8 * self.size)
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Build a Horovod 0.28.1 wheel from its source distribution, with the one fix current torch needs
+# (C++17: torch >= 2.1 requires it and 0.28.1 hard-codes C++14, fixed upstream after the release).
+# Used by launch/setup.sh and launch/gpu_e2e.sh.
+#
+#   bash launch/build_horovod.sh PYTHON SDIST_OR_VERSION WHEEL_DIR
+#
+# SDIST_OR_VERSION: a horovod-*.tar.gz on disk (machines without network), or a version for pip to
+# download. Knobs:
+#   HVDQ_HOROVOD_MPI=0   Gloo only (no MPI library on the machine); default 1: MPI + Gloo
+#   HVDQ_GPU=1           GPU operations over NCCL (HOROVOD_GPU_OPERATIONS=NCCL): needs nvcc (CUDA
+#                        toolkit) and NCCL (HOROVOD_NCCL_HOME, else the nvidia-nccl wheel that CUDA
+#                        torch installs); default: CPU operations only
+set -euo pipefail
+PY=$1 SPEC=$2 OUT=$3
+BUILD="$(mktemp -d)"
+trap 'rm -rf "$BUILD"' EXIT
+if [ -f "$SPEC" ]; then
+    cp "$SPEC" "$BUILD/"
+else
+    "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$SPEC" -d "$BUILD"
+fi
+tar -xzf "$BUILD"/horovod-*.tar.gz -C "$BUILD"
+SRC="$(find "$BUILD" -maxdepth 1 -type d -name 'horovod-*' | head -n 1)"
+sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+    "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"
+grep -q 'CMAKE_CXX_STANDARD 17' "$SRC/horovod/torch/CMakeLists.txt"
+
+export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1
+if [ "${HVDQ_HOROVOD_MPI:-1}" = 1 ]; then
+    export HOROVOD_WITH_MPI=1 HOROVOD_CPU_OPERATIONS=MPI
+else
+    export HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO
+fi
+if [ "${HVDQ_GPU:-0}" = 1 ]; then
+    NVCC="$(command -v nvcc || true)"
+    [ -n "$NVCC" ] || { echo "[build_horovod] HVDQ_GPU=1 needs nvcc (the CUDA toolkit) on PATH" >&2; exit 1; }
+    export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="$(dirname "$(dirname "$NVCC")")"
+    if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_LIB:-}" ]; then
+        # CUDA torch wheels ship NCCL as the nvidia-nccl-cu* wheel: headers and libnccl.so.2 only,
+        # so give the linker the unversioned name it looks for
+        NCCL="$("$PY" -c 'import nvidia.nccl as m, os; print(list(m.__path__)[0])')"
+        mkdir -p "$BUILD/nccl-lib"
+        ln -s "$NCCL/lib/libnccl.so.2" "$BUILD/nccl-lib/libnccl.so"
+        export HOROVOD_NCCL_INCLUDE="$NCCL/include" HOROVOD_NCCL_LIB="$BUILD/nccl-lib" HOROVOD_NCCL_LINK=SHARED
+    fi
+fi
+mkdir -p "$OUT.tmp"
+MAKEFLAGS="-j$(nproc)" HOROVOD_BUILD_ARCH_FLAGS="" \
+    "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT.tmp" "$SRC"
+rm -rf "$OUT"
+mv "$OUT.tmp" "$OUT"
