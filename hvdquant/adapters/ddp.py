@@ -21,10 +21,11 @@ reducers in one fused round per phase; on the summable allreduce each tensor's M
 bucket maxima is started at once (all in flight together), then one SUM allreduce carries every
 tensor's fields. The other parameters (biases, norms) travel uncompressed: their float32 values are
 summed in rank order (PowerSGD's rule; exact and independent of the bucket layout). The first
-``warmup_steps`` iterations are plain float32 allreduces of the whole bucket (PowerSGD's
-``start_powerSGD_iter``). Codecs run where the bucket lives: a CUDA bucket is encoded and decoded
-by the CUDA kernels on the GPU, and only the payloads move (on NCCL they stay on the GPU, on Gloo
-they are staged through host memory; :class:`~hvdquant.transports.torchdist.TorchDistCollectives`).
+``warmup_steps`` iterations are plain float32 allreduces, one per parameter (PowerSGD's
+``start_powerSGD_iter``; per parameter so that a restart continues bit for bit). Codecs run where
+the bucket lives: a CUDA bucket is encoded and decoded by the CUDA kernels on the GPU, and only the
+payloads move (on NCCL they stay on the GPU, on Gloo they are staged through host memory;
+:class:`~hvdquant.transports.torchdist.TorchDistCollectives`).
 
 Why per parameter and not per bucket: DDP puts every parameter in one bucket at the first iteration
 and rebuilds its buckets afterwards (and again in a new DDP model after a restart). Keys, step
@@ -146,11 +147,15 @@ class State:
     def _name(self, p: torch.Tensor) -> str:
         return f"ddp.param{self._ids.setdefault(id(p), len(self._ids))}"
 
-    def _allreduced(self, flat: torch.Tensor) -> torch.Tensor:
-        """The mean of float32 values by one SUM allreduce (warm-up: the same bits on every rank)."""
-        started = self.coll.allreduce(flat, "hvdquant.ddp.full")
-        self.full.record(flat.numel(), started.nbytes)
-        return _finite(started.wait()) / self.coll.size
+    def _allreduced(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The mean of float32 values by SUM allreduces, one per parameter, all in flight together
+        (warm-up). The same bits on every rank; and per parameter, not per bucket, because a float
+        sum's rounding depends on how the reduction cuts its input: a restarted DDP model has
+        other buckets, and would otherwise not continue bit for bit."""
+        started = [self.coll.allreduce(piece, "hvdquant.ddp.full") for piece in pieces]
+        for piece, s in zip(pieces, started):
+            self.full.record(piece.numel(), s.nbytes)
+        return _finite(torch.cat([s.wait() for s in started])) / self.coll.size
 
     def _gathered(self, flat: torch.Tensor) -> torch.Tensor:
         """The mean of float32 values summed in rank order (exact whatever the bucket layout)."""
@@ -182,10 +187,11 @@ class State:
         self._agree(bucket)
         flat = buffer.detach().to(torch.float32).reshape(-1)
         params = bucket.parameters()
+        grads = flat.split([p.numel() for p in params])
         if self.iteration < self.warmup_steps:
-            out = self._allreduced(flat)
+            out = self._allreduced(list(grads))
         else:
-            pieces = [(self._name(p), g.view(p.shape)) for p, g in zip(params, flat.split([p.numel() for p in params]))]
+            pieces = [(self._name(p), g.view(p.shape)) for p, g in zip(params, grads)]
             compress = [p.dim() >= 2 and p.numel() >= self.min_numel for p in params]
             named = [piece for piece, c in zip(pieces, compress) if c]
             raw = [piece for piece, c in zip(pieces, compress) if not c]

@@ -135,12 +135,12 @@ def test_keys_are_per_parameter_and_buckets_are_rebuilt():
     assert sorted(state.steps.counts.values()) == [3, 3, 3]  # the three weight matrices
 
 
-def run_checkpointed(make: Callable, reducer: str, k: int, m: int):
+def run_checkpointed(make: Callable, reducer: str, k: int, m: int, warmup_steps: int = 0):
     """k steps, a checkpoint (model, optimizer, hook state, through torch.save), m more steps; then a
     new model, optimizer, DDP and State (another torch seed) restored from the checkpoint for the
     same m steps. Returns both final parameter vectors."""
     model = mlp()
-    state = hvdquant.ddp.State(make(), reducer, min_numel=256)
+    state = hvdquant.ddp.State(make(), reducer, min_numel=256, warmup_steps=warmup_steps)
     ddp = wrap(model, state)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train(ddp, opt, range(k))
@@ -155,7 +155,7 @@ def run_checkpointed(make: Callable, reducer: str, k: int, m: int):
     fresh.load_state_dict(ckpt["model"])
     opt2 = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
     opt2.load_state_dict(ckpt["opt"])
-    state2 = hvdquant.ddp.State(make(), reducer, min_numel=256)
+    state2 = hvdquant.ddp.State(make(), reducer, min_numel=256, warmup_steps=warmup_steps)
     state2.load_state_dict(ckpt["hook"])
     train(wrap(fresh, state2), opt2, range(k, k + m))
     return continued, flat(fresh)
@@ -166,6 +166,14 @@ def run_checkpointed(make: Callable, reducer: str, k: int, m: int):
 def test_checkpoint_resume_bit_identical(scheme):
     make, reducer = SCHEMES[scheme]
     continued, resumed = run_checkpointed(make, reducer, k=3, m=3)
+    assert same_on_all_ranks(resumed)
+    assert torch.equal(continued, resumed)
+
+
+def test_restart_during_warmup_bit_identical():
+    """Saved after 2 of 4 full-precision iterations, resumed into a new DDP model (one bucket again
+    at its first step) and run past the warm-up: bit-identical to the run that continued."""
+    continued, resumed = run_checkpointed(SCHEMES["dqsg-allreduce"][0], "allreduce", k=2, m=4, warmup_steps=4)
     assert same_on_all_ranks(resumed)
     assert torch.equal(continued, resumed)
 
