@@ -8,6 +8,9 @@ cp -r hvdquant "$SHIM/hvdquant"
 cp -r kernels "$SHIM/hvdquant/kernels"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SHIM/site" .gpu/wheels/*.whl
-    export PYTHONPATH="$SHIM/site:$PYTHONPATH"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SHIM/site" .gpu/wheels/*.whl 2>/dev/null; then
+        export PYTHONPATH="$SHIM/site:$PYTHONPATH"
+    else
+        echo "gpu_env: the wheels in .gpu/wheels do not fit $PY; using its own numpy"
+    fi
 fi
