@@ -22,8 +22,13 @@ For each setting and nesting configuration (s₁, s₂), ρ = s₁/s₂:
   the wrong coset member and of nested buckets failing their checksum, and the bytes all ranks
   hand over (payloads plus the recovery of failed buckets) ÷ the bytes of DQSG(s₁) payloads.
   Recovered NDQSG decodes to DQSG(s₁) exactly, so this is the bits ratio **at equal variance**.
-- **adaptive payload NDQSG** (`NDQSG(..., adaptive=True)`): the same, nesting switched per tensor
-  from the previous step's outcome (off at a tensor's first step), its bytes over all steps.
+- **payload NDQSG + locate** (`NDQSG(..., adaptive=False, locate=True)`): the same nesting, failed
+  buckets first asked for syndromes that locate up to t wrong coordinates (docs/ALGORITHMS.md §2),
+  only the buckets they cannot explain resent whole; the syndromes count in the bytes.
+- **adaptive payload NDQSG** (`NDQSG(..., adaptive=True)`, the default, which locates): the same,
+  nesting switched per tensor from the previous step's outcome (off at a tensor's first step), its
+  bytes over all steps; **adaptive, whole** (`locate=False`): the same with failed buckets resent
+  whole (the default before locating was added).
 - **nested sum / coset ring** (`Compression.ndqsg(adaptive=False)`, `ring_allreduce`): a common
   Δ, the residues of Σ_p k_p mod ρ resolved against P × the previous step's decoded mean (side
   information *across* steps). The two share this decoder, hence these failure rates. Bits are
@@ -188,7 +193,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/nesting_sweep"))
     args = p.parse_args()
     codecs = [NDQSG(tuple(int(v) for v in lv.split(",")), args.bucket_size, adaptive=False) for lv in args.levels]
+    located = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=False, locate=True) for codec in codecs}
     adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
+    whole = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True, locate=False) for codec in codecs}
     summed_adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
     acc: dict[tuple[str, str, str, str], dict[str, float]] = {}
     corr: dict[tuple[str, str], list[float]] = {}
@@ -201,8 +208,12 @@ def main() -> None:
                 cfg = f"({codec.levels[0]},{codec.levels[1]})"
                 add(acc.setdefault((setting, layer, cfg, "payload"), {}),
                     payload_ndqsg(codec, gs, f"{setting}/{name}", step))
+                add(acc.setdefault((setting, layer, cfg, "payload-locate"), {}),
+                    payload_ndqsg(located[codec.levels], gs, f"{setting}/{name}", step))
                 add(acc.setdefault((setting, layer, cfg, "adaptive"), {}),
                     payload_ndqsg(adaptive[codec.levels], gs, f"{setting}/{name}", step))
+                add(acc.setdefault((setting, layer, cfg, "adaptive-whole"), {}),
+                    payload_ndqsg(whole[codec.levels], gs, f"{setting}/{name}", step))
                 prev = side.get((setting, name, cfg)) if step > 0 else None
                 part, side[(setting, name, cfg)] = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step)
                 add(acc.setdefault((setting, layer, cfg, "sum"), {}), part)
@@ -223,9 +234,9 @@ def main() -> None:
             "steps": args.steps, "command": "launch/nesting_sweep.py"}
     (args.out / "nesting_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| setting | layer | ρ config | mean corr. | payload NDQSG: coords wrong | buckets failed "
-          "| bits ÷ DQSG(s₁) | adaptive: bits ÷ DQSG(s₁) | nested sum / ring: coords wrong | buckets failed "
-          "| bits ÷ DQSG(s₁) | adaptive: bits ÷ DQSG(s₁) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| bits ÷ DQSG(s₁) | + locate | adaptive, whole | adaptive (locate) | nested sum / ring: coords wrong "
+          "| buckets failed | bits ÷ DQSG(s₁) | adaptive: bits ÷ DQSG(s₁) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     by = {(r["setting"], r["layer"], r["levels"], r["scheme"]): r for r in rows}
     for (setting, layer, cfg, scheme), r in by.items():
         if scheme != "payload":
@@ -235,8 +246,10 @@ def main() -> None:
         tail = (f"{s['coordinate_failure_rate']:.2%} | {s['bucket_failure_rate']:.1%} | {s['bits_ratio']:.2f} | "
                 f"{sa['bits_ratio']:.2f}" if s else "– | – | – | –")
         a = by[setting, layer, cfg, "adaptive"]
+        loc, aw = by[setting, layer, cfg, "payload-locate"], by[setting, layer, cfg, "adaptive-whole"]
         print(f"| {setting} | {layer} | {cfg} | {r['correlation']:.3f} | {r['coordinate_failure_rate']:.2%} | "
-              f"{r['bucket_failure_rate']:.1%} | {r['bits_ratio']:.2f} | {a['bits_ratio']:.2f} | {tail} |")
+              f"{r['bucket_failure_rate']:.1%} | {r['bits_ratio']:.3f} | {loc['bits_ratio']:.3f} | "
+              f"{aw['bits_ratio']:.3f} | {a['bits_ratio']:.3f} | {tail} |")
     plot(rows, args.out / "nesting_sweep.png", meta)
 
 
@@ -246,11 +259,15 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), sharey=True)
-    for ax, scheme, title in zip(axes, ("payload", "adaptive", "sum", "sum-adaptive"),
-                                 ("payload NDQSG (side info: this step's DQSG ranks)",
-                                  "payload NDQSG, adaptive (first step: off)",
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4), sharey=True)
+    axes = axes.reshape(-1)
+    for ax, scheme, title in zip(axes, ("payload", "payload-locate", "sum", "adaptive-whole", "adaptive",
+                                        "sum-adaptive"),
+                                 ("payload NDQSG, whole-bucket recovery (side info: this step's DQSG ranks)",
+                                  "payload NDQSG, locating (syndromes, then whole buckets)",
                                   "nested sum / coset ring (side info: last step)",
+                                  "payload NDQSG, adaptive, whole-bucket recovery",
+                                  "payload NDQSG, adaptive (default: locating)",
                                   "nested sum / coset ring, adaptive")):
         for cfg in sorted({r["levels"] for r in rows}):
             for kind, marker in (("real", "o"), ("synthetic", "s")):
@@ -264,9 +281,10 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
         ticks = [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999]
         ax.set_xticks([-math.log10(1 - c) for c in ticks], [f"{c:g}" for c in ticks])
         ax.set_xlabel("inter-rank correlation (axis: −log10(1 − c))", fontsize=8)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("bits ÷ DQSG(s₁) bits (equal variance)")
+    axes[3].set_ylabel("bits ÷ DQSG(s₁) bits (equal variance)")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"When nesting pays: P = {meta['ranks']}, d = {meta['bucket_size']}, {meta['date']}", fontsize=10)
     fig.tight_layout()

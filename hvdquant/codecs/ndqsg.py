@@ -12,6 +12,12 @@ y/Δ + u in k's coset. Decoding is exact (ĝ equals DQSG(s₁)'s reconstruction,
 failed: it is counted and **recovered** — the transport asks that sender for the bucket's DQSG(s₁)
 symbols in a second round (every rank finds the same failures, so every rank takes part) — and
 decoding restarts with the corrected values until no bucket fails. Nothing wrong is passed on.
+
+With ``locate`` (on by default under adaptive nesting) a failed bucket is first asked for 2t
+power-sum syndromes Σ_j k_j·(j+1)^m mod 65521 (m < 2t; 2 bytes each, t = 4, then 16): up to t
+wrong coordinates are located and corrected from them (Berlekamp–Massey, Chien search, Forney),
+and a correction is accepted only if the corrected bucket reproduces every syndrome, the uint32
+checksum and the index range; only buckets it cannot explain are resent whole.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ from hvdquant.codecs.base import (
     flat32,
 )
 from hvdquant.codecs.dqsg import DQSG
+from hvdquant.codecs.syndromes import (
+    LOCATE_PRIME,
+    bucket_blocks,
+    bucket_checks,
+    bucket_syndromes,
+    locate_errors,
+    syndrome_bytes,
+    syndrome_words,
+)
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import DecodeStats
 
@@ -53,13 +68,21 @@ class NDQSG(Codec):
     identical on every rank without a collective, live in :meth:`state_dict`, and cost one nested
     decode per nested sender while off. The stock path (:class:`~hvdquant.transports.summed.NestedSum`)
     and the coset ring (:func:`hvdquant.ring_allreduce`) take the same switch. (docs/RESULTS.md,
-    "When nesting pays".)"""
+    "When nesting pays".)
+
+    ``locate`` (``None``: the same as ``adaptive``): a failed bucket of the payload path is first
+    asked for syndromes that locate up to t = 4, then 16 wrong coordinates (``LOCATE_ERRORS``) and
+    is resent whole only if they do not explain it; the payload format does not change, the
+    replies count in the bytes and in adaptive nesting's decisions (docs/ALGORITHMS.md §2)."""
 
     levels: tuple[int, int] = (3, 1)
     bucket_size: int = 512
     dqsg_fraction: float = 0.5
     dither: str = "independent"
     adaptive: bool = True
+    #: recover failed buckets by locating their wrong coordinates from syndromes sent on request
+    #: (docs/ALGORITHMS.md §2) before resending them whole; ``None``: on iff ``adaptive``
+    locate: bool | None = None
     #: adaptive nesting: per tensor name, whether its nested senders send cosets at the next step
     nesting: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
     #: per name while off: consecutive steps that would have paid; times nesting was switched off again
@@ -72,6 +95,10 @@ class NDQSG(Codec):
     ADAPTIVE_MARGIN = 0.95
     #: good steps in a row before nesting with the previous step's mean as side information
     PREVIOUS_MEAN_CONFIRM = 2
+    #: locating: the numbers of wrong coordinates t a failed bucket's syndromes can correct, stage by
+    #: stage (2t syndromes in all after a stage; each stage is one more request round). Capped so that
+    #: a bucket's syndromes cost at most half of its DQSG(s₁) symbols.
+    LOCATE_ERRORS = (4, 16)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.levels, tuple) and len(self.levels) == 2):
@@ -85,6 +112,8 @@ class NDQSG(Codec):
         check_int("NDQSG", "bucket_size", self.bucket_size, 1, 1 << 30)
         if not isinstance(self.adaptive, bool):
             raise TypeError(f"NDQSG adaptive must be a bool, got {type(self.adaptive).__name__}")
+        if self.locate is not None and not isinstance(self.locate, bool):
+            raise TypeError(f"NDQSG locate must be a bool or None, got {type(self.locate).__name__}")
         if isinstance(self.dqsg_fraction, bool) or not isinstance(self.dqsg_fraction, (int, float)) \
                 or not 0.0 <= self.dqsg_fraction <= 1.0:
             raise ValueError(f"NDQSG dqsg_fraction={self.dqsg_fraction!r} must be a number in [0, 1]")
@@ -97,6 +126,24 @@ class NDQSG(Codec):
     def fine(self) -> DQSG:
         """DQSG(s₁): what the DQSG ranks send and what a successful nested decode reproduces."""
         return DQSG(self.levels[0], self.bucket_size, self.dither)
+
+    @property
+    def locating(self) -> bool:
+        """Whether failed buckets are first located from syndromes (``locate``; default: ``adaptive``)."""
+        return self.adaptive if self.locate is None else self.locate
+
+    def locate_stages(self) -> tuple[int, ...]:
+        """Cumulative syndrome counts 2t of the locating stages (empty: failed buckets are resent
+        whole at once). Locators j+1 must be distinct mod the prime, so bucket_size < 65521."""
+        if not self.locating or self.bucket_size >= LOCATE_PRIME:
+            return ()
+        whole = ops.symbol_bytes(self.bucket_size, self.fine.symbols)
+        out: list[int] = []
+        for t in self.LOCATE_ERRORS:
+            t = min(t, whole // 8, self.bucket_size)  # 2t syndromes of 2 bytes ≤ half the bucket's symbols
+            if t >= 1 and (not out or 2 * t > out[-1]):
+                out.append(2 * t)
+        return tuple(out)
 
     def dqsg_senders(self, ranks: int) -> int:
         """⌈rP⌉ ranks (at least one: the first decoded sender must not need side information)."""
@@ -188,7 +235,7 @@ class NDQSG(Codec):
         buckets whose checksum Σ_j (2j+1)·K̂_j mod 2^32 differs from ``checksums`` (the senders'
         checksums summed mod 2^32): exactly the buckets where some coordinate resolved wrongly,
         up to checksum collisions."""
-        kout = torch.empty(residues.numel(), dtype=torch.int32)
+        kout = torch.empty(residues.numel(), dtype=torch.int32, device=residues.device)
         ops.nested_decode(residues, delta, self.bucket_size, self.nesting_ratio, side.contiguous(), key,
                           senders=senders, kout=kout)
         sent = checksums.to(torch.int64) & 0xFFFFFFFF
@@ -200,19 +247,22 @@ class NDQSG(Codec):
         """The buckets that would fail if the exact index sums ``ksum`` (int32) of ``senders`` senders
         had been sent as their residues mod ρ and resolved against ``side`` (adaptive nesting's
         probe: what nesting would have cost, from data the receiver already holds)."""
+        return self._probe_resolve(ksum, delta, side, key, senders)[1]
+
+    def _probe_resolve(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
+                       senders: int) -> tuple[torch.Tensor, list[int]]:
         rho = self.nesting_ratio
         residues = ((ksum + senders * (rho // 2)) % rho).to(torch.uint8)
-        _, bad = self.resolve(residues, delta, side, key, senders, ops.bucket_checksum(ksum, self.bucket_size))
-        return bad
+        return self.resolve(residues, delta, side, key, senders, ops.bucket_checksum(ksum, self.bucket_size))
 
     def patch(self, kout: torch.Tensor, buckets: list[int], truth: torch.Tensor, stats: DecodeStats) -> None:
         """Write the recovered true index sums ``truth`` of failed ``buckets`` (their coordinates in
         the order given) into ``kout``, counting the buckets and the coordinates that had been wrong."""
-        idx = bucket_coordinates(buckets, self.bucket_size, kout.numel())
+        idx = bucket_coordinates(buckets, self.bucket_size, kout.numel(), kout.device)
         if truth.numel() != idx.numel():
             raise ValueError(f"recovery gave {truth.numel()} values; {len(buckets)} failed bucket(s) hold "
                              f"{idx.numel()} coordinates")
-        truth = truth.to(torch.int32)
+        truth = truth.to(device=kout.device, dtype=torch.int32)
         stats.failed_buckets += len(buckets)
         stats.failed_coordinates += int((kout[idx] != truth).sum())
         kout[idx] = truth
@@ -224,29 +274,106 @@ class NDQSG(Codec):
         replaced by ``recover(coordinates)`` (a collective giving the true index sums there; every
         rank finds the same failures, so every rank takes part). Without side information every
         bucket is recovered (not counted as a failure)."""
-        n = residues.numel()
+        n, device = residues.numel(), residues.device
         if side is None:
-            kout, bad = torch.empty(n, dtype=torch.int32), list(range(ops.num_buckets(n, self.bucket_size)))
+            kout = torch.empty(n, dtype=torch.int32, device=device)
+            bad = list(range(ops.num_buckets(n, self.bucket_size)))
         else:
             kout, bad = self.resolve(residues, delta, side, key, senders, checksums)
         if bad:
             stats.recovery_rounds += 1
-            truth = recover(bucket_coordinates(bad, self.bucket_size, n))
+            truth = recover(bucket_coordinates(bad, self.bucket_size, n, device))
             self.patch(kout, bad, truth, DecodeStats() if side is None else stats)
         return kout
 
+    # ------------------------------------------------------------- locating wrong coordinates
+    def correct(self, kout: torch.Tensor, buckets: list[int], syndromes: dict[int, torch.Tensor],
+                checksums: torch.Tensor, senders: int = 1) -> tuple[list[int], torch.Tensor]:
+        """Failed ``buckets`` of the resolved indices ``kout`` that their ``syndromes`` (per bucket:
+        the first 2t power sums mod LOCATE_PRIME of the true indices) explain by at most t wrong
+        coordinates. Returns those buckets and their corrected indices (coordinates in the order of
+        :func:`bucket_coordinates`). A correction is accepted only if the corrected bucket reproduces
+        all its syndromes and its checksum, each change is a nonzero multiple of ρ and every index
+        lies in [−s₁·senders, s₁·senders]; any other bucket stays failed."""
+        fixed: list[int] = []
+        truths: list[torch.Tensor] = []
+        by_len: dict[int, list[int]] = {}
+        for b in buckets:
+            if b in syndromes:
+                by_len.setdefault(syndromes[b].numel(), []).append(b)
+        d, n = self.bucket_size, kout.numel()
+        sent = checksums.to(torch.int64) & 0xFFFFFFFF
+        for _, group in sorted(by_len.items()):
+            blocks, mask = bucket_blocks(kout, group, d)
+            s = torch.stack([syndromes[b] for b in group]).to(blocks.device)
+            corrected, ok = locate_errors(blocks, mask, s, self.nesting_ratio, self.levels[0] * senders)
+            rows = torch.tensor(group, dtype=torch.int64, device=blocks.device)
+            ok &= bucket_checks(corrected) == sent[rows.to(sent.device)].to(blocks.device)
+            keep = torch.nonzero(ok).flatten()
+            if keep.numel():
+                fixed += rows[keep].tolist()
+                truths.append(corrected[keep][mask[keep]])
+        truth = torch.cat(truths) if truths else torch.empty(0, dtype=torch.int64, device=kout.device)
+        assert truth.numel() == bucket_coordinates(fixed, d, n).numel()
+        return fixed, truth.to(torch.int32)
+
+    def _requests(self, bad: list[int], have: dict[int, torch.Tensor], nb: int) -> list[int]:
+        """What to ask a sender for its still-failed buckets ``bad``: the next stage of syndromes of
+        each (request −1 − (stage·nb + b)), or the bucket whole (request b) when the stages are spent;
+        syndrome requests first, by stage, then whole buckets."""
+        stages = self.locate_stages()
+        syn: list[tuple[int, int]] = []
+        whole: list[int] = []
+        for b in bad:
+            got = have[b].numel() if b in have else 0
+            stage = sum(1 for c in stages if c <= got)
+            if stage < len(stages):
+                syn.append((stage, b))
+            else:
+                whole.append(b)
+        return [-1 - (st * nb + b) for st, b in sorted(syn)] + whole
+
+    def _split_requests(self, requests: list[int], nb: int) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """Syndrome requests as (bucket, stage, first, end) syndrome ranges, and the whole buckets."""
+        stages = self.locate_stages()
+        syn, whole = [], []
+        for r in requests:
+            if r >= 0:
+                whole.append(r)
+                continue
+            stage, b = divmod(-1 - r, nb)
+            if stage >= len(stages) or b >= nb:
+                raise ValueError(f"recovery request {r} names no syndrome stage of this codec")
+            syn.append((b, stage, stages[stage - 1] if stage else 0, stages[stage]))
+        return syn, whole
+
     # ------------------------------------------------------------- payload path (paper's NDQSG)
     def recovery_payload(self, enc: Encoded, ctx: TensorContext, buckets: list[int]) -> torch.Tensor:
-        """This sender's DQSG(s₁) symbols for the failed buckets, concatenated in the order given and
-        packed as one stream."""
+        """This sender's reply to a recovery request: for each syndrome request (negative, in the
+        order given) its syndromes as 2-byte little-endian words, then the DQSG(s₁) symbols of the
+        requested whole buckets, concatenated in the order given and packed as one stream."""
         if enc.source is None:
             raise ValueError("this payload kept no source: only a nested sender's own payload can be recovered")
         flat = enc.source
         fine = self.fine
         delta = fine.step_size(fine.bucket_absmax(flat))
         sym = fine.quantize(flat, delta, fine.keyed(ctx.key, ctx.ranks), symbols=True)
-        idx = bucket_coordinates(buckets, self.bucket_size, flat.numel())
-        return ops.pack_symbols(sym[idx].contiguous(), fine.symbols)
+        nb = ops.num_buckets(flat.numel(), self.bucket_size)
+        syn, whole = self._split_requests(list(buckets), nb)
+        parts = []
+        if syn:
+            k = sym.to(torch.int64) - fine.levels
+            rows: list[torch.Tensor | None] = [None] * len(syn)
+            for lo, hi in sorted({(lo, hi) for _, _, lo, hi in syn}):  # one pass per stage
+                sel = [i for i, r in enumerate(syn) if r[2:] == (lo, hi)]
+                got = bucket_syndromes(k, [syn[i][0] for i in sel], self.bucket_size, lo, hi)
+                for i, row in zip(sel, got):
+                    rows[i] = row
+            parts.append(syndrome_bytes(torch.cat(rows)))
+        if whole or not syn:
+            idx = bucket_coordinates(whole, self.bucket_size, flat.numel(), flat.device)
+            parts.append(ops.pack_symbols(sym[idx].contiguous(), fine.symbols))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _residues(self, enc: Encoded) -> torch.Tensor:
         return ops.unpack_cosets(enc.fields["cosets"], self.nesting_ratio, enc.n)
@@ -254,15 +381,20 @@ class NDQSG(Codec):
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
         """Decode in rank order with the running mean as side information; detect failed buckets by
-        checksum and recover them through ``recover`` (a collective the transport runs), then decode
-        again with the corrected values until no bucket fails."""
+        checksum; correct those their syndromes explain (``locate``); recover the others through
+        ``recover`` (a collective the transport runs: the next syndromes of a bucket, or the bucket
+        whole), then decode again with the corrected values until no bucket fails."""
         ranks, n = len(payloads), payloads[0].n
+        device = next(iter(payloads[0].fields.values())).device
         fine = self.fine
+        nb = ops.num_buckets(n, self.bucket_size)
         known: dict[int, list[tuple[list[int], torch.Tensor]]] = {}  # sender -> recovered (buckets, indices)
+        syndromes: dict[int, dict[int, torch.Tensor]] = {}  # sender -> bucket -> syndromes received so far
+        replied = [0] * ranks  # recovery bytes each sender handed over
         stats = DecodeStats()
         probed = 0  # adaptive, nesting off: bytes the nested senders would have sent with nesting on
         while True:
-            total = torch.zeros(n, dtype=torch.float32)
+            total = torch.zeros(n, dtype=torch.float32, device=device)
             failed: dict[int, list[int]] = {}
             resolved: dict[int, torch.Tensor] = {}
             for p, enc in enumerate(payloads):
@@ -280,71 +412,112 @@ class NDQSG(Codec):
                     self.patch(kout, buckets, truth, DecodeStats())
                     done.update(buckets)
                 bad = [b for b in bad if b not in done]
+                if bad and syndromes.get(p):
+                    fixed, truth = self.correct(kout, bad, syndromes[p], enc.fields["checksum"])
+                    if fixed:
+                        self.patch(kout, fixed, truth, stats)
+                        known.setdefault(p, []).append((fixed, truth))
+                        bad = [b for b in bad if b not in set(fixed)]
                 if bad:
-                    failed[p], resolved[p] = bad, kout
+                    failed[p], resolved[p] = self._requests(bad, syndromes.get(p, {}), nb), kout
                 total += fine.decode_sum(kout, enc.fields["delta"], key)
             if not failed:
                 if self.adaptive:
-                    self._decide(ctx, ranks, n, probed, known)
+                    self._decide(ctx, ranks, n, probed, replied)
                 return total / ranks, stats
             if recover is None:
                 raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed.values()))} bucket(s) of "
                                    f"'{ctx.name}' and no recovery round is available")
             stats.recovery_rounds += 1
             replies = recover(failed)
-            for p, buckets in failed.items():
-                truth = self._recovered_codes(replies[p], n, buckets)
-                self.patch(resolved[p], buckets, truth, stats)
-                known.setdefault(p, []).append((buckets, truth))
+            for p, requests in failed.items():
+                replied[p] += replies[p].numel()
+                got, buckets, truth = self._parse_reply(replies[p], n, requests)
+                mine = syndromes.setdefault(p, {})
+                for b, s in got:
+                    mine[b] = s if b not in mine else torch.cat([mine[b], s])
+                if buckets:
+                    self.patch(resolved[p], buckets, truth, stats)
+                    known.setdefault(p, []).append((buckets, truth))
 
     # ------------------------------------------------------------- adaptive nesting
-    def nested_bytes(self, n: int, recovered: int) -> int:
-        """Bytes a nested sender hands over for n coordinates, ``recovered`` of them resent as DQSG(s₁)."""
+    def nested_bytes(self, n: int, recovered: int, syndromes: int = 0) -> int:
+        """Bytes a nested sender hands over for n coordinates, ``recovered`` of them resent as DQSG(s₁),
+        ``syndromes`` syndrome words (2 bytes each) sent to locate wrong coordinates."""
         nb = ops.num_buckets(n, self.bucket_size)
-        return 8 * nb + ops.coset_bytes(n, self.nesting_ratio) + (
+        return 8 * nb + ops.coset_bytes(n, self.nesting_ratio) + 2 * syndromes + (
             ops.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
 
     def _probe(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor) -> int:
         """Bytes this DQSG(s₁) payload would have cost as a nested one: its indices' residues mod ρ
         resolved against the same side information a nested payload would have met, the failed
-        buckets counted as recovered."""
-        fine, n = self.fine, enc.n
+        buckets located stage by stage from the syndromes of the true indices (``locate``) and the
+        rest counted as resent whole."""
+        fine, n, d = self.fine, enc.n, self.bucket_size
         k = ops.unpack_symbols(enc.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
-        bad = self.probe(k, enc.fields["delta"], side, fine.keyed(ctx.key, ctx.ranks), 1)
-        return self.nested_bytes(n, bucket_coordinates(bad, self.bucket_size, n).numel())
+        kout, bad = self._probe_resolve(k, enc.fields["delta"], side, fine.keyed(ctx.key, ctx.ranks), 1)
+        words = 0
+        if bad and self.locate_stages():
+            checks = ops.bucket_checksum(k, d)
+            k64 = k.to(torch.int64)
+            have: dict[int, torch.Tensor] = {}
+            lo = 0
+            for hi in self.locate_stages():
+                syn = bucket_syndromes(k64, bad, d, lo, hi)
+                words += syn.numel()
+                for b, row in zip(bad, syn):
+                    have[b] = row if lo == 0 else torch.cat([have[b], row])
+                fixed, _ = self.correct(kout, bad, have, checks)
+                bad = [b for b in bad if b not in set(fixed)]
+                lo = hi
+                if not bad:
+                    break
+        return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), words)
 
-    def _decide(self, ctx: TensorContext, ranks: int, n: int, probed: int,
-                known: dict[int, list[tuple[list[int], torch.Tensor]]]) -> None:
+    def _decide(self, ctx: TensorContext, ranks: int, n: int, probed: int, replied: list[int]) -> None:
         """Nesting of ``ctx.name`` at its next step (:meth:`observe`), from whether the nested senders'
-        bytes this step (sent, recovery included, or probed) were at most ADAPTIVE_MARGIN × their
-        DQSG(s₁) bytes. Every rank decodes every payload alike, so every rank decides alike, without
-        a collective."""
+        bytes this step (sent, recovery replies included, or probed) were at most ADAPTIVE_MARGIN ×
+        their DQSG(s₁) bytes. Every rank decodes every payload alike, so every rank decides alike,
+        without a collective."""
         senders = ranks - self.dqsg_senders(ranks)
         if not senders:
             return
         if self.nesting.get(ctx.name, False):
-            spent = sum(self.nested_bytes(n, sum(bucket_coordinates(b, self.bucket_size, n).numel()
-                                                 for b, _ in known.get(p, ())))
-                        for p in range(ranks - senders, ranks))
+            spent = sum(self.nested_bytes(n, 0) + replied[p] for p in range(ranks - senders, ranks))
         else:
             spent = probed
         plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
         self.observe(ctx.name, spent <= self.ADAPTIVE_MARGIN * plain)
 
-    def _recovered_codes(self, buf: torch.Tensor, n: int, buckets: list[int]) -> torch.Tensor:
-        """A recovery reply (packed DQSG(s₁) symbols of the buckets) as int32 indices."""
+    def _parse_reply(self, buf: torch.Tensor, n: int, requests: list[int]
+                     ) -> tuple[list[tuple[int, torch.Tensor]], list[int], torch.Tensor]:
+        """A recovery reply as (bucket, syndromes) pairs, the whole buckets and their int32 indices."""
         fine = self.fine
-        count = bucket_coordinates(buckets, self.bucket_size, n).numel()
-        if ops.symbol_bytes(count, fine.symbols) != buf.numel():
-            raise ValueError(f"recovery payload has {buf.numel()} bytes; {len(buckets)} failed bucket(s) need "
-                             f"{ops.symbol_bytes(count, fine.symbols)}")
-        return ops.unpack_symbols(buf, fine.symbols, count).to(torch.int32) - fine.levels
+        syn, whole = self._split_requests(requests, ops.num_buckets(n, self.bucket_size))
+        words = sum(hi - lo for _, _, lo, hi in syn)
+        count = bucket_coordinates(whole, self.bucket_size, n).numel()
+        need = 2 * words + (ops.symbol_bytes(count, fine.symbols) if whole or not syn else 0)
+        if need != buf.numel():
+            raise ValueError(f"recovery payload has {buf.numel()} bytes; the request ({len(syn)} syndrome "
+                             f"stage(s), {len(whole)} whole bucket(s)) needs {need}")
+        values = syndrome_words(buf[:2 * words])
+        got, at = [], 0
+        for b, _, lo, hi in syn:
+            got.append((b, values[at:at + hi - lo]))
+            at += hi - lo
+        truth = ops.unpack_symbols(buf[2 * words:], fine.symbols, count).to(torch.int32) - fine.levels
+        return got, whole, truth
+
+    def _recovered_codes(self, buf: torch.Tensor, n: int, buckets: list[int]) -> torch.Tensor:
+        """A recovery reply of whole buckets (packed DQSG(s₁) symbols) as int32 indices."""
+        return self._parse_reply(buf, n, buckets)[2]
 
 
-def bucket_coordinates(buckets: list[int], bucket_size: int, n: int) -> torch.Tensor:
+def bucket_coordinates(buckets: list[int], bucket_size: int, n: int,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
     """Coordinates of the given buckets, bucket by bucket in the order given (the last may be short)."""
     if not buckets:
-        return torch.empty(0, dtype=torch.int64)
-    idx = (torch.tensor(buckets, dtype=torch.int64)[:, None] * bucket_size
-           + torch.arange(min(bucket_size, n), dtype=torch.int64)[None, :]).reshape(-1)
+        return torch.empty(0, dtype=torch.int64, device=device)
+    idx = (torch.tensor(buckets, dtype=torch.int64, device=device)[:, None] * bucket_size
+           + torch.arange(min(bucket_size, n), dtype=torch.int64, device=device)[None, :]).reshape(-1)
     return idx[idx < n]

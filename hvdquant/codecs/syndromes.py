@@ -1,0 +1,156 @@
+"""Locating wrong indices in a failed nested bucket (docs/ALGORITHMS.md §2).
+
+A nested decode that resolves some coordinates of a bucket to the wrong coset member leaves an
+error vector e (each nonzero entry a multiple of ρ) on a few coordinates. The sender's power sums
+of its true indices, S_m = Σ_j k_j·(j+1)^m mod p (p = 65521, m < 2t), against the receiver's sums
+of its resolved indices, are the syndromes of e in a Reed–Solomon code over GF(p) with locators
+j+1: up to t wrong coordinates are found (Berlekamp–Massey for the locator polynomial, a Chien
+search over the bucket's locators for its roots, Forney's formula for the values). Whole-tensor
+torch integer arithmetic; NDQSG decides what to accept (:meth:`hvdquant.NDQSG.correct`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: the prime of the locating syndromes: they fit 2 bytes, and the locators j+1 (j < bucket_size) are
+#: distinct and nonzero mod it for bucket_size < LOCATE_PRIME
+LOCATE_PRIME = 65521
+
+
+def bucket_blocks(k: torch.Tensor, buckets: list[int], bucket_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given buckets of k as rows (int64, a short last bucket padded with zeros) and the mask of
+    real coordinates."""
+    rows = torch.tensor(buckets, dtype=torch.int64, device=k.device)
+    idx = rows[:, None] * bucket_size + torch.arange(bucket_size, dtype=torch.int64, device=k.device)[None, :]
+    mask = idx < k.numel()
+    blocks = torch.where(mask, k.to(torch.int64)[idx.clamp_max(max(k.numel() - 1, 0))], 0)
+    return blocks, mask
+
+
+def _powers(bucket_size: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """(j+1)^m mod LOCATE_PRIME for m in [lo, hi) (rows), j < bucket_size (columns), int64."""
+    x = torch.arange(1, bucket_size + 1, dtype=torch.int64, device=device)
+    out = torch.empty(hi - lo, bucket_size, dtype=torch.int64, device=device)
+    cur = _modpow(x, lo)
+    for m in range(hi - lo):
+        out[m] = cur
+        cur = cur * x % LOCATE_PRIME
+    return out
+
+
+def _modpow(a: torch.Tensor, e: int) -> torch.Tensor:
+    out = torch.ones_like(a)
+    a = a % LOCATE_PRIME
+    while e:
+        if e & 1:
+            out = out * a % LOCATE_PRIME
+        a = a * a % LOCATE_PRIME
+        e >>= 1
+    return out
+
+
+def _inverse(a: torch.Tensor) -> torch.Tensor:
+    """a^(p−2) mod p: the inverse of a mod LOCATE_PRIME (0 for a ≡ 0)."""
+    return _modpow(a, LOCATE_PRIME - 2)
+
+
+def block_syndromes(blocks: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """S_m = Σ_j k_j·(j+1)^m mod LOCATE_PRIME of each row, m in [lo, hi) (int64). Exact in float64:
+    every product is below p² < 2^32 and a row sums fewer than p of them (< 2^48 < 2^53)."""
+    powers = _powers(blocks.shape[1], lo, hi, blocks.device)
+    s = (blocks % LOCATE_PRIME).to(torch.float64) @ powers.to(torch.float64).T
+    return s.to(torch.int64) % LOCATE_PRIME
+
+
+def bucket_syndromes(k: torch.Tensor, buckets: list[int], bucket_size: int, lo: int, hi: int) -> torch.Tensor:
+    """Syndromes m in [lo, hi) of the given buckets of the indices k, one row per bucket."""
+    if not buckets:
+        return torch.empty(0, hi - lo, dtype=torch.int64, device=k.device)
+    return block_syndromes(bucket_blocks(k, buckets, bucket_size)[0], lo, hi)
+
+
+def bucket_checks(blocks: torch.Tensor) -> torch.Tensor:
+    """The nested checksum Σ_j (2j+1)·k_j mod 2^32 of each row (as :func:`ops.bucket_checksum`)."""
+    w = 2 * torch.arange(blocks.shape[1], dtype=torch.int64, device=blocks.device) + 1
+    return (blocks * w).sum(1) & 0xFFFFFFFF
+
+
+def syndrome_bytes(words: torch.Tensor) -> torch.Tensor:
+    """Syndromes (< 2^16) as little-endian byte pairs."""
+    return torch.stack([words & 0xFF, words >> 8], -1).reshape(-1).to(torch.uint8)
+
+
+def syndrome_words(buf: torch.Tensor) -> torch.Tensor:
+    pairs = buf.to(torch.int64).reshape(-1, 2)
+    return pairs[:, 0] + 256 * pairs[:, 1]
+
+
+def berlekamp_massey(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shortest linear recurrence of each row of syndromes s (F × N, mod LOCATE_PRIME), all rows
+    at once: the connection polynomial Λ (F × (N+1), Λ_0 = 1) and its length L (F)."""
+    p = LOCATE_PRIME
+    rows, count = s.shape
+    dev = s.device
+    c = torch.zeros(rows, count + 1, dtype=torch.int64, device=dev)
+    c[:, 0] = 1
+    b_poly = c.clone()
+    length = torch.zeros(rows, dtype=torch.int64, device=dev)
+    shift = torch.ones(rows, dtype=torch.int64, device=dev)
+    last = torch.ones(rows, dtype=torch.int64, device=dev)
+    cols = torch.arange(count + 1, dtype=torch.int64, device=dev)
+    for i in range(count):
+        disc = (c[:, :i + 1] * s[:, i - cols[:i + 1]]).sum(1) % p
+        src = cols[None, :] - shift[:, None]
+        shifted = torch.where(src >= 0, b_poly.gather(1, src.clamp_min(0)), 0)
+        coef = disc * _inverse(last) % p
+        updated = (c - coef[:, None] * shifted % p) % p
+        nonzero = disc != 0
+        grow = nonzero & (2 * length <= i)
+        b_poly = torch.where(grow[:, None], c, b_poly)
+        length = torch.where(grow, i + 1 - length, length)
+        last = torch.where(grow, disc, last)
+        shift = torch.where(grow, 1, shift + 1)
+        c = torch.where(nonzero[:, None], updated, c)
+    return c, length
+
+
+def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Tensor, rho: int, bound: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correct each row of resolved indices ``blocks`` (F × d, int64) from the first N = 2t syndromes
+    of its true indices: the differences are the power sums Σ_i e_i·x_i^m of the errors e_i at
+    locators x_i = j_i + 1, so Berlekamp–Massey gives the error locator Λ(z) = Π_i (1 − x_i z), its
+    roots (a search over the row's locators) the wrong coordinates, and Forney's formula
+    e_i = −x_i·Ω(x_i⁻¹)/Λ'(x_i⁻¹), Ω = S·Λ mod z^N, the errors. Returns the corrected rows and
+    which rows are accepted: 1 ≤ L ≤ t roots, all found, every e_i a nonzero multiple of ρ, every
+    corrected index in [−bound, bound], and the corrected row reproducing all N syndromes."""
+    p = LOCATE_PRIME
+    rows, d = blocks.shape
+    count = syndromes.shape[1]
+    dev = blocks.device
+    diff = (syndromes - block_syndromes(blocks, 0, count)) % p
+    lam, length = berlekamp_massey(diff)
+    x = torch.arange(1, d + 1, dtype=torch.int64, device=dev)
+    # roots: Σ_k Λ_k x^(N−k) = x^N·Λ(1/x) vanishes at the locators of the errors
+    acc = torch.zeros(rows, d, dtype=torch.int64, device=dev)
+    for k in range(count + 1):
+        acc = (acc * x + lam[:, k:k + 1]) % p
+    roots = (acc == 0) & mask
+    ok = (length >= 1) & (2 * length <= count) & (roots.sum(1) == length)
+    # Forney: Ω_k = Σ_{i ≤ k} Λ_i S_{k−i} (k < N), evaluated with Λ' at z = 1/x
+    cols = torch.arange(count, dtype=torch.int64, device=dev)
+    omega = torch.stack([(lam[:, :k + 1] * diff[:, k - cols[:k + 1]]).sum(1) % p for k in range(count)], 1)
+    z = _inverse(x)
+    om = torch.zeros(rows, d, dtype=torch.int64, device=dev)
+    for k in range(count - 1, -1, -1):
+        om = (om * z + omega[:, k:k + 1]) % p
+    der = torch.zeros(rows, d, dtype=torch.int64, device=dev)
+    for k in range(count, 0, -1):
+        der = (der * z + k * lam[:, k:k + 1] % p) % p
+    err = (p - x * om % p * _inverse(der) % p) % p
+    err = torch.where(roots, torch.where(err > p // 2, err - p, err), 0)
+    corrected = blocks + err
+    ok &= ~(roots & ((err == 0) | (err % rho != 0))).any(1)
+    ok &= ~(mask & (corrected.abs() > bound)).any(1)
+    ok &= (block_syndromes(corrected, 0, count) == syndromes).all(1)
+    return corrected, ok
