@@ -118,7 +118,8 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
     plain = fine_fields.field_words(n)
     if adaptive is not None:
         nested_now = adaptive.nesting.get(name, False)
-        adaptive.observe(name, words <= NDQSG.ADAPTIVE_MARGIN * plain, NDQSG.PREVIOUS_MEAN_CONFIRM)
+        adaptive.observe(name, words <= NDQSG.ADAPTIVE_MARGIN * plain, NDQSG.PREVIOUS_MEAN_CONFIRM,
+                         buckets=ops.num_buckets(n, d))
         words = words if nested_now else plain
     return ({"bytes": 8 * words, "dqsg_bytes": 8 * plain,
              "failed_coordinates": failed_coords, "coordinates": n,

@@ -59,15 +59,16 @@ class NDQSG(Codec):
     ``dither`` as in :class:`DQSG`: under ``"stratified"`` each nested rank's u_p is still its own
     function of the key, so it is decoded against side information exactly as before.
 
-    ``adaptive=True`` (the default; ``adaptive=False`` is the paper's fixed nesting): nesting is
-    decided per tensor name for the next
-    step from what every rank decoded at this one — the nested senders' bytes (recovery included)
-    when nesting was on, or a probe (their DQSG(s₁) indices resolved from their residues against
-    the same side information) when it was off — and kept on only where it sends at most
-    ``ADAPTIVE_MARGIN`` × the DQSG(s₁) bytes. A tensor starts with nesting off. The decisions are
-    identical on every rank without a collective, live in :meth:`state_dict`, and cost one nested
-    decode per nested sender while off. The stock path (:class:`~hvdquant.transports.summed.NestedSum`)
-    and the coset ring (:func:`hvdquant.ring_allreduce`) take the same switch. (docs/RESULTS.md,
+    ``adaptive=True`` (the default; ``adaptive=False`` is the paper's fixed nesting): nesting and
+    its ratio ρ (:meth:`candidate_ratios`) are decided per tensor name for the next step from what
+    every rank decoded at this one — the nested senders' bytes (recovery included) for the ratio in
+    use, and a probe (their exact indices resolved from their residues mod ρ against the same side
+    information) for the others — keeping the cheapest ρ, and nesting only where it sends at most
+    ``ADAPTIVE_MARGIN`` × the DQSG(s₁) bytes (rule: :meth:`observe`). A tensor starts with nesting
+    off. The decisions are identical on every rank without a collective, live in
+    :meth:`state_dict`, and cost one nested decode per nested sender and candidate ratio. The
+    stock path (:class:`~hvdquant.transports.summed.NestedSum`) and the coset ring
+    (:func:`hvdquant.ring_allreduce`) take the same switch, with ρ = s₁/s₂. (docs/RESULTS.md,
     "When nesting pays".)
 
     ``locate`` (``None``: the same as ``adaptive``): a failed bucket of the payload path is first
@@ -88,6 +89,10 @@ class NDQSG(Codec):
     #: per name while off: consecutive steps that would have paid; times nesting was switched off again
     streak: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
     reversals: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: per name while off: nested buckets the current run of paying steps was measured on
+    evidence: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: adaptive nesting: per tensor name, the nesting ratio its nested senders use (default: s₁/s₂)
+    ratios: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     scheme = "ndqsg"
     #: adaptive nesting stays on (or turns on) only where it is expected to send at most this
@@ -95,6 +100,10 @@ class NDQSG(Codec):
     ADAPTIVE_MARGIN = 0.95
     #: good steps in a row before nesting with the previous step's mean as side information
     PREVIOUS_MEAN_CONFIRM = 2
+    #: nested buckets a run of paying steps must have been measured on before nesting switches on:
+    #: a tensor of one or two buckets (a small first layer) otherwise switches on whenever a probe of
+    #: those few buckets pays by chance, and a wrong switch-on costs up to twice a step's bytes
+    MIN_EVIDENCE_BUCKETS = 16
     #: locating: the numbers of wrong coordinates t a failed bucket's syndromes can correct, stage by
     #: stage (2t syndromes in all after a stage; each stage is one more request round). Capped so that
     #: a bucket's syndromes cost at most half of its DQSG(s₁) symbols.
@@ -151,38 +160,57 @@ class NDQSG(Codec):
 
     def config(self) -> dict:
         return {"scheme": self.scheme, **{k: v for k, v in asdict(self).items()
-                                          if k not in ("nesting", "streak", "reversals")}}
+                                          if k not in ("nesting", "streak", "reversals", "evidence", "ratios")}}
+
+    def ratio(self, name: str | None) -> int:
+        """The nesting ratio ρ of tensor ``name``: chosen per tensor under adaptive nesting
+        (:meth:`candidate_ratios`), s₁/s₂ otherwise."""
+        return self.ratios.get(name, self.nesting_ratio) if self.adaptive else self.nesting_ratio
+
+    def candidate_ratios(self) -> tuple[int, ...]:
+        """The ratios adaptive nesting chooses from: s₁/s₂ and the powers of 2 below 2s₁ + 1 (a
+        coset index of 2s₁ + 1 or more values would be the DQSG(s₁) symbol itself). Smaller ρ sends
+        fewer bits per coordinate, larger ρ fails less often."""
+        rhos = {self.nesting_ratio} | {1 << b for b in range(1, 8) if (1 << b) <= 2 * self.levels[0]}
+        return tuple(sorted(rhos))
 
     def is_nested(self, sender: int, ranks: int, name: str | None = None) -> bool:
         """Whether ``sender`` sends coset symbols (of tensor ``name``, under adaptive nesting)."""
         return sender >= self.dqsg_senders(ranks) and (not self.adaptive or self.nesting.get(name, False))
 
-    def observe(self, name: str, pays: bool, confirm: int = 1) -> None:
+    def observe(self, name: str, pays: bool, confirm: int = 1, buckets: int | None = None) -> None:
         """Adaptive nesting's rule, after a step of tensor ``name`` whose nesting would have paid
-        (or paid) iff ``pays``: nesting that did not pay is switched off at once; nesting that is off
-        is switched on after confirm·2^r consecutive steps that would have paid, r being the number
-        of times it was switched off before (a tensor whose outcome keeps changing stops
-        oscillating). The payload path confirms once (its side information is this step's own
-        senders); the stock nested sum and the coset ring, whose side information is the previous
-        step's mean, confirm twice."""
+        (or paid) iff ``pays``, measured on ``buckets`` nested buckets (default: enough on its own):
+        nesting that did not pay is switched off at once; nesting that is off is switched on after
+        confirm·2^r consecutive steps that would have paid, r being the number of times it was
+        switched off before (a tensor whose outcome keeps changing stops oscillating), and once
+        those steps were measured on at least ``MIN_EVIDENCE_BUCKETS`` buckets together. The
+        payload path confirms once (its side information is this step's own senders); the stock
+        nested sum and the coset ring, whose side information is the previous step's mean,
+        confirm twice."""
         if self.nesting.get(name, False):
             if not pays:
                 self.nesting[name] = False
                 self.reversals[name] = self.reversals.get(name, 0) + 1
-                self.streak[name] = 0
+                self.streak[name] = self.evidence[name] = 0
             return
+        seen = self.MIN_EVIDENCE_BUCKETS if buckets is None else buckets
         self.streak[name] = self.streak.get(name, 0) + 1 if pays else 0
-        if self.streak[name] >= confirm * 2 ** self.reversals.get(name, 0):
+        self.evidence[name] = self.evidence.get(name, 0) + seen if pays else 0
+        if (self.streak[name] >= confirm * 2 ** self.reversals.get(name, 0)
+                and self.evidence[name] >= self.MIN_EVIDENCE_BUCKETS):
             self.nesting[name] = True
-            self.streak[name] = 0
+            self.streak[name] = self.evidence[name] = 0
 
     def state_dict(self) -> dict[str, dict]:
         """The adaptive nesting state (a checkpoint resumes with it)."""
-        return {"nesting": dict(self.nesting), "streak": dict(self.streak), "reversals": dict(self.reversals)}
+        return {"nesting": dict(self.nesting), "streak": dict(self.streak), "reversals": dict(self.reversals),
+                "evidence": dict(self.evidence), "ratios": dict(self.ratios)}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         for mine, kind, key in ((self.nesting, bool, "nesting"), (self.streak, int, "streak"),
-                                (self.reversals, int, "reversals")):
+                                (self.reversals, int, "reversals"), (self.evidence, int, "evidence"),
+                                (self.ratios, int, "ratios")):
             mine.clear()
             mine.update({str(k): kind(v) for k, v in state.get(key, {}).items()})
 
@@ -191,7 +219,7 @@ class NDQSG(Codec):
             return self.fine.layout(n)
         nb = ops.num_buckets(n, self.bucket_size)
         return [("delta", torch.float32, nb), ("checksum", torch.int32, nb),
-                ("cosets", torch.uint8, ops.coset_bytes(n, self.nesting_ratio))]
+                ("cosets", torch.uint8, ops.coset_bytes(n, self.ratio(ctx.name)))]
 
     def formula_bits(self, n: int, ctx: TensorContext) -> float:
         if not n:
@@ -206,7 +234,7 @@ class NDQSG(Codec):
         delta = fine.step_size(fine.bucket_absmax(flat))
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
-        rho = self.nesting_ratio
+        rho = self.ratio(ctx.name)
         key = fine.keyed(ctx.key, ctx.ranks)
         k = fine.quantize(flat, delta, key)
         checksum = ops.bucket_checksum(k, self.bucket_size).to(torch.int32)
@@ -221,13 +249,15 @@ class NDQSG(Codec):
         if side is None:
             raise ValueError("a nested (coset) payload cannot be decoded without side information")
         key = self.fine.keyed(ctx.key, ctx.ranks)
-        kout, _ = self.resolve(self._residues(enc), enc.fields["delta"], side, key, 1, enc.fields["checksum"])
+        rho = self.ratio(ctx.name)
+        kout, _ = self.resolve(self._residues(enc, rho), enc.fields["delta"], side, key, 1, enc.fields["checksum"],
+                               rho)
         return self.fine.decode_sum(kout, enc.fields["delta"], key)
 
     # ------------------------------------------------------------- the coset-sum resolver
     def resolve(self, residues: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
-                senders: int, checksums: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Resolve an index sum from its residues mod ρ (§2, §3).
+                senders: int, checksums: torch.Tensor, rho: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Resolve an index sum from its residues mod ρ (§2, §3; ``rho``: default s₁/s₂).
 
         ``residues``: (Σ_p k_p + senders·⌊ρ/2⌋) mod ρ for the ``senders`` senders key.sender, … ;
         ``side``: an estimate of Σ_p g_p, bit-identical on every rank. Each coordinate takes the
@@ -236,7 +266,7 @@ class NDQSG(Codec):
         checksums summed mod 2^32): exactly the buckets where some coordinate resolved wrongly,
         up to checksum collisions."""
         kout = torch.empty(residues.numel(), dtype=torch.int32, device=residues.device)
-        ops.nested_decode(residues, delta, self.bucket_size, self.nesting_ratio, side.contiguous(), key,
+        ops.nested_decode(residues, delta, self.bucket_size, rho or self.nesting_ratio, side.contiguous(), key,
                           senders=senders, kout=kout)
         sent = checksums.to(torch.int64) & 0xFFFFFFFF
         bad = torch.nonzero(ops.bucket_checksum(kout, self.bucket_size) != sent).flatten().tolist()
@@ -250,10 +280,10 @@ class NDQSG(Codec):
         return self._probe_resolve(ksum, delta, side, key, senders)[1]
 
     def _probe_resolve(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
-                       senders: int) -> tuple[torch.Tensor, list[int]]:
-        rho = self.nesting_ratio
+                       senders: int, rho: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        rho = rho or self.nesting_ratio
         residues = ((ksum + senders * (rho // 2)) % rho).to(torch.uint8)
-        return self.resolve(residues, delta, side, key, senders, ops.bucket_checksum(ksum, self.bucket_size))
+        return self.resolve(residues, delta, side, key, senders, ops.bucket_checksum(ksum, self.bucket_size), rho)
 
     def patch(self, kout: torch.Tensor, buckets: list[int], truth: torch.Tensor, stats: DecodeStats) -> None:
         """Write the recovered true index sums ``truth`` of failed ``buckets`` (their coordinates in
@@ -288,7 +318,7 @@ class NDQSG(Codec):
 
     # ------------------------------------------------------------- locating wrong coordinates
     def correct(self, kout: torch.Tensor, buckets: list[int], syndromes: dict[int, torch.Tensor],
-                checksums: torch.Tensor, senders: int = 1) -> tuple[list[int], torch.Tensor]:
+                checksums: torch.Tensor, senders: int = 1, rho: int | None = None) -> tuple[list[int], torch.Tensor]:
         """Failed ``buckets`` of the resolved indices ``kout`` that their ``syndromes`` (per bucket:
         the first 2t power sums mod LOCATE_PRIME of the true indices) explain by at most t wrong
         coordinates. Returns those buckets and their corrected indices (coordinates in the order of
@@ -306,7 +336,7 @@ class NDQSG(Codec):
         for _, group in sorted(by_len.items()):
             blocks, mask = bucket_blocks(kout, group, d)
             s = torch.stack([syndromes[b] for b in group]).to(blocks.device)
-            corrected, ok = locate_errors(blocks, mask, s, self.nesting_ratio, self.levels[0] * senders)
+            corrected, ok = locate_errors(blocks, mask, s, rho or self.nesting_ratio, self.levels[0] * senders)
             rows = torch.tensor(group, dtype=torch.int64, device=blocks.device)
             ok &= bucket_checks(corrected) == sent[rows.to(sent.device)].to(blocks.device)
             keep = torch.nonzero(ok).flatten()
@@ -375,8 +405,8 @@ class NDQSG(Codec):
             parts.append(ops.pack_symbols(sym[idx].contiguous(), fine.symbols))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _residues(self, enc: Encoded) -> torch.Tensor:
-        return ops.unpack_cosets(enc.fields["cosets"], self.nesting_ratio, enc.n)
+    def _residues(self, enc: Encoded, rho: int) -> torch.Tensor:
+        return ops.unpack_cosets(enc.fields["cosets"], rho, enc.n)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
@@ -392,38 +422,44 @@ class NDQSG(Codec):
         syndromes: dict[int, dict[int, torch.Tensor]] = {}  # sender -> bucket -> syndromes received so far
         replied = [0] * ranks  # recovery bytes each sender handed over
         stats = DecodeStats()
-        probed = 0  # adaptive, nesting off: bytes the nested senders would have sent with nesting on
+        rho = self.ratio(ctx.name)
+        # adaptive: per nested-role sender, its exact indices and what decoding them met (the last
+        # pass, once nothing fails, holds the exact values), for pricing every candidate ratio
+        met: dict[int, tuple[torch.Tensor, torch.Tensor, DitherKey, torch.Tensor]] = {}
         while True:
             total = torch.zeros(n, dtype=torch.float32, device=device)
             failed: dict[int, list[int]] = {}
             resolved: dict[int, torch.Tensor] = {}
             for p, enc in enumerate(payloads):
                 pctx = ctx.sender(p)
+                key = fine.keyed(pctx.key, pctx.ranks)
                 if "cosets" not in enc.fields:
                     if self.adaptive and p >= self.dqsg_senders(ranks):
-                        probed += self._probe(enc, pctx, total / p)
+                        k = ops.unpack_symbols(enc.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
+                        met[p] = (k, enc.fields["delta"], key, total / p)
                     total += fine.decode(enc, pctx)
                     continue
-                key = fine.keyed(pctx.key, pctx.ranks)
-                kout, bad = self.resolve(self._residues(enc), enc.fields["delta"], total / p, key, 1,
-                                         enc.fields["checksum"])
+                side = total / p
+                kout, bad = self.resolve(self._residues(enc, rho), enc.fields["delta"], side, key, 1,
+                                         enc.fields["checksum"], rho)
                 done: set[int] = set()
                 for buckets, truth in known.get(p, ()):  # keep recovered buckets exact
                     self.patch(kout, buckets, truth, DecodeStats())
                     done.update(buckets)
                 bad = [b for b in bad if b not in done]
                 if bad and syndromes.get(p):
-                    fixed, truth = self.correct(kout, bad, syndromes[p], enc.fields["checksum"])
+                    fixed, truth = self.correct(kout, bad, syndromes[p], enc.fields["checksum"], rho=rho)
                     if fixed:
                         self.patch(kout, fixed, truth, stats)
                         known.setdefault(p, []).append((fixed, truth))
                         bad = [b for b in bad if b not in set(fixed)]
                 if bad:
                     failed[p], resolved[p] = self._requests(bad, syndromes.get(p, {}), nb), kout
+                met[p] = (kout, enc.fields["delta"], key, side)
                 total += fine.decode_sum(kout, enc.fields["delta"], key)
             if not failed:
                 if self.adaptive:
-                    self._decide(ctx, ranks, n, probed, replied)
+                    self._decide(ctx, ranks, n, met, replied)
                 return total / ranks, stats
             if recover is None:
                 raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed.values()))} bucket(s) of "
@@ -441,21 +477,21 @@ class NDQSG(Codec):
                     known.setdefault(p, []).append((buckets, truth))
 
     # ------------------------------------------------------------- adaptive nesting
-    def nested_bytes(self, n: int, recovered: int, syndromes: int = 0) -> int:
-        """Bytes a nested sender hands over for n coordinates, ``recovered`` of them resent as DQSG(s₁),
-        ``syndromes`` syndrome words (2 bytes each) sent to locate wrong coordinates."""
+    def nested_bytes(self, n: int, recovered: int, syndromes: int = 0, rho: int | None = None) -> int:
+        """Bytes a nested sender hands over for n coordinates with ratio ``rho`` (default s₁/s₂),
+        ``recovered`` of them resent as DQSG(s₁), ``syndromes`` syndrome words (2 bytes each) sent to
+        locate wrong coordinates."""
         nb = ops.num_buckets(n, self.bucket_size)
-        return 8 * nb + ops.coset_bytes(n, self.nesting_ratio) + 2 * syndromes + (
+        return 8 * nb + ops.coset_bytes(n, rho or self.nesting_ratio) + 2 * syndromes + (
             ops.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
 
-    def _probe(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor) -> int:
-        """Bytes this DQSG(s₁) payload would have cost as a nested one: its indices' residues mod ρ
-        resolved against the same side information a nested payload would have met, the failed
+    def _probe(self, k: torch.Tensor, delta: torch.Tensor, key: DitherKey, side: torch.Tensor, rho: int) -> int:
+        """Bytes one sender's exact indices ``k`` cost sent nested with ratio ``rho``: their residues
+        mod ρ resolved against the side information ``side`` the sender's payload met, the failed
         buckets located stage by stage from the syndromes of the true indices (``locate``) and the
         rest counted as resent whole."""
-        fine, n, d = self.fine, enc.n, self.bucket_size
-        k = ops.unpack_symbols(enc.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
-        kout, bad = self._probe_resolve(k, enc.fields["delta"], side, fine.keyed(ctx.key, ctx.ranks), 1)
+        n, d = k.numel(), self.bucket_size
+        kout, bad = self._probe_resolve(k, delta, side, key, 1, rho)
         words = 0
         if bad and self.locate_stages():
             checks = ops.bucket_checksum(k, d)
@@ -467,27 +503,38 @@ class NDQSG(Codec):
                 words += syn.numel()
                 for b, row in zip(bad, syn):
                     have[b] = row if lo == 0 else torch.cat([have[b], row])
-                fixed, _ = self.correct(kout, bad, have, checks)
+                fixed, _ = self.correct(kout, bad, have, checks, rho=rho)
                 bad = [b for b in bad if b not in set(fixed)]
                 lo = hi
                 if not bad:
                     break
-        return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), words)
+        return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), words, rho)
 
-    def _decide(self, ctx: TensorContext, ranks: int, n: int, probed: int, replied: list[int]) -> None:
-        """Nesting of ``ctx.name`` at its next step (:meth:`observe`), from whether the nested senders'
-        bytes this step (sent, recovery replies included, or probed) were at most ADAPTIVE_MARGIN ×
-        their DQSG(s₁) bytes. Every rank decodes every payload alike, so every rank decides alike,
+    def _decide(self, ctx: TensorContext, ranks: int, n: int,
+                met: dict[int, tuple[torch.Tensor, torch.Tensor, DitherKey, torch.Tensor]], replied: list[int]) -> None:
+        """Nesting and ratio of ``ctx.name`` at its next step (:meth:`observe`). Every candidate ratio
+        (:meth:`candidate_ratios`) is priced on this step's nested-role senders: their exact indices
+        resolved against the side information their payloads met (the ratio in use, while nesting
+        is on: the bytes really handed over, recovery replies included). The cheapest ratio is kept
+        for the next step, and nesting is on iff it cost at most ADAPTIVE_MARGIN × those senders'
+        DQSG(s₁) bytes. Every rank decodes every payload alike, so every rank decides alike,
         without a collective."""
         senders = ranks - self.dqsg_senders(ranks)
         if not senders:
             return
-        if self.nesting.get(ctx.name, False):
-            spent = sum(self.nested_bytes(n, 0) + replied[p] for p in range(ranks - senders, ranks))
-        else:
-            spent = probed
+        name, current = ctx.name, self.ratio(ctx.name)
+        cost = {}
+        for rho in self.candidate_ratios():
+            if rho == current and self.nesting.get(name, False):
+                cost[rho] = sum(self.nested_bytes(n, 0, 0, rho) + replied[p] for p in met)
+            else:
+                cost[rho] = sum(self._probe(k, delta, key, side, rho) for k, delta, key, side in met.values())
+        best = min(cost, key=lambda r: (cost[r], -r))  # equal bytes: the larger ratio (fewer failures)
         plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
-        self.observe(ctx.name, spent <= self.ADAPTIVE_MARGIN * plain)
+        pays = cost[best] <= self.ADAPTIVE_MARGIN * plain
+        if pays:
+            self.ratios[name] = best
+        self.observe(name, pays, buckets=senders * ops.num_buckets(n, self.bucket_size))
 
     def _parse_reply(self, buf: torch.Tensor, n: int, requests: list[int]
                      ) -> tuple[list[tuple[int, torch.Tensor]], list[int], torch.Tensor]:

@@ -210,7 +210,8 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
             bad = codec.probe(kout, delta, estimate, key.for_sender(0), ranks)
             probed = (_coset_ring_bytes(n, ranks, rho) + 8 * delta.numel()
                       + 8 * layout.words(bucket_coordinates(bad, d, n).numel()))
-            codec.observe(name, probed <= codec.ADAPTIVE_MARGIN * plain, codec.PREVIOUS_MEAN_CONFIRM)
+            codec.observe(name, probed <= codec.ADAPTIVE_MARGIN * plain, codec.PREVIOUS_MEAN_CONFIRM,
+                          buckets=delta.numel())
         return _finish(fine, kout, delta, key, ranks, side, name)
 
     check_sum = coll.allreduce(ops.bucket_checksum(k, d), "checksums")
@@ -235,7 +236,8 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
                             recover=recover, stats=stats)
     if codec.adaptive:  # keep nesting only where this call cost at most the margin × DQSG(s₁) sums
         spent = _coset_ring_bytes(n, ranks, rho) + check_sum.nbytes + stats.recovery_bytes - before
-        codec.observe(name, spent <= codec.ADAPTIVE_MARGIN * 8 * layout.words(n), codec.PREVIOUS_MEAN_CONFIRM)
+        codec.observe(name, spent <= codec.ADAPTIVE_MARGIN * 8 * layout.words(n), codec.PREVIOUS_MEAN_CONFIRM,
+                      buckets=delta.numel())
     return _finish(fine, kout, delta, key, ranks, side, name)
 
 

@@ -291,7 +291,8 @@ class NestedSum:
 
     def _decide(self, name: str, n: int, nb: int, failed: list[int], ranks: int) -> None:
         nested_words, plain_words = self._words(n, nb, failed, ranks)
-        self.nested.observe(name, nested_words <= NDQSG.ADAPTIVE_MARGIN * plain_words, NDQSG.PREVIOUS_MEAN_CONFIRM)
+        self.nested.observe(name, nested_words <= NDQSG.ADAPTIVE_MARGIN * plain_words, NDQSG.PREVIOUS_MEAN_CONFIRM,
+                            buckets=nb)
 
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
         path, nested = ex, self.nested

@@ -8,7 +8,7 @@ import torch
 
 from hvdquant import DQSG, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.codecs import TensorContext, empirical_entropy
-from hvdquant.kernels import DitherKey, elias
+from hvdquant.kernels import DitherKey, elias, ops
 
 
 def ctx_for(shape, sender=0, ranks=1, name="w", step=0):
@@ -178,7 +178,22 @@ def test_adaptive_rule_switches_on_at_once_then_backs_off():
     assert seen == [True, False, False, True, False, False, False, False, True, True]
     twin = NDQSG((3, 1), 64)
     twin.load_state_dict(nd.state_dict())
-    assert twin.state_dict() == nd.state_dict() == {"nesting": {"w": True}, "streak": {"w": 0}, "reversals": {"w": 2}}
+    assert twin.state_dict() == nd.state_dict() == {"nesting": {"w": True}, "streak": {"w": 0}, "reversals": {"w": 2},
+                                                    "evidence": {"w": 0}, "ratios": {}}
+
+
+def test_adaptive_rule_needs_evidence_from_enough_buckets():
+    """A tensor of 2 nested buckets per step switches on only after MIN_EVIDENCE_BUCKETS / 2 paying
+    steps in a row (one step of a large tensor suffices); a failing step resets the evidence."""
+    need = NDQSG.MIN_EVIDENCE_BUCKETS // 2
+    small, large = NDQSG((3, 1), 64), NDQSG((3, 1), 64)
+    large.observe("w", True, buckets=NDQSG.MIN_EVIDENCE_BUCKETS)
+    assert large.nesting["w"]
+    for pays in [True] * (need - 1) + [False] + [True] * (need - 1):
+        small.observe("w", pays, buckets=2)
+        assert not small.nesting.get("w", False)
+    small.observe("w", True, buckets=2)
+    assert small.nesting["w"]
 
 
 def test_ndqsg_without_recovery_refuses_to_return_wrong_values():
@@ -327,3 +342,31 @@ def test_lgc_ps_innovation_never_adds_energy():
     assert torch.allclose(beta, torch.ones(4)) and vals.abs().max() <= 1e-6
     tied = torch.tensor([1.0, -1.0, 1.0, 0.5])
     assert innovation(tied, torch.zeros(4), 32, 2)[1].tolist() == [0, 1]
+
+
+def test_adaptive_ndqsg_chooses_the_cheapest_ratio():
+    """Adaptive nesting picks the nesting ratio per tensor: on nearly equal gradients (correlation
+    ≈ 1) ρ = 2 resolves as surely as ρ = 3 and sends 1 bit per coordinate instead of log2 3, so it
+    is chosen (candidates for s₁ = 3: 2, 3, 4); the nested payloads then carry ρ = 2 cosets, every
+    rank decides alike, and the mean stays DQSG(s₁)'s bit for bit."""
+    ranks, n = 4, 4096
+    codecs = [NDQSG((3, 1), 256) for _ in range(ranks)]
+    assert codecs[0].candidate_ratios() == (2, 3, 4)
+    fine = codecs[0].fine
+    gen = torch.Generator().manual_seed(11)
+    common = torch.randn(n, generator=gen)
+    for step in range(3):
+        gs = [common + 0.001 * torch.randn(n, generator=gen) for _ in range(ranks)]
+        base = ctx_for((n,), ranks=ranks, step=step)
+        encs = [codecs[p].encode(gs[p], base.sender(p)) for p in range(ranks)]
+        if step:
+            assert all(e.fields["cosets"].numel() == ops.coset_bytes(n, 2) for e in encs[2:])
+        for rank in range(ranks):
+            codec = codecs[rank]
+            payloads = [codec.from_bytes(e.to_bytes(), n, base.sender(p)) for p, e in enumerate(encs)]
+            mean, stats = codec.aggregate(payloads, base)  # no recovery round needed (none is offered)
+            ref = sum(fine.decode(fine.encode(g, base.sender(p)), base.sender(p)) for p, g in enumerate(gs))
+            assert torch.equal(mean, ref / ranks) and stats.failed_buckets == 0
+        assert all(c.state_dict() == codecs[0].state_dict() for c in codecs)
+        assert codecs[0].nesting["w"] and codecs[0].ratio("w") == 2
+    assert NDQSG((3, 1), 256, adaptive=False).ratio("w") == 3  # the paper's fixed nesting keeps s1/s2
