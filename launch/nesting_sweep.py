@@ -111,16 +111,21 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
     checks = ops.bucket_checksum(ksum, d)
     kout, bad = codec.resolve(residues, delta, side, keys[0], ranks, checks)
     fine_fields = SumFieldLayout.for_levels(s1, ranks)
-    coset_fields = SumFieldLayout(0, rho - 1, ranks)
     failed_coords = int((kout != ksum).sum())
-    recovery = fine_fields.field_words(bucket_coordinates(bad, d, n).numel()) if bad else 0
-    words = coset_fields.field_words(n) + ops.num_buckets(n, d) + recovery
+    nb = ops.num_buckets(n, d)
+
+    def words_at(r: int, failed: list[int]) -> int:
+        recovery = fine_fields.field_words(bucket_coordinates(failed, d, n).numel()) if failed else 0
+        return SumFieldLayout(0, r - 1, ranks).field_words(n) + nb + recovery
+
+    words = words_at(rho, bad)
     plain = fine_fields.field_words(n)
-    if adaptive is not None:
+    if adaptive is not None:  # as NestedSum decides: every candidate ratio priced on the exact sums
         nested_now = adaptive.nesting.get(name, False)
-        adaptive.observe(name, words <= NDQSG.ADAPTIVE_MARGIN * plain, NDQSG.PREVIOUS_MEAN_CONFIRM,
-                         buckets=ops.num_buckets(n, d))
-        words = words if nested_now else plain
+        cost = {r: words_at(r, adaptive.probe(ksum, delta, side, keys[0], ranks, r))
+                for r in adaptive.candidate_ratios()}
+        words = cost[adaptive.ratio(name)] if nested_now else plain
+        adaptive.choose(name, cost, plain, NDQSG.PREVIOUS_MEAN_CONFIRM, buckets=nb)
     return ({"bytes": 8 * words, "dqsg_bytes": 8 * plain,
              "failed_coordinates": failed_coords, "coordinates": n,
              "failed_buckets": len(bad), "buckets": ops.num_buckets(n, d)}, total)

@@ -68,7 +68,7 @@ class NDQSG(Codec):
     off. The decisions are identical on every rank without a collective, live in
     :meth:`state_dict`, and cost one nested decode per nested sender and candidate ratio. The
     stock path (:class:`~hvdquant.transports.summed.NestedSum`) and the coset ring
-    (:func:`hvdquant.ring_allreduce`) take the same switch, with ρ = s₁/s₂. (docs/RESULTS.md,
+    (:func:`hvdquant.ring_allreduce`) take the same switch and ratio choice. (docs/RESULTS.md,
     "When nesting pays".)
 
     ``locate`` (``None``: the same as ``adaptive``): a failed bucket of the payload path is first
@@ -273,11 +273,11 @@ class NDQSG(Codec):
         return kout, bad
 
     def probe(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
-              senders: int) -> list[int]:
+              senders: int, rho: int | None = None) -> list[int]:
         """The buckets that would fail if the exact index sums ``ksum`` (int32) of ``senders`` senders
-        had been sent as their residues mod ρ and resolved against ``side`` (adaptive nesting's
-        probe: what nesting would have cost, from data the receiver already holds)."""
-        return self._probe_resolve(ksum, delta, side, key, senders)[1]
+        had been sent as their residues mod ρ (``rho``, default s₁/s₂) and resolved against ``side``
+        (adaptive nesting's probe: what nesting would have cost, from data the receiver already holds)."""
+        return self._probe_resolve(ksum, delta, side, key, senders, rho)[1]
 
     def _probe_resolve(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
                        senders: int, rho: int | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -529,12 +529,20 @@ class NDQSG(Codec):
                 cost[rho] = sum(self.nested_bytes(n, 0, 0, rho) + replied[p] for p in met)
             else:
                 cost[rho] = sum(self._probe(k, delta, key, side, rho) for k, delta, key, side in met.values())
-        best = min(cost, key=lambda r: (cost[r], -r))  # equal bytes: the larger ratio (fewer failures)
         plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
+        self.choose(name, cost, plain, buckets=senders * ops.num_buckets(n, self.bucket_size))
+
+    def choose(self, name: str, cost: dict[int, int], plain: int, confirm: int = 1, buckets: int | None = None
+               ) -> None:
+        """Adaptive nesting's decision for tensor ``name`` from this step's price ``cost[ρ]`` of every
+        candidate ratio against ``plain``, the DQSG(s₁) bytes of the same senders: the cheapest ρ
+        (equal bytes: the larger, which fails less) is kept for the next step, and the step pays iff
+        it cost at most ADAPTIVE_MARGIN × plain (:meth:`observe` with ``confirm`` and ``buckets``)."""
+        best = min(cost, key=lambda r: (cost[r], -r))
         pays = cost[best] <= self.ADAPTIVE_MARGIN * plain
         if pays:
             self.ratios[name] = best
-        self.observe(name, pays, buckets=senders * ops.num_buckets(n, self.bucket_size))
+        self.observe(name, pays, confirm, buckets)
 
     def _parse_reply(self, buf: torch.Tensor, n: int, requests: list[int]
                      ) -> tuple[list[tuple[int, torch.Tensor]], list[int], torch.Tensor]:

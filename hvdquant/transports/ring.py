@@ -21,10 +21,12 @@ bit-identical on every rank, checks the bucket checksums, and **recovers** faile
 second, small SUM allreduce of their DQSG(s₁) indices; the count is in :class:`RingStats`.
 
 With ``NDQSG(..., adaptive=True)`` the ring switches nesting per tensor name from call to call: while
-off, the ranks sum their DQSG(s₁) indices in summable fields (one SUM allreduce) and probe what the
-residues of that sum would have cost against the same side information; while on, they run the
-coset ring and keep nesting only if its bytes (cosets, checksums, recovery) were at most
-``ADAPTIVE_MARGIN`` × the fields'. Every rank sees the same sums, so every rank decides alike.
+off, the ranks sum their DQSG(s₁) indices in summable fields (one SUM allreduce); while on, they run
+the coset ring at the tensor's ratio. After each call every candidate ratio is priced on the exact
+sums (the one in use at what the call cost, the others by a probe against the same side
+information), and the next call nests, at the cheapest ratio, only if its bytes (cosets,
+checksums, recovery) are at most ``ADAPTIVE_MARGIN`` × the fields'. Every rank sees the same sums,
+so every rank decides alike.
 
 Buffers go through host memory (Debian's Open MPI is not CUDA-aware): CUDA tensors are staged.
 This transport talks MPI directly; it is a reference and benchmark, not a Horovod hook.
@@ -180,7 +182,7 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
     if not isinstance(codec, NDQSG):
         raise TypeError(f"the coset ring takes an hvdquant.NDQSG codec, got {type(codec).__name__}")
     ranks, rank = comm.Get_size(), comm.Get_rank()
-    fine, rho, d, n = codec.fine, codec.nesting_ratio, codec.bucket_size, g.numel()
+    fine, rho, d, n = codec.fine, codec.ratio(name), codec.bucket_size, g.numel()
     key = dither_key(seed, _STEPS.setdefault(id(comm), StepCounter()).next(name), name, rank)
     coll = MPICollectives(comm)
 
@@ -207,11 +209,9 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
         kout = layout.unpack(summed.wait(), n)[0]
         estimate = None if side is None else side.estimate(request)
         if estimate is not None:
-            bad = codec.probe(kout, delta, estimate, key.for_sender(0), ranks)
-            probed = (_coset_ring_bytes(n, ranks, rho) + 8 * delta.numel()
-                      + 8 * layout.words(bucket_coordinates(bad, d, n).numel()))
-            codec.observe(name, probed <= codec.ADAPTIVE_MARGIN * plain, codec.PREVIOUS_MEAN_CONFIRM,
-                          buckets=delta.numel())
+            cost = {r: _probed_bytes(codec, kout, delta, estimate, key, ranks, r, layout)
+                    for r in codec.candidate_ratios()}
+            codec.choose(name, cost, plain, codec.PREVIOUS_MEAN_CONFIRM, buckets=delta.numel())
         return _finish(fine, kout, delta, key, ranks, side, name)
 
     check_sum = coll.allreduce(ops.bucket_checksum(k, d), "checksums")
@@ -234,11 +234,21 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
     before = stats.recovery_bytes
     kout = codec.decode_sum(residues, delta, estimate, key.for_sender(0), ranks, check_sum.wait(),
                             recover=recover, stats=stats)
-    if codec.adaptive:  # keep nesting only where this call cost at most the margin × DQSG(s₁) sums
-        spent = _coset_ring_bytes(n, ranks, rho) + check_sum.nbytes + stats.recovery_bytes - before
-        codec.observe(name, spent <= codec.ADAPTIVE_MARGIN * 8 * layout.words(n), codec.PREVIOUS_MEAN_CONFIRM,
-                      buckets=delta.numel())
+    if codec.adaptive:  # the ratio in use at what this call cost, the others probed on the exact sums
+        cost = {r: _probed_bytes(codec, kout, delta, estimate, key, ranks, r, layout)
+                for r in codec.candidate_ratios() if r != rho and estimate is not None}
+        cost[rho] = _coset_ring_bytes(n, ranks, rho) + check_sum.nbytes + stats.recovery_bytes - before
+        codec.choose(name, cost, 8 * layout.words(n), codec.PREVIOUS_MEAN_CONFIRM, buckets=delta.numel())
     return _finish(fine, kout, delta, key, ranks, side, name)
+
+
+def _probed_bytes(codec: NDQSG, ksum: torch.Tensor, delta: torch.Tensor, estimate: torch.Tensor, key: DitherKey,
+                  ranks: int, rho: int, layout: SumFieldLayout) -> int:
+    """Bytes one rank would have handed to the coset ring with ratio ``rho`` for the exact index sums
+    ``ksum``: cosets, checksums and the recovery of the buckets that fail against ``estimate``."""
+    bad = codec.probe(ksum, delta, estimate, key.for_sender(0), ranks, rho)
+    return (_coset_ring_bytes(ksum.numel(), ranks, rho) + 8 * delta.numel()
+            + 8 * layout.words(bucket_coordinates(bad, codec.bucket_size, ksum.numel()).numel()))
 
 
 def _coset_ring_bytes(n: int, ranks: int, rho: int) -> int:

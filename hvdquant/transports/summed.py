@@ -254,12 +254,13 @@ class NestedSum:
     Decoding succeeds where |Σ_p g_p − P·ḡ_prev| < (ρ − P)Δ/2 (sufficient): the scheme pays off only
     when ρ is well above P and gradients change slowly; otherwise recovery traffic dominates.
 
-    ``adaptive=True`` (``NDQSG``'s switch): a tensor is nested only while it pays. While off, it is
-    sent as DQSG(s₁) and its exact index sums are *probed*: their residues mod ρ resolved against
-    the same side information, the failed buckets counted; while on, the step's own failures are
-    counted. The next step nests iff cosets, checksums and recovery took at most
-    ``NDQSG.ADAPTIVE_MARGIN`` × the DQSG(s₁) fields' words. Every rank sees the same sums, so every
-    rank decides alike.
+    ``adaptive=True`` (``NDQSG``'s switch): a tensor is nested only while it pays, with the cheapest
+    nesting ratio. While off, it is sent as DQSG(s₁); after every step its exact index sums are
+    *probed* for every candidate ratio (:meth:`NDQSG.candidate_ratios`): their residues mod ρ
+    resolved against the same side information, the failed buckets counted (the ratio in use,
+    while on: the step's own failures). The next step nests, at the cheapest ratio, iff cosets,
+    checksums and recovery would take at most ``NDQSG.ADAPTIVE_MARGIN`` × the DQSG(s₁) fields'
+    words (:meth:`NDQSG.choose`). Every rank sees the same sums, so every rank decides alike.
     """
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, adaptive: bool = True) -> None:
@@ -280,25 +281,31 @@ class NestedSum:
         self._side = {str(name): side.clone() for name, side in state["side"].items()}
         self.nested.load_state_dict(state.get("nesting", {}))
 
-    def _words(self, n: int, nb: int, failed: list[int], ranks: int) -> tuple[int, int]:
-        """(nested, plain) summable words of one tensor: cosets + checksums + recovered buckets'
-        DQSG(s₁) index sums, against DQSG(s₁)'s fields."""
-        nested, d = self.nested, self.nested.bucket_size
-        fine = SumFieldLayout.for_levels(nested.levels[0], ranks)
-        recovered = bucket_coordinates(failed, d, n).numel()
-        words = SumFieldLayout(0, nested.nesting_ratio - 1, ranks).field_words(n) + nb
-        return words + (fine.field_words(recovered) if recovered else 0), fine.field_words(n)
+    def _words(self, n: int, nb: int, failed: list[int], ranks: int, rho: int) -> int:
+        """Summable words of one tensor nested with ratio ``rho``: cosets + checksums + the
+        recovered buckets' DQSG(s₁) index sums."""
+        fine = SumFieldLayout.for_levels(self.nested.levels[0], ranks)
+        recovered = bucket_coordinates(failed, self.nested.bucket_size, n).numel()
+        words = SumFieldLayout(0, rho - 1, ranks).field_words(n) + nb
+        return words + (fine.field_words(recovered) if recovered else 0)
 
-    def _decide(self, name: str, n: int, nb: int, failed: list[int], ranks: int) -> None:
-        nested_words, plain_words = self._words(n, nb, failed, ranks)
-        self.nested.observe(name, nested_words <= NDQSG.ADAPTIVE_MARGIN * plain_words, NDQSG.PREVIOUS_MEAN_CONFIRM,
-                            buckets=nb)
+    def _decide(self, q: Quantized, ksum: torch.Tensor, side: torch.Tensor, ranks: int,
+                failed: list[int] | None) -> None:
+        """Nesting and ratio of ``q``'s tensor at its next step, from its exact index sums ``ksum``:
+        every candidate ratio priced in words against the side information (``failed``: the buckets
+        that failed at the ratio in use, when this step was nested), against DQSG(s₁)'s fields."""
+        nested, name = self.nested, q.item.name
+        n, nb, current = ksum.numel(), q.delta.numel(), nested.ratio(name)
+        cost = {rho: self._words(n, nb, failed if failed is not None and rho == current
+                                 else nested.probe(ksum, q.delta, side, q.key.for_sender(0), ranks, rho), ranks, rho)
+                for rho in nested.candidate_ratios()}
+        plain = SumFieldLayout.for_levels(nested.levels[0], ranks).field_words(n)
+        nested.choose(name, cost, plain, NDQSG.PREVIOUS_MEAN_CONFIRM, buckets=nb)
 
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
         path, nested = ex, self.nested
-        ranks, d, rho, s1 = path.coll.size, nested.bucket_size, nested.nesting_ratio, nested.levels[0]
+        ranks, d, s1 = path.coll.size, nested.bucket_size, nested.levels[0]
         fine = SumFieldLayout.for_levels(s1, ranks)
-        cosets_layout = SumFieldLayout(0, rho - 1, ranks)
         segments, values, indices, nested_names = [], [], [], set()
         for q in rounds:
             src, n, nb = q.item.source, q.item.source.numel(), q.delta.numel()
@@ -311,8 +318,9 @@ class NestedSum:
                 path.entropy_bits += n * empirical_entropy((k + s1).view(torch.uint8), 2 * s1 + 1) + 32.0 * nb
                 continue
             nested_names.add(q.item.name)
+            rho = nested.ratio(q.item.name)
             cosets = ops.nested_encode(src, q.delta, d, s1, rho, q.key)
-            segments += [(cosets_layout, n), (None, nb)]
+            segments += [(SumFieldLayout(0, rho - 1, ranks), n), (None, nb)]
             values += [cosets.view(torch.int8), ops.bucket_checksum(k, d).double()]
             path.entropy_bits += n * empirical_entropy(cosets, rho) + 64.0 * nb
         parts = iter(path.sum_fields(SumMessage(ranks, tuple(segments)), values,
@@ -325,12 +333,12 @@ class NestedSum:
                 failed.append([])
                 side = self._side.get(q.item.name)
                 if nested.adaptive and side is not None and side.numel() == resolved[-1].numel():  # the probe
-                    bad = nested.probe(resolved[-1], q.delta, side, key0, ranks)
-                    self._decide(q.item.name, resolved[-1].numel(), q.delta.numel(), bad, ranks)
+                    self._decide(q, resolved[-1], side, ranks, None)
                 continue
             sums, checks = next(parts), next(parts)
+            rho = nested.ratio(q.item.name)
             kout, bad = nested.resolve((sums % rho).to(torch.uint8), q.delta, self._side[q.item.name], key0,
-                                       ranks, torch.round(checks).to(torch.int64))
+                                       ranks, torch.round(checks).to(torch.int64), rho)
             resolved.append(kout)
             failed.append(bad)
         if any(failed):  # the same buckets on every rank: one allreduce of their DQSG(s1) index sums
@@ -346,7 +354,7 @@ class NestedSum:
         sums = {}
         for q, kout, bad in zip(rounds, resolved, failed):
             if nested.adaptive and q.item.name in nested_names:
-                self._decide(q.item.name, kout.numel(), q.delta.numel(), bad, ranks)
+                self._decide(q, kout, self._side[q.item.name], ranks, bad)
             total = path.codec.decode_sum(kout, q.delta, q.key.for_sender(0), senders=ranks)
             self._side[q.item.name] = total  # side information for the next step: P × the decoded mean
             sums[q.item.name] = total

@@ -115,3 +115,24 @@ def test_adaptive_nested_sum_switches_by_the_probe_and_stays_exact(drift, expect
         assert nested.scheme.nested.nesting.get("w", False) == (expect_nesting and step > 1)
     if expect_nesting:  # steps 3 and 4 went through the cosets and never needed the recovery round
         assert nested.decode_stats.failed_buckets == 0 and nested.decode_stats.recovery_rounds == 0
+
+
+def test_adaptive_nested_sum_chooses_the_cheapest_ratio():
+    """On slowly drifting gradients the nested sum's probes find that ρ = 2 (a 1-bit coset field
+    instead of ρ = 8's 3 bits) resolves every bucket: the tensor nests at ρ = 2 (the candidates for
+    s₁ = 8: 2, 4, 8, 16) and every step still equals plain DQSGSum's result bit for bit."""
+    nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), seed=3, collectives=Recording())
+    plain = SummedExchange(DQSGSum(8, 64, dither="independent"), seed=3, collectives=Recording())
+    codec = nested.scheme.nested
+    assert codec.candidate_ratios() == (2, 4, 8, 16)
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(2000, generator=gen)
+    for _step in range(5):
+        g = base + 1e-4 * torch.randn(2000, generator=gen)
+        outs = []
+        for ex in (nested, plain):
+            word, ctx = ex.encode(g, "w")
+            outs.append(ex.decode(word, ctx))
+        assert torch.equal(outs[0], outs[1])
+    assert codec.nesting["w"] and codec.ratio("w") == 2
+    assert nested.decode_stats.failed_buckets == 0
