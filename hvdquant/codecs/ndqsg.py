@@ -485,13 +485,12 @@ class NDQSG(Codec):
         return 8 * nb + ops.coset_bytes(n, rho or self.nesting_ratio) + 2 * syndromes + (
             ops.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
 
-    def _probe(self, k: torch.Tensor, delta: torch.Tensor, key: DitherKey, side: torch.Tensor, rho: int) -> int:
-        """Bytes one sender's exact indices ``k`` cost sent nested with ratio ``rho``: their residues
-        mod ρ resolved against the side information ``side`` the sender's payload met, the failed
-        buckets located stage by stage from the syndromes of the true indices (``locate``) and the
-        rest counted as resent whole."""
+    def _probe(self, k: torch.Tensor, kout: torch.Tensor, bad: list[int], rho: int) -> int:
+        """Bytes one sender's exact indices ``k`` cost sent nested with ratio ``rho``, given how its
+        residues resolved against the side information its payload met (``kout``, failed buckets
+        ``bad``: :meth:`_probe_resolve`): the failed buckets located stage by stage from the
+        syndromes of the true indices (``locate``) and the rest counted as resent whole."""
         n, d = k.numel(), self.bucket_size
-        kout, bad = self._probe_resolve(k, delta, side, key, 1, rho)
         words = 0
         if bad and self.locate_stages():
             checks = ops.bucket_checksum(k, d)
@@ -523,13 +522,22 @@ class NDQSG(Codec):
         if not senders:
             return
         name, current = ctx.name, self.ratio(ctx.name)
+        plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
+        stages = self.locate_stages()
         cost = {}
         for rho in self.candidate_ratios():
             if rho == current and self.nesting.get(name, False):
                 cost[rho] = sum(self.nested_bytes(n, 0, 0, rho) + replied[p] for p in met)
-            else:
-                cost[rho] = sum(self._probe(k, delta, key, side, rho) for k, delta, key, side in met.values())
-        plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
+                continue
+            resolved = [(k, *self._probe_resolve(k, delta, side, key, 1, rho)) for k, delta, key, side in met.values()]
+            # every failed bucket costs at least its first syndromes: a ratio whose floor already
+            # misses the margin cannot be the one that pays, and locating its buckets (the costly
+            # part of a probe) would not change the decision
+            floor = sum(self.nested_bytes(n, 0, stages[0] * len(bad), rho) if stages
+                        else self.nested_bytes(n, bucket_coordinates(bad, self.bucket_size, n).numel(), 0, rho)
+                        for _, _, bad in resolved)
+            cost[rho] = floor if floor > self.ADAPTIVE_MARGIN * plain else sum(
+                self._probe(k, kout, bad, rho) for k, kout, bad in resolved)
         self.choose(name, cost, plain, buckets=senders * ops.num_buckets(n, self.bucket_size))
 
     def choose(self, name: str, cost: dict[int, int], plain: int, confirm: int = 1, buckets: int | None = None
