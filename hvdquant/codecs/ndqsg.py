@@ -488,26 +488,24 @@ class NDQSG(Codec):
     def _probe(self, k: torch.Tensor, kout: torch.Tensor, bad: list[int], rho: int) -> int:
         """Bytes one sender's exact indices ``k`` cost sent nested with ratio ``rho``, given how its
         residues resolved against the side information its payload met (``kout``, failed buckets
-        ``bad``: :meth:`_probe_resolve`): the failed buckets located stage by stage from the
-        syndromes of the true indices (``locate``) and the rest counted as resent whole."""
+        ``bad``: :meth:`_probe_resolve`). The probe holds the true indices, so it counts the wrong
+        coordinates w of each failed bucket; a locating stage of 2t syndromes corrects exactly the
+        buckets with w ≤ t (Reed–Solomon decoding, :mod:`~hvdquant.codecs.syndromes`), so each
+        bucket is priced at the syndromes it would be sent and, past the last stage, resent whole."""
         n, d = k.numel(), self.bucket_size
-        words = 0
-        if bad and self.locate_stages():
-            checks = ops.bucket_checksum(k, d)
-            k64 = k.to(torch.int64)
-            have: dict[int, torch.Tensor] = {}
-            lo = 0
-            for hi in self.locate_stages():
-                syn = bucket_syndromes(k64, bad, d, lo, hi)
-                words += syn.numel()
-                for b, row in zip(bad, syn):
-                    have[b] = row if lo == 0 else torch.cat([have[b], row])
-                fixed, _ = self.correct(kout, bad, have, checks, rho=rho)
-                bad = [b for b in bad if b not in set(fixed)]
-                lo = hi
-                if not bad:
-                    break
-        return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), words, rho)
+        stages = self.locate_stages()
+        if not bad or not stages:
+            return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), 0, rho)
+        nb = ops.num_buckets(n, d)
+        wrong = torch.zeros(nb * d, dtype=torch.int32, device=k.device)
+        wrong[:n] = (kout != k).to(torch.int32)
+        w = wrong.view(nb, d).sum(1)[torch.tensor(bad, dtype=torch.int64, device=k.device)]
+        words, sent = 0, 0
+        for total in stages:  # cumulative syndrome counts 2t
+            words += (total - sent) * int((w > sent // 2).sum())  # buckets still failing get this stage
+            sent = total
+        whole = [b for b, left in zip(bad, (w > sent // 2).tolist()) if left]
+        return self.nested_bytes(n, bucket_coordinates(whole, d, n).numel(), words, rho)
 
     def _decide(self, ctx: TensorContext, ranks: int, n: int,
                 met: dict[int, tuple[torch.Tensor, torch.Tensor, DitherKey, torch.Tensor]], replied: list[int]) -> None:
@@ -523,21 +521,13 @@ class NDQSG(Codec):
             return
         name, current = ctx.name, self.ratio(ctx.name)
         plain = senders * sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.fine.layout(n))
-        stages = self.locate_stages()
         cost = {}
         for rho in self.candidate_ratios():
             if rho == current and self.nesting.get(name, False):
                 cost[rho] = sum(self.nested_bytes(n, 0, 0, rho) + replied[p] for p in met)
                 continue
-            resolved = [(k, *self._probe_resolve(k, delta, side, key, 1, rho)) for k, delta, key, side in met.values()]
-            # every failed bucket costs at least its first syndromes: a ratio whose floor already
-            # misses the margin cannot be the one that pays, and locating its buckets (the costly
-            # part of a probe) would not change the decision
-            floor = sum(self.nested_bytes(n, 0, stages[0] * len(bad), rho) if stages
-                        else self.nested_bytes(n, bucket_coordinates(bad, self.bucket_size, n).numel(), 0, rho)
-                        for _, _, bad in resolved)
-            cost[rho] = floor if floor > self.ADAPTIVE_MARGIN * plain else sum(
-                self._probe(k, kout, bad, rho) for k, kout, bad in resolved)
+            cost[rho] = sum(self._probe(k, *self._probe_resolve(k, delta, side, key, 1, rho), rho)
+                            for k, delta, key, side in met.values())
         self.choose(name, cost, plain, buckets=senders * ops.num_buckets(n, self.bucket_size))
 
     def choose(self, name: str, cost: dict[int, int], plain: int, confirm: int = 1, buckets: int | None = None

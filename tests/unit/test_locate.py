@@ -207,3 +207,35 @@ def test_locate_parameter_and_state():
     assert codec.state_dict() == {**old, "evidence": {}, "ratios": {}}  # checkpoints from before these rules load
     assert NDQSG().config()["locate"] is None
 
+
+
+@pytest.mark.parametrize("rho_levels", [(3, 1), (8, 1)])
+@pytest.mark.parametrize("noise", [0.05, 0.2, 0.5, 1.0])
+def test_adaptive_probe_prices_nesting_at_what_the_decoder_hands_over(noise, rho_levels):
+    """Adaptive nesting's probe (the wrong coordinates of each failed bucket counted on the true
+    indices; a stage of 2t syndromes corrects a bucket iff at most t are wrong) prices every
+    candidate ratio at exactly the bytes the nested sender hands over when it really nests at that
+    ratio (payload, syndromes and resent buckets), for P = 2 (the nested sender's side information
+    is the other sender's exact decode either way)."""
+    n, ranks = 4096, 2
+    gen = torch.Generator().manual_seed(int(noise * 100) + rho_levels[0])
+    common = torch.randn(n, generator=gen)
+    gs = [common + noise * torch.randn(n, generator=gen) for _ in range(ranks)]
+    ctx = ctx_for(n, ranks)
+    probe_codec = NDQSG(rho_levels, 256)
+    fine = probe_codec.fine
+    side = fine.decode(fine.encode(gs[0], ctx.sender(0)), ctx.sender(0))
+    key = fine.keyed(ctx.sender(1).key, ranks)
+    enc1 = fine.encode(gs[1], ctx.sender(1))
+    k = ops.unpack_symbols(enc1.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
+    located = False
+    for rho in probe_codec.candidate_ratios():
+        priced = probe_codec._probe(k, *probe_codec._probe_resolve(k, enc1.fields["delta"], side, key, 1, rho), rho)
+        nesting = NDQSG(rho_levels, 256)
+        nesting.nesting["w"], nesting.ratios["w"] = True, rho
+        mean, ref, _, log, encs = emulate(nesting, gs, ctx)
+        assert torch.equal(mean, ref)
+        replies = sum(reply[1].numel() for _, reply in log)
+        assert priced == encs[1].nbytes() + replies, (rho, priced, encs[1].nbytes(), replies)
+        located |= replies > 0
+    assert located or noise < 0.1  # beyond the smallest noise some ratio needed recovery replies
