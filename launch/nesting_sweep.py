@@ -125,7 +125,7 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
         cost = {r: words_at(r, adaptive.probe(ksum, delta, side, keys[0], ranks, r))
                 for r in adaptive.candidate_ratios()}
         words = cost[adaptive.ratio(name)] if nested_now else plain
-        adaptive.choose(name, cost, plain, NDQSG.PREVIOUS_MEAN_CONFIRM, buckets=nb)
+        adaptive.choose(name, cost, plain, buckets=nb)
     return ({"bytes": 8 * words, "dqsg_bytes": 8 * plain,
              "failed_coordinates": failed_coords, "coordinates": n,
              "failed_buckets": len(bad), "buckets": ops.num_buckets(n, d)}, total)

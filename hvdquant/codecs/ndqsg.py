@@ -98,8 +98,10 @@ class NDQSG(Codec):
     #: adaptive nesting stays on (or turns on) only where it is expected to send at most this
     #: fraction of the nested senders' DQSG(s₁) bytes
     ADAPTIVE_MARGIN = 0.95
-    #: good steps in a row before nesting with the previous step's mean as side information
-    PREVIOUS_MEAN_CONFIRM = 2
+    #: paying steps in a row before nesting that is off switches on (doubled at each switch-off): one
+    #: lucky step of a tensor near break-even otherwise switches on and the next step can cost up to
+    #: twice its bytes
+    CONFIRM_STEPS = 2
     #: nested buckets a run of paying steps must have been measured on before nesting switches on:
     #: a tensor of one or two buckets (a small first layer) otherwise switches on whenever a probe of
     #: those few buckets pays by chance, and a wrong switch-on costs up to twice a step's bytes
@@ -178,16 +180,14 @@ class NDQSG(Codec):
         """Whether ``sender`` sends coset symbols (of tensor ``name``, under adaptive nesting)."""
         return sender >= self.dqsg_senders(ranks) and (not self.adaptive or self.nesting.get(name, False))
 
-    def observe(self, name: str, pays: bool, confirm: int = 1, buckets: int | None = None) -> None:
+    def observe(self, name: str, pays: bool, buckets: int | None = None) -> None:
         """Adaptive nesting's rule, after a step of tensor ``name`` whose nesting would have paid
         (or paid) iff ``pays``, measured on ``buckets`` nested buckets (default: enough on its own):
         nesting that did not pay is switched off at once; nesting that is off is switched on after
-        confirm·2^r consecutive steps that would have paid, r being the number of times it was
-        switched off before (a tensor whose outcome keeps changing stops oscillating), and once
-        those steps were measured on at least ``MIN_EVIDENCE_BUCKETS`` buckets together. The
-        payload path confirms once (its side information is this step's own senders); the stock
-        nested sum and the coset ring, whose side information is the previous step's mean,
-        confirm twice."""
+        ``CONFIRM_STEPS``·2^r consecutive steps that would have paid, r being the number of times
+        it was switched off before (a tensor whose outcome keeps changing stops oscillating), and
+        once those steps were measured on at least ``MIN_EVIDENCE_BUCKETS`` buckets together. The
+        same rule serves the payload path, the stock nested sum and the coset ring."""
         if self.nesting.get(name, False):
             if not pays:
                 self.nesting[name] = False
@@ -197,7 +197,7 @@ class NDQSG(Codec):
         seen = self.MIN_EVIDENCE_BUCKETS if buckets is None else buckets
         self.streak[name] = self.streak.get(name, 0) + 1 if pays else 0
         self.evidence[name] = self.evidence.get(name, 0) + seen if pays else 0
-        if (self.streak[name] >= confirm * 2 ** self.reversals.get(name, 0)
+        if (self.streak[name] >= self.CONFIRM_STEPS * 2 ** self.reversals.get(name, 0)
                 and self.evidence[name] >= self.MIN_EVIDENCE_BUCKETS):
             self.nesting[name] = True
             self.streak[name] = self.evidence[name] = 0
@@ -530,17 +530,16 @@ class NDQSG(Codec):
                             for k, delta, key, side in met.values())
         self.choose(name, cost, plain, buckets=senders * ops.num_buckets(n, self.bucket_size))
 
-    def choose(self, name: str, cost: dict[int, int], plain: int, confirm: int = 1, buckets: int | None = None
-               ) -> None:
+    def choose(self, name: str, cost: dict[int, int], plain: int, buckets: int | None = None) -> None:
         """Adaptive nesting's decision for tensor ``name`` from this step's price ``cost[ρ]`` of every
         candidate ratio against ``plain``, the DQSG(s₁) bytes of the same senders: the cheapest ρ
         (equal bytes: the larger, which fails less) is kept for the next step, and the step pays iff
-        it cost at most ADAPTIVE_MARGIN × plain (:meth:`observe` with ``confirm`` and ``buckets``)."""
+        it cost at most ADAPTIVE_MARGIN × plain (:meth:`observe` with ``buckets``)."""
         best = min(cost, key=lambda r: (cost[r], -r))
         pays = cost[best] <= self.ADAPTIVE_MARGIN * plain
         if pays:
             self.ratios[name] = best
-        self.observe(name, pays, confirm, buckets)
+        self.observe(name, pays, buckets)
 
     def _parse_reply(self, buf: torch.Tensor, n: int, requests: list[int]
                      ) -> tuple[list[tuple[int, torch.Tensor]], list[int], torch.Tensor]:

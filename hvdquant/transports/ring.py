@@ -211,7 +211,7 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
         if estimate is not None:
             cost = {r: _probed_bytes(codec, kout, delta, estimate, key, ranks, r, layout)
                     for r in codec.candidate_ratios()}
-            codec.choose(name, cost, plain, codec.PREVIOUS_MEAN_CONFIRM, buckets=delta.numel())
+            codec.choose(name, cost, plain, buckets=delta.numel())
         return _finish(fine, kout, delta, key, ranks, side, name)
 
     check_sum = coll.allreduce(ops.bucket_checksum(k, d), "checksums")
@@ -238,7 +238,7 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
         cost = {r: _probed_bytes(codec, kout, delta, estimate, key, ranks, r, layout)
                 for r in codec.candidate_ratios() if r != rho and estimate is not None}
         cost[rho] = _coset_ring_bytes(n, ranks, rho) + check_sum.nbytes + stats.recovery_bytes - before
-        codec.choose(name, cost, 8 * layout.words(n), codec.PREVIOUS_MEAN_CONFIRM, buckets=delta.numel())
+        codec.choose(name, cost, 8 * layout.words(n), buckets=delta.numel())
     return _finish(fine, kout, delta, key, ranks, side, name)
 
 

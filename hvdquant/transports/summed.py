@@ -300,7 +300,7 @@ class NestedSum:
                                  else nested.probe(ksum, q.delta, side, q.key.for_sender(0), ranks, rho), ranks, rho)
                 for rho in nested.candidate_ratios()}
         plain = SumFieldLayout.for_levels(nested.levels[0], ranks).field_words(n)
-        nested.choose(name, cost, plain, NDQSG.PREVIOUS_MEAN_CONFIRM, buckets=nb)
+        nested.choose(name, cost, plain, buckets=nb)
 
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
         path, nested = ex, self.nested

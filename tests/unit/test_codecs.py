@@ -123,13 +123,13 @@ def test_ndqsg_equals_dqsg_s1_bit_for_bit(ranks, noise, dither):
 @pytest.mark.parametrize("noise,expect_nesting", [(0.01, True), (3.0, False)])
 def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting, locate):
     """Adaptive nesting on the allgather path, P = 4 ranks each with its own codec object: every
-    rank decides alike from what it decoded (no collective). Step 0 sends DQSG(s₁) everywhere and
-    probes; correlated gradients (noise 0.01, correlation ≈ 0.9999) then nest and send at most
+    rank decides alike from what it decoded (no collective). Steps 0 and 1 send DQSG(s₁) everywhere
+    and probe (CONFIRM_STEPS = 2); correlated gradients (noise 0.01, correlation ≈ 0.9999) then nest and send at most
     ADAPTIVE_MARGIN (0.95) × DQSG(s₁)'s bytes for the nested senders, recovery (syndromes and
     resent buckets) included; independent ones (noise 3 around a fixed common part, correlation
     0.1) never nest, so they send exactly DQSG(s₁)'s bytes. The mean always equals DQSG(s₁)'s bit
     for bit. With and without locating (``locate``)."""
-    ranks, n, steps = 4, 4096, 4
+    ranks, n, steps = 4, 4096, 5
     codecs = [NDQSG((3, 1), 256, adaptive=True, locate=locate) for _ in range(ranks)]
     fine = codecs[0].fine
     gen = torch.Generator().manual_seed(5)
@@ -156,26 +156,28 @@ def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting, locate):
         assert all(c.state_dict() == codecs[0].state_dict() for c in codecs)  # the same decisions on every rank
         nested_bytes = sum(e.nbytes() for e in encs[2:]) + recovered[0]
         plain_bytes = sum(fine.encode(g, base.sender(p)).nbytes() for p, g in enumerate(gs[2:], 2))
-        if step == 0 or not expect_nesting:
+        if step < NDQSG.CONFIRM_STEPS or not expect_nesting:
             assert nested_bytes == plain_bytes  # nesting off: exactly DQSG(s₁)
         else:
             assert nested_bytes <= NDQSG.ADAPTIVE_MARGIN * plain_bytes
-        assert codecs[0].nesting.get("w", False) == expect_nesting
+        assert codecs[0].nesting.get("w", False) == (expect_nesting and step + 1 >= NDQSG.CONFIRM_STEPS)
     restored = NDQSG((3, 1), 256, adaptive=True, locate=locate)
     restored.load_state_dict(codecs[0].state_dict())
     assert restored.state_dict() == codecs[0].state_dict() and restored.config() == codecs[0].config()
 
 
-def test_adaptive_rule_switches_on_at_once_then_backs_off():
-    """NDQSG.observe: off → on after the first step that would have paid; each switch-off doubles the
-    good steps needed to switch on again (1, 2, 4, …); the state round-trips through state_dict."""
+def test_adaptive_rule_switches_on_after_confirmation_then_backs_off():
+    """NDQSG.observe: off → on after CONFIRM_STEPS (2) steps in a row that would have paid; each
+    switch-off doubles the good steps needed to switch on again (2, 4, 8, …); the state round-trips
+    through state_dict."""
+    assert NDQSG.CONFIRM_STEPS == 2
     nd = NDQSG((3, 1), 64)
-    outcomes = [True, False, True, True, False, True, True, True, True, True]
+    outcomes = [True, False, True, True, False] + [True] * 4 + [False] + [True] * 8
     seen = []
     for pays in outcomes:
         nd.observe("w", pays)
         seen.append(nd.nesting.get("w", False))
-    assert seen == [True, False, False, True, False, False, False, False, True, True]
+    assert seen == [False, False, False, True, False] + [False] * 3 + [True, False] + [False] * 7 + [True]
     twin = NDQSG((3, 1), 64)
     twin.load_state_dict(nd.state_dict())
     assert twin.state_dict() == nd.state_dict() == {"nesting": {"w": True}, "streak": {"w": 0}, "reversals": {"w": 2},
@@ -184,10 +186,12 @@ def test_adaptive_rule_switches_on_at_once_then_backs_off():
 
 def test_adaptive_rule_needs_evidence_from_enough_buckets():
     """A tensor of 2 nested buckets per step switches on only after MIN_EVIDENCE_BUCKETS / 2 paying
-    steps in a row (one step of a large tensor suffices); a failing step resets the evidence."""
+    steps in a row (a large tensor: CONFIRM_STEPS steps); a failing step resets the evidence."""
     need = NDQSG.MIN_EVIDENCE_BUCKETS // 2
     small, large = NDQSG((3, 1), 64), NDQSG((3, 1), 64)
-    large.observe("w", True, buckets=NDQSG.MIN_EVIDENCE_BUCKETS)
+    for _ in range(NDQSG.CONFIRM_STEPS):
+        assert not large.nesting.get("w", False)
+        large.observe("w", True, buckets=NDQSG.MIN_EVIDENCE_BUCKETS)
     assert large.nesting["w"]
     for pays in [True] * (need - 1) + [False] + [True] * (need - 1):
         small.observe("w", pays, buckets=2)
@@ -347,19 +351,19 @@ def test_lgc_ps_innovation_never_adds_energy():
 def test_adaptive_ndqsg_chooses_the_cheapest_ratio():
     """Adaptive nesting picks the nesting ratio per tensor: on nearly equal gradients (correlation
     ≈ 1) ρ = 2 resolves as surely as ρ = 3 and sends 1 bit per coordinate instead of log2 3, so it
-    is chosen (candidates for s₁ = 3: 2, 3, 4); the nested payloads then carry ρ = 2 cosets, every
-    rank decides alike, and the mean stays DQSG(s₁)'s bit for bit."""
+    is chosen (candidates for s₁ = 3: 2, 3, 4); after CONFIRM_STEPS probing steps the nested
+    payloads carry ρ = 2 cosets, every rank decides alike, and the mean stays DQSG(s₁)'s bit for bit."""
     ranks, n = 4, 4096
     codecs = [NDQSG((3, 1), 256) for _ in range(ranks)]
     assert codecs[0].candidate_ratios() == (2, 3, 4)
     fine = codecs[0].fine
     gen = torch.Generator().manual_seed(11)
     common = torch.randn(n, generator=gen)
-    for step in range(3):
+    for step in range(NDQSG.CONFIRM_STEPS + 2):
         gs = [common + 0.001 * torch.randn(n, generator=gen) for _ in range(ranks)]
         base = ctx_for((n,), ranks=ranks, step=step)
         encs = [codecs[p].encode(gs[p], base.sender(p)) for p in range(ranks)]
-        if step:
+        if step >= NDQSG.CONFIRM_STEPS:
             assert all(e.fields["cosets"].numel() == ops.coset_bytes(n, 2) for e in encs[2:])
         for rank in range(ranks):
             codec = codecs[rank]
@@ -368,5 +372,6 @@ def test_adaptive_ndqsg_chooses_the_cheapest_ratio():
             ref = sum(fine.decode(fine.encode(g, base.sender(p)), base.sender(p)) for p, g in enumerate(gs))
             assert torch.equal(mean, ref / ranks) and stats.failed_buckets == 0
         assert all(c.state_dict() == codecs[0].state_dict() for c in codecs)
-        assert codecs[0].nesting["w"] and codecs[0].ratio("w") == 2
+        assert codecs[0].ratio("w") == 2
+        assert codecs[0].nesting.get("w", False) == (step + 1 >= NDQSG.CONFIRM_STEPS)
     assert NDQSG((3, 1), 256, adaptive=False).ratio("w") == 3  # the paper's fixed nesting keeps s1/s2

@@ -99,7 +99,7 @@ def test_adaptive_nested_sum_switches_by_the_probe_and_stays_exact(drift, expect
     """NestedSum(adaptive=True), one rank: step 0 has no side information (DQSG(s₁)), steps 1 and 2
     are sent as DQSG(s₁) and probed against the previous mean, and from step 3 the tensor nests only
     if both probes said cosets + checksums + recovery cost at most ADAPTIVE_MARGIN × the DQSG(s₁)
-    fields (PREVIOUS_MEAN_CONFIRM = 2; slow drift: yes; drift as large as the gradient: no). Every
+    fields (NDQSG.CONFIRM_STEPS = 2; slow drift: yes; drift as large as the gradient: no). Every
     step equals plain DQSGSum's result bit for bit."""
     nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), seed=3, collectives=Recording())
     plain = SummedExchange(DQSGSum(8, 64, dither="independent"), seed=3, collectives=Recording())
