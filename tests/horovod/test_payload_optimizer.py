@@ -85,9 +85,9 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
 @pytest.mark.parametrize("shared_data", [True, False])
 def test_adaptive_ndqsg_decides_alike_on_every_rank(shared_data):
     """NDQSG(adaptive=True): with the same minibatch on every rank (gradients equal up to nothing)
-    every weight tensor nests from its third step on (two paying probes, NDQSG.CONFIRM_STEPS); with each rank's own minibatch of 8 digits
-    (weakly correlated gradients) nesting stays off. Either way every rank holds the same
-    decisions and bit-identical replicas after every step."""
+    every weight tensor nests from its third step on (two paying probes, NDQSG.CONFIRM_STEPS); with
+    each rank's own minibatch of 8 digits (weakly correlated gradients) nesting stays off. Either way
+    every rank holds the same decisions and bit-identical replicas after every step."""
     codec = hvdquant.NDQSG((3, 1), 64, adaptive=True)
     x, y = load_digits()
     model = mlp()
