@@ -125,32 +125,42 @@ def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Ten
     which rows are accepted: 1 ≤ L ≤ t roots, all found, every e_i a nonzero multiple of ρ, every
     corrected index in [−bound, bound], and the corrected row reproducing all N syndromes."""
     p = LOCATE_PRIME
-    rows, d = blocks.shape
+    d = blocks.shape[1]
     count = syndromes.shape[1]
     dev = blocks.device
     diff = (syndromes - block_syndromes(blocks, 0, count)) % p
     lam, length = berlekamp_massey(diff)
-    x = torch.arange(1, d + 1, dtype=torch.int64, device=dev)
-    # roots: Σ_k Λ_k x^(N−k) = x^N·Λ(1/x) vanishes at the locators of the errors
-    acc = torch.zeros(rows, d, dtype=torch.int64, device=dev)
-    for k in range(count + 1):
-        acc = (acc * x + lam[:, k:k + 1]) % p
-    roots = (acc == 0) & mask
-    ok = (length >= 1) & (2 * length <= count) & (roots.sum(1) == length)
-    # Forney: Ω_k = Σ_{i ≤ k} Λ_i S_{k−i} (k < N), evaluated with Λ' at z = 1/x
-    cols = torch.arange(count, dtype=torch.int64, device=dev)
-    omega = torch.stack([(lam[:, :k + 1] * diff[:, k - cols[:k + 1]]).sum(1) % p for k in range(count)], 1)
-    z = _inverse(x)
-    om = torch.zeros(rows, d, dtype=torch.int64, device=dev)
-    for k in range(count - 1, -1, -1):
-        om = (om * z + omega[:, k:k + 1]) % p
-    der = torch.zeros(rows, d, dtype=torch.int64, device=dev)
-    for k in range(count, 0, -1):
-        der = (der * z + k * lam[:, k:k + 1] % p) % p
-    err = (p - x * om % p * _inverse(der) % p) % p
-    err = torch.where(roots, torch.where(err > p // 2, err - p, err), 0)
-    corrected = blocks + err
-    ok &= ~(roots & ((err == 0) | (err % rho != 0))).any(1)
+    ok = (length >= 1) & (2 * length <= count)
+    corrected = blocks.clone()
+    live = torch.nonzero(ok).flatten()  # rows with more than t errors are rejected without a search
+    if live.numel():
+        lam, length = lam[live], length[live]
+        cols = torch.arange(count + 1, dtype=torch.int64, device=dev)
+        degree = int(((lam != 0) * cols).max())
+        # roots: x^D·Λ(1/x) = Σ_{k ≤ D} Λ_k x^(D−k) (D the largest degree) vanishes at the locators;
+        # one matrix product, exact in float64 as in block_syndromes (D + 1 ≤ 33 products below p²)
+        powers = _powers(d, 0, degree + 1, dev).flip(0).to(torch.float64)
+        acc = (lam[:, :degree + 1].to(torch.float64) @ powers).to(torch.int64) % p
+        roots = (acc == 0) & mask[live]
+        good = roots.sum(1) == length
+        # Forney at the roots only: Ω_k = Σ_{i ≤ k} Λ_i S_{k−i} (k < N), Λ' and Ω at z = 1/x_i
+        row, col = torch.nonzero(roots, as_tuple=True)
+        s_live = diff[live]
+        omega = torch.stack([(lam[:, :k + 1] * s_live[:, k - cols[:k + 1]]).sum(1) % p for k in range(count)], 1)
+        xi = col + 1
+        z = _inverse(xi)
+        om = torch.zeros_like(xi)
+        for k in range(count - 1, -1, -1):
+            om = (om * z + omega[row, k]) % p
+        der = torch.zeros_like(xi)
+        for k in range(count, 0, -1):
+            der = (der * z + k * lam[row, k] % p) % p
+        err = (p - xi * om % p * _inverse(der) % p) % p
+        err = torch.where(err > p // 2, err - p, err)
+        wrong = torch.zeros(live.numel(), dtype=torch.bool, device=dev)
+        wrong[row[(err == 0) | (err % rho != 0)]] = True
+        corrected[live[row], col] += err
+        ok[live] = good & ~wrong
     ok &= ~(mask & (corrected.abs() > bound)).any(1)
     ok &= (block_syndromes(corrected, 0, count) == syndromes).all(1)
     return corrected, ok
