@@ -35,8 +35,10 @@ fi
 if [ "${HVDQ_GPU:-0}" = 1 ]; then
     NVCC="$(command -v nvcc || true)"
     [ -n "$NVCC" ] || { echo "[build_horovod] HVDQ_GPU=1 needs nvcc (the CUDA toolkit) on PATH" >&2; exit 1; }
-    # the toolkit nvcc belongs to, asked of nvcc itself (nvcc on PATH may be a wrapper script or link)
-    CUDA_TOP="$(cd /tmp && "$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+    # the toolkit nvcc belongs to, asked of nvcc itself (nvcc on PATH may be a wrapper script or
+    # link); an nvcc that does not say is taken to live in <toolkit>/bin
+    CUDA_TOP="$("$NVCC" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+    [ -d "$CUDA_TOP" ] || CUDA_TOP="$(dirname "$(dirname "$(readlink -f "$NVCC")")")"
     export HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_CUDA_HOME="${HOROVOD_CUDA_HOME:-$(cd "$CUDA_TOP" && pwd -P)}"
     export CUDA_HOME="$HOROVOD_CUDA_HOME"  # torch's cpp_extension (Horovod's torch library paths) reads it
     if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_LIB:-}" ]; then
