@@ -27,6 +27,7 @@ import numpy as np
 MASK32 = np.uint64(0xFFFFFFFF)
 SHIFT32 = np.uint64(32)
 SHIFT9 = np.uint64(9)
+SHIFT15 = np.uint64(15)
 SHIFT16 = np.uint64(16)
 U64_ZERO = np.uint64(0)
 U64_ONE = np.uint64(1)
@@ -37,6 +38,10 @@ PHILOX_M1 = np.uint64(0xCD9E8D57)
 PHILOX_W0 = np.uint64(0x9E3779B9)
 PHILOX_W1 = np.uint64(0xBB67AE85)
 PHILOX_ROUNDS = 10
+# Multipliers of the 32-bit integer hash that weights the nested checksum (C. Wellons' "lowbias32",
+# a two-round multiply–xorshift with low bias): position j of a bucket gets the odd weight h(j) | 1.
+CHECK_M0 = np.uint64(0x7FEB352D)
+CHECK_M1 = np.uint64(0x846CA68B)
 
 F32_ZERO = np.float32(0.0)
 F32_HALF = np.float32(0.5)
@@ -79,6 +84,20 @@ def _philox4x32(c0, c1, c2, c3, k0, k1):
         k0 = (k0 + PHILOX_W0) & MASK32
         k1 = (k1 + PHILOX_W1) & MASK32
     return c0, c1, c2, c3
+
+
+def _check_weight(j):
+    """Odd 32-bit weight of position j (uint64) in a bucket's nested checksum: w_j = h(j) | 1 with h
+    the multiply–xorshift hash above. Odd, hence invertible mod 2^32 (one wrong index is always
+    caught); pseudo-random in j, so several wrong indices cancel only by a 2^-32-scale accident,
+    where the arithmetic weights 2j + 1 let structured patterns (a + b = c + d) through."""
+    x = j & MASK32
+    x ^= x >> SHIFT16
+    x = (x * CHECK_M0) & MASK32
+    x ^= x >> SHIFT15
+    x = (x * CHECK_M1) & MASK32
+    x ^= x >> SHIFT16
+    return x | U64_ONE
 
 
 def _uniform_centered(x):
@@ -162,6 +181,7 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
     stochastic_level = leaf(_stochastic_level)
     centered_mod = leaf(_centered_mod)
     gf_mul = leaf(_gf_mul)
+    check_weight = leaf(_check_weight)
 
     @leaf
     def uniforms(b, step, tid, sender, key0, key1):
@@ -543,17 +563,18 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
 
     @leaf
     def bucket_checksum(b, k, bucket, out):
-        """out[b] = Σ_j (2j + 1)·k_{b·d + j} mod 2^32 over bucket b (j: index inside the bucket).
+        """out[b] = Σ_j w_j·k_{b·d + j} mod 2^32 over bucket b (j: index inside the bucket; w_j the
+        odd hashed weight of :func:`_check_weight`).
 
         Linear in k, so the checksums of several senders add up to the checksum of their index
         sums; an index off by a nonzero multiple m of ρ (a failed nested decode) changes it by
-        (2j + 1)·m·ρ, which is never 0 mod 2^32 for |m·ρ| < 2^31 (2j + 1 is odd).
+        w_j·m·ρ, which is never 0 mod 2^32 for |m·ρ| < 2^31 (w_j is odd).
         """
         acc = np.uint64(0)
-        j = np.uint64(1)
+        j = np.uint64(0)
         for i in range(b * bucket, min(k.shape[0], (b + 1) * bucket)):
-            acc = (acc + j * np.uint64(np.int64(k[i]) & np.int64(0xFFFFFFFF))) & MASK32
-            j += np.uint64(2)
+            acc = (acc + check_weight(j) * np.uint64(np.int64(k[i]) & np.int64(0xFFFFFFFF))) & MASK32
+            j += U64_ONE
         out[b] = np.int64(acc)
 
     @leaf

@@ -172,8 +172,9 @@ def bucket_absmax(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None)
 
 
 def bucket_checksum(k: torch.Tensor, bucket: int) -> torch.Tensor:
-    """Σ_j (2j+1)·k_j mod 2^32 per bucket (int64 holding the uint32): linear in the integer indices k
-    (int8 or int32), so it detects a nested decode that is off by a multiple of ρ."""
+    """Σ_j w_j·k_j mod 2^32 per bucket (int64 holding the uint32; w_j an odd 32-bit hash of the
+    position j inside the bucket): linear in the integer indices k (int8 or int32), so it detects
+    a nested decode that is off by a multiple of ρ."""
     if not isinstance(k, torch.Tensor) or k.dtype not in (torch.int8, torch.int32):
         raise TypeError(f"k must be an int8 or int32 tensor, got {getattr(k, 'dtype', type(k).__name__)}")
     _vec("k", k, k.dtype)

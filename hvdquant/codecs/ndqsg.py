@@ -3,7 +3,8 @@
 Fine lattice Δℤ with Δ_b = ‖g_b‖∞/s₁; coarse lattice ρΔℤ, nesting ratio ρ = s₁/s₂. A fraction
 ``dqsg_fraction`` (r) of the ranks — ranks 0 … ⌈rP⌉−1, at least one — send plain DQSG(s₁); the
 others send only the coset symbol (k + ⌊ρ/2⌋) mod ρ of each fine index k (log2 ρ bits), one
-float32 Δ_b and one uint32 checksum Σ_j (2j+1)·k_j mod 2^32 per bucket.
+float32 Δ_b and one uint32 checksum Σ_j w_j·k_j mod 2^32 per bucket (w_j: odd hashed weights of the
+position j).
 
 The receiver decodes senders in rank order, keeping the running mean of everything decoded so far;
 that mean is the side information y of the next nested sender: K̂ = resolved index nearest
@@ -262,7 +263,7 @@ class NDQSG(Codec):
         ``residues``: (Σ_p k_p + senders·⌊ρ/2⌋) mod ρ for the ``senders`` senders key.sender, … ;
         ``side``: an estimate of Σ_p g_p, bit-identical on every rank. Each coordinate takes the
         member of its coset nearest side/Δ + Σ_p u_p. Returns the resolved sums K̂ (int32) and the
-        buckets whose checksum Σ_j (2j+1)·K̂_j mod 2^32 differs from ``checksums`` (the senders'
+        buckets whose checksum Σ_j w_j·K̂_j mod 2^32 differs from ``checksums`` (the senders'
         checksums summed mod 2^32): exactly the buckets where some coordinate resolved wrongly,
         up to checksum collisions."""
         kout = torch.empty(residues.numel(), dtype=torch.int32, device=residues.device)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from hvdquant.kernels import ops
+
 #: the prime of the locating syndromes: they fit 2 bytes, and the locators j+1 (j < bucket_size) are
 #: distinct and nonzero mod it for bucket_size < LOCATE_PRIME
 LOCATE_PRIME = 65521
@@ -71,9 +73,11 @@ def bucket_syndromes(k: torch.Tensor, buckets: list[int], bucket_size: int, lo: 
 
 
 def bucket_checks(blocks: torch.Tensor) -> torch.Tensor:
-    """The nested checksum Σ_j (2j+1)·k_j mod 2^32 of each row (as :func:`ops.bucket_checksum`)."""
-    w = 2 * torch.arange(blocks.shape[1], dtype=torch.int64, device=blocks.device) + 1
-    return (blocks * w).sum(1) & 0xFFFFFFFF
+    """The nested checksum of each row (:func:`ops.bucket_checksum` with the row as one bucket; the
+    int32 view wraps mod 2^32, which the checksum, itself mod 2^32, does not see)."""
+    if blocks.numel() == 0:
+        return torch.zeros(blocks.shape[0], dtype=torch.int64, device=blocks.device)
+    return ops.bucket_checksum(blocks.reshape(-1).to(torch.int32).contiguous(), blocks.shape[1])
 
 
 def syndrome_bytes(words: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ Plain: chunk c is summed in the fixed order x_c, x_{c+1}, …, x_{c+P−1} (rank
 float32 additions on every run.
 
 Coset: the ranks first agree one step Δ_b per bucket (MAX allreduce of max|g|, s₁ levels) and the
-sum of their per-bucket checksums Σ_j (2j+1)k_j mod 2^32. Each rank sends the coset symbols
-(k + ⌊ρ/2⌋) mod ρ of its DQSG(s₁) indices; every hop adds packed symbols modulo ρ
-(:func:`hvdquant.kernels.ops.modadd_cosets`), so each message is log2 ρ bits per coordinate
+sum of their per-bucket checksums Σ_j w_j·k_j mod 2^32 (w_j: odd hashed weights of the position j).
+Each rank sends the coset symbols (k + ⌊ρ/2⌋) mod ρ of its DQSG(s₁) indices; every hop adds packed
+symbols modulo ρ (:func:`hvdquant.kernels.ops.modadd_cosets`), so each message is log2 ρ bits per coordinate
 (⌈log2 ρ⌉ for powers of two, base-ρ bytes otherwise) however many ranks there are. After the
 allgather every rank resolves K = Σ_p k_p from its residue with side information Y that is
 bit-identical on every rank, checks the bucket checksums, and **recovers** failed buckets with a

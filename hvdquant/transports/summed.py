@@ -242,14 +242,14 @@ class NestedSum:
     """Allreduce-friendly nested DQSG (docs/ALGORITHMS.md §3).
 
     With a common Δ_b (s₁ levels), every rank sends its coset symbols (k + ⌊ρ/2⌋) mod ρ in summable
-    fields of ⌈log2(P(ρ−1)+1)⌉ bits, plus its per-bucket checksums Σ_j (2j+1)k_j mod 2^32 (linear,
-    so they sum too). The receiver reduces the field sums mod ρ and resolves Σ_p k_p with side
-    information P·ḡ_prev, the previous step's decoded mean of the same tensor, which is
-    bit-identical on every rank (:meth:`hvdquant.NDQSG.resolve`). Buckets whose resolved index sums
-    miss the summed checksum are detected on every rank alike and **recovered** by one more
-    allreduce of their DQSG(s₁) index sums (all failed buckets of the batch together); counts are
-    in the exchange's ``decode_stats``. A tensor's first step (no side information yet) is sent as
-    plain DQSG(s₁).
+    fields of ⌈log2(P(ρ−1)+1)⌉ bits, plus its per-bucket checksums Σ_j w_j·k_j mod 2^32 (w_j: odd
+    hashed weights of the position j; linear, so they sum too). The receiver reduces the field sums
+    mod ρ and resolves Σ_p k_p with side information P·ḡ_prev, the previous step's decoded mean of
+    the same tensor, which is bit-identical on every rank (:meth:`hvdquant.NDQSG.resolve`). Buckets
+    whose resolved index sums miss the summed checksum are detected on every rank alike and
+    **recovered** by one more allreduce of their DQSG(s₁) index sums (all failed buckets of the
+    batch together); counts are in the exchange's ``decode_stats``. A tensor's first step (no side
+    information yet) is sent as plain DQSG(s₁).
 
     Decoding succeeds where |Σ_p g_p − P·ḡ_prev| < (ρ − P)Δ/2 (sufficient): the scheme pays off only
     when ρ is well above P and gradients change slowly; otherwise recovery traffic dominates.

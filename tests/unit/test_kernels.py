@@ -159,6 +159,23 @@ def test_nested_decode_exact_under_condition_and_bounded_always(rho):
     assert np.all((ko - ki) % rho == 0) and np.all(ko[~cond & sure] != ki[~cond & sure])
 
 
+def check_weight(j: int) -> int:
+    """Reference for the checksum's position weight: the lowbias32 hash of j, made odd."""
+    x = j & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x | 1
+
+
+def position_weights(d: int) -> np.ndarray:
+    """The kernel's checksum weights w_0 … w_{d−1}, read off d buckets holding one 1 each."""
+    unit = torch.eye(d, dtype=torch.int32).reshape(-1)
+    return ops.bucket_checksum(unit, d).numpy()
+
+
 @pytest.mark.parametrize("n", [0, 1, 130, 1031])
 def test_bucket_checksum_matches_reference_and_is_linear(n):
     gen = torch.Generator().manual_seed(n)
@@ -167,13 +184,54 @@ def test_bucket_checksum_matches_reference_and_is_linear(n):
     ca, cb, cab = (ops.bucket_checksum(t, 64) for t in (a, b, a + b))
     for i in range((n + 63) // 64):
         chunk = a[64 * i:64 * (i + 1)].tolist()
-        assert int(ca[i]) == sum((2 * j + 1) * k for j, k in enumerate(chunk)) % 2**32
+        assert int(ca[i]) == sum(check_weight(j) * k for j, k in enumerate(chunk)) % 2**32
     assert torch.equal((ca + cb) % 2**32, cab)
     assert torch.equal(ops.bucket_checksum(a.to(torch.int8), 64), ca)
     if n:
         bad = a.clone()
         bad[n // 2] += 3  # one coordinate off by ρ = 3
         assert not torch.equal(ops.bucket_checksum(bad, 64), ca)
+
+
+def test_bucket_checksum_catches_every_pair_of_wrong_indices():
+    """Two wrong indices off by m·ρ and m'·ρ (|m|, |m'| ≤ 3, ρ ≤ 32, so 2-adic valuation v ≤ 5) go
+    undetected iff m·w_a + m'·w_b ≡ 0 mod 2^(32−v); with w_a·m ≡ −m'·w_b mod 2^27 checked over all
+    positions of a 1024-bucket, no pair of positions collides (a single wrong index never cancels:
+    every w_j is odd)."""
+    w = position_weights(1024).astype(np.int64)
+    assert np.all(w % 2 == 1)
+    mult = np.array([-3, -2, -1, 1, 2, 3], dtype=np.int64)
+    values = (w[:, None] * mult[None, :]) % (1 << 27)
+    owners = np.repeat(np.arange(w.size), mult.size)
+    order = np.argsort(values.reshape(-1), kind="stable")
+    v, o = values.reshape(-1)[order], owners[order]
+    same = v[1:] == v[:-1]
+    assert not np.any(same & (o[1:] != o[:-1]))
+
+
+def test_bucket_checksum_catches_patterns_arithmetic_weights_miss():
+    """Four indices off by +ρ, +ρ, −ρ, −ρ at positions a + b = c + d cancel in Σ_j (2j+1)·e_j (the
+    old arithmetic weights) but not in the hashed weights; random failure patterns (1–40% of a
+    512-bucket off by ±ρ or ±2ρ, 12 000 buckets per ρ) all fail the check. Bound: for weights acting
+    as independent uniform odd numbers a given pattern passes with probability ≤ 2^−(31−v), v = the
+    2-adic valuation of ρ (≤ 4 here), so all 36 000 patterns are caught with probability > 0.99."""
+    d = 512
+    truth = torch.zeros(d, dtype=torch.int32)
+    wrong = truth.clone()
+    for pos, e in ((10, 3), (20, 3), (12, -3), (18, -3)):
+        wrong[pos] += e
+    assert sum((2 * j + 1) * int(e) for j, e in enumerate(wrong)) == 0  # the weakness being fixed
+    assert not torch.equal(ops.bucket_checksum(wrong, d), ops.bucket_checksum(truth, d))
+    gen = torch.Generator().manual_seed(7)
+    for rho in (3, 4, 16):
+        frac = torch.tensor([0.01, 0.02, 0.05, 0.1, 0.2, 0.4]).repeat_interleave(2000)[:, None]
+        hit = torch.rand(frac.shape[0], d, generator=gen) < frac
+        size = torch.randint(1, 3, hit.shape, generator=gen) * (2 * torch.randint(0, 2, hit.shape, generator=gen) - 1)
+        e = (hit * size * rho).to(torch.int32)
+        e[~hit.any(1), 0] = rho  # every bucket has failed somewhere
+        base = torch.randint(-8, 9, e.shape, generator=gen, dtype=torch.int32)
+        good, bad = (ops.bucket_checksum(t.reshape(-1).contiguous(), d) for t in (base, base + e))
+        assert bool((good != bad).all()), f"ρ = {rho}: {(good == bad).sum().item()} failed buckets undetected"
 
 
 def test_nested_decode_of_a_modular_sum():
