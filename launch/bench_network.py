@@ -15,8 +15,9 @@ Gradients: rank r's gradient at call i is b + σ·ε(r, i) with b ~ N(0, 1) fixe
 schemes' side information (real SGD gradients are not; docs/RING.md). Failed nested buckets are
 recovered and counted (failed buckets and request rounds per call, summed over the timed calls).
 ``--noise 1`` (correlation 0.5; about half of NDQSG (3,1)'s nested buckets fail, 0.6% of its
-coordinates) prices the recovery rounds: the rows "ndqsg (3,1) fixed, whole buckets" and "…, locate"
-are the paper's fixed nesting resending failed buckets whole, and locating their wrong coordinates
+coordinates) with ``--fixed-nesting`` prices the recovery rounds: that flag adds the rows
+"ndqsg (3,1) fixed, whole buckets" and "…, locate" (select one with ``--only "whole buckets"`` or
+``--only locate``), the paper's fixed nesting resending failed buckets whole, and locating their wrong coordinates
 from syndromes first (up to two more request rounds).
 
 ``--framework horovod``: Horovod none/fp16 allreduce; hvdquant's stock-path compressions through
@@ -81,7 +82,7 @@ def timed(comm, label: str, n: int, fn: Callable, grad, repeats: int, rows: list
         print(f"{label:34s} n={n:.2g} {worst * 1e3:10.1f} ms {nbytes / 1e6:9.2f} MB/rank", flush=True)
 
 
-def horovod_methods(comm, n: int) -> list[tuple[str, Callable, Callable | None]]:
+def horovod_methods(comm, n: int, fixed_nesting: bool = False) -> list[tuple[str, Callable, Callable | None]]:
     import horovod.torch as hvd
 
     import hvdquant
@@ -130,8 +131,10 @@ def horovod_methods(comm, n: int) -> list[tuple[str, Callable, Callable | None]]
         payload("1-bit SGD + EF", hvdquant.OneBitSGD(), reducer)
         payload("top-1% + EF", hvdquant.TopK.with_feedback(0.01), reducer)
     payload("ndqsg (3)/(3,1) r=0.5", hvdquant.NDQSG((3, 1), 512, 0.5), "allgather")
-    payload("ndqsg (3,1) fixed, whole buckets", hvdquant.NDQSG((3, 1), 512, adaptive=False, locate=False), "allgather")
-    payload("ndqsg (3,1) fixed, locate", hvdquant.NDQSG((3, 1), 512, adaptive=False, locate=True), "allgather")
+    if fixed_nesting:
+        payload("ndqsg (3,1) fixed, whole buckets", hvdquant.NDQSG((3, 1), 512, adaptive=False, locate=False),
+                "allgather")
+        payload("ndqsg (3,1) fixed, locate", hvdquant.NDQSG((3, 1), 512, adaptive=False, locate=True), "allgather")
 
     def ring(label: str, codec) -> None:
         side, st = hvdquant.PreviousMean(), hvdquant.RingStats()
@@ -222,6 +225,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--noise", type=float, default=1e-3, help="σ of each rank's gradient around the common one")
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching methods")
+    p.add_argument("--fixed-nesting", action="store_true",
+                   help="add the paper's fixed NDQSG (3,1) with whole-bucket recovery and with locating")
     p.add_argument("--out", type=Path, default=Path("runs/bench_network"))
     args = p.parse_args()
     comm = MPI.COMM_WORLD
@@ -242,7 +247,7 @@ def main() -> None:
     for s in args.sizes:
         n = int(s)
         grad = gradients(n, rank, args.noise)
-        methods = horovod_methods(comm, n) if args.framework == "horovod" else torch_methods(n)
+        methods = horovod_methods(comm, n, args.fixed_nesting) if args.framework == "horovod" else torch_methods(n)
         for label, fn, extra in methods:
             if wanted and not any(w in label for w in wanted):
                 continue

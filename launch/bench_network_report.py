@@ -71,7 +71,7 @@ def section(data: dict, tta: list[dict], docs: Path) -> list[str]:
 
 
 def targets(by: dict) -> list[str]:
-    """Issue 6: at 1 Gbit/s and 2.5e7, DQSG s=1 (best transport) ≥ 6× Horovod fp32, ≥ 2.5× fp16, ≥ PowerSGD."""
+    """Targets: at 1 Gbit/s and 2.5e7, DQSG s=1 (best transport) ≥ 6× Horovod fp32, ≥ 2.5× fp16, ≥ PowerSGD."""
     cell = by.get(("1gbit", 25_000_000))
     if not cell or BASE not in cell:
         return ["Targets: not measured (needs the 1gbit, n = 2.5e7 run).", ""]

@@ -120,7 +120,7 @@ def fp32_accuracy() -> float:
 
 @pytest.mark.parametrize("form", ["ps", "ring"])
 def test_lgc_trains_the_main_jobs_model_within_two_points_of_uncompressed(form, fp32_accuracy):
-    """Issue 8's acceptance: LGC (ratio 0.05, innovation 0.3 in the parameter-server form, warm-up 100
+    """The target: LGC (ratio 0.05, innovation 0.3 in the parameter-server form, warm-up 100
     and autoencoder training 100 exchanges, then 800 compressed steps) reaches Horovod fp32's test
     accuracy within 2 points after 1000 steps, in both forms (600 steps were not enough for the
     parameter-server form: 0.848 vs 0.873 at np 2; the ring form with a nonlinear decoder diverged a
