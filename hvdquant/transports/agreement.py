@@ -19,7 +19,11 @@ def check_seed(seed: object) -> None:
 def agree(collectives: Collectives, config: dict[str, Any], seed: int | None, name: str) -> int:
     """Allgather every rank's ``config`` and seed proposal (``seed``, or its ``torch.initial_seed()``);
     raise on every rank, naming the rank and the fields, if any configuration differs from rank
-    0's; else return rank 0's proposal, the seed every rank then uses."""
+    0's; else return rank 0's proposal, the seed every rank then uses. hvdquant's version is part of
+    every configuration: payload formats may change between versions."""
+    from hvdquant import __version__
+
+    config = {"hvdquant_version": __version__, **config}
     proposal = seed if seed is not None else torch.initial_seed() & MASK64
     everyone = collectives.allgather_object((config, proposal), name)
     ref = everyone[0][0]

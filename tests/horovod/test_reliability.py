@@ -88,6 +88,19 @@ def test_parameter_names_mismatch_is_named():
     opt._handles.clear()
 
 
+def test_different_hvdquant_versions_are_named(monkeypatch):
+    """Payload formats may change between versions (the nested checksum did): ranks running different
+    hvdquant versions are refused at the first exchange, naming the rank and both versions."""
+    if hvd.rank() == 1:
+        monkeypatch.setattr(hvdquant, "__version__", "0.0.0")
+    model = nn.Sequential(nn.Linear(64, 32))
+    opt = hvdquant.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                        named_parameters=model.named_parameters(), codec=hvdquant.DQSG(), min_numel=16)
+    with pytest.raises(ValueError, match=r"hvdquant_version: rank 0 has '[0-9.]+', rank 1 has '0.0.0'"):
+        model(torch.randn(2, 64)).sum().backward()
+    opt._handles.clear()
+
+
 def train(model, opt, steps: range) -> None:
     x, y = load_digits()
     for step in steps:
