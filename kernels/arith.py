@@ -762,38 +762,50 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         out[b] = np.uint8(acc)
 
     @leaf
-    def field_word(src, i, n, offset, width, per_word):
-        """Σ_j (src[i + j] + offset) · 2^(width·j) over j < min(per_word, n − i), as an exact float64."""
+    def field_word(src, i, n, offset, radix, per_word):
+        """Σ_j (src[i + j] + offset) · R^j over j < min(per_word, n − i), R = ``radix``, as an exact
+        float64 (Horner from the last digit; every partial value is an integer below R^F ≤ 2^50)."""
         acc = np.int64(0)
-        for j in range(min(per_word, n - i)):
-            acc |= np.int64(src[i + j] + offset) << np.int64(width * j)
+        for j in range(min(per_word, n - i) - 1, -1, -1):
+            acc = acc * np.int64(radix) + np.int64(src[i + j] + offset)
         return np.float64(acc)
 
     @leaf
-    def split_word(words, w, factor, width, per_word, offset, dst, i, n):
+    def split_word(words, w, factor, powers, inverses, per_word, offset, dst, i, n):
         """Inverse of :func:`field_word` after a reduction that scaled the summed words by ``factor``:
-        dst[i + j] = field j of round(words[w] / factor) − offset (int32)."""
-        mask = (np.int64(1) << np.int64(width)) - np.int64(1)
-        total = np.int64(math.floor(words[w] / factor + 0.5))  # exact: |words/factor| < 2^50
-        for j in range(min(per_word, n - i)):
-            dst[i + j] = np.int32(((total >> np.int64(width * j)) & mask) - offset)
+        dst[i + j] = digit j (base R) of t = round(words[w] / factor), minus ``offset`` (int32).
+        ``powers``[j] = R^j and ``inverses``[j] = fl(1/R^j) for j ≤ per_word (float64).
+
+        Exact in float64 and without a chain from digit to digit: every q_j = ⌊t / R^j⌋ is found on
+        its own as ⌊t·inverses[j]⌋, off by at most one (the product's error is below t·2^−52 ≤ 1/4),
+        corrected by the sign of the exact remainder t − q_j·R^j (q_j·R^j ≤ t < 2^50); then digit
+        j = q_j − R·q_{j+1}."""
+        t = math.floor(words[w] / factor + 0.5)  # exact: |words/factor| < 2^50
+        r = powers[1]
+        prev = t
+        for j in range(1, min(per_word, n - i) + 1):
+            q = math.floor(t * inverses[j])
+            rem = t - q * powers[j]
+            q = q - np.float64(rem < 0.0) + np.float64(rem >= powers[j])
+            dst[i + j - 1] = np.int32(np.int64(prev - q * r) - offset)
+            prev = q
 
     @leaf
-    def pack_sum_fields(w, codes, offset, width, per_word, words):
-        """Word w = Σ_j (codes[w·F + j] + offset) · 2^(width·j), F = per_word, as an exact float64."""
-        words[w] = field_word(codes, w * per_word, codes.shape[0], offset, width, per_word)
+    def pack_sum_fields(w, codes, offset, radix, per_word, words):
+        """Word w = Σ_j (codes[w·F + j] + offset) · R^j, F = per_word, R = radix, as an exact float64."""
+        words[w] = field_word(codes, w * per_word, codes.shape[0], offset, radix, per_word)
 
     @leaf
-    def unpack_sum_fields(w, words, factor, width, per_word, offset, ksum):
+    def unpack_sum_fields(w, words, factor, powers, inverses, per_word, offset, ksum):
         """Inverse of pack_sum_fields after a reduction that scaled the summed words by ``factor``."""
-        split_word(words, w, factor, width, per_word, offset, ksum, w * per_word, ksum.shape[0])
+        split_word(words, w, factor, powers, inverses, per_word, offset, ksum, w * per_word, ksum.shape[0])
 
     # ------------------------------------------------------------------ fused DQSG summable fields
     # The stock path's passes (docs/ALGORITHMS.md §3) fused like the payload ones: ranges [i0, i1)
     # start at multiples of 4 and of ``per_word``; scratch u (float32) and sym/ksum of i1 − i0 entries.
 
     @jit
-    def dqsg_encode_fields(i0, i1, u, sym, g, delta, bucket, levels, width, per_word, words, counts, row, step, tid,
+    def dqsg_encode_fields(i0, i1, u, sym, g, delta, bucket, levels, radix, per_word, words, counts, row, step, tid,
                            sender, ranks, key0, key1):
         """words[i0/F ..] = the summable fields of the symbols k + s of [i0, i1) (:func:`dqsg_encode` with a
         common Δ, then :func:`pack_sum_fields`), the symbols counted into counts[row]."""
@@ -802,16 +814,16 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         count_symbols(sym, i1 - i0, 2 * levels + 1, counts, row % counts.shape[0])
         n = i1 - i0
         for q in range(0, n, per_word):
-            words[(i0 + q) // per_word] = field_word(sym, q, n, 0, width, per_word)
+            words[(i0 + q) // per_word] = field_word(sym, q, n, 0, radix, per_word)
 
     @jit
-    def dqsg_decode_fields(i0, i1, u, ksum, words, factor, width, per_word, offset, delta, bucket, first, senders,
-                           out, step, tid, ranks, key0, key1):
+    def dqsg_decode_fields(i0, i1, u, ksum, words, factor, powers, inverses, per_word, offset, delta, bucket, first,
+                           senders, out, step, tid, ranks, key0, key1):
         """out[i] = Δ_b (Σ_p k_p[i] − Σ_p u_p[i]) for [i0, i1), the index sums read from the reduced
         words (:func:`unpack_sum_fields` with ``offset`` = P·s, then :func:`dqsg_decode`)."""
         n = i1 - i0
         for q in range(0, n, per_word):
-            split_word(words, (i0 + q) // per_word, factor, width, per_word, offset, ksum, q, n)
+            split_word(words, (i0 + q) // per_word, factor, powers, inverses, per_word, offset, ksum, q, n)
         dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
         reconstruct_range(i0, i1, u, ksum, 0, delta, bucket, F32_ONE, out, i0)
 

@@ -117,23 +117,23 @@ def dqsg_decode_packed(nb, n, span, packed, levels, radix, nbits, per_byte, delt
 
 
 @_par
-def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, width, per_word, words, counts, step, tid, sender,
+def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, radix, per_word, words, counts, step, tid, sender,
                        ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(span, np.float32)
         sym = np.empty(span, np.uint8)
-        _dqsg_encode_fields(c * span, min(n, (c + 1) * span), u, sym, g, delta, bucket, levels, width, per_word, words,
+        _dqsg_encode_fields(c * span, min(n, (c + 1) * span), u, sym, g, delta, bucket, levels, radix, per_word, words,
                             counts, c, step, tid, sender, ranks, k0, k1)
 
 
 @_par
-def dqsg_decode_fields(nb, n, span, words, factor, width, per_word, offset, delta, bucket, first, senders, out, step,
-                       tid, ranks, k0, k1):
+def dqsg_decode_fields(nb, n, span, words, factor, powers, inverses, per_word, offset, delta, bucket, first, senders,
+                       out, step, tid, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(span, np.float32)
         ksum = np.empty(span, np.int32)
-        _dqsg_decode_fields(c * span, min(n, (c + 1) * span), u, ksum, words, factor, width, per_word, offset, delta,
-                            bucket, first, senders, out, step, tid, ranks, k0, k1)
+        _dqsg_decode_fields(c * span, min(n, (c + 1) * span), u, ksum, words, factor, powers, inverses, per_word,
+                            offset, delta, bucket, first, senders, out, step, tid, ranks, k0, k1)
 
 
 @_par
@@ -240,15 +240,15 @@ def modadd_radix(nb, x, y, radix, per_byte, out):
 
 
 @_par
-def pack_sum_fields(nb, codes, offset, width, per_word, words):
+def pack_sum_fields(nb, codes, offset, radix, per_word, words):
     for b in prange(nb):
-        _pack_sum_fields(b, codes, offset, width, per_word, words)
+        _pack_sum_fields(b, codes, offset, radix, per_word, words)
 
 
 @_par
-def unpack_sum_fields(nb, words, factor, width, per_word, offset, ksum):
+def unpack_sum_fields(nb, words, factor, powers, inverses, per_word, offset, ksum):
     for b in prange(nb):
-        _unpack_sum_fields(b, words, factor, width, per_word, offset, ksum)
+        _unpack_sum_fields(b, words, factor, powers, inverses, per_word, offset, ksum)
 
 
 def _serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:

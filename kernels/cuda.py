@@ -108,25 +108,25 @@ def dqsg_decode_packed(nb, n, span, packed, levels, radix, nbits, per_byte, delt
 
 
 @cuda.jit
-def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, width, per_word, words, counts, step, tid, sender,
+def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, radix, per_word, words, counts, step, tid, sender,
                        ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(GPU_FIELD_SCRATCH, float32)
         sym = cuda.local.array(GPU_FIELD_SCRATCH, uint8)
-        _dqsg_encode_fields(span * b, min(n, span * b + span), u, sym, g, delta, bucket, levels, width, per_word,
+        _dqsg_encode_fields(span * b, min(n, span * b + span), u, sym, g, delta, bucket, levels, radix, per_word,
                             words, counts, b, step, tid, sender, ranks, k0, k1)
 
 
 @cuda.jit
-def dqsg_decode_fields(nb, n, span, words, factor, width, per_word, offset, delta, bucket, first, senders, out, step,
-                       tid, ranks, k0, k1):
+def dqsg_decode_fields(nb, n, span, words, factor, powers, inverses, per_word, offset, delta, bucket, first, senders,
+                       out, step, tid, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(GPU_FIELD_SCRATCH, float32)
         ksum = cuda.local.array(GPU_FIELD_SCRATCH, int32)
-        _dqsg_decode_fields(span * b, min(n, span * b + span), u, ksum, words, factor, width, per_word, offset, delta,
-                            bucket, first, senders, out, step, tid, ranks, k0, k1)
+        _dqsg_decode_fields(span * b, min(n, span * b + span), u, ksum, words, factor, powers, inverses, per_word,
+                            offset, delta, bucket, first, senders, out, step, tid, ranks, k0, k1)
 
 
 @cuda.jit
@@ -248,14 +248,14 @@ def modadd_radix(nb, x, y, radix, per_byte, out):
 
 
 @cuda.jit
-def pack_sum_fields(nb, codes, offset, width, per_word, words):
+def pack_sum_fields(nb, codes, offset, radix, per_word, words):
     b = cuda.grid(1)
     if b < nb:
-        _pack_sum_fields(b, codes, offset, width, per_word, words)
+        _pack_sum_fields(b, codes, offset, radix, per_word, words)
 
 
 @cuda.jit
-def unpack_sum_fields(nb, words, factor, width, per_word, offset, ksum):
+def unpack_sum_fields(nb, words, factor, powers, inverses, per_word, offset, ksum):
     b = cuda.grid(1)
     if b < nb:
-        _unpack_sum_fields(b, words, factor, width, per_word, offset, ksum)
+        _unpack_sum_fields(b, words, factor, powers, inverses, per_word, offset, ksum)

@@ -14,6 +14,7 @@ on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -572,36 +573,49 @@ def modadd_cosets(x: torch.Tensor, y: torch.Tensor, nesting_ratio: int,
 SUM_WORD_BITS = 50  # float64 words hold integers < 2^50, with margin for the /P and ×P of Average
 
 
-def _fields(width: int, per_word: int) -> tuple[int, int]:
-    width = _int("width", width, 1, SUM_WORD_BITS)
+def _fields(radix: int, per_word: int) -> tuple[int, int]:
+    radix = _int("radix", radix, 2, 1 << SUM_WORD_BITS)
     per_word = _int("per_word", per_word, 1, SUM_WORD_BITS)
-    if width * per_word > SUM_WORD_BITS:
-        raise ValueError(f"width*per_word = {width * per_word} > {SUM_WORD_BITS} bits: "
+    if radix ** per_word > 1 << SUM_WORD_BITS:
+        raise ValueError(f"radix**per_word = {radix}**{per_word} > 2^{SUM_WORD_BITS}: "
                          "float64 sums would not stay exact")
-    return width, per_word
+    return radix, per_word
 
 
-def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey, width: int,
+@functools.lru_cache(maxsize=64)
+def _radix_tables_cpu(radix: int, per_word: int) -> tuple[torch.Tensor, torch.Tensor]:
+    powers = torch.tensor([float(radix ** j) for j in range(per_word + 1)], dtype=torch.float64)  # exact: ≤ 2^50
+    return powers, 1.0 / powers  # IEEE division: fl(1/R^j)
+
+
+def _radix_tables(radix: int, per_word: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R^j and fl(1/R^j) for j = 0 … per_word (float64, on ``like``'s device): the digit splitter's
+    tables (``split_word`` in kernels/arith.py)."""
+    powers, inverses = _radix_tables_cpu(radix, per_word)
+    return (powers, inverses) if not like.is_cuda else (powers.to(like.device), inverses.to(like.device))
+
+
+def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey, radix: int,
                        per_word: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """DQSG with common scales Δ straight into summable fields: (words, histogram).
 
-    Equal to :func:`dqsg_encode` then :func:`pack_sum_fields` of the indices with offset s (fields
-    of ``width`` bits, ``per_word`` to a float64 word), in one pass; the histogram counts the
+    Equal to :func:`dqsg_encode` then :func:`pack_sum_fields` of the indices with offset s (base
+    ``radix`` digits, ``per_word`` to a float64 word), in one pass; the histogram counts the
     symbols k + s (int64, 2s + 1 entries) for the entropy statistic."""
     _vec("g", g, torch.float32)
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, g.numel(), bucket)
     levels = _int("levels", levels, 1, 127)
-    width, per_word = _fields(width, per_word)
+    radix, per_word = _fields(radix, per_word)
     n = g.numel()
     out = _out(out, "out", math.ceil(n / per_word), torch.float64, g)
     span, _ = _span(_target("dqsg_encode_fields", g, delta, out), per_word)
     counts = _histogram(n, span, 2 * levels + 1, g)
-    _launch("dqsg_encode_fields", n, g, delta, bucket, levels, width, per_word, out, counts, *key.words(), span=span)
+    _launch("dqsg_encode_fields", n, g, delta, bucket, levels, radix, per_word, out, counts, *key.words(), span=span)
     return out, counts.sum(0)
 
 
-def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, width: int, per_word: int, offset: int,
+def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, radix: int, per_word: int, offset: int,
                        delta: torch.Tensor, bucket: int, key: DitherKey, senders: int = 1,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Δ_b (Σ_p k_p − Σ_p u_p) (float32) straight from the reduced summable words, in one pass.
@@ -610,7 +624,7 @@ def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, width: int, p
     ``offset``: the summed field offset, P·s) then :func:`dqsg_decode` over senders
     key.sender … key.sender + senders − 1."""
     n = _int("n", n, 0, MAX_ELEMENTS)
-    width, per_word = _fields(width, per_word)
+    radix, per_word = _fields(radix, per_word)
     _vec("words", words, torch.float64, math.ceil(n / per_word))
     bucket = _int("bucket", bucket, 1, 1 << 31)
     _scales("delta", delta, n, bucket)
@@ -619,28 +633,31 @@ def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, width: int, p
     out = _out(out, "out", n, torch.float32, words)
     span, _ = _span(_target("dqsg_decode_fields", words, delta, out), per_word)
     step, tid, first, ranks, k0, k1 = key.words()
-    _launch("dqsg_decode_fields", n, words, np.float64(factor), width, per_word, int(offset), delta, bucket,
-            int(first), senders, out, step, tid, ranks, k0, k1, span=span)
+    _launch("dqsg_decode_fields", n, words, np.float64(factor), *_radix_tables(radix, per_word, words), per_word,
+            int(offset), delta, bucket, int(first), senders, out, step, tid, ranks, k0, k1, span=span)
     return out
 
 
-def pack_sum_fields(codes: torch.Tensor, offset: int, width: int, per_word: int,
+def pack_sum_fields(codes: torch.Tensor, offset: int, radix: int, per_word: int,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """Word w = Σ_j (codes[w·F + j] + offset)·2^(width·j), F = per_word, as an exact float64."""
+    """Word w = Σ_j (codes[w·F + j] + offset)·R^j, F = per_word, R = radix (R^F ≤ 2^50), as an exact
+    float64: the sum of P such words is the word of the digit sums as long as every digit sum stays
+    below R."""
     _vec("codes", codes, torch.int8)
-    width, per_word = _fields(width, per_word)
+    radix, per_word = _fields(radix, per_word)
     nw = math.ceil(codes.numel() / per_word)
     out = _out(out, "out", nw, torch.float64, codes)
-    _launch("pack_sum_fields", nw, codes, int(offset), width, per_word, out)
+    _launch("pack_sum_fields", nw, codes, int(offset), radix, per_word, out)
     return out
 
 
-def unpack_sum_fields(words: torch.Tensor, n: int, offset: int, width: int, per_word: int,
+def unpack_sum_fields(words: torch.Tensor, n: int, offset: int, radix: int, per_word: int,
                       factor: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`pack_sum_fields` after a reduction that returned ``factor`` × the sum:
     each word / factor is rounded to the exact integer sum (< 2^50), split, minus ``offset``."""
+    radix, per_word = _fields(radix, per_word)
     _vec("words", words, torch.float64, math.ceil(n / per_word))
     out = _out(out, "out", n, torch.int32, words)
-    _launch("unpack_sum_fields", words.numel(), words, np.float64(factor), int(width), int(per_word),
-            int(offset), out)
+    _launch("unpack_sum_fields", words.numel(), words, np.float64(factor), *_radix_tables(radix, per_word, words),
+            int(per_word), int(offset), out)
     return out

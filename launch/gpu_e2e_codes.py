@@ -98,8 +98,8 @@ def compare_codes(grads: dict[str, torch.Tensor], ranks: int, twin: Callable) ->
             with run():
                 delta = codec.step_size(codec.bucket_absmax(src))
                 words = sum(ops.dqsg_encode_fields(src, delta, 512, 1, codec.keyed(dither_key(7, 3, name, p), ranks),
-                                                   layout.width, layout.per_word)[0] for p in range(ranks))
-                out = ops.dqsg_decode_fields(words, src.numel(), 1.0, layout.width, layout.per_word,
+                                                   layout.radix, layout.per_word)[0] for p in range(ranks))
+                out = ops.dqsg_decode_fields(words, src.numel(), 1.0, layout.radix, layout.per_word,
                                              layout.offset * ranks, delta, 512,
                                              codec.keyed(dither_key(7, 3, name, 0), ranks), senders=ranks)
             results.append((words.cpu(), out.cpu()))
@@ -126,9 +126,9 @@ def codec_seconds(grads: dict[str, torch.Tensor], codec, stock: bool, ranks: int
             if stock:
                 delta = codec.step_size(codec.bucket_absmax(g))
                 key = codec.keyed(ctx.key, ranks)
-                words, _ = ops.dqsg_encode_fields(g, delta, codec.bucket_size, codec.levels, key, layout.width,
+                words, _ = ops.dqsg_encode_fields(g, delta, codec.bucket_size, codec.levels, key, layout.radix,
                                                   layout.per_word)
-                ops.dqsg_decode_fields(words, g.numel(), 1.0, layout.width, layout.per_word, layout.offset * ranks,
+                ops.dqsg_decode_fields(words, g.numel(), 1.0, layout.radix, layout.per_word, layout.offset * ranks,
                                        delta, codec.bucket_size, key, senders=ranks)
             else:
                 codec.aggregate([codec.encode(g, ctx.sender(p)) for p in range(ranks)], ctx)

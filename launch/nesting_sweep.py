@@ -32,9 +32,9 @@ For each setting and nesting configuration (s₁, s₂), ρ = s₁/s₂:
 - **nested sum / coset ring** (`Compression.ndqsg(adaptive=False)`, `ring_allreduce`): a common
   Δ, the residues of Σ_p k_p mod ρ resolved against P × the previous step's decoded mean (side
   information *across* steps). The two share this decoder, hence these failure rates. Bits are
-  the stock path's per coordinate: coset fields of bit_length((ρ−1)P) bits and a float64 checksum
-  per bucket, plus the failed buckets' DQSG(s₁) index sums in fields of bit_length(2s₁P) bits,
-  ÷ DQSG(s₁)'s own summable fields (scales, equal for both, left out of both). Its adaptive twin
+  the stock path's per coordinate: coset sums as digits of base (ρ−1)P + 1 and a float64 checksum
+  per bucket, plus the failed buckets' DQSG(s₁) index sums as digits of base 2s₁P + 1,
+  ÷ DQSG(s₁)'s own summable digits (scales, equal for both, left out of both). Its adaptive twin
   (the default of both paths) sends the fields while nesting is off and decides from the probe.
 
 Writes runs/nesting_sweep/nesting_sweep.json and .png; prints a markdown table.

@@ -1,13 +1,15 @@
 """Carrying small integer codes through a stock SUM/AVERAGE allreduce (docs/ALGORITHMS.md §3).
 
 Horovod's torch allreduce takes int32/int64/float16/float32/float64 only, and it averages integer
-tensors by floor division. So codes are offset to be non-negative, packed ``per_word`` at a time
-into fields of ``width`` bits of a float64 word (values below 2^50, exact in float64), and one
-sentinel word equal to 1.0 is appended. After the reduction the sentinel holds c·P, where c is
-whatever factor the reduction applied (1 for Sum, 1/P for Average, any pre/postscale factors):
+tensors by floor division. So codes are offset to be non-negative and packed ``per_word`` at a time
+as the base-R digits of a float64 word, R = span·P + 1 (values below R^F ≤ 2^50, exact in float64),
+and one sentinel word equal to 1.0 is appended. After the reduction the sentinel holds c·P, where c
+is whatever factor the reduction applied (1 for Sum, 1/P for Average, any pre/postscale factors):
 the receiver recovers c, divides it out, rounds each word to the exact integer sum and splits the
-fields. A field of ``width`` bits holds the sum of P offsets in [0, 2s] as long as 2sP < 2^width,
-so sums never overflow into their neighbours.
+digits. A digit holds the sum of P offsets in [0, span] because span·P < R, so sums never carry
+into their neighbours. (A power-of-two R would be bit fields; the smallest R packs the most: for
+span 2, i.e. s = 1, P = 4 gives R = 9 and 15 digits a word, 4.27 bits per coordinate, where 4-bit
+fields give 12, 5.33 bits.)
 """
 
 from __future__ import annotations
@@ -39,18 +41,22 @@ class SumFieldLayout:
     def __post_init__(self) -> None:
         if self.span < 1 or self.ranks < 1 or self.offset < 0:
             raise ValueError(f"span ({self.span}) and ranks ({self.ranks}) must be >= 1, offset >= 0")
-        if self.width > WORD_BITS:
-            raise ValueError(f"sums of {self.ranks} values in [0, {self.span}] need "
-                             f"{self.width} bits, more than a float64 word's {WORD_BITS}")
+        if self.radix > 1 << WORD_BITS:
+            raise ValueError(f"sums of {self.ranks} values in [0, {self.span}] need digits of base "
+                             f"{self.radix}, more than a float64 word's 2^{WORD_BITS}")
 
     @property
-    def width(self) -> int:
-        """w = ⌈log2(span·P + 1)⌉ bits: a field holds the sum of P values in [0, span]."""
-        return (self.span * self.ranks).bit_length()
+    def radix(self) -> int:
+        """R = span·P + 1: a digit holds the sum of P values in [0, span]."""
+        return self.span * self.ranks + 1
 
     @property
     def per_word(self) -> int:
-        return WORD_BITS // self.width
+        """F = the most digits with R^F ≤ 2^50."""
+        f, top = 1, self.radix
+        while top * self.radix <= 1 << WORD_BITS:
+            f, top = f + 1, top * self.radix
+        return f
 
     def field_words(self, n: int) -> int:
         """Words holding n codes (no sentinel)."""
@@ -103,7 +109,7 @@ class SumMessage:
             elif layout is None:
                 out[pos:pos + n] = v
             else:
-                ops.pack_sum_fields(v.contiguous(), layout.offset, layout.width, layout.per_word,
+                ops.pack_sum_fields(v.contiguous(), layout.offset, layout.radix, layout.per_word,
                                     out=out[pos:pos + m])
             pos += m
         out[-1] = 1.0
@@ -131,5 +137,5 @@ class SumMessage:
         factor c the reduction applied to the sum)."""
         parts, factor = self.split(reduced)
         return [part if layout is None else
-                ops.unpack_sum_fields(part, n, layout.offset * self.ranks, layout.width, layout.per_word, factor)
+                ops.unpack_sum_fields(part, n, layout.offset * self.ranks, layout.radix, layout.per_word, factor)
                 for (layout, n), part in zip(self.segments, parts)], factor

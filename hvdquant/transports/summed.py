@@ -225,14 +225,14 @@ class DQSGSum:
         def writer(q: Quantized) -> Callable[[torch.Tensor], None]:
             def write(words: torch.Tensor) -> None:
                 _, counts = ops.dqsg_encode_fields(q.item.source, q.delta, codec.bucket_size, codec.levels, q.key,
-                                                   layout.width, layout.per_word, out=words)
+                                                   layout.radix, layout.per_word, out=words)
                 ex.entropy_bits += q.item.source.numel() * counts_entropy(counts) + 32.0 * q.delta.numel()
             return write
 
         sizes = [q.item.source.numel() for q in rounds]
         message = SumMessage(ranks, tuple((layout, n) for n in sizes))
         words, factor = message.split(ex.sum_words(message, [writer(q) for q in rounds], sum(sizes)))
-        return {q.item.name: ops.dqsg_decode_fields(w, n, factor, layout.width, layout.per_word,
+        return {q.item.name: ops.dqsg_decode_fields(w, n, factor, layout.radix, layout.per_word,
                                                     layout.offset * ranks, q.delta, codec.bucket_size,
                                                     q.key.for_sender(0), senders=ranks)
                 for q, w, n in zip(rounds, words, sizes)}
@@ -241,8 +241,8 @@ class DQSGSum:
 class NestedSum:
     """Allreduce-friendly nested DQSG (docs/ALGORITHMS.md §3).
 
-    With a common Δ_b (s₁ levels), every rank sends its coset symbols (k + ⌊ρ/2⌋) mod ρ in summable
-    fields of ⌈log2(P(ρ−1)+1)⌉ bits, plus its per-bucket checksums Σ_j w_j·k_j mod 2^32 (w_j: odd
+    With a common Δ_b (s₁ levels), every rank sends its coset symbols (k + ⌊ρ/2⌋) mod ρ as summable
+    digits of base P(ρ−1) + 1, plus its per-bucket checksums Σ_j w_j·k_j mod 2^32 (w_j: odd
     hashed weights of the position j; linear, so they sum too). The receiver reduces the field sums
     mod ρ and resolves Σ_p k_p with side information P·ḡ_prev, the previous step's decoded mean of
     the same tensor, which is bit-identical on every rank (:meth:`hvdquant.NDQSG.resolve`). Buckets

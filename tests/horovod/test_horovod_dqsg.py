@@ -94,7 +94,7 @@ def test_parameters_bit_identical_after_steps(compression):
     assert same_on_all_ranks(after, f"bitident.{compression}")
     assert not torch.equal(before, after)
     if compression.startswith("dqsg"):
-        # Measured: float64 words of 16 three-bit fields (P=2) + sentinel + float32 scales.
+        # Measured: float64 words of 21 base-5 digits (P=2) + sentinel + float32 scales.
         assert comp.stats.bits_per_coordinate < 8
 
 

@@ -101,14 +101,14 @@ def test_fused_summable_passes_equal_the_separate_passes(ranks, levels, bucket, 
     total = torch.zeros(layout.field_words(n), dtype=torch.float64)
     for g, key in zip(gs, keys):
         k = ops.dqsg_encode(g, delta, bucket, levels, key)
-        words, counts = ops.dqsg_encode_fields(g, delta, bucket, levels, key, layout.width, layout.per_word)
-        assert torch.equal(words, ops.pack_sum_fields(k, levels, layout.width, layout.per_word))
+        words, counts = ops.dqsg_encode_fields(g, delta, bucket, levels, key, layout.radix, layout.per_word)
+        assert torch.equal(words, ops.pack_sum_fields(k, levels, layout.radix, layout.per_word))
         assert torch.equal(counts, torch.bincount((k + levels).view(torch.uint8).long(), minlength=2 * levels + 1))
         total += words
     reduced = total * 0.25
-    ksum = ops.unpack_sum_fields(reduced, n, levels * ranks, layout.width, layout.per_word, 0.25)
+    ksum = ops.unpack_sum_fields(reduced, n, levels * ranks, layout.radix, layout.per_word, 0.25)
     want = ops.dqsg_decode(ksum, delta, bucket, keys[0], senders=ranks)
-    got = ops.dqsg_decode_fields(reduced, n, 0.25, layout.width, layout.per_word, levels * ranks, delta, bucket,
+    got = ops.dqsg_decode_fields(reduced, n, 0.25, layout.radix, layout.per_word, levels * ranks, delta, bucket,
                                  keys[0], senders=ranks)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
@@ -365,7 +365,8 @@ def test_modadd_cosets(rho, n):
     (lambda: ops.bitpack(torch.zeros(3, dtype=torch.uint8), 9), ValueError, "nbits=9"),
     (lambda: ops.bitunpack(torch.zeros(3, dtype=torch.uint8), 2, 5), ValueError, "need 2"),
     (lambda: ops.qsgd_encode(torch.ones(4), torch.ones(1), 4, 128, KEY), ValueError, "levels=128"),
-    (lambda: ops.pack_sum_fields(torch.zeros(3, dtype=torch.int8), 1, 26, 2), ValueError, "52 > 50"),
+    (lambda: ops.pack_sum_fields(torch.zeros(3, dtype=torch.int8), 1, 5, 22), ValueError, r"5\*\*22 > 2\^50"),
+    (lambda: ops.pack_sum_fields(torch.zeros(3, dtype=torch.int8), 1, 1, 2), ValueError, "radix"),
 ])
 def test_bad_arguments_are_named(call, exc, match):
     with pytest.raises(exc, match=match):

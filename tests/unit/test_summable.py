@@ -21,18 +21,28 @@ def test_roundtrip_exact(levels, ranks, factor_of_p):
     codes = [torch.randint(-levels, levels + 1, (n,), generator=gen, dtype=torch.int8) for _ in range(ranks)]
     codes[0][:50] = levels  # extremes: every field at its maximum sum on some coordinates
     for c in codes:
-        c[:20] = levels
+        c[:100] = levels  # the first words: every digit at its maximum sum R − 1, words near R^F
     factor = {"sum": 1.0, "average": 1.0 / ranks, "predivide": (1 / 3) * (3 / ranks)}[factor_of_p]
     ksum, got_factor = layout.unpack(reduce([layout.pack(c) for c in codes], factor), n)
     assert got_factor == pytest.approx(factor, rel=1e-12)
     assert torch.equal(ksum, torch.stack([c.int() for c in codes]).sum(0))
 
 
-def test_width_and_payload_size():
-    layout = SumFieldLayout.for_levels(1, 2)  # offsets in [0, 2], sums in [0, 4]: 3 bits
-    assert (layout.width, layout.per_word) == (3, 16)
+def test_radix_and_payload_size():
+    layout = SumFieldLayout.for_levels(1, 2)  # offsets in [0, 2], sums in [0, 4]: base-5 digits
+    assert (layout.radix, layout.per_word) == (5, 21)  # 5^21 ≈ 4.8e14 ≤ 2^50 < 5^22
     payload = layout.pack(torch.zeros(1000, dtype=torch.int8))
-    assert payload.dtype == torch.float64 and payload.numel() == 63 + 1  # ceil(1000/16) + sentinel
+    assert payload.dtype == torch.float64 and payload.numel() == 48 + 1  # ceil(1000/21) + sentinel
+    assert (SumFieldLayout.for_levels(1, 4).radix, SumFieldLayout.for_levels(1, 4).per_word) == (9, 15)
+
+
+@pytest.mark.parametrize("span,ranks", [(1, 1), (2, 1), (2, 2), (2, 3), (2, 4), (2, 8), (6, 4), (2, 64), (254, 16),
+                                        (1, 1 << 20), (254, 1 << 40)])
+def test_per_word_is_the_most_digits_that_fit(span, ranks):
+    """R^F ≤ 2^50 < R^(F+1): no float64 word is wasted and none can overflow."""
+    layout = SumFieldLayout(0, span, ranks)
+    r, f = layout.radix, layout.per_word
+    assert r ** f <= 2 ** 50 < r ** (f + 1)
 
 
 def test_bad_scaling_refused():
@@ -46,5 +56,5 @@ def test_bad_scaling_refused():
 
 
 def test_too_wide_refused():
-    with pytest.raises(ValueError, match="bits"):
+    with pytest.raises(ValueError, match="float64 word"):
         SumFieldLayout.for_levels(127, 1 << 45)
