@@ -771,22 +771,19 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         return np.float64(acc)
 
     @leaf
-    def split_word(words, w, factor, powers, inverses, per_word, offset, dst, i, n):
+    def split_word(words, w, factor, radix, inverses, per_word, offset, dst, i, n):
         """Inverse of :func:`field_word` after a reduction that scaled the summed words by ``factor``:
         dst[i + j] = digit j (base R) of t = round(words[w] / factor), minus ``offset`` (int32).
-        ``powers``[j] = R^j and ``inverses``[j] = fl(1/R^j) for j ≤ per_word (float64).
+        ``inverses``[j] = fl(1/R^j) for j ≤ per_word (float64).
 
-        Exact in float64 and without a chain from digit to digit: every q_j = ⌊t / R^j⌋ is found on
-        its own as ⌊t·inverses[j]⌋, off by at most one (the product's error is below t·2^−52 ≤ 1/4),
-        corrected by the sign of the exact remainder t − q_j·R^j (q_j·R^j ≤ t < 2^50); then digit
-        j = q_j − R·q_{j+1}."""
-        t = math.floor(words[w] / factor + 0.5)  # exact: |words/factor| < 2^50
-        r = powers[1]
-        prev = t
+        Exact in float64 and with no chain from digit to digit: q_j = ⌊t / R^j⌋ = ⌊(t + ½)·inverses[j]⌋,
+        because (t + ½)/R^j lies at least ½/R^j from an integer while the computed product errs by
+        less than (t + ½)/R^j·2^−52 ≤ ¼/R^j (t < 2^50); then digit j = q_j − R·q_{j+1}."""
+        th = math.floor(words[w] / factor + 0.5) + 0.5  # t + ½, exact: |words/factor| < 2^50
+        r = np.float64(radix)
+        prev = th - 0.5
         for j in range(1, min(per_word, n - i) + 1):
-            q = math.floor(t * inverses[j])
-            rem = t - q * powers[j]
-            q = q - np.float64(rem < 0.0) + np.float64(rem >= powers[j])
+            q = math.floor(th * inverses[j])
             dst[i + j - 1] = np.int32(np.int64(prev - q * r) - offset)
             prev = q
 
@@ -796,9 +793,9 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         words[w] = field_word(codes, w * per_word, codes.shape[0], offset, radix, per_word)
 
     @leaf
-    def unpack_sum_fields(w, words, factor, powers, inverses, per_word, offset, ksum):
+    def unpack_sum_fields(w, words, factor, radix, inverses, per_word, offset, ksum):
         """Inverse of pack_sum_fields after a reduction that scaled the summed words by ``factor``."""
-        split_word(words, w, factor, powers, inverses, per_word, offset, ksum, w * per_word, ksum.shape[0])
+        split_word(words, w, factor, radix, inverses, per_word, offset, ksum, w * per_word, ksum.shape[0])
 
     # ------------------------------------------------------------------ fused DQSG summable fields
     # The stock path's passes (docs/ALGORITHMS.md §3) fused like the payload ones: ranges [i0, i1)
@@ -817,13 +814,13 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
             words[(i0 + q) // per_word] = field_word(sym, q, n, 0, radix, per_word)
 
     @jit
-    def dqsg_decode_fields(i0, i1, u, ksum, words, factor, powers, inverses, per_word, offset, delta, bucket, first,
+    def dqsg_decode_fields(i0, i1, u, ksum, words, factor, radix, inverses, per_word, offset, delta, bucket, first,
                            senders, out, step, tid, ranks, key0, key1):
         """out[i] = Δ_b (Σ_p k_p[i] − Σ_p u_p[i]) for [i0, i1), the index sums read from the reduced
         words (:func:`unpack_sum_fields` with ``offset`` = P·s, then :func:`dqsg_decode`)."""
         n = i1 - i0
         for q in range(0, n, per_word):
-            split_word(words, (i0 + q) // per_word, factor, powers, inverses, per_word, offset, ksum, q, n)
+            split_word(words, (i0 + q) // per_word, factor, radix, inverses, per_word, offset, ksum, q, n)
         dither_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1)
         reconstruct_range(i0, i1, u, ksum, 0, delta, bucket, F32_ONE, out, i0)
 

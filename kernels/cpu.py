@@ -127,12 +127,12 @@ def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, radix, per_word, w
 
 
 @_par
-def dqsg_decode_fields(nb, n, span, words, factor, powers, inverses, per_word, offset, delta, bucket, first, senders,
+def dqsg_decode_fields(nb, n, span, words, factor, radix, inverses, per_word, offset, delta, bucket, first, senders,
                        out, step, tid, ranks, k0, k1):
     for c in prange(nb):
         u = np.empty(span, np.float32)
         ksum = np.empty(span, np.int32)
-        _dqsg_decode_fields(c * span, min(n, (c + 1) * span), u, ksum, words, factor, powers, inverses, per_word,
+        _dqsg_decode_fields(c * span, min(n, (c + 1) * span), u, ksum, words, factor, radix, inverses, per_word,
                             offset, delta, bucket, first, senders, out, step, tid, ranks, k0, k1)
 
 
@@ -246,9 +246,9 @@ def pack_sum_fields(nb, codes, offset, radix, per_word, words):
 
 
 @_par
-def unpack_sum_fields(nb, words, factor, powers, inverses, per_word, offset, ksum):
+def unpack_sum_fields(nb, words, factor, radix, inverses, per_word, offset, ksum):
     for b in prange(nb):
-        _unpack_sum_fields(b, words, factor, powers, inverses, per_word, offset, ksum)
+        _unpack_sum_fields(b, words, factor, radix, inverses, per_word, offset, ksum)
 
 
 def _serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:

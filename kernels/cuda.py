@@ -119,13 +119,13 @@ def dqsg_encode_fields(nb, n, span, g, delta, bucket, levels, radix, per_word, w
 
 
 @cuda.jit
-def dqsg_decode_fields(nb, n, span, words, factor, powers, inverses, per_word, offset, delta, bucket, first, senders,
+def dqsg_decode_fields(nb, n, span, words, factor, radix, inverses, per_word, offset, delta, bucket, first, senders,
                        out, step, tid, ranks, k0, k1):
     b = cuda.grid(1)
     if b < nb:
         u = cuda.local.array(GPU_FIELD_SCRATCH, float32)
         ksum = cuda.local.array(GPU_FIELD_SCRATCH, int32)
-        _dqsg_decode_fields(span * b, min(n, span * b + span), u, ksum, words, factor, powers, inverses, per_word,
+        _dqsg_decode_fields(span * b, min(n, span * b + span), u, ksum, words, factor, radix, inverses, per_word,
                             offset, delta, bucket, first, senders, out, step, tid, ranks, k0, k1)
 
 
@@ -255,7 +255,7 @@ def pack_sum_fields(nb, codes, offset, radix, per_word, words):
 
 
 @cuda.jit
-def unpack_sum_fields(nb, words, factor, powers, inverses, per_word, offset, ksum):
+def unpack_sum_fields(nb, words, factor, radix, inverses, per_word, offset, ksum):
     b = cuda.grid(1)
     if b < nb:
-        _unpack_sum_fields(b, words, factor, powers, inverses, per_word, offset, ksum)
+        _unpack_sum_fields(b, words, factor, radix, inverses, per_word, offset, ksum)

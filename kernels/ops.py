@@ -583,16 +583,15 @@ def _fields(radix: int, per_word: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _radix_tables_cpu(radix: int, per_word: int) -> tuple[torch.Tensor, torch.Tensor]:
-    powers = torch.tensor([float(radix ** j) for j in range(per_word + 1)], dtype=torch.float64)  # exact: ≤ 2^50
-    return powers, 1.0 / powers  # IEEE division: fl(1/R^j)
+def _radix_inverses_cpu(radix: int, per_word: int) -> torch.Tensor:
+    return 1.0 / torch.tensor([float(radix ** j) for j in range(per_word + 1)], dtype=torch.float64)
 
 
-def _radix_tables(radix: int, per_word: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """R^j and fl(1/R^j) for j = 0 … per_word (float64, on ``like``'s device): the digit splitter's
-    tables (``split_word`` in kernels/arith.py)."""
-    powers, inverses = _radix_tables_cpu(radix, per_word)
-    return (powers, inverses) if not like.is_cuda else (powers.to(like.device), inverses.to(like.device))
+def _radix_inverses(radix: int, per_word: int, like: torch.Tensor) -> torch.Tensor:
+    """fl(1/R^j) for j = 0 … per_word (float64, on ``like``'s device; R^j ≤ 2^50 is exact, the
+    division correctly rounded): the digit splitter's table (``split_word`` in kernels/arith.py)."""
+    inverses = _radix_inverses_cpu(radix, per_word)
+    return inverses.to(like.device) if like.is_cuda else inverses
 
 
 def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey, radix: int,
@@ -633,8 +632,8 @@ def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, radix: int, p
     out = _out(out, "out", n, torch.float32, words)
     span, _ = _span(_target("dqsg_decode_fields", words, delta, out), per_word)
     step, tid, first, ranks, k0, k1 = key.words()
-    _launch("dqsg_decode_fields", n, words, np.float64(factor), *_radix_tables(radix, per_word, words), per_word,
-            int(offset), delta, bucket, int(first), senders, out, step, tid, ranks, k0, k1, span=span)
+    _launch("dqsg_decode_fields", n, words, np.float64(factor), radix, _radix_inverses(radix, per_word, words),
+            per_word, int(offset), delta, bucket, int(first), senders, out, step, tid, ranks, k0, k1, span=span)
     return out
 
 
@@ -658,6 +657,6 @@ def unpack_sum_fields(words: torch.Tensor, n: int, offset: int, radix: int, per_
     radix, per_word = _fields(radix, per_word)
     _vec("words", words, torch.float64, math.ceil(n / per_word))
     out = _out(out, "out", n, torch.int32, words)
-    _launch("unpack_sum_fields", words.numel(), words, np.float64(factor), *_radix_tables(radix, per_word, words),
-            int(per_word), int(offset), out)
+    _launch("unpack_sum_fields", words.numel(), words, np.float64(factor), int(radix),
+            _radix_inverses(radix, per_word, words), int(per_word), int(offset), out)
     return out

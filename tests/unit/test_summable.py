@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hvdquant.kernels import ops
 from hvdquant.transports import SumFieldLayout
 
 
@@ -58,3 +59,26 @@ def test_bad_scaling_refused():
 def test_too_wide_refused():
     with pytest.raises(ValueError, match="float64 word"):
         SumFieldLayout.for_levels(127, 1 << 45)
+
+
+@pytest.mark.parametrize("radix", [2, 3, 5, 7, 9, 13, 17, 25, 255, 4065, (1 << 16) + 1, (1 << 25) - 1, (1 << 31) - 1])
+def test_digit_split_is_exact_up_to_the_word_limit(radix):
+    """The float64 splitter (⌊(t + ½)·fl(1/R^j)⌋, no integer division) against Python's divmod, on
+    the words where rounding would bite: R^F − 1 (every digit R − 1), multiples of R^j and their
+    neighbours, and random words below R^F ≤ 2^50."""
+    f = SumFieldLayout(0, radix - 1, 1).per_word
+    assert SumFieldLayout(0, radix - 1, 1).radix == radix
+    top = radix ** f
+    gen = torch.Generator().manual_seed(radix)
+    words = [top - 1, 0, 1, top // 2]
+    for j in range(1, f):
+        words += [radix ** j - 1, radix ** j, radix ** j + 1, top - radix ** j, top - radix ** j - 1]
+    words += [int(x) for x in (torch.rand(2000, generator=gen, dtype=torch.float64) * top).long()]
+    words = [min(max(w, 0), top - 1) for w in words]
+    got = ops.unpack_sum_fields(torch.tensor(words, dtype=torch.float64), len(words) * f, 0, radix, f)
+    want = []
+    for w in words:
+        for _ in range(f):
+            w, d = divmod(w, radix)
+            want.append(d)
+    assert got.tolist() == want
