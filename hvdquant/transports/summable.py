@@ -14,6 +14,7 @@ fields give 12, 5.33 bits.)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,12 +46,12 @@ class SumFieldLayout:
             raise ValueError(f"sums of {self.ranks} values in [0, {self.span}] need digits of base "
                              f"{self.radix}, more than a float64 word's 2^{WORD_BITS}")
 
-    @property
+    @functools.cached_property
     def radix(self) -> int:
         """R = span·P + 1: a digit holds the sum of P values in [0, span]."""
         return self.span * self.ranks + 1
 
-    @property
+    @functools.cached_property
     def per_word(self) -> int:
         """F = the most digits with R^F ≤ 2^50."""
         f, top = 1, self.radix
