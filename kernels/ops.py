@@ -606,6 +606,8 @@ def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels
     _scales("delta", delta, g.numel(), bucket)
     levels = _int("levels", levels, 1, 127)
     radix, per_word = _fields(radix, per_word)
+    if radix <= 2 * levels:
+        raise ValueError(f"radix={radix} cannot hold the symbols k + s in [0, {2 * levels}] (levels={levels})")
     n = g.numel()
     out = _out(out, "out", math.ceil(n / per_word), torch.float64, g)
     span, _ = _span(_target("dqsg_encode_fields", g, delta, out), per_word)

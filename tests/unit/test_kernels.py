@@ -367,6 +367,7 @@ def test_modadd_cosets(rho, n):
     (lambda: ops.qsgd_encode(torch.ones(4), torch.ones(1), 4, 128, KEY), ValueError, "levels=128"),
     (lambda: ops.pack_sum_fields(torch.zeros(3, dtype=torch.int8), 1, 5, 22), ValueError, r"5\*\*22 > 2\^50"),
     (lambda: ops.pack_sum_fields(torch.zeros(3, dtype=torch.int8), 1, 1, 2), ValueError, "radix"),
+    (lambda: ops.dqsg_encode_fields(torch.ones(4), torch.ones(1), 4, 3, KEY, 6, 4), ValueError, "radix=6"),
 ])
 def test_bad_arguments_are_named(call, exc, match):
     with pytest.raises(exc, match=match):

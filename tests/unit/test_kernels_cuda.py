@@ -75,10 +75,10 @@ CASES = {
                                                     STRAT4, n),
                              ops.dqsg_decode_packed(ops.bitpack(sym_of(n, 7), 3), scales(g_of(n), 64, 3), 64, 3,
                                                     KEY, n)),
-    "dqsg_fields": lambda n: (*ops.dqsg_encode_fields(g_of(n), scales(g_of(n), 64, 3), 64, 3, STRAT3, 4, 12),
+    "dqsg_fields": lambda n: (*ops.dqsg_encode_fields(g_of(n), scales(g_of(n), 64, 3), 64, 3, STRAT3, 19, 11),
                               ops.dqsg_encode_fields(g_of(n), scales(g_of(n), 64), 64, 1, KEY, 7, 7)[0],
-                              ops.dqsg_decode_fields(ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 9, 5, 10)
-                                                     * 0.5, n, 0.5, 5, 10, 9, scales(g_of(n), 64, 3), 64,
+                              ops.dqsg_decode_fields(ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 9, 19, 11)
+                                                     * 0.5, n, 0.5, 19, 11, 9, scales(g_of(n), 64, 3), 64,
                                                      STRAT3.for_sender(0), senders=3)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),
@@ -94,9 +94,9 @@ CASES = {
                                             4),),
     "modadd5": lambda n: (ops.modadd_cosets(ops.pack_cosets(sym_of(n, 5, 1), 5), ops.pack_cosets(sym_of(n, 5, 2), 5),
                                             5),),
-    "sum_fields": lambda n: (ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 3, 4, 12),
-                             ops.unpack_sum_fields(ops.pack_sum_fields(torch.full((n,), 2, dtype=torch.int8), 3, 4, 12)
-                                                   * 0.25, n, 3, 4, 12, factor=0.25)),
+    "sum_fields": lambda n: (ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 3, 7, 12),
+                             ops.unpack_sum_fields(ops.pack_sum_fields(torch.full((n,), 2, dtype=torch.int8), 3, 7, 12)
+                                                   * 0.25, n, 3, 7, 12, factor=0.25)),
 }
 
 

@@ -180,8 +180,8 @@ def all_kernels(n: int) -> dict[str, torch.Tensor]:
         "radix5": ops.radixpack(sym5, 5), "radixunpack5": ops.radixunpack(ops.radixpack(sym5, 5), 5, n),
         "modadd": ops.modadd_cosets(ops.pack_cosets(sym5, 5), ops.pack_cosets(sym5.flip(0).contiguous(), 5), 5),
         "modadd_bits": ops.modadd_cosets(ops.bitpack(sym5 % 4, 2), ops.bitpack(sym5 % 3, 2), 4),
-        "sum_fields": ops.pack_sum_fields(k, 3, 4, 12),
-        "unpack_sum_fields": ops.unpack_sum_fields(ops.pack_sum_fields(k, 3, 4, 12) * 0.5, n, 3, 4, 12, 0.5),
+        "sum_fields": ops.pack_sum_fields(k, 3, 7, 12),
+        "unpack_sum_fields": ops.unpack_sum_fields(ops.pack_sum_fields(k, 3, 7, 12) * 0.5, n, 3, 7, 12, 0.5),
     }
     return out
 
