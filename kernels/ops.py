@@ -583,15 +583,11 @@ def _fields(radix: int, per_word: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _radix_inverses_cpu(radix: int, per_word: int) -> torch.Tensor:
-    return 1.0 / torch.tensor([float(radix ** j) for j in range(per_word + 1)], dtype=torch.float64)
-
-
-def _radix_inverses(radix: int, per_word: int, like: torch.Tensor) -> torch.Tensor:
-    """fl(1/R^j) for j = 0 … per_word (float64, on ``like``'s device; R^j ≤ 2^50 is exact, the
-    division correctly rounded): the digit splitter's table (``split_word`` in kernels/arith.py)."""
-    inverses = _radix_inverses_cpu(radix, per_word)
-    return inverses.to(like.device) if like.is_cuda else inverses
+def _radix_inverses(radix: int, per_word: int, device: torch.device) -> torch.Tensor:
+    """fl(1/R^j) for j = 0 … per_word (float64, on ``device``, made once per device; R^j ≤ 2^50 is
+    exact, the division correctly rounded): the digit splitter's table (``split_word`` in
+    kernels/arith.py)."""
+    return (1.0 / torch.tensor([float(radix ** j) for j in range(per_word + 1)], dtype=torch.float64)).to(device)
 
 
 def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels: int, key: DitherKey, radix: int,
@@ -634,7 +630,7 @@ def dqsg_decode_fields(words: torch.Tensor, n: int, factor: float, radix: int, p
     out = _out(out, "out", n, torch.float32, words)
     span, _ = _span(_target("dqsg_decode_fields", words, delta, out), per_word)
     step, tid, first, ranks, k0, k1 = key.words()
-    _launch("dqsg_decode_fields", n, words, np.float64(factor), radix, _radix_inverses(radix, per_word, words),
+    _launch("dqsg_decode_fields", n, words, np.float64(factor), radix, _radix_inverses(radix, per_word, words.device),
             per_word, int(offset), delta, bucket, int(first), senders, out, step, tid, ranks, k0, k1, span=span)
     return out
 
@@ -659,6 +655,6 @@ def unpack_sum_fields(words: torch.Tensor, n: int, offset: int, radix: int, per_
     radix, per_word = _fields(radix, per_word)
     _vec("words", words, torch.float64, math.ceil(n / per_word))
     out = _out(out, "out", n, torch.int32, words)
-    _launch("unpack_sum_fields", words.numel(), words, np.float64(factor), int(radix),
-            _radix_inverses(radix, per_word, words), int(per_word), int(offset), out)
+    _launch("unpack_sum_fields", words.numel(), words, np.float64(factor), radix,
+            _radix_inverses(radix, per_word, words.device), per_word, int(offset), out)
     return out

@@ -75,8 +75,6 @@ def bucket_syndromes(k: torch.Tensor, buckets: list[int], bucket_size: int, lo: 
 def bucket_checks(blocks: torch.Tensor) -> torch.Tensor:
     """The nested checksum of each row (:func:`ops.bucket_checksum` with the row as one bucket; the
     int32 view wraps mod 2^32, which the checksum, itself mod 2^32, does not see)."""
-    if blocks.numel() == 0:
-        return torch.zeros(blocks.shape[0], dtype=torch.int64, device=blocks.device)
     return ops.bucket_checksum(blocks.reshape(-1).to(torch.int32).contiguous(), blocks.shape[1])
 
 
