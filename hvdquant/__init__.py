@@ -16,7 +16,7 @@ from hvdquant.kernels import DitherKey
 from hvdquant.stats import CommStats
 from hvdquant.transports.ring import GroupDQSG, PreviousMean, RingStats, ring_allreduce
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CommStats", "Compression", "DistributedOptimizer", "DitherKey",
            "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__",
            "ddp", "ring_allreduce"]

@@ -10,10 +10,18 @@ codecs, one bucket for reductions, one byte group for packers). The CPU loops ``
 Rules that keep CPU and GPU bit-identical:
 - integers are ``uint64``/``int64`` with explicit masks (Numba promotes mixed signed/unsigned
   64-bit operands to float64, so constants are typed);
-- float32 arithmetic uses only IEEE-exact operations (+, −, ×, ÷, sqrt, floor) in expressions a
-  compiler cannot contract into a fused multiply-add with a different rounding: no ``a*b + c``
-  unless ``a*b`` is exact (squares of float32 are exact in float64, so L2 sums accumulate in float64);
+- floats go only through correctly rounded IEEE operations (+, −, ×, ÷, sqrt, conversions) and
+  exact ones (floor, truncation, comparisons); no transcendental functions;
+- no float32 product ever feeds an addition, so there is nothing for a GPU compiler to contract into
+  a fused multiply-add (the CUDA compiler does so by default, the CPU's does not): dithers are built
+  from integers (an odd integer times a power of 2), and sums of products accumulate in float64,
+  where a product of two float32 values is exact, so a contracted ``fma(a, b, acc)`` rounds exactly
+  as ``acc + a*b`` does (the same holds for float64 products of integers below 2^53);
 - every reduction runs in a fixed sequential order inside its block.
+
+``tests/unit/test_ptx.py`` compiles every CUDA kernel to PTX and checks the instructions this
+argument relies on: no float32 ``fma``, every division and square root ``.rn``, no approximate
+instruction.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ CHECK_M1 = np.uint64(0x846CA68B)
 F32_ZERO = np.float32(0.0)
 F32_HALF = np.float32(0.5)
 F32_ONE = np.float32(1.0)
-F32_ULP23 = np.float32(2.0**-23)
+F32_2POW_M24 = np.float32(2.0**-24)
+I32_2POW23 = np.int32(2**23)
+SHIFT24 = np.uint64(24)
 F32_INF = np.float32(np.inf)
 GPU_SPAN = 20  # scratch per GPU thread in the fused payload passes: ≥ lcm(4, packing group) (8, 12 or 20)
 GPU_FIELD_SCRATCH = 200  # scratch per GPU thread in the fused summable passes: ≥ lcm(4, F) for F ≤ 50 fields a word
@@ -100,13 +110,20 @@ def _check_weight(j):
     return x | U64_ONE
 
 
-def _uniform_centered(x):
-    """Map a 32-bit random word to a float32 uniform on the open interval (-1/2, 1/2).
+def _odd_numerator(x):
+    """2·(x >> 9) + 1 (uint64) for a 32-bit random word x: the odd integer m ∈ [1, 2^24) of the offset
+    v = m·2^-24 = ((x >> 9) + ½)·2^-23 ∈ (0, 1) (the top 23 bits of x give 2^23 equally likely values)."""
+    return ((x >> SHIFT9) << U64_ONE) | U64_ONE
 
-    u = ((x >> 9) + 1/2) * 2^-23 - 1/2: the top 23 bits give 2^23 equally likely values, symmetric
-    about 0, never +-1/2. Every step is exact in float32, so CPU and GPU agree bit for bit.
+
+def _centered(m):
+    """The float32 uniform on the open interval (−½, ½) of an odd numerator m (uint64, see above):
+
+    u = v − ½ = (m − 2^23)·2^-24, an integer of magnitude below 2^23 (exact in float32) times a power
+    of 2 (exact), symmetric about 0, never ±½. No rounding and no multiply-add anywhere, so CPU and
+    GPU agree bit for bit.
     """
-    return (np.float32(x >> SHIFT9) + F32_HALF) * F32_ULP23 - F32_HALF
+    return np.float32(np.int32(m) - I32_2POW23) * F32_2POW_M24
 
 
 def _round_half_up(t):
@@ -176,7 +193,8 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
     leaf = leaf or jit
     tally = tally or leaf(_tally)
     philox4x32 = leaf(_philox4x32)
-    uniform_centered = leaf(_uniform_centered)
+    odd_numerator = leaf(_odd_numerator)
+    centered = leaf(_centered)
     round_half_up = leaf(_round_half_up)
     stochastic_level = leaf(_stochastic_level)
     centered_mod = leaf(_centered_mod)
@@ -190,7 +208,8 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         Counter = (b, step, tensor id, sender), key = (seed low 32 bits, seed high 32 bits).
         """
         r0, r1, r2, r3 = philox4x32(np.uint64(b), step, tid, sender, key0, key1)
-        return uniform_centered(r0), uniform_centered(r1), uniform_centered(r2), uniform_centered(r3)
+        return (centered(odd_numerator(r0)), centered(odd_numerator(r1)), centered(odd_numerator(r2)),
+                centered(odd_numerator(r3)))
 
     @leaf
     def lane(u0, u1, u2, u3, j):
@@ -293,9 +312,12 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         return (x + ((s * ranks) >> SHIFT32)) % ranks
 
     @leaf
-    def placed(stratum, v, pf):
-        """u = (π + v)/P − ½ in float32 for stratum π (uint64, converted through int64: faster) and v ∈ (0, 1)."""
-        return (np.float32(np.int64(stratum)) + v) / pf - F32_HALF
+    def placed(stratum, m, pf):
+        """u = fl(fl(fl(π + v)/P) − ½) for stratum π < 2^16 and offset v = m·2^-24 (m: the odd numerator,
+        uint64). fl(π + v) is computed as fl(π·2^24 + m)·2^-24: one correctly rounded integer-to-float
+        conversion and an exact scaling (the same bits as the float32 sum), so no product feeds an
+        addition."""
+        return (np.float32(np.int64((stratum << SHIFT24) | m)) * F32_2POW_M24) / pf - F32_HALF
 
     @leaf
     def strata_field(ranks):
@@ -308,13 +330,8 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         return rk, mu, np.uint64(GF_POLY[m]), (U64_ONE << mu) == rk, np.float32(ranks)
 
     @leaf
-    def offset(x):
-        """v = ((x >> 9) + ½)·2^-23 ∈ (0, 1) from a SHARED_V word: uniform_centered(x) + ½, exactly."""
-        return (np.float32(x >> SHIFT9) + F32_HALF) * F32_ULP23
-
-    @leaf
     def strata_block(b, mu, pow2, step, tid, key0, key1):
-        """Shared words of elements 4b .. 4b+3: the offsets v (SHARED_V), the strata words w (SHARED_PERM,
+        """Shared words of elements 4b .. 4b+3: the offsets' numerators m (SHARED_V), the strata words w (SHARED_PERM,
         except for P = 2 (m = 1), whose permutation has one random bit c = w mod 2 and takes it from
         bit 0 of the v word, which v does not use, so no second stream is needed) and s (SHARED_SHIFT,
         when P is not a power of 2)."""
@@ -325,7 +342,8 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         s0 = s1 = s2 = s3 = U64_ZERO
         if not pow2:
             s0, s1, s2, s3 = philox4x32(b, step, tid, np.uint64(SHARED_SHIFT), key0, key1)
-        return offset(x0), offset(x1), offset(x2), offset(x3), w0, w1, w2, w3, s0, s1, s2, s3
+        return (odd_numerator(x0), odd_numerator(x1), odd_numerator(x2), odd_numerator(x3), w0, w1, w2, w3, s0, s1,
+                s2, s3)
 
     @leaf
     def pow2_range(u, b0, full, pu, mu, poly, pf, steps, step, tid, key0, key1):
@@ -336,22 +354,22 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
             b = np.uint64(b0 + q)
             x0, x1, x2, x3 = philox4x32(b, step, tid, sv, key0, key1)
             w0, w1, w2, w3 = philox4x32(b, step, tid, sw, key0, key1)
-            u[4 * q] = placed(stratum_pow2(pu, mu, poly, w0, steps), offset(x0), pf)
-            u[4 * q + 1] = placed(stratum_pow2(pu, mu, poly, w1, steps), offset(x1), pf)
-            u[4 * q + 2] = placed(stratum_pow2(pu, mu, poly, w2, steps), offset(x2), pf)
-            u[4 * q + 3] = placed(stratum_pow2(pu, mu, poly, w3, steps), offset(x3), pf)
+            u[4 * q] = placed(stratum_pow2(pu, mu, poly, w0, steps), odd_numerator(x0), pf)
+            u[4 * q + 1] = placed(stratum_pow2(pu, mu, poly, w1, steps), odd_numerator(x1), pf)
+            u[4 * q + 2] = placed(stratum_pow2(pu, mu, poly, w2, steps), odd_numerator(x2), pf)
+            u[4 * q + 3] = placed(stratum_pow2(pu, mu, poly, w3, steps), odd_numerator(x3), pf)
 
     @leaf
     def lanes3(block, j):
-        """(v, w, s) of lane j of a :func:`strata_block`."""
+        """(m, w, s) of lane j of a :func:`strata_block`."""
         return (lane(block[0], block[1], block[2], block[3], j), lane(block[4], block[5], block[6], block[7], j),
                 lane(block[8], block[9], block[10], block[11], j))
 
     @jit
     def stratified_range(i0, i1, first, senders, ranks, u, step, tid, key0, key1):
         """u[i − i0] = Σ_p u_p[i], p = first .. first+senders−1, under the stratified dither among
-        ``ranks`` ranks (docs/ALGORITHMS.md §9): u_p = (π(p) + v)/P − ½ with v ∈ (0, 1) from the shared
-        stream SHARED_V (the top 23 bits of its word, as in uniform_centered) and π from the shared
+        ``ranks`` ranks (docs/ALGORITHMS.md §9): u_p = (π(p) + v)/P − ½ with v = m·2^-24 ∈ (0, 1) from the
+        shared stream SHARED_V (m: the odd numerator of its word, as in uniforms) and π from the shared
         words of :func:`strata_block`. Each rank's u_p is uniform on (−½, ½); all P of them sum to
         v − ½, which :func:`dither_range` regenerates alone. One sender and P a power of 2 (the
         encoder's case) runs unrolled, so the Philox loop vectorizes.
@@ -366,10 +384,10 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         if mu == U64_ONE:  # P = 2: π(p) = p ⊕ c, c = bit 0 of the v word (see strata_block)
             for q in range(full):
                 x0, x1, x2, x3 = philox4x32(np.uint64(b0 + q), step, tid, sv, key0, key1)
-                u[4 * q] = placed(pu ^ (x0 & U64_ONE), offset(x0), pf)
-                u[4 * q + 1] = placed(pu ^ (x1 & U64_ONE), offset(x1), pf)
-                u[4 * q + 2] = placed(pu ^ (x2 & U64_ONE), offset(x2), pf)
-                u[4 * q + 3] = placed(pu ^ (x3 & U64_ONE), offset(x3), pf)
+                u[4 * q] = placed(pu ^ (x0 & U64_ONE), odd_numerator(x0), pf)
+                u[4 * q + 1] = placed(pu ^ (x1 & U64_ONE), odd_numerator(x1), pf)
+                u[4 * q + 2] = placed(pu ^ (x2 & U64_ONE), odd_numerator(x2), pf)
+                u[4 * q + 3] = placed(pu ^ (x3 & U64_ONE), odd_numerator(x3), pf)
         elif mu <= np.uint64(4):  # P = 4 .. 16: four product steps
             pow2_range(u, b0, full, pu, mu, poly, pf, 4, step, tid, key0, key1)
         else:
@@ -377,10 +395,10 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         for q in range(full, (n + 3) // 4):
             block = strata_block(np.uint64(b0 + q), mu, pow2, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
-                v, w, s = lanes3(block, j)
+                m, w, s = lanes3(block, j)
                 acc = F32_ZERO
                 for p in range(first, first + senders):
-                    acc += placed(stratum(p, rk, mu, poly, w, s), v, pf)
+                    acc += placed(stratum(p, rk, mu, poly, w, s), m, pf)
                 u[4 * q + j] = acc
 
     @jit
@@ -457,21 +475,23 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         (codes: the symbols k + ``offset``, as :func:`dqsg_decode` takes them),
         each with its own scales delta[p] (own-scale DQSG payloads, docs/ALGORITHMS.md §1), under the
         stratified dither among P ranks: v and the strata words are generated once per coordinate, not
-        once per sender. (``u`` is unused: the range-kernel signature.)"""
+        once per sender. The sum runs in float64: each term Δ·(k − u) is a product of two float32
+        values, exact in float64, so a contracted multiply-add rounds as the plain sum does and the GPU
+        gives the CPU's bits. (``u`` is unused: the range-kernel signature.)"""
         rk, mu, poly, pow2, pf = strata_field(ranks)
         n = i1 - i0
         b0 = i0 // 4
         for q in range((n + 3) // 4):
             block = strata_block(np.uint64(b0 + q), mu, pow2, step, tid, key0, key1)
             for j in range(min(4, n - 4 * q)):
-                v, w, s = lanes3(block, j)
+                m, w, s = lanes3(block, j)
                 i = i0 + 4 * q + j
                 c = i // bucket
-                acc = F32_ZERO
+                acc = np.float64(0.0)
                 for p in range(codes.shape[0]):
                     k = np.float32(np.int64(codes[p, i]) - offset)
-                    acc += delta[p, c] * (k - placed(stratum(p, rk, mu, poly, w, s), v, pf))
-                out[i] = factor * acc
+                    acc += np.float64(delta[p, c]) * np.float64(k - placed(stratum(p, rk, mu, poly, w, s), m, pf))
+                out[i] = factor * np.float32(acc)
 
     @jit
     def nested_encode(i0, i1, u, g, delta, bucket, levels, rho, symbols, step, tid, sender, ranks, key0, key1):
@@ -560,6 +580,13 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
             x = np.float64(g[i])
             acc += x * x
         out[b] = np.float32(math.sqrt(acc))
+
+    @leaf
+    def bucket_step(b, absmax, levels, out):
+        """out[b] = Δ_b = absmax_b / s in float32 (docs/ALGORITHMS.md §1): one correctly rounded
+        division on both devices (a framework's division by a scalar may multiply by the reciprocal
+        on the GPU instead, which decides other codes)."""
+        out[b] = absmax[b] / np.float32(levels)
 
     @leaf
     def bucket_checksum(b, k, bucket, out):

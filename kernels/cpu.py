@@ -32,6 +32,7 @@ _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
 _bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
+_bucket_step = _f.bucket_step
 _dither_fill = _f.dither_fill
 _dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
@@ -177,6 +178,12 @@ def bucket_checksum(nb, k, bucket, out):
 def bucket_l2(nb, g, bucket, out):
     for b in prange(nb):
         _bucket_l2(b, g, bucket, out)
+
+
+@_par
+def bucket_step(nb, absmax, levels, out):
+    for b in prange(nb):
+        _bucket_step(b, absmax, levels, out)
 
 
 @_par

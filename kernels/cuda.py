@@ -27,6 +27,7 @@ _bitunpack = _f.bitunpack
 _bucket_absmax = _f.bucket_absmax
 _bucket_checksum = _f.bucket_checksum
 _bucket_l2 = _f.bucket_l2
+_bucket_step = _f.bucket_step
 _dither_fill = _f.dither_fill
 _dqsg_aggregate = _f.dqsg_aggregate
 _dqsg_decode = _f.dqsg_decode
@@ -175,6 +176,13 @@ def bucket_l2(nb, g, bucket, out):
     b = cuda.grid(1)
     if b < nb:
         _bucket_l2(b, g, bucket, out)
+
+
+@cuda.jit
+def bucket_step(nb, absmax, levels, out):
+    b = cuda.grid(1)
+    if b < nb:
+        _bucket_step(b, absmax, levels, out)
 
 
 @cuda.jit

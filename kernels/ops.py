@@ -46,14 +46,13 @@ def force_target(target: str | None) -> Iterator[None]:
 
 
 def _target(kernel: str, *args: object) -> str:
-    """Where ``kernel`` runs on these arguments: "cuda" if its tensors are on a GPU (all on the same
-    one), else "cpu"; :func:`force_target` overrides."""
+    """Where ``kernel`` runs on these arguments: "cuda" if its tensors are on a GPU, else "cpu";
+    :func:`force_target` overrides. Its tensors must all be on one device (any mixture raises)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    on_gpu = any(t.is_cuda for t in tensors)
-    if on_gpu and not all(t.is_cuda and t.device == tensors[0].device for t in tensors):
-        raise ValueError(f"{kernel}: all tensors must be on the same device, got "
-                         f"{sorted({str(t.device) for t in tensors})}")
-    return _forced or ("cuda" if on_gpu else "cpu")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{kernel}: all tensors must be on the same device, got {sorted(map(str, devices))}")
+    return _forced or ("cuda" if any(t.is_cuda for t in tensors) else "cpu")
 
 
 def _launch(kernel: str, count: int, *args: object, ranged: bool = False, span: int | None = None) -> None:
@@ -169,6 +168,17 @@ def bucket_absmax(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None)
     nb = num_buckets(g.numel(), bucket)
     out = _out(out, "out", nb, torch.float32, g)
     _launch("bucket_absmax", nb, g, bucket, out)
+    return out
+
+
+def bucket_step(absmax: torch.Tensor, levels: int) -> torch.Tensor:
+    """Δ_b = absmax_b / s per bucket (float32), one correctly rounded division on either device:
+    the step decides the codes, so it is computed by the kernels, not by the framework (whose
+    division by a scalar may multiply by the reciprocal on a GPU)."""
+    _vec("absmax", absmax, torch.float32)
+    levels = _int("levels", levels, 1, 1 << 24)
+    out = torch.empty_like(absmax)
+    _launch("bucket_step", absmax.numel(), absmax, levels, out)
     return out
 
 

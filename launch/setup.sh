@@ -66,6 +66,9 @@ fi
 # Horovod's own runtime needs (it is installed --no-deps below) and the build's tools.
 "${PIP[@]}" cloudpickle psutil pyyaml packaging cffi
 "${PIP[@]}" numpy numba numba-cuda mpi4py pytest pytest-mpi tqdm scikit-learn matplotlib hypothesis ruff
+# NVRTC for numba-cuda's PTX compiler: tests/unit/test_ptx.py compiles the CUDA kernels to PTX
+# without a GPU, with the CUDA toolkit's NVVM; a toolkit without NVRTC still needs this wheel
+"${PIP[@]}" "nvidia-cuda-nvrtc==13.0.*"
 
 # ---------------------------------------------------------------- Horovod from source
 PYTAG="$("$VPY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"

@@ -77,8 +77,9 @@ class DQSG(Codec):
         return ops.bucket_absmax(flat32(g), self.bucket_size)
 
     def step_size(self, absmax: torch.Tensor) -> torch.Tensor:
-        """Δ_b = absmax_b / s (float32). Callers check finiteness first."""
-        return absmax.to(torch.float32) / float(self.levels)
+        """Δ_b = absmax_b / s (float32, by the kernels: the same bits on CPU and GPU). Callers check
+        finiteness first."""
+        return ops.bucket_step(absmax.to(torch.float32).contiguous().reshape(-1), self.levels)
 
     def quantize(self, g: torch.Tensor, delta: torch.Tensor, key: DitherKey, symbols: bool = False) -> torch.Tensor:
         """Indices k ∈ [-s, s] (int8, flat), or k + s as uint8 with ``symbols=True``."""

@@ -437,10 +437,12 @@ class NDQSG(Codec):
                 if "cosets" not in enc.fields:
                     if self.adaptive and p >= self.dqsg_senders(ranks):
                         k = ops.unpack_symbols(enc.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
-                        met[p] = (k, enc.fields["delta"], key, total / p)
+                        met[p] = (k, enc.fields["delta"], key, total * (1.0 / p))
                     total += fine.decode(enc, pctx)
                     continue
-                side = total / p
+                # the mean so far, as a product by fl(1/p): a framework's division by a scalar may be a
+                # reciprocal multiply on a GPU and a true division on a CPU (other side bits, other K̂)
+                side = total * (1.0 / p)
                 kout, bad = self.resolve(self._residues(enc, rho), enc.fields["delta"], side, key, 1,
                                          enc.fields["checksum"], rho)
                 done: set[int] = set()
@@ -461,7 +463,7 @@ class NDQSG(Codec):
             if not failed:
                 if self.adaptive:
                     self._decide(ctx, ranks, n, met, replied)
-                return total / ranks, stats
+                return total * (1.0 / ranks), stats
             if recover is None:
                 raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed.values()))} bucket(s) of "
                                    f"'{ctx.name}' and no recovery round is available")

@@ -1,0 +1,87 @@
+"""The kernel calls that the CUDA twin tests (tests/unit/test_kernels_cuda.py) and the PTX audit
+(tests/unit/ptx_audit.py) share: every kernel of kernels/cuda.py, on awkward sizes, with both dither
+families and both code layouts. ``CASES[name](n)`` returns the outputs of one group of calls."""
+
+import torch
+
+from hvdquant.kernels import DitherKey, ops
+
+KEY = DitherKey(seed=123456789, step=11, tensor_id=5, sender=1)
+STRAT4 = KEY.stratified(4)  # stratified dither among 4 ranks (a power of 2) and among 3 (cycle walk + shift)
+STRAT3 = KEY.stratified(3)
+SIZES = [0, 1, 7, 130, 517]
+
+
+def g_of(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def scales(g, bucket, levels=1):
+    return ops.bucket_absmax(g, bucket) / levels
+
+
+def sym_of(n, hi, seed=0):
+    return torch.randint(0, hi, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def nested_decode_with_kout(n):
+    kout = torch.empty(n, dtype=torch.int32)
+    ghat = ops.nested_decode(sym_of(n, 5), scales(g_of(n), 64, 2), 64, 5, g_of(n, 3) * 2, KEY.for_sender(0),
+                             senders=2, factor=0.5, kout=kout)
+    return ghat, kout
+
+
+CASES = {
+    "dither": lambda n: (ops.dither(n, KEY),),
+    "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
+    "checksum": lambda n: (ops.bucket_checksum(sym_of(n, 15).to(torch.int32) - 7, 64),),
+    "l2": lambda n: (ops.bucket_l2(g_of(n), 64),),
+    "step": lambda n: (ops.bucket_step(ops.bucket_absmax(g_of(n), 64), 3), ops.bucket_step(g_of(n).abs(), 7)),
+    "dqsg_encode": lambda n: (ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY),
+                              ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, KEY, symbols=True)),
+    "dqsg_decode": lambda n: (ops.dqsg_decode(
+        torch.randint(-6, 7, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(1)),
+        scales(g_of(n), 64, 3), 64, KEY.for_sender(0), senders=3, factor=1 / 3),
+                              ops.dqsg_decode(sym_of(n, 7), scales(g_of(n), 64, 3), 64, KEY, offset=3)),
+    "stratified": lambda n: (ops.dither(n, STRAT4), ops.dither(n, STRAT3),
+                             ops.dqsg_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, STRAT3),
+                             ops.dqsg_decode(torch.randint(-6, 7, (n,), dtype=torch.int32,
+                                                           generator=torch.Generator().manual_seed(2)),
+                                             scales(g_of(n), 64, 3), 64, STRAT4.for_sender(1), senders=2),
+                             ops.dqsg_decode(torch.ones(n, dtype=torch.int32), scales(g_of(n), 64, 3), 64,
+                                             STRAT4.for_sender(0), senders=4),
+                             ops.dqsg_aggregate(torch.stack([sym_of(n, 7, p).view(torch.int8) - 3 for p in range(3)]),
+                                                torch.stack([scales(g_of(n, p), 64, 3) for p in range(3)]), 64,
+                                                STRAT3.for_sender(0), factor=1 / 3),
+                             ops.dqsg_aggregate(torch.stack([sym_of(n, 7, p) for p in range(3)]),
+                                                torch.stack([scales(g_of(n, p), 64, 3) for p in range(3)]), 64,
+                                                STRAT3.for_sender(0), factor=1 / 3, offset=3)),
+    "dqsg_fused": lambda n: (*ops.dqsg_encode_packed(g_of(n), 64, 1, STRAT3),
+                             *ops.dqsg_encode_packed(g_of(n), 64, 3, KEY),
+                             ops.dqsg_decode_packed(ops.radixpack(sym_of(n, 3), 3), scales(g_of(n), 64), 64, 1,
+                                                    STRAT4, n),
+                             ops.dqsg_decode_packed(ops.bitpack(sym_of(n, 7), 3), scales(g_of(n), 64, 3), 64, 3,
+                                                    KEY, n)),
+    "dqsg_fields": lambda n: (*ops.dqsg_encode_fields(g_of(n), scales(g_of(n), 64, 3), 64, 3, STRAT3, 19, 11),
+                              ops.dqsg_encode_fields(g_of(n), scales(g_of(n), 64), 64, 1, KEY, 7, 7)[0],
+                              ops.dqsg_decode_fields(ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 9, 19, 11)
+                                                     * 0.5, n, 0.5, 19, 11, 9, scales(g_of(n), 64, 3), 64,
+                                                     STRAT3.for_sender(0), senders=3)),
+    "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
+    "nested_decode": lambda n: nested_decode_with_kout(n),
+    "qsgd": lambda n: (ops.qsgd_encode(g_of(n), ops.bucket_l2(g_of(n), 64), 64, 4, KEY),
+                       ops.scale_decode(sym_of(n, 9).to(torch.int8) - 4, ops.bucket_l2(g_of(n), 64),
+                                        64, 4)),
+    "onebit": lambda n: (*ops.onebit_column_means(g_of(n), 1), ops.onebit_encode(g_of(n)),
+                         ops.onebit_decode(sym_of(n, 2), 1, torch.ones(1), -torch.ones(1))),
+    "bitpack3": lambda n: (ops.bitpack(sym_of(n, 8), 3), ops.bitunpack(ops.bitpack(sym_of(n, 8), 3), 3, n)),
+    "bitpack1": lambda n: (ops.bitpack(sym_of(n, 2), 1),),
+    "radix3": lambda n: (ops.radixpack(sym_of(n, 3), 3), ops.radixunpack(ops.radixpack(sym_of(n, 3), 3), 3, n)),
+    "modadd4": lambda n: (ops.modadd_cosets(ops.pack_cosets(sym_of(n, 4, 1), 4), ops.pack_cosets(sym_of(n, 4, 2), 4),
+                                            4),),
+    "modadd5": lambda n: (ops.modadd_cosets(ops.pack_cosets(sym_of(n, 5, 1), 5), ops.pack_cosets(sym_of(n, 5, 2), 5),
+                                            5),),
+    "sum_fields": lambda n: (ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 3, 7, 12),
+                             ops.unpack_sum_fields(ops.pack_sum_fields(torch.full((n,), 2, dtype=torch.int8), 3, 7, 12)
+                                                   * 0.25, n, 3, 7, 12, factor=0.25)),
+}
