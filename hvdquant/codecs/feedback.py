@@ -41,7 +41,7 @@ class ErrorFeedback(Codec):
         r = self.residuals.get(ctx.name)
         if r is not None and r.numel() != flat.numel():
             raise ValueError(f"'{ctx.name}' has {flat.numel()} elements but its residual has {r.numel()}")
-        c = flat if r is None else flat + r
+        c = flat if r is None else flat + r.to(flat.device)  # a restored residual may sit on another device
         enc = self.codec.encode(c.float(), ctx)
         self.residuals[ctx.name] = c - self.codec.decode(enc, ctx).double()
         return enc

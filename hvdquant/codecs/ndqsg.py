@@ -463,7 +463,7 @@ class NDQSG(Codec):
             if not failed:
                 if self.adaptive:
                     self._decide(ctx, ranks, n, met, replied)
-                return total * (1.0 / ranks), stats
+                return total / ranks, stats
             if recover is None:
                 raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed.values()))} bucket(s) of "
                                    f"'{ctx.name}' and no recovery round is available")

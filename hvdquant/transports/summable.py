@@ -69,7 +69,7 @@ class SumFieldLayout:
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """int8 values -> float64 words (+ sentinel 1.0), ready for a SUM or AVERAGE allreduce."""
-        return SumMessage(self.ranks, ((self, codes.numel()),)).pack([codes])
+        return SumMessage(self.ranks, ((self, codes.numel()),)).pack([codes], codes.device)
 
     def unpack(self, reduced: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
         """Reduced words -> (Σ_p v_p as int32, factor c the reduction applied to the sum)."""
@@ -94,11 +94,11 @@ class SumMessage:
     def words(self) -> int:
         return sum(layout.field_words(n) if layout is not None else n for layout, n in self.segments) + 1
 
-    def pack(self, values: list[torch.Tensor | FieldWriter]) -> torch.Tensor:
-        """One entry per segment -> the payload words + sentinel 1.0. An entry is int8 codes (packed
+    def pack(self, values: list[torch.Tensor | FieldWriter], device: torch.device) -> torch.Tensor:
+        """One entry per segment -> the payload words + sentinel 1.0, on ``device`` (the gradients':
+        where the entries live, and where a fused quantizer writes). An entry is int8 codes (packed
         here) or float64 words, or for a fields segment a callable that writes the segment's words
         into the slice it is given (a fused quantizer: no code array in between)."""
-        device = next((v.device for v in values if isinstance(v, torch.Tensor)), "cpu")
         out = torch.empty(self.words, dtype=torch.float64, device=device)
         pos = 0
         for (layout, n), v in zip(self.segments, values, strict=True):

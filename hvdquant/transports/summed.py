@@ -131,7 +131,8 @@ class SummedExchange:
             raise ValueError(f"'{name}' was encoded twice before its batch was exchanged: decode it first")
         flat = flat32(tensor)
         started = self.coll.allreduce(self.codec.bucket_absmax(flat), f"hvdquant.scale.{name}", op="max")
-        word = torch.ones(1, dtype=torch.float64)
+        # in host memory whatever the gradient's device: Horovod's CPU-only build reduces it as it is
+        word = torch.ones(1, dtype=torch.float64, device="cpu")
         self.stats.record(0, started.nbytes + word.numel() * word.element_size())
         item = Pending(name, self.steps.next(name), flat, tensor.shape, tensor.dtype, started)
         self._open.items.append(item)
@@ -177,19 +178,20 @@ class SummedExchange:
                                            self.coll.size))
                 for item, m in zip(items, maxima)]
 
-    def sum_words(self, message: SumMessage, values: list, coordinates: int, phase: str = "fields") -> torch.Tensor:
-        """One SUM allreduce of every segment of ``message`` (:meth:`SumMessage.pack` takes ``values``);
-        returns the reduced words. ``coordinates`` are counted in the statistics (0 for second
-        rounds). Rounds complete before the next starts, so the names repeat from step to step
-        (Horovod caches their negotiation)."""
-        started = self.coll.allreduce(message.pack(values), f"hvdquant.sum.{phase}")
+    def sum_words(self, message: SumMessage, values: list, device: torch.device, coordinates: int,
+                  phase: str = "fields") -> torch.Tensor:
+        """One SUM allreduce of every segment of ``message`` (:meth:`SumMessage.pack` takes ``values``,
+        packed on ``device``, the gradients'); returns the reduced words, there. ``coordinates``
+        are counted in the statistics (0 for second rounds). Rounds complete before the next
+        starts, so the names repeat from step to step (Horovod caches their negotiation)."""
+        started = self.coll.allreduce(message.pack(values, device), f"hvdquant.sum.{phase}")
         self.stats.record(coordinates, started.nbytes)
         return started.wait()
 
-    def sum_fields(self, message: SumMessage, values: list[torch.Tensor], coordinates: int, phase: str = "fields"
-                   ) -> list[torch.Tensor]:
+    def sum_fields(self, message: SumMessage, values: list[torch.Tensor], device: torch.device, coordinates: int,
+                   phase: str = "fields") -> list[torch.Tensor]:
         """:meth:`sum_words`, unpacked: per segment Σ_p v_p (int32) or the raw words' sum."""
-        parts, _ = message.unpack(self.sum_words(message, values, coordinates, phase))
+        parts, _ = message.unpack(self.sum_words(message, values, device, coordinates, phase))
         return parts
 
 
@@ -231,7 +233,8 @@ class DQSGSum:
 
         sizes = [q.item.source.numel() for q in rounds]
         message = SumMessage(ranks, tuple((layout, n) for n in sizes))
-        words, factor = message.split(ex.sum_words(message, [writer(q) for q in rounds], sum(sizes)))
+        words, factor = message.split(ex.sum_words(message, [writer(q) for q in rounds], rounds[0].item.source.device,
+                                                   sum(sizes)))
         return {q.item.name: ops.dqsg_decode_fields(w, n, factor, layout.radix, layout.per_word,
                                                     layout.offset * ranks, q.delta, codec.bucket_size,
                                                     q.key.for_sender(0), senders=ranks)
@@ -305,6 +308,7 @@ class NestedSum:
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
         path, nested = ex, self.nested
         ranks, d, s1 = path.coll.size, nested.bucket_size, nested.levels[0]
+        device = rounds[0].item.source.device
         fine = SumFieldLayout.for_levels(s1, ranks)
         segments, values, indices, nested_names = [], [], [], set()
         for q in rounds:
@@ -312,6 +316,8 @@ class NestedSum:
             k = path.codec.quantize(src, q.delta, q.key)
             indices.append(k)
             side = self._side.get(q.item.name)
+            if side is not None:  # restored from a checkpoint, it may sit on another device
+                side = self._side[q.item.name] = side.to(device)
             if side is None or side.numel() != n or (nested.adaptive and not nested.nesting.get(q.item.name)):
                 segments.append((fine, n))
                 values.append(k)
@@ -323,7 +329,7 @@ class NestedSum:
             segments += [(SumFieldLayout(0, rho - 1, ranks), n), (None, nb)]
             values += [cosets.view(torch.int8), ops.bucket_checksum(k, d).double()]
             path.entropy_bits += n * empirical_entropy(cosets, rho) + 64.0 * nb
-        parts = iter(path.sum_fields(SumMessage(ranks, tuple(segments)), values,
+        parts = iter(path.sum_fields(SumMessage(ranks, tuple(segments)), values, device,
                                      sum(q.item.source.numel() for q in rounds)))
         resolved, failed = [], []
         for q in rounds:
@@ -343,10 +349,11 @@ class NestedSum:
             failed.append(bad)
         if any(failed):  # the same buckets on every rank: one allreduce of their DQSG(s1) index sums
             path.decode_stats.recovery_rounds += 1
-            coords = [bucket_coordinates(bad, d, q.item.source.numel()) for q, bad in zip(rounds, failed)]
+            coords = [bucket_coordinates(bad, d, q.item.source.numel(), device) for q, bad in zip(rounds, failed)]
             before = path.stats.bytes_handed
             truths = path.sum_fields(SumMessage(ranks, tuple((fine, idx.numel()) for idx in coords)),
-                                     [k[idx].contiguous() for k, idx in zip(indices, coords)], 0, "recovery")
+                                     [k[idx].contiguous() for k, idx in zip(indices, coords)], device, 0,
+                                     "recovery")
             path.decode_stats.recovery_bytes += path.stats.bytes_handed - before
             for kout, bad, truth in zip(resolved, failed, truths):
                 if bad:
