@@ -1,16 +1,52 @@
-# Sourced (from the checkout's root) by launch/gpu_check.sh and launch/gpu_e2e.sh: hvdquant importable
-# without installing it (kernels/ becomes hvdquant.kernels in a shim folder; PYTHONSAFEPATH keeps the
-# checkout's own hvdquant/, which has no kernels/, off sys.path), numpy from .gpu/wheels first where
-# launch/gpu_carry.sh put one. Sets PY and SHIM.
+# Sourced (from the checkout's root) by launch/gpu_check.sh and launch/gpu_e2e.sh; sets PY and SHIM.
+# Returns 1 after one line on stderr when the kit does not fit this machine: callers must stop then
+# (`source launch/gpu_env.sh || exit 1`).
+#
+# The kit (.gpu/, made by launch/gpu_carry.sh on the development machine) holds wheels built for one
+# Python major.minor and one torch release, recorded in .gpu/kit.env. The rule:
+#   - DRY_RUN=1 (the CPU machine, in the checkout's .venv with Horovod from launch/setup.sh): the kit
+#     is neither checked nor installed; the Python environment in use provides everything.
+#   - otherwise, with .gpu/kit.env: this machine's Python major.minor and torch release (the part
+#     before any +local tag) must equal the kit's, checked before anything else; then the kit's
+#     wheels (Horovod, numpy, ...) are installed offline into $SHIM/site, which goes first on
+#     PYTHONPATH, and its bin/ (horovodrun) first on PATH.
+#   - otherwise (no kit here): this machine's own packages are used, as they are.
+# hvdquant is importable without installing it: kernels/ becomes hvdquant.kernels in the shim
+# folder, and PYTHONSAFEPATH keeps the checkout's own hvdquant/ (which has no kernels/) off
+# sys.path. Nothing is built here; launch/build_horovod.sh drops PYTHONSAFEPATH itself, so it
+# cannot leak into a build.
 PY="$(command -v "${PYTHON:-python3}")"
+KIT=""
+if [ "${DRY_RUN:-0}" != 1 ] && [ -f .gpu/kit.env ]; then
+    # shellcheck source=/dev/null
+    source .gpu/kit.env
+    found="$("$PY" -c 'import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    torch = version("torch").split("+")[0]
+except PackageNotFoundError:
+    torch = "none"
+print("Python %d.%d / torch %s" % (sys.version_info[0], sys.version_info[1], torch))')" \
+        || found="no working ${PYTHON:-python3}"
+    built="Python $KIT_PYTHON / torch $KIT_TORCH"
+    if [ "$found" != "$built" ]; then
+        echo "gpu kit: built for $built, found $found: rerun launch/gpu_carry.sh for this machine" >&2
+        return 1
+    fi
+    KIT=1
+fi
 SHIM="$(mktemp -d)"
 cp -r hvdquant "$SHIM/hvdquant"
 cp -r kernels "$SHIM/hvdquant/kernels"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
-if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SHIM/site" .gpu/wheels/*.whl 2>/dev/null; then
-        export PYTHONPATH="$SHIM/site:$PYTHONPATH"
-    else
-        echo "gpu_env: the wheels in .gpu/wheels do not fit $PY; using its own numpy"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "$KIT" ]; then
+    if ! "$PY" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile \
+            --target "$SHIM/site" .gpu/wheels/*.whl; then
+        echo "gpu kit: its wheels in .gpu/wheels did not install into $PY" >&2
+        rm -rf "$SHIM"
+        return 1
     fi
+    export PYTHONPATH="$SHIM/site:$PYTHONPATH" PATH="$SHIM/site/bin:$PATH"
+    echo "gpu kit: $built, Horovod $KIT_HOROVOD, built $KIT_DATE: $(cd .gpu/wheels && echo *.whl)"
 fi
+export PYTHONSAFEPATH=1
