@@ -13,7 +13,7 @@
 #   - otherwise (no kit here): this machine's own packages are used, as they are.
 # hvdquant is importable without installing it: kernels/ becomes hvdquant.kernels in the shim
 # folder, and PYTHONSAFEPATH keeps the checkout's own hvdquant/ (which has no kernels/) off
-# sys.path. Nothing is built here; launch/build_horovod.sh drops PYTHONSAFEPATH itself, so it
+# sys.path (not in a dry run: the .venv's editable install imports the checkout). Nothing is built here; launch/build_horovod.sh drops PYTHONSAFEPATH itself, so it
 # cannot leak into a build.
 PY="$(command -v "${PYTHON:-python3}")"
 KIT=""
@@ -36,9 +36,11 @@ print("Python %d.%d / torch %s" % (sys.version_info[0], sys.version_info[1], tor
     KIT=1
 fi
 SHIM="$(mktemp -d)"
-cp -r hvdquant "$SHIM/hvdquant"
-cp -r kernels "$SHIM/hvdquant/kernels"
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+if [ "${DRY_RUN:-0}" != 1 ]; then  # a dry run imports the checkout through the .venv's editable install
+    cp -r hvdquant "$SHIM/hvdquant"      # (and so hits Numba's cache of the compiled CPU kernels)
+    cp -r kernels "$SHIM/hvdquant/kernels"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
+fi
 if [ -n "$KIT" ]; then
     if ! "$PY" -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile \
             --target "$SHIM/site" .gpu/wheels/*.whl; then
@@ -49,4 +51,3 @@ if [ -n "$KIT" ]; then
     export PYTHONPATH="$SHIM/site:$PYTHONPATH" PATH="$SHIM/site/bin:$PATH"
     echo "gpu kit: $built, Horovod $KIT_HOROVOD, built $KIT_DATE: $(cd .gpu/wheels && echo *.whl)"
 fi
-export PYTHONSAFEPATH=1

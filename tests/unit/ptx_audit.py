@@ -19,6 +19,10 @@ import re
 import sys
 from collections import Counter
 
+# kernel_cases.py sits beside this script; with PYTHONSAFEPATH set (launch/gpu_env.sh) Python does not
+# put the script's folder on sys.path itself
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 #: PTX floating-point instructions (opcode with its modifiers, e.g. "fma.rn.f32", "div.rn.f64")
 FLOAT_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z]+[a-z0-9]*(?:\.[a-z0-9]+)*\.f(?:16|32|64)(?:\.[a-z0-9]+)*)\s+(.*);",
                       re.MULTILINE)
