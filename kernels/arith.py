@@ -734,7 +734,7 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
         if scaled:
             for b in range(i0 // bucket, (i1 + bucket - 1) // bucket):
                 bucket_absmax(b, g, bucket, delta)
-                delta[b] = delta[b] / np.float32(levels)
+                bucket_step(b, delta, levels, delta)
         dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
         quantize_range(i0, i1, u, g, delta, bucket, levels, levels, sym, i0)
         count_symbols(sym, i1 - i0, 2 * levels + 1, counts, row % counts.shape[0])
