@@ -125,16 +125,7 @@ main() {
          "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
     # shellcheck source=launch/gpu_env.sh
     if ! source launch/gpu_env.sh; then
-        echo "FAIL kit: launch/gpu_env.sh refused this machine (see the line above)"
-        echo "gpu_e2e: FAIL: kit (no part ran)"
-        return 1
-    fi
-    "$PY" -c "import sys, torch, numba
-print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-      'numba', numba.__version__)"
-    if [ "$TARGET" = cuda ] && ! "$PY" launch/cuda_probe.py; then
-        echo "FAIL cuda: Numba cannot run a CUDA kernel here (see above)"
-        echo "gpu_e2e: FAIL: cuda (no part ran)"
+        echo "gpu_e2e: FAIL: $GPU_ENV_FAIL (no part ran)"
         return 1
     fi
 

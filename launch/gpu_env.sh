@@ -1,6 +1,7 @@
-# Sourced (from the checkout's root) by launch/gpu_check.sh and launch/gpu_e2e.sh; sets PY and SHIM.
-# Returns 1 after one line on stderr when the kit does not fit this machine: callers must stop then
-# (`source launch/gpu_env.sh || exit 1`).
+# Sourced (from the checkout's root) by launch/gpu_check.sh and launch/gpu_e2e.sh; sets PY and SHIM,
+# prints the Python, torch and Numba versions and (unless DRY_RUN=1) checks that Numba can run a CUDA
+# kernel. Returns 1 after a "FAIL kit: ..." or "FAIL cuda: ..." line (GPU_ENV_FAIL names the part)
+# when the kit does not fit this machine or CUDA does not work: callers must stop then.
 #
 # The kit (.gpu/, made by launch/gpu_carry.sh on the development machine) holds wheels built for one
 # Python major.minor and one torch release, recorded in .gpu/kit.env. The rule:
@@ -15,6 +16,14 @@
 # folder, and PYTHONSAFEPATH keeps the checkout's own hvdquant/ (which has no kernels/) off
 # sys.path (not in a dry run: the .venv's editable install imports the checkout). Nothing is built here; launch/build_horovod.sh drops PYTHONSAFEPATH itself, so it
 # cannot leak into a build.
+GPU_ENV_FAIL=""
+_gpu_env_refuse() {  # _gpu_env_refuse PART: the FAIL line of a check that could not start
+    GPU_ENV_FAIL=$1
+    case $1 in
+        kit) echo "FAIL kit: launch/gpu_env.sh refused this machine (see the line above)" ;;
+        cuda) echo "FAIL cuda: Numba cannot run a CUDA kernel here (see above)" ;;
+    esac
+}
 PY="$(command -v "${PYTHON:-python3}")"
 KIT=""
 if [ "${DRY_RUN:-0}" != 1 ] && [ -f .gpu/kit.env ]; then
@@ -31,6 +40,7 @@ print("Python %d.%d / torch %s" % (sys.version_info[0], sys.version_info[1], tor
     built="Python $KIT_PYTHON / torch $KIT_TORCH"
     if [ "$found" != "$built" ]; then
         echo "gpu kit: built for $built, found $found: rerun launch/gpu_carry.sh for this machine" >&2
+        _gpu_env_refuse kit
         return 1
     fi
     KIT=1
@@ -46,8 +56,16 @@ if [ -n "$KIT" ]; then
             --target "$SHIM/site" .gpu/wheels/*.whl; then
         echo "gpu kit: its wheels in .gpu/wheels did not install into $PY" >&2
         rm -rf "$SHIM"
+        _gpu_env_refuse kit
         return 1
     fi
     export PYTHONPATH="$SHIM/site:$PYTHONPATH" PATH="$SHIM/site/bin:$PATH"
     echo "gpu kit: $built, Horovod $KIT_HOROVOD, built $KIT_DATE: $(cd .gpu/wheels && echo *.whl)"
+fi
+"$PY" -c "import sys, torch, numba
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      'numba', numba.__version__)"
+if [ "${DRY_RUN:-0}" != 1 ] && ! "$PY" launch/cuda_probe.py; then
+    _gpu_env_refuse cuda
+    return 1
 fi
