@@ -19,6 +19,7 @@ gradients cannot carry the tag), on the host or on the simulated GPU.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from types import SimpleNamespace
@@ -221,3 +222,16 @@ def run_hook(make_state: Callable[[], hvdquant.ddp.State], grads_at: Callable[[i
         assert mean.device == device, f"step {step}: the mean came back on {mean.device}"
         means.append(mean.cpu())
     return means, state
+
+
+def hook_on_host_and_gpu(make_state: Callable[[], hvdquant.ddp.State],
+                         grads_at: Callable[[int], list[torch.Tensor]], steps: int = 4, restart: int = 2
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], hvdquant.ddp.State, Counter[str]]:
+    """:func:`run_hook` on the host, then on the simulated GPU restarting from a checkpoint loaded to
+    the host before step ``restart``: (host means, GPU means, the GPU run's final state, the kernel
+    launches the GPU run made per target)."""
+    host, _ = run_hook(make_state, grads_at, steps)
+    before = ops.launches.copy()
+    with simulated_gpu():
+        gpu, state = run_hook(make_state, grads_at, steps, restart=restart, on_gpu=True)
+    return host, gpu, state, ops.launches - before
