@@ -7,16 +7,16 @@ Layers (kept apart on purpose):
 - kernels (:mod:`hvdquant.kernels`, from ``kernels/`` in the checkout): the arithmetic.
 
 ``hvdquant.Compression``, ``hvdquant.DistributedOptimizer`` and ``hvdquant.ddp`` (the DDP communication
-hook: ``hvdquant.ddp.State``, ``hvdquant.ddp.hook``) are imported lazily, so the codecs work without
-Horovod loaded or torch.distributed initialised.
+hook: ``hvdquant.ddp.State``, ``hvdquant.ddp.hook``; ``import hvdquant.ddp`` works too) are imported
+lazily, so the codecs work without Horovod loaded or torch.distributed initialised.
 """
 
 from hvdquant.codecs import DQSG, LGC, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import CommStats
 from hvdquant.transports.ring import GroupDQSG, PreviousMean, RingStats, ring_allreduce
+from hvdquant.version import __version__
 
-__version__ = "0.3.0"
 __all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CommStats", "Compression", "DistributedOptimizer", "DitherKey",
            "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__",
            "ddp", "ring_allreduce"]
@@ -32,7 +32,7 @@ def __getattr__(name: str):
 
         return DistributedOptimizer
     if name == "ddp":
-        import hvdquant.adapters.ddp as ddp
+        import hvdquant.ddp as ddp
 
         return ddp
     raise AttributeError(f"module 'hvdquant' has no attribute {name!r}")

@@ -86,7 +86,8 @@ def horovod_methods(comm, n: int, fixed_nesting: bool = False) -> list[tuple[str
     import horovod.torch as hvd
 
     import hvdquant
-    from hvdquant.transports import HorovodCollectives, make_exchange
+    from hvdquant.transports import FusedBuffer, HorovodCollectives, make_exchange
+    from hvdquant.transports.session import dither_key
 
     out: list[tuple[str, Callable, Callable | None]] = []
 
@@ -119,7 +120,8 @@ def horovod_methods(comm, n: int, fixed_nesting: bool = False) -> list[tuple[str
 
         def fn(g, i):
             before = ex.stats.bytes_handed
-            ex.start(f"bench.{label}", g, 0, i)()
+            name = f"bench.{label}"
+            ex.start(FusedBuffer.of([(name, g, dither_key(0, i, name, ex.coll.rank))]))()
             return ex.stats.bytes_handed - before
         out.append((f"{label} {reducer}", fn, lambda: {"failed_buckets": ex.decode.failed_buckets,
                                                         "recovery_rounds": ex.decode.recovery_rounds}))

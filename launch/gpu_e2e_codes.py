@@ -6,12 +6,11 @@ host memory (the CPU twins), and compares bit for bit:
 
 1. **Codecs**: every codec, both dither families, encodes and decodes one gradient per tensor
    with the same dither key: the payload bytes must be equal and so must the decoded floats.
-2. **Exchanges, through the objects the adapters build**: Horovod's stock path
-   (``hvdquant.Compression.dqsg``/``ndqsg``) and the DDP hook on ``"allreduce"`` are a
-   ``SummedExchange(scheme_for(codec), seed, collectives)``; ``hvdquant.DistributedOptimizer`` and
-   the DDP hook on ``"allgather"``/``"scatter_reduce"`` are a ``make_exchange(codec, reducer,
-   average, collectives)``. Each training run's exchange (and a few more, for both dither
-   families on the summed words) runs here with P ranks in P threads of this process over a
+2. **Exchanges, through the objects the adapters build**: every adapter (Horovod's stock path
+   ``hvdquant.Compression.dqsg``/``ndqsg``, ``hvdquant.DistributedOptimizer``, the DDP hook) holds a
+   ``make_exchange(codec, reducer, average, collectives)`` (reducer ``"allreduce"``: the summable
+   words of the stock path and of DDP's allreduce) and hands it fused buffers. Each training run's
+   exchange (and a few more, for both dither families on the summed words) runs here with P ranks in P threads of this process over a
    loopback :class:`Collectives` that records every tensor a rank hands to a collective: the
    summed words, scale maxima, checksums and payload bytes of every rank at every step must be
    equal on both devices, the decoded means equal, and the ranks' means identical. The adapters
@@ -57,11 +56,11 @@ from hvdquant.data import load_fashion_mnist
 from hvdquant.examples.models import SmallCNN
 from hvdquant.examples.train_fashion_mnist import make_codec, parse_args
 from hvdquant.kernels import ops
-from hvdquant.keys import dither_key
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.exchange import make_exchange
+from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.session import dither_key
 from hvdquant.transports.summable import SumFieldLayout
-from hvdquant.transports.summed import SummedExchange, scheme_for
 
 SEED = 7
 BATCH = 64
@@ -264,21 +263,13 @@ def run_exchange(args: argparse.Namespace, grads: list[list[dict[str, torch.Tens
     summed = args.reducer in ("stock", "allreduce")
 
     def rank_main(coll: LoopbackRank) -> list[dict[str, torch.Tensor]]:
-        codec = make_codec(args)
-        if summed:
-            ex = SummedExchange(scheme_for(codec), SEED, coll)
-        else:
-            ex = make_exchange(codec, args.reducer, True, coll)
+        ex = make_exchange(make_codec(args), "allreduce" if summed else args.reducer, True, coll)
         means = []
         for step, per_rank in enumerate(grads):
-            named = sorted(per_rank[coll.rank].items())
-            if summed:
-                ctxs = [(name, ex.encode(g, name)[1]) for name, g in named]
-                # the framework's averaging allreduce of every rank's word 1.0 returns 1.0
-                means.append({name: ex.decode(torch.ones(1, dtype=torch.float64), ctx) for name, ctx in ctxs})
-            else:
-                finishers = [(name, ex.start(name, g, SEED, step)) for name, g in named]
-                means.append({name: finish() for name, finish in finishers})
+            # one fused buffer per step, as a DDP bucket or the stock path's step hands it over
+            buf = FusedBuffer.of([(name, g, dither_key(SEED, step, name, coll.rank))
+                                  for name, g in sorted(per_rank[coll.rank].items())])
+            means.append(buf.unflatten(ex.start(buf)()))
         return means
 
     return Loopback(len(grads[0])).run(rank_main)

@@ -104,8 +104,9 @@ def imports(venv: Path, main_site: Path, checkout: Path) -> None:
             fail(f"import {name}: {e!r}")
         if not inside(mod.__file__, venv):
             fail(f"{name} imported from {mod.__file__}, outside {venv}")
-    if "hvdquant.kernels.cuda" not in modules:
-        fail(f"hvdquant.kernels.cuda not found among the installed modules: {modules}")
+    for public in ("hvdquant.kernels.cuda", "hvdquant.ddp"):  # hvdquant.ddp: the README's `import hvdquant.ddp`
+        if public not in modules:
+            fail(f"{public} not found among the installed modules: {modules}")
     print(f"imports ok: hvdquant {hvdquant.__version__} from {Path(hvdquant.__file__).parent}; "
           f"{len(hvdquant.__all__)} names of __all__ and {len(modules)} modules imported; no editable finder")
 

@@ -49,9 +49,7 @@ Guarantees, as on the Horovod paths:
 real types ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]``.)
 """
 
-import functools
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,22 +57,15 @@ import torch.distributed as dist
 
 from hvdquant.codecs.base import Codec, all_finite
 from hvdquant.codecs.lgc import LGC
-from hvdquant.keys import StepCounter
 from hvdquant.stats import CommStats
-from hvdquant.transports.agreement import agree, check_seed
-from hvdquant.transports.collectives import raise_if_poisoned
-from hvdquant.transports.exchange import make_exchange
-from hvdquant.transports.payload import REDUCERS, rank_order_sum, statistics
-from hvdquant.transports.summed import SummedExchange, scheme_for
+from hvdquant.transports.exchange import REDUCERS, Exchange, make_exchange
+from hvdquant.transports.session import Session
 from hvdquant.transports.torchdist import TorchDistCollectives
 
 
-def _total(*stats: CommStats) -> CommStats:
-    return CommStats(sum(s.coordinates for s in stats), sum(s.bytes_handed for s in stats), sum(s.calls for s in stats))
-
-
 class State:
-    """The hook's state: the exchange, step counters, seed agreement, statistics and checkpoints.
+    """The hook's state: one :class:`~hvdquant.transports.session.Session` over one exchange (seed
+    agreement, step counters, checkpoints), the warm-up and the parameter names.
 
     ``codec``: an hvdquant codec (``hvdquant.ErrorFeedback(codec)`` for error feedback);
     ``reducer``: "allreduce" (DQSG, NDQSG), "allgather" or "scatter_reduce"; ``seed``: the dither
@@ -86,64 +77,43 @@ class State:
 
     def __init__(self, codec: Codec | LGC, reducer: str = "allreduce", seed: int | None = None,
                  warmup_steps: int = 0, min_numel: int = 1024, process_group: Any = None) -> None:
-        check_seed(seed)
         for what, value in (("warmup_steps", warmup_steps), ("min_numel", min_numel)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{what} must be a non-negative int, got {value!r}")
-        if reducer not in ("allreduce", *REDUCERS):
-            raise ValueError(f"reducer={reducer!r} must be one of {('allreduce', *REDUCERS)}")
-        self.coll = TorchDistCollectives(process_group)
-        self.codec, self.reducer, self.seed = codec, reducer, seed
+        if reducer not in REDUCERS:
+            raise ValueError(f"reducer={reducer!r} must be one of {REDUCERS}")
+        self.codec, self.reducer = codec, reducer
         self.warmup_steps, self.min_numel = warmup_steps, min_numel
-        self.summed = SummedExchange(scheme_for(codec), seed, self.coll) if reducer == "allreduce" else None
-        self.exchange = make_exchange(codec, reducer, True, self.coll) if reducer != "allreduce" else None
-        self.steps = StepCounter()
+        self.session = Session(make_exchange(codec, reducer, True, TorchDistCollectives(process_group)), seed,
+                               "hvdquant.ddp")
         self.iteration = 0  # completed backward passes that communicated (buckets with is_last())
-        self.full = CommStats()  # uncompressed values: warm-up buckets and small parameters
+        self.full = CommStats()  # warm-up buckets' float32 values
         self._ids: dict[int, int] = {}
-        self.agreed_seed: int | None = None
-        self.restored_seed: int | None = None
+
+    @property
+    def exchange(self) -> Exchange:
+        return self.session.exchange
 
     # ------------------------------------------------------------------ checkpoints and statistics
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: steps, iteration, seed and the exchange's (residuals, side information)."""
-        ex = self.summed if self.summed is not None else self.exchange
-        return {"steps": self.steps.state_dict(), "iteration": self.iteration, "seed": self.agreed_seed,
-                "exchange": ex.state_dict()}
+        """This rank's state: the session's (steps, seed, the exchange's residuals, nesting decisions
+        and side information) and the iteration."""
+        return {"session": self.session.state_dict(), "iteration": self.iteration}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into a State of the same configuration (agreed again at the next step)."""
-        ex = self.summed if self.summed is not None else self.exchange
-        ex.load_state_dict(state["exchange"])  # refuses a checkpoint of another kind first
-        self.steps.load_state_dict(state["steps"])
+        self.session.load_state_dict(state["session"])  # refuses a checkpoint of another kind first
         self.iteration = int(state["iteration"])
-        self.restored_seed, self.agreed_seed = state["seed"], None
 
     def statistics(self) -> dict[str, Any]:
         """Measured bits per coordinate handed to the collectives (warm-up and uncompressed
         parameters included) and the exchange's own counters."""
-        if self.summed is not None:
-            sx = self.summed
-            return statistics(_total(sx.stats, self.full), sx.stats, sx.entropy_bits, sx.decode_stats)
         own = self.exchange.statistics()
-        handed = _total(CommStats(own["coordinates"], own["bytes_handed"]), self.full)
+        handed = CommStats(own["coordinates"] + self.full.coordinates, own["bytes_handed"] + self.full.bytes_handed)
         return {**own, "bits_per_coordinate": handed.bits_per_coordinate, "bytes_handed": handed.bytes_handed,
                 "coordinates": handed.coordinates}
 
     # ------------------------------------------------------------------ one bucket
-    def _agree(self, bucket: dist.GradBucket) -> int:
-        if self.agreed_seed is None:
-            cfg = {"codec": self.codec.config(), "reducer": self.reducer, "min_numel": self.min_numel,
-                   "warmup_steps": self.warmup_steps, "seed": self.seed, "restored_seed": self.restored_seed,
-                   "steps": sorted(self.steps.counts.items()), "iteration": self.iteration,
-                   "first_bucket": [tuple(p.shape) for p in bucket.parameters()],
-                   "threads": torch.get_num_threads() if isinstance(self.codec, LGC) else None}
-            proposal = self.restored_seed if self.restored_seed is not None else self.seed
-            self.agreed_seed = agree(self.coll, cfg, proposal, "hvdquant.ddp.config")
-            if self.summed is not None:
-                self.summed.seed = self.agreed_seed
-        return self.agreed_seed
-
     def _name(self, p: torch.Tensor) -> str:
         return f"ddp.param{self._ids.setdefault(id(p), len(self._ids))}"
 
@@ -152,53 +122,28 @@ class State:
         (warm-up). The same bits on every rank; and per parameter, not per bucket, because a float
         sum's rounding depends on how the reduction cuts its input: a restarted DDP model has
         other buckets, and would otherwise not continue bit for bit."""
-        started = [self.coll.allreduce(piece, "hvdquant.ddp.full") for piece in pieces]
+        coll = self.session.coll
+        started = [coll.allreduce(piece, "hvdquant.ddp.full") for piece in pieces]
         for piece, s in zip(pieces, started):
             self.full.record(piece.numel(), s.nbytes)
-        return _finite(torch.cat([s.wait() for s in started])) / self.coll.size
-
-    def _gathered(self, flat: torch.Tensor) -> torch.Tensor:
-        """The mean of float32 values summed in rank order (exact whatever the bucket layout)."""
-        started = self.coll.allgather_bytes(flat.view(torch.uint8) if all_finite(flat) else None, "hvdquant.ddp.raw")
-        self.full.record(flat.numel(), started.nbytes)
-        return rank_order_sum(raise_if_poisoned(started.wait(), "uncompressed parameters")) / self.coll.size
-
-    def _start(self, named: list[tuple[str, torch.Tensor]], raw: list[tuple[str, torch.Tensor]]
-               ) -> list[Callable[[], torch.Tensor]]:
-        """Start the exchange of a bucket's compressed tensors and uncompressed ones; returns one
-        finisher per tensor (compressed first), each returning the mean."""
-        if self.summed is not None:
-            encoded = [self.summed.encode(t, name) for name, t in named]
-            words = self.coll.allreduce(torch.cat([w for w, _ in encoded]), "hvdquant.ddp.words")  # counted by encode
-            finishers = [lambda i=i, ctx=ctx: self.summed.decode(words.wait()[i:i + 1], ctx) / self.coll.size
-                         for i, (_, ctx) in enumerate(encoded)]
-            if raw:
-                sizes = [t.numel() for _, t in raw]
-                means = functools.cache(lambda: self._gathered(torch.cat([t.reshape(-1) for _, t in raw])).split(sizes))
-                finishers += [lambda j=j: means()[j].reshape(raw[j][1].shape) for j in range(len(raw))]
-            return finishers
-        steps = [self.steps.next(name) for name, _ in named]
-        return ([self.exchange.start(name, t, self.agreed_seed, step) for (name, t), step in zip(named, steps)]
-                + [self.exchange.start_raw(name, t) for name, t in raw])
+        return _finite(torch.cat([s.wait() for s in started])) / coll.size
 
     def reduce(self, bucket: dist.GradBucket) -> torch.Tensor:
         """The mean over ranks of ``bucket``'s gradients, in the buffer's dtype and device."""
         buffer = bucket.buffer()
-        self._agree(bucket)
-        flat = buffer.detach().to(torch.float32).reshape(-1)
         params = bucket.parameters()
+        self.session.agree(reducer=self.reducer, min_numel=self.min_numel, warmup_steps=self.warmup_steps,
+                           iteration=self.iteration, first_bucket=[tuple(p.shape) for p in params])
+        flat = buffer.detach().to(torch.float32).reshape(-1)
         grads = flat.split([p.numel() for p in params])
         if self.iteration < self.warmup_steps:
             out = self._allreduced(list(grads))
         else:
-            pieces = [(self._name(p), g.view(p.shape)) for p, g in zip(params, grads)]
-            compress = [p.dim() >= 2 and p.numel() >= self.min_numel for p in params]
-            named = [piece for piece, c in zip(pieces, compress) if c]
-            raw = [piece for piece, c in zip(pieces, compress) if not c]
-            finishers = dict(zip([name for name, _ in named + raw], self._start(named, raw)))
-            # finish in bucket order; the first finisher sends the whole bucket, and raises on every
-            # rank if a gradient was not finite
-            out = torch.cat([finishers[name]().reshape(-1) for name, _ in pieces])
+            # the first finisher sends every started tensor, and raises on every rank if a gradient
+            # was not finite
+            fused = self.session.buffer([(self._name(p), g.view(p.shape)) for p, g in zip(params, grads)],
+                                        self.min_numel)
+            out = self.exchange.start(fused)()
         if bucket.is_last():
             self.iteration += 1
         return out.to(buffer.device, buffer.dtype)

@@ -34,6 +34,8 @@ Horovod's stall check reports a violation after 60 s instead of a silent hang.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,8 +43,11 @@ import torch
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.stats import CommStats, DecodeStats, nbytes
-from hvdquant.transports.collectives import HorovodCollectives, horovod
-from hvdquant.transports.summed import DQSGSum, NestedSum, SumContext, SummedExchange
+from hvdquant.transports.collectives import HorovodCollectives, check_finite_output, horovod
+from hvdquant.transports.exchange import make_exchange
+from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.session import Session, check_seed
+from hvdquant.transports.summed import SummedExchange, scheme_for
 
 
 def _call_site() -> str:
@@ -96,53 +101,114 @@ class Metered:
         return self.compressor.decompress(tensor, ctx)
 
 
-class DQSGCompression:
+@dataclass(frozen=True)
+class SumContext:
+    """What ``decompress`` needs of a ``compress``: the tensor's fused buffer and its finisher."""
+
+    buffer: FusedBuffer
+    finish: Callable[[], torch.Tensor]
+
+
+class SummedCompression:
+    """A summable codec (DQSG, NDQSG) as a Horovod compression object: the thin shim between
+    Horovod's ``compress``/``decompress`` and a summable-allreduce exchange
+    (:class:`~hvdquant.transports.summed.SummedExchange`) held by one
+    :class:`~hvdquant.transports.session.Session` (agreement, seed, step counters, checkpoint).
+
+    ``compress`` never waits on other ranks after the first step (whose configuration agreement is
+    one blocking allgather): it starts the exchange of the tensor (the MAX allreduce of its bucket
+    maxima) and hands Horovod one float64 word, 1.0, in host memory whatever the gradient's device
+    (Horovod's CPU-only build reduces it as it is). Horovod sums or averages the words; the reduced
+    word, c·P, reveals the factor c Horovod applied (Sum: 1, Average: 1/P, pre/postscale factors).
+    The first ``decompress`` of a step exchanges every tensor compressed since the last one in a
+    single fused allreduce; each ``decompress`` returns c · Σ_p ĝ_p for its tensor. ``stats``
+    measures the bytes handed to Horovod (scales and words included); ``entropy_bits_per_coordinate``
+    is the zeroth-order entropy of the indices sent beside it."""
+
+    def __init__(self, codec: DQSG | NDQSG, seed: int | None = None) -> None:
+        check_seed(seed)
+        scheme_for(codec)  # refuses a codec whose payloads cannot be summed
+        self._codec, self._seed = codec, seed
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        """The job's session, made at first use (after ``hvd.init()``)."""
+        if self._session is None:
+            exchange = make_exchange(self._codec, "allreduce", False, HorovodCollectives())
+            self._session = Session(exchange, self._seed, "hvdquant")
+        return self._session
+
+    @property
+    def exchange(self) -> SummedExchange:
+        return self.session.exchange
+
+    @property
+    def codec(self) -> DQSG:
+        """The fine quantizer DQSG(s₁) whose indices are summed."""
+        return self.exchange.codec
+
+    @property
+    def stats(self) -> CommStats:
+        return self.exchange.stats
+
+    @property
+    def decode_stats(self) -> DecodeStats:
+        """Buckets recovered in a second round (nested decoding's failed checksums)."""
+        return self.exchange.decode_stats
+
+    @property
+    def entropy_bits_per_coordinate(self) -> float:
+        return self.exchange.entropy_bits_per_coordinate
+
+    def state_dict(self) -> dict[str, Any]:
+        """The session's checkpoint: agreed seed, per-name steps, nested side information."""
+        return self.session.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.session.load_state_dict(state)
+
+    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, SumContext]:
+        name = _call_site() if name is None else name
+        session = self.session
+        session.agree()
+        buffer = session.buffer([(name, tensor)], None)
+        finish = session.exchange.start(buffer)
+        word = torch.ones(1, dtype=torch.float64, device="cpu")
+        session.exchange.count_handed(word.numel() * word.element_size())
+        return word, SumContext(buffer, finish)
+
+    def decompress(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
+        """c · Σ_p ĝ_p for the tensor of ``ctx`` (the mean under Average, the sum under Sum)."""
+        if reduced.dtype != torch.float64 or reduced.numel() != 1:
+            raise ValueError(f"reduced word has {reduced.numel()} {reduced.dtype} values, expected 1 float64")
+        factor = float(reduced[0]) / self.session.coll.size
+        if not 0.0 < factor < float("inf"):
+            raise ValueError(f"the reduction scaled the payload by {factor!r}: only positive finite "
+                             "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
+        total = ctx.finish()
+        out = total if factor == 1.0 else total * factor
+        check_finite_output(out)
+        (result,) = ctx.buffer.unflatten(out).values()
+        return result
+
+
+class DQSGCompression(SummedCompression):
     """DQSG as a Horovod compression object (stock ``hvd.DistributedOptimizer`` path).
 
     Parameters: ``levels`` (s), ``bucket_size`` (d) and ``dither`` as in :class:`~hvdquant.codecs.DQSG`
     (``"stratified"``: decoding the sum regenerates one dither stream whatever the number of ranks);
     ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``. At the first
     exchange all ranks exchange their configuration and fail with an error naming the first rank
-    whose levels, bucket size, dither or seed differ from rank 0's. Dithers are keyed by (seed, step, tensor
-    name, sender): the step counts the calls per tensor name, so they never depend on hook order.
-
-    ``compress`` never waits on other ranks: it starts the MAX allreduce of the tensor's bucket
-    maxima and hands Horovod one word; the first ``decompress`` of a step exchanges every tensor
-    compressed since the last one in a single fused allreduce
-    (:class:`~hvdquant.transports.summed.SummedExchange`). ``stats`` measures the bytes handed to
-    Horovod (scales and words included); ``entropy_bits_per_coordinate`` is the zeroth-order
-    entropy of the indices sent beside it.
-    """
+    whose levels, bucket size, dither or seed differ from rank 0's. Dithers are keyed by (seed, step,
+    tensor name, sender): the step counts the calls per tensor name, so they never depend on hook order."""
 
     def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None,
                  dither: str = "stratified") -> None:
-        self.transport = SummedExchange(DQSGSum(levels, bucket_size, dither), seed, HorovodCollectives)
-
-    @property
-    def codec(self) -> DQSG:
-        return self.transport.codec
-
-    @property
-    def stats(self) -> CommStats:
-        return self.transport.stats
-
-    @property
-    def decode_stats(self) -> DecodeStats:
-        """Buckets recovered in a second round (nested decoding's failed checksums)."""
-        return self.transport.decode_stats
-
-    @property
-    def entropy_bits_per_coordinate(self) -> float:
-        return self.transport.entropy_bits_per_coordinate
-
-    def compress(self, tensor: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, SumContext]:
-        return self.transport.encode(tensor, _call_site() if name is None else name)
-
-    def decompress(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
-        return self.transport.decode(reduced, ctx)
+        super().__init__(DQSG(levels, bucket_size, dither), seed)
 
 
-class NestedSumCompression(DQSGCompression):
+class NestedSumCompression(SummedCompression):
     """Nested DQSG as a Horovod compression object: coset indices in summable fields, decoded with
     the previous step's mean as side information and failed buckets recovered by a second
     allreduce (:class:`~hvdquant.transports.summed.NestedSum`; counts in ``decode_stats``).
@@ -151,7 +217,7 @@ class NestedSumCompression(DQSGCompression):
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None,
                  adaptive: bool = True) -> None:
-        self.transport = SummedExchange(NestedSum(levels, bucket_size, adaptive), seed, HorovodCollectives)
+        super().__init__(NDQSG(levels, bucket_size, adaptive=adaptive), seed)
 
 
 def _not_summable(scheme: str, example: str):
@@ -177,15 +243,13 @@ class Compression:
     onebit = _not_summable("OneBitSGD", "hvdquant.OneBitSGD()")
 
     @staticmethod
-    def for_codec(codec: Any, seed: int | None = None) -> DQSGCompression | NestedSumCompression:
+    def for_codec(codec: Any, seed: int | None = None) -> SummedCompression:
         """The stock-path object for a summable codec (DQSG, NDQSG); others refuse, naming the payload path."""
         from hvdquant.codecs.base import Codec
 
-        if isinstance(codec, NDQSG):
-            return NestedSumCompression(codec.levels, codec.bucket_size, seed, codec.adaptive)
-        if isinstance(codec, DQSG):
-            return DQSGCompression(codec.levels, codec.bucket_size, seed, codec.dither)
-        if isinstance(codec, Codec):
+        if not isinstance(codec, Codec):
+            raise TypeError(f"expected an hvdquant codec, got {type(codec).__name__}")
+        if not codec.summable:
             name = type(codec).__name__
             _not_summable(name, f"hvdquant.{name}(...)").__func__()
-        raise TypeError(f"expected an hvdquant codec, got {type(codec).__name__}")
+        return SummedCompression(codec, seed)

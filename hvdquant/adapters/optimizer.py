@@ -39,11 +39,10 @@ import torch
 
 from hvdquant.codecs.base import Codec
 from hvdquant.codecs.lgc import LGC
-from hvdquant.keys import StepCounter
-from hvdquant.transports.agreement import agree, check_seed
 from hvdquant.transports.collectives import HorovodCollectives
-from hvdquant.transports.exchange import Exchange, make_exchange
+from hvdquant.transports.exchange import make_exchange
 from hvdquant.transports.payload import FUSION_THRESHOLD
+from hvdquant.transports.session import Session
 
 
 def _allreduce_grad_async(self, p):
@@ -54,11 +53,12 @@ def _allreduce_grad_async(self, p):
     if tensor.is_sparse:
         raise NotImplementedError(f"hvdquant.DistributedOptimizer: '{name}' has a sparse gradient; "
                                   "sparse gradients are not supported (use dense embeddings)")
-    state = self._hvdquant
-    seed = state.agree(self)
-    if tensor.numel() < state.min_numel or tensor.dim() < 2:
-        return state.exchange.start_raw(name, tensor), None
-    return state.exchange.start(name, tensor, seed, state.steps.next(name)), None
+    session, min_numel = self._hvdquant
+    session.agree(min_numel=min_numel,
+                  parameters=sorted((n, tuple(q.shape)) for q, n in self._parameter_names.items() if q.requires_grad))
+    buffer = session.buffer([(name, tensor)], min_numel)
+    finish = session.exchange.start(buffer)
+    return (lambda: buffer.unflatten(finish())[name]), None
 
 
 def _synchronize(self):
@@ -78,36 +78,6 @@ def _synchronize(self):
     self._synchronized = True
 
 
-class _State:
-    """Per-optimizer hvdquant state: the exchange, seed agreement, step counters."""
-
-    def __init__(self, exchange: Exchange, seed: int | None, min_numel: int) -> None:
-        self.exchange = exchange
-        self.seed = seed
-        self.min_numel = min_numel
-        self.steps = StepCounter()
-        self.agreed_seed: int | None = None
-        self.restored_seed: int | None = None  # from a checkpoint: resumes the same dither streams
-
-    def agree(self, opt) -> int:
-        if self.agreed_seed is None:
-            names = sorted((n, tuple(p.shape)) for p, n in opt._parameter_names.items() if p.requires_grad)
-            cfg = {**self.exchange.config(), "min_numel": self.min_numel, "seed": self.seed, "parameters": names,
-                   "steps": sorted(self.steps.counts.items()), "restored_seed": self.restored_seed}
-            proposal = self.restored_seed if self.restored_seed is not None else self.seed
-            self.agreed_seed = agree(HorovodCollectives(), cfg, proposal, "hvdquant.optimizer.config")
-        return self.agreed_seed
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps.state_dict(), "seed": self.agreed_seed, "exchange": self.exchange.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.exchange.load_state_dict(state["exchange"])  # refuses a checkpoint of another kind first
-        self.steps.load_state_dict(state["steps"])
-        self.restored_seed = state["seed"]
-        self.agreed_seed = None  # agree again: every rank must have restored the same state
-
-
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any = None, *,
                          codec: Codec | LGC | None = None, reducer: str = "allgather",
                          backward_passes_per_step: int = 1, op: Any = None,
@@ -116,7 +86,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          seed: int | None = None, min_numel: int = 1024,
                          fusion_threshold: int = FUSION_THRESHOLD) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` like ``hvd.DistributedOptimizer``, exchanging gradients with ``codec`` over
-    ``reducer`` ("allgather" or "scatter_reduce"). ``op`` is ``hvd.Average`` (default) or ``hvd.Sum``.
+    ``reducer`` ("allgather", "scatter_reduce", or "allreduce" for DQSG and NDQSG). ``op`` is
+    ``hvd.Average`` (default) or ``hvd.Sum``.
     Statistics: ``opt.hvdquant_stats()``; error-feedback residuals travel in ``opt.state_dict()``."""
     import horovod.torch as hvd
     from horovod.torch.optimizer import _DistributedOptimizer
@@ -135,14 +106,13 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
         raise NotImplementedError("sparse_as_dense is not supported: pass dense gradients")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
-    check_seed(seed)
-    state = _State(make_exchange(codec, reducer, op == hvd.Average, HorovodCollectives(), fusion_threshold),
-                   seed, min_numel)
+    exchange = make_exchange(codec, reducer, op == hvd.Average, HorovodCollectives(), fusion_threshold)
+    state = (Session(exchange, seed, "hvdquant.optimizer"), min_numel)
 
     attrs = dict(_DistributedOptimizer.__dict__)
     attrs["_allreduce_grad_async"] = _allreduce_grad_async
     attrs["synchronize"] = _synchronize
-    attrs["hvdquant_stats"] = lambda self: self._hvdquant.exchange.statistics()
+    attrs["hvdquant_stats"] = lambda self: self._hvdquant[0].exchange.statistics()
     attrs["state_dict"] = _state_dict
     attrs["load_state_dict"] = _load_state_dict
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), attrs)
@@ -155,7 +125,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
 
 def _state_dict(self):
     sd = super(self.__class__, self).state_dict()
-    sd["hvdquant"] = self._hvdquant.state_dict()
+    sd["hvdquant"] = self._hvdquant[0].state_dict()
     return sd
 
 
@@ -163,7 +133,7 @@ def _load_state_dict(self, state_dict):
     state_dict = dict(state_dict)
     extra = state_dict.pop("hvdquant", None)
     if extra is not None:
-        self._hvdquant.load_state_dict(extra)
+        self._hvdquant[0].load_state_dict(extra)
     self._handles = {}
     self._synchronized = False
     self._should_synchronize = True

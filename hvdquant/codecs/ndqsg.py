@@ -96,6 +96,7 @@ class NDQSG(Codec):
     ratios: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     scheme = "ndqsg"
+    summable = True  # coset indices sum (transports.summed.NestedSum)
     #: adaptive nesting stays on (or turns on) only where it is expected to send at most this
     #: fraction of the nested senders' DQSG(s₁) bytes
     ADAPTIVE_MARGIN = 0.95

@@ -2,7 +2,9 @@
 
 from .collectives import Collectives, HorovodCollectives, MPICollectives, Started
 from .exchange import Exchange, make_exchange
+from .fused import FusedBuffer, Segment
+from .session import Session
 from .summable import SumFieldLayout
 
-__all__ = ["Collectives", "Exchange", "HorovodCollectives", "MPICollectives", "Started", "SumFieldLayout",
-           "make_exchange"]
+__all__ = ["Collectives", "Exchange", "FusedBuffer", "HorovodCollectives", "MPICollectives", "Segment", "Session",
+           "Started", "SumFieldLayout", "make_exchange"]

@@ -1,4 +1,20 @@
-"""The :class:`Exchange` protocol and the one factory that builds an exchange for a codec."""
+"""The one exchange contract, and the one place that picks an exchange for a codec.
+
+An exchange moves fused buffers (:class:`~hvdquant.transports.fused.FusedBuffer`): ``start(buffer)``
+runs in the framework's gradient hook (it encodes and starts what it can without waiting on other
+ranks) and returns a finisher; the finisher returns the flat float32 result in the buffer's layout,
+the mean over ranks (``average``) or the sum. An exchange may hold several started buffers and send
+them together at the first finisher called (fusion across hooks); every rank starts the same
+buffers between two finishes, so every rank builds the same rounds whatever order the hooks fired
+in. Uncompressed segments are summed in rank order (exact and reproducible). A non-finite gradient
+on any rank makes every rank raise ``FloatingPointError`` from the finisher.
+
+Transports: :class:`~hvdquant.transports.summed.SummedExchange` (summable allreduce: DQSG and NDQSG
+indices in float64 fields), :class:`~hvdquant.transports.payload.PayloadExchange` (any codec's
+payloads over allgather or scatter-reduce-allgather), :class:`~hvdquant.transports.lgc_exchange.LGCExchange`
+(learned compression's staged protocol) and :class:`~hvdquant.transports.ring.CosetRing` (the mpi4py
+reference ring of coset indices).
+"""
 
 from __future__ import annotations
 
@@ -11,37 +27,37 @@ from hvdquant.codecs.base import Codec
 from hvdquant.codecs.lgc import LGC
 from hvdquant.stats import CommStats
 from hvdquant.transports.collectives import Collectives
+from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.lgc_exchange import LGCExchange
-from hvdquant.transports.payload import FUSION_THRESHOLD, REDUCERS, PayloadExchange
+from hvdquant.transports.payload import FUSION_THRESHOLD, PayloadExchange
+from hvdquant.transports.summed import SummedExchange, scheme_for
+
+Finisher = Callable[[], torch.Tensor]
+#: reducer names users pass: the summable allreduce, and the payload reducers
+REDUCERS = ("allreduce", "allgather", "scatter_reduce")
 
 
 class Exchange(Protocol):
-    """How an adapter moves one tensor's gradient: ``start`` encodes and starts the collectives
-    (called in the framework's gradient hook) and returns a callable that finishes the exchange
-    and returns the averaged (or summed) gradient; adapters run those callables in sorted
-    tensor-name order. ``stats`` counts the bytes handed to the collectives."""
+    """What every transport implements (see the module docstring). ``coll``: the collectives it runs
+    on; ``stats``: the bytes it handed to them."""
 
     kind: str
-    reducer: str
     average: bool
+    coll: Collectives
     stats: CommStats
 
-    def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]: ...
-
-    def start_raw(self, name: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """The same for a tensor sent uncompressed (small ones), summed in rank order."""
-        ...
+    def start(self, buffer: FusedBuffer) -> Finisher: ...
 
     def config(self) -> dict:
         """What every rank must agree on at the first step."""
         ...
 
     def statistics(self) -> dict:
-        """Measured bits per coordinate and the scheme's own counters."""
+        """Measured bits per coordinate (bytes handed to the collectives) and the scheme's counters."""
         ...
 
     def state_dict(self) -> dict:
-        """This rank's state that a checkpoint must carry (error-feedback residuals, …)."""
+        """This rank's state a checkpoint must carry (residuals, nesting decisions, side information)."""
         ...
 
     def load_state_dict(self, state: dict) -> None:
@@ -51,9 +67,10 @@ class Exchange(Protocol):
 
 def make_exchange(codec: Codec | LGC, reducer: str, average: bool, collectives: Collectives,
                   fusion_threshold: int = FUSION_THRESHOLD) -> Exchange:
-    """The exchange for ``codec`` over ``reducer`` ("allgather" or "scatter_reduce"); payloads are
-    fused into groups of at most ``fusion_threshold`` gradient bytes (LGC runs its own protocol,
-    tensor by tensor)."""
+    """The exchange for ``codec`` over ``reducer``: "allreduce" (summable codecs: DQSG, NDQSG),
+    "allgather" or "scatter_reduce" (any codec; LGC runs its own protocol on "allgather").
+    Payloads are fused into groups of at most ``fusion_threshold`` gradient bytes. ``collectives``
+    may be a callable returning them (made at first use, after the framework is initialised)."""
     if reducer not in REDUCERS:
         raise ValueError(f"reducer={reducer!r} must be one of {REDUCERS}")
     if isinstance(codec, LGC):  # a staged protocol of its own
@@ -61,6 +78,8 @@ def make_exchange(codec: Codec | LGC, reducer: str, average: bool, collectives: 
             raise ValueError("LGC runs its own protocol: use reducer='allgather' (its form= picks "
                              "parameter-server or ring)")
         return LGCExchange(codec, average, collectives)
-    if isinstance(codec, Codec):
-        return PayloadExchange(codec, reducer, average, collectives, fusion_threshold)
-    raise TypeError(f"codec must be an hvdquant codec (hvdquant.DQSG(...), ...), got {type(codec).__name__}")
+    if not isinstance(codec, Codec):
+        raise TypeError(f"codec must be an hvdquant codec (hvdquant.DQSG(...), ...), got {type(codec).__name__}")
+    if reducer == "allreduce":
+        return SummedExchange(scheme_for(codec), average, collectives)
+    return PayloadExchange(codec, reducer, average, collectives, fusion_threshold)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import all_finite, as_bytes, flat32, split_bytes
+from hvdquant.codecs.base import all_finite, as_bytes, split_bytes
 from hvdquant.codecs.lgc import LGC, ChunkAutoencoder, from_chunks, innovation, least_squares_gain, rebuild, to_chunks
 from hvdquant.kernels import ops
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import Collectives, check_finite_output, raise_if_poisoned
+from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.payload import check_kind, rank_order_sum, statistics
 
 STAGES = ("warmup", "train", "compress")
@@ -27,7 +28,7 @@ STAGES = ("warmup", "train", "compress")
 @dataclass(frozen=True)
 class _Round:
     """One tensor's exchange: its name, step, stage, the error-compensated gradient c = g + residual
-    (float64, and as float32), k = ⌈ratio·n⌉, and the shape and dtype to hand back."""
+    (float64, and as float32) and k = ⌈ratio·n⌉."""
 
     name: str
     step: int
@@ -35,8 +36,6 @@ class _Round:
     c: torch.Tensor
     c32: torch.Tensor
     k: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
     @property
     def n(self) -> int:
@@ -113,44 +112,48 @@ class LGCExchange:
     def _latent_shape(self, k: int) -> tuple[int, int, int]:
         return (-(-k // self.cfg.chunk), self.cfg.latent_channels, self.cfg.chunk // 16)
 
-    def _output(self, r: _Round, mean: torch.Tensor) -> torch.Tensor:
+    def _output(self, mean: torch.Tensor) -> torch.Tensor:
         out = mean if self.average else mean * self.coll.size
         check_finite_output(out)
-        return out.reshape(r.shape).to(r.dtype)
+        return out
 
-    def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
-        """Queue ``tensor``'s exchange. LGC runs on the host (its autoencoder and top-k selection are
-        CPU torch): a CUDA gradient is copied to host memory and the result back to its device."""
-        if not tensor.is_cuda:
-            return self._start(name, tensor, step)
-        finish = self._start(name, tensor.detach().cpu(), step)
-        return lambda: finish().to(tensor.device)
+    def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
+        """Start every segment's exchange; the finisher finishes them in segment order. LGC runs on
+        the host (its autoencoder and top-k selection are CPU torch): a CUDA buffer is copied to host
+        memory and the result back to its device."""
+        flat = buffer.flat.detach().cpu() if buffer.flat.is_cuda else buffer.flat
+        finishers = [(s, self._start(s.name, flat[s.offset:s.end], s.key.step) if s.compressed
+                      else self._start_raw(s.name, flat[s.offset:s.end])) for s in buffer.segments]
 
-    def _start(self, name: str, tensor: torch.Tensor, step: int) -> Callable[[], torch.Tensor]:
-        flat = flat32(tensor)
+        def finish() -> torch.Tensor:
+            out = torch.empty(buffer.numel, dtype=torch.float32)
+            for s, f in finishers:
+                out[s.offset:s.end] = f()
+            return out.to(buffer.device)
+
+        return finish
+
+    def _start(self, name: str, flat: torch.Tensor, step: int) -> Callable[[], torch.Tensor]:
         if not all_finite(flat):
             poisoned = self.coll.allgather_bytes(None, f"hvdquant.lgc.{name}")
             return lambda: raise_if_poisoned(poisoned.wait(), name)
         c = flat.double() + self.residuals.get(name, torch.zeros(flat.numel(), dtype=torch.float64))
         c32 = c.float()
-        r = _Round(name, step, self.cfg.stage(step), c, c32, self.cfg.k(c32.numel()), tuple(tensor.shape),
-                   tensor.dtype)
+        r = _Round(name, step, self.cfg.stage(step), c, c32, self.cfg.k(c32.numel()))
         if r.stage == "compress" and not self.frozen:
             raise RuntimeError(f"LGC: '{name}' reached the compression stage but the autoencoder was never "
                                "trained and broadcast (step counters restored without the LGC state?)")
         return self._topk_round(r) if r.stage != "compress" else self._compress_round(r)
 
-    def start_raw(self, name: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def _start_raw(self, name: str, flat: torch.Tensor) -> Callable[[], torch.Tensor]:
         """An uncompressed tensor: allgathered and summed in rank order."""
-        flat = flat32(tensor)
         started = self.coll.allgather_bytes(flat.view(torch.uint8) if all_finite(flat) else None,
                                             f"hvdquant.lgc.{name}.raw")
         self.stats.record(flat.numel(), started.nbytes)
 
         def finish() -> torch.Tensor:
             total = rank_order_sum(raise_if_poisoned(started.wait(), name))
-            out = total / self.coll.size if self.average else total
-            return out.reshape(tensor.shape).to(tensor.dtype)
+            return total / self.coll.size if self.average else total
 
         return finish
 
@@ -176,7 +179,7 @@ class LGCExchange:
                     self._train(torch.cat(chunks))
                 if r.step == self.cfg.warmup_steps + self.cfg.train_steps - 1:
                     self._freeze()
-            return self._output(r, out / self.coll.size)
+            return self._output(out / self.coll.size)
 
         return finish
 
@@ -231,7 +234,7 @@ class LGCExchange:
             rebuilt = torch.zeros(r.n, dtype=torch.float64)
             rebuilt[idx] = own.double()
             self.residuals[r.name] = r.c - rebuilt
-            return self._output(r, out)
+            return self._output(out)
 
         return finish
 

@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite, flat32
+from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite
 from hvdquant.codecs.feedback import ErrorFeedback
-from hvdquant.keys import dither_key
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import (
     Collectives,
@@ -43,6 +42,8 @@ from hvdquant.transports.collectives import (
     chunk_bounds,
     raise_if_poisoned,
 )
+from hvdquant.transports.fused import FusedBuffer, Segment
+from hvdquant.transports.session import dither_key
 
 REDUCERS = ("allgather", "scatter_reduce")
 FUSION_THRESHOLD = 64 << 20  # gradient bytes per fused group (Horovod's fusion buffer is 64 MiB too)
@@ -68,7 +69,6 @@ class _Item:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
     raw: bool
     seed: int
     step: int
@@ -171,51 +171,57 @@ class PayloadExchange:
         cname = f"{item.name}#{c}{phase}"
         return TensorContext(cname, (hi - lo,), dither_key(item.seed, item.step, cname, sender), self.coll.size)
 
-    def start(self, name: str, tensor: torch.Tensor, seed: int, step: int) -> Callable[[], torch.Tensor]:
-        """Encode ``tensor`` with the codec and queue it."""
-        flat = tensor.detach().reshape(-1)
-        item = _Item(name, tuple(tensor.shape), tensor.dtype, False, seed, step, self._chunks(flat.numel()), None,
-                     flat.device)
+    def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
+        """Encode the buffer's compressed segments with the codec, queue every segment, and return
+        the finisher of the whole buffer."""
+        items = [self._encoded(buffer, s) if s.compressed else self._raw(buffer, s) for s in buffer.segments]
+        for item in items:
+            self.stats.record(item.numel, 0)
+        self._queue += items
+
+        def finish() -> torch.Tensor:
+            out = torch.empty(buffer.numel, dtype=torch.float32, device=buffer.device)
+            for item, s in zip(items, buffer.segments):
+                if item.group is None:
+                    self._flush()
+                if item.group.results is None:
+                    self._finish(item.group)
+                result = item.group.results.pop(item.name)
+                if isinstance(result, str):
+                    raise FloatingPointError(result)
+                out[s.offset:s.end] = result
+            return out
+
+        return finish
+
+    def _encoded(self, buffer: FusedBuffer, seg: Segment) -> _Item:
+        """A compressed segment, encoded (``sent`` stays None where its gradient is not finite: every
+        rank then raises instead of leaving the others waiting)."""
+        flat = buffer.part(seg)
+        item = _Item(seg.name, seg.shape, False, seg.key.seed, seg.key.step, self._chunks(seg.length), None,
+                     buffer.device)
         if self.reducer == "scatter_reduce" and not all_finite(flat):
-            return self._queued(item)
+            return item
         try:
             for c, (lo, hi) in enumerate(item.chunks):
-                source = tensor if self.reducer == "allgather" else flat[lo:hi]
+                source = flat.view(seg.shape) if self.reducer == "allgather" else flat[lo:hi]
                 item.encodings.append(self.codec.encode(source, self._context(item, c, self.coll.rank)))
-        except FloatingPointError:  # tell every rank instead of leaving them waiting
+        except FloatingPointError:
             item.encodings = []
-            return self._queued(item)
+            return item
         for enc in item.encodings:
             self._record(enc, enc.n)
         item.sent = [enc.to_bytes() for enc in item.encodings]
-        return self._queued(item)
+        return item
 
-    def start_raw(self, name: str, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Queue ``tensor`` uncompressed: its float32 values are summed in rank order (exact and
+    def _raw(self, buffer: FusedBuffer, seg: Segment) -> _Item:
+        """An uncompressed segment: its float32 values are summed in rank order (exact and
         reproducible, unlike a float allreduce whose order may change with the framework's fusion)."""
-        flat = flat32(tensor)
-        item = _Item(name, tuple(tensor.shape), tensor.dtype, True, 0, 0, self._chunks(flat.numel()), None,
-                     flat.device)
+        flat = buffer.part(seg)
+        item = _Item(seg.name, seg.shape, True, 0, 0, self._chunks(seg.length), None, buffer.device)
         if all_finite(flat):
             item.sent = [flat[lo:hi].contiguous().view(torch.uint8) for lo, hi in item.chunks]
-        return self._queued(item)
-
-    def _queued(self, item: _Item) -> Callable[[], torch.Tensor]:
-        self.stats.record(item.numel, 0)
-        self._queue.append(item)
-
-        def finish() -> torch.Tensor:
-            if item.group is None:
-                self._flush()
-            group = item.group
-            if group.results is None:
-                self._finish(group)
-            result = group.results.pop(item.name)
-            if isinstance(result, str):
-                raise FloatingPointError(result)
-            return result
-
-        return finish
+        return item
 
     # ------------------------------------------------------------------ sending (at the first finisher)
     def _flush(self) -> None:
@@ -246,10 +252,10 @@ class PayloadExchange:
         header = _header([-1 if item.sent is None else item.sent[c].numel() for item in items], items[0].device)
         return torch.cat([header, *parts])
 
-    def _output(self, mean: torch.Tensor, item: _Item) -> torch.Tensor:
+    def _output(self, mean: torch.Tensor) -> torch.Tensor:
         out = mean if self.average else mean * self.coll.size
         check_finite_output(out)
-        return out.reshape(item.shape).to(item.dtype)
+        return out
 
     @staticmethod
     def _poisoned(item: _Item, received: list[torch.Tensor | None]) -> str | None:
@@ -274,7 +280,7 @@ class PayloadExchange:
             return error
         if item.raw:
             total = rank_order_sum(parts)
-            return self._output(total / self.coll.size, item)
+            return self._output(total / self.coll.size)
         rank, ctx = self.coll.rank, self._context(item, 0, self.coll.rank)
         enc = item.encodings[0]
 
@@ -290,7 +296,7 @@ class PayloadExchange:
         payloads = [self.codec.from_bytes(parts[p], item.numel, ctx.sender(p)) for p in range(self.coll.size)]
         mean, st = self.codec.aggregate(payloads, ctx, recover)
         self.decode.add(st)
-        return self._output(mean, item)
+        return self._output(mean)
 
     # ------------------------------------------------------------------ scatter-reduce-allgather
     def _reduce_and_gather(self, group: _Group, received: list[list[torch.Tensor | None]]
@@ -329,7 +335,7 @@ class PayloadExchange:
                 else:
                     cctx = self._context(item, c, c, "@reduced")
                     result[clo:chi] = second.decode(second.from_bytes(owned[c][i], chi - clo, cctx), cctx)
-            results[item.name] = self._output(result if not item.raw else result / ranks, item)
+            results[item.name] = self._output(result if not item.raw else result / ranks)
         return results
 
 

@@ -43,9 +43,9 @@ import torch
 from hvdquant.codecs.base import all_finite
 from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
 from hvdquant.kernels import DitherKey, ops
-from hvdquant.keys import StepCounter, dither_key
 from hvdquant.stats import DecodeStats
 from hvdquant.transports.collectives import MPICollectives, chunk_bounds
+from hvdquant.transports.session import StepCounter, dither_key
 from hvdquant.transports.summable import SumFieldLayout
 
 

@@ -1,23 +1,21 @@
-"""The summable-allreduce reducer: DQSG indices (and nested coset indices) in summable fields.
+"""The summable-allreduce exchange: DQSG indices (and nested coset indices) in summable fields.
 
 With one step Δ_b per bucket common to all ranks (docs/ALGORITHMS.md §3), every rank packs its
 integer indices into summable float64 fields (:class:`SumMessage`); a SUM allreduce of the words
 gives the exact index sums, from which one decoder returns Σ_p ĝ_p.
 
-**Batched, and never waiting in the gradient hook.** ``encode(tensor, name)`` only computes the
-tensor's per-bucket max|g| and *starts* a MAX allreduce of it; it returns one float64 word (1.0)
-for the framework's own allreduce, whose reduced value c·P reveals the factor c the framework
-applies (Sum: 1, Average: 1/P, pre/postscale factors). The first ``decode`` after a run of
-``encode`` calls exchanges the whole batch: it waits for the maxima, quantizes every tensor with
-its common step, and sums the fields of *all* tensors in **one** allreduce (plus, for nested
-decoding, one fused recovery round); later ``decode`` calls of the batch only scale their
-tensor's sum by c. So a step costs a fixed number of collective rounds however many tensors the
-model has, and the gradient hook never blocks. Tensors of a batch are exchanged in sorted name
-order, so every rank packs the same layout whatever order the hooks fired in.
+**Fused, and never waiting in the gradient hook.** ``start(buffer)`` only computes the per-bucket
+max|g| of the buffer's compressed segments and *starts* one MAX allreduce of them all. The first
+finisher called exchanges every buffer started since the last exchange: it waits for the maxima,
+quantizes every tensor with its common step straight into its fields, and sums the fields of *all*
+tensors in **one** allreduce (plus, for nested decoding, one fused recovery round); uncompressed
+segments travel in one allgather and are summed in rank order. So a step costs a fixed number of
+collective rounds however many tensors the model has, and the gradient hook never blocks. Tensors
+are exchanged in sorted name order, so every rank packs the same layout whatever order the hooks
+fired in.
 
 A non-finite gradient shows as a non-finite agreed maximum on every rank, and every rank raises
-``FloatingPointError`` naming the tensor. The first exchange also agrees the configuration and
-the dither seed between ranks (once per job).
+``FloatingPointError`` naming the tensor.
 """
 
 from __future__ import annotations
@@ -28,155 +26,172 @@ from typing import Any
 
 import torch
 
-from hvdquant.codecs.base import all_finite, counts_entropy, empirical_entropy, flat32
+from hvdquant.codecs.base import all_finite, counts_entropy, empirical_entropy
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
 from hvdquant.kernels import DitherKey, ops
-from hvdquant.keys import StepCounter, dither_key
 from hvdquant.stats import CommStats, DecodeStats
-from hvdquant.transports.agreement import agree, check_seed
-from hvdquant.transports.collectives import Collectives, Started, check_finite_output
+from hvdquant.transports.collectives import (
+    Collectives,
+    Started,
+    check_finite_output,
+    raise_if_poisoned,
+)
+from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.payload import check_kind, rank_order_sum, statistics
 from hvdquant.transports.summable import SumFieldLayout, SumMessage
 
 
 @dataclass(frozen=True)
 class Pending:
-    """One tensor handed to ``encode``, waiting for its batch's exchange: its name and step, the
-    flat float32 gradient, its shape and dtype, and the MAX allreduce of its per-bucket max|g|."""
+    """One compressed tensor of a started buffer: its name, step and flat float32 gradient."""
 
     name: str
     step: int
     source: torch.Tensor
-    shape: torch.Size
-    dtype: torch.dtype
-    maxima: Started[torch.Tensor]
-
-
-@dataclass
-class Batch:
-    """The tensors encoded since the last exchange; after it, each tensor's Σ_p ĝ_p (or the error
-    every rank raised)."""
-
-    items: list[Pending] = field(default_factory=list)
-    sums: dict[str, torch.Tensor] | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class SumContext:
-    """What ``decode`` needs of an ``encode``: the tensor and the batch it was exchanged in."""
-
-    pending: Pending
-    batch: Batch
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """One tensor of a batch after its step is agreed: Δ_b and this rank's dither key."""
+    """One tensor of an exchange after its step is agreed: Δ_b and this rank's dither key."""
 
     item: Pending
     delta: torch.Tensor
     key: DitherKey
 
 
+@dataclass
+class _Started:
+    """A started buffer, the MAX allreduce of its compressed segments' bucket maxima, and, once
+    exchanged, its flat result (or the error every rank raised)."""
+
+    buffer: FusedBuffer
+    maxima: Started[torch.Tensor] | None
+    result: torch.Tensor | None = None
+    error: str | None = None
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class SummedExchange:
-    """A summable scheme (:class:`DQSGSum` or :class:`NestedSum`) over a summable allreduce: the
-    first-step agreement, per-name step counters, batching, the fused rounds and the measured
-    statistics. The scheme decides what a batch sends and how its sums decode.
+    """A summable scheme (:class:`DQSGSum` or :class:`NestedSum`) over a summable allreduce: fused
+    rounds and measured statistics; the scheme decides what the rounds send and how their sums decode."""
 
-    ``collectives`` is a :class:`Collectives` or a callable returning one (made on first use, after
-    the framework is initialised)."""
+    kind = "summed"
 
-    def __init__(self, scheme: DQSGSum | NestedSum, seed: int | None, collectives: Any) -> None:
-        check_seed(seed)
-        self.scheme, self.seed = scheme, seed
+    def __init__(self, scheme: DQSGSum | NestedSum, average: bool, collectives: Collectives) -> None:
+        self.scheme, self.average, self.coll = scheme, average, collectives
         self.codec = scheme.fine
-        self.stats = CommStats()
+        self.stats = CommStats()  # every byte handed to the collectives
+        self.payload = CommStats()  # those of the compressed tensors (maxima, fields, recovery)
         self.decode_stats = DecodeStats()
         self.entropy_bits = 0.0  # Σ n·(empirical entropy of the symbols sent) + side bits
-        self.steps = StepCounter()
-        self._open = Batch()
-        self._agreed_seed: int | None = None
-        self._coll = collectives
-
-    @property
-    def coll(self) -> Collectives:
-        if callable(self._coll):
-            self._coll = self._coll()
-        return self._coll
+        self._open: list[_Started] = []
 
     @property
     def entropy_bits_per_coordinate(self) -> float:
-        return self.entropy_bits / self.stats.coordinates if self.stats.coordinates else float("nan")
+        pc = self.payload.coordinates
+        return self.entropy_bits / pc if pc else float("nan")
+
+    def config(self) -> dict[str, Any]:
+        return {"exchange": self.kind, "scheme": self.scheme.config(), "average": self.average}
+
+    def statistics(self) -> dict:
+        return statistics(self.stats, self.payload, self.entropy_bits, self.decode_stats)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue the same dither streams and decoders: the agreed
-        seed, the per-name step counters and the scheme's state (nested side information)."""
-        return {"kind": "summed", "seed": self._agreed_seed, "steps": self.steps.state_dict(),
-                "scheme": self.scheme.state_dict()}
+        """The scheme's state (nested side information and nesting decisions)."""
+        return {"kind": self.kind, "scheme": self.scheme.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the seed is agreed again at the next exchange (rank 0's)."""
-        if state.get("kind") != "summed":
-            raise ValueError(f"checkpoint holds {state.get('kind')!r} exchange state; this exchange is 'summed'")
+        check_kind(self.kind, state)
         self.scheme.load_state_dict(state["scheme"])
-        self.steps.load_state_dict(state["steps"])
-        self.seed, self._agreed_seed = state["seed"], None
+
+    def count_handed(self, nbytes: int) -> None:
+        """Bytes an adapter handed to its framework on the exchange's behalf (Horovod's word)."""
+        self.stats.record(0, nbytes)
+        self.payload.record(0, nbytes)
 
     # ------------------------------------------------------------------ in the gradient hook
-    def encode(self, tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, SumContext]:
-        """Queue ``tensor`` (named alike on every rank) for the next exchange and start the MAX
-        allreduce of its per-bucket maxima; returns the word for the framework's allreduce."""
-        if any(item.name == name for item in self._open.items):
-            raise ValueError(f"'{name}' was encoded twice before its batch was exchanged: decode it first")
-        flat = flat32(tensor)
-        started = self.coll.allreduce(self.codec.bucket_absmax(flat), f"hvdquant.scale.{name}", op="max")
-        # in host memory whatever the gradient's device: Horovod's CPU-only build reduces it as it is
-        word = torch.ones(1, dtype=torch.float64, device="cpu")
-        self.stats.record(0, started.nbytes + word.numel() * word.element_size())
-        item = Pending(name, self.steps.next(name), flat, tensor.shape, tensor.dtype, started)
-        self._open.items.append(item)
-        return word, SumContext(item, self._open)
+    def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
+        """Queue ``buffer`` for the next exchange and start the MAX allreduce of its compressed
+        segments' per-bucket maxima."""
+        queued = {s.name for entry in self._open for s in entry.buffer.segments}
+        twice = [s.name for s in buffer.segments if s.name in queued]
+        if twice:
+            raise ValueError(f"'{twice[0]}' was started twice before its exchange finished: finish it first")
+        parts = [self.codec.bucket_absmax(buffer.part(s)) for s in buffer.compressed()]
+        maxima = None
+        if parts:
+            maxima = self.coll.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0],
+                                         f"hvdquant.scale.{buffer.compressed()[0].name}", op="max")
+            self.stats.record(0, maxima.nbytes)
+            self.payload.record(0, maxima.nbytes)
+        entry = _Started(buffer, maxima)
+        self._open.append(entry)
 
-    # ------------------------------------------------------------------ after the framework's allreduce
-    def decode(self, reduced: torch.Tensor, ctx: SumContext) -> torch.Tensor:
-        """c · Σ_p ĝ_p for the tensor of ``ctx`` (the mean under AVERAGE, the sum under SUM), with
-        c read off the reduced word; exchanges the tensor's batch first if that has not happened."""
-        if reduced.dtype != torch.float64 or reduced.numel() != 1:
-            raise ValueError(f"reduced word has {reduced.numel()} {reduced.dtype} values, expected 1 float64")
-        factor = float(reduced[0]) / self.coll.size
-        if not 0.0 < factor < float("inf"):
-            raise ValueError(f"the reduction scaled the payload by {factor!r}: only positive finite "
-                             "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
-        batch = ctx.batch
-        if batch.sums is None and batch.error is None:
-            batch.sums = self.scheme.exchange(self, self.agree_steps(batch))
-        if batch.error is not None:
-            raise FloatingPointError(batch.error)
-        total = batch.sums.pop(ctx.pending.name)
-        out = total if factor == 1.0 else total * factor
-        check_finite_output(out)
-        return out.reshape(ctx.pending.shape).to(ctx.pending.dtype)
+        def finish() -> torch.Tensor:
+            if entry.result is None and entry.error is None:
+                self._exchange()
+            if entry.error is not None:
+                raise FloatingPointError(entry.error)
+            return entry.result
 
-    def agree_steps(self, batch: Batch) -> list[Quantized]:
-        """Close ``batch`` and collect its agreed maxima (sorted by name): Δ_b = max / s and this
-        rank's key per tensor. A non-finite maximum raises on every rank (and on each later decode
-        of the batch)."""
-        if batch is self._open:
-            self._open = Batch()
-        if self._agreed_seed is None:  # exchange configurations once; every rank uses rank 0's seed
-            self._agreed_seed = agree(self.coll, self.scheme.config(self.seed), self.seed, "hvdquant.config")
-        items = sorted(batch.items, key=lambda item: item.name)
-        maxima = [item.maxima.wait() for item in items]
-        bad = [item for item, m in zip(items, maxima) if not all_finite(m)]
+        return finish
+
+    # ------------------------------------------------------------------ at the first finisher
+    def _exchange(self) -> None:
+        """Exchange every started buffer: compressed segments through the scheme's fused rounds,
+        uncompressed ones in one allgather; then each buffer's flat result."""
+        batch, self._open = self._open, []
+        try:
+            rounds = self._agreed_steps(batch)
+            sums = self.scheme.exchange(self, rounds) if rounds else {}
+            sums.update(self._raw_sums(batch))
+        except FloatingPointError as err:
+            for entry in batch:
+                entry.error = str(err)
+            raise
+        ranks = self.coll.size
+        for entry in batch:
+            out = torch.empty(entry.buffer.numel, dtype=torch.float32, device=entry.buffer.device)
+            for s in entry.buffer.segments:
+                total = sums.pop(s.name)
+                out[s.offset:s.end] = total / ranks if self.average else total
+            check_finite_output(out)
+            entry.result = out
+
+    def _agreed_steps(self, batch: list[_Started]) -> list[Quantized]:
+        """The batch's compressed tensors, sorted by name, with Δ_b = max / s from the agreed maxima
+        and this rank's key. A non-finite maximum raises on every rank."""
+        items: list[tuple[Pending, torch.Tensor, DitherKey]] = []
+        for entry in batch:
+            if entry.maxima is None:
+                continue
+            maxima = entry.maxima.wait()
+            pos = 0
+            for s in entry.buffer.compressed():
+                nb = ops.num_buckets(s.length, self.codec.bucket_size)
+                items.append((Pending(s.name, s.key.step, entry.buffer.part(s)), maxima[pos:pos + nb], s.key))
+                pos += nb
+        items.sort(key=lambda item: item[0].name)
+        bad = [item for item, m, _ in items if not all_finite(m)]
         if bad:  # every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread
-            batch.error = (f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank at step "
-                           f"{bad[0].step}; hvdquant refuses to quantize it")
-            raise FloatingPointError(batch.error)
-        return [Quantized(item, self.codec.step_size(m),
-                          self.codec.keyed(dither_key(self._agreed_seed, item.step, item.name, self.coll.rank),
-                                           self.coll.size))
-                for item, m in zip(items, maxima)]
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank "
+                                     f"at step {bad[0].step}; hvdquant refuses to quantize it")
+        return [Quantized(item, self.codec.step_size(m), self.codec.keyed(key, self.coll.size))
+                for item, m, key in items]
+
+    def _raw_sums(self, batch: list[_Started]) -> dict[str, torch.Tensor]:
+        """Σ_p of the uncompressed segments' float32 values, in rank order (one allgather of all)."""
+        raw = sorted(((s, entry.buffer) for entry in batch for s in entry.buffer.uncompressed()),
+                     key=lambda sb: sb[0].name)
+        if not raw:
+            return {}
+        flat = torch.cat([buf.part(s) for s, buf in raw])
+        started = self.coll.allgather_bytes(flat.view(torch.uint8) if all_finite(flat) else None, "hvdquant.raw")
+        self.stats.record(flat.numel(), started.nbytes)
+        total = rank_order_sum(raise_if_poisoned(started.wait(), "uncompressed tensors"))
+        return {s.name: part for (s, _), part in zip(raw, total.split([s.length for s, _ in raw]))}
 
     def sum_words(self, message: SumMessage, values: list, device: torch.device, coordinates: int,
                   phase: str = "fields") -> torch.Tensor:
@@ -186,6 +201,7 @@ class SummedExchange:
         starts, so the names repeat from step to step (Horovod caches their negotiation)."""
         started = self.coll.allreduce(message.pack(values, device), f"hvdquant.sum.{phase}")
         self.stats.record(coordinates, started.nbytes)
+        self.payload.record(coordinates, started.nbytes)
         return started.wait()
 
     def sum_fields(self, message: SumMessage, values: list[torch.Tensor], device: torch.device, coordinates: int,
@@ -208,8 +224,8 @@ class DQSGSum:
     def fine(self) -> DQSG:
         return DQSG(self.levels, self.bucket_size, self.dither)
 
-    def config(self, seed: int | None) -> dict[str, Any]:
-        return {"scheme": "dqsg", **asdict(self.fine), "seed": seed}
+    def config(self) -> dict[str, Any]:
+        return {"scheme": "dqsg", **asdict(self.fine)}
 
     def state_dict(self) -> dict[str, Any]:
         """DQSG keeps nothing between steps."""
@@ -271,9 +287,9 @@ class NestedSum:
         self.fine = self.nested.fine
         self._side: dict[str, torch.Tensor] = {}  # per name: P × the last decoded mean
 
-    def config(self, seed: int | None) -> dict[str, Any]:
+    def config(self) -> dict[str, Any]:
         return {"scheme": "ndqsg-sum", "levels": self.nested.levels, "bucket_size": self.nested.bucket_size,
-                "adaptive": self.nested.adaptive, "seed": seed}
+                "adaptive": self.nested.adaptive}
 
     def state_dict(self) -> dict[str, Any]:
         """The side information (per name, P × the last decoded mean, copies) and the nesting decisions."""
@@ -369,11 +385,13 @@ class NestedSum:
 
 
 def scheme_for(codec: object) -> DQSGSum | NestedSum:
-    """The summable scheme of a codec: :class:`NestedSum` for NDQSG, :class:`DQSGSum` for DQSG; other
-    codecs' payloads cannot be summed (a TypeError says so)."""
-    if isinstance(codec, NDQSG):
-        return NestedSum(codec.levels, codec.bucket_size, codec.adaptive)
-    if isinstance(codec, DQSG):
-        return DQSGSum(codec.levels, codec.bucket_size, codec.dither)
+    """The summable scheme of a codec that declares its payloads summable (``codec.summable``):
+    :class:`NestedSum` for NDQSG, :class:`DQSGSum` for DQSG; other codecs' payloads cannot be summed
+    (a TypeError says so)."""
+    if getattr(codec, "summable", False):
+        if isinstance(codec, NDQSG):
+            return NestedSum(codec.levels, codec.bucket_size, codec.adaptive)
+        if isinstance(codec, DQSG):
+            return DQSGSum(codec.levels, codec.bucket_size, codec.dither)
     raise TypeError(f"{type(codec).__name__} payloads cannot be summed by an allreduce: use reducer='allgather' "
                     "or 'scatter_reduce'")

@@ -132,7 +132,7 @@ def test_keys_are_per_parameter_and_buckets_are_rebuilt():
     ddp.register_comm_hook(state, counting)
     train(ddp, torch.optim.SGD(model.parameters(), lr=0.05), range(3))
     assert seen[0] == 0 and max(seen) >= 1
-    assert sorted(state.steps.counts.values()) == [3, 3, 3]  # the three weight matrices
+    assert sorted(state.session.steps.counts.values()) == [3, 3, 3]  # the three weight matrices
 
 
 def run_checkpointed(make: Callable, reducer: str, k: int, m: int, warmup_steps: int = 0):
@@ -182,7 +182,7 @@ def test_error_feedback_residuals_in_state_dict():
     state = hvdquant.ddp.State(hvdquant.ErrorFeedback(hvdquant.DQSG(1, 128)), "allgather", min_numel=256)
     model = mlp()
     train(wrap(model, state), torch.optim.SGD(model.parameters(), lr=0.05), range(2))
-    residuals = state.state_dict()["exchange"]["residuals"]
+    residuals = state.state_dict()["session"]["exchange"]["residuals"]
     sizes = sorted(p.numel() for p in model.parameters() if p.dim() >= 2)
     assert sorted(r.numel() for r in residuals.values()) == sizes
     assert all(r.dtype == torch.float64 and bool(r.abs().sum() > 0) for r in residuals.values())

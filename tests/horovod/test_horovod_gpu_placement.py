@@ -15,6 +15,7 @@ import horovod.torch as hvd
 import pytest
 import simulated_gpu as sim
 import torch
+from one_tensor import start, start_raw
 
 import hvdquant
 from hvdquant.kernels import ops
@@ -91,7 +92,7 @@ def test_payload_exchange_on_the_gpu(make, reducer):
         ex, out = make_exchange(make(), reducer, True, HorovodCollectives()), []
         for step in range(3):
             grads = {n: g.cuda() if on_gpu else g for n, g in grads_at(step).items()}
-            finish = {n: ex.start(n, g, 7, step) if g.dim() == 2 else ex.start_raw(n, g) for n, g in grads.items()}
+            finish = {n: start(ex, n, g, 7, step) if g.dim() == 2 else start_raw(ex, n, g) for n, g in grads.items()}
             for n in sorted(finish):
                 mean = finish[n]()
                 assert mean.device == grads[n].device

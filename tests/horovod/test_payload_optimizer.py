@@ -8,6 +8,7 @@ import horovod.torch as hvd
 import pytest
 import torch
 from hvd_helpers import same_on_all_ranks
+from one_tensor import start
 from torch import nn
 
 import hvdquant
@@ -111,7 +112,7 @@ def test_adaptive_ndqsg_decides_alike_on_every_rank(shared_data):
 
 def exchange_once(codec, g, step, name="layer.weight", reducer="allgather"):
     ex = make_exchange(codec, reducer, True, HorovodCollectives())
-    return ex.start(name, g, seed=1234, step=step)(), ex
+    return start(ex, name, g, 1234, step)(), ex
 
 
 @pytest.mark.parametrize("dither", ["independent", "stratified"])

@@ -7,9 +7,11 @@ import horovod.torch as hvd
 import pytest
 import torch
 from hvd_helpers import same_on_all_ranks
+from one_tensor import start
 from torch import nn
 
 import hvdquant
+import hvdquant.transports.session
 from hvdquant.data import load_digits
 from hvdquant.transports import HorovodCollectives, make_exchange
 
@@ -24,7 +26,7 @@ def test_payload_path_nonfinite_gradient_raises_on_every_rank(reducer):
         g[3, 4] = float("nan")
     ex = make_exchange(hvdquant.DQSG(1, 128), reducer, True, HorovodCollectives())
     with pytest.raises(FloatingPointError, match=r"layer\.w.*rank\(s\) \[1\]"):
-        ex.start("layer.w", g, seed=1, step=0)()
+        start(ex, "layer.w", g, 1, 0)()
 
 
 @pytest.mark.parametrize("path", ["stock", "allgather"])
@@ -37,7 +39,7 @@ def test_overflowing_decode_raises_instead_of_inf(path):
     else:
         with pytest.raises(FloatingPointError, match="overflows"):
             exchange = make_exchange(hvdquant.DQSG(1, 100), "allgather", True, HorovodCollectives())
-            exchange.start("huge", g.reshape(3, 100), 1, 0)()
+            start(exchange, "huge", g.reshape(3, 100), 1, 0)()
 
 
 def test_large_but_safe_values_and_denormals():
@@ -55,7 +57,7 @@ def test_other_dtypes_keep_their_dtype(dtype):
     g = torch.randn(20, 30).to(dtype)
     stock = hvd.allreduce(g, name=f"dtype.{dtype}", compression=hvdquant.Compression.dqsg(levels=3, bucket_size=64))
     exchange = make_exchange(hvdquant.DQSG(3, 64), "allgather", True, HorovodCollectives())
-    payload = exchange.start(f"dtype.{dtype}", g, 1, 0)()
+    payload = start(exchange, f"dtype.{dtype}", g, 1, 0)()
     assert stock.dtype == payload.dtype == dtype and stock.shape == payload.shape == g.shape
 
 
@@ -92,7 +94,7 @@ def test_different_hvdquant_versions_are_named(monkeypatch):
     """Payload formats may change between versions (the nested checksum did): ranks running different
     hvdquant versions are refused at the first exchange, naming the rank and both versions."""
     if hvd.rank() == 1:
-        monkeypatch.setattr(hvdquant, "__version__", "0.0.0")
+        monkeypatch.setattr(hvdquant.transports.session, "__version__", "0.0.0")
     model = nn.Sequential(nn.Linear(64, 32))
     opt = hvdquant.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                         named_parameters=model.named_parameters(), codec=hvdquant.DQSG(), min_numel=16)

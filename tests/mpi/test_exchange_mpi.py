@@ -8,11 +8,12 @@ counted equal to the bytes handed to MPI.
 
 import pytest
 import torch
+from one_tensor import start, start_raw
 
 from hvdquant import DQSG, NDQSG, OneBitSGD
 from hvdquant.codecs import TensorContext
-from hvdquant.keys import dither_key
 from hvdquant.transports import MPICollectives, make_exchange
+from hvdquant.transports.session import dither_key
 
 
 def gradient(rank: int, n: int = 1000) -> torch.Tensor:
@@ -28,7 +29,7 @@ def same_everywhere(coll: MPICollectives, t: torch.Tensor) -> bool:
 def test_dqsg_exchange_over_mpi_is_identical_and_within_the_step(reducer):
     coll = MPICollectives()
     codec = DQSG(levels=1, bucket_size=64)
-    out = make_exchange(codec, reducer, True, coll).start("w", gradient(coll.rank), seed=3, step=0)()
+    out = start(make_exchange(codec, reducer, True, coll), "w", gradient(coll.rank), 3, 0)()
     everyone = [gradient(p) for p in range(coll.size)]
     mean = torch.stack(everyone).mean(0)
     # one quantization (allgather): |error| ≤ mean_p Δ_p/2 ≤ max_p max|g_p|/(2s);
@@ -47,7 +48,7 @@ def test_ndqsg_exchange_over_mpi_equals_the_fine_dqsg_decode():
     coll = MPICollectives()
     codec = NDQSG(levels=(3, 1), bucket_size=64, adaptive=False)
     ex = make_exchange(codec, "allgather", True, coll)
-    out = ex.start("w", gradient(coll.rank), seed=5, step=2)()
+    out = start(ex, "w", gradient(coll.rank), 5, 2)()
     total = torch.zeros(1000)
     for p in range(coll.size):
         ctx = TensorContext("w", (10, 100), dither_key(5, 2, "w", p), coll.size)
@@ -64,7 +65,7 @@ def test_nan_on_one_rank_raises_on_every_rank_over_mpi(reducer):
     if coll.rank == 1:
         g[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"'w'.*rank\(s\) \[1\]"):
-        make_exchange(OneBitSGD(), reducer, True, coll).start("w", g, seed=1, step=0)()
+        start(make_exchange(OneBitSGD(), reducer, True, coll), "w", g, 1, 0)()
 
 
 @pytest.mark.mpi(min_size=2)
@@ -74,7 +75,7 @@ def test_bytes_counted_are_the_bytes_handed_to_mpi():
     coll = MPICollectives()
     codec = DQSG(levels=1, bucket_size=64)
     ex = make_exchange(codec, "allgather", True, coll)
-    ex.start("w", gradient(coll.rank), seed=1, step=0)()
+    start(ex, "w", gradient(coll.rank), 1, 0)()
     ctx = TensorContext("w", (10, 100), dither_key(1, 0, "w", coll.rank), coll.size)
     payload = codec.encode(gradient(coll.rank), ctx).to_bytes()
     assert ex.stats.bytes_handed == payload.numel() + 8 + 8
@@ -108,7 +109,7 @@ def step_of_tensors(coll, reducer: str, threshold: int, poison: str | None = Non
         name = f"layer{i}.weight"
         if name == poison and coll.rank == 1:
             g[0, 0] = float("nan")
-        finishers[name] = ex.start_raw(name, g) if i in (2, 5) else ex.start(name, g, seed=3, step=0)
+        finishers[name] = start_raw(ex, name, g) if i in (2, 5) else start(ex, name, g, 3, 0)
     outs = {}
     for name in sorted(finishers):
         try:

@@ -4,6 +4,7 @@ launch/gpu_e2e.sh on a GPU; its dry run checks the script on the CPU.)"""
 
 import pytest
 import torch
+from one_tensor import start
 
 import hvdquant
 from hvdquant.codecs.base import TensorContext
@@ -78,11 +79,11 @@ def test_summed_exchange_on_cuda_kernels_gives_the_cpu_bits(scheme):
 
     def run():
         make = DQSGSum(1, 64) if scheme == "dqsg-sum" else NestedSum((3, 1), 64)
-        ex = SummedExchange(make, seed=9, collectives=OneRank())
+        ex = SummedExchange(make, False, OneRank())
         outs = []
-        for _ in range(3):
-            handed = {name: ex.encode(g, name) for name, g in grads.items()}
-            outs += [ex.decode(word, ctx) for word, ctx in handed.values()]
+        for step in range(3):
+            handed = [start(ex, name, g, 9, step) for name, g in grads.items()]
+            outs += [finish() for finish in handed]
         return torch.cat([o.reshape(-1) for o in outs])
 
     cpu, cuda = _exchange_both_ways(run)
@@ -100,7 +101,7 @@ def test_payload_exchange_on_cuda_kernels_gives_the_cpu_bits(codec):
 
     def run():
         ex = PayloadExchange(copy.deepcopy(codec), "allgather", True, OneRank())
-        finishers = [ex.start(name, g, seed=4, step=0) for name, g in grads.items()]
+        finishers = [start(ex, name, g, 4, 0) for name, g in grads.items()]
         return torch.cat([f().reshape(-1) for f in finishers])
 
     cpu, cuda = _exchange_both_ways(run)

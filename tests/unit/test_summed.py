@@ -1,14 +1,20 @@
-"""The summable-allreduce reducer's batching, on one process with a recording Collectives.
+"""The summable-allreduce exchange's fusion, on one process with a recording Collectives.
 
-The invariants of :mod:`hvdquant.transports.summed`: ``encode`` (the gradient hook) starts
-collectives but never waits on one; the first ``decode`` exchanges the whole batch in one SUM
-allreduce however many tensors it holds; a non-finite gradient raises on every decode of its batch.
+The invariants of :mod:`hvdquant.transports.summed`: ``start`` (the gradient hook) starts
+collectives but never waits on one; the first finisher exchanges every started buffer in one SUM
+allreduce however many tensors they hold; a non-finite gradient raises on every finisher of the
+exchange. And the Horovod shim's reading of the framework's factor off the reduced word.
 """
 
 import pytest
 import torch
+from one_tensor import start
 
+from hvdquant.adapters.horovod import SummedCompression
+from hvdquant.codecs import DQSG
 from hvdquant.transports.collectives import Started
+from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.session import Session, dither_key
 from hvdquant.transports.summed import DQSGSum, NestedSum, SummedExchange
 
 
@@ -48,13 +54,13 @@ def gradients(count: int = 6) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("scheme", [DQSGSum(1, 64), NestedSum((3, 1), 64)])
 def test_encode_never_waits_and_one_round_sums_the_batch(scheme):
     coll = Recording()
-    ex = SummedExchange(scheme, seed=5, collectives=coll)
+    ex = SummedExchange(scheme, False, coll)
     grads = gradients()
-    for _step in range(3):  # nested: steps 2 and 3 decode cosets with side information
+    for step in range(3):  # nested: steps 2 and 3 decode cosets with side information
         coll.log.clear()
-        handed = {name: ex.encode(g, name) for name, g in grads.items()}
+        handed = {name: start(ex, name, g, 5, step) for name, g in grads.items()}
         assert all(line.startswith("start max") for line in coll.log), coll.log  # nothing waited on
-        outs = {name: ex.decode(word * 1.0, ctx) for name, (word, ctx) in handed.items()}
+        outs = {name: finish() for name, finish in handed.items()}
         sums = [line for line in coll.log if line.startswith("start sum")]
         assert sums == ["start sum hvdquant.sum.fields"]  # one round for the six tensors (P = 1: no recovery)
         for name, g in grads.items():
@@ -64,34 +70,57 @@ def test_encode_never_waits_and_one_round_sums_the_batch(scheme):
 
 
 def test_factor_of_the_framework_reduction_is_applied():
-    """The reduced word holds c·P; Average (c = 1/P) and Sum (c = 1) are read off it."""
-    coll = Recording()
-    ex = SummedExchange(DQSGSum(1, 64), seed=1, collectives=coll)
+    """The Horovod shim: the reduced word holds c·P; Average (c = 1/P) and Sum (c = 1) are read off
+    it and applied to the exchange's sum; a factor that destroys the fields is refused."""
+    def shim() -> SummedCompression:
+        comp = SummedCompression(DQSG(1, 64), seed=1)
+        comp._session = Session(SummedExchange(DQSGSum(1, 64), False, Recording()), 1, "test")
+        return comp
+
     g = torch.randn(300)
-    word, ctx = ex.encode(g, "w")
-    half = ex.decode(word * 0.5, ctx)
-    word, ctx = ex.encode(g, "w")
+    outs = []
+    for factor in (1.0, 0.5):
+        comp = shim()
+        word, ctx = comp.compress(g, "w")
+        outs.append(comp.decompress(word * factor, ctx))
+    assert outs[1].shape == g.shape and torch.equal(outs[1], outs[0] * 0.5)
+    word, ctx = comp.compress(g, "w")
     with pytest.raises(ValueError, match="scaled the payload"):
-        ex.decode(word * 0.0, ctx)
-    assert half.shape == g.shape
+        comp.decompress(word * 0.0, ctx)
 
 
-def test_nonfinite_gradient_raises_on_every_decode_of_its_batch():
-    ex = SummedExchange(DQSGSum(1, 64), seed=1, collectives=Recording())
+def test_nonfinite_gradient_raises_on_every_finisher_of_its_exchange():
+    ex = SummedExchange(DQSGSum(1, 64), False, Recording())
     bad = torch.ones(100)
     bad[7] = float("inf")
-    a = ex.encode(torch.ones(100), "a.weight")
-    b = ex.encode(bad, "b.weight")
-    for word, ctx in (a, b):
+    finishers = [start(ex, "a.weight", torch.ones(100), 1, 0), start(ex, "b.weight", bad, 1, 0)]
+    for finish in finishers:
         with pytest.raises(FloatingPointError, match="'b.weight'"):
-            ex.decode(word, ctx)
+            finish()
 
 
-def test_encoding_a_name_twice_in_one_batch_is_refused():
-    ex = SummedExchange(DQSGSum(1, 64), seed=1, collectives=Recording())
-    ex.encode(torch.ones(10), "w")
-    with pytest.raises(ValueError, match="encoded twice"):
-        ex.encode(torch.ones(10), "w")
+def test_starting_a_name_twice_in_one_exchange_is_refused():
+    ex = SummedExchange(DQSGSum(1, 64), False, Recording())
+    start(ex, "w", torch.ones(10), 1, 0)
+    with pytest.raises(ValueError, match="started twice"):
+        start(ex, "w", torch.ones(10), 1, 1)
+
+
+def test_one_buffer_of_many_tensors_costs_one_max_and_one_sum_round():
+    """A fused buffer (a DDP bucket): one MAX allreduce of all its bucket maxima at start, one SUM
+    allreduce of all fields, one allgather of its uncompressed tensors; the result is the
+    single-tensor exchanges' result, bit for bit."""
+    grads = gradients(4)
+    coll = Recording()
+    fused = SummedExchange(DQSGSum(1, 64), False, coll)
+    items = [(name, g, dither_key(2, 0, name, 0)) for name, g in grads.items()] + [("bias", torch.randn(7), None)]
+    buf = FusedBuffer.of(items)
+    out = buf.unflatten(fused.start(buf)())
+    assert [line.split()[1] for line in coll.log if line.startswith("start")] == ["max", "sum", "allgather"]
+    alone = SummedExchange(DQSGSum(1, 64), False, Recording())
+    for name, g in grads.items():
+        assert torch.equal(out[name], start(alone, name, g, 2, 0)())
+    assert torch.equal(out["bias"], items[-1][1])
 
 
 @pytest.mark.parametrize("drift,expect_nesting", [(1e-4, True), (1.0, False)])
@@ -101,16 +130,13 @@ def test_adaptive_nested_sum_switches_by_the_probe_and_stays_exact(drift, expect
     if both probes said cosets + checksums + recovery cost at most ADAPTIVE_MARGIN × the DQSG(s₁)
     fields (NDQSG.CONFIRM_STEPS = 2; slow drift: yes; drift as large as the gradient: no). Every
     step equals plain DQSGSum's result bit for bit."""
-    nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), seed=3, collectives=Recording())
-    plain = SummedExchange(DQSGSum(8, 64, dither="independent"), seed=3, collectives=Recording())
+    nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), False, Recording())
+    plain = SummedExchange(DQSGSum(8, 64, dither="independent"), False, Recording())
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(2000, generator=gen)
     for step in range(5):
         g = base + drift * torch.randn(2000, generator=gen)
-        outs = []
-        for ex in (nested, plain):
-            word, ctx = ex.encode(g, "w")
-            outs.append(ex.decode(word, ctx))
+        outs = [start(ex, "w", g, 3, step)() for ex in (nested, plain)]
         assert torch.equal(outs[0], outs[1])
         assert nested.scheme.nested.nesting.get("w", False) == (expect_nesting and step > 1)
     if expect_nesting:  # steps 3 and 4 went through the cosets and never needed the recovery round
@@ -121,18 +147,15 @@ def test_adaptive_nested_sum_chooses_the_cheapest_ratio():
     """On slowly drifting gradients the nested sum's probes find that ρ = 2 (a 1-bit coset field
     instead of ρ = 8's 3 bits) resolves every bucket: the tensor nests at ρ = 2 (the candidates for
     s₁ = 8: 2, 4, 8, 16) and every step still equals plain DQSGSum's result bit for bit."""
-    nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), seed=3, collectives=Recording())
-    plain = SummedExchange(DQSGSum(8, 64, dither="independent"), seed=3, collectives=Recording())
+    nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), False, Recording())
+    plain = SummedExchange(DQSGSum(8, 64, dither="independent"), False, Recording())
     codec = nested.scheme.nested
     assert codec.candidate_ratios() == (2, 4, 8, 16)
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(2000, generator=gen)
-    for _step in range(5):
+    for step in range(5):
         g = base + 1e-4 * torch.randn(2000, generator=gen)
-        outs = []
-        for ex in (nested, plain):
-            word, ctx = ex.encode(g, "w")
-            outs.append(ex.decode(word, ctx))
+        outs = [start(ex, "w", g, 3, step)() for ex in (nested, plain)]
         assert torch.equal(outs[0], outs[1])
     assert codec.nesting["w"] and codec.ratio("w") == 2
     assert nested.decode_stats.failed_buckets == 0
