@@ -10,12 +10,12 @@ host memory (the CPU twins), and compares bit for bit:
    ``hvdquant.Compression.dqsg``/``ndqsg``, ``hvdquant.DistributedOptimizer``, the DDP hook) holds a
    ``make_exchange(codec, reducer, average, collectives)`` (reducer ``"allreduce"``: the summable
    words of the stock path and of DDP's allreduce) and hands it fused buffers. Each training run's
-   exchange (and a few more, for both dither families on the summed words) runs here with P ranks in P threads of this process over a
-   loopback :class:`Collectives` that records every tensor a rank hands to a collective: the
-   summed words, scale maxima, checksums and payload bytes of every rank at every step must be
-   equal on both devices, the decoded means equal, and the ranks' means identical. The adapters
-   add only framework plumbing around these objects (tensor names, step counters, the first-step
-   agreement, the float32 sum of small tensors), and the real collectives move bytes without
+   exchange (and a few more, for both dither families on the summed words) runs here with P ranks
+   in P threads of this process over a loopback :class:`Collectives` that records every tensor a
+   rank hands to a collective: the summed words, scale maxima, checksums and payload bytes of every
+   rank at every step must be equal on both devices, the decoded means equal, and the ranks' means
+   identical. The adapters add only framework plumbing around these objects (tensor names, the
+   session's step counters and first-step agreement), and the real collectives move bytes without
    reading them; the training runs of launch/gpu_e2e.sh show that plumbing on the GPU (replicas
    bit-identical). Equal bytes here therefore mean that a GPU rank and a CPU rank of one job send
    the same codes and decode the same means.
