@@ -53,12 +53,24 @@ class StepCounter:
         self.counts = {str(k): int(v) for k, v in state.items()}
 
 
+def _fields(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested configuration as dotted fields ({"codec": {"levels": 1}} -> {"codec.levels": 1}), so
+    that a difference names the field itself."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_fields(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def agree(collectives: Collectives, config: dict[str, Any], seed: int | None, name: str) -> int:
     """Allgather every rank's ``config`` and seed proposal (``seed``, or its ``torch.initial_seed()``);
     raise on every rank, naming the rank and the fields, if any configuration differs from rank
     0's; else return rank 0's proposal, the seed every rank then uses. hvdquant's version is part of
     every configuration: payload formats may change between versions."""
-    config = {"hvdquant_version": __version__, **config}
+    config = _fields({"hvdquant_version": __version__, **config})
     proposal = seed if seed is not None else torch.initial_seed() & MASK64
     everyone = collectives.allgather_object((config, proposal), name)
     ref = everyone[0][0]
