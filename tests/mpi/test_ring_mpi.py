@@ -164,5 +164,7 @@ def test_bad_input_refused():
     if comm.Get_rank() == 0:
         g[3] = float("nan")
     with pytest.raises(FloatingPointError, match="ring.nan"):
-        ring_allreduce(g, comm, codec=NDQSG(), name="ring.nan")
+        ring_allreduce(g, comm, codec=NDQSG(), name="ring.nan", state=hvdquant.CodecState())
+    with pytest.raises(ValueError, match="state=hvdquant.CodecState"):  # adaptive: its decisions need a home
+        ring_allreduce(torch.ones(10), comm, codec=NDQSG(), name="ring.nostate")
     assert hvdquant.ring_allreduce is ring_allreduce
