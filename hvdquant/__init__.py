@@ -11,14 +11,14 @@ hook: ``hvdquant.ddp.State``, ``hvdquant.ddp.hook``; ``import hvdquant.ddp`` wor
 lazily, so the codecs work without Horovod loaded or torch.distributed initialised.
 """
 
-from hvdquant.codecs import DQSG, LGC, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
+from hvdquant.codecs import DQSG, LGC, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import CommStats
 from hvdquant.transports.ring import GroupDQSG, PreviousMean, RingStats, ring_allreduce
 from hvdquant.version import __version__
 
-__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CommStats", "Compression", "DistributedOptimizer", "DitherKey",
-           "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__",
+__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CodecState", "CommStats", "Compression", "DistributedOptimizer",
+           "DitherKey", "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__",
            "ddp", "ring_allreduce"]
 
 

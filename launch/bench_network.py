@@ -139,12 +139,12 @@ def horovod_methods(comm, n: int, fixed_nesting: bool = False) -> list[tuple[str
         payload("ndqsg (3,1) fixed, locate", hvdquant.NDQSG((3, 1), 512, adaptive=False, locate=True), "allgather")
 
     def ring(label: str, codec) -> None:
-        side, st = hvdquant.PreviousMean(), hvdquant.RingStats()
+        side, st, state = hvdquant.PreviousMean(), hvdquant.RingStats(), hvdquant.CodecState()
 
         def fn(g, i):
             before = st.bytes_sent
             hvdquant.ring_allreduce(g, comm, codec=codec, side=side if codec else None, name="bench",
-                                    average=True, stats=st)
+                                    average=True, stats=st, state=state)
             return st.bytes_sent - before
         out.append((label, fn, lambda: {"failed_buckets": st.failed_buckets}))
 

@@ -130,15 +130,17 @@ def compare_codecs(grads: dict[str, torch.Tensor], ranks: int, twin: Callable) -
         row: dict[str, Any] = {"codec": label, "codes_equal": True, "decoded_max_ulps": 0, "payload_bytes": 0}
         try:
             for name, g in grads.items():
-                ctx = TensorContext(name, tuple(g.shape), dither_key(SEED, 3, name, ranks - 1), ranks)
+                key = dither_key(SEED, 3, name, ranks - 1)
+                # each side its own (fresh) codec state: error feedback's residuals
+                ctx, cpu_ctx = (TensorContext(name, tuple(g.shape), key, ranks, hvdquant.CodecState()) for _ in "ab")
                 gpu_codec, cpu_codec = make(), make()
                 side = torch.zeros_like(g)
                 with twin():
                     enc = gpu_codec.encode(g, ctx)
                     dec = gpu_codec.decode(enc, ctx, side) if "cosets" in enc.fields else gpu_codec.decode(enc, ctx)
-                ref = cpu_codec.encode(g.cpu(), ctx)
-                ref_dec = (cpu_codec.decode(ref, ctx, side.cpu()) if "cosets" in ref.fields
-                           else cpu_codec.decode(ref, ctx))
+                ref = cpu_codec.encode(g.cpu(), cpu_ctx)
+                ref_dec = (cpu_codec.decode(ref, cpu_ctx, side.cpu()) if "cosets" in ref.fields
+                           else cpu_codec.decode(ref, cpu_ctx))
                 row["codes_equal"] &= torch.equal(enc.to_bytes().cpu(), ref.to_bytes())
                 row["decoded_max_ulps"] = max(row["decoded_max_ulps"], ulps(dec.cpu(), ref_dec))
                 row["payload_bytes"] += enc.nbytes()
@@ -315,10 +317,11 @@ def codec_seconds(grads: dict[str, torch.Tensor], args: argparse.Namespace, rank
     sync = torch.cuda.synchronize if any(g.is_cuda for g in grads.values()) else (lambda: None)
     if stock:
         layout = SumFieldLayout.for_levels(codec.levels, ranks)
+    state = hvdquant.CodecState()  # what a stateful codec keeps between steps (residuals, nesting decisions)
 
     def one_step() -> None:
         for name, g in grads.items():
-            ctx = TensorContext(name, tuple(g.shape), dither_key(SEED, 3, name, 0), ranks)
+            ctx = TensorContext(name, tuple(g.shape), dither_key(SEED, 3, name, 0), ranks, state)
             if stock:
                 delta = codec.step_size(codec.bucket_absmax(g))
                 key = codec.keyed(ctx.key, ranks)

@@ -51,9 +51,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hvdquant import NDQSG
+from hvdquant import NDQSG, CodecState
 from hvdquant.codecs.base import TensorContext
-from hvdquant.codecs.ndqsg import bucket_coordinates
+from hvdquant.codecs.coset_resolver import bucket_coordinates
+from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.data import load_fashion_mnist
 from hvdquant.examples.models import SmallCNN
 from hvdquant.kernels import DitherKey, ops, tensor_id
@@ -71,14 +72,16 @@ def correlation(gs: list[torch.Tensor]) -> float:
     return float((c.sum() - c.diagonal().sum()) / (p * (p - 1)))
 
 
-def payload_ndqsg(codec: NDQSG, gs: list[torch.Tensor], name: str, step: int) -> dict[str, float]:
-    """The paper's NDQSG over allgather: counts and bytes (payloads + recovery) against DQSG(s₁)."""
+def payload_ndqsg(codec: NDQSG, gs: list[torch.Tensor], name: str, step: int,
+                  state: CodecState | None = None) -> dict[str, float]:
+    """The paper's NDQSG over allgather: counts and bytes (payloads + recovery) against DQSG(s₁);
+    ``state`` holds an adaptive codec's decisions from step to step."""
     ranks, n = len(gs), gs[0].numel()
-    ctx = TensorContext(name, (n,), DitherKey(SEED, step, tensor_id(name), 0), ranks)
+    ctx = TensorContext(name, (n,), DitherKey(SEED, step, tensor_id(name), 0), ranks, state)
     encs = [codec.encode(g, ctx.sender(p)) for p, g in enumerate(gs)]
     recovered = 0
 
-    def recover(failed: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+    def recover(failed: dict[int, list]) -> dict[int, torch.Tensor]:
         nonlocal recovered
         replies = {p: codec.recovery_payload(encs[p], ctx.sender(p), b) for p, b in failed.items()}
         recovered += sum(r.numel() for r in replies.values())
@@ -94,11 +97,11 @@ def payload_ndqsg(codec: NDQSG, gs: list[torch.Tensor], name: str, step: int) ->
 
 
 def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None, name: str, step: int,
-                 adaptive: NDQSG | None = None) -> tuple[dict[str, float] | None, torch.Tensor]:
+                 adaptive: tuple[NDQSG, NestingPolicy] | None = None) -> tuple[dict[str, float] | None, torch.Tensor]:
     """Nested sum / coset ring: Σk mod ρ resolved against ``side`` (P × the previous decoded mean).
     Returns the counts (None without side information) and this step's P × decoded mean. With
-    ``adaptive`` (an adaptive NDQSG holding the decisions), the bytes are the fields' while nesting
-    is off, and the decision for the next step is made as `NestedSum` makes it."""
+    ``adaptive`` (an adaptive NDQSG and the policy holding its decisions), the bytes are the fields'
+    while nesting is off, and the decision for the next step is made as `NestedSum` makes it."""
     ranks, n, d = len(gs), gs[0].numel(), codec.bucket_size
     fine, rho, s1 = codec.fine, codec.nesting_ratio, codec.levels[0]
     delta = fine.step_size(torch.stack([fine.bucket_absmax(g) for g in gs]).amax(0))
@@ -109,7 +112,7 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
         return None, total
     residues = ((ksum + ranks * (rho // 2)) % rho).to(torch.uint8)
     checks = ops.bucket_checksum(ksum, d)
-    kout, bad = codec.resolve(residues, delta, side, keys[0], ranks, checks)
+    kout, bad = codec.resolver.resolve(residues, delta, side, keys[0], ranks, checks, rho)
     fine_fields = SumFieldLayout.for_levels(s1, ranks)
     failed_coords = int((kout != ksum).sum())
     nb = ops.num_buckets(n, d)
@@ -121,11 +124,12 @@ def summed_ndqsg(codec: NDQSG, gs: list[torch.Tensor], side: torch.Tensor | None
     words = words_at(rho, bad)
     plain = fine_fields.field_words(n)
     if adaptive is not None:  # as NestedSum decides: every candidate ratio priced on the exact sums
-        nested_now = adaptive.nesting.get(name, False)
-        cost = {r: words_at(r, adaptive.probe(ksum, delta, side, keys[0], ranks, r))
-                for r in adaptive.candidate_ratios()}
-        words = cost[adaptive.ratio(name)] if nested_now else plain
-        adaptive.choose(name, cost, plain, buckets=nb)
+        nesting, policy = adaptive
+        nested_now = policy.is_on(name)
+        cost = {r: words_at(r, nesting.resolver.probe(ksum, delta, side, keys[0], ranks, r))
+                for r in nesting.candidate_ratios()}
+        words = cost[nesting.ratio(name, policy)] if nested_now else plain
+        policy.choose(name, cost, plain, buckets=nb)
     return ({"bytes": 8 * words, "dqsg_bytes": 8 * plain,
              "failed_coordinates": failed_coords, "coordinates": n,
              "failed_buckets": len(bad), "buckets": ops.num_buckets(n, d)}, total)
@@ -202,7 +206,9 @@ def main() -> None:
     located = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=False, locate=True) for codec in codecs}
     adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
     whole = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True, locate=False) for codec in codecs}
-    summed_adaptive = {codec.levels: NDQSG(codec.levels, args.bucket_size, adaptive=True) for codec in codecs}
+    summed_adaptive = {codec.levels: (NDQSG(codec.levels, args.bucket_size, adaptive=True), NestingPolicy())
+                       for codec in codecs}
+    states = {(kind, codec.levels): CodecState() for kind in ("adaptive", "whole") for codec in codecs}
     acc: dict[tuple[str, str, str, str], dict[str, float]] = {}
     corr: dict[tuple[str, str], list[float]] = {}
     side: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -217,9 +223,10 @@ def main() -> None:
                 add(acc.setdefault((setting, layer, cfg, "payload-locate"), {}),
                     payload_ndqsg(located[codec.levels], gs, f"{setting}/{name}", step))
                 add(acc.setdefault((setting, layer, cfg, "adaptive"), {}),
-                    payload_ndqsg(adaptive[codec.levels], gs, f"{setting}/{name}", step))
+                    payload_ndqsg(adaptive[codec.levels], gs, f"{setting}/{name}", step,
+                                  states["adaptive", codec.levels]))
                 add(acc.setdefault((setting, layer, cfg, "adaptive-whole"), {}),
-                    payload_ndqsg(whole[codec.levels], gs, f"{setting}/{name}", step))
+                    payload_ndqsg(whole[codec.levels], gs, f"{setting}/{name}", step, states["whole", codec.levels]))
                 prev = side.get((setting, name, cfg)) if step > 0 else None
                 part, side[(setting, name, cfg)] = summed_ndqsg(codec, gs, prev, f"{setting}/{name}", step)
                 add(acc.setdefault((setting, layer, cfg, "sum"), {}), part)

@@ -7,7 +7,8 @@ from .lgc import LGC
 from .ndqsg import NDQSG
 from .onebit import OneBitSGD
 from .qsgd import QSGD
+from .state import CodecState
 from .topk import TopK
 
-__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "Codec", "Encoded", "ErrorFeedback", "OneBitSGD",
+__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "Codec", "CodecState", "Encoded", "ErrorFeedback", "OneBitSGD",
            "TensorContext", "TopK", "empirical_entropy"]

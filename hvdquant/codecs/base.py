@@ -12,30 +12,39 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import DecodeStats
 
+if TYPE_CHECKING:
+    from hvdquant.codecs.recovery import Request
+    from hvdquant.codecs.state import CodecState
+
 
 @dataclass(frozen=True)
 class TensorContext:
     """What a codec may know about the tensor it encodes: its name and shape, the dither key of
-    this sender (key.sender = rank), and the number of ranks."""
+    this sender (key.sender = rank), the number of ranks, and ``state``: the
+    :class:`~hvdquant.codecs.state.CodecState` the exchange owns (error-feedback residuals, adaptive
+    nesting's decisions). Transports always pass theirs; it may be left None only for stateless
+    codecs, and a stateful codec called without one raises instead of silently starting afresh."""
 
     name: str
     shape: tuple[int, ...]
     key: DitherKey
     ranks: int = 1
+    state: CodecState | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     def sender(self, p: int) -> TensorContext:
-        return TensorContext(self.name, self.shape, self.key.for_sender(p), self.ranks)
+        return TensorContext(self.name, self.shape, self.key.for_sender(p), self.ranks, self.state)
 
 
 @dataclass
@@ -125,7 +134,8 @@ def counts_entropy(counts: torch.Tensor) -> float:
     return float(-(p * p.log2()).sum())
 
 
-Recover = Callable[[dict[int, list[int]]], dict[int, torch.Tensor]]
+#: a transport's second round: per sender, the recovery requests it must answer -> its reply bytes
+Recover = Callable[[dict[int, list["Request"]]], dict[int, torch.Tensor]]
 
 
 class Codec(ABC):
@@ -156,6 +166,11 @@ class Codec(ABC):
 
     def from_bytes(self, buf: torch.Tensor, n: int, ctx: TensorContext) -> Encoded:
         return Encoded(n, split_bytes(buf, self.layout(n, ctx)))
+
+    def reconstruction(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
+        """What every receiver will take this sender's payload ``enc`` for (error feedback's ĝ):
+        its decode, unless the codec decodes it only with more than the payload (NDQSG)."""
+        return self.decode(enc, ctx)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

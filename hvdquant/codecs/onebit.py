@@ -9,7 +9,7 @@ error feedback it does not converge: :class:`OneBitSGD` is this quantizer wrappe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,13 +50,13 @@ class OneBitQuantizer(Codec):
                                  enc.fields["neg_mean"])
 
 
+@dataclass(frozen=True)
 class OneBitSGD(ErrorFeedback):
     """Seide's 1-bit SGD: sign bits, per-column bin means, error feedback."""
 
-    scheme = "onebit"
+    codec: Codec = field(default_factory=OneBitQuantizer, init=False)
 
-    def __init__(self) -> None:
-        super().__init__(OneBitQuantizer())
+    scheme = "onebit"
 
     def config(self) -> dict:
         return {"scheme": "onebit"}

@@ -33,6 +33,7 @@ import torch
 
 from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite
 from hvdquant.codecs.feedback import ErrorFeedback
+from hvdquant.codecs.state import CodecState
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import (
     Collectives,
@@ -111,7 +112,8 @@ class PayloadExchange:
 
     ``stats`` counts the bytes handed to the collectives (headers, payloads, size and status words,
     second rounds); ``payload`` only what the codec produced; ``decode`` what nested decoding
-    recovered."""
+    recovered. ``codec_state``: what the codec keeps between steps (error-feedback residuals, adaptive
+    nesting's decisions), passed in every context and checkpointed here."""
 
     kind = "payload"
 
@@ -130,6 +132,7 @@ class PayloadExchange:
         self.stats = CommStats()
         self.payload = CommStats()
         self.decode = DecodeStats()
+        self.codec_state = CodecState()
         self.entropy_bits = 0.0  # Σ over tensors of n·(entropy + side bits per coordinate)
         self._queue: list[_Item] = []
 
@@ -147,13 +150,14 @@ class PayloadExchange:
         return statistics(self.stats, self.payload, self.entropy_bits, self.decode)
 
     def state_dict(self) -> dict:
-        """Error-feedback residuals of this rank (empty for codecs without state)."""
-        return {"kind": self.kind, "residuals": self.codec.state_dict() if hasattr(self.codec, "state_dict") else {}}
+        """This rank's codec state: error-feedback residuals and adaptive nesting's decisions."""
+        return {"kind": self.kind, "codec_state": self.codec_state.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         check_kind(self.kind, state)
-        if hasattr(self.codec, "load_state_dict"):
-            self.codec.load_state_dict(state["residuals"])
+        if "codec_state" not in state:
+            raise ValueError("checkpoint holds no 'codec_state' (written by an older hvdquant?)")
+        self.codec_state.load_state_dict(state["codec_state"])
 
     # ------------------------------------------------------------------ queueing (in the gradient hook)
     def _chunks(self, n: int) -> list[tuple[int, int]]:
@@ -166,10 +170,11 @@ class PayloadExchange:
         """The codec's context of chunk ``c`` (allgather: the tensor) as sent by ``sender``."""
         if self.reducer == "allgather":
             return TensorContext(item.name, item.shape, dither_key(item.seed, item.step, item.name, sender),
-                                 self.coll.size)
+                                 self.coll.size, self.codec_state)
         lo, hi = item.chunks[c]
         cname = f"{item.name}#{c}{phase}"
-        return TensorContext(cname, (hi - lo,), dither_key(item.seed, item.step, cname, sender), self.coll.size)
+        return TensorContext(cname, (hi - lo,), dither_key(item.seed, item.step, cname, sender), self.coll.size,
+                             self.codec_state)
 
     def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
         """Encode the buffer's compressed segments with the codec, queue every segment, and return

@@ -1,8 +1,11 @@
 """mpi4py reference ring-allreduce, plain or carrying coset indices (docs/ALGORITHMS.md §3).
 
     out = hvdquant.ring_allreduce(tensor, comm=MPI.COMM_WORLD)                       # float32 sums
-    out = hvdquant.ring_allreduce(tensor, codec=hvdquant.NDQSG((3, 1), 512),
+    out = hvdquant.ring_allreduce(tensor, codec=hvdquant.NDQSG((3, 1), 512, adaptive=False),
                                   side=hvdquant.PreviousMean(), name="layer.weight")  # coset ring
+    state = hvdquant.CodecState()  # adaptive nesting's decisions, kept across calls
+    out = hvdquant.ring_allreduce(tensor, codec=hvdquant.NDQSG((3, 1), 512), side=hvdquant.PreviousMean(),
+                                  name="layer.weight", state=state)  # adaptive coset ring
 
 Bandwidth-optimal ring: the tensor is cut into P chunks (uneven sizes allowed, any P ≥ 1); P − 1
 reduce-scatter steps leave rank r with the complete chunk (r + 1) mod P, and P − 1 allgather steps
@@ -25,8 +28,9 @@ off, the ranks sum their DQSG(s₁) indices in summable fields (one SUM allreduc
 the coset ring at the tensor's ratio. After each call every candidate ratio is priced on the exact
 sums (the one in use at what the call cost, the others by a probe against the same side
 information), and the next call nests, at the cheapest ratio, only if its bytes (cosets,
-checksums, recovery) are at most ``ADAPTIVE_MARGIN`` × the fields'. Every rank sees the same sums,
-so every rank decides alike.
+checksums, recovery) are at most ``NestingPolicy.ADAPTIVE_MARGIN`` × the fields'. Every rank sees
+the same sums, so every rank decides alike. The decisions live in the caller's ``state``
+(:class:`~hvdquant.codecs.state.CodecState`, ``state.nesting``), required with an adaptive codec.
 
 Buffers go through host memory (Debian's Open MPI is not CUDA-aware): CUDA tensors are staged.
 This transport talks MPI directly; it is a reference and benchmark, not a Horovod hook.
@@ -41,7 +45,9 @@ import numpy as np
 import torch
 
 from hvdquant.codecs.base import all_finite
-from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
+from hvdquant.codecs.coset_resolver import bucket_coordinates
+from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.codecs.state import CodecState
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import DecodeStats
 from hvdquant.transports.collectives import MPICollectives, chunk_bounds
@@ -147,7 +153,8 @@ _STEPS: dict[int, StepCounter] = {}  # per communicator: calls per name, the dit
 
 
 def ring_allreduce(tensor: torch.Tensor, comm=None, *, codec: NDQSG | None = None, side=None, name: str = "tensor",
-                   seed: int = 0, average: bool = False, stats: RingStats | None = None) -> torch.Tensor:
+                   seed: int = 0, average: bool = False, stats: RingStats | None = None,
+                   state: CodecState | None = None) -> torch.Tensor:
     """Allreduce ``tensor`` (sum, or mean with ``average=True``) over ``comm`` (default COMM_WORLD).
 
     ``codec``: None for float32, or an :class:`~hvdquant.NDQSG` whose s₁, ρ and bucket size define
@@ -155,6 +162,9 @@ def ring_allreduce(tensor: torch.Tensor, comm=None, *, codec: NDQSG | None = Non
     with ``estimate(SideRequest)``/``update(name, mean)`` (:class:`PreviousMean`, :class:`GroupDQSG`);
     with None or no estimate yet, every bucket is resolved by the recovery round. ``name`` and
     ``seed`` key the dithers (with a per-name call counter); they must match on every rank.
+    ``state``: the :class:`~hvdquant.codecs.state.CodecState` whose ``nesting`` holds an adaptive
+    codec's decisions from call to call (required with ``NDQSG(adaptive=True)``: a ValueError
+    otherwise, rather than a silent reset at every call); the caller keeps and checkpoints it.
     """
     from mpi4py import MPI
 
@@ -172,17 +182,22 @@ def ring_allreduce(tensor: torch.Tensor, comm=None, *, codec: NDQSG | None = Non
         chunks = [x[lo:hi].copy() for lo, hi in chunk_bounds(g.numel(), ranks)]
         out = torch.from_numpy(np.concatenate(_ring(comm, chunks, np.add, stats)))
     else:
-        out = _coset_allreduce(g, comm, codec, side, name, seed=seed, stats=stats)
+        out = _coset_allreduce(g, comm, codec, side, name, seed=seed, stats=stats, state=state)
     if average:
         out = out / ranks
     return out.reshape(shape).to(device=device, dtype=dtype)
 
 
-def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats: RingStats) -> torch.Tensor:
+def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats: RingStats,
+                     state: CodecState | None) -> torch.Tensor:
     if not isinstance(codec, NDQSG):
         raise TypeError(f"the coset ring takes an hvdquant.NDQSG codec, got {type(codec).__name__}")
+    if codec.adaptive and state is None:
+        raise ValueError("ring_allreduce with an adaptive NDQSG needs state=hvdquant.CodecState() kept across "
+                         "calls (its nesting decisions); or pass NDQSG(..., adaptive=False)")
+    policy = state.nesting if codec.adaptive else None
     ranks, rank = comm.Get_size(), comm.Get_rank()
-    fine, rho, d, n = codec.fine, codec.ratio(name), codec.bucket_size, g.numel()
+    fine, rho, d, n = codec.fine, codec.ratio(name, policy), codec.bucket_size, g.numel()
     key = dither_key(seed, _STEPS.setdefault(id(comm), StepCounter()).next(name), name, rank)
     coll = MPICollectives(comm)
 
@@ -201,7 +216,7 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
         stats.recovery_bytes += summed.nbytes
         return layout.unpack(summed.wait(), idx.numel())[0]
 
-    if codec.adaptive and not codec.nesting.get(name, False):  # nesting off: DQSG(s₁) sums, then a probe
+    if not codec.nests(name, policy):  # nesting off: DQSG(s₁) sums, then a probe
         summed = coll.allreduce(layout.pack(k), "fields")
         stats.scale_bytes += maxima.nbytes
         stats.ring_bytes += summed.nbytes
@@ -211,7 +226,7 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
         if estimate is not None:
             cost = {r: _probed_bytes(codec, kout, delta, estimate, key, ranks, r, layout)
                     for r in codec.candidate_ratios()}
-            codec.choose(name, cost, plain, buckets=delta.numel())
+            policy.choose(name, cost, plain, buckets=delta.numel())
         return _finish(fine, kout, delta, key, ranks, side, name)
 
     check_sum = coll.allreduce(ops.bucket_checksum(k, d), "checksums")
@@ -232,13 +247,13 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
     estimate = None if side is None else side.estimate(request)
     stats.buckets += delta.numel()
     before = stats.recovery_bytes
-    kout = codec.decode_sum(residues, delta, estimate, key.for_sender(0), ranks, check_sum.wait(),
-                            recover=recover, stats=stats)
-    if codec.adaptive:  # the ratio in use at what this call cost, the others probed on the exact sums
+    kout = codec.resolver.decode_sum(residues, delta, estimate, key.for_sender(0), ranks, check_sum.wait(), rho,
+                                     recover=recover, stats=stats)
+    if policy is not None:  # the ratio in use at what this call cost, the others probed on the exact sums
         cost = {r: _probed_bytes(codec, kout, delta, estimate, key, ranks, r, layout)
                 for r in codec.candidate_ratios() if r != rho and estimate is not None}
         cost[rho] = _coset_ring_bytes(n, ranks, rho) + check_sum.nbytes + stats.recovery_bytes - before
-        codec.choose(name, cost, 8 * layout.words(n), buckets=delta.numel())
+        policy.choose(name, cost, 8 * layout.words(n), buckets=delta.numel())
     return _finish(fine, kout, delta, key, ranks, side, name)
 
 
@@ -246,7 +261,7 @@ def _probed_bytes(codec: NDQSG, ksum: torch.Tensor, delta: torch.Tensor, estimat
                   ranks: int, rho: int, layout: SumFieldLayout) -> int:
     """Bytes one rank would have handed to the coset ring with ratio ``rho`` for the exact index sums
     ``ksum``: cosets, checksums and the recovery of the buckets that fail against ``estimate``."""
-    bad = codec.probe(ksum, delta, estimate, key.for_sender(0), ranks, rho)
+    bad = codec.resolver.probe(ksum, delta, estimate, key.for_sender(0), ranks, rho)
     return (_coset_ring_bytes(ksum.numel(), ranks, rho) + 8 * delta.numel()
             + 8 * layout.words(bucket_coordinates(bad, codec.bucket_size, ksum.numel()).numel()))
 

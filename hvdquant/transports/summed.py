@@ -27,8 +27,10 @@ from typing import Any
 import torch
 
 from hvdquant.codecs.base import all_finite, counts_entropy, empirical_entropy
+from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.dqsg import DQSG
-from hvdquant.codecs.ndqsg import NDQSG, bucket_coordinates
+from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import (
@@ -264,7 +266,7 @@ class NestedSum:
     digits of base P(ρ−1) + 1, plus its per-bucket checksums Σ_j w_j·k_j mod 2^32 (w_j: odd
     hashed weights of the position j; linear, so they sum too). The receiver reduces the field sums
     mod ρ and resolves Σ_p k_p with side information P·ḡ_prev, the previous step's decoded mean of
-    the same tensor, which is bit-identical on every rank (:meth:`hvdquant.NDQSG.resolve`). Buckets
+    the same tensor, which is bit-identical on every rank (:meth:`CosetResolver.resolve`). Buckets
     whose resolved index sums miss the summed checksum are detected on every rank alike and
     **recovered** by one more allreduce of their DQSG(s₁) index sums (all failed buckets of the
     batch together); counts are in the exchange's ``decode_stats``. A tensor's first step (no side
@@ -278,13 +280,15 @@ class NestedSum:
     *probed* for every candidate ratio (:meth:`NDQSG.candidate_ratios`): their residues mod ρ
     resolved against the same side information, the failed buckets counted (the ratio in use,
     while on: the step's own failures). The next step nests, at the cheapest ratio, iff cosets,
-    checksums and recovery would take at most ``NDQSG.ADAPTIVE_MARGIN`` × the DQSG(s₁) fields'
-    words (:meth:`NDQSG.choose`). Every rank sees the same sums, so every rank decides alike.
+    checksums and recovery would take at most ``NestingPolicy.ADAPTIVE_MARGIN`` × the DQSG(s₁)
+    fields' words (:meth:`NestingPolicy.choose`). Every rank sees the same sums, so every rank
+    decides alike; the decisions are this scheme's ``policy``, checkpointed with it.
     """
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, adaptive: bool = True) -> None:
         self.nested = NDQSG(levels, bucket_size, adaptive=adaptive)
         self.fine = self.nested.fine
+        self.policy = NestingPolicy()  # adaptive nesting's decisions, per name
         self._side: dict[str, torch.Tensor] = {}  # per name: P × the last decoded mean
 
     def config(self) -> dict[str, Any]:
@@ -294,11 +298,13 @@ class NestedSum:
     def state_dict(self) -> dict[str, Any]:
         """The side information (per name, P × the last decoded mean, copies) and the nesting decisions."""
         return {"side": {name: side.clone() for name, side in self._side.items()},
-                "nesting": self.nested.state_dict()}
+                "nesting": self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        policy = NestingPolicy()
+        policy.load_state_dict(state.get("nesting", {}))  # refuses a malformed one before anything changes
         self._side = {str(name): side.clone() for name, side in state["side"].items()}
-        self.nested.load_state_dict(state.get("nesting", {}))
+        self.policy = policy
 
     def _words(self, n: int, nb: int, failed: list[int], ranks: int, rho: int) -> int:
         """Summable words of one tensor nested with ratio ``rho``: cosets + checksums + the
@@ -314,12 +320,13 @@ class NestedSum:
         every candidate ratio priced in words against the side information (``failed``: the buckets
         that failed at the ratio in use, when this step was nested), against DQSG(s₁)'s fields."""
         nested, name = self.nested, q.item.name
-        n, nb, current = ksum.numel(), q.delta.numel(), nested.ratio(name)
+        n, nb, current = ksum.numel(), q.delta.numel(), nested.ratio(name, self.policy)
+        probe = nested.resolver.probe
         cost = {rho: self._words(n, nb, failed if failed is not None and rho == current
-                                 else nested.probe(ksum, q.delta, side, q.key.for_sender(0), ranks, rho), ranks, rho)
+                                 else probe(ksum, q.delta, side, q.key.for_sender(0), ranks, rho), ranks, rho)
                 for rho in nested.candidate_ratios()}
         plain = SumFieldLayout.for_levels(nested.levels[0], ranks).field_words(n)
-        nested.choose(name, cost, plain, buckets=nb)
+        self.policy.choose(name, cost, plain, buckets=nb)
 
     def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
         path, nested = ex, self.nested
@@ -334,13 +341,13 @@ class NestedSum:
             side = self._side.get(q.item.name)
             if side is not None:  # restored from a checkpoint, it may sit on another device
                 side = self._side[q.item.name] = side.to(device)
-            if side is None or side.numel() != n or (nested.adaptive and not nested.nesting.get(q.item.name)):
+            if side is None or side.numel() != n or not nested.nests(q.item.name, self.policy):
                 segments.append((fine, n))
                 values.append(k)
                 path.entropy_bits += n * empirical_entropy((k + s1).view(torch.uint8), 2 * s1 + 1) + 32.0 * nb
                 continue
             nested_names.add(q.item.name)
-            rho = nested.ratio(q.item.name)
+            rho = nested.ratio(q.item.name, self.policy)
             cosets = ops.nested_encode(src, q.delta, d, s1, rho, q.key)
             segments += [(SumFieldLayout(0, rho - 1, ranks), n), (None, nb)]
             values += [cosets.view(torch.int8), ops.bucket_checksum(k, d).double()]
@@ -358,8 +365,8 @@ class NestedSum:
                     self._decide(q, resolved[-1], side, ranks, None)
                 continue
             sums, checks = next(parts), next(parts)
-            rho = nested.ratio(q.item.name)
-            kout, bad = nested.resolve((sums % rho).to(torch.uint8), q.delta, self._side[q.item.name], key0,
+            rho = nested.ratio(q.item.name, self.policy)
+            kout, bad = nested.resolver.resolve((sums % rho).to(torch.uint8), q.delta, self._side[q.item.name], key0,
                                        ranks, torch.round(checks).to(torch.int64), rho)
             resolved.append(kout)
             failed.append(bad)
@@ -373,7 +380,7 @@ class NestedSum:
             path.decode_stats.recovery_bytes += path.stats.bytes_handed - before
             for kout, bad, truth in zip(resolved, failed, truths):
                 if bad:
-                    nested.patch(kout, bad, truth, path.decode_stats)
+                    nested.resolver.patch(kout, bad, truth, path.decode_stats)
         sums = {}
         for q, kout, bad in zip(rounds, resolved, failed):
             if nested.adaptive and q.item.name in nested_names:

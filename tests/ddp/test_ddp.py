@@ -182,7 +182,7 @@ def test_error_feedback_residuals_in_state_dict():
     state = hvdquant.ddp.State(hvdquant.ErrorFeedback(hvdquant.DQSG(1, 128)), "allgather", min_numel=256)
     model = mlp()
     train(wrap(model, state), torch.optim.SGD(model.parameters(), lr=0.05), range(2))
-    residuals = state.state_dict()["session"]["exchange"]["residuals"]
+    residuals = state.state_dict()["session"]["exchange"]["codec_state"]["residuals"]
     sizes = sorted(p.numel() for p in model.parameters() if p.dim() >= 2)
     assert sorted(r.numel() for r in residuals.values()) == sizes
     assert all(r.dtype == torch.float64 and bool(r.abs().sum() > 0) for r in residuals.values())

@@ -12,6 +12,7 @@ from hvd_helpers import same_on_all_ranks
 from torch import nn
 
 import hvdquant
+from hvdquant.transports.summed import NestedSum
 
 pytestmark = pytest.mark.horovod
 
@@ -164,7 +165,7 @@ def test_unsummable_codecs_refuse_the_stock_path():
         hvdquant.Compression.qsgd(levels=2)
     with pytest.raises(TypeError, match="codec=hvdquant.OneBitSGD"):
         hvdquant.Compression.for_codec(hvdquant.OneBitSGD())
-    assert isinstance(hvdquant.Compression.for_codec(hvdquant.NDQSG()), hvdquant.Compression.ndqsg)
+    assert isinstance(hvdquant.Compression.for_codec(hvdquant.NDQSG()).exchange.scheme, NestedSum)
     comp = hvdquant.Compression.for_codec(hvdquant.DQSG(2, 64))
     hvd.allreduce(torch.randn(300), name="entropy.t", compression=comp)
     assert 0 < comp.entropy_bits_per_coordinate <= comp.stats.bits_per_coordinate

@@ -68,7 +68,9 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
         # Measured payload bits = Σ over compressed weights of the codec's formula (per step, this rank).
         rank, size = hvd.rank(), hvd.size()
         weights = [(n, p) for n, p in model.named_parameters() if p.dim() >= 2]
-        expected = sum(codec.formula_bits(p.numel(), TensorContext(n, tuple(p.shape), DitherKey(0, 0, 0, rank), size))
+        state = opt._hvdquant.exchange.codec_state  # adaptive nesting's decisions decide the layout
+        expected = sum(codec.formula_bits(p.numel(), TensorContext(n, tuple(p.shape), DitherKey(0, 0, 0, rank), size,
+                                                                   state))
                        * p.numel() for n, p in weights) / sum(p.numel() for _, p in weights)
         measured = stats["payload_bits_per_coordinate"]
         if isinstance(codec, hvdquant.QSGD) and codec.coding == "elias":
@@ -86,7 +88,7 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
 @pytest.mark.parametrize("shared_data", [True, False])
 def test_adaptive_ndqsg_decides_alike_on_every_rank(shared_data):
     """NDQSG(adaptive=True): with the same minibatch on every rank (gradients equal up to nothing)
-    every weight tensor nests from its third step on (two paying probes, NDQSG.CONFIRM_STEPS); with
+    every weight tensor nests from its third step on (two paying probes, NestingPolicy.CONFIRM_STEPS); with
     each rank's own minibatch of 8 digits (weakly correlated gradients) nesting stays off. Either way
     every rank holds the same decisions and bit-identical replicas after every step."""
     codec = hvdquant.NDQSG((3, 1), 64, adaptive=True)
@@ -102,12 +104,14 @@ def test_adaptive_ndqsg_decides_alike_on_every_rank(shared_data):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-        decisions = torch.tensor([codec.nesting.get(n, False) for n in weights])
+        policy = opt._hvdquant.exchange.codec_state.nesting
+        decisions = torch.tensor([policy.is_on(n) for n in weights])
         agree.append(same_on_all_ranks(decisions, f"adaptive.{shared_data}.{step}"))
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     identical = same_on_all_ranks(after, f"adaptive.{shared_data}.weights")
     assert all(agree) and identical
-    assert {n: codec.nesting.get(n, False) for n in weights} == {n: shared_data for n in weights}
+    assert {n: policy.is_on(n) for n in weights} == {n: shared_data for n in weights}
+    assert opt.state_dict()["hvdquant"]["exchange"]["codec_state"]["nesting"] == policy.state_dict()
 
 
 def exchange_once(codec, g, step, name="layer.weight", reducer="allgather"):

@@ -85,15 +85,17 @@ def test_adaptive_coset_ring_switches_nesting_and_stays_exact(drift, expect_nest
     _, comm = world()
     codec = NDQSG((8, 1), bucket_size=100, adaptive=True)
     name = f"ring.adaptive.{drift}"
-    side = PreviousMean()
+    side, state = PreviousMean(), hvdquant.CodecState()
     base = torch.randn(2500, generator=torch.Generator().manual_seed(3))
     for step in range(4):
         g = base + drift * torch.randn(2500, generator=torch.Generator().manual_seed(100 * step + comm.Get_rank()))
-        out = ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7)
+        out = ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7, state=state)
         assert torch.equal(out, exact_coset_reference(comm, g, codec, name, 7, step))
-        decisions = comm.allgather(codec.state_dict())
+        decisions = comm.allgather(state.nesting.state_dict())
         assert all(dec == decisions[0] for dec in decisions)
-    assert codec.nesting.get(name, False) == expect_nesting
+    assert state.nesting.is_on(name) == expect_nesting
+    with pytest.raises(ValueError, match="state=hvdquant.CodecState"):  # no silent reset of the decisions
+        ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7)
 
 
 @pytest.mark.mpi
@@ -162,5 +164,7 @@ def test_bad_input_refused():
     if comm.Get_rank() == 0:
         g[3] = float("nan")
     with pytest.raises(FloatingPointError, match="ring.nan"):
-        ring_allreduce(g, comm, codec=NDQSG(), name="ring.nan")
+        ring_allreduce(g, comm, codec=NDQSG(), name="ring.nan", state=hvdquant.CodecState())
+    with pytest.raises(ValueError, match="state=hvdquant.CodecState"):  # adaptive: its decisions need a home
+        ring_allreduce(torch.ones(10), comm, codec=NDQSG(), name="ring.nostate")
     assert hvdquant.ring_allreduce is ring_allreduce

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from hvdquant import DQSG, NDQSG, QSGD, ErrorFeedback, OneBitSGD, TopK
-from hvdquant.codecs import TensorContext, empirical_entropy
+from hvdquant.codecs import CodecState, TensorContext, empirical_entropy
+from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import DitherKey, elias, ops
 
 
-def ctx_for(shape, sender=0, ranks=1, name="w", step=0):
-    return TensorContext(name, tuple(shape), DitherKey(77, step, 5, sender), ranks)
+def ctx_for(shape, sender=0, ranks=1, name="w", step=0, state=None):
+    return TensorContext(name, tuple(shape), DitherKey(77, step, 5, sender), ranks, state)
 
 
 FIXED = {"dqsg1": lambda: DQSG(1, 512), "dqsg3": lambda: DQSG(3, 100), "qsgd-max4": lambda: QSGD(4, 64, "max", "fixed"),
@@ -25,7 +26,7 @@ FIXED = {"dqsg1": lambda: DQSG(1, 512), "dqsg3": lambda: DQSG(3, 100), "qsgd-max
 def test_payload_roundtrip_and_size_equals_formula(make, shape):
     codec = make()
     g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    ctx = ctx_for(shape)
+    ctx = ctx_for(shape, state=CodecState())
     enc = codec.encode(g, ctx)
     buf = enc.to_bytes()
     n = g.numel()
@@ -87,7 +88,7 @@ def test_qsgd_unbiased_through_payloads():
 
 def emulate_allgather(codec, gs, ranks, name="w"):
     """What the allgather transport does, in one process (recover callback included)."""
-    base = ctx_for(gs[0].shape, ranks=ranks, name=name)
+    base = ctx_for(gs[0].shape, ranks=ranks, name=name, state=CodecState())
     encs = [codec.encode(gs[p], base.sender(p)) for p in range(ranks)]
     payloads = [codec.from_bytes(e.to_bytes(), e.n, base.sender(p)) for p, e in enumerate(encs)]
 
@@ -131,6 +132,7 @@ def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting, locate):
     for bit. With and without locating (``locate``)."""
     ranks, n, steps = 4, 4096, 5
     codecs = [NDQSG((3, 1), 256, adaptive=True, locate=locate) for _ in range(ranks)]
+    states = [CodecState() for _ in range(ranks)]  # each rank's own
     fine = codecs[0].fine
     gen = torch.Generator().manual_seed(5)
     common = torch.randn(n, generator=gen)
@@ -138,10 +140,10 @@ def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting, locate):
         if expect_nesting:  # a drift of the common part as large as the noise raises the correlation
             common = common + noise * torch.randn(n, generator=gen)
         gs = [common + noise * torch.randn(n, generator=gen) for _ in range(ranks)]
-        base = ctx_for((n,), ranks=ranks, step=step)
-        encs = [codecs[p].encode(gs[p], base.sender(p)) for p in range(ranks)]
+        encs = [codecs[p].encode(gs[p], ctx_for((n,), p, ranks, step=step, state=states[p])) for p in range(ranks)]
         for rank in range(ranks):  # every rank aggregates every payload, as allgather does
             codec = codecs[rank]
+            base = ctx_for((n,), ranks=ranks, step=step, state=states[rank])
             payloads = [codec.from_bytes(e.to_bytes(), n, base.sender(p)) for p, e in enumerate(encs)]
             recovered = [0]
 
@@ -153,32 +155,32 @@ def test_adaptive_ndqsg_nests_only_where_it_pays(noise, expect_nesting, locate):
             mean, _ = codec.aggregate(payloads, base, recover)
             ref = sum(fine.decode(fine.encode(g, base.sender(p)), base.sender(p)) for p, g in enumerate(gs))
             assert torch.equal(mean, ref / ranks)
-        assert all(c.state_dict() == codecs[0].state_dict() for c in codecs)  # the same decisions on every rank
+        assert all(s.nesting == states[0].nesting for s in states)  # the same decisions on every rank
         nested_bytes = sum(e.nbytes() for e in encs[2:]) + recovered[0]
         plain_bytes = sum(fine.encode(g, base.sender(p)).nbytes() for p, g in enumerate(gs[2:], 2))
-        if step < NDQSG.CONFIRM_STEPS or not expect_nesting:
+        if step < NestingPolicy.CONFIRM_STEPS or not expect_nesting:
             assert nested_bytes == plain_bytes  # nesting off: exactly DQSG(s₁)
         else:
-            assert nested_bytes <= NDQSG.ADAPTIVE_MARGIN * plain_bytes
-        assert codecs[0].nesting.get("w", False) == (expect_nesting and step + 1 >= NDQSG.CONFIRM_STEPS)
-    restored = NDQSG((3, 1), 256, adaptive=True, locate=locate)
-    restored.load_state_dict(codecs[0].state_dict())
-    assert restored.state_dict() == codecs[0].state_dict() and restored.config() == codecs[0].config()
+            assert nested_bytes <= NestingPolicy.ADAPTIVE_MARGIN * plain_bytes
+        assert states[0].nesting.is_on("w") == (expect_nesting and step + 1 >= NestingPolicy.CONFIRM_STEPS)
+    restored = CodecState()
+    restored.load_state_dict(states[0].state_dict())
+    assert restored.nesting == states[0].nesting
 
 
 def test_adaptive_rule_switches_on_after_confirmation_then_backs_off():
-    """NDQSG.observe: off → on after CONFIRM_STEPS (2) steps in a row that would have paid; each
-    switch-off doubles the good steps needed to switch on again (2, 4, 8, …); the state round-trips
-    through state_dict."""
-    assert NDQSG.CONFIRM_STEPS == 2
-    nd = NDQSG((3, 1), 64)
+    """NestingPolicy.observe: off → on after CONFIRM_STEPS (2) steps in a row that would have paid;
+    each switch-off doubles the good steps needed to switch on again (2, 4, 8, …); the state
+    round-trips through state_dict."""
+    assert NestingPolicy.CONFIRM_STEPS == 2
+    nd = NestingPolicy()
     outcomes = [True, False, True, True, False] + [True] * 4 + [False] + [True] * 8
     seen = []
     for pays in outcomes:
         nd.observe("w", pays)
-        seen.append(nd.nesting.get("w", False))
+        seen.append(nd.is_on("w"))
     assert seen == [False, False, False, True, False] + [False] * 3 + [True, False] + [False] * 7 + [True]
-    twin = NDQSG((3, 1), 64)
+    twin = NestingPolicy()
     twin.load_state_dict(nd.state_dict())
     assert twin.state_dict() == nd.state_dict() == {"nesting": {"w": True}, "streak": {"w": 0}, "reversals": {"w": 2},
                                                     "evidence": {"w": 0}, "ratios": {}}
@@ -187,17 +189,17 @@ def test_adaptive_rule_switches_on_after_confirmation_then_backs_off():
 def test_adaptive_rule_needs_evidence_from_enough_buckets():
     """A tensor of 2 nested buckets per step switches on only after MIN_EVIDENCE_BUCKETS / 2 paying
     steps in a row (a large tensor: CONFIRM_STEPS steps); a failing step resets the evidence."""
-    need = NDQSG.MIN_EVIDENCE_BUCKETS // 2
-    small, large = NDQSG((3, 1), 64), NDQSG((3, 1), 64)
-    for _ in range(NDQSG.CONFIRM_STEPS):
-        assert not large.nesting.get("w", False)
-        large.observe("w", True, buckets=NDQSG.MIN_EVIDENCE_BUCKETS)
-    assert large.nesting["w"]
+    need = NestingPolicy.MIN_EVIDENCE_BUCKETS // 2
+    small, large = NestingPolicy(), NestingPolicy()
+    for _ in range(NestingPolicy.CONFIRM_STEPS):
+        assert not large.is_on("w")
+        large.observe("w", True, buckets=NestingPolicy.MIN_EVIDENCE_BUCKETS)
+    assert large.is_on("w")
     for pays in [True] * (need - 1) + [False] + [True] * (need - 1):
         small.observe("w", pays, buckets=2)
-        assert not small.nesting.get("w", False)
+        assert not small.is_on("w")
     small.observe("w", True, buckets=2)
-    assert small.nesting["w"]
+    assert small.is_on("w")
 
 
 def test_ndqsg_without_recovery_refuses_to_return_wrong_values():
@@ -243,20 +245,22 @@ def test_error_feedback_conservation_and_checkpoint(inner):
     """input + old residual == decoded + new residual (float64), step after step; and the residuals
     survive state_dict/load_state_dict."""
     codec = OneBitSGD() if inner is None else ErrorFeedback(inner)
-    shape = (20, 30)
+    shape, state = (20, 30), CodecState()
     for t in range(4):
         g = torch.randn(shape, generator=torch.Generator().manual_seed(t))
-        ctx = ctx_for(shape, step=t)
-        old = codec.residuals.get("w", torch.zeros(600, dtype=torch.float64)).clone()
+        ctx = ctx_for(shape, step=t, state=state)
+        old = state.residuals.get("w", torch.zeros(600, dtype=torch.float64)).clone()
         dec = codec.decode(codec.encode(g, ctx), ctx).double()
         lhs = g.reshape(-1).double() + old
-        rhs = dec + codec.residuals["w"]
+        rhs = dec + state.residuals["w"]
         assert torch.allclose(lhs, rhs, rtol=0, atol=1e-12)
-    twin = OneBitSGD() if inner is None else ErrorFeedback(inner)
-    twin.load_state_dict(codec.state_dict())
+    twin = CodecState()
+    twin.load_state_dict(state.state_dict())
     g = torch.randn(shape)
-    ctx = ctx_for(shape, step=9)
-    assert torch.equal(twin.encode(g, ctx).to_bytes(), codec.encode(g, ctx).to_bytes())
+    assert torch.equal(codec.encode(g, ctx_for(shape, step=9, state=twin)).to_bytes(),
+                       codec.encode(g, ctx_for(shape, step=9, state=state)).to_bytes())
+    with pytest.raises(ValueError, match="TensorContext.state"):  # no silent fresh residuals
+        codec.encode(g, ctx_for(shape, step=9))
 
 
 def test_error_feedback_refuses_nesting_and_non_codecs():
@@ -271,7 +275,7 @@ def test_nonfinite_gradient_named():
     g[2] = float("inf")
     for codec in (DQSG(), QSGD(), OneBitSGD(), NDQSG()):
         with pytest.raises(FloatingPointError, match="layer.w"):
-            codec.encode(g, ctx_for((10,), sender=1, ranks=2, name="layer.w"))
+            codec.encode(g, ctx_for((10,), sender=1, ranks=2, name="layer.w", state=CodecState()))
 
 
 def test_entropy():
@@ -355,23 +359,24 @@ def test_adaptive_ndqsg_chooses_the_cheapest_ratio():
     payloads carry ρ = 2 cosets, every rank decides alike, and the mean stays DQSG(s₁)'s bit for bit."""
     ranks, n = 4, 4096
     codecs = [NDQSG((3, 1), 256) for _ in range(ranks)]
+    states = [CodecState() for _ in range(ranks)]
     assert codecs[0].candidate_ratios() == (2, 3, 4)
     fine = codecs[0].fine
     gen = torch.Generator().manual_seed(11)
     common = torch.randn(n, generator=gen)
-    for step in range(NDQSG.CONFIRM_STEPS + 2):
+    for step in range(NestingPolicy.CONFIRM_STEPS + 2):
         gs = [common + 0.001 * torch.randn(n, generator=gen) for _ in range(ranks)]
-        base = ctx_for((n,), ranks=ranks, step=step)
-        encs = [codecs[p].encode(gs[p], base.sender(p)) for p in range(ranks)]
-        if step >= NDQSG.CONFIRM_STEPS:
+        encs = [codecs[p].encode(gs[p], ctx_for((n,), p, ranks, step=step, state=states[p])) for p in range(ranks)]
+        if step >= NestingPolicy.CONFIRM_STEPS:
             assert all(e.fields["cosets"].numel() == ops.coset_bytes(n, 2) for e in encs[2:])
         for rank in range(ranks):
             codec = codecs[rank]
+            base = ctx_for((n,), ranks=ranks, step=step, state=states[rank])
             payloads = [codec.from_bytes(e.to_bytes(), n, base.sender(p)) for p, e in enumerate(encs)]
             mean, stats = codec.aggregate(payloads, base)  # no recovery round needed (none is offered)
             ref = sum(fine.decode(fine.encode(g, base.sender(p)), base.sender(p)) for p, g in enumerate(gs))
             assert torch.equal(mean, ref / ranks) and stats.failed_buckets == 0
-        assert all(c.state_dict() == codecs[0].state_dict() for c in codecs)
-        assert codecs[0].ratio("w") == 2
-        assert codecs[0].nesting.get("w", False) == (step + 1 >= NDQSG.CONFIRM_STEPS)
+        assert all(s.nesting == states[0].nesting for s in states)
+        assert codecs[0].ratio("w", states[0].nesting) == 2
+        assert states[0].nesting.is_on("w") == (step + 1 >= NestingPolicy.CONFIRM_STEPS)
     assert NDQSG((3, 1), 256, adaptive=False).ratio("w") == 3  # the paper's fixed nesting keeps s1/s2

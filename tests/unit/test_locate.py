@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from hvdquant import NDQSG
-from hvdquant.codecs import ndqsg as nd
 from hvdquant.codecs import syndromes as sy
 from hvdquant.codecs.base import TensorContext
+from hvdquant.codecs.coset_resolver import bucket_coordinates
+from hvdquant.codecs.nesting import NestingPolicy
+from hvdquant.codecs.recovery import SyndromeRequest, WholeBucket
+from hvdquant.codecs.state import CodecState
 from hvdquant.kernels import DitherKey, ops
 
 
-def ctx_for(n: int, ranks: int, step: int = 0, name: str = "w") -> TensorContext:
-    return TensorContext(name, (n,), DitherKey(11, step, 3, 0), ranks)
+def ctx_for(n: int, ranks: int, step: int = 0, name: str = "w", state: CodecState | None = None) -> TensorContext:
+    return TensorContext(name, (n,), DitherKey(11, step, 3, 0), ranks, CodecState() if state is None else state)
 
 
 def emulate(codec: NDQSG, gs: list[torch.Tensor], ctx: TensorContext):
@@ -83,8 +86,8 @@ def test_corrects_up_to_t_errors_and_never_miscorrects(errors):
         checks = ops.bucket_checksum(k, d)
         for count in codec.locate_stages():  # (8, 32): t = 4, then 16
             syn = sy.bucket_syndromes(k.to(torch.int64), bad, d, 0, count)
-            fixed, truth = codec.correct(kout, bad, dict(zip(bad, syn)), checks)
-            assert torch.equal(truth, k[nd.bucket_coordinates(fixed, d, k.numel())])
+            fixed, truth = codec.resolver.correct(kout, bad, dict(zip(bad, syn)), checks, rho)
+            assert torch.equal(truth, k[bucket_coordinates(fixed, d, k.numel())])
             if errors <= count // 2:
                 assert sorted(fixed) == bad
             elif errors > count:
@@ -105,7 +108,7 @@ def test_one_wrong_coordinate_is_corrected_without_resending_the_bucket():
     assert torch.equal(mean, ref)
     assert stats.failed_buckets == 1 and stats.failed_coordinates == 1 and stats.recovery_rounds == 1
     (failed, replies), = log
-    assert failed == {1: [-1 - 1]}  # stage 0 syndromes of bucket 1, no whole bucket
+    assert failed == {1: [SyndromeRequest(1, 0)]}  # stage 0 syndromes of bucket 1, no whole bucket
     assert replies[1].numel() == 2 * codec.locate_stages()[0] == 16
 
 
@@ -124,7 +127,7 @@ def test_two_wrong_coordinates_beyond_single_locating_are_resent_not_miscorrecte
         assert torch.equal(mean, ref)
         assert stats.failed_buckets == 1 and stats.failed_coordinates == wrong
         requests = [r for failed, _ in log for r in failed[1]]
-        assert requests == ([-1 - 2] if wrong == 1 else [-1 - 2, 2])
+        assert requests == ([SyndromeRequest(2, 0)] if wrong == 1 else [SyndromeRequest(2, 0), WholeBucket(2)])
         assert sum(r[1].numel() for _, r in log) == 4 + (ops.symbol_bytes(d, 7) if wrong == 2 else 0)
 
 
@@ -154,9 +157,10 @@ def test_locating_decodes_exactly_dqsg_over_seeds_and_correlations(levels, d):
                                                                  for v in e.fields.values())
             for failed, replies in log:
                 for p, req in failed.items():
-                    syn, whole = codec._split_requests(req, ops.num_buckets(n, d))
-                    words = sum(hi - lo for _, _, lo, hi in syn)
-                    coords = nd.bucket_coordinates(whole, d, n).numel()
+                    syn = [r for r in req if isinstance(r, SyndromeRequest)]
+                    whole = [r.bucket for r in req if isinstance(r, WholeBucket)]
+                    words = sum(stages[r.stage] - (stages[r.stage - 1] if r.stage else 0) for r in syn)
+                    coords = bucket_coordinates(whole, d, n).numel()
                     assert replies[p].numel() == 2 * words + (ops.symbol_bytes(coords, codec.fine.symbols)
                                                               if whole or not syn else 0)
                     seen_whole += len(whole)
@@ -171,6 +175,7 @@ def test_adaptive_locating_decides_alike_on_every_rank(noise):
     bit for bit, and while nesting is on the decision follows the bytes really handed over."""
     ranks, n, d = 4, 6000, 512
     codecs = [NDQSG((3, 1), d) for _ in range(ranks)]
+    states = [CodecState() for _ in range(ranks)]
     assert codecs[0].locating and not NDQSG((3, 1), d, adaptive=False).locating
     fine = codecs[0].fine
     gen = torch.Generator().manual_seed(9)
@@ -178,18 +183,18 @@ def test_adaptive_locating_decides_alike_on_every_rank(noise):
     for step in range(6):
         common = common + noise * torch.randn(n, generator=gen)
         gs = [common + noise * torch.randn(n, generator=gen) for _ in range(ranks)]
-        ctx = ctx_for(n, ranks, step=step)
-        on = codecs[0].nesting.get("w", False)
+        on = states[0].nesting.is_on("w")
         spent = []
-        for codec in codecs:
+        for codec, state in zip(codecs, states):
+            ctx = ctx_for(n, ranks, step=step, state=state)
             mean, ref, _, log, encs = emulate(codec, gs, ctx)
             assert torch.equal(mean, ref)
             spent.append(sum(e.nbytes() for e in encs[2:]) + sum(r.numel() for _, rs in log for r in rs.values()))
-        assert all(c.state_dict() == codecs[0].state_dict() for c in codecs)
+        assert all(s.nesting == states[0].nesting for s in states)
         plain = sum(fine.encode(g, ctx.sender(p)).nbytes() for p, g in enumerate(gs[2:], 2))
         if on:
-            pays = spent[0] <= NDQSG.ADAPTIVE_MARGIN * plain
-            assert codecs[0].nesting["w"] == pays
+            pays = spent[0] <= NestingPolicy.ADAPTIVE_MARGIN * plain
+            assert states[0].nesting.is_on("w") == pays
         else:
             assert spent[0] == plain
 
@@ -202,9 +207,9 @@ def test_locate_parameter_and_state():
     with pytest.raises(TypeError, match="locate"):
         NDQSG(locate=1)
     old = {"nesting": {"w": True}, "streak": {"w": 0}, "reversals": {"w": 1}}  # the format before locate
-    codec = NDQSG()
-    codec.load_state_dict(old)
-    assert codec.state_dict() == {**old, "evidence": {}, "ratios": {}}  # checkpoints from before these rules load
+    policy = NestingPolicy()
+    policy.load_state_dict(old)
+    assert policy.state_dict() == {**old, "evidence": {}, "ratios": {}}  # checkpoints from before these rules load
     assert NDQSG().config()["locate"] is None
 
 
@@ -230,10 +235,10 @@ def test_adaptive_probe_prices_nesting_at_what_the_decoder_hands_over(noise, rho
     k = ops.unpack_symbols(enc1.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
     located = False
     for rho in probe_codec.candidate_ratios():
-        priced = probe_codec._probe(k, *probe_codec._probe_resolve(k, enc1.fields["delta"], side, key, 1, rho), rho)
-        nesting = NDQSG(rho_levels, 256)
-        nesting.nesting["w"], nesting.ratios["w"] = True, rho
-        mean, ref, _, log, encs = emulate(nesting, gs, ctx)
+        priced = probe_codec.probe_bytes(k, enc1.fields["delta"], side, key, rho)
+        state = CodecState()
+        state.nesting.nesting["w"], state.nesting.ratios["w"] = True, rho
+        mean, ref, _, log, encs = emulate(probe_codec, gs, ctx_for(n, ranks, state=state))
         assert torch.equal(mean, ref)
         replies = sum(reply[1].numel() for _, reply in log)
         assert priced == encs[1].nbytes() + replies, (rho, priced, encs[1].nbytes(), replies)

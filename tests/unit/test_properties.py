@@ -8,6 +8,7 @@
 Cases run are counted per codec (tests/unit/property_counts.py) for launch/reliability_report.py.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from property_counts import record
 
 from hvdquant import DQSG, NDQSG, QSGD, OneBitSGD
-from hvdquant.codecs import TensorContext
+from hvdquant.codecs import CodecState, TensorContext
 from hvdquant.kernels import DitherKey
 
 CASES = settings(max_examples=1000, deadline=None, derandomize=True,
@@ -88,17 +89,17 @@ def test_ndqsg_decode_exact_under_the_condition(g, s2, rho, bucket, seed, frac):
 def test_onebit_properties(rows, cols, seed):
     record("OneBitSGD")
     g = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * (1 + seed % 7)
-    codec = OneBitSGD()
-    c = ctx(rows * cols, seed, shape=(rows, cols))
+    codec, state = OneBitSGD(), CodecState()
+    c = dataclasses.replace(ctx(rows * cols, seed, shape=(rows, cols)), state=state)
     for _ in range(2):
-        old = codec.residuals.get("p", torch.zeros(rows * cols, dtype=torch.float64)).clone()
+        old = state.residuals.get("p", torch.zeros(rows * cols, dtype=torch.float64)).clone()
         enc = codec.encode(g, c)
         assert enc.to_bytes().numel() * 8 == round(codec.formula_bits(rows * cols, c) * rows * cols)
         dec = codec.decode(codec.from_bytes(enc.to_bytes(), rows * cols, c), c)
         pos, neg = enc.fields["pos_mean"], enc.fields["neg_mean"]
         m = dec.reshape(rows, cols)
         assert bool(((m == pos) | (m == neg)).all())
-        assert torch.allclose(g.reshape(-1).double() + old, dec.double() + codec.residuals["p"], rtol=0, atol=1e-9)
+        assert torch.allclose(g.reshape(-1).double() + old, dec.double() + state.residuals["p"], rtol=0, atol=1e-9)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

@@ -128,7 +128,7 @@ def test_adaptive_nested_sum_switches_by_the_probe_and_stays_exact(drift, expect
     """NestedSum(adaptive=True), one rank: step 0 has no side information (DQSG(s₁)), steps 1 and 2
     are sent as DQSG(s₁) and probed against the previous mean, and from step 3 the tensor nests only
     if both probes said cosets + checksums + recovery cost at most ADAPTIVE_MARGIN × the DQSG(s₁)
-    fields (NDQSG.CONFIRM_STEPS = 2; slow drift: yes; drift as large as the gradient: no). Every
+    fields (NestingPolicy.CONFIRM_STEPS = 2; slow drift: yes; drift as large as the gradient: no). Every
     step equals plain DQSGSum's result bit for bit."""
     nested = SummedExchange(NestedSum((8, 1), 64, adaptive=True), False, Recording())
     plain = SummedExchange(DQSGSum(8, 64, dither="independent"), False, Recording())
@@ -138,7 +138,7 @@ def test_adaptive_nested_sum_switches_by_the_probe_and_stays_exact(drift, expect
         g = base + drift * torch.randn(2000, generator=gen)
         outs = [start(ex, "w", g, 3, step)() for ex in (nested, plain)]
         assert torch.equal(outs[0], outs[1])
-        assert nested.scheme.nested.nesting.get("w", False) == (expect_nesting and step > 1)
+        assert nested.scheme.policy.is_on("w") == (expect_nesting and step > 1)
     if expect_nesting:  # steps 3 and 4 went through the cosets and never needed the recovery round
         assert nested.decode_stats.failed_buckets == 0 and nested.decode_stats.recovery_rounds == 0
 
@@ -157,5 +157,12 @@ def test_adaptive_nested_sum_chooses_the_cheapest_ratio():
         g = base + 1e-4 * torch.randn(2000, generator=gen)
         outs = [start(ex, "w", g, 3, step)() for ex in (nested, plain)]
         assert torch.equal(outs[0], outs[1])
-    assert codec.nesting["w"] and codec.ratio("w") == 2
+    policy = nested.scheme.policy
+    assert policy.is_on("w") and codec.ratio("w", policy) == 2
+    restored = NestedSum((8, 1), 64, adaptive=True)
+    restored.load_state_dict(nested.scheme.state_dict())  # the decisions travel in the checkpoint
+    assert restored.policy == policy
+    with pytest.raises(ValueError, match="nesting state"):
+        restored.load_state_dict({"side": {}, "nesting": {"nesting": {"w": "yes"}}})
+    assert restored.policy == policy  # nothing changed by the refused checkpoint
     assert nested.decode_stats.failed_buckets == 0

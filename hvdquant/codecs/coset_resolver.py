@@ -1,0 +1,133 @@
+"""The coset resolver (docs/ALGORITHMS.md §2–3): an index sum from its residues mod ρ.
+
+A sender that nests sends, per coordinate, only the coset (k + ⌊ρ/2⌋) mod ρ of its DQSG(s₁) index
+k, and per bucket one checksum Σ_j w_j·k_j mod 2^32 (w_j: odd hashed weights of the position j).
+The receiver resolves K̂ = the member of the coset nearest y/Δ + u (y: side information, u: the
+dither), which is exact iff |g − y + eΔ| < ρΔ/2; a bucket whose K̂ misses the checksum has failed.
+The same resolver serves a single sender (payload path) and a sum of P senders (stock nested sum,
+coset ring: residues of Σ_p k_p, summed checksums, the summed dithers), and adaptive nesting's
+probe (what nesting at ratio ρ would have cost, from exact indices the receiver already holds).
+Failed buckets are repaired from recovered true values (:meth:`CosetResolver.patch`) or from
+syndromes that locate up to t wrong coordinates (:meth:`CosetResolver.correct`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hvdquant.codecs.syndromes import bucket_blocks, bucket_checks, locate_errors
+from hvdquant.kernels import DitherKey, ops
+from hvdquant.stats import DecodeStats
+
+
+def bucket_coordinates(buckets: list[int], bucket_size: int, n: int,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """Coordinates of the given buckets, bucket by bucket in the order given (the last may be short)."""
+    if not buckets:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    idx = (torch.tensor(buckets, dtype=torch.int64, device=device)[:, None] * bucket_size
+           + torch.arange(min(bucket_size, n), dtype=torch.int64, device=device)[None, :]).reshape(-1)
+    return idx[idx < n]
+
+
+@dataclass(frozen=True)
+class CosetResolver:
+    """Resolving, checking and repairing index sums of DQSG(``levels``) indices (s₁) in buckets of
+    ``bucket_size``; the nesting ratio ρ is an argument of each call (adaptive nesting picks it
+    per tensor)."""
+
+    bucket_size: int
+    levels: int
+
+    def resolve(self, residues: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
+                senders: int, checksums: torch.Tensor, rho: int) -> tuple[torch.Tensor, list[int]]:
+        """Resolve an index sum from its residues mod ``rho``.
+
+        ``residues``: (Σ_p k_p + senders·⌊ρ/2⌋) mod ρ for the ``senders`` senders key.sender, … ;
+        ``side``: an estimate of Σ_p g_p, bit-identical on every rank. Each coordinate takes the
+        member of its coset nearest side/Δ + Σ_p u_p. Returns the resolved sums K̂ (int32) and the
+        buckets whose checksum Σ_j w_j·K̂_j mod 2^32 differs from ``checksums`` (the senders'
+        checksums summed mod 2^32): exactly the buckets where some coordinate resolved wrongly,
+        up to checksum collisions."""
+        kout = torch.empty(residues.numel(), dtype=torch.int32, device=residues.device)
+        ops.nested_decode(residues, delta, self.bucket_size, rho, side.contiguous(), key, senders=senders, kout=kout)
+        sent = checksums.to(torch.int64) & 0xFFFFFFFF
+        bad = torch.nonzero(ops.bucket_checksum(kout, self.bucket_size) != sent).flatten().tolist()
+        return kout, bad
+
+    def probe_resolve(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
+                      senders: int, rho: int) -> tuple[torch.Tensor, list[int]]:
+        """:meth:`resolve` of the residues mod ``rho`` of the exact index sums ``ksum`` (int32) of
+        ``senders`` senders, against ``side``: what nesting at ρ would have resolved."""
+        residues = ((ksum + senders * (rho // 2)) % rho).to(torch.uint8)
+        return self.resolve(residues, delta, side, key, senders, ops.bucket_checksum(ksum, self.bucket_size), rho)
+
+    def probe(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
+              senders: int, rho: int) -> list[int]:
+        """The buckets that would fail if ``ksum`` had been sent nested at ``rho`` (adaptive
+        nesting's probe: what nesting would have cost, from data the receiver already holds)."""
+        return self.probe_resolve(ksum, delta, side, key, senders, rho)[1]
+
+    def patch(self, kout: torch.Tensor, buckets: list[int], truth: torch.Tensor, stats: DecodeStats) -> None:
+        """Write the recovered true index sums ``truth`` of failed ``buckets`` (their coordinates in
+        the order given) into ``kout``, counting the buckets and the coordinates that had been wrong."""
+        idx = bucket_coordinates(buckets, self.bucket_size, kout.numel(), kout.device)
+        if truth.numel() != idx.numel():
+            raise ValueError(f"recovery gave {truth.numel()} values; {len(buckets)} failed bucket(s) hold "
+                             f"{idx.numel()} coordinates")
+        truth = truth.to(device=kout.device, dtype=torch.int32)
+        stats.failed_buckets += len(buckets)
+        stats.failed_coordinates += int((kout[idx] != truth).sum())
+        kout[idx] = truth
+
+    def decode_sum(self, residues: torch.Tensor, delta: torch.Tensor, side: torch.Tensor | None, key: DitherKey,
+                   senders: int, checksums: torch.Tensor, rho: int, *,
+                   recover: Callable[[torch.Tensor], torch.Tensor], stats: DecodeStats) -> torch.Tensor:
+        """Σ_p k_p over ``senders`` senders, exact: resolved with side information, failed buckets
+        replaced by ``recover(coordinates)`` (a collective giving the true index sums there; every
+        rank finds the same failures, so every rank takes part). Without side information every
+        bucket is recovered (not counted as a failure)."""
+        n, device = residues.numel(), residues.device
+        if side is None:
+            kout = torch.empty(n, dtype=torch.int32, device=device)
+            bad = list(range(ops.num_buckets(n, self.bucket_size)))
+        else:
+            kout, bad = self.resolve(residues, delta, side, key, senders, checksums, rho)
+        if bad:
+            stats.recovery_rounds += 1
+            truth = recover(bucket_coordinates(bad, self.bucket_size, n, device))
+            self.patch(kout, bad, truth, DecodeStats() if side is None else stats)
+        return kout
+
+    def correct(self, kout: torch.Tensor, buckets: list[int], syndromes: dict[int, torch.Tensor],
+                checksums: torch.Tensor, rho: int, senders: int = 1) -> tuple[list[int], torch.Tensor]:
+        """Failed ``buckets`` of the resolved indices ``kout`` that their ``syndromes`` (per bucket:
+        the first 2t power sums mod LOCATE_PRIME of the true indices) explain by at most t wrong
+        coordinates. Returns those buckets and their corrected indices (coordinates in the order of
+        :func:`bucket_coordinates`). A correction is accepted only if the corrected bucket reproduces
+        all its syndromes and its checksum, each change is a nonzero multiple of ρ and every index
+        lies in [−s₁·senders, s₁·senders]; any other bucket stays failed."""
+        fixed: list[int] = []
+        truths: list[torch.Tensor] = []
+        by_len: dict[int, list[int]] = {}
+        for b in buckets:
+            if b in syndromes:
+                by_len.setdefault(syndromes[b].numel(), []).append(b)
+        d, n = self.bucket_size, kout.numel()
+        sent = checksums.to(torch.int64) & 0xFFFFFFFF
+        for _, group in sorted(by_len.items()):
+            blocks, mask = bucket_blocks(kout, group, d)
+            s = torch.stack([syndromes[b] for b in group]).to(blocks.device)
+            corrected, ok = locate_errors(blocks, mask, s, rho, self.levels * senders)
+            rows = torch.tensor(group, dtype=torch.int64, device=blocks.device)
+            ok &= bucket_checks(corrected) == sent[rows.to(sent.device)].to(blocks.device)
+            keep = torch.nonzero(ok).flatten()
+            if keep.numel():
+                fixed += rows[keep].tolist()
+                truths.append(corrected[keep][mask[keep]])
+        truth = torch.cat(truths) if truths else torch.empty(0, dtype=torch.int64, device=kout.device)
+        assert truth.numel() == bucket_coordinates(fixed, d, n).numel()
+        return fixed, truth.to(torch.int32)
