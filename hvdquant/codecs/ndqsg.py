@@ -49,7 +49,7 @@ from hvdquant.codecs.syndromes import (
     syndrome_bytes,
     syndrome_words,
 )
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 
 
@@ -149,7 +149,7 @@ class NDQSG(Codec):
         whole at once). Locators j+1 must be distinct mod the prime, so bucket_size < 65521."""
         if not self.locating or self.bucket_size >= LOCATE_PRIME:
             return ()
-        whole = ops.symbol_bytes(self.bucket_size, self.fine.symbols)
+        whole = sizes.symbol_bytes(self.bucket_size, self.fine.symbols)
         out: list[int] = []
         for t in self.LOCATE_ERRORS:
             t = min(t, whole // 8, self.bucket_size)  # 2t syndromes of 2 bytes ≤ half the bucket's symbols
@@ -218,9 +218,9 @@ class NDQSG(Codec):
     def layout(self, n: int, ctx: TensorContext) -> Layout:
         if not self.is_nested(ctx.key.sender, ctx.ranks, ctx.name):
             return self.fine.layout(n)
-        nb = ops.num_buckets(n, self.bucket_size)
+        nb = sizes.num_buckets(n, self.bucket_size)
         return [("delta", torch.float32, nb), ("checksum", torch.int32, nb),
-                ("cosets", torch.uint8, ops.coset_bytes(n, self.ratio(ctx.name)))]
+                ("cosets", torch.uint8, sizes.coset_bytes(n, self.ratio(ctx.name)))]
 
     def formula_bits(self, n: int, ctx: TensorContext) -> float:
         if not n:
@@ -308,7 +308,7 @@ class NDQSG(Codec):
         n, device = residues.numel(), residues.device
         if side is None:
             kout = torch.empty(n, dtype=torch.int32, device=device)
-            bad = list(range(ops.num_buckets(n, self.bucket_size)))
+            bad = list(range(sizes.num_buckets(n, self.bucket_size)))
         else:
             kout, bad = self.resolve(residues, delta, side, key, senders, checksums)
         if bad:
@@ -389,7 +389,7 @@ class NDQSG(Codec):
         fine = self.fine
         delta = fine.step_size(fine.bucket_absmax(flat))
         sym = fine.quantize(flat, delta, fine.keyed(ctx.key, ctx.ranks), symbols=True)
-        nb = ops.num_buckets(flat.numel(), self.bucket_size)
+        nb = sizes.num_buckets(flat.numel(), self.bucket_size)
         syn, whole = self._split_requests(list(buckets), nb)
         parts = []
         if syn:
@@ -418,7 +418,7 @@ class NDQSG(Codec):
         ranks, n = len(payloads), payloads[0].n
         device = next(iter(payloads[0].fields.values())).device
         fine = self.fine
-        nb = ops.num_buckets(n, self.bucket_size)
+        nb = sizes.num_buckets(n, self.bucket_size)
         known: dict[int, list[tuple[list[int], torch.Tensor]]] = {}  # sender -> recovered (buckets, indices)
         syndromes: dict[int, dict[int, torch.Tensor]] = {}  # sender -> bucket -> syndromes received so far
         replied = [0] * ranks  # recovery bytes each sender handed over
@@ -484,9 +484,9 @@ class NDQSG(Codec):
         """Bytes a nested sender hands over for n coordinates with ratio ``rho`` (default s₁/s₂),
         ``recovered`` of them resent as DQSG(s₁), ``syndromes`` syndrome words (2 bytes each) sent to
         locate wrong coordinates."""
-        nb = ops.num_buckets(n, self.bucket_size)
-        return 8 * nb + ops.coset_bytes(n, rho or self.nesting_ratio) + 2 * syndromes + (
-            ops.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
+        nb = sizes.num_buckets(n, self.bucket_size)
+        return 8 * nb + sizes.coset_bytes(n, rho or self.nesting_ratio) + 2 * syndromes + (
+            sizes.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
 
     def _probe(self, k: torch.Tensor, kout: torch.Tensor, bad: list[int], rho: int) -> int:
         """Bytes one sender's exact indices ``k`` cost sent nested with ratio ``rho``, given how its
@@ -499,7 +499,7 @@ class NDQSG(Codec):
         stages = self.locate_stages()
         if not bad or not stages:
             return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), 0, rho)
-        nb = ops.num_buckets(n, d)
+        nb = sizes.num_buckets(n, d)
         wrong = torch.zeros(nb * d, dtype=torch.int32, device=k.device)
         wrong[:n] = (kout != k).to(torch.int32)
         w = wrong.view(nb, d).sum(1)[torch.tensor(bad, dtype=torch.int64, device=k.device)]
@@ -531,7 +531,7 @@ class NDQSG(Codec):
                 continue
             cost[rho] = sum(self._probe(k, *self._probe_resolve(k, delta, side, key, 1, rho), rho)
                             for k, delta, key, side in met.values())
-        self.choose(name, cost, plain, buckets=senders * ops.num_buckets(n, self.bucket_size))
+        self.choose(name, cost, plain, buckets=senders * sizes.num_buckets(n, self.bucket_size))
 
     def choose(self, name: str, cost: dict[int, int], plain: int, buckets: int | None = None) -> None:
         """Adaptive nesting's decision for tensor ``name`` from this step's price ``cost[ρ]`` of every
@@ -548,10 +548,10 @@ class NDQSG(Codec):
                      ) -> tuple[list[tuple[int, torch.Tensor]], list[int], torch.Tensor]:
         """A recovery reply as (bucket, syndromes) pairs, the whole buckets and their int32 indices."""
         fine = self.fine
-        syn, whole = self._split_requests(requests, ops.num_buckets(n, self.bucket_size))
+        syn, whole = self._split_requests(requests, sizes.num_buckets(n, self.bucket_size))
         words = sum(hi - lo for _, _, lo, hi in syn)
         count = bucket_coordinates(whole, self.bucket_size, n).numel()
-        need = 2 * words + (ops.symbol_bytes(count, fine.symbols) if whole or not syn else 0)
+        need = 2 * words + (sizes.symbol_bytes(count, fine.symbols) if whole or not syn else 0)
         if need != buf.numel():
             raise ValueError(f"recovery payload has {buf.numel()} bytes; the request ({len(syn)} syndrome "
                              f"stage(s), {len(whole)} whole bucket(s)) needs {need}")
