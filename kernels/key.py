@@ -16,7 +16,7 @@ import numpy as np
 
 _U32 = 0xFFFFFFFF
 MAX_ELEMENTS = 4 * (1 << 32)  # the block counter is 32 bits wide, 4 dithers per block
-MAX_STRATIFIED_RANKS = 1 << 16  # GF(2^m) strata, m <= 16 (kernels/arith.py)
+MAX_STRATIFIED_RANKS = 1 << 16  # GF(2^m) strata, m <= 16 (kernels/arith/strata.py)
 
 
 def tensor_id(name: str) -> int:

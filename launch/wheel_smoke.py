@@ -152,7 +152,7 @@ def roundtrip(cache: str, hit: bool) -> None:
     # else the user cache (~/.cache/numba or $XDG_CACHE_HOME/numba), else nothing is cached.
     # The kernel this round trip ran: below kernels.threads.SERIAL_BELOW units of work (a Philox
     # kernel's element counts RANGE_COST units), the serial twin.
-    kernel = cpu.serial.dqsg_encode_packed if n * RANGE_COST < SERIAL_BELOW else cpu.dqsg_encode_packed
+    kernel = cpu.serial.dqsg_encode_packed if n * RANGE_COST < SERIAL_BELOW else cpu.parallel.dqsg_encode_packed
     if cache == "none":  # no writable place: compiled without a disk cache, same results
         if type(kernel._cache).__name__ != "NullCache":
             fail(f"cpu.{kernel.__name__} has a disk cache ({type(kernel._cache).__name__}) with none writable")

@@ -30,7 +30,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import hvdquant
-from hvdquant.kernels import ops
+from hvdquant.kernels import ops, ops_fields
 
 GPU = torch.device("cuda", 0)
 
@@ -171,7 +171,7 @@ def simulated_gpu() -> Iterator[None]:
         stack.enter_context(mock.patch.object(cuda, "external_stream", lambda ptr: 0))
         stack.enter_context(mock.patch.object(torch.cuda, "current_stream",
                                               lambda device=None: SimpleNamespace(cuda_stream=0)))
-        stack.callback(ops._radix_inverses.cache_clear)  # its tables for cuda:0 are simulated ones
+        stack.callback(ops_fields._radix_inverses.cache_clear)  # its tables for cuda:0 are simulated ones
         stack.enter_context(SimulatedGPU())
         yield
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from hvdquant.codecs.syndromes import bucket_blocks, bucket_checks, locate_errors
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 
 
@@ -93,7 +93,7 @@ class CosetResolver:
         n, device = residues.numel(), residues.device
         if side is None:
             kout = torch.empty(n, dtype=torch.int32, device=device)
-            bad = list(range(ops.num_buckets(n, self.bucket_size)))
+            bad = list(range(sizes.num_buckets(n, self.bucket_size)))
         else:
             kout, bad = self.resolve(residues, delta, side, key, senders, checksums, rho)
         if bad:

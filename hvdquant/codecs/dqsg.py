@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Layout, Recover, TensorContext, all_finite, check_int, flat32
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
@@ -69,7 +69,7 @@ class DQSG(Codec):
         return math.log2(self.symbols) + 32.0 / self.bucket_size
 
     def num_buckets(self, n: int) -> int:
-        return ops.num_buckets(n, self.bucket_size)
+        return sizes.num_buckets(n, self.bucket_size)
 
     # ------------------------------------------------------------- common-scale (summable) form
     def bucket_absmax(self, g: torch.Tensor) -> torch.Tensor:
@@ -94,10 +94,10 @@ class DQSG(Codec):
     # ------------------------------------------------------------- payload form (own scale)
     def layout(self, n: int, ctx: TensorContext | None = None) -> Layout:
         return [("delta", torch.float32, self.num_buckets(n)),
-                ("symbols", torch.uint8, ops.symbol_bytes(n, self.symbols))]
+                ("symbols", torch.uint8, sizes.symbol_bytes(n, self.symbols))]
 
     def formula_bits(self, n: int, ctx: TensorContext | None = None) -> float:
-        return 8.0 * (4 * self.num_buckets(n) + ops.symbol_bytes(n, self.symbols)) / n if n else 0.0
+        return 8.0 * (4 * self.num_buckets(n) + sizes.symbol_bytes(n, self.symbols)) / n if n else 0.0
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         """Scales, dithered indices and packing in one pass (:func:`ops.dqsg_encode_packed`)."""

@@ -50,7 +50,7 @@ from hvdquant.codecs.nesting import NestingPolicy, candidate_ratios
 from hvdquant.codecs.recovery import RecoveryProtocol
 from hvdquant.codecs.state import require_state
 from hvdquant.codecs.syndromes import LOCATE_PRIME
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 
 #: what decoding met per nested-role sender, for pricing: its exact indices, Δ, its key, and the
@@ -149,7 +149,7 @@ class NDQSG(Codec):
         whole at once). Locators j+1 must be distinct mod the prime, so bucket_size < 65521."""
         if not self.locating or self.bucket_size >= LOCATE_PRIME:
             return ()
-        whole = ops.symbol_bytes(self.bucket_size, self.fine.symbols)
+        whole = sizes.symbol_bytes(self.bucket_size, self.fine.symbols)
         out: list[int] = []
         for t in self.LOCATE_ERRORS:
             t = min(t, whole // 8, self.bucket_size)  # 2t syndromes of 2 bytes ≤ half the bucket's symbols
@@ -194,9 +194,9 @@ class NDQSG(Codec):
     def layout(self, n: int, ctx: TensorContext) -> Layout:
         if not self._nested_sender(ctx):
             return self.fine.layout(n)
-        nb = ops.num_buckets(n, self.bucket_size)
+        nb = sizes.num_buckets(n, self.bucket_size)
         return [("delta", torch.float32, nb), ("checksum", torch.int32, nb),
-                ("cosets", torch.uint8, ops.coset_bytes(n, self.ratio(ctx.name, self.policy(ctx))))]
+                ("cosets", torch.uint8, sizes.coset_bytes(n, self.ratio(ctx.name, self.policy(ctx))))]
 
     def formula_bits(self, n: int, ctx: TensorContext) -> float:
         if not n:
@@ -333,9 +333,9 @@ class NDQSG(Codec):
         """Bytes a nested sender hands over for n coordinates with ratio ``rho`` (default s₁/s₂),
         ``recovered`` of them resent as DQSG(s₁), ``syndromes`` syndrome words (2 bytes each) sent to
         locate wrong coordinates."""
-        nb = ops.num_buckets(n, self.bucket_size)
-        return 8 * nb + ops.coset_bytes(n, rho or self.nesting_ratio) + 2 * syndromes + (
-            ops.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
+        nb = sizes.num_buckets(n, self.bucket_size)
+        return 8 * nb + sizes.coset_bytes(n, rho or self.nesting_ratio) + 2 * syndromes + (
+            sizes.symbol_bytes(recovered, self.fine.symbols) if recovered else 0)
 
     def probe_bytes(self, k: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
                     rho: int) -> int:
@@ -349,7 +349,7 @@ class NDQSG(Codec):
         stages = self.locate_stages()
         if not bad or not stages:
             return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), 0, rho)
-        nb = ops.num_buckets(n, d)
+        nb = sizes.num_buckets(n, d)
         wrong = torch.zeros(nb * d, dtype=torch.int32, device=k.device)
         wrong[:n] = (kout != k).to(torch.int32)
         w = wrong.view(nb, d).sum(1)[torch.tensor(bad, dtype=torch.int64, device=k.device)]
@@ -379,7 +379,7 @@ class NDQSG(Codec):
                 cost[rho] = sum(self.nested_bytes(n, 0, 0, rho) + replied[p] for p in met)
                 continue
             cost[rho] = sum(self.probe_bytes(k, delta, side, key, rho) for k, delta, key, side in met.values())
-        policy.choose(name, cost, plain, buckets=senders * ops.num_buckets(n, self.bucket_size))
+        policy.choose(name, cost, plain, buckets=senders * sizes.num_buckets(n, self.bucket_size))
 
 
 def _required(policy: NestingPolicy | None) -> NestingPolicy:

@@ -15,7 +15,7 @@ import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, flat32
 from hvdquant.codecs.feedback import ErrorFeedback
-from hvdquant.kernels import ops
+from hvdquant.kernels import ops, sizes
 
 
 def columns(shape: tuple[int, ...]) -> int:
@@ -29,10 +29,10 @@ class OneBitQuantizer(Codec):
     def layout(self, n: int, ctx: TensorContext) -> Layout:
         c = columns(ctx.shape)
         return [("pos_mean", torch.float32, c), ("neg_mean", torch.float32, c),
-                ("bits", torch.uint8, ops.packed_bytes(n, 1))]
+                ("bits", torch.uint8, sizes.packed_bytes(n, 1))]
 
     def formula_bits(self, n: int, ctx: TensorContext) -> float:
-        return (64.0 * columns(ctx.shape) + 8 * ops.packed_bytes(n, 1)) / n if n else 0.0
+        return (64.0 * columns(ctx.shape) + 8 * sizes.packed_bytes(n, 1)) / n if n else 0.0
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         flat = flat32(g)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, check_int, flat32
-from hvdquant.kernels import elias, ops
+from hvdquant.kernels import elias, ops, sizes
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class QSGD(Codec):
         return 2 * self.levels + 1
 
     def layout(self, n: int, ctx: TensorContext | None = None) -> Layout:
-        nb = ops.num_buckets(n, self.bucket_size)
-        tail = None if self.coding == "elias" else ops.symbol_bytes(n, self.symbols)
+        nb = sizes.num_buckets(n, self.bucket_size)
+        tail = None if self.coding == "elias" else sizes.symbol_bytes(n, self.symbols)
         return [("norm", torch.float32, nb), ("levels", torch.uint8, tail)]
 
     def formula_bits(self, n: int, ctx: TensorContext | None = None) -> float:
@@ -52,9 +52,9 @@ class QSGD(Codec):
         (sublinear regime), F + (3 + 1.5·log2(2(s²+n)/(s²+√n)))·(s²+√n), F = 32."""
         if not n:
             return 0.0
-        nb = ops.num_buckets(n, self.bucket_size)
+        nb = sizes.num_buckets(n, self.bucket_size)
         if self.coding == "fixed":
-            return 8.0 * (4 * nb + ops.symbol_bytes(n, self.symbols)) / n
+            return 8.0 * (4 * nb + sizes.symbol_bytes(n, self.symbols)) / n
         total = 0.0
         for b in range(nb):
             d = min(self.bucket_size, n - b * self.bucket_size)

@@ -20,7 +20,7 @@ import torch
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.syndromes import bucket_syndromes, syndrome_bytes, syndrome_words
-from hvdquant.kernels import ops
+from hvdquant.kernels import ops, sizes
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class RecoveryProtocol:
     def _split(self, requests: list[Request], n: int) -> tuple[list[tuple[int, int, int]], list[int]]:
         """Syndrome requests as (bucket, first, end) syndrome ranges, and the whole buckets; refuses
         a request this codec cannot answer."""
-        nb = ops.num_buckets(n, self.fine.bucket_size)
+        nb = sizes.num_buckets(n, self.fine.bucket_size)
         syn, whole = [], []
         for r in requests:
             if not isinstance(r, (SyndromeRequest, WholeBucket)):
@@ -118,7 +118,7 @@ class RecoveryProtocol:
         syn, whole = self._split(requests, n)
         words = sum(hi - lo for _, lo, hi in syn)
         count = bucket_coordinates(whole, fine.bucket_size, n).numel()
-        need = 2 * words + (ops.symbol_bytes(count, fine.symbols) if whole or not syn else 0)
+        need = 2 * words + (sizes.symbol_bytes(count, fine.symbols) if whole or not syn else 0)
         if need != buf.numel():
             raise ValueError(f"recovery payload has {buf.numel()} bytes; the request ({len(syn)} syndrome "
                              f"stage(s), {len(whole)} whole bucket(s)) needs {need}")

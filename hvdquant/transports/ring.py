@@ -48,7 +48,7 @@ from hvdquant.codecs.base import all_finite
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.state import CodecState
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 from hvdquant.transports.collectives import MPICollectives, chunk_bounds
 from hvdquant.transports.session import StepCounter, dither_key
@@ -233,8 +233,8 @@ def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats
     stats.scale_bytes += maxima.nbytes + check_sum.nbytes
 
     sym = ops.nested_encode(g, delta, d, fine.levels, rho, key)
-    bits = ops.coset_bits(rho)
-    align = 8 if bits is not None else ops.radix_per_byte(rho)
+    bits = sizes.coset_bits(rho)
+    align = 8 if bits is not None else sizes.radix_per_byte(rho)
     bounds = chunk_bounds(n, ranks, align)
     chunks = [ops.pack_cosets(sym[lo:hi].contiguous(), rho).numpy() for lo, hi in bounds]
 
@@ -268,7 +268,7 @@ def _probed_bytes(codec: NDQSG, ksum: torch.Tensor, delta: torch.Tensor, estimat
 
 def _coset_ring_bytes(n: int, ranks: int, rho: int) -> int:
     """Bytes one rank hands to the ring for n coset symbols: 2(P − 1) chunks of about n/P symbols."""
-    return 2 * (ranks - 1) * ops.coset_bytes(-(-n // ranks), rho) if ranks > 1 else 0
+    return 2 * (ranks - 1) * sizes.coset_bytes(-(-n // ranks), rho) if ranks > 1 else 0
 
 
 def _finish(fine, kout: torch.Tensor, delta: torch.Tensor, key: DitherKey, ranks: int, side, name: str) -> torch.Tensor:

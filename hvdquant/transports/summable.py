@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.kernels import ops
+from hvdquant.kernels import ops, sizes
 
-WORD_BITS = ops.SUM_WORD_BITS
+WORD_BITS = sizes.SUM_WORD_BITS
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.nesting import NestingPolicy
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import (
     Collectives,
@@ -172,7 +172,7 @@ class SummedExchange:
             maxima = entry.maxima.wait()
             pos = 0
             for s in entry.buffer.compressed():
-                nb = ops.num_buckets(s.length, self.codec.bucket_size)
+                nb = sizes.num_buckets(s.length, self.codec.bucket_size)
                 items.append((Pending(s.name, s.key.step, entry.buffer.part(s)), maxima[pos:pos + nb], s.key))
                 pos += nb
         items.sort(key=lambda item: item[0].name)

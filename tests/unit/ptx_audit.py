@@ -1,6 +1,7 @@
-"""Compile every CUDA kernel of kernels/cuda.py to PTX and list the floating-point instructions it
-uses, for tests/unit/test_ptx.py. No GPU is needed: Numba compiles through NVVM (the CUDA toolkit)
-for compute capability 9.0 (Hopper), with the options a kernel launch uses (no fast math).
+"""Compile every CUDA kernel (kernels/cuda.py, one per entry of kernels/table.py) to PTX and list
+the floating-point instructions it uses, for tests/unit/test_ptx.py. No GPU is needed: Numba
+compiles through NVVM (the CUDA toolkit) for compute capability 9.0 (Hopper), with the options a
+kernel launch uses (no fast math).
 
 Run as a script, in a process where Numba's CUDA simulator is off::
 
@@ -66,8 +67,8 @@ def signatures() -> dict[str, set[tuple]]:
     seen: dict[str, set[tuple]] = {}
     run = cpu.launch
 
-    def record(kernel: str, work: int, *args: object) -> None:
-        seen.setdefault(kernel, set()).add(tuple(numba.typeof(a) for a in args))
+    def record(kernel: object, work: int, *args: object) -> None:
+        seen.setdefault(kernel.name, set()).add(tuple(numba.typeof(a) for a in args))
         run(kernel, work, *args)
 
     cpu.launch = record
@@ -95,12 +96,13 @@ def audit() -> dict[str, dict]:
     from numba.cuda import dispatcher as numba_dispatcher
 
     from hvdquant.kernels import cuda as cuda_kernels
+    from hvdquant.kernels import table
 
     if not cuda.is_available():
         numba_dispatcher.get_current_device = _Hopper
     found: dict[str, dict] = {}
     for name, sigs in sorted(signatures().items()):
-        kernel = getattr(cuda_kernels, name)
+        kernel = getattr(cuda_kernels.kernels, name)
         counts: Counter[str] = Counter()
         inexact: list[str] = []
         for sig in sigs:
@@ -109,9 +111,7 @@ def audit() -> dict[str, dict]:
             inexact += inexact_fmas(ptx)
         found[name] = {"float_ops": dict(counts), "inexact_fmas": inexact}
     launched = set(found)
-    defined = {n for n, v in vars(cuda_kernels).items()
-               if isinstance(v, cuda.dispatcher.CUDADispatcher) and not n.startswith("_")}
-    missing = sorted(defined - launched)
+    missing = sorted({k.name for k in table.KERNELS} - launched)
     if missing:
         raise SystemExit(f"ptx_audit: no case in tests/unit/kernel_cases.py launches {missing}")
     return found

@@ -1,7 +1,7 @@
 """Every CUDA kernel against its CPU twin, on small awkward sizes (empty, 1, odd, not a multiple of
 the bucket). Without a GPU this runs in Numba's CUDA simulator (tests/conftest.py switches it on);
 launch/gpu_check.sh runs the same file on a real GPU. Every output must match bit for bit, decoded
-floats included: kernels/arith.py is written so that no compiler choice (multiply-add contraction,
+floats included: kernels/arith/ is written so that no compiler choice (multiply-add contraction,
 approximate division) can change a result, and tests/unit/test_ptx.py checks the compiled PTX for it.
 """
 

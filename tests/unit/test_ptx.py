@@ -1,5 +1,5 @@
 """The CUDA kernels compile to PTX whose floating-point results cannot depend on the compiler's
-choices, so the GPU computes the CPU twins' bits (kernels/arith.py states the argument).
+choices, so the GPU computes the CPU twins' bits (kernels/arith/__init__.py states the argument).
 
 tests/unit/ptx_audit.py compiles every kernel of kernels/cuda.py for a Hopper GPU (no GPU needed:
 NVVM from the CUDA toolkit; NVRTC from the nvidia-cuda-nvrtc wheel that launch/setup.sh installs)

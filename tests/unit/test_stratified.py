@@ -132,15 +132,21 @@ def test_aggregate_of_own_scale_payloads_equals_the_sum_of_single_decodes(ranks,
 
 
 def test_cpu_kernels_are_named_after_the_arithmetic_they_compile():
-    """Numba's disk cache keys a kernel by its own file's content: the names carry arith.py's hash,
-    so editing arith.py can never load a stale compiled kernel."""
+    """Numba's disk cache keys a kernel by its own file's content: the names carry the hash of the
+    arithmetic's sources (kernels/arith/) and of the kernel table, so editing either can never load a
+    stale compiled kernel."""
     import hashlib
     from pathlib import Path
 
-    stamp = hashlib.sha1(Path(arith.__file__).read_bytes()).hexdigest()[:12]
+    from hvdquant.kernels import table
+
+    files = sorted(Path(arith.__file__).parent.glob("*.py")) + [Path(table.__file__)]
+    assert {f.name for f in files} >= {"__init__.py", "scalars.py", "streams.py", "dqsg.py", "table.py"}
+    stamp = hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
     assert cpu.ARITH_STAMP == stamp
+    assert cpu.KERNELS == tuple(k.name for k in table.KERNELS)
     for name in cpu.KERNELS:
-        assert getattr(cpu, name).py_func.__name__ == f"{name}_{stamp}"
+        assert getattr(cpu.parallel, name).py_func.__name__ == f"{name}_{stamp}"
         assert getattr(cpu.serial, name).py_func.__name__ == f"{name}_{stamp}_serial"
 
 

@@ -196,11 +196,11 @@ def test_same_bits_on_any_thread_count(monkeypatch):
     def run_as(variant):
         def launch(kernel, work, *args):
             if variant == "serial":
-                getattr(cpu.serial, kernel)(*args)
+                getattr(cpu.serial, kernel.name)(*args)
                 return
             with threads.using(variant) as count:
                 used.append(count)
-                getattr(cpu, kernel)(*args)
+                getattr(cpu.parallel, kernel.name)(*args)
         return launch
 
     for variant in ("serial", 1, 2):

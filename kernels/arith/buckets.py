@@ -1,0 +1,63 @@
+"""Per-bucket reductions (index functions, one bucket b each): max |g| and the DQSG step
+Δ_b = max/s (docs/ALGORITHMS.md §1), the QSGD norm ‖g_b‖₂, and the nested checksum Σ_j w_j·k_j."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import numpy as np
+
+from .constants import F32_INF, F32_ZERO, MASK32, U64_ONE
+
+
+def build(jit: Callable, leaf: Callable, *, check_weight) -> SimpleNamespace:
+    """The bucket reductions (index functions), compiled with ``leaf``."""
+
+    @leaf
+    def bucket_absmax(b, g, bucket, out):
+        """out[b] = max |g_i| over bucket b; NaN reported as +inf so a max-reduction keeps it."""
+        m = F32_ZERO
+        for i in range(b * bucket, min(g.shape[0], (b + 1) * bucket)):
+            a = abs(g[i])
+            if a != a:
+                a = F32_INF
+            if a > m:
+                m = a
+        out[b] = m
+
+    @leaf
+    def bucket_l2(b, g, bucket, out):
+        """out[b] = ‖g_b‖₂: float32 squares are exact in float64, summed in order, then sqrt."""
+        acc = np.float64(0.0)
+        for i in range(b * bucket, min(g.shape[0], (b + 1) * bucket)):
+            x = np.float64(g[i])
+            acc += x * x
+        out[b] = np.float32(math.sqrt(acc))
+
+    @leaf
+    def bucket_step(b, absmax, levels, out):
+        """out[b] = Δ_b = absmax_b / s in float32 (docs/ALGORITHMS.md §1): one correctly rounded
+        division on both devices (a framework's division by a scalar may multiply by the reciprocal
+        on the GPU instead, which decides other codes)."""
+        out[b] = absmax[b] / np.float32(levels)
+
+    @leaf
+    def bucket_checksum(b, k, bucket, out):
+        """out[b] = Σ_j w_j·k_{b·d + j} mod 2^32 over bucket b (j: index inside the bucket; w_j the
+        odd hashed weight of :func:`_check_weight`).
+
+        Linear in k, so the checksums of several senders add up to the checksum of their index
+        sums; an index off by a nonzero multiple m of ρ (a failed nested decode) changes it by
+        w_j·m·ρ, which is never 0 mod 2^32 for |m·ρ| < 2^31 (w_j is odd).
+        """
+        acc = np.uint64(0)
+        j = np.uint64(0)
+        for i in range(b * bucket, min(k.shape[0], (b + 1) * bucket)):
+            acc = (acc + check_weight(j) * np.uint64(np.int64(k[i]) & np.int64(0xFFFFFFFF))) & MASK32
+            j += U64_ONE
+        out[b] = np.int64(acc)
+
+    return SimpleNamespace(bucket_absmax=bucket_absmax, bucket_l2=bucket_l2, bucket_step=bucket_step,
+                           bucket_checksum=bucket_checksum)

@@ -1,0 +1,114 @@
+"""The one table of kernels: each kernel's name, the :mod:`.arith` builder that defines its block
+function (of the same name), and how it loops that function.
+
+- ``INDEX`` kernels ``k(nb, ...)`` call ``f(b, ...)`` for every index b < nb (an element, a bucket, a
+  column, a packed group);
+- ``RANGE`` kernels ``k(nb, n, ...)`` call ``f(i0, i1, u, ...)`` on consecutive ranges of [0, n) with
+  a float32 scratch buffer u: ``cpu.CHUNK`` elements per CPU iteration, 4 per GPU thread;
+- ``SPAN`` kernels ``k(nb, n, span, ...)`` (the fused DQSG passes) call ``f(i0, i1, s0, s1, ...)`` on
+  ranges of ``span`` elements with two scratch buffers of dtypes ``scratch`` (``span`` entries on the
+  CPU, ``gpu_scratch`` on the GPU); a parameter ``row`` of f receives the range's index.
+
+:mod:`.cpu` and :mod:`.cuda` compile every kernel of :data:`KERNELS` from their own loop templates
+(:func:`define`); :mod:`.ops` launches them by these entries (``table.dqsg_encode``), so
+that going to an entry's definition leads to the builder that holds its arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import arith
+from .arith import buckets, dqsg, fields, fused, nested, packing, qsgd, streams
+from .arith.constants import GPU_FIELD_SCRATCH, GPU_SPAN
+
+INDEX, RANGE, SPAN = "index", "range", "span"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str  #: the kernel's name, and its block function's in ``builder``
+    builder: Callable  #: the :mod:`.arith` builder that defines the block function
+    kind: str = INDEX  #: INDEX, RANGE or SPAN
+    scratch: tuple[str, ...] = ()  #: SPAN: NumPy dtype names of the two scratch buffers
+    gpu_scratch: int = 4  #: scratch entries per GPU thread
+
+
+def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict[str, str], **fill: object) -> str:
+    """Source of ``kernel``'s loop from ``templates[kernel.kind]``, for a block function with parameter
+    names ``params``. The template's fields: ``{name}``, ``{params}`` (the kernel's parameters after
+    nb, n, span: the block's own, less ``row``), ``{block}`` (the global name of the block function,
+    ``_<name>``), ``{args}`` (the block's arguments after index, range and scratch: ``row`` becomes
+    ``b``), ``{t0}``, ``{t1}`` (scratch dtypes), ``{size}`` (``gpu_scratch``) and ``fill``."""
+    lead = {INDEX: 1, RANGE: 3, SPAN: 4}[kernel.kind]
+    own = params[lead:]
+    taken = {"nb", "n", "span", "b", "s0", "s1"} & set(own)
+    if taken:
+        raise ValueError(f"{kernel.name}: block parameters {sorted(taken)} clash with the loop's names")
+    t0, t1 = kernel.scratch or ("", "")
+    return templates[kernel.kind].format(
+        name=kernel.name, block=f"_{kernel.name}", params=", ".join(p for p in own if p != "row"),
+        args=", ".join("b" if p == "row" else p for p in own), t0=t0, t1=t1, size=kernel.gpu_scratch, **fill)
+
+
+def define(kernel: Kernel, blocks: object, templates: dict[str, str], namespace: dict[str, object],
+           filename: str) -> types.FunctionType:
+    """``kernel``'s loop from ``templates``, around its block function in ``blocks`` (what
+    :func:`.arith.build` returned), as a function of the module whose globals are ``namespace``
+    (compiled as code of ``filename``, that module's file). The block function becomes the global
+    ``_<name>`` there: a kernel reaches a device function through its module's globals, the only
+    references Numba's disk cache can key (a closure's would change every process)."""
+    block = getattr(blocks, kernel.name)
+    code = block.py_func.__code__
+    namespace["_" + kernel.name] = block
+    source = loop_source(kernel, code.co_varnames[:code.co_argcount], templates)
+    scope: dict[str, object] = {}
+    exec(compile(source, filename, "exec"), namespace, scope)
+    return scope[kernel.name]  # type: ignore[return-value]
+
+
+def source_stamp() -> str:
+    """Hash of the arithmetic's sources and of this table: the CPU kernels carry it in their names, so
+    Numba's disk cache (keyed by the file that defines a kernel, :mod:`.cpu`) never serves a kernel
+    compiled from other arithmetic."""
+    files = sorted(Path(arith.__file__).parent.glob("*.py")) + [Path(__file__)]
+    return hashlib.sha1(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- range kernels
+dither_fill = Kernel("dither_fill", streams.build, RANGE)
+dqsg_encode = Kernel("dqsg_encode", dqsg.build, RANGE)
+dqsg_decode = Kernel("dqsg_decode", dqsg.build, RANGE)
+dqsg_aggregate = Kernel("dqsg_aggregate", dqsg.build, RANGE)
+nested_encode = Kernel("nested_encode", nested.build, RANGE)
+nested_decode = Kernel("nested_decode", nested.build, RANGE)
+qsgd_encode = Kernel("qsgd_encode", qsgd.build, RANGE)
+dqsg_encode_packed = Kernel("dqsg_encode_packed", fused.build, SPAN, ("float32", "uint8"), GPU_SPAN)
+dqsg_decode_packed = Kernel("dqsg_decode_packed", fused.build, SPAN, ("float32", "uint8"), GPU_SPAN)
+dqsg_encode_fields = Kernel("dqsg_encode_fields", fused.build, SPAN, ("float32", "uint8"), GPU_FIELD_SCRATCH)
+dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32", "int32"), GPU_FIELD_SCRATCH)
+
+# ----------------------------------------------------------------------------- index kernels
+bucket_absmax = Kernel("bucket_absmax", buckets.build)
+bucket_checksum = Kernel("bucket_checksum", buckets.build)
+bucket_l2 = Kernel("bucket_l2", buckets.build)
+bucket_step = Kernel("bucket_step", buckets.build)
+scale_decode = Kernel("scale_decode", qsgd.build)
+onebit_column_means = Kernel("onebit_column_means", qsgd.build)
+onebit_encode = Kernel("onebit_encode", qsgd.build)
+onebit_decode = Kernel("onebit_decode", qsgd.build)
+bitpack = Kernel("bitpack", packing.build)
+bitunpack = Kernel("bitunpack", packing.build)
+radixpack = Kernel("radixpack", packing.build)
+radixunpack = Kernel("radixunpack", packing.build)
+modadd_bits = Kernel("modadd_bits", packing.build)
+modadd_radix = Kernel("modadd_radix", packing.build)
+pack_sum_fields = Kernel("pack_sum_fields", fields.build)
+unpack_sum_fields = Kernel("unpack_sum_fields", fields.build)
+
+#: every kernel, in the order above
+KERNELS: tuple[Kernel, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Kernel))
