@@ -14,12 +14,12 @@ lazily, so the codecs work without Horovod loaded or torch.distributed initialis
 from hvdquant.codecs import DQSG, LGC, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import CommStats
-from hvdquant.transports.ring import GroupDQSG, PreviousMean, RingStats, ring_allreduce
+from hvdquant.transports.ring import CosetRing, GroupDQSG, PreviousMean, RingStats, coset_ring, ring_allreduce
 from hvdquant.version import __version__
 
-__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CodecState", "CommStats", "Compression", "DistributedOptimizer",
-           "DitherKey", "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats", "TopK", "__version__",
-           "ddp", "ring_allreduce"]
+__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CodecState", "CommStats", "Compression", "CosetRing",
+           "DistributedOptimizer", "DitherKey", "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats",
+           "TopK", "__version__", "coset_ring", "ddp", "ring_allreduce"]
 
 
 def __getattr__(name: str):

@@ -139,12 +139,15 @@ def horovod_methods(comm, n: int, fixed_nesting: bool = False) -> list[tuple[str
         payload("ndqsg (3,1) fixed, locate", hvdquant.NDQSG((3, 1), 512, adaptive=False, locate=True), "allgather")
 
     def ring(label: str, codec) -> None:
-        side, st, state = hvdquant.PreviousMean(), hvdquant.RingStats(), hvdquant.CodecState()
+        session = hvdquant.coset_ring(codec, hvdquant.PreviousMean(), comm) if codec else None
+        st = session.exchange.stats if codec else hvdquant.RingStats()
 
         def fn(g, i):
             before = st.bytes_sent
-            hvdquant.ring_allreduce(g, comm, codec=codec, side=side if codec else None, name="bench",
-                                    average=True, stats=st, state=state)
+            if session is None:
+                hvdquant.ring_allreduce(g, comm, name="bench", average=True, stats=st)
+            else:
+                hvdquant.ring_allreduce(g, session=session, name="bench", average=True)
             return st.bytes_sent - before
         out.append((label, fn, lambda: {"failed_buckets": st.failed_buckets}))
 

@@ -1,11 +1,13 @@
 """mpi4py reference ring-allreduce, plain or carrying coset indices (docs/ALGORITHMS.md §3).
 
     out = hvdquant.ring_allreduce(tensor, comm=MPI.COMM_WORLD)                       # float32 sums
-    out = hvdquant.ring_allreduce(tensor, codec=hvdquant.NDQSG((3, 1), 512, adaptive=False),
-                                  side=hvdquant.PreviousMean(), name="layer.weight")  # coset ring
-    state = hvdquant.CodecState()  # adaptive nesting's decisions, kept across calls
-    out = hvdquant.ring_allreduce(tensor, codec=hvdquant.NDQSG((3, 1), 512), side=hvdquant.PreviousMean(),
-                                  name="layer.weight", state=state)  # adaptive coset ring
+    ring = hvdquant.coset_ring(hvdquant.NDQSG((3, 1), 512), side=hvdquant.PreviousMean(), seed=0)
+    out = hvdquant.ring_allreduce(tensor, session=ring, name="layer.weight")        # coset ring
+
+``coset_ring`` returns a :class:`~hvdquant.transports.session.Session` over a :class:`CosetRing`
+exchange: the session agrees the configuration and seed at the first call, counts calls per name
+(the dither step) and checkpoints the ring's state (``ring.state_dict()``: steps, adaptive nesting's
+decisions, the side information's memory); ``ring.exchange.stats`` holds the :class:`RingStats`.
 
 Bandwidth-optimal ring: the tensor is cut into P chunks (uneven sizes allowed, any P ≥ 1); P − 1
 reduce-scatter steps leave rank r with the complete chunk (r + 1) mod P, and P − 1 allgather steps
@@ -29,8 +31,7 @@ the coset ring at the tensor's ratio. After each call every candidate ratio is p
 sums (the one in use at what the call cost, the others by a probe against the same side
 information), and the next call nests, at the cheapest ratio, only if its bytes (cosets,
 checksums, recovery) are at most ``NestingPolicy.ADAPTIVE_MARGIN`` × the fields'. Every rank sees
-the same sums, so every rank decides alike. The decisions live in the caller's ``state``
-(:class:`~hvdquant.codecs.state.CodecState`, ``state.nesting``), required with an adaptive codec.
+the same sums, so every rank decides alike. The decisions live in the :class:`CosetRing`'s ``codec_state``.
 
 Buffers go through host memory (Debian's Open MPI is not CUDA-aware): CUDA tensors are staged.
 This transport talks MPI directly; it is a reference and benchmark, not a Horovod hook.
@@ -39,7 +40,7 @@ This transport talks MPI directly; it is a reference and benchmark, not a Horovo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -47,11 +48,13 @@ import torch
 from hvdquant.codecs.base import all_finite
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.ndqsg import NDQSG
+from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.codecs.state import CodecState
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 from hvdquant.transports.collectives import MPICollectives, chunk_bounds
-from hvdquant.transports.session import StepCounter, dither_key
+from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.session import Session
 from hvdquant.transports.summable import SumFieldLayout
 
 
@@ -122,6 +125,12 @@ class PreviousMean:
     def update(self, name: str, mean: torch.Tensor) -> None:
         self.means[name] = mean.clone()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: mean.clone() for name, mean in self.means.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.means = {str(name): mean.clone() for name, mean in state.items()}
+
 
 class GroupDQSG:
     """Side information: ranks 0 … group−1 share their DQSG(s₁) indices (one SUM allreduce of summable
@@ -149,56 +158,113 @@ class GroupDQSG:
         pass
 
 
-_STEPS: dict[int, StepCounter] = {}  # per communicator: calls per name, the dither step
+class CosetRing:
+    """The coset ring as an exchange (:mod:`hvdquant.transports.exchange`): each compressed segment
+    of a fused buffer through the coset ring of ``codec`` (an :class:`~hvdquant.NDQSG`: its s₁, ρ and
+    bucket size; its dqsg_fraction does not apply, every rank sends cosets) with side information
+    ``side`` (:class:`PreviousMean`, :class:`GroupDQSG`, or any object with
+    ``estimate(SideRequest)``/``update(name, mean)``; None: every bucket through the recovery round),
+    each uncompressed segment through the float32 ring. Returns sums. It owns adaptive nesting's
+    decisions (``codec_state``) and the byte counts (``stats``)."""
+
+    kind = "coset-ring"
+    average = False
+
+    def __init__(self, codec: NDQSG, side=None, comm=None) -> None:
+        if not isinstance(codec, NDQSG):
+            raise TypeError(f"the coset ring takes an hvdquant.NDQSG codec, got {type(codec).__name__}")
+        from mpi4py import MPI
+
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.coll = MPICollectives(self.comm)
+        self.codec, self.side = codec, side
+        self.codec_state = CodecState()
+        self.stats = RingStats()
+
+    def config(self) -> dict:
+        return {"exchange": self.kind, "codec": self.codec.config(), "side": type(self.side).__name__}
+
+    def statistics(self) -> dict:
+        return {**asdict(self.stats), "bytes_sent": self.stats.bytes_sent}
+
+    def state_dict(self) -> dict:
+        """Adaptive nesting's decisions and the side information's memory (:class:`PreviousMean`)."""
+        side = self.side.state_dict() if hasattr(self.side, "state_dict") else {}
+        return {"kind": self.kind, "codec_state": self.codec_state.state_dict(), "side": side}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint holds {state.get('kind')!r} exchange state; this exchange is {self.kind!r}")
+        self.codec_state.load_state_dict(state["codec_state"])
+        if hasattr(self.side, "load_state_dict"):
+            self.side.load_state_dict(state["side"])
+
+    def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
+        """The ring runs when the finisher is called (MPI, blocking), segment by segment."""
+        def finish() -> torch.Tensor:
+            out = torch.empty(buffer.numel, dtype=torch.float32)
+            policy = self.codec_state.nesting if self.codec.adaptive else None
+            for seg in buffer.segments:
+                g = buffer.part(seg).to("cpu").contiguous()
+                self.stats.calls += 1
+                self.stats.coordinates += seg.length
+                out[seg.offset:seg.end] = (
+                    _coset_allreduce(g, self.comm, self.codec, self.side, seg.name, key=seg.key, stats=self.stats,
+                                     policy=policy) if seg.compressed else _float_ring(g, self.comm, self.stats))
+            return out.to(buffer.device)
+
+        return finish
 
 
-def ring_allreduce(tensor: torch.Tensor, comm=None, *, codec: NDQSG | None = None, side=None, name: str = "tensor",
-                   seed: int = 0, average: bool = False, stats: RingStats | None = None,
-                   state: CodecState | None = None) -> torch.Tensor:
-    """Allreduce ``tensor`` (sum, or mean with ``average=True``) over ``comm`` (default COMM_WORLD).
+def coset_ring(codec: NDQSG, side=None, comm=None, seed: int | None = 0) -> Session:
+    """A session over a :class:`CosetRing` (``comm`` default COMM_WORLD; ``seed`` keys the dithers,
+    rank 0's is used), for :func:`ring_allreduce`'s ``session=``."""
+    return Session(CosetRing(codec, side, comm), seed, "hvdquant.ring")
 
-    ``codec``: None for float32, or an :class:`~hvdquant.NDQSG` whose s₁, ρ and bucket size define
-    the coset ring (its dqsg_fraction does not apply: every rank sends cosets). ``side``: an object
-    with ``estimate(SideRequest)``/``update(name, mean)`` (:class:`PreviousMean`, :class:`GroupDQSG`);
-    with None or no estimate yet, every bucket is resolved by the recovery round. ``name`` and
-    ``seed`` key the dithers (with a per-name call counter); they must match on every rank.
-    ``state``: the :class:`~hvdquant.codecs.state.CodecState` whose ``nesting`` holds an adaptive
-    codec's decisions from call to call (required with ``NDQSG(adaptive=True)``: a ValueError
-    otherwise, rather than a silent reset at every call); the caller keeps and checkpoints it.
-    """
+
+def _float_ring(g: torch.Tensor, comm, stats: RingStats | None) -> torch.Tensor:
+    """Σ_p g_p by the float32 ring (each chunk summed in a fixed rank order)."""
+    x = g.numpy().copy()
+    chunks = [x[lo:hi].copy() for lo, hi in chunk_bounds(g.numel(), comm.Get_size())]
+    return torch.from_numpy(np.concatenate(_ring(comm, chunks, np.add, stats)))
+
+
+def ring_allreduce(tensor: torch.Tensor, comm=None, *, session: Session | None = None, name: str = "tensor",
+                   average: bool = False, stats: RingStats | None = None) -> torch.Tensor:
+    """Allreduce ``tensor`` (sum, or mean with ``average=True``) over ``comm`` (default COMM_WORLD)
+    by the float32 ring; with ``session`` (:func:`coset_ring`), by that session's coset ring, the
+    dithers keyed by (agreed seed, calls so far for ``name``, ``name``, rank): ``name`` must match on
+    every rank, and the ring's statistics are ``session.exchange.stats``."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError("ring_allreduce takes a floating-point torch.Tensor")
+    if session is not None:
+        if comm is not None or stats is not None:
+            raise ValueError("with session=, the communicator and the statistics are the session's CosetRing's")
+        if not isinstance(session.exchange, CosetRing):
+            raise TypeError("ring_allreduce(session=...) takes a session made by hvdquant.coset_ring(...)")
+        session.agree()
+        buffer = session.buffer([(name, tensor)], None)
+        out = session.exchange.start(buffer)()
+        return buffer.unflatten(out / session.coll.size if average else out)[name]
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise TypeError("ring_allreduce takes a floating-point torch.Tensor")
-    device, shape, dtype = tensor.device, tensor.shape, tensor.dtype
     g = tensor.detach().reshape(-1).to("cpu", torch.float32).contiguous()
-    ranks = comm.Get_size()
     stats = RingStats() if stats is None else stats
     stats.calls += 1
     stats.coordinates += g.numel()
-    if codec is None:
-        x = g.numpy().copy()
-        chunks = [x[lo:hi].copy() for lo, hi in chunk_bounds(g.numel(), ranks)]
-        out = torch.from_numpy(np.concatenate(_ring(comm, chunks, np.add, stats)))
-    else:
-        out = _coset_allreduce(g, comm, codec, side, name, seed=seed, stats=stats, state=state)
+    out = _float_ring(g, comm, stats)
     if average:
-        out = out / ranks
-    return out.reshape(shape).to(device=device, dtype=dtype)
+        out = out / comm.Get_size()
+    return out.reshape(tensor.shape).to(device=tensor.device, dtype=tensor.dtype)
 
 
-def _coset_allreduce(g, comm, codec: NDQSG, side, name: str, *, seed: int, stats: RingStats,
-                     state: CodecState | None) -> torch.Tensor:
-    if not isinstance(codec, NDQSG):
-        raise TypeError(f"the coset ring takes an hvdquant.NDQSG codec, got {type(codec).__name__}")
-    if codec.adaptive and state is None:
-        raise ValueError("ring_allreduce with an adaptive NDQSG needs state=hvdquant.CodecState() kept across "
-                         "calls (its nesting decisions); or pass NDQSG(..., adaptive=False)")
-    policy = state.nesting if codec.adaptive else None
-    ranks, rank = comm.Get_size(), comm.Get_rank()
+def _coset_allreduce(g: torch.Tensor, comm, codec: NDQSG, side, name: str, *, key: DitherKey, stats: RingStats,
+                     policy: NestingPolicy | None) -> torch.Tensor:
+    """Σ_p ĝ_p of one tensor by the coset ring (``key``: this rank's dither key; ``policy``: adaptive
+    nesting's decisions, None for a fixed-nesting codec)."""
+    ranks = comm.Get_size()
     fine, rho, d, n = codec.fine, codec.ratio(name, policy), codec.bucket_size, g.numel()
-    key = dither_key(seed, _STEPS.setdefault(id(comm), StepCounter()).next(name), name, rank)
     coll = MPICollectives(comm)
 
     maxima = coll.allreduce(fine.bucket_absmax(g), "scale", op="max")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hvdquant
-from hvdquant import DQSG, NDQSG, GroupDQSG, PreviousMean, RingStats, ring_allreduce
+from hvdquant import DQSG, NDQSG, GroupDQSG, PreviousMean, coset_ring, ring_allreduce
 from hvdquant.kernels import DitherKey, tensor_id
 from hvdquant.transports.collectives import chunk_bounds
 
@@ -64,12 +64,12 @@ def test_coset_ring_is_exact_and_uses_side_information(rho_levels):
     s1, s2 = rho_levels
     codec = NDQSG((s1, s2), bucket_size=100, adaptive=False)
     name = f"ring.side.{s1}.{s2}"
-    side = PreviousMean()
-    stats = RingStats()
+    ring = coset_ring(codec, PreviousMean(), comm, seed=7)
+    stats = ring.exchange.stats
     base = torch.randn(2500, generator=torch.Generator().manual_seed(3))
     for step in range(3):
         g = base + 1e-3 * torch.randn(2500, generator=torch.Generator().manual_seed(100 * step + comm.Get_rank()))
-        out = ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7, stats=stats)
+        out = ring_allreduce(g, session=ring, name=name)
         assert torch.equal(out, exact_coset_reference(comm, g, codec, name, 7, step))
     if codec.nesting_ratio > comm.Get_size():  # sufficient condition |Σg − S| < (ρ − P)Δ/2 can hold
         assert stats.failed_buckets < 2 * 25  # calls 2 and 3 have 25 buckets each
@@ -85,17 +85,16 @@ def test_adaptive_coset_ring_switches_nesting_and_stays_exact(drift, expect_nest
     _, comm = world()
     codec = NDQSG((8, 1), bucket_size=100, adaptive=True)
     name = f"ring.adaptive.{drift}"
-    side, state = PreviousMean(), hvdquant.CodecState()
+    ring = coset_ring(codec, PreviousMean(), comm, seed=7)
+    state = ring.exchange.codec_state  # the ring's own: its decisions persist from call to call
     base = torch.randn(2500, generator=torch.Generator().manual_seed(3))
     for step in range(4):
         g = base + drift * torch.randn(2500, generator=torch.Generator().manual_seed(100 * step + comm.Get_rank()))
-        out = ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7, state=state)
+        out = ring_allreduce(g, session=ring, name=name)
         assert torch.equal(out, exact_coset_reference(comm, g, codec, name, 7, step))
         decisions = comm.allgather(state.nesting.state_dict())
         assert all(dec == decisions[0] for dec in decisions)
     assert state.nesting.is_on(name) == expect_nesting
-    with pytest.raises(ValueError, match="state=hvdquant.CodecState"):  # no silent reset of the decisions
-        ring_allreduce(g, comm, codec=codec, side=side, name=name, seed=7)
 
 
 @pytest.mark.mpi
@@ -113,8 +112,9 @@ def test_forced_failure_is_detected_and_recovered():
             pass
 
     g = torch.randn(640, generator=torch.Generator().manual_seed(comm.Get_rank()))
-    stats = RingStats()
-    out = ring_allreduce(g, comm, codec=codec, side=Wrong(), name="ring.forced", seed=1, stats=stats)
+    ring = coset_ring(codec, Wrong(), comm, seed=1)
+    stats = ring.exchange.stats
+    out = ring_allreduce(g, session=ring, name="ring.forced")
     assert torch.equal(out, exact_coset_reference(comm, g, codec, "ring.forced", 1, 0))
     assert stats.failed_buckets == 10 and stats.failed_coordinates > 0 and stats.recovery_bytes > 0
 
@@ -125,8 +125,9 @@ def test_group_dqsg_side_information():
     codec = NDQSG((9, 1), bucket_size=128, adaptive=False)
     base = torch.randn(1280, generator=torch.Generator().manual_seed(9))
     g = base + 1e-3 * torch.randn(1280, generator=torch.Generator().manual_seed(comm.Get_rank()))
-    stats = RingStats()
-    out = ring_allreduce(g, comm, codec=codec, side=GroupDQSG(1), name="ring.group", seed=2, stats=stats)
+    ring = coset_ring(codec, GroupDQSG(1), comm, seed=2)
+    stats = ring.exchange.stats
+    out = ring_allreduce(g, session=ring, name="ring.group")
     assert torch.equal(out, exact_coset_reference(comm, g, codec, "ring.group", 2, 0))
     assert stats.side_bytes > 0
 
@@ -141,8 +142,9 @@ def test_ring_bytes_match_the_formula(rho, bits):
     n = 200_000
     codec = NDQSG((rho, 1), bucket_size=512, adaptive=False)
     g = torch.randn(n, generator=torch.Generator().manual_seed(comm.Get_rank()))
-    stats = RingStats()
-    ring_allreduce(g, comm, codec=codec, side=None, name=f"ring.bytes.{rho}", stats=stats)
+    ring = coset_ring(codec, None, comm)
+    stats = ring.exchange.stats
+    ring_allreduce(g, session=ring, name=f"ring.bytes.{rho}")
     expected = 2 * (p - 1) / p * n * bits / 8
     if p == 1:
         assert stats.ring_bytes == 0
@@ -159,12 +161,33 @@ def test_bad_input_refused():
     with pytest.raises(TypeError, match="floating-point"):
         ring_allreduce(torch.arange(4), comm)
     with pytest.raises(TypeError, match="NDQSG"):
-        ring_allreduce(torch.ones(4), comm, codec=DQSG())
+        coset_ring(DQSG(), None, comm)
     g = torch.ones(10)
     if comm.Get_rank() == 0:
         g[3] = float("nan")
     with pytest.raises(FloatingPointError, match="ring.nan"):
-        ring_allreduce(g, comm, codec=NDQSG(), name="ring.nan", state=hvdquant.CodecState())
-    with pytest.raises(ValueError, match="state=hvdquant.CodecState"):  # adaptive: its decisions need a home
-        ring_allreduce(torch.ones(10), comm, codec=NDQSG(), name="ring.nostate")
+        ring_allreduce(g, session=coset_ring(NDQSG(), PreviousMean(), comm), name="ring.nan")
+    with pytest.raises(ValueError, match="session's CosetRing"):
+        ring_allreduce(torch.ones(10), comm, session=coset_ring(NDQSG(), None, comm), name="ring.both")
     assert hvdquant.ring_allreduce is ring_allreduce
+
+
+@pytest.mark.mpi
+def test_ring_checkpoint_resumes_bit_for_bit():
+    """A coset-ring session's state_dict (steps, adaptive nesting's decisions, PreviousMean's memory),
+    loaded into a new session, continues exactly as the session that kept running."""
+    _, comm = world()
+    codec = NDQSG((8, 1), bucket_size=100, adaptive=True)
+    base = torch.randn(1500, generator=torch.Generator().manual_seed(5))
+
+    def grad(step: int) -> torch.Tensor:
+        return base + 1e-4 * torch.randn(1500, generator=torch.Generator().manual_seed(50 * step + comm.Get_rank()))
+
+    kept = coset_ring(codec, PreviousMean(), comm, seed=3)
+    for step in range(4):
+        ring_allreduce(grad(step), session=kept, name="w")
+    resumed = coset_ring(codec, PreviousMean(), comm, seed=99)  # the checkpoint's seed wins
+    resumed.load_state_dict(kept.state_dict())
+    for step in range(4, 7):
+        assert torch.equal(ring_allreduce(grad(step), session=resumed, name="w"),
+                           ring_allreduce(grad(step), session=kept, name="w"))
