@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hvdquant.codecs.requests import Request
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import DecodeStats
 
 if TYPE_CHECKING:
-    from hvdquant.codecs.recovery import Request
     from hvdquant.codecs.state import CodecState
 
 
@@ -135,7 +135,7 @@ def counts_entropy(counts: torch.Tensor) -> float:
 
 
 #: a transport's second round: per sender, the recovery requests it must answer -> its reply bytes
-Recover = Callable[[dict[int, list["Request"]]], dict[int, torch.Tensor]]
+Recover = Callable[[dict[int, list[Request]]], dict[int, torch.Tensor]]
 
 
 class Codec(ABC):

@@ -19,26 +19,9 @@ import torch
 
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.dqsg import DQSG
+from hvdquant.codecs.requests import Request, SyndromeRequest, WholeBucket
 from hvdquant.codecs.syndromes import bucket_syndromes, syndrome_bytes, syndrome_words
 from hvdquant.kernels import ops, sizes
-
-
-@dataclass(frozen=True)
-class SyndromeRequest:
-    """Bucket ``bucket``'s syndromes of locating stage ``stage`` (those it was not sent before)."""
-
-    bucket: int
-    stage: int
-
-
-@dataclass(frozen=True)
-class WholeBucket:
-    """Bucket ``bucket``'s DQSG(s₁) symbols, all of them."""
-
-    bucket: int
-
-
-Request = SyndromeRequest | WholeBucket
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from one_tensor import start
 
 from hvdquant import DQSG, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.codecs.nesting import NestingPolicy
-from hvdquant.codecs.recovery import SyndromeRequest, WholeBucket
+from hvdquant.codecs.requests import SyndromeRequest, WholeBucket
 from hvdquant.codecs.syndromes import bucket_syndromes
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.payload import PayloadExchange

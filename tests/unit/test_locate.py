@@ -15,7 +15,7 @@ from hvdquant.codecs import syndromes as sy
 from hvdquant.codecs.base import TensorContext
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.nesting import NestingPolicy
-from hvdquant.codecs.recovery import SyndromeRequest, WholeBucket
+from hvdquant.codecs.requests import SyndromeRequest, WholeBucket
 from hvdquant.codecs.state import CodecState
 from hvdquant.kernels import DitherKey, ops
 
