@@ -3,13 +3,9 @@
 Numba's ``parallel=True`` kernels are fork-join regions: a launch returns when every thread of its
 team has run its share, and idle team members spin. Where more threads are runnable than there are
 cores (two ranks on a 2-core host each with a team of 2, another job, torch's OpenMP team), a launch
-waits for a descheduled member's time slice. Measured on this project's 2-core machine in a process
-that had run torch first, no thread variables: a 4,096-coordinate ``bucket_absmax`` took 8-58 ms
-instead of 10-20 µs (one thread) with a torch matmul between calls and a busy neighbour process, and
-a 10^6 one 8.4 ms instead of 0.55 ms with two such processes. On an idle machine a second thread
-saves at most half: bucket_absmax 0.29 vs 0.57 ms at 10^6 and 4.2 vs 5.5 ms at 10^7 (memory-bound),
-dqsg_encode (Philox) 3.3 vs 6.6 ms at 10^6; with a busy neighbour the memory-bound kernels lose even
-at 4·10^6 (5.7-8 ms vs 2.3 ms) while dqsg_encode still wins at 10^6 (7.5 vs 14 ms). Hence, per call
+waits for a descheduled member's time slice, which can cost a thousand times the kernel's own
+time, and on an idle machine a second thread saves at most half (docs/BENCHMARKS.md, "Kernels on
+the CPU: why a call picks its threads"). Hence, per call
 (:func:`plan`, with the cost units :mod:`.ops` passes):
 
 - below :data:`SERIAL_BELOW` units of work (memory-bound kernels below 2^24 elements, Philox-driven
@@ -24,13 +20,9 @@ at 4·10^6 (5.7-8 ms vs 2.3 ms) while dqsg_encode still wins at 10^6 (7.5 vs 14 
   a lower value a user set there stands).
 
 No threading layer is chosen here: an explicit ``NUMBA_THREADING_LAYER`` (or its priority list) is
-the user's, and Numba's default (tbb if installed, else omp) serves the parallel path: tbb
-(installed for the measurement) and omp measured alike, while workqueue costs 50-130 µs a launch
-even on one thread and aborts the process when two Python threads launch kernels at once.
-
-What remains slow under load is torch's: at its default thread count its own 256x256 matmul took
-8-66 ms instead of 0.2 ms in about half the processes, and the (serial) kernel call right after it
-100-180 µs instead of 15 µs. ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` are the user's to set.
+the user's, and Numba's default (tbb if installed, else omp) serves the parallel path (workqueue
+aborts the process when two Python threads launch kernels at once). What remains slow under load is
+torch's own thread team; ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` are the user's to set.
 
 torch's settings stay as they are. In pip wheels Numba's OpenMP layer binds to the libgomp torch
 loaded, and starting the layer calls ``omp_set_num_threads(NUMBA_NUM_THREADS)`` on it: it turned

@@ -1,1 +1,1 @@
-"""Framework adapters: hvdquant codecs in the shapes frameworks expect (Horovod so far)."""
+"""Framework adapters: hvdquant codecs in the shapes frameworks expect (Horovod compression and optimizer, the DDP hook)."""

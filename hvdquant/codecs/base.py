@@ -116,7 +116,7 @@ def split_bytes(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 
 def empirical_entropy(symbols: torch.Tensor, alphabet: int) -> float:
     """Zeroth-order entropy −Σ p log2 p of the symbols, bits per symbol (docs/ALGORITHMS.md §1).
-    uint8 symbols are counted as they are (an int64 copy made this 8× slower)."""
+    uint8 symbols are counted as they are (an int64 copy is much slower; docs/BENCHMARKS.md)."""
     if symbols.numel() == 0:
         return 0.0
     flat = symbols.reshape(-1)
@@ -182,7 +182,7 @@ class Codec(ABC):
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN and no ±Inf in t. One min/max pass (NaN propagates into both): ~9× faster than
+    """No NaN and no ±Inf in t. One min/max pass (NaN propagates into both): faster than
     ``torch.isfinite(t).all()`` on 2.5e7 floats, which builds a bool tensor first."""
     if t.numel() == 0:
         return True

@@ -13,7 +13,7 @@ by any transport and decoded once (variance of the mean Δ²/(12P)).
 ``dither="stratified"`` (the default; docs/ALGORITHMS.md §9) gives rank p of P the dither
 u_p = (π(p) + v)/P − ½ (v and the permutation π shared per coordinate): every u_p is still uniform,
 so each rank's error keeps the properties above, and Σ_p u_p = v − ½ is one stream whatever P; the
-ranks' errors partly cancel in the mean (measured on real gradients: 0.2–0.6× the variance).
+ranks' errors partly cancel in the mean (docs/BENCHMARKS.md, "Dither families").
 ``dither="independent"`` is the paper's dither: one Philox stream per sender, so decoding a sum
 regenerates P streams.
 

@@ -66,7 +66,7 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
 
     Small functions (scalars, per-element helpers, index block functions) are compiled with ``leaf``
     (the CPU passes ``njit(inline="always")``: inlined into their callers, so LLVM vectorizes the
-    loops around them — the Philox loop runs 4× faster than with calls), the range functions with
+    loops around them, the Philox loop included), the range functions with
     ``jit`` (called once per chunk; inlining them too would only multiply compile time). Each builder
     ``build(jit, leaf, *, f, g, ...)`` names the compiled functions it calls as keyword parameters
     (given here from what the builders before it returned), and its functions reference them through
