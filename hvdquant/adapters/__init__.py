@@ -1,1 +1,2 @@
-"""Framework adapters: hvdquant codecs in the shapes frameworks expect (Horovod compression and optimizer, the DDP hook)."""
+"""Framework adapters: hvdquant codecs in the shapes frameworks expect (Horovod compression and
+optimizer, the DDP hook)."""
