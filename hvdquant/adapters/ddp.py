@@ -13,24 +13,26 @@ SGD and top-k with error feedback, LGC on ``"allgather"``). Collectives run over
 
 How a bucket is exchanged. DDP hands the hook a flat bucket of several parameters' gradients and
 runs the hooks of a step in increasing bucket index on every rank, so the hook runs its collectives
-at once and returns a completed future holding the **mean**. Within a bucket, every parameter with
-at least 2 dimensions and ``min_numel`` elements is compressed as its own tensor, named
+at once and returns a completed future holding the **mean**. A bucket is one fused buffer
+(:class:`~hvdquant.transports.fused.FusedBuffer`) handed to the State's one exchange: every
+parameter with at least 2 dimensions and ``min_numel`` elements is a compressed segment named
 ``ddp.param<i>`` (i: the order in which the hook first saw the parameter: the same on every rank,
-and in a new DDP model after a restart). The tensors of a bucket travel together: on the payload
-reducers in one fused round per phase; on the summable allreduce each tensor's MAX allreduce of
-bucket maxima is started at once (all in flight together), then one SUM allreduce carries every
-tensor's fields. The other parameters (biases, norms) travel uncompressed: their float32 values are
-summed in rank order (PowerSGD's rule; exact and independent of the bucket layout). The first
-``warmup_steps`` iterations are plain float32 allreduces, one per parameter (PowerSGD's
-``start_powerSGD_iter``; per parameter so that a restart continues bit for bit). Codecs run where
-the bucket lives: a CUDA bucket is encoded and decoded by the CUDA kernels on the GPU, and only the
-payloads move (on NCCL they stay on the GPU, on Gloo they are staged through host memory;
+and in a new DDP model after a restart), keyed by its own step counter. On the payload reducers
+the bucket travels in one fused round per phase; on the summable allreduce one MAX allreduce
+carries every tensor's bucket maxima and one SUM allreduce every tensor's fields. The other
+parameters (biases, norms) travel uncompressed: their float32 values are summed in rank order
+(PowerSGD's rule; exact and independent of the bucket layout). The first ``warmup_steps``
+iterations are plain float32 allreduces, one per parameter (PowerSGD's ``start_powerSGD_iter``;
+per parameter so that a restart continues bit for bit). Codecs run where the bucket lives: a CUDA
+bucket is encoded and decoded by the CUDA kernels on the GPU, and only the payloads move (on NCCL
+they stay on the GPU, on Gloo they are staged through host memory;
 :class:`~hvdquant.transports.torchdist.TorchDistCollectives`).
 
-Why per parameter and not per bucket: DDP puts every parameter in one bucket at the first iteration
-and rebuilds its buckets afterwards (and again in a new DDP model after a restart). Keys, step
-counters, error-feedback residuals and nested side information keyed by parameter do not depend on
-that layout, so a resumed job continues bit for bit, and residuals stay with their parameters.
+Why keys per parameter and not per bucket: DDP puts every parameter in one bucket at the first
+iteration and rebuilds its buckets afterwards (and again in a new DDP model after a restart). Keys,
+step counters, error-feedback residuals and nested side information keyed by parameter do not
+depend on that layout, and every sum is exact or in rank order per coordinate, so a resumed job
+continues bit for bit, and residuals stay with their parameters.
 
 Guarantees, as on the Horovod paths:
 - dither keys are (agreed seed, step, parameter name, sender), the step counting the parameter's
@@ -40,9 +42,9 @@ Guarantees, as on the Horovod paths:
   parameter shapes) is agreed at the first step; a difference fails on every rank, naming the
   first differing rank;
 - a non-finite gradient makes every rank raise ``FloatingPointError`` from ``backward()``;
-- :meth:`State.state_dict` holds the step counters, the iteration, the agreed seed and the
-  exchange's state (error-feedback residuals, nested side information), so a job restarted into
-  a new DDP model continues bit for bit;
+- :meth:`State.state_dict` holds the session's state (step counters, the agreed seed, the
+  exchange's residuals, nesting decisions and side information) and the iteration, so a job
+  restarted into a new DDP model continues bit for bit;
 - :meth:`State.statistics` measures the bits per coordinate handed to the collectives.
 
 (No ``from __future__ import annotations`` here: DDP checks that the hook's annotations are the
