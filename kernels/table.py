@@ -38,12 +38,12 @@ class Kernel:
     gpu_scratch: int = 4  #: scratch entries per GPU thread
 
 
-def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict[str, str], **fill: object) -> str:
+def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict[str, str]) -> str:
     """Source of ``kernel``'s loop from ``templates[kernel.kind]``, for a block function with parameter
     names ``params``. The template's fields: ``{name}``, ``{params}`` (the kernel's parameters after
     nb, n, span: the block's own, less ``row``), ``{block}`` (the global name of the block function,
     ``_<name>``), ``{args}`` (the block's arguments after index, range and scratch: ``row`` becomes
-    ``b``), ``{t0}``, ``{t1}`` (scratch dtypes), ``{size}`` (``gpu_scratch``) and ``fill``."""
+    ``b``), ``{t0}``, ``{t1}`` (scratch dtypes) and ``{size}`` (``gpu_scratch``)."""
     lead = {INDEX: 1, RANGE: 3, SPAN: 4}[kernel.kind]
     own = params[lead:]
     taken = {"nb", "n", "span", "b", "s0", "s1"} & set(own)
@@ -52,7 +52,7 @@ def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict[str, st
     t0, t1 = kernel.scratch or ("", "")
     return templates[kernel.kind].format(
         name=kernel.name, block=f"_{kernel.name}", params=", ".join(p for p in own if p != "row"),
-        args=", ".join("b" if p == "row" else p for p in own), t0=t0, t1=t1, size=kernel.gpu_scratch, **fill)
+        args=", ".join("b" if p == "row" else p for p in own), t0=t0, t1=t1, size=kernel.gpu_scratch)
 
 
 def define(kernel: Kernel, blocks: object, templates: dict[str, str], namespace: dict[str, object],
@@ -60,8 +60,9 @@ def define(kernel: Kernel, blocks: object, templates: dict[str, str], namespace:
     """``kernel``'s loop from ``templates``, around its block function in ``blocks`` (what
     :func:`.arith.build` returned), as a function of the module whose globals are ``namespace``
     (compiled as code of ``filename``, that module's file). The block function becomes the global
-    ``_<name>`` there: a kernel reaches a device function through its module's globals, the only
-    references Numba's disk cache can key (a closure's would change every process)."""
+    ``_<name>`` there: a kernel reaches a device function through its module's globals, which
+    Numba's disk cache can key (a closure's cells enter the cache key with a per-process id of the
+    dispatcher, so a closure kernel would be compiled again in every process)."""
     block = getattr(blocks, kernel.name)
     code = block.py_func.__code__
     namespace["_" + kernel.name] = block
