@@ -53,7 +53,7 @@ def _allreduce_grad_async(self, p):
     if tensor.is_sparse:
         raise NotImplementedError(f"hvdquant.DistributedOptimizer: '{name}' has a sparse gradient; "
                                   "sparse gradients are not supported (use dense embeddings)")
-    session, min_numel = self._hvdquant
+    session, min_numel = self._hvdquant, self._hvdquant_min_numel
     session.agree(min_numel=min_numel,
                   parameters=sorted((n, tuple(q.shape)) for q, n in self._parameter_names.items() if q.requires_grad))
     buffer = session.buffer([(name, tensor)], min_numel)
@@ -107,17 +107,18 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be a non-negative int, got {min_numel!r}")
     exchange = make_exchange(codec, reducer, op == hvd.Average, HorovodCollectives(), fusion_threshold)
-    state = (Session(exchange, seed, "hvdquant.optimizer"), min_numel)
+    session = Session(exchange, seed, "hvdquant.optimizer")
 
     attrs = dict(_DistributedOptimizer.__dict__)
     attrs["_allreduce_grad_async"] = _allreduce_grad_async
     attrs["synchronize"] = _synchronize
-    attrs["hvdquant_stats"] = lambda self: self._hvdquant[0].exchange.statistics()
+    attrs["hvdquant_stats"] = lambda self: self._hvdquant.exchange.statistics()
     attrs["state_dict"] = _state_dict
     attrs["load_state_dict"] = _load_state_dict
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), attrs)
     opt = cls.__new__(cls)
-    opt._hvdquant = state  # before __init__: hooks may fire as soon as they are registered
+    # before __init__: hooks may fire as soon as they are registered
+    opt._hvdquant, opt._hvdquant_min_numel = session, min_numel
     cls.__init__(opt, optimizer.param_groups, named_parameters, hvd.Compression.none, backward_passes_per_step,
                  op, 1.0, None, False, hvd.global_process_set)
     return opt
@@ -125,7 +126,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
 
 def _state_dict(self):
     sd = super(self.__class__, self).state_dict()
-    sd["hvdquant"] = self._hvdquant[0].state_dict()
+    sd["hvdquant"] = self._hvdquant.state_dict()
     return sd
 
 
@@ -133,7 +134,7 @@ def _load_state_dict(self, state_dict):
     state_dict = dict(state_dict)
     extra = state_dict.pop("hvdquant", None)
     if extra is not None:
-        self._hvdquant[0].load_state_dict(extra)
+        self._hvdquant.load_state_dict(extra)
     self._handles = {}
     self._synchronized = False
     self._should_synchronize = True
