@@ -90,6 +90,11 @@ def as_bytes(*tensors: torch.Tensor) -> torch.Tensor:
 Layout = list[tuple[str, torch.dtype, int | None]]  # (field, dtype, count); None = the rest (last only)
 
 
+def layout_bytes(layout: Layout) -> int:
+    """Bytes of a payload of a fixed ``layout`` (every count known): Σ count · width."""
+    return sum(count * torch.empty(0, dtype=dtype).element_size() for _, dtype, count in layout)
+
+
 def split_bytes(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     """Inverse of :meth:`Encoded.to_bytes` for a known layout; refuses a buffer of the wrong size."""
     out: dict[str, torch.Tensor] = {}

@@ -20,8 +20,24 @@ import torch
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.requests import Request, SyndromeRequest, WholeBucket
-from hvdquant.codecs.syndromes import bucket_syndromes, syndrome_bytes, syndrome_words
+from hvdquant.codecs.syndromes import LOCATE_PRIME, bucket_syndromes, syndrome_bytes, syndrome_words
 from hvdquant.kernels import ops, sizes
+
+
+def locate_stages(fine: DQSG, errors: tuple[int, ...]) -> tuple[int, ...]:
+    """Cumulative syndrome counts 2t of the locating stages that correct up to t ∈ ``errors`` wrong
+    coordinates of a bucket of DQSG(s₁) = ``fine`` symbols, each t capped so that a bucket's 2t
+    syndromes of 2 bytes cost at most half its symbols, a stage kept only if it adds syndromes.
+    Locators j+1 must be distinct mod the prime: none for bucket_size ≥ 65521."""
+    if fine.bucket_size >= LOCATE_PRIME:
+        return ()
+    whole = sizes.symbol_bytes(fine.bucket_size, fine.symbols)
+    out: list[int] = []
+    for t in errors:
+        t = min(t, whole // 8, fine.bucket_size)
+        if t >= 1 and (not out or 2 * t > out[-1]):
+            out.append(2 * t)
+    return tuple(out)
 
 
 @dataclass(frozen=True)

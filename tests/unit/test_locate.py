@@ -15,6 +15,7 @@ from hvdquant.codecs import syndromes as sy
 from hvdquant.codecs.base import TensorContext
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.nesting import NestingPolicy
+from hvdquant.codecs.nesting_cost import NestingCost
 from hvdquant.codecs.requests import SyndromeRequest, WholeBucket
 from hvdquant.codecs.state import CodecState
 from hvdquant.kernels import DitherKey, ops
@@ -235,7 +236,7 @@ def test_adaptive_probe_prices_nesting_at_what_the_decoder_hands_over(noise, rho
     k = ops.unpack_symbols(enc1.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
     located = False
     for rho in probe_codec.candidate_ratios():
-        priced = probe_codec.probe_bytes(k, enc1.fields["delta"], side, key, rho)
+        priced = NestingCost(probe_codec).probe_bytes(k, enc1.fields["delta"], side, key, rho)
         state = CodecState()
         state.nesting.nesting["w"], state.nesting.ratios["w"] = True, rho
         mean, ref, _, log, encs = emulate(probe_codec, gs, ctx_for(n, ranks, state=state))
