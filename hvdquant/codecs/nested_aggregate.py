@@ -16,25 +16,20 @@ sender, and the result is the mean (1/P)·Σ_p ĝ_p. Under adaptive nesting that
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from hvdquant.codecs.base import Encoded, Recover, TensorContext
+from hvdquant.codecs.base import Codec, Encoded, Recover, TensorContext
 from hvdquant.codecs.nesting_cost import Met, NestingCost
 from hvdquant.codecs.recovery import Request
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import DecodeStats
 
-if TYPE_CHECKING:
-    from hvdquant.codecs.ndqsg import NDQSG
-
 
 class RankOrderDecoder:
     """One :meth:`NDQSG.aggregate` call: the payloads of one tensor from every sender, decoded by
-    the frozen ``codec``, and what recovery rounds brought so far."""
+    the frozen ``codec`` (an NDQSG), and what recovery rounds brought so far."""
 
-    def __init__(self, codec: NDQSG, payloads: list[Encoded], ctx: TensorContext) -> None:
+    def __init__(self, codec: Codec, payloads: list[Encoded], ctx: TensorContext) -> None:
         self.codec, self.payloads, self.ctx = codec, payloads, ctx
         self.ranks, self.n = len(payloads), payloads[0].n
         self.device = next(iter(payloads[0].fields.values())).device

@@ -22,17 +22,13 @@ rank decodes every payload alike, so every rank prices and decides alike, withou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from hvdquant.codecs.base import layout_bytes
+from hvdquant.codecs.base import Codec, layout_bytes
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import DitherKey, sizes
-
-if TYPE_CHECKING:
-    from hvdquant.codecs.ndqsg import NDQSG
 
 #: what decoding met per nested-role sender, for pricing: its exact indices k_p, Δ_p, its key, and
 #: the side information y_p its payload met
@@ -41,9 +37,9 @@ Met = tuple[torch.Tensor, torch.Tensor, DitherKey, torch.Tensor]
 
 @dataclass(frozen=True)
 class NestingCost:
-    """The prices B_p(ρ) and the decision of adaptive nesting for the frozen ``codec``."""
+    """The prices B_p(ρ) and the decision of adaptive nesting for the frozen ``codec`` (an NDQSG)."""
 
-    codec: NDQSG
+    codec: Codec
 
     def nested_bytes(self, n: int, recovered: int, syndromes: int = 0, rho: int | None = None) -> int:
         """B_p: bytes a nested sender hands over for n coordinates with ratio ``rho`` (default
