@@ -232,14 +232,31 @@ class MPICollectives:
         return [pickle.loads(b) for b in self.comm.allgather(pickle.dumps(obj))]
 
 
+def poisoned(parts: Parts, name: str) -> str | None:
+    """The error naming the tensor and the ranks whose gradient was not finite (their slot is None),
+    or None when every rank sent a buffer."""
+    bad = [r for r, part in enumerate(parts) if part is None]
+    if not bad:
+        return None
+    return (f"non-finite gradient (NaN or Inf) in '{name}' on rank(s) {bad}; "
+            "hvdquant refuses to quantize it (every rank raises)")
+
+
 def raise_if_poisoned(parts: Parts, name: str) -> list[torch.Tensor]:
     """The parts, or a FloatingPointError naming the tensor and the ranks whose gradient was not
     finite. Every rank holds the same parts, so every rank raises together."""
-    bad = [r for r, part in enumerate(parts) if part is None]
-    if bad:
-        raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}' on rank(s) {bad}; "
-                                 "hvdquant refuses to quantize it (every rank raises)")
+    error = poisoned(parts, name)
+    if error is not None:
+        raise FloatingPointError(error)
     return parts  # type: ignore[return-value]
+
+
+def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_p of float32 values sent as bytes, in rank order (bit-identical on every rank)."""
+    total = parts[0].clone().view(torch.float32)
+    for part in parts[1:]:
+        total += part.clone().view(torch.float32)  # a copy: a part need not be 4-byte aligned
+    return total
 
 
 def check_finite_output(out: torch.Tensor) -> None:

@@ -33,14 +33,9 @@ from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import CommStats, DecodeStats
-from hvdquant.transports.collectives import (
-    Collectives,
-    Started,
-    check_finite_output,
-    raise_if_poisoned,
-)
+from hvdquant.transports.collectives import Collectives, Started, check_finite_output, raise_if_poisoned, rank_order_sum
 from hvdquant.transports.fused import FusedBuffer
-from hvdquant.transports.payload import check_kind, rank_order_sum, statistics
+from hvdquant.transports.payload import check_kind, statistics
 from hvdquant.transports.summable import SumFieldLayout, SumMessage
 
 

@@ -1,0 +1,201 @@
+"""The two ways a payload exchange aggregates a fused group (docs/ALGORITHMS.md §3).
+
+- :class:`AllgatherReduction` (``"allgather"``): every rank gathers every rank's group buffer and
+  aggregates each tensor's payloads with the codec (paper-faithful NDQSG, QSGD-Elias, 1-bit SGD); a
+  codec's second round (NDQSG recovery) runs per tensor when its group is finished. Wire cost per
+  rank ≈ b·n·(P−1) bits.
+- :class:`ScatterReduceAllgather` (``"scatter_reduce"``): each tensor is split into P
+  bucket-aligned chunks; chunk c of every tensor of the group goes to rank c in one all-to-all; its
+  owner aggregates the P payloads, re-encodes the mean with the codec, **decodes its own
+  re-encoding**, and one allgather of the group's re-encodings gives every rank the same bits. Two
+  quantizations per coordinate; wire cost ≈ 2b·n·(P−1)/P bits.
+
+Uncompressed tensors travel in the same buffers as float32 bytes, summed in rank order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite
+from hvdquant.codecs.feedback import ErrorFeedback
+from hvdquant.transports.collectives import (
+    Parts,
+    Started,
+    chunk_bounds,
+    poisoned,
+    raise_if_poisoned,
+    rank_order_sum,
+)
+from hvdquant.transports.fusion import Group, Item, group_buffer, header, split
+from hvdquant.transports.session import dither_key
+
+if TYPE_CHECKING:
+    from hvdquant.transports.payload import PayloadExchange
+
+Results = dict[str, torch.Tensor | str]  # per tensor name: the output, or the error every rank raises
+
+
+def innermost(codec: Codec) -> Codec:
+    """The codec under error feedback (itself where there is none)."""
+    return codec.codec if isinstance(codec, ErrorFeedback) else codec
+
+
+class Reduction:
+    """One reducer's rules for the exchange ``ex`` it serves (whose codec, collectives, codec state
+    and counters it uses): how a tensor is cut into destination chunks, the codec's context of a
+    chunk, how this rank encodes a tensor, how a group's first round is sent and how a group's
+    received buffers become results."""
+
+    name: str
+
+    def __init__(self, ex: PayloadExchange) -> None:
+        self.ex = ex
+
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def context(self, item: Item, c: int, sender: int, phase: str = "") -> TensorContext:
+        """The codec's context of chunk ``c`` of ``item`` as sent by ``sender``."""
+        raise NotImplementedError
+
+    def encode(self, item: Item, flat: torch.Tensor) -> list[Encoded]:
+        """This rank's payload of every chunk of ``item`` (gradient ``flat``); FloatingPointError
+        where the gradient is not finite."""
+        raise NotImplementedError
+
+    def send(self, group: Group, tag: str) -> Started[Parts]:
+        """Start the group's first round."""
+        raise NotImplementedError
+
+    def finish(self, group: Group) -> Results:
+        """Wait for the group's first round, run what follows, and return every tensor's result."""
+        raise NotImplementedError
+
+
+class AllgatherReduction(Reduction):
+    """Every rank's payloads of whole tensors to every rank; each rank aggregates them all."""
+
+    name = "allgather"
+
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        return [(0, n)]
+
+    def context(self, item: Item, c: int, sender: int, phase: str = "") -> TensorContext:
+        return TensorContext(item.name, item.shape, dither_key(item.seed, item.step, item.name, sender),
+                             self.ex.coll.size, self.ex.codec_state)
+
+    def encode(self, item: Item, flat: torch.Tensor) -> list[Encoded]:
+        return [self.ex.codec.encode(flat.view(item.shape), self.context(item, 0, self.ex.coll.rank))]
+
+    def send(self, group: Group, tag: str) -> Started[Parts]:
+        return self.ex.coll.allgather_bytes(group_buffer(group.items, 0), tag)
+
+    def finish(self, group: Group) -> Results:
+        received = group.received(self.ex.coll.size)
+        return {item.name: self._gathered(item, parts) for item, parts in zip(group.items, received)}
+
+    def _gathered(self, item: Item, parts: list[torch.Tensor | None]) -> torch.Tensor | str:
+        """One tensor's result from every rank's part of it (the codec's recovery round on demand)."""
+        ex = self.ex
+        error = poisoned(parts, item.name)
+        if error is not None:
+            return error
+        if item.raw:
+            total = rank_order_sum(parts)
+            return ex.output(total / ex.coll.size)
+        rank, ctx = ex.coll.rank, self.context(item, 0, ex.coll.rank)
+        enc = item.encodings[0]
+
+        def recover(failed: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+            mine = (ex.codec.recovery_payload(enc, ctx, failed[rank]) if rank in failed
+                    else torch.empty(0, dtype=torch.uint8, device=item.device))
+            round_ = ex.coll.allgather_bytes(mine, f"hvdquant.{item.name}.recovery")
+            ex.stats.record(0, round_.nbytes)  # recovery traffic is on the wire too
+            ex.decode.recovery_bytes += round_.nbytes
+            got = raise_if_poisoned(round_.wait(), item.name)
+            return {p: got[p] for p in failed}
+
+        payloads = [ex.codec.from_bytes(parts[p], item.numel, ctx.sender(p)) for p in range(ex.coll.size)]
+        mean, st = ex.codec.aggregate(payloads, ctx, recover)
+        ex.decode.add(st)
+        return ex.output(mean)
+
+
+class ScatterReduceAllgather(Reduction):
+    """Chunk c of every tensor to its owner, rank c, which aggregates and re-encodes it; then every
+    owner's re-encodings to every rank."""
+
+    name = "scatter_reduce"
+
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        # P contiguous ranges cut at bucket boundaries where the codec has buckets
+        return chunk_bounds(n, self.ex.coll.size, getattr(innermost(self.ex.codec), "bucket_size", 1))
+
+    def context(self, item: Item, c: int, sender: int, phase: str = "") -> TensorContext:
+        lo, hi = item.chunks[c]
+        cname = f"{item.name}#{c}{phase}"
+        return TensorContext(cname, (hi - lo,), dither_key(item.seed, item.step, cname, sender), self.ex.coll.size,
+                             self.ex.codec_state)
+
+    def encode(self, item: Item, flat: torch.Tensor) -> list[Encoded]:
+        if not all_finite(flat):  # checked first: no chunk's encoding may change the codec state
+            raise FloatingPointError(f"non-finite gradient in '{item.name}'")
+        return [self.ex.codec.encode(flat[lo:hi], self.context(item, c, self.ex.coll.rank))
+                for c, (lo, hi) in enumerate(item.chunks)]
+
+    def send(self, group: Group, tag: str) -> Started[Parts]:
+        bufs = [group_buffer(group.items, c) for c in range(self.ex.coll.size)]
+        return self.ex.coll.alltoall_bytes(bufs, f"{tag}.scatter")
+
+    def finish(self, group: Group) -> Results:
+        results: Results = {}
+        live, mine = [], []
+        for item, parts in zip(group.items, group.received(self.ex.coll.size)):
+            error = poisoned(parts, item.name)
+            if error is not None:
+                results[item.name] = error
+                continue
+            mine.append(self._reduced(item, parts))
+            live.append(item)
+        gathered = self.ex.coll.allgather_bytes(torch.cat([header([b.numel() for b in mine], group.items[0].device),
+                                                           *mine]),
+                                                f"hvdquant.{live[0].name if live else 'none'}.gather")
+        self.ex.stats.record(0, gathered.nbytes)
+        owned = [split(buf, len(live)) for buf in raise_if_poisoned(gathered.wait(), "group")]
+        for i, item in enumerate(live):
+            results[item.name] = self._assembled(item, [owned[c][i] for c in range(len(item.chunks))])
+        return results
+
+    def _reduced(self, item: Item, parts: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's chunk of ``item``, aggregated over every rank's part: the rank-order float32
+        sum (raw), or the codec's re-encoding of the mean (counted as payload), as bytes."""
+        ex, rank = self.ex, self.ex.coll.rank
+        if item.raw:
+            return rank_order_sum(parts).view(torch.uint8)
+        lo, hi = item.chunks[rank]
+        payloads = [ex.codec.from_bytes(parts[p], hi - lo, self.context(item, rank, p))
+                    for p in range(ex.coll.size)]
+        mean, st = ex.codec.aggregate(payloads, self.context(item, rank, 0))
+        ex.decode.add(st)
+        renc = innermost(ex.codec).encode(mean, self.context(item, rank, rank, "@reduced"))  # no error feedback
+        ex.record_payload(renc, 0)  # these coordinates were counted when scattered
+        return renc.to_bytes()
+
+    def _assembled(self, item: Item, owned: list[torch.Tensor]) -> torch.Tensor:
+        """``item``'s result from every owner's chunk (rank c owns chunk c): decoded re-encodings, or
+        the rank-order sums divided by P (raw)."""
+        second = innermost(self.ex.codec)
+        result = torch.empty(item.numel, dtype=torch.float32, device=item.device)
+        for c, (clo, chi) in enumerate(item.chunks):
+            if item.raw:
+                result[clo:chi] = owned[c].clone().view(torch.float32)
+            else:
+                cctx = self.context(item, c, c, "@reduced")
+                result[clo:chi] = second.decode(second.from_bytes(owned[c], chi - clo, cctx), cctx)
+        return self.ex.output(result if not item.raw else result / self.ex.coll.size)
+
+
+REDUCTIONS: dict[str, type[Reduction]] = {r.name: r for r in (AllgatherReduction, ScatterReduceAllgather)}
