@@ -18,17 +18,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from hvdquant.codecs.base import as_bytes, split_bytes
 from hvdquant.codecs.lgc import LGC, from_chunks, innovation, least_squares_gain, rebuild, to_chunks
 from hvdquant.kernels import ops
-from hvdquant.transports.collectives import raise_if_poisoned
-
-if TYPE_CHECKING:
-    from hvdquant.transports.lgc_exchange import LGCExchange
+from hvdquant.transports.collectives import Collectives, raise_if_poisoned
+from hvdquant.transports.lgc_training import AutoencoderTraining
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,22 @@ class Round:
         return self.c32.numel()
 
 
+class LGCHost(Protocol):
+    """What a round uses of the exchange that runs it (:class:`~hvdquant.transports.lgc_exchange.LGCExchange`)."""
+
+    cfg: LGC
+    coll: Collectives
+    training: AutoencoderTraining
+    residuals: dict[str, torch.Tensor]
+    codec_seconds: float
+
+    def record(self, stage: str, coordinates: int, handed: int) -> None: ...
+
+    def gather(self, r: Round, buf: torch.Tensor, part: str, coordinates: int = 0) -> list[torch.Tensor]: ...
+
+    def output(self, mean: torch.Tensor) -> torch.Tensor: ...
+
+
 def leader_layout(cfg: LGC, k: int) -> list:
     """The fields of the leader's buffer: indices, chunk scales and (parameter-server form) latents."""
     m = -(-k // cfg.chunk)
@@ -62,7 +76,7 @@ def latent_shape(cfg: LGC, k: int) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------- warm-up and training: top-k
-def topk_round(ex: LGCExchange, r: Round) -> Callable[[], torch.Tensor]:
+def topk_round(ex: LGCHost, r: Round) -> Callable[[], torch.Tensor]:
     """Every rank's top-k of c, summed at their indices; rank 0 trains on them (training stage)."""
     idx = ops.topk_indices(r.c32, r.k)
     vals = r.c32[idx]
@@ -91,7 +105,7 @@ def topk_round(ex: LGCExchange, r: Round) -> Callable[[], torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- compression: the autoencoder
-def compress_round(ex: LGCExchange, r: Round) -> Callable[[], torch.Tensor]:
+def compress_round(ex: LGCHost, r: Round) -> Callable[[], torch.Tensor]:
     """The leader's indices (and, parameter-server form, its latent code) to every rank; the finisher
     runs the form's second round."""
     cfg, ae = ex.cfg, ex.training.ae
@@ -129,7 +143,7 @@ def compress_round(ex: LGCExchange, r: Round) -> Callable[[], torch.Tensor]:
     return finish
 
 
-def ps_form(ex: LGCExchange, r: Round, idx: torch.Tensor, lead: dict[str, torch.Tensor], leader: int
+def ps_form(ex: LGCHost, r: Round, idx: torch.Tensor, lead: dict[str, torch.Tensor], leader: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Parameter-server form: (mean of every rank's rebuilt values, this rank's own)."""
     ae, chunk = ex.training.ae, ex.cfg.chunk
@@ -158,7 +172,7 @@ def ps_form(ex: LGCExchange, r: Round, idx: torch.Tensor, lead: dict[str, torch.
     return total / ex.coll.size, own
 
 
-def ring_form(ex: LGCExchange, r: Round, idx: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_form(ex: LGCHost, r: Round, idx: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring form: (decoded mean latent, this rank's own reconstruction)."""
     ae = ex.training.ae
     t0 = time.perf_counter()

@@ -15,13 +15,16 @@ Uncompressed tensors travel in the same buffers as float32 bytes, summed in rank
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite
 from hvdquant.codecs.feedback import ErrorFeedback
+from hvdquant.codecs.state import CodecState
+from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import (
+    Collectives,
     Parts,
     Started,
     chunk_bounds,
@@ -32,8 +35,19 @@ from hvdquant.transports.collectives import (
 from hvdquant.transports.fusion import Group, Item, group_buffer, header, split
 from hvdquant.transports.session import dither_key
 
-if TYPE_CHECKING:
-    from hvdquant.transports.payload import PayloadExchange
+
+class PayloadHost(Protocol):
+    """What a reduction uses of the exchange that runs it (:class:`~hvdquant.transports.payload.PayloadExchange`)."""
+
+    codec: Codec
+    coll: Collectives
+    codec_state: CodecState
+    stats: CommStats
+    decode: DecodeStats
+
+    def output(self, mean: torch.Tensor) -> torch.Tensor: ...
+
+    def record_payload(self, enc: Encoded, coordinates: int) -> None: ...
 
 Results = dict[str, torch.Tensor | str]  # per tensor name: the output, or the error every rank raises
 
@@ -51,7 +65,7 @@ class Reduction:
 
     name: str
 
-    def __init__(self, ex: PayloadExchange) -> None:
+    def __init__(self, ex: PayloadHost) -> None:
         self.ex = ex
 
     def chunks(self, n: int) -> list[tuple[int, int]]:
