@@ -186,9 +186,11 @@ class SummedCompression:
         if not 0.0 < factor < float("inf"):
             raise ValueError(f"the reduction scaled the payload by {factor!r}: only positive finite "
                              "factors (Sum, Average, pre/postscale) keep the packed fields decodable")
-        total = ctx.finish()
-        out = total if factor == 1.0 else total * factor
-        check_finite_output(out)
+        out = ctx.finish()  # finite: the exchange checked it
+        if factor != 1.0:
+            out = out * factor  # not in place: a nested scheme keeps the sum as next step's side information
+        if factor > 1.0:  # a postscale factor can overflow; c ≤ 1 (Sum, Average) cannot
+            check_finite_output(out)
         (result,) = ctx.buffer.unflatten(out).values()
         return result
 

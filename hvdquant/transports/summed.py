@@ -21,7 +21,7 @@ A non-finite gradient shows as a non-finite agreed maximum on every rank, and ev
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ class _Started:
     maxima: Started[torch.Tensor] | None
     result: torch.Tensor | None = None
     error: str | None = None
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    finished: bool = False
 
 
 class SummedExchange:
@@ -127,11 +127,15 @@ class SummedExchange:
         self._open.append(entry)
 
         def finish() -> torch.Tensor:
+            """The buffer's result, handed over once (the exchange keeps no reference to it)."""
             if entry.result is None and entry.error is None:
+                if entry.finished:
+                    raise RuntimeError("this exchange's result was already taken: a finisher runs once")
                 self._exchange()
             if entry.error is not None:
                 raise FloatingPointError(entry.error)
-            return entry.result
+            result, entry.result, entry.finished = entry.result, None, True
+            return result
 
         return finish
 
@@ -148,12 +152,11 @@ class SummedExchange:
             for entry in batch:
                 entry.error = str(err)
             raise
-        ranks = self.coll.size
         for entry in batch:
-            out = torch.empty(entry.buffer.numel, dtype=torch.float32, device=entry.buffer.device)
-            for s in entry.buffer.segments:
-                total = sums.pop(s.name)
-                out[s.offset:s.end] = total / ranks if self.average else total
+            parts = [sums.pop(s.name) for s in entry.buffer.segments]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)  # one tensor (Horovod's hooks): no copy
+            if self.average:
+                out = out / self.coll.size
             check_finite_output(out)
             entry.result = out
 
