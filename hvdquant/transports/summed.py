@@ -9,13 +9,10 @@ max|g| of the buffer's compressed segments and *starts* one MAX allreduce of the
 finisher called exchanges every buffer started since the last exchange: it waits for the maxima,
 quantizes every tensor with its common step straight into its fields, and sums the fields of *all*
 tensors in **one** allreduce (plus, for nested decoding, one fused recovery round); uncompressed
-segments travel in one allgather and are summed in rank order. So a step costs a fixed number of
-collective rounds however many tensors the model has, and the gradient hook never blocks. Tensors
-are exchanged in sorted name order, so every rank packs the same layout whatever order the hooks
-fired in.
-
-A non-finite gradient shows as a non-finite agreed maximum on every rank, and every rank raises
-``FloatingPointError`` naming the tensor.
+segments travel in one allgather and are summed in rank order. A step costs a fixed number of
+rounds however many tensors the model has; tensors go in sorted name order, so every rank packs the
+same layout whatever order the hooks fired in. A non-finite gradient shows as a non-finite agreed
+maximum on every rank, and every rank raises ``FloatingPointError`` naming the tensor.
 """
 
 from __future__ import annotations
