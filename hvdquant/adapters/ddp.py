@@ -134,8 +134,9 @@ class State:
         """The mean over ranks of ``bucket``'s gradients, in the buffer's dtype and device."""
         buffer = bucket.buffer()
         params = bucket.parameters()
-        self.session.agree(reducer=self.reducer, min_numel=self.min_numel, warmup_steps=self.warmup_steps,
-                           iteration=self.iteration, first_bucket=[tuple(p.shape) for p in params])
+        self.session.agree(lambda: {"reducer": self.reducer, "min_numel": self.min_numel,
+                                    "warmup_steps": self.warmup_steps, "iteration": self.iteration,
+                                    "first_bucket": [tuple(p.shape) for p in params]})
         flat = buffer.detach().to(torch.float32).reshape(-1)
         grads = flat.split([p.numel() for p in params])
         if self.iteration < self.warmup_steps:
@@ -144,7 +145,7 @@ class State:
             # the first finisher sends every started tensor, and raises on every rank if a gradient
             # was not finite
             fused = self.session.buffer([(self._name(p), g.view(p.shape)) for p, g in zip(params, grads)],
-                                        self.min_numel)
+                                        self.min_numel, flat)  # the bucket is the buffer: no copy
             out = self.exchange.start(fused)()
         if bucket.is_last():
             self.iteration += 1

@@ -54,8 +54,8 @@ def _allreduce_grad_async(self, p):
         raise NotImplementedError(f"hvdquant.DistributedOptimizer: '{name}' has a sparse gradient; "
                                   "sparse gradients are not supported (use dense embeddings)")
     session, min_numel = self._hvdquant, self._hvdquant_min_numel
-    session.agree(min_numel=min_numel,
-                  parameters=sorted((n, tuple(q.shape)) for q, n in self._parameter_names.items() if q.requires_grad))
+    session.agree(lambda: {"min_numel": min_numel, "parameters": sorted(
+        (n, tuple(q.shape)) for q, n in self._parameter_names.items() if q.requires_grad)})
     buffer = session.buffer([(name, tensor)], min_numel)
     finish = session.exchange.start(buffer)
     return (lambda: buffer.unflatten(finish())[name]), None

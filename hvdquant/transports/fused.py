@@ -55,22 +55,29 @@ class FusedBuffer:
     segments: tuple[Segment, ...]
 
     @classmethod
-    def of(cls, items: Sequence[tuple[str, torch.Tensor, DitherKey | None]]) -> FusedBuffer:
-        """Lay ``(name, tensor, key)`` items end to end (key None: uncompressed). Names must be unique."""
+    def of(cls, items: Sequence[tuple[str, torch.Tensor, DitherKey | None]],
+           flat: torch.Tensor | None = None) -> FusedBuffer:
+        """Lay ``(name, tensor, key)`` items end to end (key None: uncompressed). Names must be unique.
+        ``flat``: a float32 buffer that already holds the tensors end to end (a DDP bucket), used as
+        it is instead of a copy."""
         if not items:
             raise ValueError("a fused buffer needs at least one tensor")
         names = [name for name, _, _ in items]
         if len(set(names)) != len(names):
             raise ValueError(f"tensor names in a fused buffer must be unique, got {names}")
-        flats = [flat32(t, f"gradient '{name}'") for name, t, _ in items]
-        devices = {f.device for f in flats}
-        if len(devices) > 1:
-            raise ValueError(f"tensors of one fused buffer must share a device, got {sorted(map(str, devices))}")
+        if flat is None:
+            flats = [flat32(t, f"gradient '{name}'") for name, t, _ in items]
+            devices = {f.device for f in flats}
+            if len(devices) > 1:
+                raise ValueError(f"tensors of one fused buffer must share a device, got {sorted(map(str, devices))}")
+            flat = flats[0] if len(flats) == 1 else torch.cat(flats)
+        elif flat.dtype != torch.float32 or flat.dim() != 1 or flat.numel() != sum(t.numel() for _, t, _ in items):
+            raise ValueError(f"flat must be a 1-D float32 buffer of the items' {sum(t.numel() for _, t, _ in items)} "
+                             f"values, got {flat.dtype} of shape {tuple(flat.shape)}")
         segments, offset = [], 0
-        for (name, t, key), f in zip(items, flats):
-            segments.append(Segment(name, offset, f.numel(), tuple(t.shape), t.dtype, key))
-            offset += f.numel()
-        flat = flats[0] if len(flats) == 1 else torch.cat(flats)
+        for name, t, key in items:
+            segments.append(Segment(name, offset, t.numel(), tuple(t.shape), t.dtype, key))
+            offset += t.numel()
         return cls(flat, tuple(segments))
 
     @property
@@ -90,6 +97,14 @@ class FusedBuffer:
 
     def uncompressed(self) -> list[Segment]:
         return [s for s in self.segments if not s.compressed]
+
+    def join(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """An exchange's flat result from its per-segment results (flat float32, in segment order),
+        on this buffer's device; a one-segment buffer's result is its part as it is (no copy)."""
+        if [p.numel() for p in parts] != [s.length for s in self.segments]:
+            raise ValueError(f"results of {[p.numel() for p in parts]} values for segments of "
+                             f"{[s.length for s in self.segments]}")
+        return (parts[0] if len(parts) == 1 else torch.cat(list(parts))).to(self.device)
 
     def unflatten(self, out: torch.Tensor) -> dict[str, torch.Tensor]:
         """An exchange's flat result as one tensor per segment, in the segment's shape and dtype."""

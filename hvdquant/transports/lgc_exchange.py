@@ -96,14 +96,11 @@ class LGCExchange:
         the host (its autoencoder and top-k selection are CPU torch): a CUDA buffer is copied to host
         memory and the result back to its device."""
         flat = buffer.flat.detach().cpu() if buffer.flat.is_cuda else buffer.flat
-        finishers = [(s, self._start(s.name, flat[s.offset:s.end], s.key.step) if s.compressed
-                      else self._start_raw(s.name, flat[s.offset:s.end])) for s in buffer.segments]
+        finishers = [self._start(s.name, flat[s.offset:s.end], s.key.step) if s.compressed
+                     else self._start_raw(s.name, flat[s.offset:s.end]) for s in buffer.segments]
 
         def finish() -> torch.Tensor:
-            out = torch.empty(buffer.numel, dtype=torch.float32)
-            for s, f in finishers:
-                out[s.offset:s.end] = f()
-            return out.to(buffer.device)
+            return buffer.join([f() for f in finishers])
 
         return finish
 

@@ -107,19 +107,20 @@ class PayloadExchange:
         self.fusion.add(items)
 
         def finish() -> torch.Tensor:
-            out = torch.empty(buffer.numel, dtype=torch.float32, device=buffer.device)
-            for item, s in zip(items, buffer.segments):
-                if item.group is None:
-                    self._flush()
-                if item.group.results is None:
-                    item.group.results = self.reduction.finish(item.group)
-                result = item.group.results.pop(item.name)
-                if isinstance(result, str):
-                    raise FloatingPointError(result)
-                out[s.offset:s.end] = result
-            return out
+            return buffer.join([self._result(item) for item in items])
 
         return finish
+
+    def _result(self, item: Item) -> torch.Tensor:
+        """``item``'s output, sending and finishing its group first if that has not happened."""
+        if item.group is None:
+            self._flush()
+        if item.group.results is None:
+            item.group.results = self.reduction.finish(item.group)
+        result = item.group.results.pop(item.name)
+        if isinstance(result, str):
+            raise FloatingPointError(result)
+        return result
 
     def _encoded(self, buffer: FusedBuffer, seg: Segment) -> Item:
         """A compressed segment, encoded (``sent`` stays None where its gradient is not finite: every

@@ -53,7 +53,7 @@ from hvdquant.codecs.state import CodecState
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 from hvdquant.transports.collectives import MPICollectives, chunk_bounds
-from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.fused import FusedBuffer, Segment
 from hvdquant.transports.session import Session
 from hvdquant.transports.summable import SumFieldLayout
 
@@ -202,18 +202,20 @@ class CosetRing:
     def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
         """The ring runs when the finisher is called (MPI, blocking), segment by segment."""
         def finish() -> torch.Tensor:
-            out = torch.empty(buffer.numel, dtype=torch.float32)
-            policy = self.codec_state.nesting if self.codec.adaptive else None
-            for seg in buffer.segments:
-                g = buffer.part(seg).to("cpu").contiguous()
-                self.stats.calls += 1
-                self.stats.coordinates += seg.length
-                out[seg.offset:seg.end] = (
-                    _coset_allreduce(g, self.comm, self.codec, self.side, seg.name, key=seg.key, stats=self.stats,
-                                     policy=policy) if seg.compressed else _float_ring(g, self.comm, self.stats))
-            return out.to(buffer.device)
+            return buffer.join([self._segment(buffer, seg) for seg in buffer.segments])
 
         return finish
+
+    def _segment(self, buffer: FusedBuffer, seg: Segment) -> torch.Tensor:
+        """Σ_p of one segment: the coset ring for a compressed one, the float32 ring otherwise."""
+        g = buffer.part(seg).to("cpu").contiguous()
+        self.stats.calls += 1
+        self.stats.coordinates += seg.length
+        if not seg.compressed:
+            return _float_ring(g, self.comm, self.stats)
+        policy = self.codec_state.nesting if self.codec.adaptive else None
+        return _coset_allreduce(g, self.comm, self.codec, self.side, seg.name, key=seg.key, stats=self.stats,
+                                policy=policy)
 
 
 def coset_ring(codec: NDQSG, side=None, comm=None, seed: int | None = 0) -> Session:

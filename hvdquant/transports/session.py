@@ -10,7 +10,7 @@ checkpoints so a resumed run continues the same streams.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -98,26 +98,29 @@ class Session:
     def coll(self) -> Collectives:
         return self.exchange.coll
 
-    def agree(self, **fields: Any) -> int:
+    def agree(self, fields: Callable[[], dict[str, Any]] | None = None) -> int:
         """At the first call, agree with the other ranks on the exchange's configuration, the
-        adapter's ``fields``, the restored state and the seed (a difference raises on every rank,
-        naming the rank and the field); returns the agreed seed."""
+        adapter's ``fields()`` (called only then: the hooks call this at every step), the restored
+        state and the seed (a difference raises on every rank, naming the rank and the field);
+        returns the agreed seed."""
         if self.agreed_seed is None:
-            config = {**self.exchange.config(), **fields, "seed": self.seed, "restored_seed": self.restored_seed,
-                      "steps": sorted(self.steps.counts.items())}
+            config = {**self.exchange.config(), **(fields() if fields is not None else {}), "seed": self.seed,
+                      "restored_seed": self.restored_seed, "steps": sorted(self.steps.counts.items())}
             proposal = self.restored_seed if self.restored_seed is not None else self.seed
             self.agreed_seed = agree(self.coll, config, proposal, f"{self.tag}.config")
         return self.agreed_seed
 
-    def buffer(self, named: Sequence[tuple[str, torch.Tensor]], min_numel: int | None) -> FusedBuffer:
-        """The fused buffer of ``named`` tensors: compressed ones (:func:`compressible`) get their
-        next step and this rank's key. Agree first (:meth:`agree`)."""
+    def buffer(self, named: Sequence[tuple[str, torch.Tensor]], min_numel: int | None,
+               flat: torch.Tensor | None = None) -> FusedBuffer:
+        """The fused buffer of ``named`` tensors (laid over ``flat`` where they already lie in it end
+        to end: :meth:`FusedBuffer.of`): compressed ones (:func:`compressible`) get their next step
+        and this rank's key. Agree first (:meth:`agree`)."""
         if self.agreed_seed is None:
             raise RuntimeError("Session.buffer before Session.agree: the dither seed is not agreed yet")
         rank = self.coll.rank
         return FusedBuffer.of([
             (name, t, dither_key(self.agreed_seed, self.steps.next(name), name, rank)
-             if compressible(t, min_numel) else None) for name, t in named])
+             if compressible(t, min_numel) else None) for name, t in named], flat)
 
     def state_dict(self) -> dict[str, Any]:
         """Steps, the agreed seed and the exchange's state."""

@@ -113,11 +113,12 @@ class SummedExchange:
         twice = [s.name for s in buffer.segments if s.name in queued]
         if twice:
             raise ValueError(f"'{twice[0]}' was started twice before its exchange finished: finish it first")
-        parts = [self.codec.bucket_absmax(buffer.part(s)) for s in buffer.compressed()]
+        compressed = buffer.compressed()
+        parts = [self.codec.bucket_absmax(buffer.part(s)) for s in compressed]
         maxima = None
         if parts:
             maxima = self.coll.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0],
-                                         f"hvdquant.scale.{buffer.compressed()[0].name}", op="max")
+                                         f"hvdquant.scale.{compressed[0].name}", op="max")
             self.stats.record(0, maxima.nbytes)
             self.payload.record(0, maxima.nbytes)
         entry = _Started(buffer, maxima)
@@ -150,8 +151,7 @@ class SummedExchange:
                 entry.error = str(err)
             raise
         for entry in batch:
-            parts = [sums.pop(s.name) for s in entry.buffer.segments]
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)  # one tensor (Horovod's hooks): no copy
+            out = entry.buffer.join([sums.pop(s.name) for s in entry.buffer.segments])
             if self.average:
                 out = out / self.coll.size
             check_finite_output(out)

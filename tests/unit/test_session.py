@@ -43,11 +43,12 @@ class Exchange:
 
 def test_agreement_takes_rank_0s_seed_and_names_a_differing_field():
     session = Session(Exchange(TwoRanks()), seed=7, tag="t")
-    assert session.agree(min_numel=3) == 7 and session.agree() == 7  # once per job
+    assert session.agree(lambda: {"min_numel": 3}) == 7
+    assert session.agree(lambda: pytest.fail("fields asked again")) == 7  # once per job
     theirs = {"hvdquant_version": __version__, "codec.levels": 1, "codec.bucket_size": 32, "min_numel": 3,
               "seed": 7, "restored_seed": None, "steps": []}
     with pytest.raises(ValueError, match=r"codec.bucket_size: rank 0 has 16, rank 1 has 32"):
-        Session(Exchange(TwoRanks(theirs)), seed=7, tag="t").agree(min_numel=3)
+        Session(Exchange(TwoRanks(theirs)), seed=7, tag="t").agree(lambda: {"min_numel": 3})
 
 
 def test_buffer_keys_compressed_tensors_by_name_and_step():
@@ -90,3 +91,17 @@ def test_fused_buffer_layout_checks_and_unflatten():
         buf.unflatten(torch.zeros(3))
     assert compressible(torch.ones(4, 4), 16) and not compressible(torch.ones(4, 4), 17)
     assert not compressible(torch.ones(64), 1) and compressible(torch.ones(1), None)
+
+
+def test_buffer_over_an_existing_flat_buffer_is_not_a_copy_and_join_assembles_results():
+    flat = torch.arange(10.0)
+    buf = FusedBuffer.of([("a", flat[:6].view(2, 3), None), ("b", flat[6:], None)], flat)
+    assert buf.flat is flat and [(s.offset, s.length, s.shape) for s in buf.segments] == [(0, 6, (2, 3)), (6, 4, (4,))]
+    with pytest.raises(ValueError, match="1-D float32 buffer of the items' 6 values"):
+        FusedBuffer.of([("a", flat[:6], None)], flat)
+    one = FusedBuffer.of([("w", torch.ones(3), None)])
+    part = torch.full((3,), 2.0)
+    assert one.join([part]) is part  # one segment: handed on as it is
+    assert torch.equal(buf.join([torch.zeros(6), torch.ones(4)]), torch.cat([torch.zeros(6), torch.ones(4)]))
+    with pytest.raises(ValueError, match="results of"):
+        buf.join([torch.zeros(5), torch.ones(4)])
