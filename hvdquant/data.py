@@ -1,10 +1,14 @@
 """Offline data sets: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (idx files), digits
-from scikit-learn. Nothing is downloaded."""
+from scikit-learn, and the Python standard library's own source files as a byte-level text corpus.
+Nothing is downloaded."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +52,40 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
     d = _load()
     return torch.from_numpy(d.data.astype(np.float32) / 16.0), torch.from_numpy(d.target.astype(np.int64))
+
+
+#: standard-library folders left out of the text corpus: third-party packages, the test suites (which
+#: distributions package separately, so their presence varies) and IDLE
+STDLIB_SKIPPED = ("site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__")
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    """Source files as bytes, split by file: ``train`` holds the training files, ``validation`` the
+    others' bytes joined (files separated by a NUL byte)."""
+    train: list[bytes]
+    validation: bytes
+    root: str
+
+    @property
+    def train_bytes(self) -> int:
+        return sum(len(f) for f in self.train)
+
+
+def load_stdlib_text(root: Path | None = None, validation_share: int = 10) -> TextCorpus:
+    """The ``*.py`` files under ``root`` (default: this Python's standard library,
+    ``sysconfig.get_paths()["stdlib"]``, without :data:`STDLIB_SKIPPED`), split deterministically by
+    file: a file is a validation file when the CRC-32 of its path relative to ``root`` is 0 modulo
+    ``validation_share`` (about one file in ``validation_share``), whatever else the folder holds."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not set(p.relative_to(root).parts) & set(STDLIB_SKIPPED) and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no *.py files under {root}: pass a folder of source files")
+    train, validation = [], []
+    for path in files:
+        rel = path.relative_to(root).as_posix().encode()
+        (validation if zlib.crc32(rel) % validation_share == 0 else train).append(path.read_bytes())
+    if not train or not validation:
+        raise ValueError(f"{root}: {len(files)} files give an empty training or validation split")
+    return TextCorpus(train, b"\0".join(validation), str(root))

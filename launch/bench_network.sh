@@ -31,12 +31,12 @@ if [ "$TTA" = 1 ]; then  # the main job at 100 Mbit/s: time to accuracy
     for args in "--compression none" "--compression fp16" "--compression dqsg" \
                 "--compression ndqsg --reducer allgather"; do
         ip netns exec "$ns" horovodrun --gloo --network-interface lo -np "$NP" \
-            python -m hvdquant.examples.train_fashion_mnist $args --epochs 2 --out runs/bench_network/tta
+            python -m hvdquant.examples.train $args --epochs 2 --out runs/bench_network/tta
     done
     # the same job under PyTorch DDP: DDP fp32, torch's fp16 and PowerSGD hooks, the hvdquant hook
     for args in "--compression none" "--compression fp16" "--compression powersgd" "--compression dqsg"; do
         ip netns exec "$ns" env GLOO_SOCKET_IFNAME=lo torchrun --standalone --nproc_per_node "$NP" \
-            -m hvdquant.examples.train_fashion_mnist --framework ddp $args --epochs 2 --out runs/bench_network/tta
+            -m hvdquant.examples.train --framework ddp $args --epochs 2 --out runs/bench_network/tta
     done
 fi
 if [ "$OUT" = runs/bench_network ]; then python launch/bench_network_report.py; fi

@@ -10,7 +10,8 @@
 #     __pycache__, and again with that folder unwritable (the cache then goes to the user cache), and
 #     with no writable cache at all (compiled in memory);
 #   - the main job's --help works (module and hvdquant-train console script), and a 2-rank
-#     horovodrun --gloo run of it (1 epoch, --max-steps) trains with bit-identical replicas.
+#     horovodrun --gloo run of it (1 epoch, --max-steps) trains with bit-identical replicas, and so
+#     does a tiny language-model run (--job lm).
 # Exits non-zero on any failure; the last line is the verdict. Leaves nothing behind (the work
 # folder is a mktemp -d, removed at exit; HVDQ_KEEP_WHEEL_WORK=1 keeps it).
 #
@@ -134,11 +135,11 @@ step "imports: hvdquant from the wheel, __all__, every module"
 "$TPY" wheel_smoke.py imports --venv "$TV" --main-site "$MAIN_SITE" --checkout "$HVDQ_ROOT"
 
 step "main job --help (module and console script)"
-for cmd in "$TPY -m hvdquant.examples.train_fashion_mnist" "$TV/bin/hvdquant-train"; do
+for cmd in "$TPY -m hvdquant.examples.train" "$TV/bin/hvdquant-train"; do
     $cmd --help >"$WORK/help.txt"
     grep -q -- '--max-steps' "$WORK/help.txt" || { cat "$WORK/help.txt"; echo "$cmd --help: no --max-steps"; exit 1; }
 done
-echo "--help ok (python -m hvdquant.examples.train_fashion_mnist and hvdquant-train)"
+echo "--help ok (python -m hvdquant.examples.train and hvdquant-train)"
 
 step "DQSG round trip with the installed package's cache folder unwritable (result)"
 rc=0
@@ -164,11 +165,18 @@ step "main job: horovodrun -np 2 --gloo, 1 epoch, ${HVDQ_WHEEL_STEPS:=30} steps"
 # horovodrun itself runs on the throw-away venv's Python too; each rank runs the wheel's module.
 timeout --kill-after=20 "${HVDQ_WHEEL_TRAIN_TIMEOUT:-300}" \
     "$TPY" "$VENV/bin/horovodrun" -np 2 --gloo \
-    "$TPY" -m hvdquant.examples.train_fashion_mnist --epochs 1 --max-steps "$HVDQ_WHEEL_STEPS" \
+    "$TPY" -m hvdquant.examples.train --epochs 1 --max-steps "$HVDQ_WHEEL_STEPS" \
     --out "$WORK/out"
 "$TPY" wheel_smoke.py summary "$WORK/out/train-dqsg.json" --ranks 2 --min-accuracy "${HVDQ_WHEEL_MIN_ACCURACY:-0.3}" \
     | tee "$WORK/train.txt"
 
-NOTE="$(basename "$WHEEL"): contents, imports, DQSG round trip, Numba cache in-tree, user-wide and none, --help, 2-rank training"
+step "language-model job: horovodrun -np 2 --gloo, a tiny model for 20 steps"
+timeout --kill-after=20 "${HVDQ_WHEEL_TRAIN_TIMEOUT:-300}" \
+    "$TPY" "$VENV/bin/horovodrun" -np 2 --gloo \
+    "$TPY" -m hvdquant.examples.train --job lm --steps 20 --eval-every 10 --layers 1 --width 64 --heads 2 \
+    --context 64 --eval-windows 16 --out "$WORK/out"
+"$TPY" wheel_smoke.py summary "$WORK/out/train-lm-dqsg.json" --ranks 2 --max-loss 4.5
+
+NOTE="$(basename "$WHEEL"): contents, imports, DQSG round trip, Numba cache in-tree, user-wide and none, --help, 2-rank training (CNN and LM jobs)"
 NOTE="$NOTE: $(sed -n 's/^training ok: 2 ranks, //p' "$WORK/train.txt" | cut -d, -f1)"
 STEP="done"

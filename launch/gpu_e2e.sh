@@ -145,7 +145,7 @@ main() {
             continue
         fi
         # shellcheck disable=SC2086 # FLAGS holds words
-        part "$name" "$LIMIT" "${launcher[@]}" -m hvdquant.examples.train_fashion_mnist --device "$TARGET" --epochs 1 \
+        part "$name" "$LIMIT" "${launcher[@]}" -m hvdquant.examples.train --device "$TARGET" --epochs 1 \
             --max-steps "$STEPS" --out "$WORK/runs/$name" ${FLAGS[$name]} \
             -- "$PY" launch/gpu_report.py run "$WORK/runs/$name" --target "$TARGET"
     done

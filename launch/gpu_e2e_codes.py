@@ -53,8 +53,9 @@ import torch.nn.functional as F
 import hvdquant
 from hvdquant.codecs.base import TensorContext
 from hvdquant.data import load_fashion_mnist
+from hvdquant.examples.frameworks import make_codec
 from hvdquant.examples.models import SmallCNN
-from hvdquant.examples.train_fashion_mnist import make_codec, parse_args
+from hvdquant.examples.train import parse_args
 from hvdquant.kernels import ops
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.exchange import make_exchange

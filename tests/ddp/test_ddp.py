@@ -255,10 +255,26 @@ def test_refusals():
 
 def test_main_job_accuracy_within_half_a_point_of_ddp_fp32(tmp_path):
     """The main job (defaults: 2 epochs, DQSG s=1, d=512 through the hook) against DDP fp32."""
-    from hvdquant.examples import train_fashion_mnist as job
+    from hvdquant.examples import train as job
 
     fp32 = job.main(["--framework", "ddp", "--compression", "none", "--out", str(tmp_path)])
     dqsg = job.main(["--framework", "ddp", "--compression", "dqsg", "--out", str(tmp_path)])
     assert fp32["replicas_bit_identical"] and dqsg["replicas_bit_identical"]
     assert fp32["bits_per_coordinate"] == 32.0 and dqsg["bits_per_coordinate"] < 8.0
     assert abs(dqsg["test_accuracy"] - fp32["test_accuracy"]) <= 0.005, (dqsg["test_accuracy"], fp32["test_accuracy"])
+
+
+@pytest.mark.parametrize("flags", [["--compression", "dqsg"], ["--compression", "powersgd", "--powersgd-rank", "1"],
+                                   ["--compression", "topk", "--reducer", "scatter_reduce"]])
+def test_lm_job_trains_with_identical_replicas(tmp_path, flags):
+    """The language-model main job (tiny model, a few steps) through the hvdquant hook and torch's hooks."""
+    import math
+
+    from hvdquant.examples import train as job
+
+    summary = job.main(["--framework", "ddp", "--job", "lm", "--steps", "6", "--eval-every", "3", "--layers", "1",
+                        "--width", "32", "--heads", "2", "--context", "32", "--eval-windows", "8",
+                        "--batch-size", "4", "--out", str(tmp_path), *flags])
+    assert summary["replicas_bit_identical"] and [h["step"] for h in summary["history"]] == [3, 6]
+    assert all(0.0 < h["validation_loss"] < math.log(256) + 0.5 for h in summary["history"])
+    assert 0.0 < summary["bits_per_coordinate"] < 32.0

@@ -8,7 +8,7 @@ from one_tensor import start
 
 import hvdquant
 from hvdquant.codecs.base import TensorContext
-from hvdquant.examples.train_fashion_mnist import pick_device
+from hvdquant.examples.frameworks import pick_device
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.payload import PayloadExchange
