@@ -5,7 +5,8 @@
 Reads runs/experiments/paper-*.json (launch/experiments/paper.py, LGC included) and
 runs/stat_claims/stat_claims.json (launch/experiments/stat_claims.py); writes docs/RESULTS.md and
 docs/results_<model>_<iterations>.png (test-accuracy curves, mean over seeds). Every number in the file comes
-from those JSON files; rerun ``bash launch/experiments/run.sh`` to refresh.
+from those JSON files; rerun ``bash launch/experiments/run.sh`` to refresh. Blocks other reports wrote
+into docs/RESULTS.md between their markers (launch/bench_quality.py's time to quality) are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -400,8 +402,17 @@ def main() -> None:
     lines += lgc_section(paper)
     lines += ["## Running the full sweep: cost and what is left", ""]
     lines += sweep_section(paper)
-    (args.docs / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {args.docs / 'RESULTS.md'}")
+    doc = args.docs / "RESULTS.md"
+    doc.write_text("\n".join(lines + other_reports(doc)).rstrip() + "\n")
+    print(f"wrote {doc}")
+
+
+def other_reports(doc: Path) -> list[str]:
+    """The blocks other reports wrote into ``doc`` between their ``<!-- name: begin ... -->`` and
+    ``<!-- name: end -->`` markers (launch/bench_quality.py's), kept in order when this report
+    rewrites the rest."""
+    text = doc.read_text() if doc.is_file() else ""
+    return [m.group(0) + "\n" for m in re.finditer(r"<!-- ([\w-]+): begin.*?<!-- \1: end -->", text, re.S)]
 
 
 if __name__ == "__main__":

@@ -47,11 +47,14 @@ def test_paper_runner_records_every_method_kind(tmp_path, monkeypatch):
     report = load("report")
     docs = tmp_path / "docs"
     docs.mkdir()
+    kept = "<!-- bench_quality: begin (another report) -->\ntime to quality\n<!-- bench_quality: end -->"
+    (docs / "RESULTS.md").write_text(f"# stale\n\n{kept}\n")
     monkeypatch.setattr(sys, "argv", ["report.py", "--runs", str(out), "--stat", str(tmp_path / "none.json"),
                                       "--docs", str(docs)])
     report.main()
     text = (docs / "RESULTS.md").read_text()
     assert "`ndqsg-3.31-d512`" in text and (docs / "results_fc_6.png").stat().st_size > 0
+    assert kept in text and "# stale" not in text  # another report's block survives the rewrite
     assert "#### Against the baselines" in text and "FC 784-300-100-10, P = " in text  # FC only: no CNN table
 
 
