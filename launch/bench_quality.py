@@ -39,6 +39,7 @@ METHODS: dict[str, str] = {
     "dqsg-s1-allgather": "--framework horovod --compression dqsg --levels 1 --reducer allgather",
     "dqsg-s3-allgather": "--framework horovod --compression dqsg --levels 3 --reducer allgather",
     "dqsg-s3-scatter": "--framework horovod --compression dqsg --levels 3 --reducer scatter_reduce",
+    "dqsg-s1-ef-scatter": "--framework horovod --compression dqsg --levels 1 --error-feedback --reducer scatter_reduce",
     "ndqsg-adaptive": "--framework horovod --compression ndqsg --reducer allgather",
     "qsgd-s4-elias": "--framework horovod --compression qsgd --levels 4 --coding elias --reducer allgather",
     "onebit-ef": "--framework horovod --compression onebit --reducer allgather",

@@ -17,19 +17,19 @@ from hvdquant.stats import CommStats
 
 
 def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
-    """The codec of a payload-path run, from the flags."""
-    if args.compression == "dqsg":
-        return hvdquant.DQSG(args.levels, args.bucket_size, args.dither)
-    if args.compression == "ndqsg":
-        return hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction)
-    if args.compression == "qsgd":
-        return hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding)
+    """The codec of a payload-path run, from the flags (``--error-feedback`` wraps DQSG, NDQSG and
+    QSGD in :class:`hvdquant.ErrorFeedback`; top-k and 1-bit SGD always carry their residuals)."""
     if args.compression == "topk":
         return hvdquant.TopK.with_feedback(args.ratio)
     if args.compression == "lgc":
         return hvdquant.LGC(ratio=args.ratio, warmup_steps=args.warmup_steps, train_steps=args.train_steps,
                             form=args.lgc_form)
-    return hvdquant.OneBitSGD()
+    if args.compression == "onebit":
+        return hvdquant.OneBitSGD()
+    codec = {"dqsg": lambda: hvdquant.DQSG(args.levels, args.bucket_size, args.dither),
+             "ndqsg": lambda: hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction),
+             "qsgd": lambda: hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding)}[args.compression]()
+    return hvdquant.ErrorFeedback(codec) if args.error_feedback else codec
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.Optimizer, op):

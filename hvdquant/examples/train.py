@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DQSG's dither: stratified (default: one stream decodes a sum) or the paper's independent one")
     p.add_argument("--coarse-levels", type=int, default=1, help="NDQSG s2 (nesting ratio = s1/s2)")
     p.add_argument("--dqsg-fraction", type=float, default=0.5, help="NDQSG: fraction of ranks sending DQSG(s1)")
+    p.add_argument("--error-feedback", action="store_true",
+                   help="dqsg, ndqsg, qsgd: keep each rank's compression error and add it to the next gradient "
+                        "(payload paths: --reducer allgather|scatter_reduce)")
     p.add_argument("--norm", choices=["l2", "max"], default="l2", help="QSGD bucket norm")
     p.add_argument("--coding", choices=["elias", "fixed"], default="elias", help="QSGD coding")
     p.add_argument("--bucket-size", type=int, default=512, help="bucket size d")
@@ -108,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reducer = "allreduce" if args.compression in ("none", "fp16", "powersgd", "dqsg", "ndqsg") else "allgather"
     if args.reducer is None:
         args.reducer = "stock" if args.compression in ("none", "fp16", "dqsg") else "allgather"
+    if args.error_feedback and (args.compression not in ("dqsg", "ndqsg", "qsgd")
+                                or args.reducer not in ("allgather", "scatter_reduce")):
+        p.error("--error-feedback takes --compression dqsg|ndqsg|qsgd with --reducer allgather|scatter_reduce "
+                "(residuals are per rank: a summed payload cannot carry them; topk and onebit have their own)")
     if args.batch_size is None:
         args.batch_size = {"cnn": 64, "lm": 16}[args.job]
     if args.lr is None:

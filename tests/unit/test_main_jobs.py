@@ -1,5 +1,6 @@
-"""The language-model main job's parts without a collective: the standard-library corpus and its
-split by file, the byte-level GPT, the task's batches, evaluation and learning-rate schedule."""
+"""The main jobs' parts without a collective: the language-model job's standard-library corpus and
+its split by file, the byte-level GPT, the task's batches, evaluation and learning-rate schedule;
+the flags' defaults per job and the codec they build."""
 
 import argparse
 import math
@@ -8,7 +9,9 @@ import zlib
 import pytest
 import torch
 
+import hvdquant
 from hvdquant.data import load_stdlib_text
+from hvdquant.examples.frameworks import make_codec
 from hvdquant.examples.gpt import ByteGPT
 from hvdquant.examples.tasks import StdlibLMTask
 from hvdquant.examples.train import parse_args
@@ -109,3 +112,14 @@ def test_job_defaults_follow_the_job():
     cnn, lm = parse_args([]), parse_args(["--job", "lm"])
     assert (cnn.batch_size, cnn.lr, cnn.reducer) == (64, 0.02, "stock")
     assert (lm.batch_size, lm.lr, lm.steps, lm.eval_every) == (16, 0.002, 3000, 250)
+
+
+def test_error_feedback_wraps_the_quantizers_on_payload_paths_only(capsys):
+    codec = make_codec(parse_args(["--job", "lm", "--compression", "qsgd", "--levels", "1", "--error-feedback"]))
+    assert codec == hvdquant.ErrorFeedback(hvdquant.QSGD(1, 512, "l2", "elias"))
+    assert make_codec(parse_args(["--compression", "dqsg", "--reducer", "allgather"])) == hvdquant.DQSG(1, 512)
+    for flags in (["--compression", "dqsg"], ["--compression", "topk", "--reducer", "allgather"],
+                  ["--framework", "ddp", "--compression", "ndqsg"]):
+        with pytest.raises(SystemExit):
+            parse_args([*flags, "--error-feedback"])
+        assert "--error-feedback takes" in capsys.readouterr().err
