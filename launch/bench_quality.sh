@@ -13,14 +13,9 @@
 # Open MPI is confined to TCP on it, gloo can only use it. Every rank is started by mpirun, Horovod's
 # and DDP's alike. Writes OUT/<link>/seed<s>/train-<method>.json and OUT/meta.json.
 set -euo pipefail
-vars=(METHODS LINKS SEEDS NP STEPS EVAL_EVERY)
-prefix=""
-for v in "${vars[@]}"; do  # the exact command, with the overrides given, for the records
-    if [ -n "${!v+x}" ]; then prefix+="$v=\"${!v}\" "; fi
-done
-command="${prefix}bash launch/bench_quality.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
+command=$(bench_command launch/bench_quality.sh METHODS LINKS SEEDS NP STEPS EVAL_EVERY)
 : "${METHODS:=}" "${LINKS:=unlimited 1gbit}" "${SEEDS:=0 1 2}" "${NP:=4}" "${STEPS:=3000}" "${EVAL_EVERY:=250}"
 : "${JOB_TIMEOUT:=3600}" "${RESUME:=1}" "${REPORT:=1}" "${OUT:=runs/bench_quality}"
 mapfile -t methods < <(python launch/bench_quality.py methods --only "$METHODS")

@@ -19,15 +19,10 @@
 # ranks). OMP_NUM_THREADS and NUMBA_NUM_THREADS are unset: we measure as a user's job would run.
 # Writes runs/bench_step/step_<model>_P<P>_<link>.json, profile_*.txt; then launch/bench_step_report.py.
 set -euo pipefail
-vars=(MODELS RANKS LINKS METHODS STEPS WARMUP BATCH PROFILE)
-prefix=""
-for v in "${vars[@]}"; do  # the exact command, with the overrides given, for the records
-    if [ -n "${!v+x}" ]; then prefix+="$v=\"${!v}\" "; fi
-done
-command="${prefix}bash launch/bench_step.sh${*:+ $*}"
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 unset OMP_NUM_THREADS NUMBA_NUM_THREADS   # env.sh sets OMP_NUM_THREADS=1; a user's job would not
 source "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
+command="$(bench_command launch/bench_step.sh MODELS RANKS LINKS METHODS STEPS WARMUP BATCH PROFILE)${*:+ $*}"
 : "${MODELS:=mlp4x256 mlp20x512 resnet18}" "${RANKS:=2 4}" "${LINKS:=unlimited 1gbit 10gbit}" "${METHODS:=}"
 : "${STEPS:=10}" "${WARMUP:=3}" "${BATCH:=0}" "${PROFILE:=1}" "${JOB_TIMEOUT:=1200}" "${REPORT:=1}"
 netns_create hvdq-step

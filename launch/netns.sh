@@ -4,6 +4,7 @@
 #   netns_create PREFIX    # sets $ns, deletes it on exit
 #   netns_shape LINK       # "unlimited" (no qdisc) or <n>mbit / <n>gbit, shared by all traffic
 #   "${MPI_ON_LO[@]}"      # mpirun flags
+#   bench_command SCRIPT VAR...   # "VAR="value" ... bash SCRIPT" for the variables the caller set
 if [ "$(id -u)" != 0 ]; then echo "$(basename "$0") needs root (ip netns, tc)" >&2; exit 1; fi
 MPI_ON_LO=(--mca btl self,tcp --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo)
 
@@ -24,4 +25,13 @@ netns_shape() {
         ip netns exec "$ns" tc qdisc replace dev lo root tbf rate "$link" burst "$burst" limit $(( 4 * burst ))
     fi
     echo "== $link: $(ip netns exec "$ns" tc qdisc show dev lo)"
+}
+
+bench_command() {  # the exact command, with the overrides given, for the records
+    local script=$1 v prefix=""
+    shift
+    for v in "$@"; do
+        if [ -n "${!v+x}" ]; then prefix+="$v=\"${!v}\" "; fi
+    done
+    echo "${prefix}bash $script"
 }
