@@ -6,6 +6,7 @@ job (:mod:`hvdquant.examples.tasks`) trains through them."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -167,7 +168,14 @@ class DDPJob:
         rank 0's parameters when it wraps the model."""
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        options = {}
+        if args.compression == "powersgd" and torch.distributed.get_backend() == "gloo":
+            # torch's PowerSGD hook on Gloo with several buckets: its callbacks start collectives in
+            # different bucket orders on different ranks (seen at P = 4: "Received data size doesn't
+            # match expected size"); one bucket for all (an explicit cap also sets the first bucket's)
+            options["bucket_cap_mb"] = math.ceil(4 * sum(p.numel() for p in model.parameters()) / 2**20) + 1
+        ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                      **options)
         state, hook, report = self.hook(args)
         ddp.register_comm_hook(state, hook)
         return ddp, opt, report
