@@ -165,12 +165,14 @@ def report(args: argparse.Namespace) -> None:
     first = next(iter(found.values()))[0]
     header = [
         "## Time to quality: the language-model job", "",
-        f"Command: `{meta.get('command', 'bash launch/bench_quality.sh')}` ({meta.get('date', '?')}); machine: "
+        "Commands: " + "; ".join(f"`{c}`" for c in meta.get("commands", ["bash launch/bench_quality.sh"]))
+        + f" ({', '.join(meta.get('dates', ['?']))}); machine: "
         f"{meta.get('machine', '?')}. P = {first['ranks']} ranks in one network namespace (its loopback unshaped, "
         "or `tc tbf`-shaped to the link's rate, shared by all ranks), every rank launched by mpirun. Job: "
         f"`--job lm`, {first['parameters']:,}-parameter byte-level GPT, {first['steps']} steps, per-rank batch "
         f"{first['config']['batch_size']} × {first['config']['context']} bytes, AdamW (peak lr "
         f"{first['config']['lr']}, warm-up then cosine), validation every {first['config']['eval_every']} steps. "
+        f"Seeds: {', '.join(str(x) for x in sorted({s['config']['seed'] for r in found.values() for s in r}))}. "
         f"Target: {args.fraction:.0%} of Horovod fp32's drop in validation loss from ln 256. "
         "Final validation loss: mean ± standard deviation over the seeds. Time to target: mean over the "
         "seeds, shown only when every seed reached it. Bits per coordinate: measured bytes handed to the "

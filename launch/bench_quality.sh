@@ -20,11 +20,16 @@ command=$(bench_command launch/bench_quality.sh METHODS LINKS SEEDS NP STEPS EVA
 : "${JOB_TIMEOUT:=3600}" "${RESUME:=1}" "${REPORT:=1}" "${OUT:=runs/bench_quality}"
 mapfile -t methods < <(python launch/bench_quality.py methods --only "$METHODS")
 mkdir -p "$OUT"
-python - "$OUT/meta.json" "$command" <<'PY'
-import datetime, json, os, platform, sys
+python - "$OUT/meta.json" "$command" <<'PY'  # the commands that wrote OUT (a split grid has several)
+import datetime, json, os, pathlib, platform, sys
+path, command = pathlib.Path(sys.argv[1]), sys.argv[2]
+meta = json.loads(path.read_text()) if path.is_file() else {"commands": [], "dates": []}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-json.dump({"command": sys.argv[2], "date": datetime.date.today().isoformat(),
-           "machine": f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"}, open(sys.argv[1], "w"))
+meta["machine"] = f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+for key, value in (("commands", command), ("dates", datetime.date.today().isoformat())):
+    if value not in meta[key]:
+        meta[key].append(value)
+path.write_text(json.dumps(meta))
 PY
 netns_create hvdq-quality
 export MASTER_ADDR=127.0.0.1
