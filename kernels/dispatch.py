@@ -96,7 +96,7 @@ def launch(kernel: Kernel, count: int, *args: object, span: int | None = None) -
             raise ValueError(f"{kernel.name}: CUDA tensors cannot run on the CPU target")
         # Cost units for kernels/threads.py, which picks the serial twin or the parallel kernel.
         largest = max((t.numel() for t in tensors), default=0)
-        work = count * threads.RANGE_COST if kernel.kind != INDEX else max(count, largest)
+        work = count * threads.RANGE_COST if kernel.kind != INDEX else max(count, largest) * kernel.cost
         cpu.launch(kernel, work, np.int64(nblocks), *conv)
         return
     from numba import cuda as nb_cuda

@@ -62,7 +62,8 @@ from .sizes import (
 __all__ = [
     "SUM_WORD_BITS", "bitpack", "bitunpack", "bucket_absmax", "bucket_checksum", "bucket_l2", "bucket_step",
     "coset_bits", "coset_bytes", "dither", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
-    "dqsg_decode_packed", "dqsg_encode", "dqsg_encode_fields", "dqsg_encode_packed", "force_target", "launches",
+    "dqsg_decode_packed", "dqsg_encode", "dqsg_encode_fields", "dqsg_encode_packed", "force_target", "hadamard_rotate",
+    "launches",
     "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means", "onebit_decode",
     "onebit_encode", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
     "radix_per_byte", "radixpack", "radixunpack", "scale_decode", "symbol_bytes", "symbol_packing", "topk_indices",
@@ -122,6 +123,21 @@ def bucket_l2(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None) -> 
     out = output(out, "out", nb, torch.float32, g)
     launch(table.bucket_l2, nb, g, bucket, out)
     return out
+
+
+def hadamard_rotate(x: torch.Tensor, bucket: int, key: DitherKey, inverse: bool = False) -> torch.Tensor:
+    """x rotated in place, bucket by bucket, by the shared randomized Hadamard transform of stream
+    (key.seed, key.step, key.tensor_id) (docs/ALGORITHMS.md §10; the sender and dither family of
+    ``key`` are not used: every rank draws the same signs), or by its inverse; returns x.
+
+    Forward: 2^−⌊k/2⌋ H D per power-of-two piece of 2^k coordinates of a bucket (a bucket that is
+    not a power of two is split into its binary expansion); inverse: D 2^−⌈k/2⌉ H, so
+    inverse(forward(x)) = x up to the butterflies' rounding."""
+    vec("x", x, torch.float32)
+    bucket = integer("bucket", bucket, 1, 1 << 30)
+    step, tid, _, _, k0, k1 = key.words()
+    launch(table.hadamard_rotate, num_buckets(x.numel(), bucket), x, bucket, int(bool(inverse)), step, tid, k0, k1)
+    return x
 
 
 # ----------------------------------------------------------------------------- DQSG

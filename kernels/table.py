@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import arith
-from .arith import buckets, dqsg, fields, fused, nested, packing, qsgd, streams
+from .arith import buckets, dqsg, fields, fused, nested, packing, qsgd, rotation, streams
 from .arith.constants import GPU_FIELD_SCRATCH, GPU_SPAN
 
 INDEX, RANGE, SPAN = "index", "range", "span"
@@ -36,6 +36,7 @@ class Kernel:
     kind: str = INDEX  #: INDEX, RANGE or SPAN
     scratch: tuple[str, ...] = ()  #: SPAN: NumPy dtype names of the two scratch buffers
     gpu_scratch: int = 4  #: scratch entries per GPU thread
+    cost: int = 1  #: INDEX: CPU cost units per element of its largest tensor (:mod:`.threads`)
 
 
 def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict[str, str]) -> str:
@@ -98,6 +99,7 @@ bucket_absmax = Kernel("bucket_absmax", buckets.build)
 bucket_checksum = Kernel("bucket_checksum", buckets.build)
 bucket_l2 = Kernel("bucket_l2", buckets.build)
 bucket_step = Kernel("bucket_step", buckets.build)
+hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16)  # log2(d) passes: costed as threads.RANGE_COST
 scale_decode = Kernel("scale_decode", qsgd.build)
 onebit_column_means = Kernel("onebit_column_means", qsgd.build)
 onebit_encode = Kernel("onebit_encode", qsgd.build)

@@ -198,16 +198,18 @@ class SummedCompression:
 class DQSGCompression(SummedCompression):
     """DQSG as a Horovod compression object (stock ``hvd.DistributedOptimizer`` path).
 
-    Parameters: ``levels`` (s), ``bucket_size`` (d) and ``dither`` as in :class:`~hvdquant.codecs.DQSG`
-    (``"stratified"``: decoding the sum regenerates one dither stream whatever the number of ranks);
+    Parameters: ``levels`` (s), ``bucket_size`` (d), ``dither`` and ``rotation`` as in
+    :class:`~hvdquant.codecs.DQSG` (``"stratified"``: decoding the sum regenerates one dither stream
+    whatever the number of ranks; ``rotation="hadamard"``: buckets rotated by the shared randomized
+    Hadamard transform, the summed indices rotated back once);
     ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``. At the first
     exchange all ranks exchange their configuration and fail with an error naming the first rank
-    whose levels, bucket size, dither or seed differ from rank 0's. Dithers are keyed by (seed, step,
+    whose levels, bucket size, dither, rotation or seed differ from rank 0's. Dithers are keyed by (seed, step,
     tensor name, sender): the step counts the calls per tensor name, so they never depend on hook order."""
 
     def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None,
-                 dither: str = "stratified") -> None:
-        super().__init__(DQSG(levels, bucket_size, dither), seed)
+                 dither: str = "stratified", rotation: str = "none") -> None:
+        super().__init__(DQSG(levels, bucket_size, dither, rotation), seed)
 
 
 class NestedSumCompression(SummedCompression):

@@ -17,6 +17,11 @@ ranks' errors partly cancel in the mean (docs/BENCHMARKS.md, "Dither families").
 ``dither="independent"`` is the paper's dither: one Philox stream per sender, so decoding a sum
 regenerates P streams.
 
+``rotation="hadamard"`` (docs/ALGORITHMS.md §10) quantizes R g instead of g, R a randomized
+Hadamard transform of each bucket whose signs every rank draws from the stream (seed, step, tensor),
+and decodes R⁻¹(ĝ'): a heavy-tailed bucket's peak-to-average ratio, and with it Δ_b, shrinks to
+that of a Gaussian one. R is linear and shared, so a mean over senders is rotated back once.
+
 Payload (one sender): Δ_b as float32 per bucket, then the symbols k + s packed densely
 (base 3 for s = 1: 1.6 bits; otherwise ⌈log2(2s+1)⌉ bits or base-(2s+1) bytes, whichever is
 smaller). Encoding (scales, dither, indices, packing) and decoding (unpacking, Δ(k − u)) each run
@@ -26,7 +31,7 @@ as one fused kernel pass; the arithmetic lives in :mod:`hvdquant.kernels`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +40,7 @@ from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
+ROTATIONS = ("none", "hadamard")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class DQSG(Codec):
     levels: int = 1
     bucket_size: int = 512
     dither: str = "stratified"
+    rotation: str = "none"
 
     scheme = "dqsg"
     summable = True
@@ -53,11 +60,26 @@ class DQSG(Codec):
         check_int("DQSG", "bucket_size", self.bucket_size, 1, 1 << 30)
         if self.dither not in DITHERS:
             raise ValueError(f"DQSG dither must be one of {DITHERS}, got {self.dither!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"DQSG rotation must be one of {ROTATIONS}, got {self.rotation!r}")
 
     def keyed(self, key: DitherKey, ranks: int) -> DitherKey:
         """The key of this sender's dither among ``ranks`` ranks: ``key`` itself for the independent
         dither, its stratified form otherwise (the stratified dither depends on P)."""
         return key.stratified(ranks) if self.dither == "stratified" else key
+
+    def rotate(self, g: torch.Tensor, key: DitherKey) -> torch.Tensor:
+        """R g (a rotated copy; float32, flat) with the signs of (key.seed, key.step, key.tensor_id),
+        or ``g`` itself without rotation."""
+        if self.rotation == "none":
+            return g
+        return ops.hadamard_rotate(flat32(g).clone(), self.bucket_size, key)
+
+    def unrotate(self, x: torch.Tensor, key: DitherKey) -> torch.Tensor:
+        """R⁻¹ x in place (x: flat float32, owned by the caller); ``x`` unchanged without rotation."""
+        if self.rotation == "none":
+            return x
+        return ops.hadamard_rotate(x, self.bucket_size, key, inverse=True)
 
     @property
     def symbols(self) -> int:
@@ -101,7 +123,7 @@ class DQSG(Codec):
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         """Scales, dithered indices and packing in one pass (:func:`ops.dqsg_encode_packed`)."""
-        flat = flat32(g)
+        flat = self.rotate(flat32(g), ctx.key)
         delta, packed, counts = ops.dqsg_encode_packed(flat, self.bucket_size, self.levels,
                                                        self.keyed(ctx.key, ctx.ranks))
         if not all_finite(delta):
@@ -110,16 +132,21 @@ class DQSG(Codec):
                        side_bits=32.0 * delta.numel())
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        """Unpacking and Δ(k − u) in one pass (:func:`ops.dqsg_decode_packed`)."""
-        return ops.dqsg_decode_packed(enc.fields["symbols"], enc.fields["delta"].contiguous(), self.bucket_size,
-                                      self.levels, self.keyed(ctx.key, ctx.ranks), enc.n)
+        """Unpacking and Δ(k − u) in one pass (:func:`ops.dqsg_decode_packed`), rotated back."""
+        return self.unrotate(ops.dqsg_decode_packed(enc.fields["symbols"], enc.fields["delta"].contiguous(),
+                                                    self.bucket_size, self.levels, self.keyed(ctx.key, ctx.ranks),
+                                                    enc.n), ctx.key)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
         """Mean of all senders' reconstructions Δ_p(k_p − u_p), summed in sender order. Each sender
         has its own scales, so every u_p is formed: one vectorized decode per sender, except under
         the stratified dither with P not a power of 2, where one kernel pass generating the shared
-        words once per coordinate for all senders is faster (docs/BENCHMARKS.md, dither families)."""
+        words once per coordinate for all senders is faster (docs/BENCHMARKS.md, dither families).
+        With a rotation the mean is formed in the rotated coordinates and rotated back once."""
+        if self.rotation != "none":
+            mean, stats = replace(self, rotation="none").aggregate(payloads, ctx, recover)
+            return self.unrotate(mean, ctx.key), stats
         if self.dither == "independent" or ctx.ranks & (ctx.ranks - 1) == 0:
             return super().aggregate(payloads, ctx, recover)
         sym = torch.stack([ops.unpack_symbols(e.fields["symbols"], self.symbols, e.n) for e in payloads])

@@ -27,7 +27,7 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
                             form=args.lgc_form)
     if args.compression == "onebit":
         return hvdquant.OneBitSGD()
-    codec = {"dqsg": lambda: hvdquant.DQSG(args.levels, args.bucket_size, args.dither),
+    codec = {"dqsg": lambda: hvdquant.DQSG(args.levels, args.bucket_size, args.dither, args.rotation),
              "ndqsg": lambda: hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction),
              "qsgd": lambda: hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding)}[args.compression]()
     return hvdquant.ErrorFeedback(codec) if args.error_feedback else codec
@@ -44,7 +44,8 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.
         comp = {"none": lambda: hvdquant.Compression.metered(hvd.Compression.none),
                 "fp16": lambda: hvdquant.Compression.metered(hvd.Compression.fp16),
                 "dqsg": lambda: hvdquant.Compression.dqsg(levels=args.levels, bucket_size=args.bucket_size,
-                                                          seed=args.seed, dither=args.dither),
+                                                          seed=args.seed, dither=args.dither,
+                                                          rotation=args.rotation),
                 "ndqsg": lambda: hvdquant.Compression.ndqsg(levels=(args.levels, args.coarse_levels),
                                                             bucket_size=args.bucket_size, seed=args.seed),
                 }[args.compression]()

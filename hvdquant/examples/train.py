@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="levels s (DQSG, QSGD) or s1 (NDQSG); default 1, and 3 for NDQSG")
     p.add_argument("--dither", choices=["independent", "stratified"], default="stratified",
                    help="DQSG's dither: stratified (default: one stream decodes a sum) or the paper's independent one")
+    p.add_argument("--rotation", choices=["none", "hadamard"], default="none",
+                   help="DQSG: rotate each bucket by the shared randomized Hadamard transform before quantizing "
+                        "(heavy-tailed gradients: much less error at the same bits)")
     p.add_argument("--coarse-levels", type=int, default=1, help="NDQSG s2 (nesting ratio = s1/s2)")
     p.add_argument("--dqsg-fraction", type=float, default=0.5, help="NDQSG: fraction of ranks sending DQSG(s1)")
     p.add_argument("--error-feedback", action="store_true",

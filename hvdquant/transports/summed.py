@@ -61,6 +61,7 @@ class _Started:
 
     buffer: FusedBuffer
     maxima: Started[torch.Tensor] | None
+    sources: dict[str, torch.Tensor]  #: per compressed segment, what is quantized (rotated, if the codec rotates)
     result: torch.Tensor | None = None
     error: str | None = None
     finished: bool = False
@@ -114,14 +115,15 @@ class SummedExchange:
         if twice:
             raise ValueError(f"'{twice[0]}' was started twice before its exchange finished: finish it first")
         compressed = buffer.compressed()
-        parts = [self.codec.bucket_absmax(buffer.part(s)) for s in compressed]
+        sources = {s.name: self.codec.rotate(buffer.part(s), s.key) for s in compressed}
+        parts = [self.codec.bucket_absmax(sources[s.name]) for s in compressed]
         maxima = None
         if parts:
             maxima = self.coll.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0],
                                          f"hvdquant.scale.{compressed[0].name}", op="max")
             self.stats.record(0, maxima.nbytes)
             self.payload.record(0, maxima.nbytes)
-        entry = _Started(buffer, maxima)
+        entry = _Started(buffer, maxima, sources)
         self._open.append(entry)
 
         def finish() -> torch.Tensor:
@@ -145,6 +147,8 @@ class SummedExchange:
         try:
             rounds = self._agreed_steps(batch)
             sums = self.scheme.exchange(self, rounds) if rounds else {}
+            for q in rounds:  # a shared rotation is linear: the sum is rotated back once
+                self.codec.unrotate(sums[q.item.name], q.key)
             sums.update(self._raw_sums(batch))
         except FloatingPointError as err:
             for entry in batch:
@@ -168,7 +172,7 @@ class SummedExchange:
             pos = 0
             for s in entry.buffer.compressed():
                 nb = sizes.num_buckets(s.length, self.codec.bucket_size)
-                items.append((Pending(s.name, s.key.step, entry.buffer.part(s)), maxima[pos:pos + nb], s.key))
+                items.append((Pending(s.name, s.key.step, entry.sources[s.name]), maxima[pos:pos + nb], s.key))
                 pos += nb
         items.sort(key=lambda item: item[0].name)
         bad = [item for item, m, _ in items if not all_finite(m)]
@@ -216,10 +220,11 @@ class DQSGSum:
     levels: int = 1
     bucket_size: int = 512
     dither: str = "stratified"
+    rotation: str = "none"
 
     @property
     def fine(self) -> DQSG:
-        return DQSG(self.levels, self.bucket_size, self.dither)
+        return DQSG(self.levels, self.bucket_size, self.dither, self.rotation)
 
     def config(self) -> dict[str, Any]:
         return {"scheme": "dqsg", **asdict(self.fine)}
@@ -394,6 +399,6 @@ def scheme_for(codec: object) -> DQSGSum | NestedSum:
         if isinstance(codec, NDQSG):
             return NestedSum(codec.levels, codec.bucket_size, codec.adaptive)
         if isinstance(codec, DQSG):
-            return DQSGSum(codec.levels, codec.bucket_size, codec.dither)
+            return DQSGSum(codec.levels, codec.bucket_size, codec.dither, codec.rotation)
     raise TypeError(f"{type(codec).__name__} payloads cannot be summed by an allreduce: use reducer='allgather' "
                     "or 'scatter_reduce'")

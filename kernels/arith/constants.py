@@ -40,6 +40,8 @@ RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage
 SHARED_V = 0xFFFFFFFF
 SHARED_PERM = 0xFFFFFFFE
 SHARED_SHIFT = 0xFFFFFFFD
+# Sender word of the rotation's sign stream (docs/ALGORITHMS.md §10): shared by every rank, like v.
+SHARED_SIGNS = 0xFFFFFFFC
 GF_MAX_DEGREE = 16  # GF(2^m) with m <= 16: up to 2^16 ranks share a stratified dither
 # The smallest irreducible polynomial of each degree m over GF(2) (bit i = coefficient of x^i),
 # the modulus of GF(2^m) arithmetic; index m (entry 0 unused).

@@ -71,7 +71,7 @@ def make_model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
-@pytest.mark.parametrize("compression", ["dqsg", "dqsg-stratified", "fp16", "none"])
+@pytest.mark.parametrize("compression", ["dqsg", "dqsg-stratified", "dqsg-rotated", "fp16", "none"])
 def test_parameters_bit_identical_after_steps(compression):
     """DistributedOptimizer on the digits data, different batches per rank: after 12 steps every
     rank holds the same bits. Horovod's own fp16/none run side by side with hvdquant."""
@@ -82,6 +82,7 @@ def test_parameters_bit_identical_after_steps(compression):
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     comp = {"dqsg": hvdquant.Compression.dqsg(levels=1, bucket_size=512),
             "dqsg-stratified": hvdquant.Compression.dqsg(levels=1, bucket_size=512, dither="stratified"),
+            "dqsg-rotated": hvdquant.Compression.dqsg(levels=1, bucket_size=512, rotation="hadamard"),
             "fp16": hvd.Compression.fp16, "none": hvd.Compression.none}[compression]
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                                    named_parameters=model.named_parameters(), compression=comp)

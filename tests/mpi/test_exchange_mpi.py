@@ -139,3 +139,26 @@ def test_nan_in_one_fused_tensor_names_it_and_spares_the_others(reducer):
     outs = step_of_tensors(Counting(), reducer, 64 << 20, poison="layer3.weight")
     assert "'layer3.weight' on rank(s) [1]" in outs["layer3.weight"]
     assert all(isinstance(v, torch.Tensor) for k, v in outs.items() if k != "layer3.weight")
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("reducer, average", [("allreduce", False), ("allgather", True)])
+def test_rotated_dqsg_is_the_plain_exchange_in_rotated_coordinates(reducer, average):
+    """DQSG(rotation="hadamard") over either reducer = R⁻¹ of the same exchange without rotation run
+    on every rank's R g (R shared: keyed by seed, step and tensor, not by rank), bit for bit: the
+    summable path sums rotated indices and rotates the sum back once (then averages), the payload
+    path rotates the senders' mean back once. (Each reducer is compared where R⁻¹ is its last step.)"""
+    from hvdquant.kernels import ops
+
+    coll = MPICollectives()
+    g = gradient(coll.rank)
+    rotated = make_exchange(DQSG(3, 128, rotation="hadamard"), reducer, average, coll)
+    out = start(rotated, "w", g, 4, 1)()
+    key = dither_key(4, 1, "w", coll.rank)
+    plain = make_exchange(DQSG(3, 128), reducer, average, coll)
+    inner = start(plain, "w", ops.hadamard_rotate(g.reshape(-1).clone(), 128, key).reshape(g.shape), 4, 1)()
+    assert torch.equal(out.reshape(-1), ops.hadamard_rotate(inner.reshape(-1).clone(), 128, key, inverse=True))
+    assert same_everywhere(coll, out)
+    mean = torch.stack([gradient(p) for p in range(coll.size)]).sum(0) / (coll.size if average else 1)
+    # s = 3 on Gaussian data: ‖e‖²/‖g‖² ≈ 0.1 with a bucket's own Δ; a common Δ (max over ranks) raises it
+    assert float(((out - mean) ** 2).sum() / (mean ** 2).sum()) < 0.25

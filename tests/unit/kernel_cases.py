@@ -67,6 +67,9 @@ CASES = {
                               ops.dqsg_decode_fields(ops.pack_sum_fields(sym_of(n, 7).to(torch.int8) - 3, 9, 19, 11)
                                                      * 0.5, n, 0.5, 19, 11, 9, scales(g_of(n), 64, 3), 64,
                                                      STRAT3.for_sender(0), senders=3)),
+    "hadamard": lambda n: (ops.hadamard_rotate(g_of(n), 256, KEY), ops.hadamard_rotate(g_of(n), 100, STRAT3),
+                           ops.hadamard_rotate(g_of(n), 64, KEY, inverse=True),
+                           ops.hadamard_rotate(g_of(n), 512, KEY, inverse=True)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),
     "qsgd": lambda n: (ops.qsgd_encode(g_of(n), ops.bucket_l2(g_of(n), 64), 64, 4, KEY),

@@ -1,0 +1,130 @@
+"""The shared random rotation (docs/ALGORITHMS.md §10): a randomized Hadamard transform per bucket.
+
+Bucket b of d coordinates is split into power-of-two pieces (d itself when d is a power of two;
+otherwise its binary expansion, largest piece first: 500 = 256 + 128 + 64 + 32 + 16 + 4, and the
+same for a shorter last bucket). A piece x of m = 2^k coordinates is rotated as
+
+    forward:  y = 2^−⌊k/2⌋ · H_m · D x          inverse:  x = D · 2^−⌈k/2⌉ · H_m y
+
+with H_m the ±1 Walsh–Hadamard matrix (H_m H_m = m I) and D = diag(±1) the signs of the shared
+stream: coordinate i of the tensor is negated when bit i % 32 of lane (i // 32) % 4 of
+Philox-4x32-10(counter = (i // 128, step, tensor id, SHARED_SIGNS), key = seed) is set. The same
+signs on every rank, for every sender. Both powers of two are exact, so the inverse undoes the
+forward up to the rounding of the butterflies; the forward is orthogonal up to the factor
+2^(⌈k/2⌉−⌊k/2⌋)/2 ∈ {1, √2}, which a scale-invariant quantizer does not see.
+
+H_m runs as a fast Walsh–Hadamard transform: butterflies (a, c) → (a + c, a − c) over strides
+h = 1, 2, 4, …, m/2, the first three in registers 8 coordinates at a time and the rest two strides
+per pass (the same additions in the same order, so the same bits as one stride per pass).
+Only additions, subtractions, negations and multiplications by powers of two, the products last:
+no product ever feeds an addition, so the CUDA kernels give the CPU's bits
+(kernels/arith/__init__.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import numpy as np
+
+from .constants import F32_ONE, SHARED_SIGNS, U64_ONE
+
+SIGNS = np.uint64(SHARED_SIGNS)
+SIGN_GROUP = 128  # signs per Philox block: 4 lanes of 32 bits
+
+
+def build(jit: Callable, leaf: Callable, *, philox4x32, lane) -> SimpleNamespace:
+    """The rotation's sign flip, fast Walsh–Hadamard transform and per-bucket block function."""
+
+    @leaf
+    def signed(v, word, bit):
+        """−v if bit ``bit`` of ``word`` is set, else v."""
+        return -v if (word >> np.uint64(bit)) & U64_ONE else v
+
+    @leaf
+    def flip_signs(x, i0, i1, step, tid, key0, key1):
+        """x[i] = −x[i] for i in [i0, i1) where bit i of the shared sign stream is set (D above)."""
+        i = i0
+        while i < i1:
+            q = i // SIGN_GROUP
+            r0, r1, r2, r3 = philox4x32(np.uint64(q), step, tid, SIGNS, key0, key1)
+            j1 = min(i1, (q + 1) * SIGN_GROUP)
+            if i == q * SIGN_GROUP and j1 == i + SIGN_GROUP:  # a whole group: one word per 32 coordinates
+                for t in range(32):
+                    x[i + t] = signed(x[i + t], r0, t)
+                for t in range(32):
+                    x[i + 32 + t] = signed(x[i + 32 + t], r1, t)
+                for t in range(32):
+                    x[i + 64 + t] = signed(x[i + 64 + t], r2, t)
+                for t in range(32):
+                    x[i + 96 + t] = signed(x[i + 96 + t], r3, t)
+            else:
+                for k in range(i, j1):
+                    x[k] = signed(x[k], lane(r0, r1, r2, r3, (k // 32) % 4), k % 32)
+            i = j1
+
+    @leaf
+    def stride_pass(x, i0, m, h):
+        """One butterfly stride h over x[i0 : i0+m]: (x[j], x[j+h]) → (x[j] + x[j+h], x[j] − x[j+h])."""
+        for start in range(i0, i0 + m, 2 * h):
+            for j in range(start, start + h):
+                a = x[j]
+                c = x[j + h]
+                x[j] = a + c
+                x[j + h] = a - c
+
+    @leaf
+    def walsh_hadamard(x, i0, m):
+        """x[i0 : i0+m] ← H_m x[i0 : i0+m] in place (m a power of two): strides 1, 2, 4, … m/2 in
+        order; strides 1–4 in registers per 8 coordinates, then strides h and 2h in one pass."""
+        h = 1
+        if m >= 8:
+            for s in range(i0, i0 + m, 8):
+                a0, a1, a2, a3 = x[s], x[s + 1], x[s + 2], x[s + 3]
+                a4, a5, a6, a7 = x[s + 4], x[s + 5], x[s + 6], x[s + 7]
+                b0, b1, b2, b3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
+                b4, b5, b6, b7 = a4 + a5, a4 - a5, a6 + a7, a6 - a7
+                c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3
+                c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
+                x[s], x[s + 1], x[s + 2], x[s + 3] = c0 + c4, c1 + c5, c2 + c6, c3 + c7
+                x[s + 4], x[s + 5], x[s + 6], x[s + 7] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
+            h = 8
+            while 4 * h <= m:
+                for start in range(i0, i0 + m, 4 * h):
+                    for j in range(start, start + h):
+                        a, b, c, d = x[j], x[j + h], x[j + 2 * h], x[j + 3 * h]
+                        p, q, r, t = a + b, a - b, c + d, c - d
+                        x[j], x[j + h], x[j + 2 * h], x[j + 3 * h] = p + r, q + t, p - r, q - t
+                h *= 4
+        while h < m:
+            stride_pass(x, i0, m, h)
+            h *= 2
+
+    @leaf
+    def hadamard_rotate(b, x, bucket, inverse, step, tid, key0, key1):
+        """Bucket b of x rotated in place: forward (``inverse`` = 0) 2^−⌊k/2⌋ H D x per power-of-two
+        piece of 2^k coordinates, or its inverse D 2^−⌈k/2⌉ H x (``inverse`` = 1)."""
+        i0 = b * bucket
+        i1 = min(x.shape[0], i0 + bucket)
+        if inverse == 0:
+            flip_signs(x, i0, i1, step, tid, key0, key1)
+        pos = i0
+        while pos < i1:
+            m = 1
+            k = 0
+            while 2 * m <= i1 - pos:
+                m *= 2
+                k += 1
+            walsh_hadamard(x, pos, m)
+            shift = k // 2 if inverse == 0 else k - k // 2
+            if shift > 0:
+                scale = F32_ONE / np.float32(1 << shift)
+                for j in range(pos, pos + m):
+                    x[j] = x[j] * scale
+            pos += m
+        if inverse != 0:
+            flip_signs(x, i0, i1, step, tid, key0, key1)
+
+    return SimpleNamespace(signed=signed, flip_signs=flip_signs, stride_pass=stride_pass,
+                           walsh_hadamard=walsh_hadamard, hadamard_rotate=hadamard_rotate)
