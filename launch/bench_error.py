@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import zlib
 from collections.abc import Callable
@@ -114,15 +115,20 @@ def eden(x: np.ndarray, bits: int, rng: np.random.Generator, centroids: np.ndarr
 
 
 # ----------------------------------------------------------------------------- hvdquant's codecs
-def codec_mean(codec, tensors: list[torch.Tensor], name: str, step: int) -> tuple[torch.Tensor, float]:
-    """The mean over senders as the payload transports form it (``codec.aggregate``) and the senders'
-    mean payload bits per coordinate."""
+def codec_mean(codec, tensors: list[torch.Tensor], name: str, step: int) -> tuple[torch.Tensor, float, float | None]:
+    """The mean over senders as the payload transports form it (``codec.aggregate``), the senders'
+    mean payload bits per coordinate, and what an ideal entropy coder of the same symbols would send
+    (zeroth-order empirical entropy of each sender's symbols plus its side bits; None where the codec
+    keeps no symbol statistics)."""
     ranks = len(tensors)
     ctx = TensorContext(name, tuple(tensors[0].shape), DitherKey(SEED, step, tensor_id(name), 0), ranks)
     payloads = [codec.encode(t, ctx.sender(p)) for p, t in enumerate(tensors)]
     mean, _ = codec.aggregate(payloads, ctx)
-    bits = sum(8.0 * e.nbytes() for e in payloads) / (ranks * tensors[0].numel())
-    return mean.reshape(-1), bits
+    n = tensors[0].numel()
+    bits = sum(8.0 * e.nbytes() for e in payloads) / (ranks * n)
+    entropies = [e.entropy() for e in payloads]
+    entropy = None if None in entropies else sum(n * h + e.side_bits for h, e in zip(entropies, payloads)) / (ranks * n)
+    return mean.reshape(-1), bits, entropy
 
 
 def reference_mean(bits: int, centroids: np.ndarray) -> Callable:
@@ -133,7 +139,7 @@ def reference_mean(bits: int, centroids: np.ndarray) -> Callable:
             est, b = eden(t.reshape(-1).double().numpy(), bits, rng, centroids)
             outs.append(est)
             total += b
-        return torch.from_numpy(np.mean(outs, axis=0)), total / len(tensors)
+        return torch.from_numpy(np.mean(outs, axis=0)), total / len(tensors), None
     return run
 
 
@@ -221,19 +227,23 @@ def real_gradients(job: str, late: int, senders: int) -> dict[str, list[dict[str
 
 
 # ----------------------------------------------------------------------------- measurement
-def measure(run: Callable, tensors: dict[str, list[torch.Tensor]], repeats: int) -> tuple[float, float]:
-    """(normalised error of the mean, bits per coordinate) over every named tensor (errors and bits
-    summed over tensors, weighted by their sizes), averaged over ``repeats`` draws."""
-    err = norm = bits = 0.0
+def measure(run: Callable, tensors: dict[str, list[torch.Tensor]], repeats: int) -> tuple[float, float, float | None]:
+    """(normalised error of the mean, bits per coordinate, entropy bits per coordinate or None) over
+    every named tensor (errors and bits summed over tensors, weighted by their sizes), averaged over
+    ``repeats`` draws."""
+    err = norm = bits = entropy = 0.0
+    has_entropy = True
     coords = sum(ts[0].numel() for ts in tensors.values())
     for step in range(repeats):
         for name, ts in tensors.items():
             true = torch.stack([t.reshape(-1).double() for t in ts]).mean(0)
-            est, b = run(ts, name, step)
+            est, b, h = run(ts, name, step)
             err += float(((est.double() - true) ** 2).sum())
             norm += float((true ** 2).sum())
             bits += b * ts[0].numel() / coords
-    return err / norm, bits / repeats
+            has_entropy = has_entropy and h is not None
+            entropy += (h or 0.0) * ts[0].numel() / coords
+    return err / norm, bits / repeats, entropy / repeats if has_entropy else None
 
 
 def scenarios(args: argparse.Namespace) -> list[tuple[str, int, float, dict[str, list[torch.Tensor]]]]:
@@ -263,14 +273,28 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     with tqdm(total=len(cases) * len(table), desc="bench_error", disable=args.quiet) as bar:
         for data, senders, rho, tensors in cases:
             for name, (family, run) in table.items():
-                error, bits = measure(run, tensors, args.repeats)
+                error, bits, entropy = measure(run, tensors, args.repeats)
                 rows.append({"data": data, "senders": senders, "correlation": rho, "method": name, "family": family,
-                             "bits_per_coordinate": bits, "normalised_error": error})
+                             "bits_per_coordinate": bits, "entropy_bits_per_coordinate": entropy,
+                             "normalised_error": error})
                 bar.update()
     return rows
 
 
 # ----------------------------------------------------------------------------- report
+def at_zero_correlation(r: dict) -> bool:
+    return math.isnan(r["correlation"]) or r["correlation"] == 0.0
+
+
+def unbiased(r: dict) -> bool:
+    """hvdquant's unbiased estimators (DQSG and QSGD); 1-bit SGD and top-k are biased (their error
+    does not average out over senders or steps without error feedback)."""
+    return r["family"].startswith(("DQSG", "QSGD"))
+
+
+ROTATED = "DQSG stratified + rotation"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -286,13 +310,17 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, data in enumerate(datas):
         for j, p in enumerate(senders):
             ax = axes[i][j]
-            sel = [r for r in rows if r["data"] == data and r["senders"] == p and
-                   (math.isnan(r["correlation"]) or r["correlation"] == 0.0)]
+            sel = [r for r in rows if r["data"] == data and r["senders"] == p and at_zero_correlation(r)]
             for fam in families:
                 pts = sorted((r["bits_per_coordinate"], r["normalised_error"]) for r in sel if r["family"] == fam)
                 if pts:
                     style = "--" if "reference" in fam else "-"
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[fam], label=fam)
+            bound = sorted((r["entropy_bits_per_coordinate"], r["normalised_error"]) for r in sel
+                           if r["family"] == ROTATED)
+            if bound:
+                ax.plot(*zip(*bound), ":", marker="x", ms=4, color=colors[ROTATED],
+                        label=ROTATED + " at its entropy (ideal coder)")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{data}, P = {p}", fontsize=9)
@@ -307,40 +335,52 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def best_below(rows: list[dict], data: str, senders: int, pred: Callable[[dict], bool], budget: float) -> dict | None:
-    """The lowest-error row among ``pred``'s methods that sends at most ``budget`` bits per coordinate."""
+def best_below(rows: list[dict], data: str, senders: int, pred: Callable[[dict], bool], budget: float,
+               bits: str = "bits_per_coordinate") -> dict | None:
+    """The lowest-error row among ``pred``'s methods whose ``bits`` are at most ``budget``."""
     sel = [r for r in rows if r["data"] == data and r["senders"] == senders and pred(r)
-           and r["bits_per_coordinate"] <= budget and (math.isnan(r["correlation"]) or r["correlation"] == 0.0)]
+           and r[bits] is not None and r[bits] <= budget and at_zero_correlation(r)]
     return min(sel, key=lambda r: r["normalised_error"], default=None)
 
 
+def cell(r: dict | None, bits: str = "bits_per_coordinate") -> tuple[str, str]:
+    return (f"{r['method']} ({r[bits]:.2f})", f"{r['normalised_error']:.3g}") if r else ("–", "–")
+
+
+def ratio(a: dict | None, b: dict | None) -> str:
+    return f"{a['normalised_error'] / b['normalised_error']:.2f}" if a and b else "–"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    hvdq = lambda r: "reference" not in r["family"]  # noqa: E731
-    eden_ = lambda r: "reference" in r["family"]  # noqa: E731
+    reference = lambda r: "reference" in r["family"]  # noqa: E731
+    rotated = lambda r: r["family"] == ROTATED  # noqa: E731
     lines = [BEGIN, "## Error per bit", "",
              f"Command: `{meta['command']}` ({meta['date']}; {meta['machine']}). Normalised error of the mean "
-             "over P senders, ‖mean ĝ − mean g‖²/‖mean g‖², against measured bits per coordinate (payload bytes × 8 "
-             "/ coordinates). DRIVE and EDEN are reference implementations in launch/bench_error.py, written from "
-             "the papers' definitions. Synthetic senders are independent here (ρ = 0; the JSON holds ρ = 0.5 "
-             "and 0.9); real gradients are P batches' gradients of the same model.", "",
+             "over P senders, ‖mean ĝ − mean g‖²/‖mean g‖², against bits per coordinate measured as the payload "
+             "bytes × 8 / coordinates. DRIVE and EDEN are reference implementations in launch/bench_error.py, "
+             "written from the papers' definitions (each sender its own rotation, as in the papers). Synthetic "
+             "senders are independent here (ρ = 0; the JSON holds ρ = 0.5 and 0.9); real gradients are P "
+             "batches' gradients of the same model. hvdquant's unbiased estimators (DQSG, QSGD) are compared "
+             "with the unbiased references; 1-bit SGD and top-k are biased (figure and JSON). The *entropy* "
+             "columns give DQSG + rotation's error at the zeroth-order entropy of its symbols plus its scales: "
+             "what an ideal entropy coder of the same symbols would hand over, a bound, not measured bytes.", "",
              "Best configuration within a bit budget (lowest error among the methods sending at most that many "
-             "bits per coordinate; hvdquant's against the references):", "",
-             "| data | P | budget (bits) | hvdquant best | its error | reference best | its error | ratio |",
-             "|---|---:|---:|---|---:|---|---:|---:|"]
+             "bits per coordinate):", "",
+             "| data | P | budget (bits) | hvdquant best, fixed-rate bytes | error | ÷ reference | DQSG + rotation "
+             "at its entropy | error | ÷ reference | reference best (EDEN/DRIVE) | error |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---|---:|"]
     datas = sorted({r["data"] for r in rows}, key=lambda d: (d.startswith(("cnn", "lm")), d))
     for data in datas:
         for p in sorted({r["senders"] for r in rows}):
             for budget in (1.1, 2.1, 3.1, 4.1):
-                a = best_below(rows, data, p, hvdq, budget)
-                b = best_below(rows, data, p, eden_, budget)
-                if a is None and b is None:
+                a = best_below(rows, data, p, unbiased, budget)
+                e = best_below(rows, data, p, rotated, budget, "entropy_bits_per_coordinate")
+                b = best_below(rows, data, p, reference, budget)
+                if a is None and b is None and e is None:
                     continue
-                fa = f"{a['method']} ({a['bits_per_coordinate']:.2f})" if a else "–"
-                fb = f"{b['method']} ({b['bits_per_coordinate']:.2f})" if b else "–"
-                ea = f"{a['normalised_error']:.3g}" if a else "–"
-                eb = f"{b['normalised_error']:.3g}" if b else "–"
-                ratio = f"{a['normalised_error'] / b['normalised_error']:.2f}" if a and b else "–"
-                lines.append(f"| {data} | {p} | {budget:g} | {fa} | {ea} | {fb} | {eb} | {ratio} |")
+                (fa, ea), (fe, ee), (fb, eb) = cell(a), cell(e, "entropy_bits_per_coordinate"), cell(b)
+                lines.append(f"| {data} | {p} | {budget:g} | {fa} | {ea} | {ratio(a, b)} | {fe} | {ee} | "
+                             f"{ratio(e, b)} | {fb} | {eb} |")
     lines += ["", "![error against bits](bench_error.png)", "", END]
     return "\n".join(lines)
 
@@ -357,6 +397,15 @@ def write_report(rows: list[dict], meta: dict, results: Path) -> None:
     plot(rows, results.parent / "bench_error.png")
 
 
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.machine()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes and few methods (a smoke run)")
@@ -371,7 +420,6 @@ def main(argv: list[str] | None = None) -> None:
                    "(between its bench_error markers) and bench_error.png beside it")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = run_all(args)
     args.out.mkdir(parents=True, exist_ok=True)
     import datetime
@@ -379,8 +427,7 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = {"command": "python launch/bench_error.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                       f"Python {platform.python_version()}"}
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
     (args.out / "bench_error.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"{'data':<16}{'P':>3}{'rho':>5}  {'method':<28}{'bits':>7}{'error':>11}")
     for r in rows:

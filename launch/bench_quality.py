@@ -36,6 +36,8 @@ METHODS: dict[str, str] = {
     "ddp-powersgd-r4": "--framework ddp --compression powersgd --powersgd-rank 4",
     "dqsg-s1": "--framework horovod --compression dqsg --levels 1",
     "dqsg-s3": "--framework horovod --compression dqsg --levels 3",
+    "dqsg-s1-hadamard": "--framework horovod --compression dqsg --levels 1 --rotation hadamard",
+    "dqsg-s3-hadamard": "--framework horovod --compression dqsg --levels 3 --rotation hadamard",
     "dqsg-s1-allgather": "--framework horovod --compression dqsg --levels 1 --reducer allgather",
     "dqsg-s3-allgather": "--framework horovod --compression dqsg --levels 3 --reducer allgather",
     "dqsg-s3-scatter": "--framework horovod --compression dqsg --levels 3 --reducer scatter_reduce",
