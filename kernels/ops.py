@@ -35,6 +35,7 @@ from .dispatch import (
     vec,
 )
 from .key import MAX_ELEMENTS, DitherKey
+from .ops_entropy import RANS_CHUNK, rans_chunks, rans_decode, rans_encode, rans_table
 from .ops_fields import dqsg_decode_fields, dqsg_encode_fields, pack_sum_fields, unpack_sum_fields
 from .ops_packing import (
     bitpack,
@@ -66,7 +67,8 @@ __all__ = [
     "launches",
     "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means", "onebit_decode",
     "onebit_encode", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
-    "radix_per_byte", "radixpack", "radixunpack", "scale_decode", "symbol_bytes", "symbol_packing", "topk_indices",
+    "RANS_CHUNK", "radix_per_byte", "radixpack", "radixunpack", "rans_chunks", "rans_decode", "rans_encode",
+    "rans_table", "scale_decode", "symbol_bytes", "symbol_packing", "topk_indices",
     "unpack_cosets", "unpack_sum_fields", "unpack_symbols",
 ]
 

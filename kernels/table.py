@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import arith
-from .arith import buckets, dqsg, fields, fused, nested, packing, qsgd, rotation, streams
+from .arith import buckets, dqsg, fields, fused, nested, packing, qsgd, rans, rotation, streams
 from .arith.constants import GPU_FIELD_SCRATCH, GPU_SPAN
 
 INDEX, RANGE, SPAN = "index", "range", "span"
@@ -111,6 +111,9 @@ radixunpack = Kernel("radixunpack", packing.build)
 modadd_bits = Kernel("modadd_bits", packing.build)
 modadd_radix = Kernel("modadd_radix", packing.build)
 pack_sum_fields = Kernel("pack_sum_fields", fields.build)
+rans_encode = Kernel("rans_encode", rans.build, cost=16)  # a serial state per chunk: costed like a range kernel
+rans_gather = Kernel("rans_gather", rans.build)
+rans_decode = Kernel("rans_decode", rans.build, cost=16)
 unpack_sum_fields = Kernel("unpack_sum_fields", fields.build)
 
 #: every kernel, in the order above

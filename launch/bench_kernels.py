@@ -46,18 +46,23 @@ def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
 
 
 # ----------------------------------------------------------------------------- hvdquant pipelines
-def dqsg_pipeline(levels: int) -> tuple[Callable, Callable]:
+def dqsg_pipeline(levels: int, rotation: bool = False) -> tuple[Callable, Callable]:
     """The DQSG payload codec's passes: encode = one fused pass from g to scales, dithered indices as
     unsigned symbols k + s densely packed (base 3 for s = 1, else ⌈log2(2s+1)⌉ bits) and their
-    histogram; decode = one fused pass from the packed symbols to Δ(k − u)."""
+    histogram; decode = one fused pass from the packed symbols to Δ(k − u). With ``rotation``, the
+    shared Hadamard rotation of a copy of g before, and its inverse in place after
+    (``DQSG(rotation="hadamard")``)."""
 
     def encode(g):
+        if rotation:
+            g = ops.hadamard_rotate(g.clone(), BUCKET, KEY)
         delta, packed, _ = ops.dqsg_encode_packed(g, BUCKET, levels, KEY)
         return packed, delta
 
     def decode(payload, n):
         packed, delta = payload
-        return ops.dqsg_decode_packed(packed, delta, BUCKET, levels, KEY, n)
+        out = ops.dqsg_decode_packed(packed, delta, BUCKET, levels, KEY, n)
+        return ops.hadamard_rotate(out, BUCKET, KEY, inverse=True) if rotation else out
 
     return encode, decode
 
@@ -165,6 +170,7 @@ def torch_onebit(cols: int = 1000) -> tuple[Callable, Callable]:
 CODECS: dict[str, tuple[Callable, Callable | None]] = {
     "dqsg s=1 (base-3)": (lambda: dqsg_pipeline(1), lambda: torch_dqsg(1)),
     "dqsg s=3 (3 bit)": (lambda: dqsg_pipeline(3), lambda: torch_dqsg(3)),
+    "dqsg s=3 + rotation": (lambda: dqsg_pipeline(3, rotation=True), None),
     "ndqsg (3)/(3,1)": (ndqsg_pipeline, None),
     "qsgd s=4 l2 (4 bit)": (qsgd_pipeline, None),
     "1-bit sgd": (onebit_pipeline, torch_onebit),

@@ -38,6 +38,8 @@ METHODS: dict[str, str] = {
     "dqsg-s3": "--framework horovod --compression dqsg --levels 3",
     "dqsg-s1-hadamard": "--framework horovod --compression dqsg --levels 1 --rotation hadamard",
     "dqsg-s3-hadamard": "--framework horovod --compression dqsg --levels 3 --rotation hadamard",
+    "dqsg-s3-hadamard-rans": "--framework horovod --compression dqsg --levels 3 --rotation hadamard --coding rans "
+                             "--reducer allgather",
     "dqsg-s1-allgather": "--framework horovod --compression dqsg --levels 1 --reducer allgather",
     "dqsg-s3-allgather": "--framework horovod --compression dqsg --levels 3 --reducer allgather",
     "dqsg-s3-scatter": "--framework horovod --compression dqsg --levels 3 --reducer scatter_reduce",
@@ -81,9 +83,20 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+def reference_losses(found: dict, link: str) -> tuple[list[float], str | None]:
+    """The reference's final validation losses on ``link``, or where it did not run there, on another
+    link (the losses of a method do not depend on the link, only its times: every rank computes the
+    same steps whatever the wire's speed), and the link they come from."""
+    for source in [link, *sorted(other for other, name in found if name == REFERENCE and other != link)]:
+        losses = [s["validation_loss"] for s in found.get((source, REFERENCE), [])]
+        if losses:
+            return losses, source
+    return [], None
+
+
 def rows_for(found: dict, link: str, fraction: float) -> tuple[float | None, list[dict]]:
     """(target, one row per method run on ``link``)."""
-    ref = [s["validation_loss"] for s in found.get((link, REFERENCE), [])]
+    ref, _ = reference_losses(found, link)
     target = UNIFORM - fraction * (UNIFORM - statistics.mean(ref)) if ref else None
     rows = []
     for name in METHODS:
@@ -102,9 +115,12 @@ def rows_for(found: dict, link: str, fraction: float) -> tuple[float | None, lis
     return target, rows
 
 
-def table(link: str, target: float | None, rows: list[dict]) -> list[str]:
+def table(link: str, target: float | None, rows: list[dict], source: str | None = None) -> list[str]:
     fp16 = next((r["time_to_target"] for r in rows if r["method"] == "hvd-fp16"), None)
-    lines = [f"#### Link: {link}" + (f"; target validation loss {target:.4f}" if target is not None else ""), "",
+    borrowed = (f" (from {REFERENCE} on {source}: losses do not depend on the link)"
+                if source not in (None, link) else "")
+    lines = [f"#### Link: {link}" + (f"; target validation loss {target:.4f}{borrowed}" if target is not None else ""),
+             "",
              "| method | bits / coordinate | step (s, median) | final validation loss | time to target (s) "
              "| ÷ Horovod fp16 |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -157,7 +173,7 @@ def report(args: argparse.Namespace) -> None:
     body, data = [], {}
     for link in links:
         target, rows = rows_for(found, link, args.fraction)
-        body += table(link, target, rows)
+        body += table(link, target, rows, reference_losses(found, link)[1])
         data[link] = {"target": target, "rows": rows}
     print("\n".join(body))
     (args.runs / "quality.json").write_text(json.dumps({"meta": meta, "fraction": args.fraction, "links": data},

@@ -2,7 +2,7 @@
 # Time to quality (a benchmark, not a test; needs root): the language-model job (--job lm) trained by
 # every method of launch/bench_quality.py at P ranks, on an unlimited and a tc-shaped loopback, for
 # several seeds; then the report (a table and a figure in docs/RESULTS.md).
-#   bash launch/bench_quality.sh                       # everything: 21 methods x 2 links x 3 seeds x STEPS
+#   bash launch/bench_quality.sh                       # everything: 22 methods x 2 links x 3 seeds x STEPS
 #   METHODS=hvd-fp32,hvd-fp16,dqsg-s3,ddp-powersgd-r2 LINKS=1gbit SEEDS=0 STEPS=600 bash launch/bench_quality.sh
 # Variables: METHODS (comma list, default all: `python launch/bench_quality.py methods`), LINKS
 # ("unlimited 1gbit"; any <n>mbit/<n>gbit), SEEDS ("0 1 2"), NP (4), STEPS (3000), EVAL_EVERY (250),

@@ -24,8 +24,12 @@ that of a Gaussian one. R is linear and shared, so a mean over senders is rotate
 
 Payload (one sender): Δ_b as float32 per bucket, then the symbols k + s packed densely
 (base 3 for s = 1: 1.6 bits; otherwise ⌈log2(2s+1)⌉ bits or base-(2s+1) bytes, whichever is
-smaller). Encoding (scales, dither, indices, packing) and decoding (unpacking, Δ(k − u)) each run
-as one fused kernel pass; the arithmetic lives in :mod:`hvdquant.kernels`.
+smaller); or with ``coding="rans"`` (docs/ALGORITHMS.md §11) entropy coded: the table of the
+symbols' frequencies (2s + 1 int16), the byte count of each chunk of 8192 symbols (int32) and the
+rANS stream, about the symbols' zeroth-order entropy per coordinate — fewer bytes wherever the
+symbols are far from uniform, as they are after a rotation. Fixed-rate encoding (scales, dither,
+indices, packing) and decoding (unpacking, Δ(k − u)) each run as one fused kernel pass; the
+arithmetic lives in :mod:`hvdquant.kernels`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
 ROTATIONS = ("none", "hadamard")
+CODINGS = ("fixed", "rans")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class DQSG(Codec):
     bucket_size: int = 512
     dither: str = "stratified"
     rotation: str = "none"
+    coding: str = "fixed"
 
     scheme = "dqsg"
     summable = True
@@ -62,6 +68,8 @@ class DQSG(Codec):
             raise ValueError(f"DQSG dither must be one of {DITHERS}, got {self.dither!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"DQSG rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.coding not in CODINGS:
+            raise ValueError(f"DQSG coding must be one of {CODINGS}, got {self.coding!r}")
 
     def keyed(self, key: DitherKey, ranks: int) -> DitherKey:
         """The key of this sender's dither among ``ranks`` ranks: ``key`` itself for the independent
@@ -115,27 +123,54 @@ class DQSG(Codec):
 
     # ------------------------------------------------------------- payload form (own scale)
     def layout(self, n: int, ctx: TensorContext | None = None) -> Layout:
+        if self.coding == "rans":
+            return [("delta", torch.float32, self.num_buckets(n)), ("freq", torch.int16, self.symbols),
+                    ("lengths", torch.int32, ops.rans_chunks(n)), ("stream", torch.uint8, None)]
         return [("delta", torch.float32, self.num_buckets(n)),
                 ("symbols", torch.uint8, sizes.symbol_bytes(n, self.symbols))]
 
     def formula_bits(self, n: int, ctx: TensorContext | None = None) -> float:
+        """The fixed-rate payload's bits per coordinate (exact for ``coding="fixed"``; the entropy-coded
+        payload's size depends on the symbols: measured, it undercuts this wherever their entropy is
+        below the packing's rate)."""
         return 8.0 * (4 * self.num_buckets(n) + sizes.symbol_bytes(n, self.symbols)) / n if n else 0.0
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
-        """Scales, dithered indices and packing in one pass (:func:`ops.dqsg_encode_packed`)."""
+        """Scales, dithered indices and packing in one pass (:func:`ops.dqsg_encode_packed`); or, with
+        ``coding="rans"``, the symbols k + s and their histogram, entropy coded with it
+        (:func:`ops.rans_encode`)."""
         flat = self.rotate(flat32(g), ctx.key)
-        delta, packed, counts = ops.dqsg_encode_packed(flat, self.bucket_size, self.levels,
-                                                       self.keyed(ctx.key, ctx.ranks))
+        key = self.keyed(ctx.key, ctx.ranks)
+        if self.coding == "rans":
+            delta = self.step_size(self.bucket_absmax(flat))
+            if not all_finite(delta):
+                raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
+            symbols = self.quantize(flat, delta, key, symbols=True)
+            counts = torch.bincount(symbols, minlength=self.symbols)
+            freq, lengths, stream = ops.rans_encode(symbols, counts)
+            return Encoded(flat.numel(), {"delta": delta, "freq": freq.to(flat.device), "lengths": lengths,
+                                          "stream": stream}, counts=counts, side_bits=32.0 * delta.numel())
+        delta, packed, counts = ops.dqsg_encode_packed(flat, self.bucket_size, self.levels, key)
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         return Encoded(flat.numel(), {"delta": delta, "symbols": packed}, counts=counts,
                        side_bits=32.0 * delta.numel())
 
+    def symbols_of(self, enc: Encoded) -> torch.Tensor:
+        """The payload's symbols k + s (uint8, one per coordinate), unpacked or entropy decoded."""
+        if self.coding == "rans":
+            return ops.rans_decode(enc.fields["freq"], enc.fields["lengths"], enc.fields["stream"], enc.n)
+        return ops.unpack_symbols(enc.fields["symbols"], self.symbols, enc.n)
+
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        """Unpacking and Δ(k − u) in one pass (:func:`ops.dqsg_decode_packed`), rotated back."""
-        return self.unrotate(ops.dqsg_decode_packed(enc.fields["symbols"], enc.fields["delta"].contiguous(),
-                                                    self.bucket_size, self.levels, self.keyed(ctx.key, ctx.ranks),
-                                                    enc.n), ctx.key)
+        """Unpacking and Δ(k − u) in one pass (:func:`ops.dqsg_decode_packed`), rotated back; entropy
+        coded symbols are decoded first, then Δ(k − u) (:func:`ops.dqsg_decode` with offset s)."""
+        key, delta = self.keyed(ctx.key, ctx.ranks), enc.fields["delta"].contiguous()
+        if self.coding == "rans":
+            out = ops.dqsg_decode(self.symbols_of(enc), delta, self.bucket_size, key, offset=self.levels)
+        else:
+            out = ops.dqsg_decode_packed(enc.fields["symbols"], delta, self.bucket_size, self.levels, key, enc.n)
+        return self.unrotate(out, ctx.key)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
@@ -149,7 +184,7 @@ class DQSG(Codec):
             return self.unrotate(mean, ctx.key), stats
         if self.dither == "independent" or ctx.ranks & (ctx.ranks - 1) == 0:
             return super().aggregate(payloads, ctx, recover)
-        sym = torch.stack([ops.unpack_symbols(e.fields["symbols"], self.symbols, e.n) for e in payloads])
+        sym = torch.stack([self.symbols_of(e) for e in payloads])
         delta = torch.stack([e.fields["delta"] for e in payloads])
         key = self.keyed(ctx.key.for_sender(0), ctx.ranks)
         mean = ops.dqsg_aggregate(sym, delta, self.bucket_size, key, factor=1.0 / len(payloads), offset=self.levels)

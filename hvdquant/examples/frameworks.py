@@ -27,9 +27,11 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
                             form=args.lgc_form)
     if args.compression == "onebit":
         return hvdquant.OneBitSGD()
-    codec = {"dqsg": lambda: hvdquant.DQSG(args.levels, args.bucket_size, args.dither, args.rotation),
+    codec = {"dqsg": lambda: hvdquant.DQSG(args.levels, args.bucket_size, args.dither, args.rotation,
+                                           args.coding or "fixed"),
              "ndqsg": lambda: hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction),
-             "qsgd": lambda: hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding)}[args.compression]()
+             "qsgd": lambda: hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding or "elias"),
+             }[args.compression]()
     return hvdquant.ErrorFeedback(codec) if args.error_feedback else codec
 
 
@@ -38,6 +40,9 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.
     import horovod.torch as hvd
 
     if args.reducer == "stock":
+        if args.compression == "dqsg" and args.coding not in (None, "fixed"):
+            raise SystemExit(f"--coding {args.coding}: entropy-coded payloads cannot be summed by Horovod's allreduce: "
+                             "use --reducer allgather or scatter_reduce")
         if args.compression in ("qsgd", "onebit", "topk", "lgc"):
             raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
                              "use --reducer allgather or scatter_reduce (hvdquant.DistributedOptimizer)")

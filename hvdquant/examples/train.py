@@ -84,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dqsg, ndqsg, qsgd: keep each rank's compression error and add it to the next gradient "
                         "(payload paths: --reducer allgather|scatter_reduce)")
     p.add_argument("--norm", choices=["l2", "max"], default="l2", help="QSGD bucket norm")
-    p.add_argument("--coding", choices=["elias", "fixed"], default="elias", help="QSGD coding")
+    p.add_argument("--coding", choices=["elias", "fixed", "rans"], default=None,
+                   help="QSGD: elias (default) or fixed; DQSG payload paths: fixed (default) or rans (entropy coded)")
     p.add_argument("--bucket-size", type=int, default=512, help="bucket size d")
     p.add_argument("--min-numel", type=int, default=1024,
                    help="payload path: tensors smaller than this (and 1-D ones) go uncompressed")

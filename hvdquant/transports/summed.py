@@ -399,6 +399,10 @@ def scheme_for(codec: object) -> DQSGSum | NestedSum:
         if isinstance(codec, NDQSG):
             return NestedSum(codec.levels, codec.bucket_size, codec.adaptive)
         if isinstance(codec, DQSG):
+            if codec.coding != "fixed":
+                raise TypeError(f"DQSG(coding={codec.coding!r}) payloads are entropy coded and cannot be summed by an "
+                                "allreduce: use reducer='allgather' or 'scatter_reduce' (summable fields stay "
+                                "fixed-rate)")
             return DQSGSum(codec.levels, codec.bucket_size, codec.dither, codec.rotation)
     raise TypeError(f"{type(codec).__name__} payloads cannot be summed by an allreduce: use reducer='allgather' "
                     "or 'scatter_reduce'")

@@ -32,6 +32,7 @@ Modules, in build order (each builder takes what it calls from the earlier ones)
 - :mod:`.buckets`   — per-bucket reductions: max |g|, Δ = max/s, ‖g‖₂, the nested checksum;
 - :mod:`.rotation`  — the shared randomized Hadamard rotation of each bucket and its inverse;
 - :mod:`.packing`   — b-bit and base-ρ packing, modular addition of packed symbols;
+- :mod:`.rans`      — entropy coding of symbols with a static table (chunked byte-wise rANS);
 - :mod:`.fields`    — summable fields: base-R digits in exact float64 words and back;
 - :mod:`.dqsg`      — DQSG encode/decode and the own-scale aggregate;
 - :mod:`.fused`     — DQSG's fused passes: gradient to packed payload or summable fields and back;
@@ -52,14 +53,14 @@ import inspect
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import buckets, dqsg, fields, fused, nested, packing, qsgd, rotation, scalars, strata, streams
+from . import buckets, dqsg, fields, fused, nested, packing, qsgd, rans, rotation, scalars, strata, streams
 from .constants import GF_POLY, GPU_FIELD_SCRATCH, GPU_SPAN, SHARED_PERM, SHARED_SHIFT, SHARED_V
 
 __all__ = ["GF_POLY", "GPU_FIELD_SCRATCH", "GPU_SPAN", "SHARED_PERM", "SHARED_SHIFT", "SHARED_V", "BUILDERS", "build"]
 
 #: the builders of the modules above, in the order that gives each one what it calls
-BUILDERS = (scalars.build, strata.build, streams.build, buckets.build, rotation.build, packing.build, fields.build,
-            dqsg.build, fused.build, nested.build, qsgd.build)
+BUILDERS = (scalars.build, strata.build, streams.build, buckets.build, rotation.build, packing.build, rans.build,
+            fields.build, dqsg.build, fused.build, nested.build, qsgd.build)
 
 
 def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = None) -> SimpleNamespace:

@@ -22,6 +22,7 @@ SCHEMES: dict[str, tuple[Callable, str]] = {
     "dqsg-independent-allreduce": (lambda: hvdquant.DQSG(3, 128, "independent"), "allreduce"),
     "dqsg-rotated-allreduce": (lambda: hvdquant.DQSG(1, 128, rotation="hadamard"), "allreduce"),
     "dqsg-rotated-scatter": (lambda: hvdquant.DQSG(3, 100, rotation="hadamard"), "scatter_reduce"),
+    "dqsg-rans-allgather": (lambda: hvdquant.DQSG(3, 128, rotation="hadamard", coding="rans"), "allgather"),
     "ndqsg-sum-allreduce": (lambda: hvdquant.NDQSG((3, 1), 128, adaptive=False), "allreduce"),
     "ndqsg-sum-adaptive-allreduce": (lambda: hvdquant.NDQSG((3, 1), 128, adaptive=True), "allreduce"),
     "dqsg-allgather": (lambda: hvdquant.DQSG(1, 128), "allgather"),

@@ -31,6 +31,16 @@ def nested_decode_with_kout(n):
     return ghat, kout
 
 
+def rans_roundtrip(n):
+    """Skewed symbols over 7 values (one absent), encoded then decoded; n spans several chunks here."""
+    m = n * 40  # 0 … 20680 symbols: up to 3 chunks of ops.RANS_CHUNK
+    sym = torch.multinomial(torch.tensor([0.02, 0.1, 0.5, 0.0, 0.3, 0.07, 0.01]), m, replacement=True,
+                            generator=torch.Generator().manual_seed(n)).to(torch.uint8) if m else \
+        torch.empty(0, dtype=torch.uint8)
+    freq, lengths, stream = ops.rans_encode(sym, torch.bincount(sym, minlength=7))
+    return freq, lengths, stream, ops.rans_decode(freq, lengths, stream, m)
+
+
 CASES = {
     "dither": lambda n: (ops.dither(n, KEY),),
     "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
@@ -70,6 +80,7 @@ CASES = {
     "hadamard": lambda n: (ops.hadamard_rotate(g_of(n), 256, KEY), ops.hadamard_rotate(g_of(n), 100, STRAT3),
                            ops.hadamard_rotate(g_of(n), 64, KEY, inverse=True),
                            ops.hadamard_rotate(g_of(n), 512, KEY, inverse=True)),
+    "rans": lambda n: rans_roundtrip(n),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),
     "qsgd": lambda n: (ops.qsgd_encode(g_of(n), ops.bucket_l2(g_of(n), 64), 64, 4, KEY),
