@@ -40,11 +40,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Layout, Recover, TensorContext, all_finite, check_int, flat32
+from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
-ROTATIONS = ("none", "hadamard")
 CODINGS = ("fixed", "rans")
 
 
@@ -76,18 +76,19 @@ class DQSG(Codec):
         dither, its stratified form otherwise (the stratified dither depends on P)."""
         return key.stratified(ranks) if self.dither == "stratified" else key
 
+    @property
+    def rotator(self) -> Rotation:
+        """The shared rotation of the buckets (:class:`~hvdquant.codecs.rotation.Rotation`)."""
+        return Rotation(self.rotation, self.bucket_size)
+
     def rotate(self, g: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """R g (a rotated copy; float32, flat) with the signs of (key.seed, key.step, key.tensor_id),
         or ``g`` itself without rotation."""
-        if self.rotation == "none":
-            return g
-        return ops.hadamard_rotate(flat32(g).clone(), self.bucket_size, key)
+        return self.rotator.rotate(flat32(g), key)
 
     def unrotate(self, x: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """R⁻¹ x in place (x: flat float32, owned by the caller); ``x`` unchanged without rotation."""
-        if self.rotation == "none":
-            return x
-        return ops.hadamard_rotate(x, self.bucket_size, key, inverse=True)
+        return self.rotator.unrotate(x, key)
 
     @property
     def symbols(self) -> int:

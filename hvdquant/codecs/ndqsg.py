@@ -65,6 +65,7 @@ from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.nested_aggregate import RankOrderDecoder
 from hvdquant.codecs.nesting import NestingPolicy, candidate_ratios
 from hvdquant.codecs.recovery import RecoveryProtocol, locate_stages
+from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.codecs.state import require_state
 from hvdquant.kernels import ops, sizes
 from hvdquant.stats import DecodeStats
@@ -85,6 +86,7 @@ class NDQSG(Codec):
     dither: str = "independent"
     adaptive: bool = True
     locate: bool | None = None  # locate failed buckets' wrong coordinates first; None: iff adaptive
+    rotation: str = "none"  # "hadamard": every sender quantizes the shared rotation of g (payload paths)
 
     scheme = "ndqsg"
     summable = True  # coset indices sum (transports.summed.NestedSum)
@@ -164,12 +166,20 @@ class NDQSG(Codec):
     def formula_bits(self, n: int, ctx: TensorContext) -> float:
         return 8.0 * layout_bytes(self.layout(n, ctx)) / n if n else 0.0
 
+    @property
+    def rotator(self) -> Rotation:
+        """The shared rotation (docs/ALGORITHMS.md §10): with ``rotation="hadamard"`` every sender
+        encodes R g, side information and the decoded mean live in rotated coordinates, and the mean
+        (or one sender's reconstruction) is rotated back once."""
+        return Rotation(self.rotation, self.bucket_size)
+
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
         """DQSG(s₁), or for a nested sender: Δ_b, the checksum Σ_j w_j·k_j mod 2^32 and the cosets
-        (k + ⌊ρ/2⌋) mod ρ per bucket, keeping the source for a recovery reply."""
+        (k + ⌊ρ/2⌋) mod ρ per bucket, keeping the source for a recovery reply (of R g, with a rotation)."""
+        flat = self.rotator.rotate(flat32(g), ctx.key)
         if not self._nested_sender(ctx):
-            return self.fine.encode(g, ctx)
-        flat, fine = flat32(g), self.fine
+            return self.fine.encode(flat, ctx)
+        fine = self.fine
         delta = fine.step_size(fine.bucket_absmax(flat))
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
@@ -183,24 +193,26 @@ class NDQSG(Codec):
     def decode(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor | None = None) -> torch.Tensor:
         """One sender alone. A nested payload needs side information ``side`` (an estimate of g)."""
         if "cosets" not in enc.fields:
-            return self.fine.decode(enc, ctx)
+            return self.rotator.unrotate(self.fine.decode(enc, ctx), ctx.key)
         if side is None:
             raise ValueError("a nested (coset) payload cannot be decoded without side information")
         key = self.fine.keyed(ctx.key, ctx.ranks)
         rho = self.ratio(ctx.name, self.policy(ctx))
+        side = self.rotator.rotate(flat32(side, "side information"), ctx.key)
         kout, _ = self.resolver.resolve(self.residues(enc, rho), enc.fields["delta"], side, key, 1,
                                         enc.fields["checksum"], rho)
-        return self.fine.decode_sum(kout, enc.fields["delta"], key)
+        return self.rotator.unrotate(self.fine.decode_sum(kout, enc.fields["delta"], key), ctx.key)
 
     def reconstruction(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         """Every receiver decodes a nested payload to DQSG(s₁)'s reconstruction Δ(k − u) of its
         source, exactly (failed buckets are recovered), so that is what this sender's payload is."""
         if "cosets" not in enc.fields:
-            return self.fine.decode(enc, ctx)
+            return self.rotator.unrotate(self.fine.decode(enc, ctx), ctx.key)
         if enc.source is None:
             raise ValueError("this payload kept no source: only a nested sender's own payload has a reconstruction")
         key, delta = self.fine.keyed(ctx.key, ctx.ranks), enc.fields["delta"]
-        return self.fine.decode_sum(self.fine.quantize(enc.source, delta, key), delta, key)
+        return self.rotator.unrotate(self.fine.decode_sum(self.fine.quantize(enc.source, delta, key), delta, key),
+                                     ctx.key)
 
     def recovery_payload(self, enc: Encoded, ctx: TensorContext, requests: list) -> torch.Tensor:
         """This sender's reply to its recovery ``requests`` (:meth:`RecoveryProtocol.reply`)."""
@@ -217,8 +229,10 @@ class NDQSG(Codec):
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
-        """All senders' mean, decoded in rank order (:class:`~hvdquant.codecs.nested_aggregate.RankOrderDecoder`)."""
-        return RankOrderDecoder(self, payloads, ctx).run(recover)
+        """All senders' mean, decoded in rank order (:class:`~hvdquant.codecs.nested_aggregate.RankOrderDecoder`;
+        with a rotation, in rotated coordinates, then rotated back once)."""
+        mean, stats = RankOrderDecoder(self, payloads, ctx).run(recover)
+        return self.rotator.unrotate(mean, ctx.key), stats
 
 
 def _required(policy: NestingPolicy | None) -> NestingPolicy:
@@ -242,6 +256,8 @@ def _validate(codec: NDQSG) -> None:
     check_int("NDQSG", "bucket_size", codec.bucket_size, 1, 1 << 30)
     if not isinstance(codec.adaptive, bool):
         raise TypeError(f"NDQSG adaptive must be a bool, got {type(codec.adaptive).__name__}")
+    if codec.rotation not in ROTATIONS:
+        raise ValueError(f"NDQSG rotation must be one of {ROTATIONS}, got {codec.rotation!r}")
     if codec.locate is not None and not isinstance(codec.locate, bool):
         raise TypeError(f"NDQSG locate must be a bool or None, got {type(codec.locate).__name__}")
     if isinstance(codec.dqsg_fraction, bool) or not isinstance(codec.dqsg_fraction, (int, float)) \

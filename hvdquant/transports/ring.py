@@ -173,6 +173,9 @@ class CosetRing:
     def __init__(self, codec: NDQSG, side=None, comm=None) -> None:
         if not isinstance(codec, NDQSG):
             raise TypeError(f"the coset ring takes an hvdquant.NDQSG codec, got {type(codec).__name__}")
+        if codec.rotation != "none":
+            raise TypeError("the coset ring does not rotate: its side information lives in gradient coordinates "
+                            "(use NDQSG(rotation='none'))")
         from mpi4py import MPI
 
         self.comm = MPI.COMM_WORLD if comm is None else comm

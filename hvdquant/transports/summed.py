@@ -397,6 +397,10 @@ def scheme_for(codec: object) -> DQSGSum | NestedSum:
     (a TypeError says so)."""
     if getattr(codec, "summable", False):
         if isinstance(codec, NDQSG):
+            if codec.rotation != "none":
+                raise TypeError("NDQSG(rotation=...) runs on the payload paths only: the summable path's side "
+                                "information is the previous step's sum in gradient coordinates; use "
+                                "reducer='allgather', or DQSG(rotation='hadamard') on the allreduce")
             return NestedSum(codec.levels, codec.bucket_size, codec.adaptive)
         if isinstance(codec, DQSG):
             if codec.coding != "fixed":

@@ -42,18 +42,26 @@ def test_dqsg_exchange_over_mpi_is_identical_and_within_the_step(reducer):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_ndqsg_exchange_over_mpi_equals_the_fine_dqsg_decode():
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_ndqsg_exchange_over_mpi_equals_the_fine_dqsg_decode(rotation):
     """Nested senders decoded with side information (and recovered where a checksum failed) give
-    exactly DQSG(s₁)'s reconstruction of every sender, averaged in rank order."""
+    exactly DQSG(s₁)'s reconstruction of every sender, averaged in rank order; with a rotation, of
+    every sender's R g, the mean rotated back once."""
+    from hvdquant.kernels import ops
+
     coll = MPICollectives()
-    codec = NDQSG(levels=(3, 1), bucket_size=64, adaptive=False)
+    codec = NDQSG(levels=(3, 1), bucket_size=64, adaptive=False, rotation=rotation)
     ex = make_exchange(codec, "allgather", True, coll)
     out = start(ex, "w", gradient(coll.rank), 5, 2)()
     total = torch.zeros(1000)
     for p in range(coll.size):
         ctx = TensorContext("w", (10, 100), dither_key(5, 2, "w", p), coll.size)
-        total += codec.fine.decode(codec.fine.encode(gradient(p), ctx), ctx)
-    assert torch.equal(out.reshape(-1), total / coll.size)
+        g = codec.rotator.rotate(gradient(p).reshape(-1), ctx.key)
+        total += codec.fine.decode(codec.fine.encode(g, ctx), ctx)
+    mean = total / coll.size
+    if rotation == "hadamard":
+        mean = ops.hadamard_rotate(mean, 64, dither_key(5, 2, "w", 0), inverse=True)
+    assert torch.equal(out.reshape(-1), mean)
     assert same_everywhere(coll, out)
 
 

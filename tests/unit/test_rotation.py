@@ -175,3 +175,16 @@ def test_aggregate_rotates_back_once():
     mean, _ = codec.aggregate(payloads, ctx)
     rotated_mean, _ = plain.aggregate(payloads, ctx)
     assert torch.equal(mean, ops.hadamard_rotate(rotated_mean, 512, KEY, inverse=True))
+
+
+def test_ndqsg_rotation_is_refused_where_side_information_is_in_gradient_coordinates():
+    """NDQSG rotates on the payload paths (tests/mpi/test_exchange_mpi.py); the summable path and the
+    coset ring decode against side information kept across steps in gradient coordinates: refused."""
+    from hvdquant import NDQSG
+    from hvdquant.transports.summed import scheme_for
+
+    with pytest.raises(TypeError, match="payload paths only"):
+        scheme_for(NDQSG((3, 1), 64, rotation="hadamard"))
+    with pytest.raises(ValueError, match="rotation"):
+        NDQSG((3, 1), 64, rotation="fourier")
+    assert scheme_for(DQSG(1, 64, rotation="hadamard")).rotation == "hadamard"
