@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .constants import F32_ONE, SHARED_SIGNS, U64_ONE
+from .constants import F32_ONE, SHARED_SIGNS, U64_ONE, U64_ZERO
 
 SIGNS = np.uint64(SHARED_SIGNS)
 SIGN_GROUP = 128  # signs per Philox block: 4 lanes of 32 bits
@@ -75,20 +75,41 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane) -> SimpleNamespace
                 x[j + h] = a - c
 
     @leaf
-    def walsh_hadamard(x, i0, m):
+    def first_strides(x, s, flip, word, shift):
+        """Strides 1, 2 and 4 of x[s : s+8] in registers; with ``flip``, coordinate s + j is first
+        negated where bit shift + j of ``word`` is set (D fused into the first load)."""
+        a0, a1, a2, a3 = x[s], x[s + 1], x[s + 2], x[s + 3]
+        a4, a5, a6, a7 = x[s + 4], x[s + 5], x[s + 6], x[s + 7]
+        if flip:
+            a0, a1, a2, a3 = signed(a0, word, shift), signed(a1, word, shift + 1), \
+                signed(a2, word, shift + 2), signed(a3, word, shift + 3)
+            a4, a5, a6, a7 = signed(a4, word, shift + 4), signed(a5, word, shift + 5), \
+                signed(a6, word, shift + 6), signed(a7, word, shift + 7)
+        b0, b1, b2, b3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
+        b4, b5, b6, b7 = a4 + a5, a4 - a5, a6 + a7, a6 - a7
+        c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3
+        c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
+        x[s], x[s + 1], x[s + 2], x[s + 3] = c0 + c4, c1 + c5, c2 + c6, c3 + c7
+        x[s + 4], x[s + 5], x[s + 6], x[s + 7] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
+
+    @leaf
+    def walsh_hadamard(x, i0, m, flip, step, tid, key0, key1):
         """x[i0 : i0+m] ← H_m x[i0 : i0+m] in place (m a power of two): strides 1, 2, 4, … m/2 in
-        order; strides 1–4 in registers per 8 coordinates, then strides h and 2h in one pass."""
+        order; strides 1–4 in registers per 8 coordinates, then strides h and 2h in one pass. With
+        ``flip`` (m ≥ 8 and i0 a multiple of 8: every group of 8 lies in one 32-bit sign word), the
+        piece is first multiplied by D, in the same registers."""
         h = 1
         if m >= 8:
+            group = -1
+            r0 = r1 = r2 = r3 = U64_ZERO
             for s in range(i0, i0 + m, 8):
-                a0, a1, a2, a3 = x[s], x[s + 1], x[s + 2], x[s + 3]
-                a4, a5, a6, a7 = x[s + 4], x[s + 5], x[s + 6], x[s + 7]
-                b0, b1, b2, b3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
-                b4, b5, b6, b7 = a4 + a5, a4 - a5, a6 + a7, a6 - a7
-                c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3
-                c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
-                x[s], x[s + 1], x[s + 2], x[s + 3] = c0 + c4, c1 + c5, c2 + c6, c3 + c7
-                x[s + 4], x[s + 5], x[s + 6], x[s + 7] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
+                word = U64_ZERO
+                if flip:
+                    if s // SIGN_GROUP != group:
+                        group = s // SIGN_GROUP
+                        r0, r1, r2, r3 = philox4x32(np.uint64(group), step, tid, SIGNS, key0, key1)
+                    word = lane(r0, r1, r2, r3, (s // 32) % 4)
+                first_strides(x, s, flip, word, s % 32)
             h = 8
             while 4 * h <= m:
                 for start in range(i0, i0 + m, 4 * h):
@@ -107,8 +128,6 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane) -> SimpleNamespace
         piece of 2^k coordinates, or its inverse D 2^−⌈k/2⌉ H x (``inverse`` = 1)."""
         i0 = b * bucket
         i1 = min(x.shape[0], i0 + bucket)
-        if inverse == 0:
-            flip_signs(x, i0, i1, step, tid, key0, key1)
         pos = i0
         while pos < i1:
             m = 1
@@ -116,15 +135,18 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane) -> SimpleNamespace
             while 2 * m <= i1 - pos:
                 m *= 2
                 k += 1
-            walsh_hadamard(x, pos, m)
+            fused = inverse == 0 and m >= 8 and pos % 8 == 0
+            if inverse == 0 and not fused:
+                flip_signs(x, pos, pos + m, step, tid, key0, key1)
+            walsh_hadamard(x, pos, m, fused, step, tid, key0, key1)
             shift = k // 2 if inverse == 0 else k - k // 2
             if shift > 0:
                 scale = F32_ONE / np.float32(1 << shift)
                 for j in range(pos, pos + m):
                     x[j] = x[j] * scale
+            if inverse != 0:
+                flip_signs(x, pos, pos + m, step, tid, key0, key1)
             pos += m
-        if inverse != 0:
-            flip_signs(x, i0, i1, step, tid, key0, key1)
 
-    return SimpleNamespace(signed=signed, flip_signs=flip_signs, stride_pass=stride_pass,
+    return SimpleNamespace(signed=signed, flip_signs=flip_signs, stride_pass=stride_pass, first_strides=first_strides,
                            walsh_hadamard=walsh_hadamard, hadamard_rotate=hadamard_rotate)
