@@ -156,7 +156,7 @@ def methods(quick: bool) -> dict[str, tuple[str, Callable]]:
             family = f"DQSG {dither}" + (" + rotation" if rotation == "hadamard" else "")
             for s in (1, 3) if quick else (1, 2, 3, 7):
                 add(family, f"dqsg-{dither[:5]}-{rotation[:4]}-s{s}", DQSG(s, 512, dither, rotation))
-    for s in (1, 3) if quick else (1, 2, 3, 7, 15):
+    for s in (1, 3) if quick else (1, 2, 3, 4, 5, 7, 11, 15):
         add(ENTROPY_CODED, f"dqsg-strat-hada-rans-s{s}", DQSG(s, 512, "stratified", "hadamard", "rans"))
     for s in (1, 4) if quick else (1, 2, 4, 8):
         add("QSGD + Elias", f"qsgd-elias-s{s}", QSGD(s, 512, "l2", "elias"))
