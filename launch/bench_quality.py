@@ -158,8 +158,11 @@ def plot(found: dict, links: list[str], path: Path) -> None:
             ax.set_ylabel("validation loss (nats/byte)")
             ax.set_title(f"{link}: validation loss against {xlabel.split(' ')[0]} (mean over seeds)")
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=6, frameon=False, fontsize=8)
+    legend: dict[str, object] = {}  # every method of every link, once (links may run different methods)
+    for row in axes:
+        for handle, label in zip(*row[0].get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=6, frameon=False, fontsize=8)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
