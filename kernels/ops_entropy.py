@@ -51,6 +51,12 @@ def _cumulative(freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cum.to(torch.int32), slots
 
 
+def _chunk_offsets(lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(where each chunk starts in the stream, as int64; the stream's total bytes)."""
+    sizes = lengths.to(torch.int64)
+    return torch.cumsum(sizes, 0) - sizes, int(sizes.sum())
+
+
 def rans_encode(symbols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(freq, lengths, stream) of uint8 ``symbols`` whose histogram is ``counts`` (one entry per symbol
     value, at most 256: e.g. ``torch.bincount(symbols, minlength=alphabet)``); ``freq`` on the CPU,
@@ -71,8 +77,8 @@ def rans_encode(symbols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tens
     region = 2 * RANS_CHUNK + CHUNK_SLACK
     scratch = torch.empty(chunks * region, dtype=torch.uint8, device=device)
     launch(table.rans_encode, chunks, symbols, RANS_CHUNK, f_dev, c_dev, region, scratch, lengths)
-    offsets = torch.cumsum(lengths.to(torch.int64), 0) - lengths.to(torch.int64)
-    stream = torch.empty(int(lengths.to(torch.int64).sum()), dtype=torch.uint8, device=device)
+    offsets, total = _chunk_offsets(lengths)
+    stream = torch.empty(total, dtype=torch.uint8, device=device)
     launch(table.rans_gather, chunks, scratch, region, lengths, offsets, stream)
     return freq, lengths, stream
 
@@ -91,7 +97,7 @@ def rans_decode(freq: torch.Tensor, lengths: torch.Tensor, stream: torch.Tensor,
     if bool((f < 0).any()) or (n and int(f.sum()) != PROB_SCALE):
         raise ValueError(f"freq is not a rANS table: entries must be ≥ 0 and sum to {PROB_SCALE}")
     vec("lengths", lengths, torch.int32, chunks)
-    total = int(lengths.to(torch.int64).sum()) if chunks else 0
+    offsets, total = _chunk_offsets(lengths)
     if total != stream.numel() or bool((lengths < 0).any()):
         raise ValueError(f"chunk lengths add up to {total} bytes, the stream has {stream.numel()}")
     out = output(out, "out", n, torch.uint8, stream)
@@ -99,9 +105,8 @@ def rans_decode(freq: torch.Tensor, lengths: torch.Tensor, stream: torch.Tensor,
         return out
     device = stream.device
     cum, slots = _cumulative(f)
-    offsets = torch.cumsum(lengths.to(torch.int64), 0) - lengths.to(torch.int64)
     status = torch.zeros(chunks, dtype=torch.int32, device=device)
-    launch(table.rans_decode, chunks, stream, offsets, lengths.to(torch.int64), RANS_CHUNK, n,
+    launch(table.rans_decode, chunks, stream, offsets, lengths, RANS_CHUNK, n,
            f.to(device=device, dtype=torch.int32), cum.to(device), slots.to(device), out, status)
     bad = torch.nonzero(status).reshape(-1)
     if bad.numel():

@@ -332,16 +332,15 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def best_below(rows: list[dict], data: str, senders: int, pred: Callable[[dict], bool], budget: float,
-               bits: str = "bits_per_coordinate") -> dict | None:
-    """The lowest-error row among ``pred``'s methods whose ``bits`` are at most ``budget``."""
+def best_below(rows: list[dict], data: str, senders: int, pred: Callable[[dict], bool], budget: float) -> dict | None:
+    """The lowest-error row among ``pred``'s methods that hand over at most ``budget`` bits per coordinate."""
     sel = [r for r in rows if r["data"] == data and r["senders"] == senders and pred(r)
-           and r[bits] is not None and r[bits] <= budget and at_zero_correlation(r)]
+           and r["bits_per_coordinate"] <= budget and at_zero_correlation(r)]
     return min(sel, key=lambda r: r["normalised_error"], default=None)
 
 
-def cell(r: dict | None, bits: str = "bits_per_coordinate") -> tuple[str, str]:
-    return (f"{r['method']} ({r[bits]:.2f})", f"{r['normalised_error']:.3g}") if r else ("–", "–")
+def cell(r: dict | None) -> tuple[str, str]:
+    return (f"{r['method']} ({r['bits_per_coordinate']:.2f})", f"{r['normalised_error']:.3g}") if r else ("–", "–")
 
 
 def ratio(a: dict | None, b: dict | None) -> str:
