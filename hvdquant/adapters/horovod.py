@@ -46,6 +46,7 @@ from hvdquant.stats import CommStats, DecodeStats, nbytes
 from hvdquant.transports.collectives import HorovodCollectives, check_finite_output, horovod
 from hvdquant.transports.exchange import make_exchange
 from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.groups import GROUP_THRESHOLD
 from hvdquant.transports.session import Session, check_seed
 from hvdquant.transports.summed import SummedExchange, scheme_for
 
@@ -116,26 +117,33 @@ class SummedCompression:
     :class:`~hvdquant.transports.session.Session` (agreement, seed, step counters, checkpoint).
 
     ``compress`` never waits on other ranks after the first step (whose configuration agreement is
-    one blocking allgather): it starts the exchange of the tensor (the MAX allreduce of its bucket
-    maxima) and hands Horovod one float64 word, 1.0, in host memory whatever the gradient's device
-    (Horovod's CPU-only build reduces it as it is). Horovod sums or averages the words; the reduced
-    word, c·P, reveals the factor c Horovod applied (Sum: 1, Average: 1/P, pre/postscale factors).
-    The first ``decompress`` of a step exchanges every tensor compressed since the last one in a
-    single fused allreduce; each ``decompress`` returns c · Σ_p ĝ_p for its tensor. ``stats``
+    one blocking allgather): it starts the exchange of the tensor and hands Horovod one float64 word,
+    1.0, in host memory whatever the gradient's device (Horovod's CPU-only build reduces it as it
+    is). Horovod sums or averages the words; the reduced word, c·P, reveals the factor c Horovod
+    applied (Sum: 1, Average: 1/P, pre/postscale factors). The first step's tensors are exchanged
+    together at the first ``decompress``; from the second step on, tensors travel in groups of at
+    least ``group_threshold`` gradient bytes cut from rank 0's first-step hook order
+    (:mod:`hvdquant.transports.groups`): a group's MAX round starts once its last tensor is
+    compressed and its fields' SUM round once the maxima are in, while backward still runs, as
+    Horovod's own allreduces do. ``group_threshold=None`` keeps everything for the first
+    ``decompress`` (one MAX and one SUM round per step). Each ``decompress`` returns c · Σ_p ĝ_p
+    for its tensor; the groups change when the fields travel, not the result's bits. ``stats``
     measures the bytes handed to Horovod (scales and words included); ``entropy_bits_per_coordinate``
     is the zeroth-order entropy of the indices sent beside it."""
 
-    def __init__(self, codec: DQSG | NDQSG, seed: int | None = None) -> None:
+    def __init__(self, codec: DQSG | NDQSG, seed: int | None = None,
+                 group_threshold: int | None = GROUP_THRESHOLD) -> None:
         check_seed(seed)
         scheme_for(codec)  # refuses a codec whose payloads cannot be summed
-        self._codec, self._seed = codec, seed
+        self._codec, self._seed, self._group_threshold = codec, seed, group_threshold
         self._session: Session | None = None
 
     @property
     def session(self) -> Session:
         """The job's session, made at first use (after ``hvd.init()``)."""
         if self._session is None:
-            exchange = make_exchange(self._codec, "allreduce", False, HorovodCollectives())
+            exchange = make_exchange(self._codec, "allreduce", False, HorovodCollectives(),
+                                     group_threshold=self._group_threshold)
             self._session = Session(exchange, self._seed, "hvdquant")
         return self._session
 
@@ -202,14 +210,16 @@ class DQSGCompression(SummedCompression):
     :class:`~hvdquant.codecs.DQSG` (``"stratified"``: decoding the sum regenerates one dither stream
     whatever the number of ranks; ``rotation="hadamard"``: buckets rotated by the shared randomized
     Hadamard transform, the summed indices rotated back once);
-    ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``. At the first
+    ``seed``: the dither seed; ``None`` takes rank 0's ``torch.initial_seed()``;
+    ``group_threshold``: gradient bytes per group sent during backward (:class:`SummedCompression`). At the first
     exchange all ranks exchange their configuration and fail with an error naming the first rank
     whose levels, bucket size, dither, rotation or seed differ from rank 0's. Dithers are keyed by (seed, step,
     tensor name, sender): the step counts the calls per tensor name, so they never depend on hook order."""
 
     def __init__(self, levels: int = 1, bucket_size: int = 512, seed: int | None = None,
-                 dither: str = "stratified", rotation: str = "none") -> None:
-        super().__init__(DQSG(levels, bucket_size, dither, rotation), seed)
+                 dither: str = "stratified", rotation: str = "none",
+                 group_threshold: int | None = GROUP_THRESHOLD) -> None:
+        super().__init__(DQSG(levels, bucket_size, dither, rotation), seed, group_threshold)
 
 
 class NestedSumCompression(SummedCompression):
@@ -220,8 +230,8 @@ class NestedSumCompression(SummedCompression):
     ``adaptive=True`` nests a tensor only while that pays (:class:`~hvdquant.transports.summed.NestedSum`)."""
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None,
-                 adaptive: bool = True) -> None:
-        super().__init__(NDQSG(levels, bucket_size, adaptive=adaptive), seed)
+                 adaptive: bool = True, group_threshold: int | None = GROUP_THRESHOLD) -> None:
+        super().__init__(NDQSG(levels, bucket_size, adaptive=adaptive), seed, group_threshold)
 
 
 def _not_summable(scheme: str, example: str):
@@ -247,7 +257,8 @@ class Compression:
     onebit = _not_summable("OneBitSGD", "hvdquant.OneBitSGD()")
 
     @staticmethod
-    def for_codec(codec: Any, seed: int | None = None) -> SummedCompression:
+    def for_codec(codec: Any, seed: int | None = None, group_threshold: int | None = GROUP_THRESHOLD
+                  ) -> SummedCompression:
         """The stock-path object for a summable codec (DQSG, NDQSG); others refuse, naming the payload path."""
         from hvdquant.codecs.base import Codec
 
@@ -256,4 +267,4 @@ class Compression:
         if not codec.summable:
             name = type(codec).__name__
             _not_summable(name, f"hvdquant.{name}(...)").__func__()
-        return SummedCompression(codec, seed)
+        return SummedCompression(codec, seed, group_threshold)

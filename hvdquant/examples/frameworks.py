@@ -46,13 +46,15 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.
         if args.compression in ("qsgd", "onebit", "topk", "lgc"):
             raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
                              "use --reducer allgather or scatter_reduce (hvdquant.DistributedOptimizer)")
+        groups = args.group_bytes or None
         comp = {"none": lambda: hvdquant.Compression.metered(hvd.Compression.none),
                 "fp16": lambda: hvdquant.Compression.metered(hvd.Compression.fp16),
                 "dqsg": lambda: hvdquant.Compression.dqsg(levels=args.levels, bucket_size=args.bucket_size,
                                                           seed=args.seed, dither=args.dither,
-                                                          rotation=args.rotation),
+                                                          rotation=args.rotation, group_threshold=groups),
                 "ndqsg": lambda: hvdquant.Compression.ndqsg(levels=(args.levels, args.coarse_levels),
-                                                            bucket_size=args.bucket_size, seed=args.seed),
+                                                            bucket_size=args.bucket_size, seed=args.seed,
+                                                            group_threshold=groups),
                 }[args.compression]()
         dist = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), compression=comp, op=op)
         return dist, lambda: {"bits_per_coordinate": comp.stats.bits_per_coordinate,

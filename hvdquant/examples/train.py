@@ -46,6 +46,7 @@ from tqdm import tqdm
 from hvdquant.examples.frameworks import DDPJob, HorovodJob
 from hvdquant.examples.tasks import TASKS, Task
 from hvdquant.kernels import ops
+from hvdquant.transports.groups import GROUP_THRESHOLD
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rotation", choices=["none", "hadamard"], default="none",
                    help="DQSG: rotate each bucket by the shared randomized Hadamard transform before quantizing "
                         "(heavy-tailed gradients: much less error at the same bits)")
+    p.add_argument("--group-bytes", type=int, default=GROUP_THRESHOLD,
+                   help="Horovod stock dqsg/ndqsg: gradient bytes per group whose fields are sent while backward "
+                        "runs (0: every tensor after backward, in one round)")
     p.add_argument("--coarse-levels", type=int, default=1, help="NDQSG s2 (nesting ratio = s1/s2)")
     p.add_argument("--dqsg-fraction", type=float, default=0.5, help="NDQSG: fraction of ranks sending DQSG(s1)")
     p.add_argument("--error-feedback", action="store_true",

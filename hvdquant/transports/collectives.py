@@ -35,12 +35,19 @@ T = TypeVar("T")
 Parts = list[torch.Tensor | None]  # one entry per rank; None where that rank was poisoned
 
 
+def _complete() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Started(Generic[T]):
-    """A collective in flight: ``wait()`` completes it; ``nbytes`` were handed to it by this rank."""
+    """A collective in flight: ``wait()`` completes it; ``nbytes`` were handed to it by this rank;
+    ``done()`` says, without waiting, whether ``wait()`` would return at once (always true for
+    collectives that completed when started)."""
 
     wait: Callable[[], T]
     nbytes: int
+    done: Callable[[], bool] = _complete
 
 
 class Collectives(Protocol):
@@ -119,7 +126,8 @@ class HorovodCollectives:
         if op not in ops:
             raise ValueError(f"allreduce op={op!r} must be one of {sorted(ops)}")
         handle = hvd.allreduce_async(self._staged(tensor), op=ops[op], name=name)
-        return Started(lambda: self._result(handle).to(tensor.device), tensor.numel() * tensor.element_size())
+        return Started(lambda: self._result(handle).to(tensor.device), tensor.numel() * tensor.element_size(),
+                       lambda: hvd.poll(handle))
 
     def allgather_bytes(self, buf: torch.Tensor | None, name: str) -> Started[Parts]:
         hvd = horovod()

@@ -66,11 +66,14 @@ class Exchange(Protocol):
 
 
 def make_exchange(codec: Codec | LGC, reducer: str, average: bool, collectives: Collectives,
-                  fusion_threshold: int = FUSION_THRESHOLD) -> Exchange:
+                  fusion_threshold: int = FUSION_THRESHOLD, group_threshold: int | None = None) -> Exchange:
     """The exchange for ``codec`` over ``reducer``: "allreduce" (summable codecs: DQSG, NDQSG),
     "allgather" or "scatter_reduce" (any codec; LGC runs its own protocol on "allgather").
-    Payloads are fused into groups of at most ``fusion_threshold`` gradient bytes. ``collectives``
-    may be a callable returning them (made at first use, after the framework is initialised)."""
+    Payloads are fused into groups of at most ``fusion_threshold`` gradient bytes. On "allreduce",
+    ``group_threshold`` sends rank-agreed groups of at least that many gradient bytes while the
+    hooks run (collectives matched by name only: :class:`~hvdquant.transports.summed.SummedExchange`).
+    ``collectives`` may be a callable returning them (made at first use, after the framework is
+    initialised)."""
     if reducer not in REDUCERS:
         raise ValueError(f"reducer={reducer!r} must be one of {REDUCERS}")
     if isinstance(codec, LGC):  # a staged protocol of its own
@@ -81,5 +84,5 @@ def make_exchange(codec: Codec | LGC, reducer: str, average: bool, collectives: 
     if not isinstance(codec, Codec):
         raise TypeError(f"codec must be an hvdquant codec (hvdquant.DQSG(...), ...), got {type(codec).__name__}")
     if reducer == "allreduce":
-        return SummedExchange(scheme_for(codec), average, collectives)
+        return SummedExchange(scheme_for(codec), average, collectives, group_threshold)
     return PayloadExchange(codec, reducer, average, collectives, fusion_threshold)

@@ -4,20 +4,22 @@ With one step Δ_b per bucket common to all ranks (docs/ALGORITHMS.md §3), ever
 integer indices into summable float64 fields (:class:`SumMessage`); a SUM allreduce of the words
 gives the exact index sums, from which one decoder returns Σ_p ĝ_p.
 
-**Fused, and never waiting in the gradient hook.** ``start(buffer)`` only computes the per-bucket
-max|g| of the buffer's compressed segments and *starts* one MAX allreduce of them all. The first
-finisher called exchanges every buffer started since the last exchange: it waits for the maxima,
-quantizes every tensor with its common step straight into its fields, and sums the fields of *all*
-tensors in **one** allreduce (plus, for nested decoding, one fused recovery round); uncompressed
-segments travel in one allgather and are summed in rank order. A step costs a fixed number of
-rounds however many tensors the model has; tensors go in sorted name order, so every rank packs the
-same layout whatever order the hooks fired in. A non-finite gradient shows as a non-finite agreed
-maximum on every rank, and every rank raises ``FloatingPointError`` naming the tensor.
+**Fused, and never waiting in the gradient hook.** ``start(buffer)`` only rotates (if the codec
+rotates) and takes the per-bucket max|g| of the buffer's compressed segments. The first finisher
+called exchanges every buffer started since the last exchange: one MAX allreduce of all maxima, then
+each tensor quantized with its common step straight into its fields, and the fields of *all*
+tensors summed in **one** allreduce (plus, for nested decoding, one fused recovery round);
+uncompressed segments travel in one allgather and are summed in rank order. A step costs a fixed
+number of rounds however many tensors the model has; tensors go in sorted name order, so every
+rank packs the same layout whatever order the hooks fired in. With ``group_threshold`` (Horovod's
+stock path) the same rounds run per rank-agreed group while backward still runs
+(:mod:`hvdquant.transports.groups`). A non-finite gradient shows as a non-finite agreed maximum on
+every rank, and every rank raises ``FloatingPointError`` naming the tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,26 +30,30 @@ from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.nesting import NestingPolicy
-from hvdquant.kernels import DitherKey, ops, sizes
+from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import Collectives, Started, check_finite_output, raise_if_poisoned, rank_order_sum
 from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.groups import GroupPlan, group_tag
 from hvdquant.transports.payload import check_kind, statistics
 from hvdquant.transports.summable import SumFieldLayout, SumMessage
 
 
 @dataclass(frozen=True)
 class Pending:
-    """One compressed tensor of a started buffer: its name, step and flat float32 gradient."""
+    """One compressed tensor waiting for its group: name, step, this rank's key, what is quantized
+    (the flat float32 gradient, rotated if the codec rotates) and its per-bucket max|·|."""
 
     name: str
     step: int
+    key: DitherKey
     source: torch.Tensor
+    absmax: torch.Tensor
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """One tensor of an exchange after its step is agreed: Δ_b and this rank's dither key."""
+    """One tensor of a round after its step is agreed: Δ_b and this rank's dither key."""
 
     item: Pending
     delta: torch.Tensor
@@ -55,13 +61,24 @@ class Quantized:
 
 
 @dataclass
+class _Group:
+    """Compressed tensors exchanged together (sorted by name): the MAX allreduce of their bucket
+    maxima, then the scheme's rounds (``sums`` waits for them and decodes), or the error every rank
+    raises for it."""
+
+    tensors: list[Pending]
+    tag: str
+    maxima: Started[torch.Tensor]
+    rounds: list[Quantized] | None = None
+    sums: Callable[[], dict[str, torch.Tensor]] | None = None
+    error: tuple[str, str] | None = None  # (first non-finite tensor's name, message)
+
+
+@dataclass
 class _Started:
-    """A started buffer, the MAX allreduce of its compressed segments' bucket maxima, and, once
-    exchanged, its flat result (or the error every rank raised)."""
+    """A started buffer and, once exchanged, its flat result (or the error every rank raised)."""
 
     buffer: FusedBuffer
-    maxima: Started[torch.Tensor] | None
-    sources: dict[str, torch.Tensor]  #: per compressed segment, what is quantized (rotated, if the codec rotates)
     result: torch.Tensor | None = None
     error: str | None = None
     finished: bool = False
@@ -69,18 +86,36 @@ class _Started:
 
 class SummedExchange:
     """A summable scheme (:class:`DQSGSum` or :class:`NestedSum`) over a summable allreduce: fused
-    rounds and measured statistics; the scheme decides what the rounds send and how their sums decode."""
+    rounds and measured statistics; the scheme decides what the rounds send and how their sums decode.
+
+    ``group_threshold`` (gradient bytes; ``None``: no groups) sends the compressed tensors in
+    rank-agreed groups (:class:`~hvdquant.transports.groups.GroupPlan`) while the hooks still run:
+    a completed group starts its MAX round at once, and its fields are quantized and their SUM
+    round started at the first later ``start`` that finds the maxima arrived (a poll: it never
+    waits). Only for collectives matched by name (Horovod): when a group is sent then depends on
+    timing, which differs between ranks. Groups change when fields travel, not what is summed:
+    every sum is exact, so the results are the same bits as without groups."""
 
     kind = "summed"
 
-    def __init__(self, scheme: DQSGSum | NestedSum, average: bool, collectives: Collectives) -> None:
+    def __init__(self, scheme: DQSGSum | NestedSum, average: bool, collectives: Collectives,
+                 group_threshold: int | None = None) -> None:
+        if group_threshold is not None and (isinstance(group_threshold, bool) or not isinstance(group_threshold, int)
+                                            or group_threshold <= 0):
+            raise ValueError(f"group_threshold must be a positive int (gradient bytes) or None, "
+                             f"got {group_threshold!r}")
         self.scheme, self.average, self.coll = scheme, average, collectives
         self.codec = scheme.fine
+        self.group_threshold = group_threshold
+        self.plan: GroupPlan | None = None  # agreed at the first exchange when grouping
         self.stats = CommStats()  # every byte handed to the collectives
         self.payload = CommStats()  # those of the compressed tensors (maxima, fields, recovery)
         self.decode_stats = DecodeStats()
         self.entropy_bits = 0.0  # Σ n·(empirical entropy of the symbols sent) + side bits
         self._open: list[_Started] = []
+        self._pending: dict[str, Pending] = {}  # started, not yet in a launched group
+        self._groups: list[_Group] = []  # launched since the last exchange
+        self._order: list[tuple[str, int]] = []  # compressed tensors in start order, until the plan
 
     @property
     def entropy_bits_per_coordinate(self) -> float:
@@ -88,7 +123,8 @@ class SummedExchange:
         return self.entropy_bits / pc if pc else float("nan")
 
     def config(self) -> dict[str, Any]:
-        return {"exchange": self.kind, "scheme": self.scheme.config(), "average": self.average}
+        return {"exchange": self.kind, "scheme": self.scheme.config(), "average": self.average,
+                "group_threshold": self.group_threshold}
 
     def statistics(self) -> dict:
         return statistics(self.stats, self.payload, self.entropy_bits, self.decode_stats)
@@ -108,23 +144,26 @@ class SummedExchange:
 
     # ------------------------------------------------------------------ in the gradient hook
     def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
-        """Queue ``buffer`` for the next exchange and start the MAX allreduce of its compressed
-        segments' per-bucket maxima."""
+        """Queue ``buffer`` for the next exchange: rotate its compressed segments (if the codec
+        rotates) and take their per-bucket maxima; with a plan, launch the groups it completes and
+        send those whose maxima have arrived."""
         queued = {s.name for entry in self._open for s in entry.buffer.segments}
         twice = [s.name for s in buffer.segments if s.name in queued]
         if twice:
             raise ValueError(f"'{twice[0]}' was started twice before its exchange finished: finish it first")
         compressed = buffer.compressed()
-        sources = {s.name: self.codec.rotate(buffer.part(s), s.key) for s in compressed}
-        parts = [self.codec.bucket_absmax(sources[s.name]) for s in compressed]
-        maxima = None
-        if parts:
-            maxima = self.coll.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0],
-                                         f"hvdquant.scale.{compressed[0].name}", op="max")
-            self.stats.record(0, maxima.nbytes)
-            self.payload.record(0, maxima.nbytes)
-        entry = _Started(buffer, maxima, sources)
+        for s in compressed:
+            source = self.codec.rotate(buffer.part(s), s.key)
+            self._pending[s.name] = Pending(s.name, s.key.step, s.key, source, self.codec.bucket_absmax(source))
+            if self.group_threshold is not None and self.plan is None:
+                self._order.append((s.name, s.length))
+        entry = _Started(buffer)
         self._open.append(entry)
+        if self.plan is not None:
+            for members in self.plan.completed([s.name for s in compressed], self._pending):
+                self._launch(members)
+            for group in self._groups:
+                self._send(group, wait=False)
 
         def finish() -> torch.Tensor:
             """The buffer's result, handed over once (the exchange keeps no reference to it)."""
@@ -139,17 +178,55 @@ class SummedExchange:
 
         return finish
 
+    def _launch(self, names: list[str] | tuple[str, ...]) -> None:
+        """Start one MAX allreduce of the bucket maxima of the pending tensors ``names``."""
+        tensors = [self._pending.pop(name) for name in sorted(names)]
+        tag = group_tag(names)
+        parts = [t.absmax for t in tensors]
+        maxima = self.coll.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0], f"hvdquant.scale.{tag}",
+                                     op="max")
+        self.stats.record(0, maxima.nbytes)
+        self.payload.record(0, maxima.nbytes)
+        self._groups.append(_Group(tensors, tag, maxima))
+
+    def _send(self, group: _Group, wait: bool) -> None:
+        """Once ``group``'s maxima are in (``wait``: wait for them), Δ_b = max / s per tensor and
+        the scheme's rounds started; a non-finite maximum (the same on every rank) marks the group
+        failed instead, so every rank skips the same rounds and raises at the finisher."""
+        if group.sums is not None or group.error is not None or (not wait and not group.maxima.done()):
+            return
+        maxima = group.maxima.wait().split([t.absmax.numel() for t in group.tensors])
+        bad = [t for t, m in zip(group.tensors, maxima) if not all_finite(m)]
+        if bad:
+            group.error = (bad[0].name, f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank "
+                                        f"at step {bad[0].step}; hvdquant refuses to quantize it")
+            return
+        group.rounds = [Quantized(t, self.codec.step_size(m), self.codec.keyed(t.key, self.coll.size))
+                        for t, m in zip(group.tensors, maxima)]
+        group.sums = self.scheme.send(self, group.rounds, group.tag)
+
     # ------------------------------------------------------------------ at the first finisher
     def _exchange(self) -> None:
-        """Exchange every started buffer: compressed segments through the scheme's fused rounds,
-        uncompressed ones in one allgather; then each buffer's flat result."""
+        """Exchange every started buffer: the launched groups and one group of the other pending
+        tensors through the scheme's rounds, uncompressed segments in one allgather; then each
+        buffer's flat result. Every round is started before any error is raised."""
         batch, self._open = self._open, []
+        if self._pending:
+            self._launch(list(self._pending))
+        groups, self._groups = self._groups, []
         try:
-            rounds = self._agreed_steps(batch)
-            sums = self.scheme.exchange(self, rounds) if rounds else {}
-            for q in rounds:  # a shared rotation is linear: the sum is rotated back once
-                self.codec.unrotate(sums[q.item.name], q.key)
-            sums.update(self._raw_sums(batch))
+            for group in groups:
+                self._send(group, wait=True)
+            raw = self._raw_sums(batch)
+            errors = sorted(group.error for group in groups if group.error is not None)
+            if errors:  # every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread
+                raise FloatingPointError(errors[0][1])
+            sums: dict[str, torch.Tensor] = {}
+            for group in groups:
+                sums.update(group.sums())
+                for q in group.rounds:  # a shared rotation is linear: the sum is rotated back once
+                    self.codec.unrotate(sums[q.item.name], q.key)
+            sums.update(raw)
         except FloatingPointError as err:
             for entry in batch:
                 entry.error = str(err)
@@ -160,27 +237,14 @@ class SummedExchange:
                 out = out / self.coll.size
             check_finite_output(out)
             entry.result = out
+        if self.group_threshold is not None and self.plan is None:
+            self._agree_plan()
 
-    def _agreed_steps(self, batch: list[_Started]) -> list[Quantized]:
-        """The batch's compressed tensors, sorted by name, with Δ_b = max / s from the agreed maxima
-        and this rank's key. A non-finite maximum raises on every rank."""
-        items: list[tuple[Pending, torch.Tensor, DitherKey]] = []
-        for entry in batch:
-            if entry.maxima is None:
-                continue
-            maxima = entry.maxima.wait()
-            pos = 0
-            for s in entry.buffer.compressed():
-                nb = sizes.num_buckets(s.length, self.codec.bucket_size)
-                items.append((Pending(s.name, s.key.step, entry.sources[s.name]), maxima[pos:pos + nb], s.key))
-                pos += nb
-        items.sort(key=lambda item: item[0].name)
-        bad = [item for item, m, _ in items if not all_finite(m)]
-        if bad:  # every rank sees the same reduced maxima, so every rank raises: no hang, no NaN spread
-            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank "
-                                     f"at step {bad[0].step}; hvdquant refuses to quantize it")
-        return [Quantized(item, self.codec.step_size(m), self.codec.keyed(key, self.coll.size))
-                for item, m, key in items]
+    def _agree_plan(self) -> None:
+        """The groups of the next steps, cut from rank 0's first-step order (every rank takes it)."""
+        order, self._order = self._order, []
+        everyone = self.coll.allgather_object(order, "hvdquant.groups")
+        self.plan = GroupPlan.from_order(everyone[0], self.group_threshold)
 
     def _raw_sums(self, batch: list[_Started]) -> dict[str, torch.Tensor]:
         """Σ_p of the uncompressed segments' float32 values, in rank order (one allgather of all)."""
@@ -194,21 +258,21 @@ class SummedExchange:
         total = rank_order_sum(raise_if_poisoned(started.wait(), "uncompressed tensors"))
         return {s.name: part for (s, _), part in zip(raw, total.split([s.length for s, _ in raw]))}
 
-    def sum_words(self, message: SumMessage, values: list, device: torch.device, coordinates: int,
-                  phase: str = "fields") -> torch.Tensor:
-        """One SUM allreduce of every segment of ``message`` (:meth:`SumMessage.pack` takes ``values``,
-        packed on ``device``, the gradients'); returns the reduced words, there. ``coordinates``
-        are counted in the statistics (0 for second rounds). Rounds complete before the next
-        starts, so the names repeat from step to step (Horovod caches their negotiation)."""
-        started = self.coll.allreduce(message.pack(values, device), f"hvdquant.sum.{phase}")
+    def start_sum(self, message: SumMessage, values: list, device: torch.device, coordinates: int,
+                  name: str) -> Started[torch.Tensor]:
+        """Start one SUM allreduce of every segment of ``message`` (:meth:`SumMessage.pack` takes
+        ``values``, packed on ``device``, the gradients'); ``wait()`` gives the reduced words, there.
+        ``coordinates`` are counted in the statistics (0 for second rounds). The names repeat from
+        step to step (Horovod caches their negotiation)."""
+        started = self.coll.allreduce(message.pack(values, device), name)
         self.stats.record(coordinates, started.nbytes)
         self.payload.record(coordinates, started.nbytes)
-        return started.wait()
+        return started
 
     def sum_fields(self, message: SumMessage, values: list[torch.Tensor], device: torch.device, coordinates: int,
-                   phase: str = "fields") -> list[torch.Tensor]:
-        """:meth:`sum_words`, unpacked: per segment Σ_p v_p (int32) or the raw words' sum."""
-        parts, _ = message.unpack(self.sum_words(message, values, device, coordinates, phase))
+                   name: str) -> list[torch.Tensor]:
+        """:meth:`start_sum`, waited and unpacked: per segment Σ_p v_p (int32) or the raw words' sum."""
+        parts, _ = message.unpack(self.start_sum(message, values, device, coordinates, name).wait())
         return parts
 
 
@@ -236,9 +300,10 @@ class DQSGSum:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore."""
 
-    def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
-        """Quantize every tensor straight into its summable fields (one fused pass per tensor), sum
-        all fields in one allreduce, decode Σ_p ĝ_p per tensor straight from the reduced words."""
+    def send(self, ex: SummedExchange, rounds: list[Quantized], tag: str) -> Callable[[], dict[str, torch.Tensor]]:
+        """Quantize every tensor straight into its summable fields (one fused pass per tensor) and
+        start one SUM allreduce of all of them; the returned function waits for it and decodes
+        Σ_p ĝ_p per tensor straight from the reduced words."""
         codec, ranks = ex.codec, ex.coll.size
         layout = SumFieldLayout.for_levels(codec.levels, ranks)
 
@@ -251,12 +316,17 @@ class DQSGSum:
 
         sizes = [q.item.source.numel() for q in rounds]
         message = SumMessage(ranks, tuple((layout, n) for n in sizes))
-        words, factor = message.split(ex.sum_words(message, [writer(q) for q in rounds], rounds[0].item.source.device,
-                                                   sum(sizes)))
-        return {q.item.name: ops.dqsg_decode_fields(w, n, factor, layout.radix, layout.per_word,
-                                                    layout.offset * ranks, q.delta, codec.bucket_size,
-                                                    q.key.for_sender(0), senders=ranks)
-                for q, w, n in zip(rounds, words, sizes)}
+        started = ex.start_sum(message, [writer(q) for q in rounds], rounds[0].item.source.device, sum(sizes),
+                               f"hvdquant.sum.{tag}")
+
+        def decode() -> dict[str, torch.Tensor]:
+            words, factor = message.split(started.wait())
+            return {q.item.name: ops.dqsg_decode_fields(w, n, factor, layout.radix, layout.per_word,
+                                                        layout.offset * ranks, q.delta, codec.bucket_size,
+                                                        q.key.for_sender(0), senders=ranks)
+                    for q, w, n in zip(rounds, words, sizes)}
+
+        return decode
 
 
 class NestedSum:
@@ -328,7 +398,10 @@ class NestedSum:
         plain = SumFieldLayout.for_levels(nested.levels[0], ranks).field_words(n)
         self.policy.choose(name, cost, plain, buckets=nb)
 
-    def exchange(self, ex: SummedExchange, rounds: list[Quantized]) -> dict[str, torch.Tensor]:
+    def send(self, ex: SummedExchange, rounds: list[Quantized], tag: str) -> Callable[[], dict[str, torch.Tensor]]:
+        """Pack every tensor's cosets and checksums (or, while not nested, its DQSG(s₁) indices) and
+        start one SUM allreduce of all; the returned function waits for it, resolves the index sums
+        with the side information, recovers failed buckets in one more round and decodes."""
         path, nested = ex, self.nested
         ranks, d, s1 = path.coll.size, nested.bucket_size, nested.levels[0]
         device = rounds[0].item.source.device
@@ -352,8 +425,17 @@ class NestedSum:
             segments += [(SumFieldLayout(0, rho - 1, ranks), n), (None, nb)]
             values += [cosets.view(torch.int8), ops.bucket_checksum(k, d).double()]
             path.entropy_bits += n * empirical_entropy(cosets, rho) + 64.0 * nb
-        parts = iter(path.sum_fields(SumMessage(ranks, tuple(segments)), values, device,
-                                     sum(q.item.source.numel() for q in rounds)))
+        message = SumMessage(ranks, tuple(segments))
+        started = path.start_sum(message, values, device, sum(q.item.source.numel() for q in rounds),
+                                 f"hvdquant.sum.{tag}")
+        return lambda: self._decode(path, rounds, iter(message.unpack(started.wait())[0]), indices, nested_names, tag)
+
+    def _decode(self, path: SummedExchange, rounds: list[Quantized], parts: Iterator[torch.Tensor],
+                indices: list[torch.Tensor], nested_names: set[str], tag: str) -> dict[str, torch.Tensor]:
+        """Σ_p ĝ_p per tensor from the reduced fields ``parts`` (see :meth:`send`)."""
+        nested = self.nested
+        ranks, d, device = path.coll.size, nested.bucket_size, rounds[0].item.source.device
+        fine = SumFieldLayout.for_levels(nested.levels[0], ranks)
         resolved, failed = [], []
         for q in rounds:
             key0 = q.key.for_sender(0)
@@ -376,7 +458,7 @@ class NestedSum:
             before = path.stats.bytes_handed
             truths = path.sum_fields(SumMessage(ranks, tuple((fine, idx.numel()) for idx in coords)),
                                      [k[idx].contiguous() for k, idx in zip(indices, coords)], device, 0,
-                                     "recovery")
+                                     f"hvdquant.sum.{tag}.recovery")
             path.decode_stats.recovery_bytes += path.stats.bytes_handed - before
             for kout, bad, truth in zip(resolved, failed, truths):
                 if bad:

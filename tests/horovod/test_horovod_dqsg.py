@@ -71,33 +71,53 @@ def make_model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
-@pytest.mark.parametrize("compression", ["dqsg", "dqsg-stratified", "dqsg-rotated", "fp16", "none"])
-def test_parameters_bit_identical_after_steps(compression):
-    """DistributedOptimizer on the digits data, different batches per rank: after 12 steps every
-    rank holds the same bits. Horovod's own fp16/none run side by side with hvdquant."""
+def train_digits(comp, steps: int = 12) -> torch.Tensor:
+    """``steps`` DistributedOptimizer steps on the digits data, different batches per rank; the
+    flat parameters after them."""
     from hvdquant.data import load_digits
 
     x, y = load_digits()
     model = make_model(0)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    comp = {"dqsg": hvdquant.Compression.dqsg(levels=1, bucket_size=512),
-            "dqsg-stratified": hvdquant.Compression.dqsg(levels=1, bucket_size=512, dither="stratified"),
-            "dqsg-rotated": hvdquant.Compression.dqsg(levels=1, bucket_size=512, rotation="hadamard"),
-            "fp16": hvd.Compression.fp16, "none": hvd.Compression.none}[compression]
     opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                                    named_parameters=model.named_parameters(), compression=comp)
-    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    for step in range(12):
+    for step in range(steps):
         idx = torch.arange(32) + 32 * (hvd.rank() + hvd.size() * step)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("compression", ["dqsg", "dqsg-stratified", "dqsg-rotated", "fp16", "none"])
+def test_parameters_bit_identical_after_steps(compression):
+    """After 12 steps every rank holds the same bits. Horovod's own fp16/none run side by side with
+    hvdquant."""
+    comp = {"dqsg": hvdquant.Compression.dqsg(levels=1, bucket_size=512),
+            "dqsg-stratified": hvdquant.Compression.dqsg(levels=1, bucket_size=512, dither="stratified"),
+            "dqsg-rotated": hvdquant.Compression.dqsg(levels=1, bucket_size=512, rotation="hadamard"),
+            "fp16": hvd.Compression.fp16, "none": hvd.Compression.none}[compression]
+    before = torch.cat([p.detach().reshape(-1).clone() for p in make_model(0).parameters()])
+    after = train_digits(comp)
     assert same_on_all_ranks(after, f"bitident.{compression}")
     assert not torch.equal(before, after)
     if compression.startswith("dqsg"):
         # Measured: float64 words of 21 base-5 digits (P=2) + sentinel + float32 scales.
         assert comp.stats.bits_per_coordinate < 8
+
+
+@pytest.mark.parametrize("levels", [1, (8, 1)])
+def test_groups_sent_during_backward_give_the_same_bits(levels):
+    """Groups of at least 1 KiB (the model's two weight tensors in separate groups, sent during
+    backward) against no groups (everything at the first decompress): the same parameters, bit for
+    bit, after 8 steps, for DQSG and nested DQSG."""
+    make = hvdquant.Compression.dqsg if levels == 1 else hvdquant.Compression.ndqsg
+    grouped = make(levels=levels, bucket_size=128, seed=4, group_threshold=1024)
+    alone = make(levels=levels, bucket_size=128, seed=4, group_threshold=None)
+    out = [train_digits(comp, 8) for comp in (grouped, alone)]
+    assert len(grouped.exchange.plan.groups) == 2 and alone.exchange.plan is None
+    assert torch.equal(out[0], out[1])
+    assert same_on_all_ranks(out[0], f"grouped.{levels}")
 
 
 def test_sum_op_returns_sum_in_optimizer():

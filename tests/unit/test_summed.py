@@ -1,9 +1,11 @@
 """The summable-allreduce exchange's fusion, on one process with a recording Collectives.
 
-The invariants of :mod:`hvdquant.transports.summed`: ``start`` (the gradient hook) starts
-collectives but never waits on one; the first finisher exchanges every started buffer in one SUM
-allreduce however many tensors they hold; a non-finite gradient raises on every finisher of the
-exchange. And the Horovod shim's reading of the framework's factor off the reduced word.
+The invariants of :mod:`hvdquant.transports.summed`: ``start`` (the gradient hook) never waits on
+a collective; the first finisher exchanges every started buffer in one MAX and one SUM allreduce
+however many tensors they hold; with a group plan, groups are sent during the hooks as soon as
+their maxima are in, with the same result bits; a non-finite gradient raises on every finisher of
+the exchange, never in a hook. And the Horovod shim's reading of the framework's factor off the
+reduced word.
 """
 
 import pytest
@@ -19,12 +21,14 @@ from hvdquant.transports.summed import DQSGSum, NestedSum, SummedExchange
 
 
 class Recording:
-    """One rank (P = 1): collectives return their input; every call and every wait is logged."""
+    """One rank (P = 1): collectives return their input; every call and every wait is logged.
+    ``arrived``: whether a started collective reports itself done before it is waited on."""
 
     rank, size = 0, 1
 
-    def __init__(self) -> None:
+    def __init__(self, arrived: bool = True) -> None:
         self.log: list[str] = []
+        self.arrived = arrived
 
     def _started(self, what: str, value):
         self.log.append(f"start {what}")
@@ -33,7 +37,7 @@ class Recording:
             self.log.append(f"wait {what}")
             return value
 
-        return Started(wait, 0)
+        return Started(wait, 0, lambda: self.arrived)
 
     def allreduce(self, tensor, name, op="sum"):
         return self._started(f"{op} {name}", tensor.clone())
@@ -59,10 +63,10 @@ def test_encode_never_waits_and_one_round_sums_the_batch(scheme):
     for step in range(3):  # nested: steps 2 and 3 decode cosets with side information
         coll.log.clear()
         handed = {name: start(ex, name, g, 5, step) for name, g in grads.items()}
-        assert all(line.startswith("start max") for line in coll.log), coll.log  # nothing waited on
+        assert coll.log == []  # the hooks only take maxima: nothing started, nothing waited on
         outs = {name: finish() for name, finish in handed.items()}
-        sums = [line for line in coll.log if line.startswith("start sum")]
-        assert sums == ["start sum hvdquant.sum.fields"]  # one round for the six tensors (P = 1: no recovery)
+        rounds = [line.split()[1] for line in coll.log if line.startswith("start")]
+        assert rounds == ["max", "sum"]  # one round each for the six tensors (P = 1: no recovery)
         for name, g in grads.items():
             # P = 1: DQSG(s) error per coordinate ≤ Δ/2 = max|g_bucket|/(2s) ≤ max|g|/(2s)
             bound = float(g.abs().max()) / (2 * ex.codec.levels)
@@ -166,3 +170,97 @@ def test_adaptive_nested_sum_chooses_the_cheapest_ratio():
         restored.load_state_dict({"side": {}, "nesting": {"nesting": {"w": "yes"}}})
     assert restored.policy == policy  # nothing changed by the refused checkpoint
     assert nested.decode_stats.failed_buckets == 0
+
+
+def run_steps(ex: SummedExchange, grads: dict[str, torch.Tensor], steps: int, log: list[str] | None = None
+              ) -> list[dict[str, torch.Tensor]]:
+    """``steps`` exchanges of ``grads`` (scaled per step), started in reverse name order as a
+    backward pass would; per step, the results, and (``log``) what ran before the first finisher."""
+    outs = []
+    for step in range(steps):
+        if log is not None:
+            ex.coll.log.clear()
+        handed = {name: start(ex, name, g * (step + 1), 5, step) for name, g in reversed(grads.items())}
+        if log is not None:
+            log.append(list(ex.coll.log))
+        outs.append({name: finish() for name, finish in handed.items()})
+    return outs
+
+
+@pytest.mark.parametrize("scheme", [DQSGSum(3, 64, rotation="hadamard"), NestedSum((8, 1), 64)])
+def test_groups_are_sent_during_the_hooks_with_the_same_bits(scheme):
+    """group_threshold: the first step goes in one exchange and agrees the plan (rank 0's start
+    order cut into groups of at least 6000 gradient bytes); from the second step each group's MAX
+    and SUM rounds start inside the hooks, named after its members, and the results equal the
+    ungrouped exchange's bit for bit."""
+    grads = gradients()
+    coll = Recording()
+    grouped = SummedExchange(scheme, False, coll, group_threshold=6000)
+    seen: list[list[str]] = []
+    outs = run_steps(grouped, grads, 3, seen)
+    alone = SummedExchange(type(scheme)(**scheme_args(scheme)), False, Recording())
+    assert all(torch.equal(a[name], b[name]) for a, b in zip(outs, run_steps(alone, grads, 3)) for name in grads)
+    order = [name for name in reversed(grads)]  # the hooks' order at the first step
+    sizes = {name: g.numel() for name, g in grads.items()}
+    expect, members, size = [], [], 0
+    for name in order:
+        members.append(name)
+        size += 4 * sizes[name]
+        if size >= 6000:
+            expect.append(tuple(members))
+            members, size = [], 0
+    expect += [tuple(members)] if members else []
+    assert grouped.plan.groups == expect and len(expect) > 2
+    assert seen[0] == []  # no plan yet: nothing in the hooks
+    for hooks in seen[1:]:
+        sums = [line for line in hooks if line.startswith("start sum")]
+        assert len(sums) == len(expect)  # every group was sent before any finisher ran
+        assert len(set(sums)) == len(sums)  # each group its own round name
+
+
+def scheme_args(scheme) -> dict:
+    if isinstance(scheme, DQSGSum):
+        return {"levels": scheme.levels, "bucket_size": scheme.bucket_size, "dither": scheme.dither,
+                "rotation": scheme.rotation}
+    return {"levels": scheme.nested.levels, "bucket_size": scheme.nested.bucket_size}
+
+
+def test_a_group_whose_maxima_have_not_arrived_waits_for_the_finisher():
+    """The hooks poll: maxima not yet arrived leave the group for the finisher, which waits for them
+    (a hook never waits)."""
+    grads = gradients(3)
+    coll = Recording(arrived=False)
+    ex = SummedExchange(DQSGSum(1, 64), False, coll, group_threshold=1)
+    seen: list[list[str]] = []
+    run_steps(ex, grads, 2, seen)
+    assert len(ex.plan.groups) == 3
+    assert [line.split()[1] for line in seen[1]] == ["max"] * 3  # started, not waited, not sent
+
+
+def test_nonfinite_gradient_in_a_group_raises_at_every_finisher_not_in_the_hook():
+    grads = gradients(3)
+    ex = SummedExchange(DQSGSum(1, 64), False, Recording(), group_threshold=1)
+    run_steps(ex, grads, 1)
+    bad = dict(grads)
+    bad["layer1.weight"] = bad["layer1.weight"].clone()
+    bad["layer1.weight"][0, 0] = float("nan")
+    handed = [start(ex, name, g, 5, 1) for name, g in reversed(bad.items())]  # no raise in the hooks
+    for finish in handed:
+        with pytest.raises(FloatingPointError, match="'layer1.weight'"):
+            finish()
+    outs = run_steps(ex, grads, 1)  # the next step exchanges normally
+    assert all(torch.isfinite(out).all() for out in outs[0].values())
+
+
+def test_group_plan_cuts_rank_zeros_order():
+    from hvdquant.transports.groups import GroupPlan
+
+    plan = GroupPlan.from_order([("c", 10), ("a", 300), ("b", 5), ("d", 1)], threshold=1024)
+    assert plan.groups == [("c", "a"), ("b", "d")]
+    assert plan.completed(["a"], {"a"}) == []
+    assert plan.completed(["a", "b"], {"a", "c", "b"}) == [("c", "a")]
+    assert plan.completed(["zz"], {"zz"}) == []
+    with pytest.raises(ValueError, match="positive"):
+        GroupPlan.from_order([], threshold=0)
+    with pytest.raises(ValueError, match="group_threshold"):
+        SummedExchange(DQSGSum(1, 64), False, Recording(), group_threshold=0)
