@@ -127,19 +127,25 @@ def bucket_l2(g: torch.Tensor, bucket: int, out: torch.Tensor | None = None) -> 
     return out
 
 
-def hadamard_rotate(x: torch.Tensor, bucket: int, key: DitherKey, inverse: bool = False) -> torch.Tensor:
-    """x rotated in place, bucket by bucket, by the shared randomized Hadamard transform of stream
+def hadamard_rotate(x: torch.Tensor, bucket: int, key: DitherKey, inverse: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """x rotated, bucket by bucket, by the shared randomized Hadamard transform of stream
     (key.seed, key.step, key.tensor_id) (docs/ALGORITHMS.md §10; the sender and dither family of
-    ``key`` are not used: every rank draws the same signs), or by its inverse; returns x.
+    ``key`` are not used: every rank draws the same signs), or by its inverse: into ``out`` (a new
+    tensor, or one given; each bucket is copied and rotated while in cache, so a rotated copy costs
+    one pass), or in place with ``out=x``; returns the rotated tensor.
 
     Forward: 2^−⌊k/2⌋ H D per power-of-two piece of 2^k coordinates of a bucket (a bucket that is
     not a power of two is split into its binary expansion); inverse: D 2^−⌈k/2⌉ H, so
     inverse(forward(x)) = x up to the butterflies' rounding."""
     vec("x", x, torch.float32)
     bucket = integer("bucket", bucket, 1, 1 << 30)
+    if out is not x:
+        out = output(out, "out", x.numel(), torch.float32, x)
     step, tid, _, _, k0, k1 = key.words()
-    launch(table.hadamard_rotate, num_buckets(x.numel(), bucket), x, bucket, int(bool(inverse)), step, tid, k0, k1)
-    return x
+    launch(table.hadamard_rotate, num_buckets(x.numel(), bucket), x, out, bucket, int(bool(inverse)), step, tid,
+           k0, k1)
+    return out
 
 
 # ----------------------------------------------------------------------------- DQSG

@@ -50,19 +50,19 @@ def dqsg_pipeline(levels: int, rotation: bool = False) -> tuple[Callable, Callab
     """The DQSG payload codec's passes: encode = one fused pass from g to scales, dithered indices as
     unsigned symbols k + s densely packed (base 3 for s = 1, else ⌈log2(2s+1)⌉ bits) and their
     histogram; decode = one fused pass from the packed symbols to Δ(k − u). With ``rotation``, the
-    shared Hadamard rotation of a copy of g before, and its inverse in place after
+    shared Hadamard rotation of g into a copy before, and its inverse in place after
     (``DQSG(rotation="hadamard")``)."""
 
     def encode(g):
         if rotation:
-            g = ops.hadamard_rotate(g.clone(), BUCKET, KEY)
+            g = ops.hadamard_rotate(g, BUCKET, KEY)  # a rotated copy
         delta, packed, _ = ops.dqsg_encode_packed(g, BUCKET, levels, KEY)
         return packed, delta
 
     def decode(payload, n):
         packed, delta = payload
         out = ops.dqsg_decode_packed(packed, delta, BUCKET, levels, KEY, n)
-        return ops.hadamard_rotate(out, BUCKET, KEY, inverse=True) if rotation else out
+        return ops.hadamard_rotate(out, BUCKET, KEY, inverse=True, out=out) if rotation else out
 
     return encode, decode
 

@@ -31,9 +31,9 @@ class Rotation:
         return self.kind != "none"
 
     def rotate(self, g: torch.Tensor, key: DitherKey) -> torch.Tensor:
-        """R g as a rotated copy (``g``: flat float32), or ``g`` itself without rotation."""
-        return ops.hadamard_rotate(g.clone(), self.bucket_size, key) if self.active else g
+        """R g as a rotated copy (``g``: flat float32, unchanged), or ``g`` itself without rotation."""
+        return ops.hadamard_rotate(g, self.bucket_size, key) if self.active else g
 
     def unrotate(self, x: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """R⁻¹ x in place (``x``: flat float32, owned by the caller); ``x`` unchanged without rotation."""
-        return ops.hadamard_rotate(x, self.bucket_size, key, inverse=True) if self.active else x
+        return ops.hadamard_rotate(x, self.bucket_size, key, inverse=True, out=x) if self.active else x

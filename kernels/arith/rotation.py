@@ -123,11 +123,14 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane) -> SimpleNamespace
             h *= 2
 
     @leaf
-    def hadamard_rotate(b, x, bucket, inverse, step, tid, key0, key1):
-        """Bucket b of x rotated in place: forward (``inverse`` = 0) 2^−⌊k/2⌋ H D x per power-of-two
-        piece of 2^k coordinates, or its inverse D 2^−⌈k/2⌉ H x (``inverse`` = 1)."""
+    def hadamard_rotate(b, src, x, bucket, inverse, step, tid, key0, key1):
+        """Bucket b of ``src`` rotated into x (``src`` may be x: in place): forward (``inverse`` = 0)
+        2^−⌊k/2⌋ H D per power-of-two piece of 2^k coordinates, or its inverse D 2^−⌈k/2⌉ H
+        (``inverse`` = 1). The bucket is copied first, so the butterflies run on it in cache."""
         i0 = b * bucket
         i1 = min(x.shape[0], i0 + bucket)
+        for j in range(i0, i1):
+            x[j] = src[j]
         pos = i0
         while pos < i1:
             m = 1

@@ -31,6 +31,12 @@ def nested_decode_with_kout(n):
     return ghat, kout
 
 
+def rotated_in_place(n, bucket, inverse):
+    """The rotation with ``out`` = its input (the codec's inverse runs so)."""
+    x = g_of(n)
+    return ops.hadamard_rotate(x, bucket, KEY, inverse=inverse, out=x)
+
+
 def rans_roundtrip(n):
     """Skewed symbols over 7 values (one absent), encoded then decoded; n spans several chunks here."""
     m = n * 40  # 0 … 20680 symbols: up to 3 chunks of ops.RANS_CHUNK
@@ -79,7 +85,8 @@ CASES = {
                                                      STRAT3.for_sender(0), senders=3)),
     "hadamard": lambda n: (ops.hadamard_rotate(g_of(n), 256, KEY), ops.hadamard_rotate(g_of(n), 100, STRAT3),
                            ops.hadamard_rotate(g_of(n), 64, KEY, inverse=True),
-                           ops.hadamard_rotate(g_of(n), 512, KEY, inverse=True)),
+                           ops.hadamard_rotate(g_of(n), 512, KEY, inverse=True),
+                           rotated_in_place(n, 96, False), rotated_in_place(n, 128, True)),
     "rans": lambda n: rans_roundtrip(n),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),

@@ -61,7 +61,7 @@ def reference(x: torch.Tensor, bucket: int, key: DitherKey, inverse: bool) -> np
 @pytest.mark.parametrize("inverse", [False, True])
 def test_rotation_matches_its_definition(n, bucket, inverse):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
-    got = ops.hadamard_rotate(x.clone(), bucket, KEY, inverse=inverse).double().numpy()
+    got = ops.hadamard_rotate(x, bucket, KEY, inverse=inverse).double().numpy()
     want = reference(x, bucket, KEY, inverse)
     # float32 butterflies: log2(d) roundings of sums bounded by the piece's norm
     assert np.abs(got - want).max(initial=0) <= 1e-6 * max(1.0, np.abs(want).max(initial=0))
@@ -69,12 +69,12 @@ def test_rotation_matches_its_definition(n, bucket, inverse):
 
 def test_inverse_undoes_forward_and_signs_are_shared_by_every_sender():
     x = torch.randn(5000, generator=torch.Generator().manual_seed(1))
-    y = ops.hadamard_rotate(x.clone(), 512, KEY)
-    assert float((ops.hadamard_rotate(y.clone(), 512, KEY, inverse=True) - x).abs().max()) < 1e-5
+    y = ops.hadamard_rotate(x, 512, KEY)
+    assert float((ops.hadamard_rotate(y, 512, KEY, inverse=True) - x).abs().max()) < 1e-5
     for other in (KEY.for_sender(3), KEY.stratified(4).for_sender(2)):  # the sender and dither family: unused
-        assert torch.equal(ops.hadamard_rotate(x.clone(), 512, other), y)
+        assert torch.equal(ops.hadamard_rotate(x, 512, other), y)
     for other in (DitherKey(99, 5, 21, 0), DitherKey(99, 4, 22, 0), DitherKey(98, 4, 21, 0)):
-        assert not torch.equal(ops.hadamard_rotate(x.clone(), 512, other), y)
+        assert not torch.equal(ops.hadamard_rotate(x, 512, other), y)
 
 
 def test_rotation_threads_give_the_same_bits():
@@ -82,9 +82,22 @@ def test_rotation_threads_give_the_same_bits():
     x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(2)).numpy()
     a, b = x.copy(), x.copy()
     args = (np.int64(512), np.int64(0), *(w for i, w in enumerate(KEY.words()) if i not in (2, 3)))
-    cpu.serial.hadamard_rotate(np.int64(len(a) // 512), a, *args)
-    cpu.parallel.hadamard_rotate(np.int64(len(b) // 512), b, *args)
+    cpu.serial.hadamard_rotate(np.int64(len(a) // 512), a, a, *args)
+    cpu.parallel.hadamard_rotate(np.int64(len(b) // 512), b, b, *args)
     assert np.array_equal(a, b) and table.hadamard_rotate.cost > 1
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rotating_into_a_copy_leaves_the_source_and_gives_the_in_place_bits(inverse):
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(5))
+    kept = x.clone()
+    copy = ops.hadamard_rotate(x, 500, KEY, inverse=inverse)
+    assert torch.equal(x, kept) and copy.data_ptr() != x.data_ptr()
+    given = torch.empty_like(x)
+    assert ops.hadamard_rotate(x, 500, KEY, inverse=inverse, out=given) is given
+    in_place = x.clone()
+    assert ops.hadamard_rotate(in_place, 500, KEY, inverse=inverse, out=in_place) is in_place
+    assert torch.equal(copy, given) and torch.equal(copy, in_place)
 
 
 def encode_decode(codec: DQSG, g: torch.Tensor, step: int) -> torch.Tensor:
@@ -97,7 +110,7 @@ def rotated_error_prediction(codec: DQSG, g: torch.Tensor, step: int) -> float:
     (R⁻¹ = D 2^−⌈k/2⌉ H and ‖H e‖² = d‖e‖²; the rotated error e' is uniform, variance Δ'²/12)."""
     d = codec.bucket_size
     k = d.bit_length() - 1
-    y = ops.hadamard_rotate(g.clone(), d, DitherKey(7, step, 21, 0))
+    y = ops.hadamard_rotate(g, d, DitherKey(7, step, 21, 0))
     delta = codec.step_size(codec.bucket_absmax(y)).double()
     return float((d / 4.0 ** (k - k // 2)) * d * (delta ** 2).sum() / 12)
 
