@@ -16,7 +16,9 @@ batch, every tensor of at least 1024 coordinates (the jobs' --min-numel) coded o
 
 Codecs (hvdquant's, through their public classes): DQSG s ∈ {1, 2, 3, 7} with either dither, with
 and without ``rotation="hadamard"`` (the senders' own-scale payloads, aggregated as the payload
-transports do); QSGD s ∈ {1, 2, 4, 8} with Elias coding; the 1-bit quantizer of 1-bit SGD (one
+transports do); NDQSG (s₁, s₂) ∈ {(3, 1), (7, 1)}, half the senders nested, with and without the
+rotation, decoded in rank order with the plain senders' mean as side information (its recovery
+replies counted in its bits); QSGD s ∈ {1, 2, 4, 8} with Elias coding; the 1-bit quantizer of 1-bit SGD (one
 step's error: error feedback carries it to the next step); top-k at 1%, 5%, 10% (int64 indices and
 float32 values). References written here from the papers' definitions:
 
@@ -48,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hvdquant import DQSG, QSGD
+from hvdquant import DQSG, NDQSG, QSGD
 from hvdquant.codecs import TensorContext
 from hvdquant.codecs.onebit import OneBitQuantizer
 from hvdquant.codecs.topk import TopK
@@ -124,9 +126,16 @@ def codec_mean(codec, tensors: list[torch.Tensor], name: str, step: int) -> tupl
     ranks = len(tensors)
     ctx = TensorContext(name, tuple(tensors[0].shape), DitherKey(SEED, step, tensor_id(name), 0), ranks)
     payloads = [codec.encode(t, ctx.sender(p)) for p, t in enumerate(tensors)]
-    mean, _ = codec.aggregate(payloads, ctx)
+    replied = []  # nested decoding's recovery replies: on the wire too
+
+    def recover(failed: dict[int, list]) -> dict[int, torch.Tensor]:
+        replies = {p: codec.recovery_payload(payloads[p], ctx.sender(p), requests) for p, requests in failed.items()}
+        replied.extend(replies.values())
+        return replies
+
+    mean, _ = codec.aggregate(payloads, ctx, recover)
     n = tensors[0].numel()
-    bits = sum(8.0 * e.nbytes() for e in payloads) / (ranks * n)
+    bits = (sum(8.0 * e.nbytes() for e in payloads) + sum(8.0 * r.numel() for r in replied)) / (ranks * n)
     entropies = [e.entropy() for e in payloads]
     entropy = None if None in entropies else sum(n * h + e.side_bits for h, e in zip(entropies, payloads)) / (ranks * n)
     return mean.reshape(-1), bits, entropy
@@ -158,6 +167,10 @@ def methods(quick: bool) -> dict[str, tuple[str, Callable]]:
                 add(family, f"dqsg-{dither[:5]}-{rotation[:4]}-s{s}", DQSG(s, 512, dither, rotation))
     for s in (1, 3) if quick else (1, 2, 3, 4, 5, 7, 11, 15):
         add(ENTROPY_CODED, f"dqsg-strat-hada-rans-s{s}", DQSG(s, 512, "stratified", "hadamard", "rans"))
+    for rotation in ("none", "hadamard"):
+        family = "NDQSG" + (" + rotation" if rotation == "hadamard" else "")
+        for s1 in (3,) if quick else (3, 7):
+            add(family, f"ndqsg-{rotation[:4]}-s{s1}", NDQSG((s1, 1), 512, adaptive=False, rotation=rotation))
     for s in (1, 4) if quick else (1, 2, 4, 8):
         add("QSGD + Elias", f"qsgd-elias-s{s}", QSGD(s, 512, "l2", "elias"))
     add("1-bit (one step)", "onebit", OneBitQuantizer())
@@ -290,9 +303,9 @@ def at_zero_correlation(r: dict) -> bool:
 
 
 def unbiased(r: dict) -> bool:
-    """hvdquant's unbiased estimators (DQSG and QSGD); 1-bit SGD and top-k are biased (their error
-    does not average out over senders or steps without error feedback)."""
-    return r["family"].startswith(("DQSG", "QSGD"))
+    """hvdquant's unbiased estimators (DQSG, NDQSG and QSGD); 1-bit SGD and top-k are biased (their
+    error does not average out over senders or steps without error feedback)."""
+    return r["family"].startswith(("DQSG", "NDQSG", "QSGD"))
 
 
 
@@ -308,7 +321,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(datas), len(senders), figsize=(4.2 * len(senders), 3.4 * len(datas)),
                              squeeze=False)
     families = sorted({r["family"] for r in rows})
-    colors = dict(zip(families, plt.get_cmap("tab10").colors, strict=False))
+    colors = dict(zip(families, plt.get_cmap("tab20").colors, strict=False))  # up to 20 families
     for i, data in enumerate(datas):
         for j, p in enumerate(senders):
             ax = axes[i][j]
@@ -356,7 +369,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "and EDEN are reference implementations in launch/bench_error.py, written from the papers' "
              "definitions (each sender its own rotation, as in the papers). Synthetic senders are independent "
              "here (ρ = 0; the JSON holds ρ = 0.5 and 0.9); real gradients are P batches' gradients of the same "
-             "model. hvdquant's unbiased estimators (DQSG in every form, QSGD) are compared with the unbiased "
+             "model. hvdquant's unbiased estimators (DQSG in every form, NDQSG, QSGD) are compared with the unbiased "
              "references; 1-bit SGD and top-k are biased (figure and JSON).", "",
              "Best configuration within a bit budget (lowest error among the methods sending at most that many "
              "bits per coordinate; ratio < 1: hvdquant's error is lower):", "",

@@ -71,5 +71,10 @@ def test_smoke_run_writes_table_json_and_report(tmp_path):
     # base-3 symbols, 5 a byte, and a float32 scale per bucket of 512: the bytes handed over
     n = 1 << 14
     assert dqsg["bits_per_coordinate"] == pytest.approx(8 * (math.ceil(n / 5) + 4 * n // 512) / n)
+    # NDQSG decodes its nested senders' indices exactly (recovering what side information missed),
+    # so its mean is DQSG(s₁)'s with the same dither keys, at its own measured bits
+    for senders in (1, 2):
+        pick = {r["method"]: r for r in rows if r["senders"] == senders and r["data"] == "gaussian"}
+        assert pick["ndqsg-none-s3"]["normalised_error"] == pick["dqsg-indep-none-s3"]["normalised_error"]
     text = results.read_text()
     assert "kept" in text and bench.BEGIN in text and (tmp_path / "bench_error.png").is_file()
