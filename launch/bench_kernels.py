@@ -51,11 +51,15 @@ def dqsg_pipeline(levels: int, rotation: bool = False) -> tuple[Callable, Callab
     unsigned symbols k + s densely packed (base 3 for s = 1, else ⌈log2(2s+1)⌉ bits) and their
     histogram; decode = one fused pass from the packed symbols to Δ(k − u). With ``rotation``, the
     shared Hadamard rotation of g into a copy before, and its inverse in place after
-    (``DQSG(rotation="hadamard")``)."""
+    (``DQSG(rotation="hadamard")``); the copy's buffer is reused from call to call, as the stock
+    exchange reuses it from step to step."""
+    rotated: dict[int, torch.Tensor] = {}
 
     def encode(g):
         if rotation:
-            g = ops.hadamard_rotate(g, BUCKET, KEY)  # a rotated copy
+            if g.numel() not in rotated:
+                rotated[g.numel()] = torch.empty_like(g)
+            g = ops.hadamard_rotate(g, BUCKET, KEY, out=rotated[g.numel()])
         delta, packed, _ = ops.dqsg_encode_packed(g, BUCKET, levels, KEY)
         return packed, delta
 

@@ -116,6 +116,7 @@ class SummedExchange:
         self._pending: dict[str, Pending] = {}  # started, not yet in a launched group
         self._groups: list[_Group] = []  # launched since the last exchange
         self._order: list[tuple[str, int]] = []  # compressed tensors in start order, until the plan
+        self._rotated: dict[str, torch.Tensor] = {}  # per name, the buffer its rotated copy reuses
 
     @property
     def entropy_bits_per_coordinate(self) -> float:
@@ -153,7 +154,7 @@ class SummedExchange:
             raise ValueError(f"'{twice[0]}' was started twice before its exchange finished: finish it first")
         compressed = buffer.compressed()
         for s in compressed:
-            source = self.codec.rotate(buffer.part(s), s.key)
+            source = self.codec.rotate(buffer.part(s), s.key, self._workspace(s.name, buffer.part(s)))
             self._pending[s.name] = Pending(s.name, s.key.step, s.key, source, self.codec.bucket_absmax(source))
             if self.group_threshold is not None and self.plan is None:
                 self._order.append((s.name, s.length))
@@ -177,6 +178,17 @@ class SummedExchange:
             return result
 
         return finish
+
+    def _workspace(self, name: str, g: torch.Tensor) -> torch.Tensor | None:
+        """The buffer ``name``'s rotated copy is written into, kept from step to step (a fresh one of
+        every step's size costs page faults: docs/BENCHMARKS.md); None without rotation. The previous
+        step's copy is no longer read once that step's exchange finished."""
+        if not self.codec.rotator.active:
+            return None
+        buf = self._rotated.get(name)
+        if buf is None or buf.numel() != g.numel() or buf.device != g.device:
+            buf = self._rotated[name] = torch.empty(g.numel(), dtype=torch.float32, device=g.device)
+        return buf
 
     def _launch(self, names: list[str] | tuple[str, ...]) -> None:
         """Start one MAX allreduce of the bucket maxima of the pending tensors ``names``."""

@@ -1,0 +1,89 @@
+"""The stock path's codec work per training step, without collectives or other ranks.
+
+    python launch/bench_codec_step.py [--job lm|cnn] [--steps 30] [--out runs/bench_codec_step.json]
+
+One process runs the summable exchange (:class:`~hvdquant.transports.summed.SummedExchange`, as
+``hvdquant.Compression.dqsg`` builds it, groups of 1 MiB) over the main job's gradient shapes, with
+collectives that hand back their input at once (P = 1): what remains is hvdquant's own CPU work per
+step, in the hooks (rotation, bucket maxima, and, with the maxima in, quantizing the groups' fields)
+and in the finishers (decoding, rotating back). Medians over ``--steps`` steps after 5 warm-up
+steps. A benchmark, not a test: it prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from hvdquant.examples.tasks import TASKS
+from hvdquant.examples.train import parse_args
+from hvdquant.transports.collectives import Started
+from hvdquant.transports.groups import GROUP_THRESHOLD
+from hvdquant.transports.session import Session
+from hvdquant.transports.summed import DQSGSum, SummedExchange
+
+
+class Immediate:
+    """Collectives of one rank: every result is the input, available at once."""
+
+    rank, size = 0, 1
+
+    def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum") -> Started[torch.Tensor]:
+        return Started(lambda: tensor.clone(), tensor.numel() * tensor.element_size())
+
+    def allgather_bytes(self, buf, name: str) -> Started:
+        return Started(lambda: [buf], 0 if buf is None else buf.numel())
+
+    def allgather_object(self, obj, name: str) -> list:
+        return [obj]
+
+
+def time_steps(grads: list[tuple[str, torch.Tensor]], levels: int, rotation: str, steps: int) -> dict:
+    ex = SummedExchange(DQSGSum(levels, 512, rotation=rotation), False, Immediate(), GROUP_THRESHOLD)
+    session = Session(ex, 1, "bench")
+    session.agree()
+    hooks, finishers = [], []
+    for step in range(steps + 5):
+        t0 = time.perf_counter()
+        handed = [ex.start(session.buffer([(name, g)], None)) for name, g in reversed(grads)]  # backward order
+        t1 = time.perf_counter()
+        for finish in handed:
+            finish()
+        t2 = time.perf_counter()
+        if step >= 5:
+            hooks.append(t1 - t0)
+            finishers.append(t2 - t1)
+    return {"levels": levels, "rotation": rotation, "hooks_ms": 1e3 * statistics.median(hooks),
+            "finishers_ms": 1e3 * statistics.median(finishers)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--job", choices=sorted(TASKS), default="lm")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_codec_step.json"))
+    args = p.parse_args(argv)
+    model = TASKS[args.job](parse_args(["--job", args.job]), 0, 1).model()  # loads the job's data too
+    gen = torch.Generator().manual_seed(0)
+    grads = [(name, torch.randn(q.shape, generator=gen)) for name, q in model.named_parameters()]
+    coords = sum(g.numel() for _, g in grads)
+    rows = [time_steps(grads, s, rotation, args.steps) for s in (1, 3) for rotation in ("none", "hadamard")]
+    print(f"{args.job}: {len(grads)} gradient tensors, {coords} coordinates, one process, torch threads "
+          f"{torch.get_num_threads()}")
+    print("| DQSG | rotation | hooks (ms/step) | finishers (ms/step) | total |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| s={r['levels']} | {r['rotation']} | {r['hooks_ms']:.1f} | {r['finishers_ms']:.1f} | "
+              f"{r['hooks_ms'] + r['finishers_ms']:.1f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"job": args.job, "tensors": len(grads), "coordinates": coords, "rows": rows},
+                                   indent=1))
+
+
+if __name__ == "__main__":
+    main()
