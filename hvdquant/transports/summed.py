@@ -207,8 +207,9 @@ class SummedExchange:
         failed instead, so every rank skips the same rounds and raises at the finisher."""
         if group.sums is not None or group.error is not None or (not wait and not group.maxima.done()):
             return
-        maxima = group.maxima.wait().split([t.absmax.numel() for t in group.tensors])
-        bad = [t for t, m in zip(group.tensors, maxima) if not all_finite(m)]
+        reduced = group.maxima.wait()
+        maxima = reduced.split([t.absmax.numel() for t in group.tensors])
+        bad = [] if all_finite(reduced) else [t for t, m in zip(group.tensors, maxima) if not all_finite(m)]
         if bad:
             group.error = (bad[0].name, f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank "
                                         f"at step {bad[0].step}; hvdquant refuses to quantize it")
