@@ -25,7 +25,8 @@ from hvdquant.examples.train import parse_args
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.groups import GROUP_THRESHOLD
 from hvdquant.transports.session import Session
-from hvdquant.transports.summed import DQSGSum, SummedExchange
+from hvdquant.transports.sum_schemes import DQSGSum
+from hvdquant.transports.summed import SummedExchange
 
 
 class Immediate:

@@ -31,7 +31,7 @@ most ``NestingPolicy.ADAPTIVE_MARGIN`` × the DQSG(s₁) bytes (:meth:`NestingPo
 decisions are identical on every rank without a collective and are state, not configuration: they
 live in ``ctx.state.nesting`` (the exchange's :class:`~hvdquant.codecs.state.CodecState`), and cost
 one nested decode per nested sender and candidate ratio. The stock path
-(:class:`~hvdquant.transports.summed.NestedSum`) and the coset ring (:func:`hvdquant.ring_allreduce`)
+(:class:`~hvdquant.transports.sum_schemes.NestedSum`) and the coset ring (:func:`hvdquant.ring_allreduce`)
 take the same switch and ratio choice (docs/RESULTS.md, "When nesting pays").
 
 This module is the codec: configuration, payload layout, encoding and decoding of one sender. Its
@@ -89,7 +89,7 @@ class NDQSG(Codec):
     rotation: str = "none"  # "hadamard": every sender quantizes the shared rotation of g (payload paths)
 
     scheme = "ndqsg"
-    summable = True  # coset indices sum (transports.summed.NestedSum)
+    summable = True  # coset indices sum (transports.sum_schemes.NestedSum)
     #: locating: the numbers of wrong coordinates t a failed bucket's syndromes can correct, stage by
     #: stage (each one more request round; capped by :func:`~hvdquant.codecs.recovery.locate_stages`)
     LOCATE_ERRORS = (4, 16)

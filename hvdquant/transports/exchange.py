@@ -30,7 +30,8 @@ from hvdquant.transports.collectives import Collectives
 from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.lgc_exchange import LGCExchange
 from hvdquant.transports.payload import FUSION_THRESHOLD, PayloadExchange
-from hvdquant.transports.summed import SummedExchange, scheme_for
+from hvdquant.transports.sum_schemes import scheme_for
+from hvdquant.transports.summed import SummedExchange
 
 Finisher = Callable[[], torch.Tensor]
 #: reducer names users pass: the summable allreduce, and the payload reducers

@@ -12,7 +12,8 @@ from hvdquant.examples.frameworks import pick_device
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.payload import PayloadExchange
-from hvdquant.transports.summed import DQSGSum, NestedSum, SummedExchange
+from hvdquant.transports.sum_schemes import DQSGSum, NestedSum
+from hvdquant.transports.summed import SummedExchange
 
 
 def test_launches_are_counted_per_target():

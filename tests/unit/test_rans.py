@@ -10,7 +10,7 @@ import torch
 from hvdquant import DQSG
 from hvdquant.codecs import TensorContext
 from hvdquant.kernels import DitherKey, ops
-from hvdquant.transports.summed import scheme_for
+from hvdquant.transports.sum_schemes import scheme_for
 
 
 def draw(probs: list[float], n: int, seed: int = 0) -> torch.Tensor:

@@ -194,7 +194,7 @@ def test_ndqsg_rotation_is_refused_where_side_information_is_in_gradient_coordin
     """NDQSG rotates on the payload paths (tests/mpi/test_exchange_mpi.py); the summable path and the
     coset ring decode against side information kept across steps in gradient coordinates: refused."""
     from hvdquant import NDQSG
-    from hvdquant.transports.summed import scheme_for
+    from hvdquant.transports.sum_schemes import scheme_for
 
     with pytest.raises(TypeError, match="payload paths only"):
         scheme_for(NDQSG((3, 1), 64, rotation="hadamard"))

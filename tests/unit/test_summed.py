@@ -17,7 +17,8 @@ from hvdquant.codecs import DQSG
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.session import Session, dither_key
-from hvdquant.transports.summed import DQSGSum, NestedSum, SummedExchange
+from hvdquant.transports.sum_schemes import DQSGSum, NestedSum
+from hvdquant.transports.summed import SummedExchange
 
 
 class Recording:
