@@ -130,7 +130,8 @@ class SummedExchange:
             raise ValueError(f"'{twice[0]}' was started twice before its exchange finished: finish it first")
         compressed = buffer.compressed()
         for s in compressed:
-            source = self.codec.rotate(buffer.part(s), s.key, self._workspace(s.name, buffer.part(s)))
+            g = buffer.part(s)
+            source = self.codec.rotate(g, s.key, self._workspace(s.name, g))
             self._pending[s.name] = Pending(s.name, s.key.step, s.key, source, self.codec.bucket_absmax(source))
             if self.group_threshold is not None and self.plan is None:
                 self._order.append((s.name, s.length))
