@@ -11,13 +11,13 @@ hook: ``hvdquant.ddp.State``, ``hvdquant.ddp.hook``; ``import hvdquant.ddp`` wor
 lazily, so the codecs work without Horovod loaded or torch.distributed initialised.
 """
 
-from hvdquant.codecs import DQSG, LGC, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD, TopK
+from hvdquant.codecs import DQSG, ECDQ, LGC, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.kernels import DitherKey
 from hvdquant.stats import CommStats
 from hvdquant.transports.ring import CosetRing, GroupDQSG, PreviousMean, RingStats, coset_ring, ring_allreduce
 from hvdquant.version import __version__
 
-__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "CodecState", "CommStats", "Compression", "CosetRing",
+__all__ = ["DQSG", "ECDQ", "LGC", "NDQSG", "QSGD", "CodecState", "CommStats", "Compression", "CosetRing",
            "DistributedOptimizer", "DitherKey", "ErrorFeedback", "GroupDQSG", "OneBitSGD", "PreviousMean", "RingStats",
            "TopK", "__version__", "coset_ring", "ddp", "ring_allreduce"]
 

@@ -35,7 +35,7 @@ from .dispatch import (
     vec,
 )
 from .key import MAX_ELEMENTS, DitherKey
-from .ops_entropy import RANS_CHUNK, rans_chunks, rans_decode, rans_encode, rans_table
+from .ops_entropy import RANS_CHUNK, rans_chunks, rans_decode, rans_encode, rans_encode_modelled, rans_table
 from .ops_fields import dqsg_decode_fields, dqsg_encode_fields, pack_sum_fields, unpack_sum_fields
 from .ops_packing import (
     bitpack,
@@ -62,13 +62,13 @@ from .sizes import (
 
 __all__ = [
     "SUM_WORD_BITS", "bitpack", "bitunpack", "bucket_absmax", "bucket_checksum", "bucket_l2", "bucket_step",
-    "coset_bits", "coset_bytes", "dither", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
+    "coset_bits", "coset_bytes", "dither", "dither_bins", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
     "dqsg_decode_packed", "dqsg_encode", "dqsg_encode_fields", "dqsg_encode_packed", "force_target", "hadamard_rotate",
     "launches",
     "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means", "onebit_decode",
     "onebit_encode", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
     "RANS_CHUNK", "radix_per_byte", "radixpack", "radixunpack", "rans_chunks", "rans_decode", "rans_encode",
-    "rans_table", "scale_decode", "symbol_bytes", "symbol_packing", "topk_indices",
+    "rans_encode_modelled", "rans_table", "scale_decode", "symbol_bytes", "symbol_packing", "topk_indices",
     "unpack_cosets", "unpack_sum_fields", "unpack_symbols",
 ]
 
@@ -79,6 +79,18 @@ def dither(n: int, key: DitherKey, device: str | torch.device = "cpu") -> torch.
     Philox-4x32-10(counter = (i // 4, step, tensor id, sender), key = seed)."""
     out = torch.empty(integer("n", n, 0, MAX_ELEMENTS), dtype=torch.float32, device=device)
     launch(table.dither_fill, n, out, *key.words())
+    return out
+
+
+def dither_bins(n: int, key: DitherKey, bins: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """⌊(u_i + ½)·bins⌋ (uint8, at most bins − 1) for the n dithers u_i of stream ``key``
+    (:func:`dither`): which of ``bins`` equal intervals of (−½, ½) each falls in; ``bins`` a power of
+    2 from 1 to 256. The contexts of an entropy coder conditioned on the dither."""
+    bins = integer("bins", bins, 1, 256)
+    if bins & (bins - 1):
+        raise ValueError(f"bins must be a power of 2, got {bins}")
+    out = torch.empty(integer("n", n, 0, MAX_ELEMENTS), dtype=torch.uint8, device=device)
+    launch(table.dither_bins, n, bins, out, *key.words())
     return out
 
 

@@ -1,10 +1,11 @@
-"""Entropy coding of uint8 symbols on either device (see :mod:`.ops`): chunked byte-wise rANS with
-a static frequency table (:mod:`.arith.rans`, docs/ALGORITHMS.md §11).
+"""Entropy coding of uint8 symbols on either device (see :mod:`.ops`): chunked byte-wise rANS
+(:mod:`.arith.rans`, docs/ALGORITHMS.md §11), with one static frequency table or with several tables
+chosen per symbol by a context both sides know (:func:`rans_encode_modelled`).
 
 An encoded block is three tensors: ``freq`` (int16, one entry per symbol value, summing to
-M = 2^14), ``lengths`` (int32, the byte count of each chunk of :data:`RANS_CHUNK` symbols) and
-``stream`` (uint8, the chunks one after the other). Encoder and decoder give the same bytes and
-symbols on the CPU and the GPU.
+M = 2^14; travels with a static table, is known to both sides when modelled), ``lengths`` (int32,
+the byte count of each chunk of :data:`RANS_CHUNK` symbols) and ``stream`` (uint8, the chunks one
+after the other). Encoder and decoder give the same bytes and symbols on the CPU and the GPU.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def rans_table(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _cumulative(freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_a = Σ_{a' < a} f_{a'} as int32, the symbol of each of the M slots as uint8)."""
+    """For tables ``freq`` (rows × alphabet): (c_a = Σ_{a' < a} f_{a'} per row as int32, the symbol of
+    each of the M slots per row as uint8)."""
     f = freq.to(torch.int64)
-    cum = torch.cumsum(f, 0) - f
-    slots = torch.repeat_interleave(torch.arange(f.numel(), dtype=torch.uint8, device=f.device), f)
+    cum = torch.cumsum(f, 1) - f
+    symbols = torch.arange(f.shape[1], dtype=torch.uint8, device=f.device)
+    slots = torch.stack([torch.repeat_interleave(symbols, row) for row in f])
     return cum.to(torch.int32), slots
 
 
@@ -57,6 +60,50 @@ def _chunk_offsets(lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cumsum(sizes, 0) - sizes, int(sizes.sum())
 
 
+def _tables(freq: torch.Tensor, what: str) -> torch.Tensor:
+    """``freq`` as rows of rANS tables (int64 on the CPU); refuses entries < 0 or rows not summing to M."""
+    if freq.dtype != torch.int16 or freq.dim() not in (1, 2) or not 1 <= freq.shape[-1] <= 256 or freq.numel() == 0:
+        raise ValueError(f"{what} must be int16 tables of 1 to 256 entries, got {freq.dtype} {tuple(freq.shape)}")
+    f = freq.to("cpu", torch.int64).reshape(-1, freq.shape[-1])
+    if bool((f < 0).any()) or bool((f.sum(1) != PROB_SCALE).any()):
+        raise ValueError(f"{what} is not a rANS table: entries must be ≥ 0 and every row sum to {PROB_SCALE}")
+    return f
+
+
+def _contexts(contexts: torch.Tensor | None, rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(the context of each symbol, its stride): one zero byte and stride 0 for a single table."""
+    if contexts is None:
+        if rows != 1:
+            raise ValueError(f"{rows} tables need contexts (one per symbol)")
+        return torch.zeros(1, dtype=torch.uint8, device=device), 0
+    vec("contexts", contexts, torch.uint8, n)
+    if n and int(contexts.max()) >= rows:
+        raise ValueError(f"context {int(contexts.max())} has no table: there are {rows}")
+    return contexts, 1
+
+
+def _encode(symbols: torch.Tensor, f: torch.Tensor, contexts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths, stream) of ``symbols`` coded with tables ``f`` (rows × alphabet, int64, CPU)."""
+    n, device = symbols.numel(), symbols.device
+    ctx, stride = _contexts(contexts, f.shape[0], n, device)
+    chunks = rans_chunks(n)
+    lengths = torch.empty(chunks, dtype=torch.int32, device=device)
+    if not chunks:
+        return lengths, torch.empty(0, dtype=torch.uint8, device=device)
+    cum, _ = _cumulative(f)
+    f_dev, c_dev = f.to(device=device, dtype=torch.int32), cum.to(device)
+    region = 2 * RANS_CHUNK + CHUNK_SLACK
+    scratch = torch.empty(chunks * region, dtype=torch.uint8, device=device)
+    launch(table.rans_encode, chunks, symbols, ctx, stride, RANS_CHUNK, f_dev, c_dev, region, scratch, lengths)
+    if bool((lengths < 0).any()):
+        raise ValueError("a symbol has frequency 0 in its table: it cannot be coded (a histogram or table "
+                         "that does not match the symbols)")
+    offsets, total = _chunk_offsets(lengths)
+    stream = torch.empty(total, dtype=torch.uint8, device=device)
+    launch(table.rans_gather, chunks, scratch, region, lengths, offsets, stream)
+    return lengths, stream
+
+
 def rans_encode(symbols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(freq, lengths, stream) of uint8 ``symbols`` whose histogram is ``counts`` (one entry per symbol
     value, at most 256: e.g. ``torch.bincount(symbols, minlength=alphabet)``); ``freq`` on the CPU,
@@ -64,38 +111,37 @@ def rans_encode(symbols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tens
     vec("symbols", symbols, torch.uint8)
     if counts.dim() != 1 or not 1 <= counts.numel() <= 256:
         raise ValueError(f"counts must be a histogram of 1 to 256 symbol values, got shape {tuple(counts.shape)}")
-    n, device = symbols.numel(), symbols.device
     freq = rans_table(counts)
-    if n and int(counts.sum()) != n:
-        raise ValueError(f"counts sum to {int(counts.sum())}, not to the {n} symbols")
-    chunks = rans_chunks(n)
-    lengths = torch.empty(chunks, dtype=torch.int32, device=device)
-    if not chunks:
-        return freq, lengths, torch.empty(0, dtype=torch.uint8, device=device)
-    cum, _ = _cumulative(freq)
-    f_dev, c_dev = freq.to(device=device, dtype=torch.int32), cum.to(device)
-    region = 2 * RANS_CHUNK + CHUNK_SLACK
-    scratch = torch.empty(chunks * region, dtype=torch.uint8, device=device)
-    launch(table.rans_encode, chunks, symbols, RANS_CHUNK, f_dev, c_dev, region, scratch, lengths)
-    offsets, total = _chunk_offsets(lengths)
-    stream = torch.empty(total, dtype=torch.uint8, device=device)
-    launch(table.rans_gather, chunks, scratch, region, lengths, offsets, stream)
-    return freq, lengths, stream
+    if symbols.numel() and int(counts.sum()) != symbols.numel():
+        raise ValueError(f"counts sum to {int(counts.sum())}, not to the {symbols.numel()} symbols")
+    if not symbols.numel():
+        return freq, *_encode(symbols, torch.zeros(1, 1, dtype=torch.int64), None)
+    return freq, *_encode(symbols, freq.to(torch.int64).reshape(1, -1), None)
+
+
+def rans_encode_modelled(symbols: torch.Tensor, freq: torch.Tensor, contexts: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths, stream) of uint8 ``symbols``, symbol i coded with the table ``freq[contexts[i]]``
+    (``freq``: int16, contexts × alphabet, every row summing to M = 2^14 and nonzero wherever a symbol
+    may occur in its context; ``contexts``: uint8, one per symbol). The tables do not travel: the
+    decoder (:func:`rans_decode` with the same ``freq`` and ``contexts``) must know both."""
+    vec("symbols", symbols, torch.uint8)
+    f = _tables(freq, "freq")
+    if symbols.numel() and int(symbols.max()) >= f.shape[1]:
+        raise ValueError(f"symbol {int(symbols.max())} is outside the tables' alphabet of {f.shape[1]}")
+    return _encode(symbols, f, contexts)
 
 
 def rans_decode(freq: torch.Tensor, lengths: torch.Tensor, stream: torch.Tensor, n: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """The n uint8 symbols of :func:`rans_encode`'s (freq, lengths, stream), on the stream's device.
-    A table that does not sum to M, lengths that do not add up to the stream, or a chunk that does
-    not decode back to the encoder's initial state raise ValueError."""
+                out: torch.Tensor | None = None, contexts: torch.Tensor | None = None) -> torch.Tensor:
+    """The n uint8 symbols of :func:`rans_encode`'s (freq, lengths, stream), or of
+    :func:`rans_encode_modelled`'s (lengths, stream) with its tables ``freq`` and ``contexts``, on the
+    stream's device. A table that does not sum to M, lengths that do not add up to the stream, or a
+    chunk that does not decode back to the encoder's initial state raise ValueError."""
     vec("stream", stream, torch.uint8)
     n = integer("n", n, 0, 1 << 40)
     chunks = rans_chunks(n)
-    if freq.dtype != torch.int16 or freq.dim() != 1 or not 1 <= freq.numel() <= 256:
-        raise ValueError(f"freq must be an int16 table of 1 to 256 entries, got {freq.dtype} {tuple(freq.shape)}")
-    f = freq.to("cpu", torch.int64)
-    if bool((f < 0).any()) or (n and int(f.sum()) != PROB_SCALE):
-        raise ValueError(f"freq is not a rANS table: entries must be ≥ 0 and sum to {PROB_SCALE}")
+    f = _tables(freq, "freq") if n else torch.zeros(1, 1, dtype=torch.int64)
     vec("lengths", lengths, torch.int32, chunks)
     offsets, total = _chunk_offsets(lengths)
     if total != stream.numel() or bool((lengths < 0).any()):
@@ -104,9 +150,10 @@ def rans_decode(freq: torch.Tensor, lengths: torch.Tensor, stream: torch.Tensor,
     if not chunks:
         return out
     device = stream.device
+    ctx, stride = _contexts(contexts, f.shape[0], n, device)
     cum, slots = _cumulative(f)
     status = torch.zeros(chunks, dtype=torch.int32, device=device)
-    launch(table.rans_decode, chunks, stream, offsets, lengths, RANS_CHUNK, n,
+    launch(table.rans_decode, chunks, stream, offsets, lengths, RANS_CHUNK, n, ctx, stride,
            f.to(device=device, dtype=torch.int32), cum.to(device), slots.to(device), out, status)
     bad = torch.nonzero(status).reshape(-1)
     if bad.numel():

@@ -83,6 +83,7 @@ def source_stamp() -> str:
 
 # ----------------------------------------------------------------------------- range kernels
 dither_fill = Kernel("dither_fill", streams.build, RANGE)
+dither_bins = Kernel("dither_bins", streams.build, RANGE)
 dqsg_encode = Kernel("dqsg_encode", dqsg.build, RANGE)
 dqsg_decode = Kernel("dqsg_decode", dqsg.build, RANGE)
 dqsg_aggregate = Kernel("dqsg_aggregate", dqsg.build, RANGE)

@@ -15,11 +15,13 @@ after ``--late`` steps of single-process training: sender p's gradient is that o
 batch, every tensor of at least 1024 coordinates (the jobs' --min-numel) coded on its own.
 
 Codecs (hvdquant's, through their public classes): DQSG s ∈ {1, 2, 3, 7} with either dither, with
-and without ``rotation="hadamard"`` (the senders' own-scale payloads, aggregated as the payload
-transports do); NDQSG (s₁, s₂) ∈ {(3, 1), (7, 1)}, half the senders nested, with and without the
-rotation, decoded in rank order with the plain senders' mean as side information (its recovery
-replies counted in its bits); QSGD s ∈ {1, 2, 4, 8} with Elias coding; the 1-bit quantizer of 1-bit SGD (one
-step's error: error feedback carries it to the next step); top-k at 1%, 5%, 10% (int64 indices and
+and without ``rotation="hadamard"``, and entropy coded (``coding="rans"``, rotated, s up to 15);
+ECDQ (rotated, symbols coded under the dither-conditioned Gaussian model) at steps 3.0 to 0.22
+(the senders' own-scale payloads, aggregated as the payload transports do); NDQSG (s₁, s₂) ∈
+{(3, 1), (7, 1)}, half the senders nested, with and without the rotation, decoded in rank order with
+the plain senders' mean as side information (its recovery replies counted in its bits); QSGD
+s ∈ {1, 2, 4, 8} with Elias coding; the 1-bit quantizer of 1-bit SGD (one step's error: error
+feedback carries it to the next step); top-k at 1%, 5%, 10% (int64 indices and
 float32 values). References written here from the papers' definitions:
 
 - DRIVE (Vargaftik et al., "DRIVE: One-bit Distributed Mean Estimation", NeurIPS 2021): rotate
@@ -50,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hvdquant import DQSG, NDQSG, QSGD
+from hvdquant import DQSG, ECDQ, NDQSG, QSGD
 from hvdquant.codecs import TensorContext
 from hvdquant.codecs.onebit import OneBitQuantizer
 from hvdquant.codecs.topk import TopK
@@ -59,6 +61,11 @@ from hvdquant.kernels import DitherKey, tensor_id
 BEGIN, END = "<!-- bench_error: begin (launch/bench_error.py) -->", "<!-- bench_error: end -->"
 SEED = 2026
 ENTROPY_CODED = "DQSG stratified + rotation + rANS"
+ECDQ_FAMILY = "ECDQ (rotation, dither-conditioned rANS)"
+#: ECDQ's steps (Δ in units of the bucket's RMS): about 0.9 to 4.2 bits per coordinate on Gaussian data
+ECDQ_STEPS = (3.0, 2.6, 2.2, 1.9, 1.6, 1.35, 1.1, 0.9, 0.75, 0.6, 0.5, 0.4, 0.33, 0.27, 0.22)
+#: the bits per coordinate at which hvdquant is compared with EDEN (its 1-4 bit points and midway)
+EQUAL_BITS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 
 # ----------------------------------------------------------------------------- references (numpy)
@@ -167,6 +174,8 @@ def methods(quick: bool) -> dict[str, tuple[str, Callable]]:
                 add(family, f"dqsg-{dither[:5]}-{rotation[:4]}-s{s}", DQSG(s, 512, dither, rotation))
     for s in (1, 3) if quick else (1, 2, 3, 4, 5, 7, 11, 15):
         add(ENTROPY_CODED, f"dqsg-strat-hada-rans-s{s}", DQSG(s, 512, "stratified", "hadamard", "rans"))
+    for step in (2.6, 1.1) if quick else ECDQ_STEPS:
+        add(ECDQ_FAMILY, f"ecdq-{step:g}", ECDQ(step, 512, "stratified", "hadamard"))
     for rotation in ("none", "hadamard"):
         family = "NDQSG" + (" + rotation" if rotation == "hadamard" else "")
         for s1 in (3,) if quick else (3, 7):
@@ -303,9 +312,9 @@ def at_zero_correlation(r: dict) -> bool:
 
 
 def unbiased(r: dict) -> bool:
-    """hvdquant's unbiased estimators (DQSG, NDQSG and QSGD); 1-bit SGD and top-k are biased (their
+    """hvdquant's unbiased estimators (DQSG, ECDQ, NDQSG and QSGD); 1-bit SGD and top-k are biased (their
     error does not average out over senders or steps without error feedback)."""
-    return r["family"].startswith(("DQSG", "NDQSG", "QSGD"))
+    return r["family"].startswith(("DQSG", "NDQSG", "QSGD", "ECDQ"))
 
 
 
@@ -352,6 +361,46 @@ def best_below(rows: list[dict], data: str, senders: int, pred: Callable[[dict],
     return min(sel, key=lambda r: r["normalised_error"], default=None)
 
 
+def achievable(rows: list[dict], budget: float) -> tuple[float, str] | None:
+    """(the lowest error reachable with at most ``budget`` bits per coordinate, how): one configuration
+    within the budget, or two on either side of it sharing the coordinates (time-sharing: a fraction
+    θ of the coordinates at b₁ bits and error e₁, the rest at b₂, e₂, with θb₁ + (1−θ)b₂ = budget
+    gives θe₁ + (1−θ)e₂: linear interpolation). The same rule for hvdquant and the references."""
+    pts = [(r["bits_per_coordinate"], r["normalised_error"], r["method"]) for r in rows]
+    best = min(((e, m) for b, e, m in pts if b <= budget), default=None)
+    for b1, e1, m1 in pts:
+        for b2, e2, m2 in pts:
+            if b1 < budget < b2:
+                theta = (b2 - budget) / (b2 - b1)
+                e = theta * e1 + (1 - theta) * e2
+                if best is None or e < best[0]:
+                    best = (e, f"{m1}/{m2}")
+    return best
+
+
+def equal_bits_rows(rows: list[dict]) -> list[dict]:
+    """Per data set and P: hvdquant's and EDEN's (DRIVE's at 1 bit) lowest error within each of
+    :data:`EQUAL_BITS`, taken as the references' own measured bits there (:func:`achievable`), and
+    their ratio."""
+    out = []
+    datas = sorted({r["data"] for r in rows}, key=lambda d: (d.startswith(("cnn", "lm")), d))
+    for data in datas:
+        for p in sorted({r["senders"] for r in rows}):
+            sel = [r for r in rows if r["data"] == data and r["senders"] == p and at_zero_correlation(r)]
+            ours = [r for r in sel if unbiased(r)]
+            refs = [r for r in sel if "reference" in r["family"]]
+            # the budget of column b: the reference's own measured bits at b (a scale per piece adds a hair)
+            own = {round(r["bits_per_coordinate"]): r["bits_per_coordinate"] for r in refs}
+            for bits in EQUAL_BITS:
+                lo, hi = own.get(math.floor(bits), bits), own.get(math.ceil(bits), bits)
+                budget = (lo + hi) / 2
+                a, b = achievable(ours, budget), achievable(refs, budget)
+                out.append({"data": data, "senders": p, "bits": bits, "budget": budget, "hvdquant": a[0] if a else None,
+                            "hvdquant_how": a[1] if a else None, "reference": b[0] if b else None,
+                            "ratio": a[0] / b[0] if a and b else None})
+    return out
+
+
 def cell(r: dict | None) -> tuple[str, str]:
     return (f"{r['method']} ({r['bits_per_coordinate']:.2f})", f"{r['normalised_error']:.3g}") if r else ("–", "–")
 
@@ -369,12 +418,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "and EDEN are reference implementations in launch/bench_error.py, written from the papers' "
              "definitions (each sender its own rotation, as in the papers). Synthetic senders are independent "
              "here (ρ = 0; the JSON holds ρ = 0.5 and 0.9); real gradients are P batches' gradients of the same "
-             "model. hvdquant's unbiased estimators (DQSG in every form, NDQSG, QSGD) are compared with the unbiased "
-             "references; 1-bit SGD and top-k are biased (figure and JSON).", "",
-             "Best configuration within a bit budget (lowest error among the methods sending at most that many "
-             "bits per coordinate; ratio < 1: hvdquant's error is lower):", "",
-             "| data | P | budget (bits) | hvdquant best | error | reference best | error | ratio |",
-             "|---|---:|---:|---|---:|---|---:|---:|"]
+             "model. hvdquant's unbiased estimators (DQSG in every form, ECDQ, NDQSG, QSGD) are compared with the "
+             "unbiased references; 1-bit SGD and top-k are biased (figure and JSON).", "",
+             "At equal measured bits: hvdquant's lowest error divided by the references' (EDEN; DRIVE at 1 bit) "
+             "at each number of bits per coordinate, each side's error the lowest reachable within that budget "
+             "with one configuration or two sharing the coordinates (linear interpolation between two measured "
+             "points: the same rule for both; < 1: hvdquant's error is lower; the configurations behind each "
+             "cell are in the JSON's `equal_bits`):", "",
+             "| data | P | " + " | ".join(f"{b:g} bits" for b in EQUAL_BITS) + " |",
+             "|---|---:|" + "---:|" * len(EQUAL_BITS)]
+    eq = equal_bits_rows(rows)
+    for key in dict.fromkeys((e["data"], e["senders"]) for e in eq):
+        cells = [e for e in eq if (e["data"], e["senders"]) == key]
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(
+            f"{e['ratio']:.2f}" if e["ratio"] is not None else "–" for e in cells) + " |")
+    lines += ["", "Best configuration within a bit budget (lowest error among the methods sending at most that "
+              "many bits per coordinate; ratio < 1: hvdquant's error is lower):", "",
+              "| data | P | budget (bits) | hvdquant best | error | reference best | error | ratio |",
+              "|---|---:|---:|---|---:|---|---:|---:|"]
     datas = sorted({r["data"] for r in rows}, key=lambda d: (d.startswith(("cnn", "lm")), d))
     for data in datas:
         for p in sorted({r["senders"] for r in rows}):
@@ -432,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": "python launch/bench_error.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": datetime.date.today().isoformat(),
             "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    (args.out / "bench_error.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "bench_error.json").write_text(json.dumps({"meta": meta, "rows": rows,
+                                                           "equal_bits": equal_bits_rows(rows)}, indent=1))
     print(f"{'data':<16}{'P':>3}{'rho':>5}  {'method':<28}{'bits':>7}{'error':>11}")
     for r in rows:
         print(f"{r['data']:<16}{r['senders']:>3}{r['correlation']:>5.1f}  {r['method']:<28}"

@@ -40,6 +40,7 @@ METHODS: dict[str, str] = {
     "dqsg-s3-hadamard": "--framework horovod --compression dqsg --levels 3 --rotation hadamard",
     "dqsg-s3-hadamard-rans": "--framework horovod --compression dqsg --levels 3 --rotation hadamard --coding rans "
                              "--reducer allgather",
+    "ecdq-1.1": "--framework horovod --compression ecdq --step 1.1 --reducer allgather",
     "dqsg-s1-allgather": "--framework horovod --compression dqsg --levels 1 --reducer allgather",
     "dqsg-s3-allgather": "--framework horovod --compression dqsg --levels 3 --reducer allgather",
     "dqsg-s3-scatter": "--framework horovod --compression dqsg --levels 3 --reducer scatter_reduce",

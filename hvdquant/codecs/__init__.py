@@ -2,6 +2,7 @@
 
 from .base import Codec, Encoded, TensorContext, empirical_entropy
 from .dqsg import DQSG
+from .ecdq import ECDQ
 from .feedback import ErrorFeedback
 from .lgc import LGC
 from .ndqsg import NDQSG
@@ -10,5 +11,5 @@ from .qsgd import QSGD
 from .state import CodecState
 from .topk import TopK
 
-__all__ = ["DQSG", "LGC", "NDQSG", "QSGD", "Codec", "CodecState", "Encoded", "ErrorFeedback", "OneBitSGD",
+__all__ = ["DQSG", "ECDQ", "LGC", "NDQSG", "QSGD", "Codec", "CodecState", "Encoded", "ErrorFeedback", "OneBitSGD",
            "TensorContext", "TopK", "empirical_entropy"]

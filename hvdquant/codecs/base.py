@@ -59,7 +59,7 @@ class Encoded:
     alphabet: int = 0
     side_bits: float = 0.0  # bits of per-bucket side data (scales, checksums) counted in the entropy
     source: torch.Tensor | None = None  # the float32 input, kept where a recovery round may need it
-    counts: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # the symbols' histogram (a row per context for a context coder)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.fields.values())
@@ -70,9 +70,10 @@ class Encoded:
         return next(iter(self.fields.values())).device
 
     def entropy(self) -> float | None:
-        """Zeroth-order entropy of the symbols sent, bits per symbol; None if the codec kept none."""
+        """Zeroth-order entropy of the symbols sent, bits per symbol (the conditional entropy given the
+        coder's context where ``counts`` has a row per context); None if the codec kept none."""
         if self.counts is not None:
-            return counts_entropy(self.counts)
+            return conditional_entropy(self.counts) if self.counts.dim() == 2 else counts_entropy(self.counts)
         if self.symbols is not None:
             return empirical_entropy(self.symbols, self.alphabet)
         return None
@@ -138,6 +139,17 @@ def counts_entropy(counts: torch.Tensor) -> float:
     if total == 0:
         return 0.0
     return -sum(c / total * math.log2(c / total) for c in values if c)
+
+
+def conditional_entropy(counts: torch.Tensor) -> float:
+    """H(symbol | context) = Σ_c (n_c/n)·H(row c) of a histogram with one row per context, bits per
+    symbol: what a coder that knows the context can reach, below the zeroth-order entropy of the
+    rows' sum wherever the context tells something about the symbol."""
+    rows = [(sum(r), r) for r in counts.tolist()]
+    total = sum(n for n, _ in rows)
+    if total == 0:
+        return 0.0
+    return sum(n / total * counts_entropy(torch.tensor(r)) for n, r in rows if n)
 
 
 #: a transport's second round: per sender, the recovery requests it must answer -> its reply bytes

@@ -18,8 +18,8 @@ from hvdquant.stats import CommStats
 
 
 def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
-    """The codec of a payload-path run, from the flags (``--error-feedback`` wraps DQSG, NDQSG and
-    QSGD in :class:`hvdquant.ErrorFeedback`; top-k and 1-bit SGD always carry their residuals)."""
+    """The codec of a payload-path run, from the flags (``--error-feedback`` wraps DQSG, NDQSG,
+    QSGD and ECDQ in :class:`hvdquant.ErrorFeedback`; top-k and 1-bit SGD always carry their residuals)."""
     if args.compression == "topk":
         return hvdquant.TopK.with_feedback(args.ratio)
     if args.compression == "lgc":
@@ -31,6 +31,7 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
                                            args.coding or "fixed"),
              "ndqsg": lambda: hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction),
              "qsgd": lambda: hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding or "elias"),
+             "ecdq": lambda: hvdquant.ECDQ(args.step, args.bucket_size, args.dither, args.rotation),
              }[args.compression]()
     return hvdquant.ErrorFeedback(codec) if args.error_feedback else codec
 
@@ -43,7 +44,7 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, opt: torch.optim.
         if args.compression == "dqsg" and args.coding not in (None, "fixed"):
             raise SystemExit(f"--coding {args.coding}: entropy-coded payloads cannot be summed by Horovod's allreduce: "
                              "use --reducer allgather or scatter_reduce")
-        if args.compression in ("qsgd", "onebit", "topk", "lgc"):
+        if args.compression in ("qsgd", "ecdq", "onebit", "topk", "lgc"):
             raise SystemExit(f"--compression {args.compression} payloads cannot be summed by Horovod's allreduce: "
                              "use --reducer allgather or scatter_reduce (hvdquant.DistributedOptimizer)")
         groups = args.group_bytes or None

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--framework", choices=["horovod", "ddp"], default="horovod",
                    help="horovod (under horovodrun) or ddp (PyTorch DDP under torchrun or mpirun)")
     p.add_argument("--compression",
-                   choices=["none", "fp16", "powersgd", "dqsg", "ndqsg", "qsgd", "onebit", "topk", "lgc"],
+                   choices=["none", "fp16", "powersgd", "dqsg", "ndqsg", "qsgd", "ecdq", "onebit", "topk", "lgc"],
                    default="dqsg", help="powersgd: DDP only (torch's PowerSGD hook)")
     p.add_argument("--powersgd-rank", type=int, default=4, help="PowerSGD: matrix approximation rank")
     p.add_argument("--ddp-warmup-steps", type=int, default=0,
@@ -76,9 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="levels s (DQSG, QSGD) or s1 (NDQSG); default 1, and 3 for NDQSG")
     p.add_argument("--dither", choices=["independent", "stratified"], default="stratified",
                    help="DQSG's dither: stratified (default: one stream decodes a sum) or the paper's independent one")
-    p.add_argument("--rotation", choices=["none", "hadamard"], default="none",
-                   help="DQSG: rotate each bucket by the shared randomized Hadamard transform before quantizing "
-                        "(heavy-tailed gradients: much less error at the same bits)")
+    p.add_argument("--rotation", choices=["none", "hadamard"], default=None,
+                   help="DQSG, ECDQ: rotate each bucket by the shared randomized Hadamard transform before "
+                        "quantizing (heavy-tailed gradients: much less error at the same bits); default none for "
+                        "DQSG, hadamard for ECDQ")
+    p.add_argument("--step", type=float, default=1.0,
+                   help="ECDQ: quantization step in units of each bucket's RMS (larger: fewer bits, more error; "
+                        "about 2.6 -> 1 bit, 1.1 -> 2 bits, 0.5 -> 3 bits per coordinate)")
     p.add_argument("--group-bytes", type=int, default=GROUP_THRESHOLD,
                    help="Horovod stock dqsg/ndqsg: gradient bytes per group whose fields are sent while backward "
                         "runs (0: every tensor after backward, in one round)")
@@ -119,14 +123,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reducer = "allreduce" if args.compression in ("none", "fp16", "powersgd", "dqsg", "ndqsg") else "allgather"
     if args.reducer is None:
         args.reducer = "stock" if args.compression in ("none", "fp16", "dqsg") else "allgather"
-    if args.error_feedback and (args.compression not in ("dqsg", "ndqsg", "qsgd")
+    if args.error_feedback and (args.compression not in ("dqsg", "ndqsg", "qsgd", "ecdq")
                                 or args.reducer not in ("allgather", "scatter_reduce")):
-        p.error("--error-feedback takes --compression dqsg|ndqsg|qsgd with --reducer allgather|scatter_reduce "
+        p.error("--error-feedback takes --compression dqsg|ndqsg|qsgd|ecdq with --reducer allgather|scatter_reduce "
                 "(residuals are per rank: a summed payload cannot carry them; topk and onebit have their own)")
     if args.batch_size is None:
         args.batch_size = {"cnn": 64, "lm": 16}[args.job]
     if args.lr is None:
         args.lr = {"cnn": 0.02, "lm": 0.002}[args.job]
+    if args.rotation is None:
+        args.rotation = "hadamard" if args.compression == "ecdq" else "none"
     if args.levels is None:
         args.levels = 3 if args.compression == "ndqsg" else 1
     return args

@@ -4,7 +4,9 @@
 
 A table of frequencies f_a (integers summing to M = 2^PROB_BITS, f_a ≥ 1 for every symbol that
 occurs) and cumulative counts c_a = Σ_{a' < a} f_{a'} is shared by encoder and decoder (it travels in
-the payload). Chunk b holds symbols [b·C, (b+1)·C) and is coded on its own, so chunks encode and
+the payload). With several tables (rows of ``freq``), symbol i is coded with row ctx[i·ctx_stride]: a
+context both sides know before symbol i is coded (``ctx_stride`` = 0: row ctx[0] for every symbol, the
+static case). Chunk b holds symbols [b·C, (b+1)·C) and is coded on its own, so chunks encode and
 decode in parallel. Its state x lives in [L, 256·L), L = 2^23:
 
     encode (symbols in reverse order): while x ≥ x_max(a) = 256·(L/M)·f_a:
@@ -43,10 +45,11 @@ def build(jit: Callable, leaf: Callable) -> SimpleNamespace:
     """The chunk encoder, the gather of the chunks into one stream, and the chunk decoder."""
 
     @leaf
-    def rans_encode(b, sym, chunk, freq, cum, region, scratch, lengths):
+    def rans_encode(b, sym, ctx, ctx_stride, chunk, freq, cum, region, scratch, lengths):
         """Chunk b of ``sym`` coded backwards into the end of scratch[b·region, (b+1)·region);
-        its byte count in lengths[b]. A symbol costs at most PROB_BITS bits (f_a ≥ 1), i.e. < 2 bytes,
-        so a region of 2·chunk + CHUNK_SLACK bytes always holds the chunk."""
+        its byte count in lengths[b] (−1 if a symbol has frequency 0 in its table). A symbol costs at
+        most PROB_BITS bits (f_a ≥ 1), i.e. < 2 bytes, so a region of 2·chunk + CHUNK_SLACK bytes
+        always holds the chunk."""
         i0 = b * chunk
         i1 = min(sym.shape[0], i0 + chunk)
         end = b * region + region
@@ -54,13 +57,17 @@ def build(jit: Callable, leaf: Callable) -> SimpleNamespace:
         x = STATE_LOW
         for i in range(i1 - 1, i0 - 1, -1):
             a = sym[i]
-            f = np.uint64(freq[a])
+            m = ctx[i * ctx_stride]
+            f = np.uint64(freq[m, a])
+            if f == 0:  # a symbol its table cannot code: the chunk is refused, not looped on forever
+                lengths[b] = -1
+                return
             x_max = X_MAX_UNIT * f
             while x >= x_max:
                 pos -= 1
                 scratch[pos] = np.uint8(x & U8_MASK)
                 x = x >> U8_SHIFT
-            x = (x // f) * np.uint64(PROB_SCALE) + (x % f) + np.uint64(cum[a])
+            x = (x // f) * np.uint64(PROB_SCALE) + (x % f) + np.uint64(cum[m, a])
         for k in range(4):
             scratch[pos - 4 + k] = np.uint8((x >> np.uint64(8 * k)) & U8_MASK)
         lengths[b] = end - (pos - 4)
@@ -75,7 +82,7 @@ def build(jit: Callable, leaf: Callable) -> SimpleNamespace:
             out[dst + j] = scratch[src + j]
 
     @leaf
-    def rans_decode(b, stream, offsets, lengths, chunk, total, freq, cum, slot_symbol, out, status):
+    def rans_decode(b, stream, offsets, lengths, chunk, total, ctx, ctx_stride, freq, cum, slot_symbol, out, status):
         """Symbols [b·chunk, min(total, (b+1)·chunk)) from chunk b's bytes; status[b] = 1 if the chunk is corrupt (reads
         past its bytes, leaves bytes unread, or does not end in the encoder's initial state)."""
         i0 = b * chunk
@@ -92,8 +99,9 @@ def build(jit: Callable, leaf: Callable) -> SimpleNamespace:
         pos += 4
         for i in range(i0, i1):
             slot = x & PROB_MASK
-            a = slot_symbol[slot]
-            x = np.uint64(freq[a]) * (x >> PROB_SHIFT) + slot - np.uint64(cum[a])
+            m = ctx[i * ctx_stride]
+            a = slot_symbol[m, slot]
+            x = np.uint64(freq[m, a]) * (x >> PROB_SHIFT) + slot - np.uint64(cum[m, a])
             while x < STATE_LOW:
                 byte = np.uint64(0)
                 if pos < end:

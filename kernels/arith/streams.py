@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .constants import SHARED_V
+from .constants import F32_HALF, SHARED_V
 
 
 def build(jit: Callable, leaf: Callable, *, philox4x32, odd_numerator, centered, lane,
@@ -89,5 +89,17 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, odd_numerator, centered,
         for i in range(i0, i1):
             out[i] = u[i - i0]
 
+    @jit
+    def dither_bins(i0, i1, u, bins, out, step, tid, sender, ranks, key0, key1):
+        """out[i] = ⌊(u_i + ½)·bins⌋, at most bins − 1, for i in [i0, i1): which of ``bins`` equal
+        intervals of (−½, ½) sender's dither u_i falls in (``bins`` a power of 2 up to 256, so the
+        product is exact): the context of an entropy coder conditioned on the dither."""
+        dither_range(i0, i1, sender, 1, ranks, u, step, tid, key0, key1)
+        scale = np.float32(bins)
+        top = bins - 1
+        for i in range(i0, i1):
+            c = np.int64((u[i - i0] + F32_HALF) * scale)
+            out[i] = min(c, top)
+
     return SimpleNamespace(uniforms=uniforms, independent_range=independent_range, dither_range=dither_range,
-                           dither_fill=dither_fill)
+                           dither_fill=dither_fill, dither_bins=dither_bins)

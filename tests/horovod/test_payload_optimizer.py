@@ -38,6 +38,8 @@ SCHEMES = {
     "qsgd-fixed-scatter": (lambda: hvdquant.QSGD(4, 128, "max", "fixed"), "scatter_reduce"),
     "onebit-allgather": (hvdquant.OneBitSGD, "allgather"),
     "onebit-scatter": (hvdquant.OneBitSGD, "scatter_reduce"),
+    "ecdq-allgather": (lambda: hvdquant.ECDQ(1.1, 128), "allgather"),
+    "ecdq-scatter": (lambda: hvdquant.ECDQ(2.0, 100), "scatter_reduce"),
     "ef-dqsg1-allgather": (lambda: hvdquant.ErrorFeedback(hvdquant.DQSG(1, 256)), "allgather"),
     "topk-ef-allgather": (lambda: hvdquant.TopK.with_feedback(0.05), "allgather"),
     "topk-ef-scatter": (lambda: hvdquant.TopK.with_feedback(0.05), "scatter_reduce"),
@@ -75,6 +77,8 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
         measured = stats["payload_bits_per_coordinate"]
         if isinstance(codec, hvdquant.QSGD) and codec.coding == "elias":
             assert measured <= expected  # the QSGD paper's bound on the expected length
+        elif isinstance(codec, hvdquant.ECDQ):
+            assert measured == pytest.approx(expected, rel=0.05)  # its formula is the Gaussian model's length
         else:
             assert measured == pytest.approx(expected, rel=0.01)
     assert stats["bits_per_coordinate"] >= stats["payload_bits_per_coordinate"]

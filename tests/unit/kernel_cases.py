@@ -47,6 +47,18 @@ def rans_roundtrip(n):
     return freq, lengths, stream, ops.rans_decode(freq, lengths, stream, m)
 
 
+def rans_modelled_roundtrip(n):
+    """Symbols over 5 values coded with one of 4 tables chosen by the dither's bins (one table gives
+    a present symbol only frequency 1), encoded then decoded."""
+    m = n * 40
+    contexts = ops.dither_bins(m, STRAT3, 4)
+    sym = sym_of(m, 5, 3)
+    freq = torch.tensor([[1, 4000, 8000, 4000, 383], [16380, 1, 1, 1, 1], [3000, 3000, 3000, 3000, 4384],
+                         [100, 200, 300, 400, 15384]], dtype=torch.int16)
+    lengths, stream = ops.rans_encode_modelled(sym, freq, contexts)
+    return contexts, lengths, stream, ops.rans_decode(freq, lengths, stream, m, contexts=contexts)
+
+
 CASES = {
     "dither": lambda n: (ops.dither(n, KEY),),
     "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
@@ -88,6 +100,8 @@ CASES = {
                            ops.hadamard_rotate(g_of(n), 512, KEY, inverse=True),
                            rotated_in_place(n, 96, False), rotated_in_place(n, 128, True)),
     "rans": lambda n: rans_roundtrip(n),
+    "rans_modelled": lambda n: rans_modelled_roundtrip(n),
+    "dither_bins": lambda n: (ops.dither_bins(n, KEY, 16), ops.dither_bins(n, STRAT4, 256), ops.dither_bins(n, KEY, 1)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),
     "qsgd": lambda n: (ops.qsgd_encode(g_of(n), ops.bucket_l2(g_of(n), 64), 64, 4, KEY),

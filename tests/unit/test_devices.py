@@ -91,8 +91,8 @@ def test_summed_exchange_on_cuda_kernels_gives_the_cpu_bits(scheme):
     assert torch.equal(cpu, cuda)
 
 
-@pytest.mark.parametrize("codec", [hvdquant.DQSG(3, 64), hvdquant.QSGD(4, 64), hvdquant.OneBitSGD()],
-                         ids=["dqsg", "qsgd", "onebit-ef"])
+@pytest.mark.parametrize("codec", [hvdquant.DQSG(3, 64), hvdquant.QSGD(4, 64), hvdquant.OneBitSGD(),
+                                   hvdquant.ECDQ(1.5, 64)], ids=["dqsg", "qsgd", "onebit-ef", "ecdq"])
 def test_payload_exchange_on_cuda_kernels_gives_the_cpu_bits(codec):
     """The payload path (encode, fused group buffer, aggregate) through the CUDA kernels: the same
     bits as through the CPU twins."""
