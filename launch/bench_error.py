@@ -324,6 +324,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
 
     datas = sorted({r["data"] for r in rows}, key=lambda d: (d.startswith(("cnn", "lm")), d))
     senders = sorted({r["senders"] for r in rows})
@@ -339,9 +340,13 @@ def plot(rows: list[dict], path: Path) -> None:
                 pts = sorted((r["bits_per_coordinate"], r["normalised_error"]) for r in sel if r["family"] == fam)
                 if pts:
                     style = "--" if "reference" in fam else "-"
-                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[fam], label=fam)
+                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[fam], label=fam,
+                            lw=2.2 if fam in (ECDQ_FAMILY, "EDEN unbiased (reference)") else 1.2)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator([0.25, 0.5, 1, 2, 4, 8, 16, 32]))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{data}, P = {p}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             if i == len(datas) - 1:
