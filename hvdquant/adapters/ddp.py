@@ -12,8 +12,12 @@ SGD and top-k with error feedback, LGC on ``"allgather"``). Collectives run over
 (:class:`~hvdquant.transports.torchdist.TorchDistCollectives`): Gloo, NCCL or MPI, no Horovod.
 
 How a bucket is exchanged. DDP hands the hook a flat bucket of several parameters' gradients and
-runs the hooks of a step in increasing bucket index on every rank, so the hook runs its collectives
-at once and returns a completed future holding the **mean**. A bucket is one fused buffer
+runs the hooks of a step in increasing bucket index on every rank. The hook starts the bucket's
+exchange, starts its rounds (``send``: they travel while backward computes the next buckets) and
+returns a future; the step's last hook finishes every bucket in bucket order and completes their
+futures with the **mean** (DDP waits for them only after the last hook). Every rank starts the same
+rounds in the same order, since which round starts in which hook depends only on the buckets, never
+on timing: Gloo and NCCL match collectives by order. A bucket is one fused buffer
 (:class:`~hvdquant.transports.fused.FusedBuffer`) handed to the State's one exchange: every
 parameter with at least 2 dimensions and ``min_numel`` elements is a compressed segment named
 ``ddp.param<i>`` (i: the order in which the hook first saw the parameter: the same on every rank,
@@ -41,7 +45,8 @@ Guarantees, as on the Horovod paths:
 - the configuration (codec, reducer, min_numel, warm-up, seed, restored state, the first bucket's
   parameter shapes) is agreed at the first step; a difference fails on every rank, naming the
   first differing rank;
-- a non-finite gradient makes every rank raise ``FloatingPointError`` from ``backward()``;
+- a non-finite gradient makes every rank raise ``FloatingPointError`` from ``backward()`` (from the
+  step's last hook);
 - :meth:`State.state_dict` holds the session's state (step counters, the agreed seed, the
   exchange's residuals, nesting decisions and side information) and the iteration, so a job
   restarted into a new DDP model continues bit for bit;
@@ -52,6 +57,7 @@ real types ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]``.)
 """
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,6 +97,7 @@ class State:
         self.iteration = 0  # completed backward passes that communicated (buckets with is_last())
         self.full = CommStats()  # warm-up buckets' float32 values
         self._ids: dict[int, int] = {}
+        self._unfinished: list[tuple[torch.futures.Future, Callable[[], torch.Tensor], torch.Tensor]] = []
 
     @property
     def exchange(self) -> Exchange:
@@ -130,8 +137,9 @@ class State:
             self.full.record(piece.numel(), s.nbytes)
         return _finite(torch.cat([s.wait() for s in started])) / coll.size
 
-    def reduce(self, bucket: dist.GradBucket) -> torch.Tensor:
-        """The mean over ranks of ``bucket``'s gradients, in the buffer's dtype and device."""
+    def reduce(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """A future of the mean over ranks of ``bucket``'s gradients, in the buffer's dtype and
+        device: completed at once during warm-up, else in the step's last hook."""
         buffer = bucket.buffer()
         params = bucket.parameters()
         self.session.agree(lambda: {"reducer": self.reducer, "min_numel": self.min_numel,
@@ -139,17 +147,21 @@ class State:
                                     "first_bucket": [tuple(p.shape) for p in params]})
         flat = buffer.detach().to(torch.float32).reshape(-1)
         grads = flat.split([p.numel() for p in params])
+        fut = _future(buffer)
         if self.iteration < self.warmup_steps:
-            out = self._allreduced(list(grads))
+            fut.set_result(self._allreduced(list(grads)).to(buffer.device, buffer.dtype))
         else:
-            # the first finisher sends every started tensor, and raises on every rank if a gradient
-            # was not finite
             fused = self.session.buffer([(self._name(p), g.view(p.shape)) for p, g in zip(params, grads)],
                                         self.min_numel, flat)  # the bucket is the buffer: no copy
-            out = self.exchange.start(fused)()
+            self._unfinished.append((fut, self.exchange.start(fused), buffer))
+            self.exchange.send()
         if bucket.is_last():
             self.iteration += 1
-        return out.to(buffer.device, buffer.dtype)
+            unfinished, self._unfinished = self._unfinished, []
+            # in bucket order; the first finisher raises on every rank if a gradient was not finite
+            for pending, finish, buf in unfinished:
+                pending.set_result(finish().to(buf.device, buf.dtype))
+        return fut
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -159,17 +171,20 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _future(buffer: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    """An empty future for a result on ``buffer``'s device (a CUDA result needs a future that knows
+    its device: it records the current stream's event)."""
+    return torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+
+
 def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: ``ddp_model.register_comm_hook(state, hvdquant.ddp.hook)``. Runs the
-    bucket's exchange at once and returns a completed future holding the mean. Errors (a non-finite
-    gradient, a configuration mismatch) are raised, not set on the future: DDP then re-raises them
-    from every rank's ``backward()`` with their own type and message (a future's exception reaches
-    ``backward()`` as an unrelated cast error)."""
-    out = state.reduce(bucket)
-    # a CUDA result needs a future that knows its device (it records the current stream's event)
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=[out.device] if out.is_cuda else None)
-    fut.set_result(out)
-    return fut
+    """DDP communication hook: ``ddp_model.register_comm_hook(state, hvdquant.ddp.hook)``. Starts
+    the bucket's exchange and rounds and returns a future of the mean, completed in the step's last
+    hook (at once during warm-up). Errors (a non-finite gradient, a configuration mismatch) are
+    raised, not set on the future: DDP then re-raises them from every rank's ``backward()`` with
+    their own type and message (a future's exception reaches ``backward()`` as an unrelated cast
+    error)."""
+    return state.reduce(bucket)
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int]:

@@ -9,6 +9,12 @@ buffers between two finishes, so every rank builds the same rounds whatever orde
 in. Uncompressed segments are summed in rank order (exact and reproducible). A non-finite gradient
 on any rank makes every rank raise ``FloatingPointError`` from the finisher.
 
+``send()`` starts the rounds of what was started since the last call, so that they travel while the
+framework computes the next gradients, and waits only on rounds started at earlier calls: the order
+of the rounds depends on the calls alone, never on timing, which collectives matched by order
+(torch.distributed) require. The DDP hook calls it after each bucket's ``start`` and calls the
+finishers, in start order, in the step's last hook.
+
 Transports: :class:`~hvdquant.transports.summed.SummedExchange` (summable allreduce: DQSG and NDQSG
 indices in float64 fields), :class:`~hvdquant.transports.payload.PayloadExchange` (any codec's
 payloads over allgather or scatter-reduce-allgather), :class:`~hvdquant.transports.lgc_exchange.LGCExchange`
@@ -48,6 +54,10 @@ class Exchange(Protocol):
     stats: CommStats
 
     def start(self, buffer: FusedBuffer) -> Finisher: ...
+
+    def send(self) -> None:
+        """Start the rounds of what was started since the last call (see the module docstring)."""
+        ...
 
     def config(self) -> dict:
         """What every rank must agree on at the first step."""

@@ -104,6 +104,10 @@ class LGCExchange:
 
         return finish
 
+    def send(self) -> None:
+        """Nothing to send early: ``start`` starts each tensor's first round, and its later stages
+        depend on the earlier ones' results (they run at the finisher)."""
+
     def _start(self, name: str, flat: torch.Tensor, step: int) -> Callable[[], torch.Tensor]:
         if not all_finite(flat):
             poisoned = self.coll.allgather_bytes(None, f"hvdquant.lgc.{name}")

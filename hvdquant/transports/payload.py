@@ -111,6 +111,10 @@ class PayloadExchange:
 
         return finish
 
+    def send(self) -> None:
+        """Start the rounds of the segments queued since the last call (their groups' first rounds)."""
+        self._flush()
+
     def _result(self, item: Item) -> torch.Tensor:
         """``item``'s output, sending and finishing its group first if that has not happened."""
         if item.group is None:

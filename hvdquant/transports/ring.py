@@ -209,6 +209,9 @@ class CosetRing:
 
         return finish
 
+    def send(self) -> None:
+        """Nothing to send early: the ring runs, blocking, at the finisher."""
+
     def _segment(self, buffer: FusedBuffer, seg: Segment) -> torch.Tensor:
         """Σ_p of one segment: the coset ring for a compressed one, the float32 ring otherwise."""
         g = buffer.part(seg).to("cpu").contiguous()

@@ -156,6 +156,18 @@ class SummedExchange:
 
         return finish
 
+    def send(self) -> None:
+        """The tensors started since the last call become a group whose MAX round starts now; the
+        groups launched at earlier calls are sent (their maxima waited for, their fields quantized,
+        their SUM rounds started). Which rounds start when depends on the calls alone (no polling),
+        so collectives matched by order (torch.distributed: the DDP hook) see the same sequence on
+        every rank. The results are the same bits as without it."""
+        earlier = list(self._groups)
+        if self._pending:
+            self._launch(list(self._pending))
+        for group in earlier:
+            self._send(group, wait=True)
+
     def _workspace(self, name: str, g: torch.Tensor) -> torch.Tensor | None:
         """The buffer ``name``'s rotated copy is written into, kept from step to step (a fresh one of
         every step's size costs page faults: docs/BENCHMARKS.md); None without rotation. The previous

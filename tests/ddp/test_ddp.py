@@ -193,6 +193,35 @@ def test_error_feedback_residuals_in_state_dict():
     assert all(r.dtype == torch.float64 and bool(r.abs().sum() > 0) for r in residuals.values())
 
 
+@pytest.mark.parametrize("reducer", ["allreduce", "allgather"])
+def test_buckets_travel_while_backward_runs(reducer):
+    """Once DDP has rebuilt its buckets (several of them), every hook but the step's last returns a
+    future not yet done, its rounds already started (bytes handed to the collectives grow inside
+    it); the last hook completes every future of the step; replicas stay bit-identical."""
+    state = hvdquant.ddp.State(hvdquant.DQSG(1, 128), reducer, min_numel=256)
+    model = mlp()
+    ddp = DDP(model, bucket_cap_mb=0.004)
+    steps: list[list[tuple[bool, bool, int, int]]] = [[]]
+    futures: list = []
+
+    def spying(st, bucket):
+        before = st.exchange.stats.bytes_handed
+        fut = hvdquant.ddp.hook(st, bucket)
+        steps[-1].append((bucket.is_last(), fut.done(), before, st.exchange.stats.bytes_handed))
+        futures.append(fut)
+        if bucket.is_last():
+            assert all(f.done() for f in futures)
+            steps.append([])
+        return fut
+
+    ddp.register_comm_hook(state, spying)
+    train(ddp, torch.optim.SGD(model.parameters(), lr=0.05), range(3))
+    third = steps[2]
+    assert len(third) > 1 and third[-1][0] and third[-1][1]
+    assert all(not last and not done and after > before for last, done, before, after in third[:-1])
+    assert same_on_all_ranks(flat(model))
+
+
 def test_config_mismatch_names_the_rank_on_every_rank():
     last = dist.get_world_size() - 1
     levels = 3 if dist.get_rank() == last else 1

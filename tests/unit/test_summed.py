@@ -219,6 +219,33 @@ def test_groups_are_sent_during_the_hooks_with_the_same_bits(scheme):
         assert len(set(sums)) == len(sums)  # each group its own round name
 
 
+@pytest.mark.parametrize("scheme", [DQSGSum(3, 64, rotation="hadamard"), NestedSum((8, 1), 64)])
+def test_send_starts_each_buffers_rounds_in_an_order_fixed_by_the_calls(scheme):
+    """send() after each start (the DDP hook): buffer i's MAX round starts at call i, its maxima are
+    waited for and its SUM round started at call i + 1 (never a wait on a round of the same call: no
+    polling), and the finishers, called after the last, give the unpipelined exchange's bits."""
+    grads = gradients(4)
+    coll = Recording(arrived=False)
+    ex = SummedExchange(scheme, False, coll)
+    alone = SummedExchange(type(scheme)(**scheme_args(scheme)), False, Recording())
+    for step in range(3):
+        calls, finishers = [], []
+        for name, g in reversed(grads.items()):
+            coll.log.clear()
+            finishers.append((name, start(ex, name, g * (step + 1), 5, step)))
+            ex.send()
+            calls.append(list(coll.log))
+        handed = {name: start(alone, name, g * (step + 1), 5, step) for name, g in reversed(grads.items())}
+        expected = {name: finish() for name, finish in handed.items()}
+        outs = {name: finish() for name, finish in finishers}
+        assert [line.split()[:2] for line in calls[0]] == [["start", "max"]]
+        for prev, call in zip(calls, calls[1:]):
+            assert call[0].startswith("start max")
+            assert call[1] == "wait " + prev[0][len("start "):]  # the previous call's maxima
+            assert call[2].startswith("start sum")
+        assert all(torch.equal(outs[n], expected[n]) for n in grads)
+
+
 def scheme_args(scheme) -> dict:
     if isinstance(scheme, DQSGSum):
         return {"levels": scheme.levels, "bucket_size": scheme.bucket_size, "dither": scheme.dither,
