@@ -16,7 +16,9 @@ gloo once, only when a DDP method is selected); only public APIs are used:
 - ``allgather`` / ``scatter_reduce``: ``hvdquant.DistributedOptimizer(..., codec=hvdquant.DQSG(levels=1,
   bucket_size=512), reducer=...)``;
 - ``ddp`` / ``powersgd``: ``DistributedDataParallel`` over gloo, plain (DDP's default buckets) or with
-  the PowerSGD comm hook (rank 4, as in launch/bench_network.py) over one bucket (see ``ddp_setup``).
+  the PowerSGD comm hook (rank 4, as in launch/bench_network.py) over one bucket (see ``ddp_setup``);
+- ``ddp-dqsg``: ``DistributedDataParallel`` over gloo (default buckets) with ``hvdquant.ddp.hook``,
+  DQSG s=1 over the summable allreduce.
 
 They run in the order of ``RUN_ORDER`` (hvdquant's payload paths, the slowest today, last), whatever
 the order given.
@@ -129,10 +131,11 @@ LABELS = {
     "scatter_reduce": "hvdquant dqsg s=1 scatter_reduce",
     "ddp": "ddp fp32 (gloo)",
     "powersgd": "ddp powersgd r=4 (gloo)",
+    "ddp-dqsg": "ddp hvdquant hook dqsg s=1 (gloo)",
 }
-RUN_ORDER = ("fp32", "fp16", "ddp", "powersgd", "stock", "allgather", "scatter_reduce")  # the slowest last
+RUN_ORDER = ("fp32", "fp16", "ddp", "powersgd", "ddp-dqsg", "stock", "allgather", "scatter_reduce")  # slowest last
 HOROVOD = ("fp32", "fp16", "stock", "allgather", "scatter_reduce")
-DDP = ("ddp", "powersgd")
+DDP = ("ddp", "powersgd", "ddp-dqsg")
 LEVELS, BUCKET = 1, 512
 
 
@@ -188,10 +191,18 @@ def ddp_setup(method: str, model: nn.Module, counter: AllReduceCounter, coords: 
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
     from torch.nn.parallel import DistributedDataParallel
 
+    import hvdquant
+
     if method == "ddp":  # DDP's defaults (25 MiB buckets, a 1 MiB first bucket)
         ddp = DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
         return Setup(ddp, opt, lambda: (32.0, "nominal"))
+    if method == "ddp-dqsg":  # DDP's default buckets, hvdquant's hook over the summable allreduce
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+        state = hvdquant.ddp.State(hvdquant.DQSG(LEVELS, BUCKET), "allreduce")
+        ddp.register_comm_hook(state, hvdquant.ddp.hook)
+        return Setup(ddp, opt, lambda: (state.statistics()["bits_per_coordinate"], "measured"))
     # PowerSGD gets one bucket: with several, its hook's chained allreduces (waited on inside gloo's
     # callback threads) start in different bucket orders on different ranks and deadlock (seen with
     # torch 2.13 on CPU at the ResNet-18's 45 MB; an explicit bucket_cap_mb also sets the first bucket's)

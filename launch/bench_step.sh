@@ -8,7 +8,7 @@
 #   MODELS=mlp4x256 RANKS=2 LINKS="unlimited 1gbit" bash launch/bench_step.sh     # a quick subset
 #   METHODS=fp16,stock,scatter_reduce STEPS=20 WARMUP=5 bash launch/bench_step.sh
 # Variables: MODELS (mlp4x256 mlp20x512 resnet18), RANKS (2 4), LINKS (unlimited 1gbit 10gbit; any
-# <n>mbit/<n>gbit), METHODS (comma list of fp32,fp16,stock,allgather,scatter_reduce,ddp,powersgd;
+# <n>mbit/<n>gbit), METHODS (comma list of fp32,fp16,stock,allgather,scatter_reduce,ddp,powersgd,ddp-dqsg;
 # empty = all), STEPS (10 timed), WARMUP (3), BATCH (0 = per-model default), PROFILE (1: cProfile
 # rank 0 of the stock method for resnet18 at P=2 on unlimited), JOB_TIMEOUT (s per mpirun job, 1200),
 # REPORT (1: regenerate docs/BENCHMARKS.md's block and docs/bench_step.png at the end).

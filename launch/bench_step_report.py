@@ -18,11 +18,12 @@ from pathlib import Path
 
 BEGIN, END = "<!-- bench_step: begin (launch/bench_step_report.py) -->", "<!-- bench_step: end -->"
 ORDER = ["horovod fp32", "horovod fp16", "hvdquant stock dqsg s=1", "hvdquant dqsg s=1 allgather",
-         "hvdquant dqsg s=1 scatter_reduce", "ddp fp32 (gloo)", "ddp powersgd r=4 (gloo)"]
+         "hvdquant dqsg s=1 scatter_reduce", "ddp fp32 (gloo)", "ddp powersgd r=4 (gloo)",
+         "ddp hvdquant hook dqsg s=1 (gloo)"]
 FP32, FP16, STOCK = ORDER[0], ORDER[1], ORDER[2]
 PAYLOAD = ORDER[3:5]
 MODELS = ["mlp4x256", "mlp20x512", "resnet18"]
-COLORS = ["#7f7f7f", "#bcbd22", "#d62728", "#ff9896", "#9467bd", "#1f77b4", "#17becf"]
+COLORS = ["#7f7f7f", "#bcbd22", "#d62728", "#ff9896", "#9467bd", "#1f77b4", "#17becf", "#2ca02c"]
 
 
 def link_key(link: str) -> tuple[int, float]:

@@ -2,8 +2,8 @@
 # hvdquant test command: lint, unit tests, the packaging check (launch/check_wheel.sh: the built wheel,
 # installed on its own, imports and trains), pytest-mpi tests under mpirun -n 1 … 5, then
 # Horovod tests under horovodrun -np 2 and -np 4, each with Gloo and with MPI, then the DDP hook's tests under
-# torchrun --nproc_per_node 2 and 4 (Gloo, CPU; no Horovod), then the dry runs of launch/gpu_check.sh
-# and launch/gpu_e2e.sh (no GPU). Exits non-zero if any stage fails or if any rank of a stage ran no
+# torchrun --nproc_per_node 2 and 4 (Gloo, CPU; no Horovod), then the dry runs of launch/gpu_check.sh,
+# launch/gpu_e2e.sh and launch/bench_gpu_step.sh (no GPU). Exits non-zero if any stage fails or if any rank of a stage ran no
 # test. Logs: runs/test-logs/.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -77,6 +77,7 @@ done
 # they work the first time they meet a GPU
 run_check gpu-check-dry env DRY_RUN=1 OUT=runs/gpu-dry bash launch/gpu_check.sh
 run_check gpu-e2e-dry env DRY_RUN=1 OUT=runs/gpu-dry bash launch/gpu_e2e.sh
+run_check gpu-step-dry env DRY_RUN=1 OUT=runs/gpu-dry/step bash launch/bench_gpu_step.sh
 
 printf '\n===== summary\n'
 printf '%s\n' "${summary[@]}"
