@@ -8,7 +8,8 @@
 - :mod:`.cpu`      — every kernel of the table compiled with ``numba.njit`` and looped with ``prange``;
 - :mod:`.cuda`     — the same kernels compiled with ``numba.cuda.jit`` (imported lazily);
 - :mod:`.dispatch` — target choice by device, launches (by table entry), argument checks;
-- :mod:`.ops`      — the public API over torch tensors (with :mod:`.ops_packing`, :mod:`.ops_fields`);
+- :mod:`.ops`      — the public API over torch tensors (with :mod:`.ops_packing`, :mod:`.ops_fields`,
+  :mod:`.ops_entropy`, and :mod:`.ops_segments`: several tensors in one launch, :mod:`.segments`);
 - :mod:`.sizes`    — pure sizing functions of the payload layouts (buckets, packed bytes, cosets);
 - :mod:`.jit`      — ``njit`` with Numba's disk cache where one is writable (:mod:`.cpu`, :mod:`.elias`).
 

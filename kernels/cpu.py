@@ -22,7 +22,7 @@ from numba.core.registry import CPUDispatcher
 
 from . import arith, table, threads
 from .jit import cached
-from .table import INDEX, RANGE, SPAN, Kernel
+from .table import INDEX, RANGE, SEGMENTED, SPAN, Kernel
 
 CHUNK = 4096  # elements per prange iteration of a range kernel (a multiple of 4)
 
@@ -46,6 +46,32 @@ def {name}(nb, n, span, {params}):
         s1 = np.empty(span, np.{t1})
         {block}(b * span, min(n, (b + 1) * span), s0, s1, {args})
 """,
+    # segmented twins (kernels/arith/segments.py): block b of the launch is block b − segs[s, 0] of
+    # segment s, called on that segment's views; a histogram row r per block (each owns its row)
+    (INDEX, SEGMENTED): """
+def {name}(nb, segs, {params}):
+    for b in prange(nb):
+        s = _segment_of(segs, b)
+        {block}(b - segs[s, 0], {args})
+""",
+    (RANGE, SEGMENTED): """
+def {name}(nb, segs, {params}):
+    for b in prange(nb):
+        s = _segment_of(segs, b)
+        i0 = (b - segs[s, 0]) * CHUNK
+        s0 = np.empty(CHUNK, np.float32)
+        {block}(i0, min(segs[s, 1], i0 + CHUNK), s0, {args})
+""",
+    (SPAN, SEGMENTED): """
+def {name}(nb, span, segs, {params}):
+    for b in prange(nb):
+        s = _segment_of(segs, b)
+        r = b
+        i0 = (b - segs[s, 0]) * span
+        s0 = np.empty(span, np.{t0})
+        s1 = np.empty(span, np.{t1})
+        {block}(i0, min(segs[s, 1], i0 + span), s0, s1, {args})
+""",
 }
 
 _f = arith.build(njit, njit(inline="always"))
@@ -65,19 +91,23 @@ def _serial_twin(kernel: CPUDispatcher) -> CPUDispatcher:
     return cached("_serial")(kernel.py_func)
 
 
-KERNELS = tuple(k.name for k in table.KERNELS)
+KERNELS = tuple(k.name for k in table.KERNELS) + tuple(k.name + "_segments" for k in table.KERNELS if k.segments)
 parallel = types.SimpleNamespace(**{k.name: _par(table.define(k, _f, LOOPS, globals(), __file__))
-                                     for k in table.KERNELS})
+                                     for k in table.KERNELS},
+                                  **{k.name + "_segments": _par(table.define(k, _f, LOOPS, globals(), __file__, True))
+                                     for k in table.KERNELS if k.segments})
 serial = types.SimpleNamespace(**{name: _serial_twin(getattr(parallel, name)) for name in KERNELS})
 
 
-def launch(kernel: Kernel, work: int, *args: object) -> None:
-    """Run ``kernel(*args)`` on the threads :func:`.threads.plan` gives a call of ``work`` cost
-    units: the serial twin on one, the parallel kernel on more."""
+def launch(kernel: Kernel, work: int, *args: object, segmented: bool = False) -> None:
+    """Run ``kernel(*args)`` (its segmented twin with ``segmented``) on the threads
+    :func:`.threads.plan` gives a call of ``work`` cost units: the serial twin on one, the parallel
+    kernel on more."""
+    name = kernel.name + ("_segments" if segmented else "")
     n = threads.plan(work)
     if n > 1:
         with threads.using(n) as used:
             if used > 1:
-                getattr(parallel, kernel.name)(*args)
+                getattr(parallel, name)(*args)
                 return
-    getattr(serial, kernel.name)(*args)
+    getattr(serial, name)(*args)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import types
 
+import numpy as np  # noqa: F401 (the loops' global)
 from numba import cuda, float32, int32, uint8  # noqa: F401 (the loops' globals)
 
 from . import arith, table
-from .table import INDEX, RANGE, SPAN, Kernel
+from .table import INDEX, RANGE, SEGMENTED, SPAN, Kernel
 
 THREADS_PER_BLOCK = 256
 
@@ -44,6 +45,35 @@ def {name}(nb, n, span, {params}):
         s1 = cuda.local.array({size}, {t1})
         {block}(span * b, min(n, span * b + span), s0, s1, {args})
 """,
+    # segmented twins (kernels/arith/segments.py): thread b runs block b − segs[s, 0] of segment s; a
+    # histogram row r per segment (atomic adds)
+    (INDEX, SEGMENTED): """
+def {name}(nb, segs, {params}):
+    b = cuda.grid(1)
+    if b < nb:
+        s = _segment_of(segs, b)
+        {block}(b - segs[s, 0], {args})
+""",
+    (RANGE, SEGMENTED): """
+def {name}(nb, segs, {params}):
+    b = cuda.grid(1)
+    if b < nb:
+        s = _segment_of(segs, b)
+        i0 = 4 * (b - segs[s, 0])
+        s0 = cuda.local.array(4, float32)
+        {block}(i0, min(segs[s, 1], i0 + 4), s0, {args})
+""",
+    (SPAN, SEGMENTED): """
+def {name}(nb, span, segs, {params}):
+    b = cuda.grid(1)
+    if b < nb:
+        s = _segment_of(segs, b)
+        r = s
+        i0 = span * (b - segs[s, 0])
+        s0 = cuda.local.array({size}, {t0})
+        s1 = cuda.local.array({size}, {t1})
+        {block}(i0, min(segs[s, 1], i0 + span), s0, s1, {args})
+""",
 }
 
 
@@ -55,11 +85,15 @@ def _tally_atomic(counts, row, symbol, amount):
 _f = arith.build(cuda.jit(device=True), tally=_tally_atomic)
 
 
-kernels = types.SimpleNamespace(**{k.name: cuda.jit(table.define(k, _f, LOOPS, globals(), __file__))
-                                    for k in table.KERNELS})
+kernels = types.SimpleNamespace(
+    **{k.name: cuda.jit(table.define(k, _f, LOOPS, globals(), __file__)) for k in table.KERNELS},
+    **{k.name + "_segments": cuda.jit(table.define(k, _f, LOOPS, globals(), __file__, True))
+       for k in table.KERNELS if k.segments})
 
 
-def launch(kernel: Kernel, nblocks: int, stream: object, *args: object) -> None:
-    """Run ``kernel`` on ``nblocks`` block indices (one a thread) on ``stream``."""
+def launch(kernel: Kernel, nblocks: int, stream: object, *args: object, segmented: bool = False) -> None:
+    """Run ``kernel`` (its segmented twin with ``segmented``) on ``nblocks`` block indices (one a
+    thread) on ``stream``."""
     grid = (nblocks + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-    getattr(kernels, kernel.name)[grid, THREADS_PER_BLOCK, stream](nblocks, *args)
+    name = kernel.name + ("_segments" if segmented else "")
+    getattr(kernels, name)[grid, THREADS_PER_BLOCK, stream](nblocks, *args)

@@ -20,6 +20,7 @@ import torch
 
 from . import cpu, threads
 from .key import MAX_ELEMENTS, DitherKey
+from .segments import Segments
 from .sizes import num_buckets
 from .table import INDEX, RANGE, SPAN, Kernel
 
@@ -90,21 +91,50 @@ def launch(kernel: Kernel, count: int, *args: object, span: int | None = None) -
         per = cpu.CHUNK if where == "cpu" else 4
         nblocks = (count + per - 1) // per
         args = (count, *args)
+    # Cost units for kernels/threads.py, which picks the serial twin or the parallel kernel.
+    largest = max((t.numel() for t in tensors), default=0)
+    work = count * threads.RANGE_COST if kernel.kind != INDEX else max(count, largest) * kernel.cost
+    _run(kernel, where, on_gpu, nblocks, work, args, False)
+
+
+def launch_segments(kernel: Kernel, segments: Segments, *args: object, span: int | None = None,
+                    per_word: int = 1) -> None:
+    """Run ``kernel``'s segmented twin once over every tensor of ``segments``, laid end to end in
+    the flat buffers among ``args`` (the same calls, indices and keys as one :func:`launch` per
+    tensor; ``per_word``: the fields per word of a ``words`` buffer). ``args`` are the twin's: the
+    kernel's less the parameters the segment table holds (each tensor's step and tensor id)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    on_gpu = any(t.is_cuda for t in tensors)
+    where = target(kernel, *tensors)
+    if kernel.kind == SPAN and span is None:
+        raise TypeError(f"{kernel.name}: a span kernel needs span=")
+    per = {INDEX: 1, RANGE: cpu.CHUNK if where == "cpu" else 4, SPAN: span}[kernel.kind]
+    rows = segments.table(kernel.unit, per, per_word)
+    nblocks = int(rows[-1, 0] + -(-rows[-1, 1] // per)) if len(rows) else 0
+    if nblocks == 0:
+        return
+    launches[where] += 1
+    device = tensors[0].device if tensors else torch.device("cpu")
+    segs = torch.from_numpy(rows).to(device)
+    lead = (span, segs) if kernel.kind == SPAN else (segs,)
+    work = segments.elements * (threads.RANGE_COST if kernel.kind != INDEX else kernel.cost)
+    _run(kernel, where, on_gpu, nblocks, work, (*lead, *args), True)
+
+
+def _run(kernel: Kernel, where: str, on_gpu: bool, nblocks: int, work: int, args: tuple, segmented: bool) -> None:
+    """Convert the arguments and run the kernel (or its segmented twin) on ``where``."""
     conv = [_convert(kernel, a) for a in args]
     if where == "cpu":
         if on_gpu:
             raise ValueError(f"{kernel.name}: CUDA tensors cannot run on the CPU target")
-        # Cost units for kernels/threads.py, which picks the serial twin or the parallel kernel.
-        largest = max((t.numel() for t in tensors), default=0)
-        work = count * threads.RANGE_COST if kernel.kind != INDEX else max(count, largest) * kernel.cost
-        cpu.launch(kernel, work, np.int64(nblocks), *conv)
+        cpu.launch(kernel, work, np.int64(nblocks), *conv, segmented=segmented)
         return
     from numba import cuda as nb_cuda
 
     from . import cuda as ck
 
     stream = nb_cuda.external_stream(torch.cuda.current_stream().cuda_stream) if on_gpu else 0
-    ck.launch(kernel, np.int64(nblocks), stream, *conv)
+    ck.launch(kernel, np.int64(nblocks), stream, *conv, segmented=segmented)
 
 
 # ----------------------------------------------------------------------------- checks

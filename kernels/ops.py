@@ -35,7 +35,15 @@ from .dispatch import (
     vec,
 )
 from .key import MAX_ELEMENTS, DitherKey
-from .ops_entropy import RANS_CHUNK, rans_chunks, rans_decode, rans_encode, rans_encode_modelled, rans_table
+from .ops_entropy import (
+    RANS_CHUNK,
+    RansTables,
+    rans_chunks,
+    rans_decode,
+    rans_encode,
+    rans_encode_modelled,
+    rans_table,
+)
 from .ops_fields import dqsg_decode_fields, dqsg_encode_fields, pack_sum_fields, unpack_sum_fields
 from .ops_packing import (
     bitpack,
@@ -48,6 +56,13 @@ from .ops_packing import (
     unpack_cosets,
     unpack_symbols,
 )
+from .ops_segments import (
+    bucket_absmax_segments,
+    dqsg_decode_fields_segments,
+    dqsg_encode_fields_segments,
+    hadamard_rotate_segments,
+)
+from .segments import Segments
 from .sizes import (
     SUM_WORD_BITS,
     coset_bits,
@@ -61,14 +76,17 @@ from .sizes import (
 )
 
 __all__ = [
-    "SUM_WORD_BITS", "bitpack", "bitunpack", "bucket_absmax", "bucket_checksum", "bucket_l2", "bucket_step",
+    "SUM_WORD_BITS", "Segments", "bitpack", "bitunpack", "bucket_absmax", "bucket_absmax_segments",
+    "bucket_checksum", "bucket_l2", "bucket_step",
     "coset_bits", "coset_bytes", "dither", "dither_bins", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
-    "dqsg_decode_packed", "dqsg_encode", "dqsg_encode_fields", "dqsg_encode_packed", "force_target", "hadamard_rotate",
+    "dqsg_decode_fields_segments", "dqsg_decode_packed", "dqsg_encode", "dqsg_encode_fields",
+    "dqsg_encode_fields_segments", "dqsg_encode_packed", "force_target", "hadamard_rotate", "hadamard_rotate_segments",
     "launches",
     "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means", "onebit_decode",
     "onebit_encode", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
-    "RANS_CHUNK", "radix_per_byte", "radixpack", "radixunpack", "rans_chunks", "rans_decode", "rans_encode",
-    "rans_encode_modelled", "rans_table", "scale_decode", "symbol_bytes", "symbol_packing", "topk_indices",
+    "RANS_CHUNK", "RansTables", "radix_per_byte", "radixpack", "radixunpack", "rans_chunks", "rans_decode",
+    "rans_encode", "rans_encode_modelled", "rans_table", "scale_decode", "symbol_bytes", "symbol_packing",
+    "topk_indices",
     "unpack_cosets", "unpack_sum_fields", "unpack_symbols",
 ]
 

@@ -70,6 +70,26 @@ def _tables(freq: torch.Tensor, what: str) -> torch.Tensor:
     return f
 
 
+class RansTables:
+    """rANS tables (``freq``: int16, rows × alphabet, each row summing to M = 2^14) checked once,
+    with what the kernels read (frequencies and cumulative counts as int32, each row's slot → symbol
+    map) made once per device: a coder whose tables never change builds this once and passes it to
+    :func:`rans_encode_modelled` and :func:`rans_decode`."""
+
+    def __init__(self, freq: torch.Tensor) -> None:
+        self.freq = freq
+        self.rows = _tables(freq, "freq")  # int64 on the CPU, rows × alphabet
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(frequencies, cumulative counts, slot symbols) on ``device``."""
+        got = self._on.get(device)
+        if got is None:
+            cum, slots = _cumulative(self.rows)
+            got = self._on[device] = (self.rows.to(device=device, dtype=torch.int32), cum.to(device), slots.to(device))
+        return got
+
+
 def _contexts(contexts: torch.Tensor | None, rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """(the context of each symbol, its stride): one zero byte and stride 0 for a single table."""
     if contexts is None:
@@ -82,16 +102,16 @@ def _contexts(contexts: torch.Tensor | None, rows: int, n: int, device: torch.de
     return contexts, 1
 
 
-def _encode(symbols: torch.Tensor, f: torch.Tensor, contexts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lengths, stream) of ``symbols`` coded with tables ``f`` (rows × alphabet, int64, CPU)."""
+def _encode(symbols: torch.Tensor, tables: RansTables, contexts: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths, stream) of ``symbols`` coded with ``tables``."""
     n, device = symbols.numel(), symbols.device
-    ctx, stride = _contexts(contexts, f.shape[0], n, device)
+    ctx, stride = _contexts(contexts, tables.rows.shape[0], n, device)
     chunks = rans_chunks(n)
     lengths = torch.empty(chunks, dtype=torch.int32, device=device)
     if not chunks:
         return lengths, torch.empty(0, dtype=torch.uint8, device=device)
-    cum, _ = _cumulative(f)
-    f_dev, c_dev = f.to(device=device, dtype=torch.int32), cum.to(device)
+    f_dev, c_dev, _ = tables.on(device)
     region = 2 * RANS_CHUNK + CHUNK_SLACK
     scratch = torch.empty(chunks * region, dtype=torch.uint8, device=device)
     launch(table.rans_encode, chunks, symbols, ctx, stride, RANS_CHUNK, f_dev, c_dev, region, scratch, lengths)
@@ -112,27 +132,29 @@ def rans_encode(symbols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tens
     if counts.dim() != 1 or not 1 <= counts.numel() <= 256:
         raise ValueError(f"counts must be a histogram of 1 to 256 symbol values, got shape {tuple(counts.shape)}")
     freq = rans_table(counts)
-    if symbols.numel() and int(counts.sum()) != symbols.numel():
-        raise ValueError(f"counts sum to {int(counts.sum())}, not to the {symbols.numel()} symbols")
     if not symbols.numel():
-        return freq, *_encode(symbols, torch.zeros(1, 1, dtype=torch.int64), None)
-    return freq, *_encode(symbols, freq.to(torch.int64).reshape(1, -1), None)
+        return freq, torch.empty(0, dtype=torch.int32, device=symbols.device), \
+            torch.empty(0, dtype=torch.uint8, device=symbols.device)
+    if int(counts.sum()) != symbols.numel():
+        raise ValueError(f"counts sum to {int(counts.sum())}, not to the {symbols.numel()} symbols")
+    return freq, *_encode(symbols, RansTables(freq.reshape(1, -1)), None)
 
 
-def rans_encode_modelled(symbols: torch.Tensor, freq: torch.Tensor, contexts: torch.Tensor
+def rans_encode_modelled(symbols: torch.Tensor, tables: torch.Tensor | RansTables, contexts: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lengths, stream) of uint8 ``symbols``, symbol i coded with the table ``freq[contexts[i]]``
-    (``freq``: int16, contexts × alphabet, every row summing to M = 2^14 and nonzero wherever a symbol
-    may occur in its context; ``contexts``: uint8, one per symbol). The tables do not travel: the
-    decoder (:func:`rans_decode` with the same ``freq`` and ``contexts``) must know both."""
+    (``tables``: int16 ``freq``, contexts × alphabet, every row summing to M = 2^14 and nonzero
+    wherever a symbol may occur in its context, or a :class:`RansTables` of it; ``contexts``: uint8,
+    one per symbol). The tables do not travel: the decoder (:func:`rans_decode` with the same tables
+    and contexts) must know both."""
     vec("symbols", symbols, torch.uint8)
-    f = _tables(freq, "freq")
-    if symbols.numel() and int(symbols.max()) >= f.shape[1]:
-        raise ValueError(f"symbol {int(symbols.max())} is outside the tables' alphabet of {f.shape[1]}")
-    return _encode(symbols, f, contexts)
+    tables = tables if isinstance(tables, RansTables) else RansTables(tables)
+    if symbols.numel() and int(symbols.max()) >= tables.rows.shape[1]:
+        raise ValueError(f"symbol {int(symbols.max())} is outside the tables' alphabet of {tables.rows.shape[1]}")
+    return _encode(symbols, tables, contexts)
 
 
-def rans_decode(freq: torch.Tensor, lengths: torch.Tensor, stream: torch.Tensor, n: int,
+def rans_decode(freq: torch.Tensor | RansTables, lengths: torch.Tensor, stream: torch.Tensor, n: int,
                 out: torch.Tensor | None = None, contexts: torch.Tensor | None = None) -> torch.Tensor:
     """The n uint8 symbols of :func:`rans_encode`'s (freq, lengths, stream), or of
     :func:`rans_encode_modelled`'s (lengths, stream) with its tables ``freq`` and ``contexts``, on the
@@ -141,7 +163,6 @@ def rans_decode(freq: torch.Tensor, lengths: torch.Tensor, stream: torch.Tensor,
     vec("stream", stream, torch.uint8)
     n = integer("n", n, 0, 1 << 40)
     chunks = rans_chunks(n)
-    f = _tables(freq, "freq") if n else torch.zeros(1, 1, dtype=torch.int64)
     vec("lengths", lengths, torch.int32, chunks)
     offsets, total = _chunk_offsets(lengths)
     if total != stream.numel() or bool((lengths < 0).any()):
@@ -149,12 +170,13 @@ def rans_decode(freq: torch.Tensor, lengths: torch.Tensor, stream: torch.Tensor,
     out = output(out, "out", n, torch.uint8, stream)
     if not chunks:
         return out
+    tables = freq if isinstance(freq, RansTables) else RansTables(freq)
     device = stream.device
-    ctx, stride = _contexts(contexts, f.shape[0], n, device)
-    cum, slots = _cumulative(f)
+    ctx, stride = _contexts(contexts, tables.rows.shape[0], n, device)
+    f_dev, c_dev, slots = tables.on(device)
     status = torch.zeros(chunks, dtype=torch.int32, device=device)
-    launch(table.rans_decode, chunks, stream, offsets, lengths, RANS_CHUNK, n, ctx, stride,
-           f.to(device=device, dtype=torch.int32), cum.to(device), slots.to(device), out, status)
+    launch(table.rans_decode, chunks, stream, offsets, lengths, RANS_CHUNK, n, ctx, stride, f_dev, c_dev, slots, out,
+           status)
     bad = torch.nonzero(status).reshape(-1)
     if bad.numel():
         raise ValueError(f"corrupt rANS stream: chunk {int(bad[0])} of {chunks} does not decode")

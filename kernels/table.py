@@ -27,6 +27,14 @@ from .arith import buckets, dqsg, fields, fused, nested, packing, qsgd, rans, ro
 from .arith.constants import GPU_FIELD_SCRATCH, GPU_SPAN
 
 INDEX, RANGE, SPAN = "index", "range", "span"
+SEGMENTED = "segmented"  # the loop templates' key suffix (``templates[kind, SEGMENTED]``) of segmented twins
+
+#: how a segmented twin rebinds a block parameter to its tensor's part (columns of
+#: :data:`.arith.segments.COLUMNS`): a view of a flat buffer, or a scalar of the segment's row
+REBIND = {"elements": "{p}[segs[s, 2]:segs[s, 3]]", "buckets": "{p}[segs[s, 4]:segs[s, 5]]",
+          "words": "{p}[segs[s, 6]:segs[s, 7]]", "step": "np.uint64(segs[s, 8])",
+          "tensor_id": "np.uint64(segs[s, 9])"}
+SCALAR_COLUMNS = ("step", "tensor_id")
 
 
 @dataclass(frozen=True)
@@ -37,27 +45,40 @@ class Kernel:
     scratch: tuple[str, ...] = ()  #: SPAN: NumPy dtype names of the two scratch buffers
     gpu_scratch: int = 4  #: scratch entries per GPU thread
     cost: int = 1  #: INDEX: CPU cost units per element of its largest tensor (:mod:`.threads`)
+    #: (block parameter, :data:`REBIND` key) pairs: the kernel also has a segmented twin
+    #: ``<name>_segments(nb, [span,] segs, ...)`` that runs it over several tensors in one launch
+    segments: tuple[tuple[str, str], ...] = ()
+    unit: str = "elements"  #: what a segment's column 1 counts for this kernel: "elements" or "buckets"
 
 
-def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict[str, str]) -> str:
+def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict, segmented: bool = False) -> str:
     """Source of ``kernel``'s loop from ``templates[kernel.kind]``, for a block function with parameter
     names ``params``. The template's fields: ``{name}``, ``{params}`` (the kernel's parameters after
     nb, n, span: the block's own, less ``row``), ``{block}`` (the global name of the block function,
     ``_<name>``), ``{args}`` (the block's arguments after index, range and scratch: ``row`` becomes
-    ``b``), ``{t0}``, ``{t1}`` (scratch dtypes) and ``{size}`` (``gpu_scratch``)."""
+    ``b``), ``{t0}``, ``{t1}`` (scratch dtypes) and ``{size}`` (``gpu_scratch``). ``segmented``: the
+    segmented twin from ``templates[kind, SEGMENTED]``, named ``<name>_segments``, its parameters
+    rebound by ``kernel.segments`` (:data:`REBIND`; the scalar ones leave the signature)."""
     lead = {INDEX: 1, RANGE: 3, SPAN: 4}[kernel.kind]
     own = params[lead:]
-    taken = {"nb", "n", "span", "b", "s0", "s1"} & set(own)
+    taken = {"nb", "n", "span", "b", "s0", "s1", "s", "segs", "i0", "r"} & set(own)
     if taken:
         raise ValueError(f"{kernel.name}: block parameters {sorted(taken)} clash with the loop's names")
+    rebind = dict(kernel.segments) if segmented else {}
+    unknown = set(rebind) - set(own)
+    if unknown:
+        raise ValueError(f"{kernel.name}: segments rebind {sorted(unknown)}, which are not block parameters")
     t0, t1 = kernel.scratch or ("", "")
-    return templates[kernel.kind].format(
-        name=kernel.name, block=f"_{kernel.name}", params=", ".join(p for p in own if p != "row"),
-        args=", ".join("b" if p == "row" else p for p in own), t0=t0, t1=t1, size=kernel.gpu_scratch)
+    row = "r" if segmented else "b"  # a segmented template's histogram row: its block (CPU) or segment (GPU)
+    args = [row if p == "row" else REBIND[rebind[p]].format(p=p) if p in rebind else p for p in own]
+    return templates[(kernel.kind, SEGMENTED) if segmented else kernel.kind].format(
+        name=kernel.name + ("_segments" if segmented else ""), block=f"_{kernel.name}",
+        params=", ".join(p for p in own if p != "row" and rebind.get(p) not in SCALAR_COLUMNS),
+        args=", ".join(args), t0=t0, t1=t1, size=kernel.gpu_scratch)
 
 
-def define(kernel: Kernel, blocks: object, templates: dict[str, str], namespace: dict[str, object],
-           filename: str) -> types.FunctionType:
+def define(kernel: Kernel, blocks: object, templates: dict, namespace: dict[str, object],
+           filename: str, segmented: bool = False) -> types.FunctionType:
     """``kernel``'s loop from ``templates``, around its block function in ``blocks`` (what
     :func:`.arith.build` returned), as a function of the module whose globals are ``namespace``
     (compiled as code of ``filename``, that module's file). The block function becomes the global
@@ -67,10 +88,11 @@ def define(kernel: Kernel, blocks: object, templates: dict[str, str], namespace:
     block = getattr(blocks, kernel.name)
     code = block.py_func.__code__
     namespace["_" + kernel.name] = block
-    source = loop_source(kernel, code.co_varnames[:code.co_argcount], templates)
+    namespace["_segment_of"] = blocks.segment_of
+    source = loop_source(kernel, code.co_varnames[:code.co_argcount], templates, segmented)
     scope: dict[str, object] = {}
     exec(compile(source, filename, "exec"), namespace, scope)
-    return scope[kernel.name]  # type: ignore[return-value]
+    return scope[kernel.name + ("_segments" if segmented else "")]  # type: ignore[return-value]
 
 
 def source_stamp() -> str:
@@ -92,15 +114,21 @@ nested_decode = Kernel("nested_decode", nested.build, RANGE)
 qsgd_encode = Kernel("qsgd_encode", qsgd.build, RANGE)
 dqsg_encode_packed = Kernel("dqsg_encode_packed", fused.build, SPAN, ("float32", "uint8"), GPU_SPAN)
 dqsg_decode_packed = Kernel("dqsg_decode_packed", fused.build, SPAN, ("float32", "uint8"), GPU_SPAN)
-dqsg_encode_fields = Kernel("dqsg_encode_fields", fused.build, SPAN, ("float32", "uint8"), GPU_FIELD_SCRATCH)
-dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32", "int32"), GPU_FIELD_SCRATCH)
+FIELD_SEGMENTS = (("delta", "buckets"), ("words", "words"), ("step", "step"), ("tid", "tensor_id"))
+dqsg_encode_fields = Kernel("dqsg_encode_fields", fused.build, SPAN, ("float32", "uint8"), GPU_FIELD_SCRATCH,
+                            segments=(("g", "elements"), *FIELD_SEGMENTS))
+dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32", "int32"), GPU_FIELD_SCRATCH,
+                            segments=(("out", "elements"), *FIELD_SEGMENTS))
 
 # ----------------------------------------------------------------------------- index kernels
-bucket_absmax = Kernel("bucket_absmax", buckets.build)
+bucket_absmax = Kernel("bucket_absmax", buckets.build, segments=(("g", "elements"), ("out", "buckets")),
+                       unit="buckets")
 bucket_checksum = Kernel("bucket_checksum", buckets.build)
 bucket_l2 = Kernel("bucket_l2", buckets.build)
 bucket_step = Kernel("bucket_step", buckets.build)
-hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16)  # log2(d) passes: costed as threads.RANGE_COST
+hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16,  # log2(d) passes: costed as threads.RANGE_COST
+                         segments=(("src", "elements"), ("x", "elements"), ("step", "step"), ("tid", "tensor_id")),
+                         unit="buckets")
 scale_decode = Kernel("scale_decode", qsgd.build)
 onebit_column_means = Kernel("onebit_column_means", qsgd.build)
 onebit_encode = Kernel("onebit_encode", qsgd.build)

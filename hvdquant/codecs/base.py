@@ -130,11 +130,11 @@ def empirical_entropy(symbols: torch.Tensor, alphabet: int) -> float:
                                          minlength=alphabet))
 
 
-def counts_entropy(counts: torch.Tensor) -> float:
+def counts_entropy(counts: torch.Tensor | list[int]) -> float:
     """−Σ p log2 p of a histogram (bits per symbol; 0 for an empty one). In Python floats: a
     histogram has a few to a few hundred bins, where torch's per-call overhead dominated (the
     stock path computes one per tensor per step)."""
-    values = counts.tolist()
+    values = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     total = sum(values)
     if total == 0:
         return 0.0
@@ -149,7 +149,7 @@ def conditional_entropy(counts: torch.Tensor) -> float:
     total = sum(n for n, _ in rows)
     if total == 0:
         return 0.0
-    return sum(n / total * counts_entropy(torch.tensor(r)) for n, r in rows if n)
+    return sum(n / total * counts_entropy(r) for n, r in rows if n)
 
 
 #: a transport's second round: per sender, the recovery requests it must answer -> its reply bytes

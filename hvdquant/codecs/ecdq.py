@@ -52,6 +52,12 @@ def _phi(t: float) -> float:
 
 
 @functools.lru_cache(maxsize=32)
+def model(step: float, half_width: int) -> ops.RansTables:
+    """:func:`model_tables` checked once, with the kernels' forms of them made once per device."""
+    return ops.RansTables(model_tables(step, half_width))
+
+
+@functools.lru_cache(maxsize=32)
 def model_tables(step: float, half_width: int) -> torch.Tensor:
     """The rANS tables (int16, CONTEXTS × (2K + 1), rows summing to 2^14, K = ``half_width``): row j
     holds P(k | u) for u at the centre of the j-th interval of (−½, ½) and k ∈ [−K, K], for
@@ -120,8 +126,10 @@ class ECDQ(Codec):
         """Δ_b = step · σ_b (float32: one correctly rounded product of two float32 values)."""
         return sigma.to(torch.float32) * torch.tensor(self.step, dtype=torch.float32, device=sigma.device)
 
-    def tables(self, device: torch.device) -> torch.Tensor:
-        return model_tables(float(self.step), self.half_width).to(device)
+    @property
+    def model(self) -> ops.RansTables:
+        """The rANS tables of this step (the same object for every codec of this step)."""
+        return model(float(self.step), self.half_width)
 
     def layout(self, n: int, ctx: TensorContext | None = None) -> Layout:
         return [("sigma", torch.bfloat16, self.num_buckets(n)), ("lengths", torch.int32, ops.rans_chunks(n)),
@@ -149,9 +157,9 @@ class ECDQ(Codec):
         key, half = self.keyed(ctx.key, ctx.ranks), self.half_width
         symbols = ops.dqsg_encode(x, delta, self.bucket_size, half, key, symbols=True)
         contexts = ops.dither_bins(x.numel(), key, CONTEXTS, x.device)
-        lengths, stream = ops.rans_encode_modelled(symbols, self.tables(x.device), contexts)
+        lengths, stream = ops.rans_encode_modelled(symbols, self.model, contexts)
         alphabet = 2 * half + 1
-        counts = torch.bincount(contexts.to(torch.int64) * alphabet + symbols, minlength=CONTEXTS * alphabet)
+        counts = torch.bincount(contexts.to(torch.int32).mul_(alphabet).add_(symbols), minlength=CONTEXTS * alphabet)
         return Encoded(x.numel(), {"sigma": sigma, "lengths": lengths, "stream": stream},
                        counts=counts.reshape(CONTEXTS, alphabet), side_bits=SCALE_BITS * sigma.numel())
 
@@ -159,8 +167,7 @@ class ECDQ(Codec):
         """Δ_b (k − u) in the rotated coordinates."""
         key, n = self.keyed(ctx.key, ctx.ranks), enc.n
         contexts = ops.dither_bins(n, key, CONTEXTS, enc.device)
-        symbols = ops.rans_decode(self.tables(enc.device), enc.fields["lengths"], enc.fields["stream"], n,
-                                  contexts=contexts)
+        symbols = ops.rans_decode(self.model, enc.fields["lengths"], enc.fields["stream"], n, contexts=contexts)
         return ops.dqsg_decode(symbols, self.steps(enc.fields["sigma"]), self.bucket_size, key,
                                offset=self.half_width)
 

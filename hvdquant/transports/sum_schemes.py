@@ -21,6 +21,7 @@ from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels.segments import Segments
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import Collectives, Started
 from hvdquant.transports.summable import SumFieldLayout, SumMessage
@@ -28,14 +29,14 @@ from hvdquant.transports.summable import SumFieldLayout, SumMessage
 
 @dataclass(frozen=True)
 class Pending:
-    """One compressed tensor waiting for its group: name, step, this rank's key, what is quantized
-    (the flat float32 gradient, rotated if the codec rotates) and its per-bucket max|·|."""
+    """One compressed tensor: name, step, this rank's key and what is quantized (the flat float32
+    gradient until its group is launched; then its view of the group's source, rotated if the
+    codec rotates)."""
 
     name: str
     step: int
     key: DitherKey
     source: torch.Tensor
-    absmax: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,18 @@ class Quantized:
     item: Pending
     delta: torch.Tensor
     key: DitherKey
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A group's tensors once their steps are agreed (sorted by name), also as flat buffers end to
+    end: the source, the steps Δ_b, and the segments keyed by each tensor's dither key, for kernels
+    that take every tensor in one launch (:mod:`hvdquant.kernels.ops_segments`)."""
+
+    rounds: list[Quantized]
+    source: torch.Tensor
+    delta: torch.Tensor
+    segments: Segments
 
 
 class SumHost(Protocol):
@@ -88,31 +101,32 @@ class DQSGSum:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore."""
 
-    def send(self, ex: SumHost, rounds: list[Quantized], tag: str) -> Callable[[], dict[str, torch.Tensor]]:
-        """Quantize every tensor straight into its summable fields (one fused pass per tensor) and
-        start one SUM allreduce of all of them; the returned function waits for it and decodes
-        Σ_p ĝ_p per tensor straight from the reduced words."""
-        codec, ranks = ex.codec, ex.coll.size
+    def send(self, ex: SumHost, batch: Batch, tag: str) -> Callable[[], dict[str, torch.Tensor]]:
+        """Quantize every tensor of the batch straight into its summable fields (one fused pass over
+        all of them) and start one SUM allreduce; the returned function waits for it, decodes
+        Σ_p ĝ_p of every tensor straight from the reduced words (one pass) and rotates the sums back
+        (one pass: the rotation is linear and shared)."""
+        codec, ranks, segs = ex.codec, ex.coll.size, batch.segments
         layout = SumFieldLayout.for_levels(codec.levels, ranks)
 
-        def writer(q: Quantized) -> Callable[[torch.Tensor], None]:
-            def write(words: torch.Tensor) -> None:
-                _, counts = ops.dqsg_encode_fields(q.item.source, q.delta, codec.bucket_size, codec.levels, q.key,
-                                                   layout.radix, layout.per_word, out=words)
-                ex.entropy_bits += q.item.source.numel() * counts_entropy(counts) + 32.0 * q.delta.numel()
-            return write
+        def write(words: torch.Tensor) -> None:
+            _, counts = ops.dqsg_encode_fields_segments(batch.source, batch.delta, segs, codec.levels, layout.radix,
+                                                        layout.per_word, out=words)
+            ex.entropy_bits += sum(n * counts_entropy(c) for n, c in zip(segs.lengths, counts)) + \
+                32.0 * batch.delta.numel()
 
-        sizes = [q.item.source.numel() for q in rounds]
-        message = SumMessage(ranks, tuple((layout, n) for n in sizes))
-        started = ex.start_sum(message, [writer(q) for q in rounds], rounds[0].item.source.device, sum(sizes),
-                               f"hvdquant.sum.{tag}")
+        message = SumMessage(ranks, tuple((layout, n) for n in segs.lengths))
+        started = ex.start_sum(message, write, batch.source.device, segs.elements, f"hvdquant.sum.{tag}")
 
         def decode() -> dict[str, torch.Tensor]:
-            words, factor = message.split(started.wait())
-            return {q.item.name: ops.dqsg_decode_fields(w, n, factor, layout.radix, layout.per_word,
-                                                        layout.offset * ranks, q.delta, codec.bucket_size,
-                                                        q.key.for_sender(0), senders=ranks)
-                    for q, w, n in zip(rounds, words, sizes)}
+            reduced = started.wait()
+            _, factor = message.split(reduced)
+            first = Segments(segs.lengths, tuple(k.for_sender(0) for k in segs.keys), segs.bucket)
+            total = ops.dqsg_decode_fields_segments(reduced[:-1], factor, layout.radix, layout.per_word,
+                                                    layout.offset * ranks, batch.delta, first, senders=ranks)
+            if codec.rotator.active:
+                ops.hadamard_rotate_segments(total, first, inverse=True, out=total)
+            return dict(zip((q.item.name for q in batch.rounds), total.split(list(segs.lengths))))
 
         return decode
 
@@ -186,11 +200,11 @@ class NestedSum:
         plain = SumFieldLayout.for_levels(nested.levels[0], ranks).field_words(n)
         self.policy.choose(name, cost, plain, buckets=nb)
 
-    def send(self, ex: SumHost, rounds: list[Quantized], tag: str) -> Callable[[], dict[str, torch.Tensor]]:
+    def send(self, ex: SumHost, batch: Batch, tag: str) -> Callable[[], dict[str, torch.Tensor]]:
         """Pack every tensor's cosets and checksums (or, while not nested, its DQSG(s₁) indices) and
         start one SUM allreduce of all; the returned function waits for it, resolves the index sums
         with the side information, recovers failed buckets in one more round and decodes."""
-        path, nested = ex, self.nested
+        path, nested, rounds = ex, self.nested, batch.rounds
         ranks, d, s1 = path.coll.size, nested.bucket_size, nested.levels[0]
         device = rounds[0].item.source.device
         fine = SumFieldLayout.for_levels(s1, ranks)

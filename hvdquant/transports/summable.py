@@ -94,12 +94,17 @@ class SumMessage:
     def words(self) -> int:
         return sum(layout.field_words(n) if layout is not None else n for layout, n in self.segments) + 1
 
-    def pack(self, values: list[torch.Tensor | FieldWriter], device: torch.device) -> torch.Tensor:
+    def pack(self, values: list[torch.Tensor | FieldWriter] | FieldWriter, device: torch.device) -> torch.Tensor:
         """One entry per segment -> the payload words + sentinel 1.0, on ``device`` (the gradients':
         where the entries live, and where a fused quantizer writes). An entry is int8 codes (packed
         here) or float64 words, or for a fields segment a callable that writes the segment's words
-        into the slice it is given (a fused quantizer: no code array in between)."""
+        into the slice it is given (a fused quantizer: no code array in between). One callable
+        instead of the list writes every segment's words at once (all words but the sentinel)."""
         out = torch.empty(self.words, dtype=torch.float64, device=device)
+        if callable(values):
+            values(out[:-1])
+            out[-1] = 1.0
+            return out
         pos = 0
         for (layout, n), v in zip(self.segments, values, strict=True):
             m = n if layout is None else layout.field_words(n)

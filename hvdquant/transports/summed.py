@@ -4,11 +4,14 @@ With one step Δ_b per bucket common to all ranks (docs/ALGORITHMS.md §3), ever
 integer indices into summable float64 fields (:class:`SumMessage`); a SUM allreduce of the words
 gives the exact index sums, from which one decoder returns Σ_p ĝ_p.
 
-**Fused, and never waiting in the gradient hook.** ``start(buffer)`` only rotates (if the codec
-rotates) and takes the per-bucket max|g| of the buffer's compressed segments. The first finisher
-called exchanges every buffer started since the last exchange: one MAX allreduce of all maxima, then
-each tensor quantized with its common step straight into its fields, and the fields of *all*
-tensors summed in **one** allreduce (plus, for nested decoding, one fused recovery round);
+**Fused, and never waiting in the gradient hook.** ``start(buffer)`` only queues the buffer's
+compressed segments. The first finisher called exchanges every buffer started since the last
+exchange as one group: its tensors laid end to end, rotated (if the codec rotates) and their
+per-bucket max|g| taken, one MAX allreduce of all maxima, then every tensor quantized with its
+common step straight into its fields, and the fields of *all* tensors summed in **one** allreduce
+(plus, for nested decoding, one fused recovery round). Each phase is one kernel launch for the whole
+group (:mod:`hvdquant.kernels.ops_segments`), however many tensors it holds (the nested scheme
+still codes its cosets tensor by tensor);
 uncompressed segments travel in one allgather and are summed in rank order. A step costs a fixed
 number of rounds however many tensors the model has; tensors go in sorted name order, so every
 rank packs the same layout whatever order the hooks fired in. With ``group_threshold`` (Horovod's
@@ -27,25 +30,29 @@ from typing import Any
 import torch
 
 from hvdquant.codecs.base import all_finite
+from hvdquant.kernels import ops
+from hvdquant.kernels.segments import Segments
 from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import Collectives, Started, check_finite_output, raise_if_poisoned, rank_order_sum
 from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.groups import GroupPlan, group_tag
 from hvdquant.transports.payload import check_kind, statistics
-from hvdquant.transports.sum_schemes import DQSGSum, NestedSum, Pending, Quantized
+from hvdquant.transports.sum_schemes import Batch, DQSGSum, NestedSum, Pending, Quantized
 from hvdquant.transports.summable import SumMessage
 
 
 @dataclass
 class _Group:
-    """Compressed tensors exchanged together (sorted by name): the MAX allreduce of their bucket
-    maxima, then the scheme's rounds (``sums`` waits for them and decodes), or the error every rank
-    raises for it."""
+    """Compressed tensors exchanged together (sorted by name), end to end in one flat ``source``
+    (rotated if the codec rotates) cut by ``segments``: the MAX allreduce of their bucket maxima,
+    then the scheme's rounds (``sums`` waits for them and decodes), or the error every rank raises
+    for it."""
 
     tensors: list[Pending]
     tag: str
+    source: torch.Tensor
+    segments: Segments
     maxima: Started[torch.Tensor]
-    rounds: list[Quantized] | None = None
     sums: Callable[[], dict[str, torch.Tensor]] | None = None
     error: tuple[str, str] | None = None  # (first non-finite tensor's name, message)
 
@@ -92,7 +99,7 @@ class SummedExchange:
         self._pending: dict[str, Pending] = {}  # started, not yet in a launched group
         self._groups: list[_Group] = []  # launched since the last exchange
         self._order: list[tuple[str, int]] = []  # compressed tensors in start order, until the plan
-        self._rotated: dict[str, torch.Tensor] = {}  # per name, the buffer its rotated copy reuses
+        self._sources: dict[str, torch.Tensor] = {}  # per group tag, the buffer its source reuses
 
     @property
     def entropy_bits_per_coordinate(self) -> float:
@@ -121,8 +128,7 @@ class SummedExchange:
 
     # ------------------------------------------------------------------ in the gradient hook
     def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
-        """Queue ``buffer`` for the next exchange: rotate its compressed segments (if the codec
-        rotates) and take their per-bucket maxima; with a plan, launch the groups it completes and
+        """Queue ``buffer`` for the next exchange; with a plan, launch the groups it completes and
         send those whose maxima have arrived."""
         queued = {s.name for entry in self._open for s in entry.buffer.segments}
         twice = [s.name for s in buffer.segments if s.name in queued]
@@ -130,9 +136,7 @@ class SummedExchange:
             raise ValueError(f"'{twice[0]}' was started twice before its exchange finished: finish it first")
         compressed = buffer.compressed()
         for s in compressed:
-            g = buffer.part(s)
-            source = self.codec.rotate(g, s.key, self._workspace(s.name, g))
-            self._pending[s.name] = Pending(s.name, s.key.step, s.key, source, self.codec.bucket_absmax(source))
+            self._pending[s.name] = Pending(s.name, s.key.step, s.key, buffer.part(s))
             if self.group_threshold is not None and self.plan is None:
                 self._order.append((s.name, s.length))
         entry = _Started(buffer)
@@ -168,27 +172,34 @@ class SummedExchange:
         for group in earlier:
             self._send(group, wait=True)
 
-    def _workspace(self, name: str, g: torch.Tensor) -> torch.Tensor | None:
-        """The buffer ``name``'s rotated copy is written into, kept from step to step (a fresh one of
-        every step's size costs page faults: docs/BENCHMARKS.md); None without rotation. The previous
-        step's copy is no longer read once that step's exchange finished."""
-        if not self.codec.rotator.active:
-            return None
-        buf = self._rotated.get(name)
-        if buf is None or buf.numel() != g.numel() or buf.device != g.device:
-            buf = self._rotated[name] = torch.empty(g.numel(), dtype=torch.float32, device=g.device)
-        return buf
+    def _source(self, tag: str, tensors: list[Pending]) -> torch.Tensor:
+        """The group's gradients end to end, in a buffer kept from step to step (a fresh one of every
+        step's size costs page faults: docs/BENCHMARKS.md); a lone tensor that is not rotated is its
+        own source. The previous step's buffer is no longer read once that step's exchange finished."""
+        if len(tensors) == 1 and not self.codec.rotator.active:
+            return tensors[0].source
+        n, device = sum(t.source.numel() for t in tensors), tensors[0].source.device
+        buf = self._sources.get(tag)
+        if buf is None or buf.numel() != n or buf.device != device:
+            buf = self._sources[tag] = torch.empty(n, dtype=torch.float32, device=device)
+        return torch.cat([t.source for t in tensors], out=buf)
 
     def _launch(self, names: list[str] | tuple[str, ...]) -> None:
-        """Start one MAX allreduce of the bucket maxima of the pending tensors ``names``."""
-        tensors = [self._pending.pop(name) for name in sorted(names)]
+        """Lay the pending tensors ``names`` end to end, rotate them (if the codec rotates) and take
+        their bucket maxima, one launch each for the whole group; start one MAX allreduce of the maxima."""
+        pending = [self._pending.pop(name) for name in sorted(names)]
         tag = group_tag(names)
-        parts = [t.absmax for t in tensors]
-        maxima = self.coll.allreduce(torch.cat(parts) if len(parts) > 1 else parts[0], f"hvdquant.scale.{tag}",
-                                     op="max")
+        source = self._source(tag, pending)
+        segments = Segments(tuple(t.source.numel() for t in pending), tuple(t.key for t in pending),
+                            self.codec.bucket_size)
+        if self.codec.rotator.active:
+            ops.hadamard_rotate_segments(source, segments, out=source)
+        tensors = [Pending(t.name, t.step, t.key, part)
+                   for t, part in zip(pending, source.split(list(segments.lengths)))]
+        maxima = self.coll.allreduce(ops.bucket_absmax_segments(source, segments), f"hvdquant.scale.{tag}", op="max")
         self.stats.record(0, maxima.nbytes)
         self.payload.record(0, maxima.nbytes)
-        self._groups.append(_Group(tensors, tag, maxima))
+        self._groups.append(_Group(tensors, tag, source, segments, maxima))
 
     def _send(self, group: _Group, wait: bool) -> None:
         """Once ``group``'s maxima are in (``wait``: wait for them), Δ_b = max / s per tensor and
@@ -197,15 +208,17 @@ class SummedExchange:
         if group.sums is not None or group.error is not None or (not wait and not group.maxima.done()):
             return
         reduced = group.maxima.wait()
-        maxima = reduced.split([t.absmax.numel() for t in group.tensors])
-        bad = [] if all_finite(reduced) else [t for t, m in zip(group.tensors, maxima) if not all_finite(m)]
-        if bad:
-            group.error = (bad[0].name, f"non-finite gradient (NaN or Inf) in '{bad[0].name}' on at least one rank "
-                                        f"at step {bad[0].step}; hvdquant refuses to quantize it")
+        if not all_finite(reduced):
+            maxima = reduced.split(group.segments.buckets)
+            bad = next(t for t, m in zip(group.tensors, maxima) if not all_finite(m))
+            group.error = (bad.name, f"non-finite gradient (NaN or Inf) in '{bad.name}' on at least one rank "
+                                     f"at step {bad.step}; hvdquant refuses to quantize it")
             return
-        group.rounds = [Quantized(t, self.codec.step_size(m), self.codec.keyed(t.key, self.coll.size))
-                        for t, m in zip(group.tensors, maxima)]
-        group.sums = self.scheme.send(self, group.rounds, group.tag)
+        delta = self.codec.step_size(reduced)  # every tensor's Δ_b in one launch
+        keys = [self.codec.keyed(t.key, self.coll.size) for t in group.tensors]
+        rounds = [Quantized(t, d, k) for t, d, k in zip(group.tensors, delta.split(group.segments.buckets), keys)]
+        batch = Batch(rounds, group.source, delta, Segments(group.segments.lengths, tuple(keys), group.segments.bucket))
+        group.sums = self.scheme.send(self, batch, group.tag)
 
     # ------------------------------------------------------------------ at the first finisher
     def _exchange(self) -> None:
@@ -226,8 +239,6 @@ class SummedExchange:
             sums: dict[str, torch.Tensor] = {}
             for group in groups:
                 sums.update(group.sums())
-                for q in group.rounds:  # a shared rotation is linear: the sum is rotated back once
-                    self.codec.unrotate(sums[q.item.name], q.key)
             sums.update(raw)
         except FloatingPointError as err:
             for entry in batch:

@@ -26,6 +26,7 @@ instruction.
 Modules, in build order (each builder takes what it calls from the earlier ones):
 
 - :mod:`.constants` — typed constants, GPU scratch sizes, the shared-stream words;
+- :mod:`.segments`  — segment tables: one launch over several tensors laid end to end;
 - :mod:`.scalars`   — Philox-4x32-10, the dither's uniform, exact rounding, GF(2^m) products;
 - :mod:`.strata`    — the stratified dither: shared offsets and permutations of the strata;
 - :mod:`.streams`   — the independent dither streams, and :func:`dither_range` over either kind;
@@ -53,14 +54,14 @@ import inspect
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from . import buckets, dqsg, fields, fused, nested, packing, qsgd, rans, rotation, scalars, strata, streams
+from . import buckets, dqsg, fields, fused, nested, packing, qsgd, rans, rotation, scalars, segments, strata, streams
 from .constants import GF_POLY, GPU_FIELD_SCRATCH, GPU_SPAN, SHARED_PERM, SHARED_SHIFT, SHARED_V
 
 __all__ = ["GF_POLY", "GPU_FIELD_SCRATCH", "GPU_SPAN", "SHARED_PERM", "SHARED_SHIFT", "SHARED_V", "BUILDERS", "build"]
 
 #: the builders of the modules above, in the order that gives each one what it calls
-BUILDERS = (scalars.build, strata.build, streams.build, buckets.build, rotation.build, packing.build, rans.build,
-            fields.build, dqsg.build, fused.build, nested.build, qsgd.build)
+BUILDERS = (segments.build, scalars.build, strata.build, streams.build, buckets.build, rotation.build, packing.build,
+            rans.build, fields.build, dqsg.build, fused.build, nested.build, qsgd.build)
 
 
 def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = None) -> SimpleNamespace:

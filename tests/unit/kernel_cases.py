@@ -59,6 +59,23 @@ def rans_modelled_roundtrip(n):
     return contexts, lengths, stream, ops.rans_decode(freq, lengths, stream, m, contexts=contexts)
 
 
+def segmented(n):
+    """The segmented twins over four tensors of awkward lengths (one empty), stratified keys."""
+    from hvdquant.kernels.segments import Segments
+
+    lengths = (n, 3, 0, 2 * n + 5)
+    keys = tuple(DitherKey(123456789, 11 + i, 5 + i, 1, 3) for i in range(4))
+    segs = Segments(lengths, keys, 64)
+    g = g_of(sum(lengths))
+    rotated = ops.hadamard_rotate_segments(g, segs)
+    delta = ops.bucket_step(ops.bucket_absmax_segments(rotated, segs), 3)
+    words, counts = ops.dqsg_encode_fields_segments(rotated, delta, segs, 3, 19, 11)
+    first = Segments(lengths, tuple(k.for_sender(0) for k in keys), 64)
+    decoded = ops.dqsg_decode_fields_segments(words * 0.5, 0.5, 19, 11, 9, delta, first, senders=3)
+    back = ops.hadamard_rotate_segments(decoded, first, inverse=True, out=decoded)
+    return rotated, delta, words, torch.tensor(counts), back
+
+
 CASES = {
     "dither": lambda n: (ops.dither(n, KEY),),
     "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
@@ -101,6 +118,7 @@ CASES = {
                            rotated_in_place(n, 96, False), rotated_in_place(n, 128, True)),
     "rans": lambda n: rans_roundtrip(n),
     "rans_modelled": lambda n: rans_modelled_roundtrip(n),
+    "segmented": segmented,
     "dither_bins": lambda n: (ops.dither_bins(n, KEY, 16), ops.dither_bins(n, STRAT4, 256), ops.dither_bins(n, KEY, 1)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),

@@ -1,0 +1,94 @@
+"""The summable exchange's kernels over several tensors in one launch each (see :mod:`.ops` and
+:mod:`.segments`): the tensors' elements, bucket scales and summable words lie end to end in flat
+buffers, and each function gives, tensor by tensor, the bits of the single-tensor function it names
+(:func:`.ops.hadamard_rotate`, :func:`.ops.bucket_absmax`, :func:`.ops_fields.dqsg_encode_fields`,
+:func:`.ops_fields.dqsg_decode_fields`) in one launch, however many tensors there are."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import table
+from .dispatch import check_senders, launch_segments, output, range_span, target, vec
+from .ops_fields import _fields, _radix_inverses
+from .segments import Segments
+from .sizes import integer
+
+
+def hadamard_rotate_segments(x: torch.Tensor, segments: Segments, inverse: bool = False,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every segment of ``x`` rotated by its own shared rotation (:func:`.ops.hadamard_rotate` with
+    its key), into ``out`` (a new tensor, one given, or ``x`` itself: in place)."""
+    vec("x", x, torch.float32, segments.elements)
+    if out is not x:
+        out = output(out, "out", x.numel(), torch.float32, x)
+    *_, k0, k1 = segments.key.words()
+    launch_segments(table.hadamard_rotate, segments, x, out, segments.bucket, int(bool(inverse)), k0, k1)
+    return out
+
+
+def bucket_absmax_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """max |g_i| per bucket of every segment (:func:`.ops.bucket_absmax`), the segments' buckets end to end."""
+    vec("g", g, torch.float32, segments.elements)
+    out = torch.empty(sum(segments.buckets), dtype=torch.float32, device=g.device)
+    launch_segments(table.bucket_absmax, segments, g, segments.bucket, out)
+    return out
+
+
+def _counts(where: str, segments: Segments, span: int, alphabet: int, like: torch.Tensor) -> torch.Tensor:
+    """Zeroed histogram rows of a segmented fused encoder: one per range on the CPU, one per segment
+    on the GPU (whose threads add atomically)."""
+    rows = sum(-(-n // span) for n in segments.lengths) if where == "cpu" else len(segments.lengths)
+    return torch.zeros((max(1, rows), alphabet), dtype=torch.int64, device=like.device)
+
+
+def _per_segment(counts: torch.Tensor, where: str, segments: Segments, span: int) -> list[list[int]]:
+    """Each segment's symbol counts from the encoder's rows."""
+    if where != "cpu":
+        return counts.tolist()
+    blocks = [-(-n // span) for n in segments.lengths]
+    return [part.sum(0).tolist() for part in counts.split(blocks)] if sum(blocks) else \
+        [[0] * counts.shape[1] for _ in blocks]
+
+
+def dqsg_encode_fields_segments(g: torch.Tensor, delta: torch.Tensor, segments: Segments, levels: int, radix: int,
+                                per_word: int, out: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, list[list[int]]]:
+    """Every segment of ``g`` quantized with its scales into its summable words
+    (:func:`.ops_fields.dqsg_encode_fields` with its key), the words end to end in ``out``; and each
+    segment's histogram of the symbols k + s."""
+    vec("g", g, torch.float32, segments.elements)
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    levels = integer("levels", levels, 1, 127)
+    radix, per_word = _fields(radix, per_word)
+    if radix <= 2 * levels:
+        raise ValueError(f"radix={radix} cannot hold the symbols k + s in [0, {2 * levels}] (levels={levels})")
+    out = output(out, "out", sum(segments.words(per_word)), torch.float64, g)
+    where = target(table.dqsg_encode_fields, g, delta, out)
+    span, _ = range_span(where, per_word)
+    counts = _counts(where, segments, span, 2 * levels + 1, g)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.dqsg_encode_fields, segments, g, delta, segments.bucket, levels, radix, per_word, out,
+                    counts, sender, ranks, k0, k1, span=span, per_word=per_word)
+    return out, _per_segment(counts, where, segments, span)
+
+
+def dqsg_decode_fields_segments(words: torch.Tensor, factor: float, radix: int, per_word: int, offset: int,
+                                delta: torch.Tensor, segments: Segments, senders: int = 1,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every segment's Δ_b (Σ_p k_p − Σ_p u_p) from its reduced summable words
+    (:func:`.ops_fields.dqsg_decode_fields` with its key, senders key.sender … + senders − 1), the
+    segments end to end in the float32 result."""
+    radix, per_word = _fields(radix, per_word)
+    vec("words", words, torch.float64, sum(segments.words(per_word)))
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    senders = integer("senders", senders, 1, 1 << 24)
+    check_senders(segments.key, senders)
+    out = output(out, "out", segments.elements, torch.float32, words)
+    span, _ = range_span(target(table.dqsg_decode_fields, words, delta, out), per_word)
+    _, _, first, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.dqsg_decode_fields, segments, words, np.float64(factor), radix,
+                    _radix_inverses(radix, per_word, words.device), per_word, int(offset), delta, segments.bucket,
+                    int(first), senders, out, ranks, k0, k1, span=span, per_word=per_word)
+    return out

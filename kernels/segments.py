@@ -1,0 +1,75 @@
+"""Several tensors laid end to end, for one kernel launch over all of them (:mod:`.arith.segments`).
+
+:class:`Segments` describes one rank's tensors of one exchange: their lengths, their dither keys
+(one seed, sender and dither family for all; each its own step and tensor id) and the bucket size
+that cuts each tensor on its own. Their elements, buckets and summable words lie end to end in flat
+buffers; :meth:`Segments.table` gives a segmented kernel the rows it looks its blocks up in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .key import DitherKey
+from .sizes import integer, num_buckets
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Tensors of ``lengths`` elements with dither ``keys``, cut into buckets of ``bucket``."""
+
+    lengths: tuple[int, ...]
+    keys: tuple[DitherKey, ...]
+    bucket: int
+
+    def __post_init__(self) -> None:
+        if len(self.lengths) != len(self.keys) or not self.lengths:
+            raise ValueError(f"segments need one key per length, at least one: got {len(self.lengths)} lengths "
+                             f"and {len(self.keys)} keys")
+        for n in self.lengths:
+            integer("segment length", n, 0, 1 << 40)
+        integer("bucket", self.bucket, 1, 1 << 31)
+        first = self.keys[0]
+        for k in self.keys:
+            if (k.seed, k.sender, k.ranks) != (first.seed, first.sender, first.ranks):
+                raise ValueError("the segments of one launch share the seed, sender and dither family of their keys")
+
+    @property
+    def key(self) -> DitherKey:
+        """The first segment's key: its seed, sender and dither family are every segment's."""
+        return self.keys[0]
+
+    @cached_property
+    def elements(self) -> int:
+        return sum(self.lengths)
+
+    @cached_property
+    def buckets(self) -> list[int]:
+        return [num_buckets(n, self.bucket) for n in self.lengths]
+
+    def words(self, per_word: int) -> list[int]:
+        """Each segment's summable words at ``per_word`` fields a word."""
+        return [-(-n // per_word) for n in self.lengths]
+
+    def offsets(self, sizes: list[int]) -> list[int]:
+        """Where each segment's part of ``sizes`` starts in a flat buffer (and, last, the total)."""
+        return [0, *np.cumsum(sizes).tolist()]
+
+    def table(self, unit: str, per: int, per_word: int = 1) -> np.ndarray:
+        """The rows of a segmented launch (columns :data:`.arith.segments.COLUMNS`): blocks of ``per``
+        ``unit`` ("elements" or "buckets") each; element, bucket and word ranges; step and tensor id."""
+        counts = self.lengths if unit == "elements" else self.buckets
+        blocks = [-(-c // per) for c in counts]
+        e, b, w = self.offsets(list(self.lengths)), self.offsets(self.buckets), self.offsets(self.words(per_word))
+        rows = np.empty((len(counts), 10), dtype=np.int64)
+        rows[:, 0] = self.offsets(blocks)[:-1]
+        rows[:, 1] = counts
+        rows[:, 2], rows[:, 3] = e[:-1], e[1:]
+        rows[:, 4], rows[:, 5] = b[:-1], b[1:]
+        rows[:, 6], rows[:, 7] = w[:-1], w[1:]
+        rows[:, 8] = [k.step for k in self.keys]
+        rows[:, 9] = [k.tensor_id for k in self.keys]
+        return rows
