@@ -7,7 +7,8 @@ One process runs the summable exchange (:class:`~hvdquant.transports.summed.Summ
 collectives that hand back their input at once (P = 1): what remains is hvdquant's own CPU work per
 step, in the hooks (rotation, bucket maxima, and, with the maxima in, quantizing the groups' fields)
 and in the finishers (decoding, rotating back). Medians over ``--steps`` steps after 5 warm-up
-steps. A benchmark, not a test: it prints a table and writes JSON.
+steps, and the kernel launches per step (``ops.launches``). A benchmark, not a test: it prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from hvdquant.examples.tasks import TASKS
 from hvdquant.examples.train import parse_args
+from hvdquant.kernels import ops
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.groups import GROUP_THRESHOLD
 from hvdquant.transports.session import Session
@@ -48,8 +50,9 @@ def time_steps(grads: list[tuple[str, torch.Tensor]], levels: int, rotation: str
     ex = SummedExchange(DQSGSum(levels, 512, rotation=rotation), False, Immediate(), GROUP_THRESHOLD)
     session = Session(ex, 1, "bench")
     session.agree()
-    hooks, finishers = [], []
+    hooks, finishers, launches = [], [], []
     for step in range(steps + 5):
+        before = ops.launches["cpu"]
         t0 = time.perf_counter()
         handed = [ex.start(session.buffer([(name, g)], None)) for name, g in reversed(grads)]  # backward order
         t1 = time.perf_counter()
@@ -59,8 +62,9 @@ def time_steps(grads: list[tuple[str, torch.Tensor]], levels: int, rotation: str
         if step >= 5:
             hooks.append(t1 - t0)
             finishers.append(t2 - t1)
+            launches.append(ops.launches["cpu"] - before)
     return {"levels": levels, "rotation": rotation, "hooks_ms": 1e3 * statistics.median(hooks),
-            "finishers_ms": 1e3 * statistics.median(finishers)}
+            "finishers_ms": 1e3 * statistics.median(finishers), "launches": statistics.median(launches)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = [time_steps(grads, s, rotation, args.steps) for s in (1, 3) for rotation in ("none", "hadamard")]
     print(f"{args.job}: {len(grads)} gradient tensors, {coords} coordinates, one process, torch threads "
           f"{torch.get_num_threads()}")
-    print("| DQSG | rotation | hooks (ms/step) | finishers (ms/step) | total |")
-    print("|---|---|---:|---:|---:|")
+    print("| DQSG | rotation | hooks (ms/step) | finishers (ms/step) | total | kernel launches/step |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| s={r['levels']} | {r['rotation']} | {r['hooks_ms']:.1f} | {r['finishers_ms']:.1f} | "
-              f"{r['hooks_ms'] + r['finishers_ms']:.1f} |")
+              f"{r['hooks_ms'] + r['finishers_ms']:.1f} | {r['launches']:g} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"job": args.job, "tensors": len(grads), "coordinates": coords, "rows": rows},
                                    indent=1))
