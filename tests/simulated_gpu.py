@@ -218,7 +218,9 @@ def run_hook(make_state: Callable[[], hvdquant.ddp.State], grads_at: Callable[[i
             saved = host_copy(state.state_dict())
             state = make_state()
             state.load_state_dict(saved)
-        mean = state.reduce(Bucket(params, [g.to(device) for g in grads_at(step)]))
+        future = state.reduce(Bucket(params, [g.to(device) for g in grads_at(step)]))
+        assert future.done(), f"step {step}: the step's last (only) bucket left its future pending"
+        mean = future.wait()
         assert mean.device == device, f"step {step}: the mean came back on {mean.device}"
         means.append(mean.cpu())
     return means, state

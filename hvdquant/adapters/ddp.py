@@ -173,8 +173,10 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
 
 def _future(buffer: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     """An empty future for a result on ``buffer``'s device (a CUDA result needs a future that knows
-    its device: it records the current stream's event)."""
-    return torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
+    its device: it records the current stream's event; a torch without CUDA has no such futures,
+    which only a simulated GPU meets)."""
+    cuda = buffer.is_cuda and torch.cuda.is_available()
+    return torch.futures.Future(devices=[buffer.device] if cuda else None)
 
 
 def hook(state: State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
