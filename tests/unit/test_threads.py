@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from hvdquant.kernels import DitherKey, cpu, ops, threads
+from hvdquant.kernels.segments import Segments
 
 THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                "NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
@@ -154,6 +155,11 @@ def test_budget_from_cores_and_local_ranks(monkeypatch):
 KEY = DitherKey(seed=99, step=4, tensor_id=6, sender=1)
 
 
+def key_of(i: int) -> DitherKey:
+    """KEY for the i-th of several tensors (its own step and tensor id)."""
+    return DitherKey(KEY.seed, KEY.step + i, KEY.tensor_id + i, KEY.sender, KEY.ranks)
+
+
 def all_kernels(n: int) -> dict[str, torch.Tensor]:
     """Every CPU kernel once, on n coordinates (n a multiple of 31, the 1-bit SGD columns; buckets of
     1000, so chunks and buckets do not align)."""
@@ -183,6 +189,13 @@ def all_kernels(n: int) -> dict[str, torch.Tensor]:
         "sum_fields": ops.pack_sum_fields(k, 3, 7, 12),
         "unpack_sum_fields": ops.unpack_sum_fields(ops.pack_sum_fields(k, 3, 7, 12) * 0.5, n, 3, 7, 12, 0.5),
     }
+    # the segmented twins over three tensors cut from g (lengths that straddle chunks and buckets)
+    segs = Segments((n // 3, n // 3 + 7, n - 2 * (n // 3) - 7), tuple(key_of(i) for i in range(3)), d)
+    rotated = ops.hadamard_rotate_segments(g, segs)
+    steps = ops.bucket_step(ops.bucket_absmax_segments(rotated, segs), 3)
+    words, _ = ops.dqsg_encode_fields_segments(rotated, steps, segs, 3, 7, 12)
+    out.update(segments_rotated=rotated, segments_steps=steps, segments_words=words,
+               segments_decoded=ops.dqsg_decode_fields_segments(words, 1.0, 7, 12, 3, steps, segs))
     return out
 
 
@@ -194,13 +207,14 @@ def test_same_bits_on_any_thread_count(monkeypatch):
     results, used = {}, []
 
     def run_as(variant):
-        def launch(kernel, work, *args):
+        def launch(kernel, work, *args, segmented=False):
+            name = kernel.name + ("_segments" if segmented else "")
             if variant == "serial":
-                getattr(cpu.serial, kernel.name)(*args)
+                getattr(cpu.serial, name)(*args)
                 return
             with threads.using(variant) as count:
                 used.append(count)
-                getattr(cpu.parallel, kernel.name)(*args)
+                getattr(cpu.parallel, name)(*args)
         return launch
 
     for variant in ("serial", 1, 2):
