@@ -38,6 +38,7 @@ METHODS: dict[str, str] = {
     "dqsg-s3": "--framework horovod --compression dqsg --levels 3",
     "dqsg-s1-hadamard": "--framework horovod --compression dqsg --levels 1 --rotation hadamard",
     "dqsg-s3-hadamard": "--framework horovod --compression dqsg --levels 3 --rotation hadamard",
+    "dqsg-s7-hadamard": "--framework horovod --compression dqsg --levels 7 --rotation hadamard",
     "dqsg-s3-hadamard-rans": "--framework horovod --compression dqsg --levels 3 --rotation hadamard --coding rans "
                              "--reducer allgather",
     "ecdq-1.1": "--framework horovod --compression ecdq --step 1.1 --reducer allgather",
