@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hvdquant.kernels import ops
-from hvdquant.transports.collectives import Started
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_codec_step import Immediate  # noqa: E402 (beside this script: one process's collectives)
 
 #: method -> the main job's flags (``--framework ddp``)
 METHODS: dict[str, list[str]] = {
@@ -147,24 +149,6 @@ def ddp_steps(method: str, args: argparse.Namespace) -> dict:
     stats = report()
     return {"step_s": statistics.median(times), "bits_per_coordinate": stats.get("bits_per_coordinate"),
             "replicas_identical": job.identical(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))}
-
-
-class Immediate:
-    """Collectives of one rank: every result is the input, available at once."""
-
-    rank, size = 0, 1
-
-    def allreduce(self, tensor: torch.Tensor, name: str, op: str = "sum") -> Started[torch.Tensor]:
-        return Started(lambda: tensor.clone(), tensor.numel() * tensor.element_size())
-
-    def allgather_bytes(self, buf, name: str) -> Started:
-        return Started(lambda: [buf], 0 if buf is None else buf.numel())
-
-    def alltoall_bytes(self, bufs, name: str) -> Started:
-        return Started(lambda: bufs, 0)
-
-    def allgather_object(self, obj, name: str) -> list:
-        return [obj]
 
 
 def ddp_buckets(model: nn.Module) -> list[list[tuple[str, torch.Tensor]]]:
