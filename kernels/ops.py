@@ -38,6 +38,7 @@ from .key import MAX_ELEMENTS, DitherKey
 from .ops_entropy import (
     RANS_CHUNK,
     RansTables,
+    dither_bins,
     rans_chunks,
     rans_decode,
     rans_encode,
@@ -97,18 +98,6 @@ def dither(n: int, key: DitherKey, device: str | torch.device = "cpu") -> torch.
     Philox-4x32-10(counter = (i // 4, step, tensor id, sender), key = seed)."""
     out = torch.empty(integer("n", n, 0, MAX_ELEMENTS), dtype=torch.float32, device=device)
     launch(table.dither_fill, n, out, *key.words())
-    return out
-
-
-def dither_bins(n: int, key: DitherKey, bins: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """⌊(u_i + ½)·bins⌋ (uint8, at most bins − 1) for the n dithers u_i of stream ``key``
-    (:func:`dither`): which of ``bins`` equal intervals of (−½, ½) each falls in; ``bins`` a power of
-    2 from 1 to 256. The contexts of an entropy coder conditioned on the dither."""
-    bins = integer("bins", bins, 1, 256)
-    if bins & (bins - 1):
-        raise ValueError(f"bins must be a power of 2, got {bins}")
-    out = torch.empty(integer("n", n, 0, MAX_ELEMENTS), dtype=torch.uint8, device=device)
-    launch(table.dither_bins, n, bins, out, *key.words())
     return out
 
 

@@ -1,6 +1,7 @@
 """Entropy coding of uint8 symbols on either device (see :mod:`.ops`): chunked byte-wise rANS
 (:mod:`.arith.rans`, docs/ALGORITHMS.md §11), with one static frequency table or with several tables
-chosen per symbol by a context both sides know (:func:`rans_encode_modelled`).
+chosen per symbol by a context both sides know (:func:`rans_encode_modelled`; :func:`dither_bins`
+gives the dither's bins as contexts).
 
 An encoded block is three tensors: ``freq`` (int16, one entry per symbol value, summing to
 M = 2^14; travels with a static table, is known to both sides when modelled), ``lengths`` (int32,
@@ -15,9 +16,22 @@ import torch
 from . import table
 from .arith.rans import CHUNK_SLACK, PROB_SCALE
 from .dispatch import launch, output, vec
+from .key import MAX_ELEMENTS, DitherKey
 from .sizes import integer
 
 RANS_CHUNK = 8192  # symbols per independently coded chunk: 4 bytes of state and 4 of length per chunk
+
+
+def dither_bins(n: int, key: DitherKey, bins: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """⌊(u_i + ½)·bins⌋ (uint8, at most bins − 1) for the n dithers u_i of stream ``key``
+    (:func:`dither`): which of ``bins`` equal intervals of (−½, ½) each falls in; ``bins`` a power of
+    2 from 1 to 256. The contexts of an entropy coder conditioned on the dither."""
+    bins = integer("bins", bins, 1, 256)
+    if bins & (bins - 1):
+        raise ValueError(f"bins must be a power of 2, got {bins}")
+    out = torch.empty(integer("n", n, 0, MAX_ELEMENTS), dtype=torch.uint8, device=device)
+    launch(table.dither_bins, n, bins, out, *key.words())
+    return out
 
 
 def rans_chunks(n: int) -> int:
