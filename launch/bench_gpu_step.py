@@ -229,6 +229,10 @@ def run(args: argparse.Namespace) -> None:
         path = args.out / f"gpu_step_{args.model}_P{dist.get_world_size()}.json"
         path.write_text(json.dumps(out, indent=1))
         print(table([out]))
+    # every rank waits for rank 0's codec pass, then leaves the group: a rank that exits while
+    # another still holds the group aborts in Gloo's teardown
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def device_name(device: torch.device) -> str:
