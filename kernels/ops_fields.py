@@ -25,6 +25,15 @@ def _fields(radix: int, per_word: int) -> tuple[int, int]:
     return radix, per_word
 
 
+def _symbol_fields(levels: int, radix: int, per_word: int) -> tuple[int, int, int]:
+    """(levels, radix, per_word) checked for DQSG's symbols k + s in summable fields."""
+    levels = integer("levels", levels, 1, 127)
+    radix, per_word = _fields(radix, per_word)
+    if radix <= 2 * levels:
+        raise ValueError(f"radix={radix} cannot hold the symbols k + s in [0, {2 * levels}] (levels={levels})")
+    return levels, radix, per_word
+
+
 @functools.lru_cache(maxsize=64)
 def _radix_inverses(radix: int, per_word: int, device: torch.device) -> torch.Tensor:
     """fl(1/R^j) for j = 0 … per_word (float64, on ``device``, made once per device; R^j ≤ 2^50 is
@@ -43,10 +52,7 @@ def dqsg_encode_fields(g: torch.Tensor, delta: torch.Tensor, bucket: int, levels
     vec("g", g, torch.float32)
     bucket = integer("bucket", bucket, 1, 1 << 31)
     scales("delta", delta, g.numel(), bucket)
-    levels = integer("levels", levels, 1, 127)
-    radix, per_word = _fields(radix, per_word)
-    if radix <= 2 * levels:
-        raise ValueError(f"radix={radix} cannot hold the symbols k + s in [0, {2 * levels}] (levels={levels})")
+    levels, radix, per_word = _symbol_fields(levels, radix, per_word)
     n = g.numel()
     out = output(out, "out", math.ceil(n / per_word), torch.float64, g)
     span, _ = range_span(target(table.dqsg_encode_fields, g, delta, out), per_word)

@@ -11,7 +11,7 @@ import torch
 
 from . import table
 from .dispatch import check_senders, launch_segments, output, range_span, target, vec
-from .ops_fields import _fields, _radix_inverses
+from .ops_fields import _fields, _radix_inverses, _symbol_fields
 from .segments import Segments
 from .sizes import integer
 
@@ -60,10 +60,7 @@ def dqsg_encode_fields_segments(g: torch.Tensor, delta: torch.Tensor, segments: 
     segment's histogram of the symbols k + s."""
     vec("g", g, torch.float32, segments.elements)
     vec("delta", delta, torch.float32, sum(segments.buckets))
-    levels = integer("levels", levels, 1, 127)
-    radix, per_word = _fields(radix, per_word)
-    if radix <= 2 * levels:
-        raise ValueError(f"radix={radix} cannot hold the symbols k + s in [0, {2 * levels}] (levels={levels})")
+    levels, radix, per_word = _symbol_fields(levels, radix, per_word)
     out = output(out, "out", sum(segments.words(per_word)), torch.float64, g)
     where = target(table.dqsg_encode_fields, g, delta, out)
     span, _ = range_span(where, per_word)

@@ -81,10 +81,10 @@ class DQSG(Codec):
         """The shared rotation of the buckets (:class:`~hvdquant.codecs.rotation.Rotation`)."""
         return Rotation(self.rotation, self.bucket_size)
 
-    def rotate(self, g: torch.Tensor, key: DitherKey, out: torch.Tensor | None = None) -> torch.Tensor:
-        """R g (a rotated copy, into ``out`` if given; float32, flat) with the signs of (key.seed,
-        key.step, key.tensor_id), or ``g`` itself without rotation."""
-        return self.rotator.rotate(flat32(g), key, out)
+    def rotate(self, g: torch.Tensor, key: DitherKey) -> torch.Tensor:
+        """R g (a rotated copy; float32, flat) with the signs of (key.seed, key.step, key.tensor_id),
+        or ``g`` itself without rotation."""
+        return self.rotator.rotate(flat32(g), key)
 
     def unrotate(self, x: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """R⁻¹ x in place (x: flat float32, owned by the caller); ``x`` unchanged without rotation."""

@@ -35,11 +35,20 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, Recover, TensorContext, all_finite, check_int, flat32
+from hvdquant.codecs.base import (
+    Codec,
+    Encoded,
+    Layout,
+    Recover,
+    TensorContext,
+    all_finite,
+    check_int,
+    counts_entropy,
+    flat32,
+)
 from hvdquant.codecs.dqsg import DITHERS
 from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.kernels import DitherKey, ops, sizes
-from hvdquant.kernels.arith.rans import PROB_SCALE
 from hvdquant.stats import DecodeStats
 
 CONTEXTS = 16  # intervals of the dither that select a symbol's table (a power of 2)
@@ -140,9 +149,8 @@ class ECDQ(Codec):
         Σ_k P(k|u) log₂(M/f_k) over the contexts, plus the scales and the chunks' lengths."""
         if not n:
             return 0.0
-        f = model_tables(float(self.step), self.half_width).to(torch.float64)
-        p = f / PROB_SCALE
-        code = float((p * torch.where(f > 0, -torch.log2(p.clamp_min(1e-300)), 0.0)).sum(1).mean())
+        rows = model_tables(float(self.step), self.half_width).tolist()
+        code = sum(counts_entropy(row) for row in rows) / len(rows)
         return code + (SCALE_BITS * self.num_buckets(n) + 32 * ops.rans_chunks(n)) / n
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:

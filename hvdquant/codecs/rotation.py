@@ -30,10 +30,9 @@ class Rotation:
     def active(self) -> bool:
         return self.kind != "none"
 
-    def rotate(self, g: torch.Tensor, key: DitherKey, out: torch.Tensor | None = None) -> torch.Tensor:
-        """R g as a rotated copy (``g``: flat float32, unchanged; written into ``out`` if given, which
-        saves a fresh buffer's page faults), or ``g`` itself without rotation."""
-        return ops.hadamard_rotate(g, self.bucket_size, key, out=out) if self.active else g
+    def rotate(self, g: torch.Tensor, key: DitherKey) -> torch.Tensor:
+        """R g as a rotated copy (``g``: flat float32, unchanged), or ``g`` itself without rotation."""
+        return ops.hadamard_rotate(g, self.bucket_size, key) if self.active else g
 
     def unrotate(self, x: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """R⁻¹ x in place (``x``: flat float32, owned by the caller); ``x`` unchanged without rotation."""

@@ -172,28 +172,32 @@ class SummedExchange:
         for group in earlier:
             self._send(group, wait=True)
 
-    def _source(self, tag: str, tensors: list[Pending]) -> torch.Tensor:
-        """The group's gradients end to end, in a buffer kept from step to step (a fresh one of every
-        step's size costs page faults: docs/BENCHMARKS.md); a lone tensor that is not rotated is its
-        own source. The previous step's buffer is no longer read once that step's exchange finished."""
-        if len(tensors) == 1 and not self.codec.rotator.active:
-            return tensors[0].source
-        n, device = sum(t.source.numel() for t in tensors), tensors[0].source.device
+    def _workspace(self, tag: str, n: int, device: torch.device) -> torch.Tensor:
+        """The buffer group ``tag``'s source is written into, kept from step to step (a fresh one of
+        every step's size costs page faults: docs/BENCHMARKS.md). The previous step's buffer is no
+        longer read once that step's exchange finished."""
         buf = self._sources.get(tag)
         if buf is None or buf.numel() != n or buf.device != device:
             buf = self._sources[tag] = torch.empty(n, dtype=torch.float32, device=device)
-        return torch.cat([t.source for t in tensors], out=buf)
+        return buf
 
     def _launch(self, names: list[str] | tuple[str, ...]) -> None:
         """Lay the pending tensors ``names`` end to end, rotate them (if the codec rotates) and take
         their bucket maxima, one launch each for the whole group; start one MAX allreduce of the maxima."""
         pending = [self._pending.pop(name) for name in sorted(names)]
         tag = group_tag(names)
-        source = self._source(tag, pending)
         segments = Segments(tuple(t.source.numel() for t in pending), tuple(t.key for t in pending),
                             self.codec.bucket_size)
-        if self.codec.rotator.active:
-            ops.hadamard_rotate_segments(source, segments, out=source)
+        device, rotate = pending[0].source.device, self.codec.rotator.active
+        if len(pending) == 1:  # a lone tensor is its own source, or rotates straight into the workspace
+            source = pending[0].source
+            if rotate:
+                source = ops.hadamard_rotate_segments(source, segments,
+                                                      out=self._workspace(tag, segments.elements, device))
+        else:  # several: laid end to end, then rotated in place
+            source = torch.cat([t.source for t in pending], out=self._workspace(tag, segments.elements, device))
+            if rotate:
+                ops.hadamard_rotate_segments(source, segments, out=source)
         tensors = [Pending(t.name, t.step, t.key, part)
                    for t, part in zip(pending, source.split(list(segments.lengths)))]
         maxima = self.coll.allreduce(ops.bucket_absmax_segments(source, segments), f"hvdquant.scale.{tag}", op="max")
