@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import cpu, threads
+from .arith.constants import GPU_TILE
 from .key import MAX_ELEMENTS, DitherKey
 from .segments import Segments
 from .sizes import num_buckets
@@ -178,8 +179,8 @@ def range_span(where: str, group: int, bucket: int | None = None) -> tuple[int, 
     of 4 (a Philox block) and of ``group`` (the symbols of a packing unit, or the fields of a
     summable word)."""
     unit = math.lcm(4, group)
-    if where == "cuda":  # short ranges: neighbouring threads read neighbouring memory
-        return unit, False
+    if where == "cuda":  # a range per CUDA block, its scratch in shared memory (kernels/cuda.py)
+        return unit * (GPU_TILE // unit), False
     if bucket is not None and math.lcm(bucket, unit) <= MAX_SCALED_SPAN:
         whole = math.lcm(bucket, unit)
         return whole * max(1, cpu.CHUNK // whole), True

@@ -6,8 +6,10 @@ function (of the same name), and how it loops that function.
 - ``RANGE`` kernels ``k(nb, n, ...)`` call ``f(i0, i1, u, ...)`` on consecutive ranges of [0, n) with
   a float32 scratch buffer u: ``cpu.CHUNK`` elements per CPU iteration, 4 per GPU thread;
 - ``SPAN`` kernels ``k(nb, n, span, ...)`` (the fused DQSG passes) call ``f(i0, i1, s0, s1, ...)`` on
-  ranges of ``span`` elements with two scratch buffers of dtypes ``scratch`` (``span`` entries on the
-  CPU, ``gpu_scratch`` on the GPU); a parameter ``row`` of f receives the range's index.
+  ranges of ``span`` elements with two scratch buffers of dtypes ``scratch``; a parameter ``row`` of f
+  receives the range's index. f is a sequence of ``phases`` (range functions, each with the unit it
+  works in): the CPU calls f on a range; the GPU gives a range to a CUDA block, whose threads run
+  each phase on neighbouring units with the scratch in shared memory (:mod:`.cuda`).
 
 :mod:`.cpu` and :mod:`.cuda` compile every kernel of :data:`KERNELS` from their own loop templates
 (:func:`define`); :mod:`.ops` launches them by these entries (``table.dqsg_encode``), so
@@ -24,7 +26,6 @@ from pathlib import Path
 
 from . import arith
 from .arith import buckets, dqsg, fields, fused, nested, packing, qsgd, rans, rotation, streams
-from .arith.constants import GPU_FIELD_SCRATCH, GPU_SPAN
 
 INDEX, RANGE, SPAN = "index", "range", "span"
 SEGMENTED = "segmented"  # the loop templates' key suffix (``templates[kind, SEGMENTED]``) of segmented twins
@@ -43,7 +44,13 @@ class Kernel:
     builder: Callable  #: the :mod:`.arith` builder that defines the block function
     kind: str = INDEX  #: INDEX, RANGE or SPAN
     scratch: tuple[str, ...] = ()  #: SPAN: NumPy dtype names of the two scratch buffers
-    gpu_scratch: int = 4  #: scratch entries per GPU thread
+    #: SPAN: the block function's phases in order, (range function of ``builder``, the expression of
+    #: its unit in elements over the kernel's parameters): f(i0, i1, ...) runs them in turn on [i0, i1)
+    phases: tuple[tuple[str, str], ...] = ()
+    #: INDEX: the block function's cooperative twin ``f(b, t, nt, red, ...)`` in ``builder``, which the
+    #: GPU runs with one CUDA block per index (thread t of nt; red: a float64 of shared memory per
+    #: thread) where the template set has "threads" loops; the same bits as the block function
+    threads: str = ""
     cost: int = 1  #: INDEX: CPU cost units per element of its largest tensor (:mod:`.threads`)
     #: (block parameter, :data:`REBIND` key) pairs: the kernel also has a segmented twin
     #: ``<name>_segments(nb, [span,] segs, ...)`` that runs it over several tensors in one launch
@@ -51,17 +58,24 @@ class Kernel:
     unit: str = "elements"  #: what a segment's column 1 counts for this kernel: "elements" or "buckets"
 
 
-def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict, segmented: bool = False) -> str:
+def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict, segmented: bool = False,
+                phase_params: dict[str, tuple[str, ...]] | None = None) -> str:
     """Source of ``kernel``'s loop from ``templates[kernel.kind]``, for a block function with parameter
     names ``params``. The template's fields: ``{name}``, ``{params}`` (the kernel's parameters after
     nb, n, span: the block's own, less ``row``), ``{block}`` (the global name of the block function,
     ``_<name>``), ``{args}`` (the block's arguments after index, range and scratch: ``row`` becomes
-    ``b``), ``{t0}``, ``{t1}`` (scratch dtypes) and ``{size}`` (``gpu_scratch``). ``segmented``: the
-    segmented twin from ``templates[kind, SEGMENTED]``, named ``<name>_segments``, its parameters
-    rebound by ``kernel.segments`` (:data:`REBIND`; the scalar ones leave the signature)."""
+    ``b``), ``{t0}``, ``{t1}`` (scratch dtypes), ``{hist}`` and ``{flush}`` (the snippets
+    ``templates["hist"]`` and ``templates["flush"]`` for a kernel with a histogram ``counts``, else
+    empty) and ``{phases}``: each phase of ``kernel.phases`` (whose
+    parameter names ``phase_params`` gives) as ``templates["phase"]`` with ``{fn}`` (its global name),
+    ``{unit}`` and ``{args}`` (its arguments after i0, i1: the block's scratch names become views
+    ``s0[a - i0:]``, ``s1[a - i0:]`` at the phase's unit a; ``counts`` and ``row`` the template's
+    ``hist`` and row 0). ``segmented``: the segmented twin from ``templates[kind, SEGMENTED]``, named
+    ``<name>_segments``, its parameters rebound by ``kernel.segments`` (:data:`REBIND`; the scalar
+    ones leave the signature)."""
     lead = {INDEX: 1, RANGE: 3, SPAN: 4}[kernel.kind]
     own = params[lead:]
-    taken = {"nb", "n", "span", "b", "s0", "s1", "s", "segs", "i0", "r"} & set(own)
+    taken = {"nb", "n", "span", "b", "s0", "s1", "s", "segs", "i0", "i1", "r", "c", "a", "v", "hist", "red"} & set(own)
     if taken:
         raise ValueError(f"{kernel.name}: block parameters {sorted(taken)} clash with the loop's names")
     rebind = dict(kernel.segments) if segmented else {}
@@ -70,11 +84,27 @@ def loop_source(kernel: Kernel, params: tuple[str, ...], templates: dict, segmen
         raise ValueError(f"{kernel.name}: segments rebind {sorted(unknown)}, which are not block parameters")
     t0, t1 = kernel.scratch or ("", "")
     row = "r" if segmented else "b"  # a segmented template's histogram row: its block (CPU) or segment (GPU)
-    args = [row if p == "row" else REBIND[rebind[p]].format(p=p) if p in rebind else p for p in own]
-    return templates[(kernel.kind, SEGMENTED) if segmented else kernel.kind].format(
-        name=kernel.name + ("_segments" if segmented else ""), block=f"_{kernel.name}",
+
+    def bind(p: str) -> str:
+        return REBIND[rebind[p]].format(p=p) if p in rebind else p
+
+    args = [row if p == "row" else bind(p) for p in own]
+    phases = []
+    for fn, unit in kernel.phases if "phase" in templates else ():
+        names = (phase_params or {})[fn][2:]
+        stray = set(names) - set(params)
+        if stray:
+            raise ValueError(f"{kernel.name}: phase {fn} takes {sorted(stray)}, which are not block parameters")
+        views = {params[2]: "s0[a - i0:]", params[3]: "s1[a - i0:]", "counts": "hist", "row": "0"}
+        phases.append(templates["phase"].format(fn=f"_{fn}", unit=unit,
+                                                args=", ".join(views.get(p) or bind(p) for p in names)))
+    counted = "counts" in own  # a histogram: the template's "hist" and "flush" snippets
+    kind = "threads" if kernel.threads and "threads" in templates else kernel.kind
+    return templates[(kind, SEGMENTED) if segmented else kind].format(
+        name=kernel.name + ("_segments" if segmented else ""), block=f"_{kernel.name}", threads=f"_{kernel.threads}",
         params=", ".join(p for p in own if p != "row" and rebind.get(p) not in SCALAR_COLUMNS),
-        args=", ".join(args), t0=t0, t1=t1, size=kernel.gpu_scratch)
+        args=", ".join(args), t0=t0, t1=t1, phases="".join(phases),
+        hist=templates.get("hist", "") if counted else "", flush=templates.get("flush", "") if counted else "")
 
 
 def define(kernel: Kernel, blocks: object, templates: dict, namespace: dict[str, object],
@@ -85,11 +115,19 @@ def define(kernel: Kernel, blocks: object, templates: dict, namespace: dict[str,
     ``_<name>`` there: a kernel reaches a device function through its module's globals, which
     Numba's disk cache can key (a closure's cells enter the cache key with a per-process id of the
     dispatcher, so a closure kernel would be compiled again in every process)."""
+    def names(f: object) -> tuple[str, ...]:
+        code = f.py_func.__code__  # type: ignore[attr-defined]
+        return code.co_varnames[:code.co_argcount]
+
     block = getattr(blocks, kernel.name)
-    code = block.py_func.__code__
     namespace["_" + kernel.name] = block
     namespace["_segment_of"] = blocks.segment_of
-    source = loop_source(kernel, code.co_varnames[:code.co_argcount], templates, segmented)
+    for fn in [fn for fn, _ in kernel.phases] + ([kernel.threads] if kernel.threads else []):
+        namespace["_" + fn] = getattr(blocks, fn)
+    if kernel.threads and names(getattr(blocks, kernel.threads))[4:] != names(block)[1:]:
+        raise ValueError(f"{kernel.name}: {kernel.threads} must take (b, t, nt, red) and then the block's parameters")
+    source = loop_source(kernel, names(block), templates, segmented,
+                         {fn: names(getattr(blocks, fn)) for fn, _ in kernel.phases})
     scope: dict[str, object] = {}
     exec(compile(source, filename, "exec"), namespace, scope)
     return scope[kernel.name + ("_segments" if segmented else "")]  # type: ignore[return-value]
@@ -112,23 +150,28 @@ dqsg_aggregate = Kernel("dqsg_aggregate", dqsg.build, RANGE)
 nested_encode = Kernel("nested_encode", nested.build, RANGE)
 nested_decode = Kernel("nested_decode", nested.build, RANGE)
 qsgd_encode = Kernel("qsgd_encode", qsgd.build, RANGE)
-dqsg_encode_packed = Kernel("dqsg_encode_packed", fused.build, SPAN, ("float32", "uint8"), GPU_SPAN)
-dqsg_decode_packed = Kernel("dqsg_decode_packed", fused.build, SPAN, ("float32", "uint8"), GPU_SPAN)
+PACK_GROUP = "(per_byte if radix > 0 else 8)"  # symbols per packing unit: a byte of digits, or 8 symbols of nbits
+dqsg_encode_packed = Kernel("dqsg_encode_packed", fused.build, SPAN, ("float32", "uint8"),
+                            phases=(("quantize_symbols", "4"), ("pack_symbols", PACK_GROUP)))
+dqsg_decode_packed = Kernel("dqsg_decode_packed", fused.build, SPAN, ("float32", "uint8"),
+                            phases=(("unpack_symbols", PACK_GROUP), ("reconstruct_own", "4")))
 FIELD_SEGMENTS = (("delta", "buckets"), ("words", "words"), ("step", "step"), ("tid", "tensor_id"))
-dqsg_encode_fields = Kernel("dqsg_encode_fields", fused.build, SPAN, ("float32", "uint8"), GPU_FIELD_SCRATCH,
+dqsg_encode_fields = Kernel("dqsg_encode_fields", fused.build, SPAN, ("float32", "uint8"),
+                            phases=(("quantize_symbols", "4"), ("symbol_words", "per_word")),
                             segments=(("g", "elements"), *FIELD_SEGMENTS))
-dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32", "int32"), GPU_FIELD_SCRATCH,
+dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32", "int32"),
+                            phases=(("word_sums", "per_word"), ("reconstruct_sums", "4")),
                             segments=(("out", "elements"), *FIELD_SEGMENTS))
 
 # ----------------------------------------------------------------------------- index kernels
 bucket_absmax = Kernel("bucket_absmax", buckets.build, segments=(("g", "elements"), ("out", "buckets")),
-                       unit="buckets")
-bucket_checksum = Kernel("bucket_checksum", buckets.build)
+                       unit="buckets", threads="bucket_absmax_threads")
+bucket_checksum = Kernel("bucket_checksum", buckets.build, threads="bucket_checksum_threads")
 bucket_l2 = Kernel("bucket_l2", buckets.build)
 bucket_step = Kernel("bucket_step", buckets.build)
 hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16,  # log2(d) passes: costed as threads.RANGE_COST
                          segments=(("src", "elements"), ("x", "elements"), ("step", "step"), ("tid", "tensor_id")),
-                         unit="buckets")
+                         unit="buckets", threads="hadamard_rotate_threads")
 scale_decode = Kernel("scale_decode", qsgd.build)
 onebit_column_means = Kernel("onebit_column_means", qsgd.build)
 onebit_encode = Kernel("onebit_encode", qsgd.build)

@@ -71,6 +71,37 @@ def dqsg_pipeline(levels: int, rotation: bool = False) -> tuple[Callable, Callab
     return encode, decode
 
 
+def stock_pipeline(levels: int, ranks: int = 4, rotation: bool = False) -> tuple[Callable, Callable]:
+    """The stock (summable allreduce) path's passes for one rank of ``ranks``, as the exchange runs
+    them on a group: encode = (rotation,) bucket maxima, steps Δ = max/s and one fused pass from g to
+    summable float64 words (digits of base R = 2sP + 1, the layout of the exchange); decode = one
+    fused pass from the (here: this rank's) words to Δ(Σk − Σu) over all P senders (the stratified
+    dither's shared stream), (and the rotation back). The maxima's MAX allreduce and the words' SUM
+    allreduce are the collectives', not timed."""
+    from hvdquant.transports.summable import SumFieldLayout
+
+    layout = SumFieldLayout.for_levels(levels, ranks)
+    key = DitherKey(seed=KEY.seed, step=KEY.step, tensor_id=KEY.tensor_id, sender=0, ranks=ranks)
+    rotated: dict[int, torch.Tensor] = {}
+
+    def encode(g):
+        if rotation:
+            if g.numel() not in rotated:
+                rotated[g.numel()] = torch.empty_like(g)
+            g = ops.hadamard_rotate(g, BUCKET, key, out=rotated[g.numel()])
+        delta = ops.bucket_step(ops.bucket_absmax(g, BUCKET), levels)
+        words, _ = ops.dqsg_encode_fields(g, delta, BUCKET, levels, key, layout.radix, layout.per_word)
+        return words, delta
+
+    def decode(payload, n):
+        words, delta = payload
+        out = ops.dqsg_decode_fields(words, n, 1.0, layout.radix, layout.per_word, layout.offset * ranks, delta,
+                                     BUCKET, key, senders=ranks)
+        return ops.hadamard_rotate(out, BUCKET, key, inverse=True, out=out) if rotation else out
+
+    return encode, decode
+
+
 def ndqsg_pipeline(levels: int = 3, rho: int = 3) -> tuple[Callable, Callable]:
     def encode(g):
         delta = ops.bucket_absmax(g, BUCKET) / levels
@@ -175,6 +206,8 @@ CODECS: dict[str, tuple[Callable, Callable | None]] = {
     "dqsg s=1 (base-3)": (lambda: dqsg_pipeline(1), lambda: torch_dqsg(1)),
     "dqsg s=3 (3 bit)": (lambda: dqsg_pipeline(3), lambda: torch_dqsg(3)),
     "dqsg s=3 + rotation": (lambda: dqsg_pipeline(3, rotation=True), None),
+    "stock dqsg s=3, P=4 (fields)": (lambda: stock_pipeline(3), None),
+    "stock dqsg s=3 + rotation, P=4": (lambda: stock_pipeline(3, rotation=True), None),
     "ndqsg (3)/(3,1)": (ndqsg_pipeline, None),
     "qsgd s=4 l2 (4 bit)": (qsgd_pipeline, None),
     "1-bit sgd": (onebit_pipeline, torch_onebit),

@@ -43,7 +43,8 @@ Modules, in build order (each builder takes what it calls from the earlier ones)
 *Range functions* ``f(i0, i1, scratch..., ...)`` (the Philox-driven codecs) work on element ranges
 [i0, i1) with i0 % 4 == 0 and scratch buffers of at least i1 − i0 entries: the CPU gives each
 ``prange`` iteration a chunk of ``cpu.CHUNK`` elements (the Philox loop and the per-bucket loops then
-vectorize), the GPU gives each thread 4 (or a short span for the fused passes). *Index functions*
+vectorize), the GPU gives each thread 4 (and each CUDA block a range of at most ``GPU_TILE`` elements for the
+fused passes, whose phases its threads share). *Index functions*
 ``f(b, ...)`` map one index (an element, a bucket, a column, a packed group) to its output. The
 kernels that loop them are listed once in :mod:`..table`.
 """
@@ -55,16 +56,17 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 from . import buckets, dqsg, fields, fused, nested, packing, qsgd, rans, rotation, scalars, segments, strata, streams
-from .constants import GF_POLY, GPU_FIELD_SCRATCH, GPU_SPAN, SHARED_PERM, SHARED_SHIFT, SHARED_V
+from .constants import GF_POLY, GPU_HIST, GPU_TILE, SHARED_PERM, SHARED_SHIFT, SHARED_V
 
-__all__ = ["GF_POLY", "GPU_FIELD_SCRATCH", "GPU_SPAN", "SHARED_PERM", "SHARED_SHIFT", "SHARED_V", "BUILDERS", "build"]
+__all__ = ["GF_POLY", "GPU_HIST", "GPU_TILE", "SHARED_PERM", "SHARED_SHIFT", "SHARED_V", "BUILDERS", "build"]
 
 #: the builders of the modules above, in the order that gives each one what it calls
 BUILDERS = (segments.build, scalars.build, strata.build, streams.build, buckets.build, rotation.build, packing.build,
             rans.build, fields.build, dqsg.build, fused.build, nested.build, qsgd.build)
 
 
-def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = None) -> SimpleNamespace:
+def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = None,
+          sync: Callable | None = None) -> SimpleNamespace:
     """Compile every scalar and block function; return them in one namespace.
 
     Small functions (scalars, per-element helpers, index block functions) are compiled with ``leaf``
@@ -76,10 +78,12 @@ def build(jit: Callable, leaf: Callable | None = None, tally: Callable | None = 
     that closure, which is how Numba lets one device function call another on both the CPU and the
     CUDA target.
     ``tally(counts, row, symbol, amount)`` adds to a histogram cell: the CPU's plain increment by
-    default, an atomic add on the GPU (where many threads share a row).
+    default, an atomic add on the GPU (where many threads share a row). ``sync()`` is the barrier of
+    the GPU's cooperative block functions (``*_threads``: one GPU block per index, its threads sharing
+    the work): ``cuda.syncthreads`` there, unused on the CPU.
     """
     leaf = leaf or jit
-    built = SimpleNamespace(tally=tally)
+    built = SimpleNamespace(tally=tally, sync=sync)
     for part in BUILDERS:
         needs = [name for name in inspect.signature(part).parameters if name not in ("jit", "leaf")]
         vars(built).update(vars(part(jit, leaf, **{name: getattr(built, name) for name in needs})))

@@ -12,20 +12,44 @@ import numpy as np
 from .constants import F32_INF, F32_ZERO, MASK32, U64_ONE
 
 
-def build(jit: Callable, leaf: Callable, *, check_weight) -> SimpleNamespace:
+def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespace:
     """The bucket reductions (index functions), compiled with ``leaf``."""
+
+    @leaf
+    def absmax_of(a, m):
+        """max(m, |a|), a NaN counted as +inf (so that a max-reduction keeps it)."""
+        a = abs(a)
+        if a != a:
+            a = F32_INF
+        return a if a > m else m
 
     @leaf
     def bucket_absmax(b, g, bucket, out):
         """out[b] = max |g_i| over bucket b; NaN reported as +inf so a max-reduction keeps it."""
         m = F32_ZERO
         for i in range(b * bucket, min(g.shape[0], (b + 1) * bucket)):
-            a = abs(g[i])
-            if a != a:
-                a = F32_INF
-            if a > m:
-                m = a
+            m = absmax_of(g[i], m)
         out[b] = m
+
+    @jit
+    def bucket_absmax_threads(b, t, nt, red, g, bucket, out):
+        """:func:`bucket_absmax` run by thread t of the ``nt`` (a power of 2) of a GPU block: thread t
+        takes elements t, t + nt, … of the bucket (neighbouring threads, neighbouring elements), then
+        a tree over ``red`` (``nt`` float64 of shared memory, which hold a float32 exactly). A maximum
+        does not depend on the order, so the CPU's bits."""
+        m = F32_ZERO
+        for i in range(b * bucket + t, min(g.shape[0], (b + 1) * bucket), nt):
+            m = absmax_of(g[i], m)
+        red[t] = np.float64(m)
+        sync()
+        half = nt // 2
+        while half > 0:
+            if t < half and red[t + half] > red[t]:
+                red[t] = red[t + half]
+            sync()
+            half //= 2
+        if t == 0:
+            out[b] = np.float32(red[0])
 
     @leaf
     def bucket_l2(b, g, bucket, out):
@@ -59,5 +83,27 @@ def build(jit: Callable, leaf: Callable, *, check_weight) -> SimpleNamespace:
             j += U64_ONE
         out[b] = np.int64(acc)
 
-    return SimpleNamespace(bucket_absmax=bucket_absmax, bucket_l2=bucket_l2, bucket_step=bucket_step,
-                           bucket_checksum=bucket_checksum)
+    @jit
+    def bucket_checksum_threads(b, t, nt, red, k, bucket, out):
+        """:func:`bucket_checksum` run by thread t of the ``nt`` (a power of 2) of a GPU block: thread t
+        sums positions t, t + nt, … of the bucket mod 2^32, then a tree of sums mod 2^32 over ``red``
+        (``nt`` float64, which hold values below 2^32 exactly). A sum mod 2^32 does not depend on the
+        order, so the CPU's bits."""
+        acc = np.uint64(0)
+        i0 = b * bucket
+        for i in range(i0 + t, min(k.shape[0], i0 + bucket), nt):
+            acc = (acc + check_weight(np.uint64(i - i0)) * np.uint64(np.int64(k[i]) & np.int64(0xFFFFFFFF))) & MASK32
+        red[t] = np.float64(acc)
+        sync()
+        half = nt // 2
+        while half > 0:
+            if t < half:
+                red[t] = np.float64((np.uint64(red[t]) + np.uint64(red[t + half])) & MASK32)
+            sync()
+            half //= 2
+        if t == 0:
+            out[b] = np.int64(red[0])
+
+    return SimpleNamespace(absmax_of=absmax_of, bucket_absmax=bucket_absmax,
+                           bucket_absmax_threads=bucket_absmax_threads, bucket_l2=bucket_l2, bucket_step=bucket_step,
+                           bucket_checksum=bucket_checksum, bucket_checksum_threads=bucket_checksum_threads)

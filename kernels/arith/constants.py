@@ -31,8 +31,11 @@ F32_2POW_M24 = np.float32(2.0**-24)
 I32_2POW23 = np.int32(2**23)
 SHIFT24 = np.uint64(24)
 F32_INF = np.float32(np.inf)
-GPU_SPAN = 20  # scratch per GPU thread in the fused payload passes: ≥ lcm(4, packing group) (8, 12 or 20)
-GPU_FIELD_SCRATCH = 200  # scratch per GPU thread in the fused summable passes: ≥ lcm(4, F) for F ≤ 50 fields a word
+# The GPU runs a fused pass's range per CUDA block with its scratch in shared memory: a range holds
+# at most GPU_TILE elements (a multiple of its phases' units: 4, a packing group ≤ 8, a summable word
+# of F ≤ 50 fields; lcm(4, F) ≤ 196), and a block's symbol histogram GPU_HIST values (2s + 1 ≤ 255).
+GPU_TILE = 1024
+GPU_HIST = 256
 RESOLVE_LIMIT = np.float32(2.0**30)  # clamp for coset resolution: keeps garbage side information finite
 # Sender words of the streams every rank shares under the stratified dither (docs/ALGORITHMS.md §9):
 # v (the common offset), the permutation's (a, c) and, for a rank count that is not a power of 2,

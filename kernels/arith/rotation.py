@@ -34,7 +34,7 @@ SIGNS = np.uint64(SHARED_SIGNS)
 SIGN_GROUP = 128  # signs per Philox block: 4 lanes of 32 bits
 
 
-def build(jit: Callable, leaf: Callable, *, philox4x32, lane) -> SimpleNamespace:
+def build(jit: Callable, leaf: Callable, *, philox4x32, lane, sync) -> SimpleNamespace:
     """The rotation's sign flip, fast Walsh–Hadamard transform and per-bucket block function."""
 
     @leaf
@@ -161,5 +161,66 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane) -> SimpleNamespace
                 flip_signs(x, pos, pos + m, step, tid, key0, key1)
             pos += m
 
+    @leaf
+    def flip_threads(x, lo, hi, t, nt, step, tid, key0, key1):
+        """:func:`flip_signs` of x[lo : hi] by thread t of ``nt``: 32 coordinates (one sign word) a unit."""
+        for q in range(lo // 32 + t, (hi + 31) // 32, nt):
+            flip_signs(x, max(lo, 32 * q), min(hi, 32 * q + 32), step, tid, key0, key1)
+
+    @jit
+    def hadamard_rotate_threads(b, t, nt, red, src, x, bucket, inverse, step, tid, key0, key1):
+        """:func:`hadamard_rotate` run by thread t of the ``nt`` of a GPU block on bucket b, in x
+        itself, with a barrier after every pass: the copy, the signs, strides 1–4 (one group of 8 a
+        thread, :func:`first_strides`), then one stride h a pass (butterfly p of the piece: a thread
+        each), the scaling, the inverse's signs. Every coordinate gets the additions of the CPU's
+        passes in the same order (two strides a pass there are the same butterflies), so the same
+        bits. (``red`` is unused.)"""
+        i0 = b * bucket
+        i1 = min(x.shape[0], i0 + bucket)
+        for j in range(i0 + t, i1, nt):
+            x[j] = src[j]
+        sync()
+        pos = i0
+        while pos < i1:
+            m = 1
+            k = 0
+            while 2 * m <= i1 - pos:
+                m *= 2
+                k += 1
+            fused = inverse == 0 and m >= 8 and pos % 8 == 0
+            if inverse == 0 and not fused:
+                flip_threads(x, pos, pos + m, t, nt, step, tid, key0, key1)
+                sync()
+            h = 1
+            if m >= 8:
+                for s in range(pos + 8 * t, pos + m, 8 * nt):
+                    word = U64_ZERO
+                    if fused:
+                        r0, r1, r2, r3 = philox4x32(np.uint64(s // SIGN_GROUP), step, tid, SIGNS, key0, key1)
+                        word = lane(r0, r1, r2, r3, (s // 32) % 4)
+                    first_strides(x, s, fused, word, s % 32)
+                sync()
+                h = 8
+            while h < m:
+                for p in range(t, m // 2, nt):
+                    j = pos + (p // h) * 2 * h + p % h
+                    a = x[j]
+                    c = x[j + h]
+                    x[j] = a + c
+                    x[j + h] = a - c
+                sync()
+                h *= 2
+            shift = k // 2 if inverse == 0 else k - k // 2
+            if shift > 0:
+                scale = F32_ONE / np.float32(1 << shift)
+                for j in range(pos + t, pos + m, nt):
+                    x[j] = x[j] * scale
+                sync()
+            if inverse != 0:
+                flip_threads(x, pos, pos + m, t, nt, step, tid, key0, key1)
+                sync()
+            pos += m
+
     return SimpleNamespace(signed=signed, flip_signs=flip_signs, stride_pass=stride_pass, first_strides=first_strides,
-                           walsh_hadamard=walsh_hadamard, hadamard_rotate=hadamard_rotate)
+                           walsh_hadamard=walsh_hadamard, hadamard_rotate=hadamard_rotate, flip_threads=flip_threads,
+                           hadamard_rotate_threads=hadamard_rotate_threads)

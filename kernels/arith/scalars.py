@@ -149,10 +149,15 @@ def _tally(counts, row, symbol, amount):
     counts[row, symbol] += amount
 
 
-def build(jit: Callable, leaf: Callable, *, tally: Callable | None) -> SimpleNamespace:
-    """The scalar functions compiled with ``leaf`` (``jit`` unused: every scalar is a leaf), and
-    ``tally``: the target's (the GPU's atomic add), or the CPU's plain increment when it gave none."""
-    return SimpleNamespace(tally=tally or leaf(_tally), philox4x32=leaf(_philox4x32),
+def _no_barrier():
+    """The CPU's ``sync``: a CPU block function runs on one thread, with no one to wait for."""
+
+
+def build(jit: Callable, leaf: Callable, *, tally: Callable | None, sync: Callable | None) -> SimpleNamespace:
+    """The scalar functions compiled with ``leaf`` (``jit`` unused: every scalar is a leaf), and the
+    target's ``tally`` (the GPU's atomic add) and ``sync`` (the GPU's block barrier), or the CPU's
+    plain increment and no-op when it gave none."""
+    return SimpleNamespace(tally=tally or leaf(_tally), sync=sync or leaf(_no_barrier), philox4x32=leaf(_philox4x32),
                            odd_numerator=leaf(_odd_numerator), centered=leaf(_centered),
                            round_half_up=leaf(_round_half_up), stochastic_level=leaf(_stochastic_level),
                            centered_mod=leaf(_centered_mod), gf_mul=leaf(_gf_mul), check_weight=leaf(_check_weight),

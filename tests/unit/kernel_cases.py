@@ -78,7 +78,8 @@ def segmented(n):
 
 CASES = {
     "dither": lambda n: (ops.dither(n, KEY),),
-    "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),),
+    "absmax": lambda n: (ops.bucket_absmax(g_of(n), 64),
+                         ops.bucket_absmax(torch.where(torch.arange(n) % 97 == 3, float("nan"), g_of(n)), 100)),
     "checksum": lambda n: (ops.bucket_checksum(sym_of(n, 15).to(torch.int32) - 7, 64),),
     "l2": lambda n: (ops.bucket_l2(g_of(n), 64),),
     "step": lambda n: (ops.bucket_step(ops.bucket_absmax(g_of(n), 64), 3), ops.bucket_step(g_of(n).abs(), 7)),

@@ -29,6 +29,16 @@ FLOAT_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z]+[a-z0-9]*(?:\.[a-z0-9]+)*\.f(
                       re.MULTILINE)
 
 
+#: a PTX local-memory frame (``.local .align 4 .b8 __local_depot0[16];``): per-thread arrays the
+#: compiler could not keep in registers
+LOCAL_DEPOT = re.compile(r"^\s*\.local\s+\.align\s+\d+\s+\.b8\s+\w+\[(\d+)\];", re.MULTILINE)
+
+
+def local_bytes(ptx: str) -> int:
+    """Bytes of local memory ``ptx`` declares per thread."""
+    return sum(int(size) for size in LOCAL_DEPOT.findall(ptx))
+
+
 def _power_of_two(operand: str) -> bool:
     """A PTX float immediate (0fXXXXXXXX or 0dXXXXXXXXXXXXXXXX) that is ± a power of two."""
     if operand.startswith("0f"):
@@ -91,7 +101,8 @@ class _Hopper:
 
 
 def audit() -> dict[str, dict]:
-    """Per kernel: its float instructions with counts ("float_ops") and its "inexact_fmas"."""
+    """Per kernel: its float instructions with counts ("float_ops"), its "inexact_fmas" and the most
+    local memory a thread of it declares ("local_bytes")."""
     assert os.environ.get("NUMBA_ENABLE_CUDASIM", "0") != "1", "run without the CUDA simulator"
     from numba import cuda
     from numba.cuda import dispatcher as numba_dispatcher
@@ -106,11 +117,13 @@ def audit() -> dict[str, dict]:
         kernel = getattr(cuda_kernels.kernels, name)
         counts: Counter[str] = Counter()
         inexact: list[str] = []
+        local = 0
         for sig in sigs:
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0), fastmath=False)
             counts.update(op for op, _ in FLOAT_OP.findall(ptx))
             inexact += inexact_fmas(ptx)
-        found[name] = {"float_ops": dict(counts), "inexact_fmas": inexact}
+            local = max(local, local_bytes(ptx))
+        found[name] = {"float_ops": dict(counts), "inexact_fmas": inexact, "local_bytes": local}
     launched = set(found)
     every = {k.name for k in table.KERNELS} | {k.name + "_segments" for k in table.KERNELS if k.segments}
     missing = sorted(every - launched)

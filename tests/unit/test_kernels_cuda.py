@@ -11,10 +11,12 @@ import torch
 from kernel_cases import CASES, SIZES
 
 from hvdquant.kernels import ops
+from hvdquant.kernels.arith.constants import GPU_TILE
 
 cuda = pytest.importorskip("numba.cuda")
 if not cuda.is_available():
     pytest.skip("no CUDA device and no simulator", allow_module_level=True)
+from hvdquant.kernels import cuda as cuda_kernels  # noqa: E402 (compiles the CUDA kernels: only where CUDA is)
 
 
 def assert_same(cpu_out: torch.Tensor, gpu_out: torch.Tensor, what: str) -> None:
@@ -33,6 +35,24 @@ def assert_same(cpu_out: torch.Tensor, gpu_out: torch.Tensor, what: str) -> None
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cuda_kernel_matches_cpu_twin(case, n):
+    expected = CASES[case](n)
+    with ops.force_target("cuda"):
+        got = CASES[case](n)
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        assert_same(a, b, f"{case}[{i}] n={n}")
+
+
+@pytest.mark.parametrize(("case", "threads"), [
+    *((case, 32) for case in ("dqsg_fused", "dqsg_fields", "segmented", "hadamard", "absmax", "checksum")),
+    ("dqsg_fields", cuda_kernels.MAX_THREADS), ("absmax", cuda_kernels.MAX_THREADS)])
+def test_block_kernels_with_any_block_size(case, threads, monkeypatch):
+    """The fused passes give each CUDA block one range of at most GPU_TILE elements, the cooperative
+    kernels (rotation, bucket maxima and checksums) one bucket, whose threads share the work: sizes that need
+    several blocks, the last one short, give the CPU twin's bits with 32 threads a block (the
+    simulator's launches; a thread takes several units) and, for one kernel of each kind, with the
+    most a block may have (a real GPU's launches; slow in the simulator, one Python thread each)."""
+    monkeypatch.setattr(cuda_kernels, "THREADS_PER_BLOCK", threads)
+    n = GPU_TILE + 517
     expected = CASES[case](n)
     with ops.force_target("cuda"):
         got = CASES[case](n)

@@ -71,6 +71,23 @@ def test_conversions_rounded_to_nearest_or_exact(audit):
     assert not {k: v for k, v in bad.items() if v}
 
 
+def test_no_kernel_keeps_scratch_in_local_memory(audit):
+    """Scratch lives in shared memory (range kernels: 4 floats a thread; fused passes: the block's
+    range), reductions in registers and shared memory: no kernel spills a per-thread array to local
+    memory, which neighbouring threads would read a stride apart."""
+    assert {k: v["local_bytes"] for k, v in audit.items() if v["local_bytes"]} == {}
+
+
+def test_local_memory_is_found():
+    """The audit's local-memory count can fail: a depot declared in a kernel's frame is counted."""
+    sys.path.insert(0, str(HERE))
+    from ptx_audit import local_bytes
+
+    ptx = ".visible .entry k(\n)\n{\n\t.local .align 4 .b8 \t__local_depot0[800];\n\t.reg .b32 %r<4>;\n"
+    assert local_bytes(ptx) == 800
+    assert local_bytes(".visible .shared .align 4 .b8 _cudapy_smem_1[4096];") == 0
+
+
 def test_classifier_flags_a_contracted_multiply_add():
     """The audit's own check can fail: ``a*b + c`` on float32 contracts to an inexact fma; a product
     by 2^-24 (a scaling) or of two widened float32 values in float64 does not count."""
