@@ -70,6 +70,7 @@ from .sizes import (
     coset_bytes,
     integer,
     num_buckets,
+    onebit_lanes,
     packed_bytes,
     radix_per_byte,
     symbol_bytes,
@@ -84,7 +85,7 @@ __all__ = [
     "dqsg_encode_fields_segments", "dqsg_encode_packed", "force_target", "hadamard_rotate", "hadamard_rotate_segments",
     "launches",
     "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means", "onebit_decode",
-    "onebit_encode", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
+    "onebit_encode", "onebit_lanes", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
     "RANS_CHUNK", "RansTables", "radix_per_byte", "radixpack", "radixunpack", "rans_chunks", "rans_decode",
     "rans_encode", "rans_encode_modelled", "rans_table", "scale_decode", "symbol_bytes", "symbol_packing",
     "topk_indices",
@@ -355,15 +356,22 @@ def scale_decode(codes: torch.Tensor, scale: torch.Tensor, bucket: int, levels: 
 
 
 def onebit_column_means(g: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column of g viewed as (rows, cols): mean of entries ≥ 0 and mean of entries < 0 (Seide)."""
+    """Per column of g viewed as (rows, cols): mean of entries ≥ 0 and mean of entries < 0 (Seide),
+    in two passes: float64 sums over :func:`.sizes.onebit_lanes` lanes of rows per column, then per column
+    the lanes added pairwise (kernels/arith/qsgd.py)."""
     vec("g", g, torch.float32)
     cols = integer("cols", cols, 1, max(1, g.numel()))
     if g.numel() % cols:
         raise ValueError(f"g has {g.numel()} elements, not a multiple of cols={cols}")
     pos = torch.zeros(cols, dtype=torch.float32, device=g.device)  # an empty g has empty (0) bins
     neg = torch.zeros(cols, dtype=torch.float32, device=g.device)
-    launch(table.onebit_column_means, cols if g.numel() else 0, g, cols, pos, neg)
+    if g.numel():
+        lanes = onebit_lanes(g.numel() // cols, cols)
+        partial = torch.empty(4 * lanes * cols, dtype=torch.float64, device=g.device)
+        launch(table.onebit_lane_sums, lanes * cols, g, cols, lanes, partial)
+        launch(table.onebit_column_means, cols, partial, cols, lanes, pos, neg)
     return pos, neg
+
 
 
 def onebit_encode(g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -63,3 +63,13 @@ def coset_bytes(n: int, nesting_ratio: int) -> int:
         return packed_bytes(n, b)
     m = radix_per_byte(nesting_ratio)
     return (n + m - 1) // m
+
+
+def onebit_lanes(rows: int, cols: int) -> int:
+    """Lanes per column of the 1-bit column means (a function of the shape only, so every device
+    adds in the same order): the largest power of 2 with lanes·cols ≤ 2^16 (a GPU's worth of
+    threads) and lanes < 2·rows, at least 1."""
+    lanes = 1
+    while 2 * lanes * cols <= 1 << 16 and lanes < rows:
+        lanes *= 2
+    return lanes

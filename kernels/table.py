@@ -167,12 +167,13 @@ dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32",
 bucket_absmax = Kernel("bucket_absmax", buckets.build, segments=(("g", "elements"), ("out", "buckets")),
                        unit="buckets", threads="bucket_absmax_threads")
 bucket_checksum = Kernel("bucket_checksum", buckets.build, threads="bucket_checksum_threads")
-bucket_l2 = Kernel("bucket_l2", buckets.build)
+bucket_l2 = Kernel("bucket_l2", buckets.build, threads="bucket_l2_threads")
 bucket_step = Kernel("bucket_step", buckets.build)
 hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16,  # log2(d) passes: costed as threads.RANGE_COST
                          segments=(("src", "elements"), ("x", "elements"), ("step", "step"), ("tid", "tensor_id")),
                          unit="buckets", threads="hadamard_rotate_threads")
 scale_decode = Kernel("scale_decode", qsgd.build)
+onebit_lane_sums = Kernel("onebit_lane_sums", qsgd.build)
 onebit_column_means = Kernel("onebit_column_means", qsgd.build)
 onebit_encode = Kernel("onebit_encode", qsgd.build)
 onebit_decode = Kernel("onebit_decode", qsgd.build)

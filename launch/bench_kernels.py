@@ -46,20 +46,30 @@ def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
 
 
 # ----------------------------------------------------------------------------- hvdquant pipelines
+def rotate_into_reused(key: DitherKey) -> Callable[[torch.Tensor], torch.Tensor]:
+    """g ↦ its shared rotation into a buffer reused from call to call, as the exchanges reuse theirs
+    from step to step."""
+    rotated: dict[int, torch.Tensor] = {}
+
+    def rotate(g: torch.Tensor) -> torch.Tensor:
+        if g.numel() not in rotated:
+            rotated[g.numel()] = torch.empty_like(g)
+        return ops.hadamard_rotate(g, BUCKET, key, out=rotated[g.numel()])
+
+    return rotate
+
+
 def dqsg_pipeline(levels: int, rotation: bool = False) -> tuple[Callable, Callable]:
     """The DQSG payload codec's passes: encode = one fused pass from g to scales, dithered indices as
     unsigned symbols k + s densely packed (base 3 for s = 1, else ⌈log2(2s+1)⌉ bits) and their
     histogram; decode = one fused pass from the packed symbols to Δ(k − u). With ``rotation``, the
     shared Hadamard rotation of g into a copy before, and its inverse in place after
-    (``DQSG(rotation="hadamard")``); the copy's buffer is reused from call to call, as the stock
-    exchange reuses it from step to step."""
-    rotated: dict[int, torch.Tensor] = {}
+    (``DQSG(rotation="hadamard")``)."""
+    rotate = rotate_into_reused(KEY)
 
     def encode(g):
         if rotation:
-            if g.numel() not in rotated:
-                rotated[g.numel()] = torch.empty_like(g)
-            g = ops.hadamard_rotate(g, BUCKET, KEY, out=rotated[g.numel()])
+            g = rotate(g)
         delta, packed, _ = ops.dqsg_encode_packed(g, BUCKET, levels, KEY)
         return packed, delta
 
@@ -82,13 +92,11 @@ def stock_pipeline(levels: int, ranks: int = 4, rotation: bool = False) -> tuple
 
     layout = SumFieldLayout.for_levels(levels, ranks)
     key = DitherKey(seed=KEY.seed, step=KEY.step, tensor_id=KEY.tensor_id, sender=0, ranks=ranks)
-    rotated: dict[int, torch.Tensor] = {}
+    rotate = rotate_into_reused(key)
 
     def encode(g):
         if rotation:
-            if g.numel() not in rotated:
-                rotated[g.numel()] = torch.empty_like(g)
-            g = ops.hadamard_rotate(g, BUCKET, key, out=rotated[g.numel()])
+            g = rotate(g)
         delta = ops.bucket_step(ops.bucket_absmax(g, BUCKET), levels)
         words, _ = ops.dqsg_encode_fields(g, delta, BUCKET, levels, key, layout.radix, layout.per_word)
         return words, delta

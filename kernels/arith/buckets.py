@@ -1,5 +1,6 @@
 """Per-bucket reductions (index functions, one bucket b each): max |g| and the DQSG step
-Δ_b = max/s (docs/ALGORITHMS.md §1), the QSGD norm ‖g_b‖₂, and the nested checksum Σ_j w_j·k_j."""
+Δ_b = max/s (docs/ALGORITHMS.md §1), the QSGD norm ‖g_b‖₂, and the nested checksum Σ_j w_j·k_j; and
+the cooperative twins (``*_threads``) the GPU runs with one CUDA block per bucket."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from .constants import F32_INF, F32_ZERO, MASK32, U64_ONE
+
+L2_LANES = 32  # the lanes of a bucket's sum of squares (bucket_l2): a warp on the GPU
 
 
 def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespace:
@@ -53,12 +56,46 @@ def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespa
 
     @leaf
     def bucket_l2(b, g, bucket, out):
-        """out[b] = ‖g_b‖₂: float32 squares are exact in float64, summed in order, then sqrt."""
-        acc = np.float64(0.0)
-        for i in range(b * bucket, min(g.shape[0], (b + 1) * bucket)):
-            x = np.float64(g[i])
-            acc += x * x
-        out[b] = np.float32(math.sqrt(acc))
+        """out[b] = ‖g_b‖₂ in float32. The squares (exact in float64) are summed in L2_LANES = 32 lanes,
+        lane j taking positions j, j + 32, … of the bucket in order, row by row (rows of 32 vectorize
+        on the CPU); then the lanes pairwise, lane j + 16 into lane j, then j + 8, …, 1; then sqrt:
+        the order :func:`bucket_l2_threads` follows on the GPU, so the same bits."""
+        i0 = b * bucket
+        i1 = min(g.shape[0], i0 + bucket)
+        lanes = np.zeros(L2_LANES, np.float64)
+        for r in range(i0, i1, L2_LANES):
+            row = g[r:min(i1, r + L2_LANES)]
+            for j in range(row.shape[0]):
+                x = np.float64(row[j])
+                lanes[j] += x * x
+        half = L2_LANES // 2
+        while half > 0:
+            for j in range(half):
+                lanes[j] += lanes[j + half]
+            half //= 2
+        out[b] = np.float32(math.sqrt(lanes[0]))
+
+    @jit
+    def bucket_l2_threads(b, t, nt, red, g, bucket, out):
+        """:func:`bucket_l2` run by thread t of the ``nt`` ≥ 32 of a GPU block: threads t < 32 are the
+        lanes (a warp reading neighbouring elements), then the same pairwise tree over ``red``."""
+        i0 = b * bucket
+        i1 = min(g.shape[0], i0 + bucket)
+        if t < L2_LANES:
+            acc = np.float64(0.0)
+            for i in range(i0 + t, i1, L2_LANES):
+                x = np.float64(g[i])
+                acc += x * x
+            red[t] = acc
+        sync()
+        half = L2_LANES // 2
+        while half > 0:
+            if t < half:
+                red[t] = red[t] + red[t + half]
+            sync()
+            half //= 2
+        if t == 0:
+            out[b] = np.float32(math.sqrt(red[0]))
 
     @leaf
     def bucket_step(b, absmax, levels, out):
@@ -105,5 +142,6 @@ def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespa
             out[b] = np.int64(red[0])
 
     return SimpleNamespace(absmax_of=absmax_of, bucket_absmax=bucket_absmax,
-                           bucket_absmax_threads=bucket_absmax_threads, bucket_l2=bucket_l2, bucket_step=bucket_step,
+                           bucket_absmax_threads=bucket_absmax_threads, bucket_l2=bucket_l2,
+                           bucket_l2_threads=bucket_l2_threads, bucket_step=bucket_step,
                            bucket_checksum=bucket_checksum, bucket_checksum_threads=bucket_checksum_threads)

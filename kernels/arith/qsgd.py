@@ -38,14 +38,16 @@ def build(jit: Callable, leaf: Callable, *, stochastic_level, dither_range, segm
         out[i] = (scale[i // bucket] * np.float32(codes[i])) / np.float32(levels)
 
     @leaf
-    def onebit_column_means(c, g, cols, pos_mean, neg_mean):
-        """Seide 1-bit SGD: for column c of g viewed as (rows, cols) row-major, the means of its
-        entries ≥ 0 and < 0 (float64 sums in row order; 0 for an empty bin)."""
+    def onebit_lane_sums(q, g, cols, lanes, partial):
+        """Lane j = q // cols of column c = q % cols of g viewed as (rows, cols) row-major: over rows
+        j, j + L, j + 2L, … (L = ``lanes``) in order, the float64 sums of the entries ≥ 0 and < 0 and
+        their counts, into partial[k·L·cols + q] for k = 0 … 3. Neighbouring q read neighbouring
+        columns; L·cols lanes in all keep a GPU busy when there are few columns."""
         sp = np.float64(0.0)  # typed: the CUDA simulator's NumPy 2 rules would keep a bare 0.0 + float32 in float32
         sn = np.float64(0.0)
         npos = 0
         nneg = 0
-        for i in range(c, g.shape[0], cols):
+        for i in range(q, g.shape[0], lanes * cols):  # row j, column c is element j·cols + c = q
             x = np.float64(g[i])
             if x >= 0.0:
                 sp += x
@@ -53,8 +55,28 @@ def build(jit: Callable, leaf: Callable, *, stochastic_level, dither_range, segm
             else:
                 sn += x
                 nneg += 1
-        pos_mean[c] = np.float32(sp / npos) if npos else F32_ZERO
-        neg_mean[c] = np.float32(sn / nneg) if nneg else F32_ZERO
+        m = lanes * cols
+        partial[q] = sp
+        partial[m + q] = sn
+        partial[2 * m + q] = np.float64(npos)
+        partial[3 * m + q] = np.float64(nneg)
+
+    @leaf
+    def onebit_column_means(c, partial, cols, lanes, pos_mean, neg_mean):
+        """Seide 1-bit SGD: the means of the entries ≥ 0 and < 0 of column c (0 for an empty bin),
+        from :func:`onebit_lane_sums`' L lanes added pairwise (lane j + L/2 into lane j, then
+        j + L/4, …, 1; L a power of 2): a fixed order, the same on every device."""
+        m = lanes * cols
+        half = lanes // 2
+        while half > 0:
+            for j in range(half):
+                for k in range(4):
+                    partial[k * m + j * cols + c] += partial[k * m + (j + half) * cols + c]
+            half //= 2
+        npos = partial[2 * m + c]
+        nneg = partial[3 * m + c]
+        pos_mean[c] = np.float32(partial[c] / npos) if npos > 0.0 else F32_ZERO
+        neg_mean[c] = np.float32(partial[m + c] / nneg) if nneg > 0.0 else F32_ZERO
 
     @leaf
     def onebit_encode(i, g, bits):
@@ -65,5 +87,6 @@ def build(jit: Callable, leaf: Callable, *, stochastic_level, dither_range, segm
         c = i % cols
         out[i] = pos_mean[c] if bits[i] else neg_mean[c]
 
-    return SimpleNamespace(qsgd_encode=qsgd_encode, scale_decode=scale_decode, onebit_column_means=onebit_column_means,
+    return SimpleNamespace(qsgd_encode=qsgd_encode, scale_decode=scale_decode, onebit_lane_sums=onebit_lane_sums,
+                           onebit_column_means=onebit_column_means,
                            onebit_encode=onebit_encode, onebit_decode=onebit_decode)

@@ -131,6 +131,19 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane, sync) -> SimpleNam
             h *= 2
 
     @leaf
+    def piece_at(pos, i1, inverse):
+        """The piece of a bucket ending at i1 that starts at pos: (m, fused, scale) with m = 2^k the
+        largest power of two ≤ i1 − pos, whether D is fused into the first strides (forward, m ≥ 8,
+        pos a multiple of 8), and the piece's exact factor 2^−⌊k/2⌋ (forward) or 2^−⌈k/2⌉ (inverse)."""
+        m = 1
+        k = 0
+        while 2 * m <= i1 - pos:
+            m *= 2
+            k += 1
+        shift = k // 2 if inverse == 0 else k - k // 2
+        return m, inverse == 0 and m >= 8 and pos % 8 == 0, F32_ONE / np.float32(1 << shift)
+
+    @leaf
     def hadamard_rotate(b, src, x, bucket, inverse, step, tid, key0, key1):
         """Bucket b of ``src`` rotated into x (``src`` may be x: in place): forward (``inverse`` = 0)
         2^−⌊k/2⌋ H D per power-of-two piece of 2^k coordinates, or its inverse D 2^−⌈k/2⌉ H
@@ -142,18 +155,11 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane, sync) -> SimpleNam
             into[j] = source[j]
         pos = i0
         while pos < i1:
-            m = 1
-            k = 0
-            while 2 * m <= i1 - pos:
-                m *= 2
-                k += 1
-            fused = inverse == 0 and m >= 8 and pos % 8 == 0
+            m, fused, scale = piece_at(pos, i1, inverse)
             if inverse == 0 and not fused:
                 flip_signs(x, pos, pos + m, step, tid, key0, key1)
             walsh_hadamard(x, pos, m, fused, step, tid, key0, key1)
-            shift = k // 2 if inverse == 0 else k - k // 2
-            if shift > 0:
-                scale = F32_ONE / np.float32(1 << shift)
+            if scale != F32_ONE:
                 piece = x[pos:pos + m]
                 for j in range(m):
                     piece[j] = piece[j] * scale
@@ -182,12 +188,7 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane, sync) -> SimpleNam
         sync()
         pos = i0
         while pos < i1:
-            m = 1
-            k = 0
-            while 2 * m <= i1 - pos:
-                m *= 2
-                k += 1
-            fused = inverse == 0 and m >= 8 and pos % 8 == 0
+            m, fused, scale = piece_at(pos, i1, inverse)
             if inverse == 0 and not fused:
                 flip_threads(x, pos, pos + m, t, nt, step, tid, key0, key1)
                 sync()
@@ -210,9 +211,7 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane, sync) -> SimpleNam
                     x[j + h] = a - c
                 sync()
                 h *= 2
-            shift = k // 2 if inverse == 0 else k - k // 2
-            if shift > 0:
-                scale = F32_ONE / np.float32(1 << shift)
+            if scale != F32_ONE:
                 for j in range(pos + t, pos + m, nt):
                     x[j] = x[j] * scale
                 sync()
@@ -222,5 +221,6 @@ def build(jit: Callable, leaf: Callable, *, philox4x32, lane, sync) -> SimpleNam
             pos += m
 
     return SimpleNamespace(signed=signed, flip_signs=flip_signs, stride_pass=stride_pass, first_strides=first_strides,
-                           walsh_hadamard=walsh_hadamard, hadamard_rotate=hadamard_rotate, flip_threads=flip_threads,
+                           walsh_hadamard=walsh_hadamard, piece_at=piece_at, hadamard_rotate=hadamard_rotate,
+                           flip_threads=flip_threads,
                            hadamard_rotate_threads=hadamard_rotate_threads)

@@ -43,11 +43,11 @@ def test_cuda_kernel_matches_cpu_twin(case, n):
 
 
 @pytest.mark.parametrize(("case", "threads"), [
-    *((case, 32) for case in ("dqsg_fused", "dqsg_fields", "segmented", "hadamard", "absmax", "checksum")),
+    *((case, 32) for case in ("dqsg_fused", "dqsg_fields", "segmented", "hadamard", "absmax", "checksum", "l2")),
     ("dqsg_fields", cuda_kernels.MAX_THREADS), ("absmax", cuda_kernels.MAX_THREADS)])
 def test_block_kernels_with_any_block_size(case, threads, monkeypatch):
     """The fused passes give each CUDA block one range of at most GPU_TILE elements, the cooperative
-    kernels (rotation, bucket maxima and checksums) one bucket, whose threads share the work: sizes that need
+    kernels (rotation, bucket maxima, norms and checksums) one bucket, whose threads share the work: sizes that need
     several blocks, the last one short, give the CPU twin's bits with 32 threads a block (the
     simulator's launches; a thread takes several units) and, for one kernel of each kind, with the
     most a block may have (a real GPU's launches; slow in the simulator, one Python thread each)."""
