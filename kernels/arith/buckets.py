@@ -105,6 +105,11 @@ def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespa
         out[b] = absmax[b] / np.float32(levels)
 
     @leaf
+    def checksum_add(acc, j, k):
+        """(acc + w_j·k) mod 2^32: the checksum's term of index k at position j (uint64) of its bucket."""
+        return (acc + check_weight(j) * np.uint64(np.int64(k) & np.int64(0xFFFFFFFF))) & MASK32
+
+    @leaf
     def bucket_checksum(b, k, bucket, out):
         """out[b] = Σ_j w_j·k_{b·d + j} mod 2^32 over bucket b (j: index inside the bucket; w_j the
         odd hashed weight of :func:`_check_weight`).
@@ -116,7 +121,7 @@ def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespa
         acc = np.uint64(0)
         j = np.uint64(0)
         for i in range(b * bucket, min(k.shape[0], (b + 1) * bucket)):
-            acc = (acc + check_weight(j) * np.uint64(np.int64(k[i]) & np.int64(0xFFFFFFFF))) & MASK32
+            acc = checksum_add(acc, j, k[i])
             j += U64_ONE
         out[b] = np.int64(acc)
 
@@ -129,7 +134,7 @@ def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespa
         acc = np.uint64(0)
         i0 = b * bucket
         for i in range(i0 + t, min(k.shape[0], i0 + bucket), nt):
-            acc = (acc + check_weight(np.uint64(i - i0)) * np.uint64(np.int64(k[i]) & np.int64(0xFFFFFFFF))) & MASK32
+            acc = checksum_add(acc, np.uint64(i - i0), k[i])
         red[t] = np.float64(acc)
         sync()
         half = nt // 2
@@ -144,4 +149,5 @@ def build(jit: Callable, leaf: Callable, *, check_weight, sync) -> SimpleNamespa
     return SimpleNamespace(absmax_of=absmax_of, bucket_absmax=bucket_absmax,
                            bucket_absmax_threads=bucket_absmax_threads, bucket_l2=bucket_l2,
                            bucket_l2_threads=bucket_l2_threads, bucket_step=bucket_step,
-                           bucket_checksum=bucket_checksum, bucket_checksum_threads=bucket_checksum_threads)
+                           checksum_add=checksum_add, bucket_checksum=bucket_checksum,
+                           bucket_checksum_threads=bucket_checksum_threads)
