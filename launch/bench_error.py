@@ -16,8 +16,9 @@ batch, every tensor of at least 1024 coordinates (the jobs' --min-numel) coded o
 
 Codecs (hvdquant's, through their public classes): DQSG s ∈ {1, 2, 3, 7} with either dither, with
 and without ``rotation="hadamard"``, and entropy coded (``coding="rans"``, rotated, s up to 15);
-ECDQ (rotated, symbols coded under the dither-conditioned Gaussian model) at steps 3.0 to 0.22
-(the senders' own-scale payloads, aggregated as the payload transports do); NDQSG (s₁, s₂) ∈
+ECDQ (rotated, symbols coded under the dither-conditioned Gaussian model) at steps 3.0 to 0.22 with
+one step per tensor (its default) and, at fewer steps, one per bucket (the senders' own-scale
+payloads, aggregated as the payload transports do); NDQSG (s₁, s₂) ∈
 {(3, 1), (7, 1)}, half the senders nested, with and without the rotation, decoded in rank order with
 the plain senders' mean as side information (its recovery replies counted in its bits); QSGD
 s ∈ {1, 2, 4, 8} with Elias coding; the 1-bit quantizer of 1-bit SGD (one step's error: error
@@ -61,9 +62,11 @@ from hvdquant.kernels import DitherKey, tensor_id
 BEGIN, END = "<!-- bench_error: begin (launch/bench_error.py) -->", "<!-- bench_error: end -->"
 SEED = 2026
 ENTROPY_CODED = "DQSG stratified + rotation + rANS"
-ECDQ_FAMILY = "ECDQ (rotation, dither-conditioned rANS)"
-#: ECDQ's steps (Δ in units of the bucket's RMS): about 0.9 to 4.2 bits per coordinate on Gaussian data
+ECDQ_FAMILY = "ECDQ (rotation, dither-conditioned rANS, one step per tensor)"
+ECDQ_BUCKET_FAMILY = "ECDQ, one step per bucket"
+#: ECDQ's steps (Δ in units of the tensor's RMS): about 0.9 to 4.2 bits per coordinate on Gaussian data
 ECDQ_STEPS = (3.0, 2.6, 2.2, 1.9, 1.6, 1.35, 1.1, 0.9, 0.75, 0.6, 0.5, 0.4, 0.33, 0.27, 0.22)
+ECDQ_BUCKET_STEPS = (3.0, 2.6, 1.6, 1.1, 0.6, 0.27)
 #: the bits per coordinate at which hvdquant is compared with EDEN (its 1-4 bit points and midway)
 EQUAL_BITS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
@@ -175,7 +178,9 @@ def methods(quick: bool) -> dict[str, tuple[str, Callable]]:
     for s in (1, 3) if quick else (1, 2, 3, 4, 5, 7, 11, 15):
         add(ENTROPY_CODED, f"dqsg-strat-hada-rans-s{s}", DQSG(s, 512, "stratified", "hadamard", "rans"))
     for step in (2.6, 1.1) if quick else ECDQ_STEPS:
-        add(ECDQ_FAMILY, f"ecdq-{step:g}", ECDQ(step, 512, "stratified", "hadamard"))
+        add(ECDQ_FAMILY, f"ecdq-{step:g}", ECDQ(step, 512, "stratified", "hadamard", "tensor"))
+    for step in (2.6,) if quick else ECDQ_BUCKET_STEPS:
+        add(ECDQ_BUCKET_FAMILY, f"ecdq-bucket-{step:g}", ECDQ(step, 512, "stratified", "hadamard", "bucket"))
     for rotation in ("none", "hadamard"):
         family = "NDQSG" + (" + rotation" if rotation == "hadamard" else "")
         for s1 in (3,) if quick else (3, 7):

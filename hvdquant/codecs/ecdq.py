@@ -2,34 +2,37 @@
 (docs/ALGORITHMS.md §12; R. Zamir and M. Feder, "On universal quantization by randomized
 uniform/lattice quantizers", IEEE Trans. Inf. Theory, 1992).
 
-Per bucket b of ``bucket_size`` (d) coordinates of the (by default rotated) gradient x:
+Per bucket b of ``bucket_size`` (d) coordinates of the (by default rotated) gradient x, with
+σ_b = ‖x_b‖₂·d^-½ and u_i ~ U(−½, ½) the keyed dither of DQSG:
 
-    σ_b = bf16(‖x_b‖₂ · d^-½)                   (sent: 16 bits per bucket)
-    Δ_b = step · σ_b                              (float32; ``step`` is the codec's one knob)
-    k_i = round(x_i / Δ_b + u_i)                  (u_i ~ U(−½, ½), the keyed dither of DQSG)
-    x̂_i = Δ_b (k_i − u_i)
+    k_i = round(x_i / Δ_b + u_i),   x̂_i = Δ_b (k_i − u_i)
 
-As in DQSG the error x̂ − x is uniform on (−Δ/2, Δ/2], independent of x, unbiased, of variance
-Δ²/12 = step²σ_b²/12 per coordinate (in the rotated coordinates; the normalised error of the
-decoded gradient is step²/12 either way); ``step`` trades bits for error continuously. No index is
-clipped: |x_i| ≤ ‖x_b‖₂ bounds |k_i| by :attr:`ECDQ.half_width`.
+As in DQSG the error x̂ − x is uniform on (−Δ_b/2, Δ_b/2], independent of x, unbiased, of variance
+Δ_b²/12 per coordinate, and no index is ever clipped. ``step`` trades bits for error continuously;
+``scope`` says what it scales:
 
-The symbols k + K are entropy coded with rANS, symbol i with a table chosen by which of 16 equal
-intervals its dither u_i falls in (the receiver regenerates u_i before decoding it). The tables hold
-P(k | u) for a coordinate x ~ N(0, σ²), the distribution of a rotated bucket's coordinates:
+- ``"tensor"`` (the default): Δ_b = step·σ·4^e_b, σ = bf16(√(mean_b σ_b²)) the tensor's RMS (sent:
+  16 bits per tensor), e_b = 0 unless the bucket holds a coordinate beyond TENSOR_CAP·step·σ (then
+  the least e_b ≤ 7 that brings it within). Every bucket but those few gets the same absolute error
+  step²σ²/12: the allocation that minimises the total error for the bits (reverse water-filling:
+  quiet buckets cost almost nothing, loud ones pay for their energy), and the normalised error
+  is step²/12 as in the bucket scope. Each bucket sends one byte, its exponent e_b and the class
+  of its relative step Δ_b/σ_b, which picks the tables its symbols are coded with
+  (:mod:`.ecdq_model`).
+- ``"bucket"``: Δ_b = step·σ_b with σ_b sent as bfloat16 (16 bits per bucket): the same relative
+  error in every bucket, one set of tables.
 
-    P(k | u) = Φ(step·(k − u + ½)) − Φ(step·(k − u − ½))      (u at the interval's centre)
-
-so a symbol costs about −log₂ P(k | u) bits: the conditional entropy H(k | u), which is below the
-entropy H(k) that a coder ignoring the dither pays (docs/BENCHMARKS.md; 0.1–0.25 bits per
-coordinate at 1–2 bits). The tables depend on ``step`` only; they are computed once per process
-from ``math.erfc`` in float64 and never travel. (Ranks whose C library rounded erfc differently
-could disagree on a table; the rANS decoder's end-of-chunk check then refuses the stream.)
+The symbols are entropy coded with rANS, symbol i with a table chosen by which interval its dither
+u_i falls in (and, in the tensor scope, its bucket's class); the receiver regenerates u_i before
+decoding it. Its cost is about the conditional entropy H(k | u), below the entropy H(k) that a
+coder ignoring the dither pays (docs/BENCHMARKS.md; 0.1–0.25 bits per coordinate at 1–2 bits). The
+tables are computed once per process from ``math.erfc`` in float64 and never travel. (Ranks whose
+C library rounded erfc differently could disagree on a table; the rANS decoder's end-of-chunk check
+then refuses the stream.)
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -43,53 +46,42 @@ from hvdquant.codecs.base import (
     TensorContext,
     all_finite,
     check_int,
-    counts_entropy,
     flat32,
 )
 from hvdquant.codecs.dqsg import DITHERS
+from hvdquant.codecs.ecdq_model import (
+    BUCKET_BINS,
+    CLASSES,
+    TENSOR_BINS,
+    TENSOR_CAP,
+    TENSOR_HALF_WIDTH,
+    bucket_half_width,
+    class_edges,
+    code_length,
+    rans_model,
+)
 from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.stats import DecodeStats
 
-CONTEXTS = 16  # intervals of the dither that select a symbol's table (a power of 2)
-SCALE_BITS = 16  # σ_b travels as bfloat16
-
-
-def _phi(t: float) -> float:
-    """The standard normal distribution function, from erfc (accurate in both tails)."""
-    return 0.5 * math.erfc(-t / math.sqrt(2.0))
-
-
-@functools.lru_cache(maxsize=32)
-def model(step: float, half_width: int) -> ops.RansTables:
-    """:func:`model_tables` checked once, with the kernels' forms of them made once per device."""
-    return ops.RansTables(model_tables(step, half_width))
-
-
-@functools.lru_cache(maxsize=32)
-def model_tables(step: float, half_width: int) -> torch.Tensor:
-    """The rANS tables (int16, CONTEXTS × (2K + 1), rows summing to 2^14, K = ``half_width``): row j
-    holds P(k | u) for u at the centre of the j-th interval of (−½, ½) and k ∈ [−K, K], for
-    x ~ N(0, σ²) quantized with Δ = step·σ; every symbol keeps a frequency of at least 1."""
-    rows = []
-    scale = float(1 << 40)
-    for j in range(CONTEXTS):
-        u = (j + 0.5) / CONTEXTS - 0.5
-        p = [_phi(step * (k - u + 0.5)) - _phi(step * (k - u - 0.5)) for k in range(-half_width, half_width + 1)]
-        rows.append(ops.rans_table(torch.tensor([max(1, round(q * scale)) for q in p], dtype=torch.int64)))
-    return torch.stack(rows)
+SCOPES = ("tensor", "bucket")
+SCALE_BITS = 16  # σ_b (bucket scope) or σ (tensor scope) travels as bfloat16
+MAX_EXPONENT = 7  # the tensor scope's Δ_b = step·σ·4^e_b, e_b ≤ 7 (3 bits of the bucket's byte)
 
 
 @dataclass(frozen=True)
 class ECDQ(Codec):
-    """Dithered quantizer of step Δ_b = ``step``·σ_b per bucket of ``bucket_size`` coordinates, its
-    symbols entropy coded under the Gaussian model conditioned on the dither. Payload (one sender):
-    σ_b as bfloat16 per bucket, the byte count of each rANS chunk (int32), the rANS stream."""
+    """Dithered quantizer of step Δ_b per bucket of ``bucket_size`` coordinates (``scope``: ``step``
+    times the tensor's RMS, or times the bucket's), its symbols entropy coded under the Gaussian
+    model conditioned on the dither. Payload (one sender): in the tensor scope σ (bfloat16) and one
+    byte per bucket (its exponent and class), in the bucket scope σ_b (bfloat16) per bucket; then
+    the byte count of each rANS chunk (int32) and the rANS stream."""
 
     step: float = 1.0
     bucket_size: int = 512
     dither: str = "stratified"
     rotation: str = "hadamard"
+    scope: str = "tensor"
 
     scheme = "ecdq"
     summable = False
@@ -103,16 +95,26 @@ class ECDQ(Codec):
             raise ValueError(f"ECDQ dither must be one of {DITHERS}, got {self.dither!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"ECDQ rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"ECDQ scope must be one of {SCOPES}, got {self.scope!r}")
         if 2 * self.half_width + 1 > 255:
             least = math.sqrt(self.bucket_size) * 1.01 / 126
-            raise ValueError(f"ECDQ step={self.step} is too fine for buckets of {self.bucket_size}: the indices "
-                             f"would not fit a byte (step ≥ {least:.3g} needed)")
+            raise ValueError(f"ECDQ step={self.step} is too fine for buckets of {self.bucket_size} in the bucket "
+                             f"scope: the indices would not fit a byte (step ≥ {least:.3g} needed)")
 
     @property
     def half_width(self) -> int:
-        """K with |k_i| ≤ K always: |x_i| ≤ ‖x_b‖₂ = √d·σ_b, so |x_i/Δ_b| ≤ √d/step up to the
-        rounding of σ_b to bfloat16 (2^-9) and float32 (1% covers both), and k adds at most 1."""
-        return math.floor(math.sqrt(self.bucket_size) * 1.01 / float(torch.tensor(self.step, dtype=torch.float32))) + 1
+        """K with |k_i| ≤ K always (the symbols are k + K): the bucket scope's bound from the bucket's
+        norm (:func:`.ecdq_model.bucket_half_width`), the tensor scope's byte (its encoder caps
+        |x_i| ≤ TENSOR_CAP·Δ_b)."""
+        if self.scope == "tensor":
+            return TENSOR_HALF_WIDTH
+        return bucket_half_width(self.step, self.bucket_size)
+
+    @property
+    def bins(self) -> int:
+        """Equal intervals of the dither that select a symbol's table (within its class)."""
+        return TENSOR_BINS if self.scope == "tensor" else BUCKET_BINS
 
     @property
     def rotator(self) -> Rotation:
@@ -125,59 +127,123 @@ class ECDQ(Codec):
     def num_buckets(self, n: int) -> int:
         return sizes.num_buckets(n, self.bucket_size)
 
-    def scales(self, x: torch.Tensor) -> torch.Tensor:
-        """σ_b = bf16(‖x_b‖₂ · d^-½) per bucket (bfloat16): a norm by the kernels, one float32 product and
-        one rounding by the framework, the same bits on every device. A short last bucket is scaled by
-        the full d too, which keeps |x_i| ≤ √d·σ_b."""
-        return (ops.bucket_l2(x, self.bucket_size) * (1.0 / math.sqrt(self.bucket_size))).to(torch.bfloat16)
+    def bucket_rms(self, x: torch.Tensor) -> torch.Tensor:
+        """‖x_b‖₂ · d^-½ per bucket (float32, from the kernels' norm: the same bits on every device). A
+        short last bucket is scaled by the full d too, which keeps |x_i| ≤ √d·σ_b."""
+        return ops.bucket_l2(x, self.bucket_size) * (1.0 / math.sqrt(self.bucket_size))
 
-    def steps(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Δ_b = step · σ_b (float32: one correctly rounded product of two float32 values)."""
-        return sigma.to(torch.float32) * torch.tensor(self.step, dtype=torch.float32, device=sigma.device)
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        """What the scope sends as bfloat16: σ = √(mean_b σ_b²) (one value; 0 for an empty tensor) in
+        the tensor scope, σ_b per bucket in the bucket scope."""
+        rms = self.bucket_rms(x)
+        if self.scope == "bucket":
+            return rms.to(torch.bfloat16)
+        if not rms.numel():
+            return torch.zeros(1, dtype=torch.bfloat16, device=x.device)
+        return (ops.bucket_l2(rms, rms.numel()) * (1.0 / math.sqrt(rms.numel()))).to(torch.bfloat16)
+
+    def steps(self, sigma: torch.Tensor, exponents: torch.Tensor | None = None) -> torch.Tensor:
+        """Δ = step · σ (float32: one correctly rounded product of two float32 values), per bucket in
+        the bucket scope; in the tensor scope times 4^e_b per bucket (exact)."""
+        delta = sigma.to(torch.float32) * torch.tensor(self.step, dtype=torch.float32, device=sigma.device)
+        return delta if exponents is None else torch.ldexp(delta.expand(exponents.numel()), 2 * exponents)
+
+    def exponents(self, x: torch.Tensor, delta: torch.Tensor, name: str) -> torch.Tensor:
+        """e_b (int32 per bucket): the least e ≤ MAX_EXPONENT with max_i |x_i| ≤ TENSOR_CAP·Δ·4^e in the
+        bucket, so that no index leaves the byte; ValueError naming the tensor where 4^7 is not enough
+        (a step far too fine for a coordinate that holds nearly all the tensor's energy)."""
+        peak = ops.bucket_absmax(x, self.bucket_size)
+        limit = delta * TENSOR_CAP
+        e = torch.zeros(peak.numel(), dtype=torch.int32, device=x.device)
+        for _ in range(MAX_EXPONENT):
+            e += peak > torch.ldexp(limit.expand(e.numel()), 2 * e)
+        if bool((peak > torch.ldexp(limit.expand(e.numel()), 2 * e)).any()):
+            raise ValueError(f"ECDQ step={self.step} is too fine for '{name}': a coordinate exceeds "
+                             f"{TENSOR_CAP}·4^{MAX_EXPONENT} steps (use a larger step or scope='bucket')")
+        return e
+
+    def classes(self, rms: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Each bucket's class (int64): where its relative step Δ_b/σ_b lies among the class edges;
+        the silent class where σ_b = 0."""
+        ratio = torch.where(rms > 0, delta / rms, torch.full_like(rms, math.inf))
+        return torch.bucketize(ratio, class_edges(rms.device), right=True)
 
     @property
     def model(self) -> ops.RansTables:
-        """The rANS tables of this step (the same object for every codec of this step)."""
-        return model(float(self.step), self.half_width)
+        """The scope's rANS tables (the same object for every codec of this scope, step and bucket)."""
+        return rans_model(self.scope, float(self.step) if self.scope == "bucket" else 0.0, self.bucket_size)
 
     def layout(self, n: int, ctx: TensorContext | None = None) -> Layout:
-        return [("sigma", torch.bfloat16, self.num_buckets(n)), ("lengths", torch.int32, ops.rans_chunks(n)),
-                ("stream", torch.uint8, None)]
+        nb = self.num_buckets(n)
+        side = [("sigma", torch.bfloat16, 1), ("codes", torch.uint8, nb)] if self.scope == "tensor" else \
+            [("sigma", torch.bfloat16, nb)]
+        return [*side, ("lengths", torch.int32, ops.rans_chunks(n)), ("stream", torch.uint8, None)]
+
+    def side_bits(self, n: int) -> int:
+        """The scales and classes: 16 bits per tensor and 8 per bucket, or 16 per bucket."""
+        nb = self.num_buckets(n)
+        return SCALE_BITS + 8 * nb if self.scope == "tensor" else SCALE_BITS * nb
 
     def formula_bits(self, n: int, ctx: TensorContext | None = None) -> float:
-        """The expected bits per coordinate for Gaussian coordinates: the tables' mean code length
-        Σ_k P(k|u) log₂(M/f_k) over the contexts, plus the scales and the chunks' lengths."""
+        """The expected bits per coordinate for Gaussian coordinates (every bucket at relative step
+        ``step``): the mean code length of the tables those symbols meet, plus the side information
+        and the chunks' lengths."""
         if not n:
             return 0.0
-        rows = model_tables(float(self.step), self.half_width).tolist()
-        code = sum(counts_entropy(row) for row in rows) / len(rows)
-        return code + (SCALE_BITS * self.num_buckets(n) + 32 * ops.rans_chunks(n)) / n
+        rows = self.model.freq
+        if self.scope == "tensor":
+            c = int(torch.bucketize(torch.tensor([self.step], dtype=torch.float32), class_edges(), right=True))
+            rows = rows[c * self.bins:(c + 1) * self.bins]
+        code = code_length(float(self.step), rows, self.half_width)
+        return code + (self.side_bits(n) + 32 * ops.rans_chunks(n)) / n
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
-        """σ_b, the dithered indices as symbols k + K (:func:`ops.dqsg_encode` with Δ_b and K levels:
-        never clipped), and their rANS stream with the dither's contexts; the symbols' histogram per
-        context is kept for the (conditional) entropy statistic."""
+        """The scales (and, in the tensor scope, each bucket's byte), the dithered indices as symbols
+        k + K (:func:`ops.dqsg_encode` with Δ_b and K levels: never clipped), and their rANS stream
+        with the dither's (and class's) contexts; the symbols' histogram per context is kept for the
+        (conditional) entropy statistic."""
         x = self.rotator.rotate(flat32(g), ctx.key)
         sigma = self.scales(x)
         delta = self.steps(sigma)
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
+        fields = {"sigma": sigma}
+        classes = None
+        if self.scope == "tensor":
+            exponents = self.exponents(x, delta, ctx.name)
+            delta = self.steps(sigma, exponents)
+            classes = self.classes(self.bucket_rms(x), delta)
+            fields["codes"] = (classes + exponents.to(torch.int64) * CLASSES).to(torch.uint8)
         key, half = self.keyed(ctx.key, ctx.ranks), self.half_width
         symbols = ops.dqsg_encode(x, delta, self.bucket_size, half, key, symbols=True)
-        contexts = ops.dither_bins(x.numel(), key, CONTEXTS, x.device)
-        lengths, stream = ops.rans_encode_modelled(symbols, self.model, contexts)
-        alphabet = 2 * half + 1
-        counts = torch.bincount(contexts.to(torch.int32).mul_(alphabet).add_(symbols), minlength=CONTEXTS * alphabet)
-        return Encoded(x.numel(), {"sigma": sigma, "lengths": lengths, "stream": stream},
-                       counts=counts.reshape(CONTEXTS, alphabet), side_bits=SCALE_BITS * sigma.numel())
+        contexts = self._contexts(x.numel(), key, classes, x.device)
+        fields["lengths"], fields["stream"] = ops.rans_encode_modelled(symbols, self.model, contexts)
+        alphabet, rows = 2 * half + 1, self.model.freq.shape[0]
+        counts = torch.bincount(contexts.to(torch.int32).mul_(alphabet).add_(symbols), minlength=rows * alphabet)
+        return Encoded(x.numel(), fields, counts=counts.reshape(rows, alphabet), side_bits=self.side_bits(x.numel()))
+
+    def _contexts(self, n: int, key: DitherKey, classes: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """Each symbol's table (uint8): its dither's interval, after its bucket's class in the tensor scope."""
+        bins = ops.dither_bins(n, key, self.bins, device)
+        if classes is None:
+            return bins
+        return (classes.to(torch.uint8) * self.bins).repeat_interleave(self.bucket_size)[:n].add_(bins)
+
+    def payload_steps(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Δ_b per bucket, each bucket's class or None in the bucket scope) from a payload's side
+        information: what the decoder uses, equal to what the encoder used."""
+        if self.scope == "bucket":
+            return self.steps(enc.fields["sigma"]), None
+        codes = enc.fields["codes"].to(torch.int32)
+        return self.steps(enc.fields["sigma"], codes // CLASSES), codes % CLASSES
 
     def _rotated(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         """Δ_b (k − u) in the rotated coordinates."""
         key, n = self.keyed(ctx.key, ctx.ranks), enc.n
-        contexts = ops.dither_bins(n, key, CONTEXTS, enc.device)
+        delta, classes = self.payload_steps(enc)
+        contexts = self._contexts(n, key, classes, enc.device)
         symbols = ops.rans_decode(self.model, enc.fields["lengths"], enc.fields["stream"], n, contexts=contexts)
-        return ops.dqsg_decode(symbols, self.steps(enc.fields["sigma"]), self.bucket_size, key,
-                               offset=self.half_width)
+        return ops.dqsg_decode(symbols, delta, self.bucket_size, key, offset=self.half_width)
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         return self.rotator.unrotate(self._rotated(enc, ctx), ctx.key)

@@ -31,7 +31,8 @@ def make_codec(args: argparse.Namespace) -> hvdquant.codecs.Codec:
                                            args.coding or "fixed"),
              "ndqsg": lambda: hvdquant.NDQSG((args.levels, args.coarse_levels), args.bucket_size, args.dqsg_fraction),
              "qsgd": lambda: hvdquant.QSGD(args.levels, args.bucket_size, args.norm, args.coding or "elias"),
-             "ecdq": lambda: hvdquant.ECDQ(args.step, args.bucket_size, args.dither, args.rotation),
+             "ecdq": lambda: hvdquant.ECDQ(args.step, args.bucket_size, args.dither, args.rotation,
+                                           args.step_scope),
              }[args.compression]()
     return hvdquant.ErrorFeedback(codec) if args.error_feedback else codec
 

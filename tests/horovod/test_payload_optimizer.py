@@ -78,7 +78,9 @@ def test_scheme_keeps_replicas_bit_identical_and_bits_are_measured(scheme):
         if isinstance(codec, hvdquant.QSGD) and codec.coding == "elias":
             assert measured <= expected  # the QSGD paper's bound on the expected length
         elif isinstance(codec, hvdquant.ECDQ):
-            assert measured == pytest.approx(expected, rel=0.05)  # its formula is the Gaussian model's length
+            # its formula is the Gaussian model's length with every bucket at the tensor's RMS; buckets
+            # of unequal energy cost less in its tensor scope (one step for all: quiet ones go silent)
+            assert 0.5 * expected < measured <= 1.05 * expected
         else:
             assert measured == pytest.approx(expected, rel=0.01)
     assert stats["bits_per_coordinate"] >= stats["payload_bits_per_coordinate"]
