@@ -42,17 +42,18 @@ def test_cuda_kernel_matches_cpu_twin(case, n):
         assert_same(a, b, f"{case}[{i}] n={n}")
 
 
-@pytest.mark.parametrize(("case", "threads"), [
-    *((case, 32) for case in ("dqsg_fused", "dqsg_fields", "segmented", "hadamard", "absmax", "checksum", "l2")),
-    ("dqsg_fields", cuda_kernels.MAX_THREADS), ("absmax", cuda_kernels.MAX_THREADS)])
-def test_block_kernels_with_any_block_size(case, threads, monkeypatch):
+@pytest.mark.parametrize(("case", "threads", "n"), [
+    *((case, 32, GPU_TILE + 517) for case in ("dqsg_fused", "dqsg_fields", "segmented")),
+    ("dqsg_fields", cuda_kernels.MAX_THREADS, GPU_TILE + 517), ("absmax", cuda_kernels.MAX_THREADS, 517)])
+def test_block_kernels_with_any_block_size(case, threads, n, monkeypatch):
     """The fused passes give each CUDA block one range of at most GPU_TILE elements, the cooperative
-    kernels (rotation, bucket maxima, norms and checksums) one bucket, whose threads share the work: sizes that need
-    several blocks, the last one short, give the CPU twin's bits with 32 threads a block (the
-    simulator's launches; a thread takes several units) and, for one kernel of each kind, with the
-    most a block may have (a real GPU's launches; slow in the simulator, one Python thread each)."""
+    kernels (rotation, bucket maxima, norms and checksums) one bucket, whose threads share the work:
+    sizes that need several blocks, the last one short, give the CPU twin's bits with 32 threads a
+    block (the simulator's launches; a thread takes several units) and, for one kernel of each kind,
+    with the most a block may have (a real GPU's launches; slow in the simulator, one Python thread
+    each). (The cooperative kernels with 32 threads over several buckets, the last one short, are
+    test_cuda_kernel_matches_cpu_twin's n = 517.)"""
     monkeypatch.setattr(cuda_kernels, "THREADS_PER_BLOCK", threads)
-    n = GPU_TILE + 517
     expected = CASES[case](n)
     with ops.force_target("cuda"):
         got = CASES[case](n)
