@@ -48,8 +48,30 @@ DITHERS = ("independent", "stratified")
 CODINGS = ("fixed", "rans")
 
 
+class DitheredBuckets:
+    """What the dithered quantizers (DQSG, ECDQ) share: buckets of ``bucket_size``, a dither family
+    and a shared rotation of the buckets."""
+
+    bucket_size: int
+    dither: str
+    rotation: str
+
+    def keyed(self, key: DitherKey, ranks: int) -> DitherKey:
+        """The key of this sender's dither among ``ranks`` ranks: ``key`` itself for the independent
+        dither, its stratified form otherwise (the stratified dither depends on P)."""
+        return key.stratified(ranks) if self.dither == "stratified" else key
+
+    @property
+    def rotator(self) -> Rotation:
+        """The shared rotation of the buckets (:class:`~hvdquant.codecs.rotation.Rotation`)."""
+        return Rotation(self.rotation, self.bucket_size)
+
+    def num_buckets(self, n: int) -> int:
+        return sizes.num_buckets(n, self.bucket_size)
+
+
 @dataclass(frozen=True)
-class DQSG(Codec):
+class DQSG(DitheredBuckets, Codec):
     """Dithered quantizer with ``levels`` = s (2s+1 symbols) and buckets of ``bucket_size`` = d."""
 
     levels: int = 1
@@ -71,16 +93,6 @@ class DQSG(Codec):
         if self.coding not in CODINGS:
             raise ValueError(f"DQSG coding must be one of {CODINGS}, got {self.coding!r}")
 
-    def keyed(self, key: DitherKey, ranks: int) -> DitherKey:
-        """The key of this sender's dither among ``ranks`` ranks: ``key`` itself for the independent
-        dither, its stratified form otherwise (the stratified dither depends on P)."""
-        return key.stratified(ranks) if self.dither == "stratified" else key
-
-    @property
-    def rotator(self) -> Rotation:
-        """The shared rotation of the buckets (:class:`~hvdquant.codecs.rotation.Rotation`)."""
-        return Rotation(self.rotation, self.bucket_size)
-
     def rotate(self, g: torch.Tensor, key: DitherKey) -> torch.Tensor:
         """R g (a rotated copy; float32, flat) with the signs of (key.seed, key.step, key.tensor_id),
         or ``g`` itself without rotation."""
@@ -98,9 +110,6 @@ class DQSG(Codec):
     def entropy_bound_bits(self) -> float:
         """log2(2s+1) + 32/d: the nominal bits per coordinate of one sender (docs/ALGORITHMS.md §1)."""
         return math.log2(self.symbols) + 32.0 / self.bucket_size
-
-    def num_buckets(self, n: int) -> int:
-        return sizes.num_buckets(n, self.bucket_size)
 
     # ------------------------------------------------------------- common-scale (summable) form
     def bucket_absmax(self, g: torch.Tensor) -> torch.Tensor:

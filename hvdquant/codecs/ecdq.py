@@ -48,7 +48,7 @@ from hvdquant.codecs.base import (
     check_int,
     flat32,
 )
-from hvdquant.codecs.dqsg import DITHERS
+from hvdquant.codecs.dqsg import DITHERS, DitheredBuckets
 from hvdquant.codecs.ecdq_model import (
     BUCKET_BINS,
     CLASSES,
@@ -60,8 +60,8 @@ from hvdquant.codecs.ecdq_model import (
     code_length,
     rans_model,
 )
-from hvdquant.codecs.rotation import ROTATIONS, Rotation
-from hvdquant.kernels import DitherKey, ops, sizes
+from hvdquant.codecs.rotation import ROTATIONS
+from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import DecodeStats
 
 SCOPES = ("tensor", "bucket")
@@ -70,7 +70,7 @@ MAX_EXPONENT = 7  # the tensor scope's Δ_b = step·σ·4^e_b, e_b ≤ 7 (3 bits
 
 
 @dataclass(frozen=True)
-class ECDQ(Codec):
+class ECDQ(DitheredBuckets, Codec):
     """Dithered quantizer of step Δ_b per bucket of ``bucket_size`` coordinates (``scope``: ``step``
     times the tensor's RMS, or times the bucket's), its symbols entropy coded under the Gaussian
     model conditioned on the dither. Payload (one sender): in the tensor scope σ (bfloat16) and one
@@ -115,17 +115,6 @@ class ECDQ(Codec):
     def bins(self) -> int:
         """Equal intervals of the dither that select a symbol's table (within its class)."""
         return TENSOR_BINS if self.scope == "tensor" else BUCKET_BINS
-
-    @property
-    def rotator(self) -> Rotation:
-        return Rotation(self.rotation, self.bucket_size)
-
-    def keyed(self, key: DitherKey, ranks: int) -> DitherKey:
-        """This sender's dither key among ``ranks`` ranks (stratified or independent, as DQSG)."""
-        return key.stratified(ranks) if self.dither == "stratified" else key
-
-    def num_buckets(self, n: int) -> int:
-        return sizes.num_buckets(n, self.bucket_size)
 
     def bucket_rms(self, x: torch.Tensor) -> torch.Tensor:
         """‖x_b‖₂ · d^-½ per bucket (float32, from the kernels' norm: the same bits on every device). A
