@@ -76,16 +76,12 @@ def launch(kernel: Kernel, count: int, *args: object, span: int | None = None) -
     """Run ``kernel`` over ``count`` indices, or over ``count`` elements for a range kernel (the CPU
     takes chunks of ``cpu.CHUNK`` elements, each GPU thread takes 4), or for a span kernel over
     ranges of ``span`` elements on either device (``span`` is passed to the kernel after ``count``)."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    on_gpu = any(t.is_cuda for t in tensors)
-    where = target(kernel, *tensors)
+    tensors, on_gpu, where = _placement(kernel, args, span)
     if count == 0:
         return
     launches[where] += 1
     nblocks = count
     if kernel.kind == SPAN:
-        if span is None:
-            raise TypeError(f"{kernel.name}: a span kernel needs span=")
         nblocks = (count + span - 1) // span
         args = (count, span, *args)
     elif kernel.kind == RANGE:
@@ -104,11 +100,7 @@ def launch_segments(kernel: Kernel, segments: Segments, *args: object, span: int
     the flat buffers among ``args`` (the same calls, indices and keys as one :func:`launch` per
     tensor; ``per_word``: the fields per word of a ``words`` buffer). ``args`` are the twin's: the
     kernel's less the parameters the segment table holds (each tensor's step and tensor id)."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    on_gpu = any(t.is_cuda for t in tensors)
-    where = target(kernel, *tensors)
-    if kernel.kind == SPAN and span is None:
-        raise TypeError(f"{kernel.name}: a span kernel needs span=")
+    tensors, on_gpu, where = _placement(kernel, args, span)
     per = {INDEX: 1, RANGE: cpu.CHUNK if where == "cpu" else 4, SPAN: span}[kernel.kind]
     rows = segments.table(kernel.unit, per, per_word)
     nblocks = int(rows[-1, 0] + -(-rows[-1, 1] // per)) if len(rows) else 0
@@ -120,6 +112,15 @@ def launch_segments(kernel: Kernel, segments: Segments, *args: object, span: int
     lead = (span, segs) if kernel.kind == SPAN else (segs,)
     work = segments.elements * (threads.RANGE_COST if kernel.kind != INDEX else kernel.cost)
     _run(kernel, where, on_gpu, nblocks, work, (*lead, *args), True)
+
+
+def _placement(kernel: Kernel, args: tuple, span: int | None) -> tuple[list[torch.Tensor], bool, str]:
+    """(the tensors among a launch's arguments, whether any is on a GPU, the target that runs it);
+    TypeError for a span kernel called without ``span``."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if kernel.kind == SPAN and span is None:
+        raise TypeError(f"{kernel.name}: a span kernel needs span=")
+    return tensors, any(t.is_cuda for t in tensors), target(kernel, *tensors)
 
 
 def _run(kernel: Kernel, where: str, on_gpu: bool, nblocks: int, work: int, args: tuple, segmented: bool) -> None:
