@@ -25,7 +25,7 @@ As in DQSG the error x̂ − x is uniform on (−Δ_b/2, Δ_b/2], independent of
 The symbols are entropy coded with rANS, symbol i with a table chosen by which interval its dither
 u_i falls in (and, in the tensor scope, its bucket's class); the receiver regenerates u_i before
 decoding it. Its cost is about the conditional entropy H(k | u), below the entropy H(k) that a
-coder ignoring the dither pays (docs/BENCHMARKS.md; 0.1–0.25 bits per coordinate at 1–2 bits). The
+coder ignoring the dither pays (docs/ALGORITHMS.md §12: 0.1–0.25 bits per coordinate at 1–2 bits). The
 tables are computed once per process from ``math.erfc`` in float64 and never travel. (Ranks whose
 C library rounded erfc differently could disagree on a table; the rANS decoder's end-of-chunk check
 then refuses the stream.)
