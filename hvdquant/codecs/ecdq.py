@@ -69,6 +69,12 @@ SCALE_BITS = 16  # σ_b (bucket scope) or σ (tensor scope) travels as bfloat16
 MAX_EXPONENT = 7  # the tensor scope's Δ_b = step·σ·4^e_b, e_b ≤ 7 (3 bits of the bucket's byte)
 
 
+def _powers_of_four(device: torch.device) -> torch.Tensor:
+    """4^e for e = 0 … MAX_EXPONENT (float32, exact): multiplying by one is exact on every device
+    (unlike a pow or ldexp kernel, whose accuracy a device's math library decides)."""
+    return torch.tensor([4.0 ** e for e in range(MAX_EXPONENT + 1)], dtype=torch.float32, device=device)
+
+
 @dataclass(frozen=True)
 class ECDQ(DitheredBuckets, Codec):
     """Dithered quantizer of step Δ_b per bucket of ``bucket_size`` coordinates (``scope``: ``step``
@@ -135,18 +141,18 @@ class ECDQ(DitheredBuckets, Codec):
         """Δ = step · σ (float32: one correctly rounded product of two float32 values), per bucket in
         the bucket scope; in the tensor scope times 4^e_b per bucket (exact)."""
         delta = sigma.to(torch.float32) * torch.tensor(self.step, dtype=torch.float32, device=sigma.device)
-        return delta if exponents is None else torch.ldexp(delta.expand(exponents.numel()), 2 * exponents)
+        return delta if exponents is None else delta * _powers_of_four(delta.device)[exponents]
 
     def exponents(self, x: torch.Tensor, delta: torch.Tensor, name: str) -> torch.Tensor:
-        """e_b (int32 per bucket): the least e ≤ MAX_EXPONENT with max_i |x_i| ≤ TENSOR_CAP·Δ·4^e in the
+        """e_b (int64 per bucket): the least e ≤ MAX_EXPONENT with max_i |x_i| ≤ TENSOR_CAP·Δ·4^e in the
         bucket, so that no index leaves the byte; ValueError naming the tensor where 4^7 is not enough
         (a step far too fine for a coordinate that holds nearly all the tensor's energy)."""
         peak = ops.bucket_absmax(x, self.bucket_size)
-        limit = delta * TENSOR_CAP
-        e = torch.zeros(peak.numel(), dtype=torch.int32, device=x.device)
+        limits = delta * TENSOR_CAP * _powers_of_four(x.device)
+        e = torch.zeros(peak.numel(), dtype=torch.int64, device=x.device)
         for _ in range(MAX_EXPONENT):
-            e += peak > torch.ldexp(limit.expand(e.numel()), 2 * e)
-        if bool((peak > torch.ldexp(limit.expand(e.numel()), 2 * e)).any()):
+            e += peak > limits[e]
+        if bool((peak > limits[e]).any()):
             raise ValueError(f"ECDQ step={self.step} is too fine for '{name}': a coordinate exceeds "
                              f"{TENSOR_CAP}·4^{MAX_EXPONENT} steps (use a larger step or scope='bucket')")
         return e
@@ -202,7 +208,7 @@ class ECDQ(DitheredBuckets, Codec):
             exponents = self.exponents(x, delta, ctx.name)
             delta = self.steps(sigma, exponents)
             classes = self.classes(self.bucket_rms(x), delta)
-            fields["codes"] = (classes + exponents.to(torch.int64) * CLASSES).to(torch.uint8)
+            fields["codes"] = (classes + exponents * CLASSES).to(torch.uint8)
         key, half = self.keyed(ctx.key, ctx.ranks), self.half_width
         symbols = ops.dqsg_encode(x, delta, self.bucket_size, half, key, symbols=True)
         contexts = self._contexts(x.numel(), key, classes, x.device)
@@ -223,7 +229,7 @@ class ECDQ(DitheredBuckets, Codec):
         information: what the decoder uses, equal to what the encoder used."""
         if self.scope == "bucket":
             return self.steps(enc.fields["sigma"]), None
-        codes = enc.fields["codes"].to(torch.int32)
+        codes = enc.fields["codes"].to(torch.int64)
         return self.steps(enc.fields["sigma"], codes // CLASSES), codes % CLASSES
 
     def _rotated(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
