@@ -18,7 +18,10 @@ As in DQSG the error x̂ − x is uniform on (−Δ_b/2, Δ_b/2], independent of
   quiet buckets cost almost nothing, loud ones pay for their energy), and the normalised error
   is step²/12 as in the bucket scope. Each bucket sends one byte, its exponent e_b and the class
   of its relative step Δ_b/σ_b, which picks the tables its symbols are coded with
-  (:mod:`.ecdq_model`).
+  (:mod:`.ecdq_model`); a bucket of zeros sends ZERO_BUCKET and decodes to exact zeros (Δ_b = 0),
+  as in the bucket scope. The price of the allocation: a quiet coordinate's error is as large as a
+  loud one's, which optimizers that scale each coordinate by its own gradient history (Adam) turn
+  into large steps (docs/RESULTS.md, "Error per bit").
 - ``"bucket"``: Δ_b = step·σ_b with σ_b sent as bfloat16 (16 bits per bucket): the same relative
   error in every bucket, one set of tables.
 
@@ -67,6 +70,7 @@ from hvdquant.stats import DecodeStats
 SCOPES = ("tensor", "bucket")
 SCALE_BITS = 16  # σ_b (bucket scope) or σ (tensor scope) travels as bfloat16
 MAX_EXPONENT = 7  # the tensor scope's Δ_b = step·σ·4^e_b, e_b ≤ 7 (3 bits of the bucket's byte)
+ZERO_BUCKET = 255  # the tensor scope's byte of a bucket of zeros: Δ_b = 0, decoded as exact zeros
 
 
 def _powers_of_four(device: torch.device) -> torch.Tensor:
@@ -205,10 +209,10 @@ class ECDQ(DitheredBuckets, Codec):
         fields = {"sigma": sigma}
         classes = None
         if self.scope == "tensor":
-            exponents = self.exponents(x, delta, ctx.name)
-            delta = self.steps(sigma, exponents)
-            classes = self.classes(self.bucket_rms(x), delta)
-            fields["codes"] = (classes + exponents * CLASSES).to(torch.uint8)
+            rms, exponents = self.bucket_rms(x), self.exponents(x, delta, ctx.name)
+            codes = self.classes(rms, self.steps(sigma, exponents)) + exponents * CLASSES
+            fields["codes"] = torch.where(rms > 0, codes.clamp(max=ZERO_BUCKET - 1), ZERO_BUCKET).to(torch.uint8)
+            delta, classes = self.payload_steps(Encoded(x.numel(), fields))
         key, half = self.keyed(ctx.key, ctx.ranks), self.half_width
         symbols = ops.dqsg_encode(x, delta, self.bucket_size, half, key, symbols=True)
         contexts = self._contexts(x.numel(), key, classes, x.device)
@@ -230,7 +234,8 @@ class ECDQ(DitheredBuckets, Codec):
         if self.scope == "bucket":
             return self.steps(enc.fields["sigma"]), None
         codes = enc.fields["codes"].to(torch.int64)
-        return self.steps(enc.fields["sigma"], codes // CLASSES), codes % CLASSES
+        delta = self.steps(enc.fields["sigma"], codes // CLASSES)
+        return delta.masked_fill_(codes == ZERO_BUCKET, 0.0), codes % CLASSES
 
     def _rotated(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         """Δ_b (k − u) in the rotated coordinates."""

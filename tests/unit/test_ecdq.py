@@ -153,6 +153,20 @@ def test_one_step_per_tensor_spends_its_bits_where_the_energy_is():
     assert 1.15 < result["tensor"] < 1.45
 
 
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_bucket_of_zeros_decodes_to_exact_zeros(scope):
+    """A gradient that is zero in some buckets (an embedding's rows no token of the batch used) gets
+    exact zeros there, not the dither's noise: its Δ_b is 0 (the tensor scope's byte ZERO_BUCKET)."""
+    d = 512
+    g = gaussian(4 * d, 6)
+    g[d:2 * d] = 0.0
+    g[3 * d + 5:] = 0.0  # part of a bucket: that bucket is not zero, and its zeros carry noise
+    codec, c = ECDQ(1.1, d, scope=scope), ctx(g.numel())
+    out = codec.decode(codec.encode(g, c), c)
+    assert bool((out[d:2 * d] == 0).all())
+    assert not bool((out[3 * d + 5:] == 0).all())
+
+
 def test_a_step_too_fine_for_the_exponents_is_refused_by_name():
     """The tensor scope's spike bucket needs 4^e_b ≥ peak/(125·Δ); e_b stops at 7."""
     g = torch.zeros(4096)
