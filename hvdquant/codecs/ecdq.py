@@ -11,7 +11,7 @@ As in DQSG the error x̂ − x is uniform on (−Δ_b/2, Δ_b/2], independent of
 Δ_b²/12 per coordinate, and no index is ever clipped. ``step`` trades bits for error continuously;
 ``scope`` says what it scales:
 
-- ``"tensor"`` (the default): Δ_b = step·σ·4^e_b, σ = bf16(√(mean_b σ_b²)) the tensor's RMS (sent:
+- ``"tensor"``: Δ_b = step·σ·4^e_b, σ = bf16(√(mean_b σ_b²)) the tensor's RMS (sent:
   16 bits per tensor), e_b = 0 unless the bucket holds a coordinate beyond TENSOR_CAP·step·σ (then
   the least e_b ≤ 7 that brings it within). Every bucket but those few gets the same absolute error
   step²σ²/12: the allocation that minimises the total error for the bits (reverse water-filling:
@@ -20,10 +20,11 @@ As in DQSG the error x̂ − x is uniform on (−Δ_b/2, Δ_b/2], independent of
   of its relative step Δ_b/σ_b, which picks the tables its symbols are coded with
   (:mod:`.ecdq_model`); a bucket of zeros sends ZERO_BUCKET and decodes to exact zeros (Δ_b = 0),
   as in the bucket scope. The price of the allocation: a quiet coordinate's error is as large as a
-  loud one's, which optimizers that scale each coordinate by its own gradient history (Adam) turn
-  into large steps (docs/RESULTS.md, "Error per bit").
-- ``"bucket"``: Δ_b = step·σ_b with σ_b sent as bfloat16 (16 bits per bucket): the same relative
-  error in every bucket, one set of tables.
+  loud one's, which an optimizer that divides each coordinate's step by its own gradient history
+  (Adam) turns into steps of noise: on the language-model job (AdamW) the same step trains worse
+  than the bucket scope's (docs/RESULTS.md, "Error per bit").
+- ``"bucket"`` (the default): Δ_b = step·σ_b with σ_b sent as bfloat16 (16 bits per bucket): the
+  same relative error in every bucket, one set of tables.
 
 The symbols are entropy coded with rANS, symbol i with a table chosen by which interval its dither
 u_i falls in (and, in the tensor scope, its bucket's class); the receiver regenerates u_i before
@@ -67,7 +68,7 @@ from hvdquant.codecs.rotation import ROTATIONS
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import DecodeStats
 
-SCOPES = ("tensor", "bucket")
+SCOPES = ("bucket", "tensor")
 SCALE_BITS = 16  # σ_b (bucket scope) or σ (tensor scope) travels as bfloat16
 MAX_EXPONENT = 7  # the tensor scope's Δ_b = step·σ·4^e_b, e_b ≤ 7 (3 bits of the bucket's byte)
 ZERO_BUCKET = 255  # the tensor scope's byte of a bucket of zeros: Δ_b = 0, decoded as exact zeros
@@ -91,7 +92,7 @@ class ECDQ(DitheredBuckets, Codec):
     bucket_size: int = 512
     dither: str = "stratified"
     rotation: str = "hadamard"
-    scope: str = "tensor"
+    scope: str = "bucket"
 
     scheme = "ecdq"
     summable = False

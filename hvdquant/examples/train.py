@@ -81,13 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "quantizing (heavy-tailed gradients: much less error at the same bits); default none for "
                         "DQSG, hadamard for ECDQ")
     p.add_argument("--step", type=float, default=1.0,
-                   help="ECDQ: quantization step in units of the tensor's (or, with --step-scope bucket, each "
-                        "bucket's) RMS; larger: fewer bits, more error (normalised error step^2/12; on Gaussian "
+                   help="ECDQ: quantization step in units of each bucket's (or, with --step-scope tensor, the "
+                        "tensor's) RMS; larger: fewer bits, more error (normalised error step^2/12; on Gaussian "
                         "data about 2.6 -> 1 bit, 1.1 -> 2 bits, 0.5 -> 3 bits per coordinate, fewer on real "
                         "gradients)")
-    p.add_argument("--step-scope", choices=["tensor", "bucket"], default="tensor",
-                   help="ECDQ: one step per tensor (the same absolute error everywhere: quiet buckets cost almost "
-                        "nothing) or one per bucket (the same relative error everywhere)")
+    p.add_argument("--step-scope", choices=["bucket", "tensor"], default="bucket",
+                   help="ECDQ: one step per bucket (the same relative error everywhere) or one per tensor (the same "
+                        "absolute error everywhere: least error per bit, quiet buckets cost almost nothing, but "
+                        "Adam turns the noise on quiet coordinates into steps)")
     p.add_argument("--group-bytes", type=int, default=GROUP_THRESHOLD,
                    help="Horovod stock dqsg/ndqsg: gradient bytes per group whose fields are sent while backward "
                         "runs (0: every tensor after backward, in one round)")

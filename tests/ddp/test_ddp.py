@@ -36,6 +36,7 @@ SCHEMES: dict[str, tuple[Callable, str]] = {
     "topk-ef-scatter": (lambda: hvdquant.TopK.with_feedback(0.05), "scatter_reduce"),
     "ef-dqsg-scatter": (lambda: hvdquant.ErrorFeedback(hvdquant.DQSG(1, 128)), "scatter_reduce"),
     "ecdq-allgather": (lambda: hvdquant.ECDQ(1.1, 128), "allgather"),
+    "ecdq-tensor-allgather": (lambda: hvdquant.ECDQ(1.1, 128, scope="tensor"), "allgather"),
     "ef-ecdq-scatter": (lambda: hvdquant.ErrorFeedback(hvdquant.ECDQ(2.0, 128)), "scatter_reduce"),
     "lgc-ps-allgather": (lambda: hvdquant.LGC(ratio=0.05, warmup_steps=1, train_steps=1, form="ps"), "allgather"),
 }

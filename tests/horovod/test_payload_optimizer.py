@@ -39,7 +39,7 @@ SCHEMES = {
     "onebit-allgather": (hvdquant.OneBitSGD, "allgather"),
     "onebit-scatter": (hvdquant.OneBitSGD, "scatter_reduce"),
     "ecdq-allgather": (lambda: hvdquant.ECDQ(1.1, 128), "allgather"),
-    "ecdq-scatter": (lambda: hvdquant.ECDQ(2.0, 100), "scatter_reduce"),
+    "ecdq-tensor-scatter": (lambda: hvdquant.ECDQ(2.0, 100, scope="tensor"), "scatter_reduce"),
     "ef-dqsg1-allgather": (lambda: hvdquant.ErrorFeedback(hvdquant.DQSG(1, 256)), "allgather"),
     "topk-ef-allgather": (lambda: hvdquant.TopK.with_feedback(0.05), "allgather"),
     "topk-ef-scatter": (lambda: hvdquant.TopK.with_feedback(0.05), "scatter_reduce"),

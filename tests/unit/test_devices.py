@@ -92,7 +92,8 @@ def test_summed_exchange_on_cuda_kernels_gives_the_cpu_bits(scheme):
 
 
 @pytest.mark.parametrize("codec", [hvdquant.DQSG(3, 64), hvdquant.QSGD(4, 64), hvdquant.OneBitSGD(),
-                                   hvdquant.ECDQ(1.5, 64)], ids=["dqsg", "qsgd", "onebit-ef", "ecdq"])
+                                   hvdquant.ECDQ(1.5, 64), hvdquant.ECDQ(1.5, 64, scope="tensor")],
+                         ids=["dqsg", "qsgd", "onebit-ef", "ecdq", "ecdq-tensor"])
 def test_payload_exchange_on_cuda_kernels_gives_the_cpu_bits(codec):
     """The payload path (encode, fused group buffer, aggregate) through the CUDA kernels: the same
     bits as through the CPU twins."""

@@ -172,12 +172,12 @@ def test_a_step_too_fine_for_the_exponents_is_refused_by_name():
     g = torch.zeros(4096)
     g[5] = 1.0
     with pytest.raises(ValueError, match="too fine for 'w'"):
-        ECDQ(1e-7, 512, rotation="none").encode(g, ctx(g.numel()))
+        ECDQ(1e-7, 512, rotation="none", scope="tensor").encode(g, ctx(g.numel()))
 
 
 @pytest.mark.parametrize("kwargs, match", [({"step": 0}, "positive"), ({"step": -1.0}, "positive"),
                                            ({"step": float("nan")}, "positive"), ({"step": True}, "positive"),
-                                           ({"step": 0.1, "scope": "bucket"}, "too fine"),
+                                           ({"step": 0.1}, "too fine"),
                                            ({"scope": "layer"}, "scope"), ({"dither": "other"}, "dither"),
                                            ({"rotation": "dct"}, "rotation"), ({"bucket_size": 0}, "bucket_size")])
 def test_bad_parameters(kwargs, match):
@@ -213,5 +213,5 @@ def test_mean_over_senders_rotates_back_once():
 def test_public_name_and_config():
     assert hvdquant.ECDQ is ECDQ
     assert ECDQ(0.8).config() == {"scheme": "ecdq", "step": 0.8, "bucket_size": 512, "dither": "stratified",
-                                  "rotation": "hadamard", "scope": "tensor"}
+                                  "rotation": "hadamard", "scope": "bucket"}
     assert not ECDQ.summable
