@@ -22,7 +22,8 @@ As in DQSG the error x̂ − x is uniform on (−Δ_b/2, Δ_b/2], independent of
   as in the bucket scope. The price of the allocation: a quiet coordinate's error is as large as a
   loud one's, which an optimizer that divides each coordinate's step by its own gradient history
   (Adam) turns into steps of noise: on the language-model job (AdamW) the same step trains worse
-  than the bucket scope's (docs/RESULTS.md, "Error per bit").
+  than the bucket scope's, while SGD trains as well with either (docs/RESULTS.md, "ECDQ's step
+  scope and the time to quality").
 - ``"bucket"`` (the default): Δ_b = step·σ_b with σ_b sent as bfloat16 (16 bits per bucket): the
   same relative error in every bucket, one set of tables.
 
