@@ -133,14 +133,13 @@ class ECDQ(DitheredBuckets, Codec):
         short last bucket is scaled by the full d too, which keeps |x_i| ≤ √d·σ_b."""
         return ops.bucket_l2(x, self.bucket_size) * (1.0 / math.sqrt(self.bucket_size))
 
-    def scales(self, x: torch.Tensor) -> torch.Tensor:
-        """What the scope sends as bfloat16: σ = √(mean_b σ_b²) (one value; 0 for an empty tensor) in
-        the tensor scope, σ_b per bucket in the bucket scope."""
-        rms = self.bucket_rms(x)
+    def scales(self, rms: torch.Tensor) -> torch.Tensor:
+        """What the scope sends as bfloat16, from the buckets' σ_b (:meth:`bucket_rms`): σ = √(mean_b σ_b²)
+        (one value; 0 for an empty tensor) in the tensor scope, σ_b per bucket in the bucket scope."""
         if self.scope == "bucket":
             return rms.to(torch.bfloat16)
         if not rms.numel():
-            return torch.zeros(1, dtype=torch.bfloat16, device=x.device)
+            return torch.zeros(1, dtype=torch.bfloat16, device=rms.device)
         return (ops.bucket_l2(rms, rms.numel()) * (1.0 / math.sqrt(rms.numel()))).to(torch.bfloat16)
 
     def steps(self, sigma: torch.Tensor, exponents: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,14 +203,15 @@ class ECDQ(DitheredBuckets, Codec):
         with the dither's (and class's) contexts; the symbols' histogram per context is kept for the
         (conditional) entropy statistic."""
         x = self.rotator.rotate(flat32(g), ctx.key)
-        sigma = self.scales(x)
+        rms = self.bucket_rms(x)
+        sigma = self.scales(rms)
         delta = self.steps(sigma)
         if not all_finite(delta):
             raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
         fields = {"sigma": sigma}
         classes = None
         if self.scope == "tensor":
-            rms, exponents = self.bucket_rms(x), self.exponents(x, delta, ctx.name)
+            exponents = self.exponents(x, delta, ctx.name)
             codes = self.classes(rms, self.steps(sigma, exponents)) + exponents * CLASSES
             fields["codes"] = torch.where(rms > 0, codes.clamp(max=ZERO_BUCKET - 1), ZERO_BUCKET).to(torch.uint8)
             delta, classes = self.payload_steps(Encoded(x.numel(), fields))
