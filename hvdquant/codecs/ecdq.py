@@ -38,6 +38,7 @@ then refuses the stream.)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -75,9 +76,11 @@ MAX_EXPONENT = 7  # the tensor scope's Δ_b = step·σ·4^e_b, e_b ≤ 7 (3 bits
 ZERO_BUCKET = 255  # the tensor scope's byte of a bucket of zeros: Δ_b = 0, decoded as exact zeros
 
 
+@functools.lru_cache(maxsize=8)
 def _powers_of_four(device: torch.device) -> torch.Tensor:
-    """4^e for e = 0 … MAX_EXPONENT (float32, exact): multiplying by one is exact on every device
-    (unlike a pow or ldexp kernel, whose accuracy a device's math library decides)."""
+    """4^e for e = 0 … MAX_EXPONENT (float32, exact; made once per device, read only): multiplying by
+    one is exact on every device (unlike a pow or ldexp kernel, whose accuracy a device's math
+    library decides)."""
     return torch.tensor([4.0 ** e for e in range(MAX_EXPONENT + 1)], dtype=torch.float32, device=device)
 
 

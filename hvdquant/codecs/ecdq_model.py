@@ -55,9 +55,10 @@ def class_step(c: int) -> float:
     return _SILENT_STEP if c == CLASSES - 1 else 2.0 ** (_LOWEST + _WIDTH * c)
 
 
+@functools.lru_cache(maxsize=8)
 def class_edges(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The CLASSES − 1 lower edges of classes 1 … CLASSES − 1 (float32): a bucket of relative step r
-    is in class #{edges ≤ r} (``torch.bucketize(r, edges, right=True)``)."""
+    """The CLASSES − 1 lower edges of classes 1 … CLASSES − 1 (float32; made once per device, read
+    only): a bucket of relative step r is in class #{edges ≤ r} (``torch.bucketize(r, edges, right=True)``)."""
     return torch.tensor([2.0 ** (_LOWEST + _WIDTH * c - _WIDTH / 2) for c in range(1, CLASSES)],
                         dtype=torch.float32, device=device)
 
