@@ -17,7 +17,7 @@ batch, every tensor of at least 1024 coordinates (the jobs' --min-numel) coded o
 Codecs (hvdquant's, through their public classes): DQSG s ∈ {1, 2, 3, 7} with either dither, with
 and without ``rotation="hadamard"``, and entropy coded (``coding="rans"``, rotated, s up to 15);
 ECDQ (rotated, symbols coded under the dither-conditioned Gaussian model) at steps 3.0 to 0.12 with
-one step per tensor (``scope="tensor"``) and, at fewer steps, one per bucket (its default) (the senders' own-scale
+one step per tensor (``scope="tensor"``) and, at fewer steps, one per bucket, its default (the senders' own-scale
 payloads, aggregated as the payload transports do); NDQSG (s₁, s₂) ∈
 {(3, 1), (7, 1)}, half the senders nested, with and without the rotation, decoded in rank order with
 the plain senders' mean as side information (its recovery replies counted in its bits); QSGD
