@@ -49,6 +49,7 @@ from .ops_fields import dqsg_decode_fields, dqsg_encode_fields, pack_sum_fields,
 from .ops_packing import (
     bitpack,
     bitunpack,
+    fused_packing,
     modadd_cosets,
     pack_cosets,
     pack_symbols,
@@ -60,7 +61,9 @@ from .ops_packing import (
 from .ops_segments import (
     bucket_absmax_segments,
     dqsg_decode_fields_segments,
+    dqsg_decode_packed_segments,
     dqsg_encode_fields_segments,
+    dqsg_encode_packed_segments,
     hadamard_rotate_segments,
 )
 from .segments import Segments
@@ -81,8 +84,9 @@ __all__ = [
     "SUM_WORD_BITS", "Segments", "bitpack", "bitunpack", "bucket_absmax", "bucket_absmax_segments",
     "bucket_checksum", "bucket_l2", "bucket_step",
     "coset_bits", "coset_bytes", "dither", "dither_bins", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
-    "dqsg_decode_fields_segments", "dqsg_decode_packed", "dqsg_encode", "dqsg_encode_fields",
-    "dqsg_encode_fields_segments", "dqsg_encode_packed", "force_target", "hadamard_rotate", "hadamard_rotate_segments",
+    "dqsg_decode_fields_segments", "dqsg_decode_packed", "dqsg_decode_packed_segments", "dqsg_encode",
+    "dqsg_encode_fields", "dqsg_encode_fields_segments", "dqsg_encode_packed", "dqsg_encode_packed_segments",
+    "force_target", "hadamard_rotate", "hadamard_rotate_segments",
     "launches",
     "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means", "onebit_decode",
     "onebit_encode", "onebit_lanes", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
@@ -237,13 +241,6 @@ def dqsg_aggregate(codes: torch.Tensor, delta: torch.Tensor, bucket: int, key: D
 
 
 # ----------------------------------------------------------------------------- DQSG payloads, fused
-def _packing(alphabet: int) -> tuple[int, int, int, int]:
-    """(radix, nbits, per_byte, group) of :func:`symbol_packing`'s choice for the fused kernels:
-    radix > 0 for radix packing, else nbits; group = symbols per packing unit."""
-    kind, v = symbol_packing(alphabet)
-    return (alphabet, 0, v, v) if kind == "radix" else (0, v, 8, 8)
-
-
 def dqsg_encode_packed(g: torch.Tensor, bucket: int, levels: int, key: DitherKey
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An own-scale DQSG payload in one pass over g: (Δ, packed symbols, histogram).
@@ -257,7 +254,7 @@ def dqsg_encode_packed(g: torch.Tensor, bucket: int, levels: int, key: DitherKey
     bucket = integer("bucket", bucket, 1, 1 << 31)
     levels = integer("levels", levels, 1, 127)
     alphabet = 2 * levels + 1
-    radix, nbits, per_byte, group = _packing(alphabet)
+    radix, nbits, per_byte, group = fused_packing(alphabet)
     n = g.numel()
     span, scaled = range_span(target(table.dqsg_encode_packed, g), group, bucket)
     delta = torch.empty(num_buckets(n, bucket), dtype=torch.float32, device=g.device)
@@ -283,7 +280,7 @@ def dqsg_decode_packed(packed: torch.Tensor, delta: torch.Tensor, bucket: int, l
         raise ValueError(f"packed has {packed.numel()} bytes, {n} symbols of {alphabet} values need "
                          f"{symbol_bytes(n, alphabet)}")
     scales("delta", delta, n, bucket)
-    radix, nbits, per_byte, group = _packing(alphabet)
+    radix, nbits, per_byte, group = fused_packing(alphabet)
     span, _ = range_span(target(table.dqsg_decode_packed, packed, delta), group)
     out = output(out, "out", n, torch.float32, packed)
     launch(table.dqsg_decode_packed, n, packed, levels, radix, nbits, per_byte, delta, bucket, out, *key.words(),

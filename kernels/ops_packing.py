@@ -11,6 +11,13 @@ from .dispatch import launch, output, vec
 from .sizes import coset_bits, integer, packed_bytes, radix_per_byte, symbol_packing
 
 
+def fused_packing(alphabet: int) -> tuple[int, int, int, int]:
+    """(radix, nbits, per_byte, group) of :func:`symbol_packing`'s choice for the fused kernels:
+    radix > 0 for radix packing, else nbits; group = symbols per packing unit."""
+    kind, v = symbol_packing(alphabet)
+    return (alphabet, 0, v, v) if kind == "radix" else (0, v, 8, 8)
+
+
 def bitpack(symbols: torch.Tensor, nbits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Pack uint8 symbols < 2^b (b = nbits ∈ 1..8) into ⌈n·b/8⌉ bytes, little-endian bit order."""
     vec("symbols", symbols, torch.uint8)

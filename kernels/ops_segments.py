@@ -2,7 +2,8 @@
 :mod:`.segments`): the tensors' elements, bucket scales and summable words lie end to end in flat
 buffers, and each function gives, tensor by tensor, the bits of the single-tensor function it names
 (:func:`.ops.hadamard_rotate`, :func:`.ops.bucket_absmax`, :func:`.ops_fields.dqsg_encode_fields`,
-:func:`.ops_fields.dqsg_decode_fields`) in one launch, however many tensors there are."""
+:func:`.ops_fields.dqsg_decode_fields`, and for the payload exchanges :func:`.ops.dqsg_encode_packed`
+and :func:`.ops.dqsg_decode_packed`) in one launch, however many tensors there are."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from . import table
 from .dispatch import check_senders, launch_segments, output, range_span, target, vec
 from .ops_fields import _fields, _radix_inverses, _symbol_fields
+from .ops_packing import fused_packing
 from .segments import Segments
-from .sizes import integer
+from .sizes import integer, symbol_bytes
 
 
 def hadamard_rotate_segments(x: torch.Tensor, segments: Segments, inverse: bool = False,
@@ -88,4 +90,51 @@ def dqsg_decode_fields_segments(words: torch.Tensor, factor: float, radix: int, 
     launch_segments(table.dqsg_decode_fields, segments, words, np.float64(factor), radix,
                     _radix_inverses(radix, per_word, words.device), per_word, int(offset), delta, segments.bucket,
                     int(first), senders, out, ranks, k0, k1, span=span, per_word=per_word)
+    return out
+
+
+def _packed_sizes(segments: Segments, levels: int) -> list[int]:
+    """Each segment's packed symbol bytes (:func:`.sizes.symbol_bytes` of its length)."""
+    return [symbol_bytes(n, 2 * levels + 1) for n in segments.lengths]
+
+
+def dqsg_encode_packed_segments(g: torch.Tensor, segments: Segments, levels: int
+                                ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Every segment of ``g`` as its own-scale DQSG payload (:func:`.ops.dqsg_encode_packed` with its
+    key): (the scales Δ of every segment end to end, the packed symbols of every segment end to end
+    (:func:`.sizes.symbol_bytes` of its length each), each segment's histogram of the symbols k + s). Two launches
+    on the GPU (maxima, then the fused pass), one on the CPU, however many segments."""
+    vec("g", g, torch.float32, segments.elements)
+    levels = integer("levels", levels, 1, 127)
+    alphabet = 2 * levels + 1
+    radix, nbits, per_byte, group = fused_packing(alphabet)
+    span, scaled = range_span(target(table.dqsg_encode_packed, g), group, segments.bucket)
+    if scaled:
+        delta = torch.empty(sum(segments.buckets), dtype=torch.float32, device=g.device)
+    else:
+        delta = bucket_absmax_segments(g, segments).div_(float(levels))
+    sizes = _packed_sizes(segments, levels)
+    packed = torch.empty(sum(sizes), dtype=torch.uint8, device=g.device)
+    where = target(table.dqsg_encode_packed, g)
+    counts = _counts(where, segments, span, alphabet, g)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.dqsg_encode_packed, segments, g, delta, int(scaled), segments.bucket, levels, radix, nbits,
+                    per_byte, packed, counts, sender, ranks, k0, k1, span=span, words=sizes)
+    return delta, packed, _per_segment(counts, where, segments, span)
+
+
+def dqsg_decode_packed_segments(packed: torch.Tensor, delta: torch.Tensor, segments: Segments, levels: int,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`dqsg_encode_packed_segments`: every segment's Δ_b (k_i − u_i) with its key
+    (:func:`.ops.dqsg_decode_packed`), the segments end to end in the float32 result; one launch."""
+    levels = integer("levels", levels, 1, 127)
+    sizes = _packed_sizes(segments, levels)
+    vec("packed", packed, torch.uint8, sum(sizes))
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    radix, nbits, per_byte, group = fused_packing(2 * levels + 1)
+    span, _ = range_span(target(table.dqsg_decode_packed, packed, delta), group)
+    out = output(out, "out", segments.elements, torch.float32, packed)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.dqsg_decode_packed, segments, packed, levels, radix, nbits, per_byte, delta,
+                    segments.bucket, out, sender, ranks, k0, k1, span=span, words=sizes)
     return out

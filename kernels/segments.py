@@ -8,6 +8,7 @@ buffers; :meth:`Segments.table` gives a segmented kernel the rows it looks its b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -58,12 +59,17 @@ class Segments:
         """Where each segment's part of ``sizes`` starts in a flat buffer (and, last, the total)."""
         return [0, *np.cumsum(sizes).tolist()]
 
-    def table(self, unit: str, per: int, per_word: int = 1) -> np.ndarray:
+    def table(self, unit: str, per: int, per_word: int = 1, words: Sequence[int] | None = None) -> np.ndarray:
         """The rows of a segmented launch (columns :data:`.arith.segments.COLUMNS`): blocks of ``per``
-        ``unit`` ("elements" or "buckets") each; element, bucket and word ranges; step and tensor id."""
+        ``unit`` ("elements" or "buckets") each; element, bucket and word ranges; step and tensor id.
+        The word ranges count summable words of ``per_word`` fields, or the ``words`` given per
+        segment (a packed payload's bytes)."""
         counts = self.lengths if unit == "elements" else self.buckets
         blocks = [-(-c // per) for c in counts]
-        e, b, w = self.offsets(list(self.lengths)), self.offsets(self.buckets), self.offsets(self.words(per_word))
+        if words is not None and len(words) != len(self.lengths):
+            raise ValueError(f"{len(words)} word counts for {len(self.lengths)} segments")
+        w = self.offsets(list(words) if words is not None else self.words(per_word))
+        e, b = self.offsets(list(self.lengths)), self.offsets(self.buckets)
         rows = np.empty((len(counts), 10), dtype=np.int64)
         rows[:, 0] = self.offsets(blocks)[:-1]
         rows[:, 1] = counts

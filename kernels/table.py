@@ -33,8 +33,8 @@ SEGMENTED = "segmented"  # the loop templates' key suffix (``templates[kind, SEG
 #: how a segmented twin rebinds a block parameter to its tensor's part (columns of
 #: :data:`.arith.segments.COLUMNS`): a view of a flat buffer, or a scalar of the segment's row
 REBIND = {"elements": "{p}[segs[s, 2]:segs[s, 3]]", "buckets": "{p}[segs[s, 4]:segs[s, 5]]",
-          "words": "{p}[segs[s, 6]:segs[s, 7]]", "step": "np.uint64(segs[s, 8])",
-          "tensor_id": "np.uint64(segs[s, 9])"}
+          "words": "{p}[segs[s, 6]:segs[s, 7]]", "packed": "{p}[segs[s, 6]:segs[s, 7]]",
+          "step": "np.uint64(segs[s, 8])", "tensor_id": "np.uint64(segs[s, 9])"}
 SCALAR_COLUMNS = ("step", "tensor_id")
 
 
@@ -151,11 +151,15 @@ nested_encode = Kernel("nested_encode", nested.build, RANGE)
 nested_decode = Kernel("nested_decode", nested.build, RANGE)
 qsgd_encode = Kernel("qsgd_encode", qsgd.build, RANGE)
 PACK_GROUP = "(per_byte if radix > 0 else 8)"  # symbols per packing unit: a byte of digits, or 8 symbols of nbits
+KEY_SEGMENTS = (("step", "step"), ("tid", "tensor_id"))  # each tensor's own dither key
+PACKED_SEGMENTS = (("delta", "buckets"), ("packed", "packed"), *KEY_SEGMENTS)
 dqsg_encode_packed = Kernel("dqsg_encode_packed", fused.build, SPAN, ("float32", "uint8"),
-                            phases=(("quantize_symbols", "4"), ("pack_symbols", PACK_GROUP)))
+                            phases=(("quantize_symbols", "4"), ("pack_symbols", PACK_GROUP)),
+                            segments=(("g", "elements"), *PACKED_SEGMENTS))
 dqsg_decode_packed = Kernel("dqsg_decode_packed", fused.build, SPAN, ("float32", "uint8"),
-                            phases=(("unpack_symbols", PACK_GROUP), ("reconstruct_own", "4")))
-FIELD_SEGMENTS = (("delta", "buckets"), ("words", "words"), ("step", "step"), ("tid", "tensor_id"))
+                            phases=(("unpack_symbols", PACK_GROUP), ("reconstruct_own", "4")),
+                            segments=(("out", "elements"), *PACKED_SEGMENTS))
+FIELD_SEGMENTS = (("delta", "buckets"), ("words", "words"), *KEY_SEGMENTS)
 dqsg_encode_fields = Kernel("dqsg_encode_fields", fused.build, SPAN, ("float32", "uint8"),
                             phases=(("quantize_symbols", "4"), ("symbol_words", "per_word")),
                             segments=(("g", "elements"), *FIELD_SEGMENTS))
@@ -170,7 +174,7 @@ bucket_checksum = Kernel("bucket_checksum", buckets.build, threads="bucket_check
 bucket_l2 = Kernel("bucket_l2", buckets.build, threads="bucket_l2_threads")
 bucket_step = Kernel("bucket_step", buckets.build)
 hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16,  # log2(d) passes: costed as threads.RANGE_COST
-                         segments=(("src", "elements"), ("x", "elements"), ("step", "step"), ("tid", "tensor_id")),
+                         segments=(("src", "elements"), ("x", "elements"), *KEY_SEGMENTS),
                          unit="buckets", threads="hadamard_rotate_threads")
 scale_decode = Kernel("scale_decode", qsgd.build)
 onebit_lane_sums = Kernel("onebit_lane_sums", qsgd.build)

@@ -1,14 +1,18 @@
-"""The stock path's codec work per training step, without collectives or other ranks.
+"""hvdquant's codec work per training step, without collectives or other ranks.
 
     python launch/bench_codec_step.py [--job lm|cnn] [--steps 30] [--out runs/bench_codec_step.json]
 
-One process runs the summable exchange (:class:`~hvdquant.transports.summed.SummedExchange`, as
-``hvdquant.Compression.dqsg`` builds it, groups of 1 MiB) over the main job's gradient shapes, with
-collectives that hand back their input at once (P = 1): what remains is hvdquant's own CPU work per
-step, in the hooks (rotation, bucket maxima, and, with the maxima in, quantizing the groups' fields)
-and in the finishers (decoding, rotating back). Medians over ``--steps`` steps after 5 warm-up
-steps, and the kernel launches per step (``ops.launches``). A benchmark, not a test: it prints a table
-and writes JSON.
+One process runs, over the main job's gradient shapes, with collectives that hand back their input
+at once (P = 1), the two exchanges Horovod users get: the stock path's summable exchange
+(:class:`~hvdquant.transports.summed.SummedExchange`, as ``hvdquant.Compression.dqsg`` builds it,
+groups of 1 MiB) and the payload exchange of ``hvdquant.DistributedOptimizer``
+(:class:`~hvdquant.transports.payload.PayloadExchange`, allgather, tensors below 1024 elements or
+of one dimension uncompressed). What remains is hvdquant's own CPU work per step, in the hooks
+(stock path: rotation, bucket maxima, and, with the maxima in, quantizing the groups' fields;
+payload path: queueing) and in the finishers (stock path: decoding, rotating back; payload path:
+encoding each fusion group, decoding, rotating back). Medians over ``--steps`` steps after 5
+warm-up steps, and the kernel launches per step (``ops.launches``). A benchmark, not a test: it
+prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from hvdquant.codecs.dqsg import DQSG
 from hvdquant.examples.tasks import TASKS
 from hvdquant.examples.train import parse_args
 from hvdquant.kernels import ops
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.groups import GROUP_THRESHOLD
+from hvdquant.transports.payload import PayloadExchange
 from hvdquant.transports.session import Session
 from hvdquant.transports.sum_schemes import DQSGSum
 from hvdquant.transports.summed import SummedExchange
@@ -49,15 +55,24 @@ class Immediate:
         return [obj]
 
 
-def time_steps(grads: list[tuple[str, torch.Tensor]], levels: int, rotation: str, steps: int) -> dict:
-    ex = SummedExchange(DQSGSum(levels, 512, rotation=rotation), False, Immediate(), GROUP_THRESHOLD)
+PATHS = ("stock", "payload")
+PAYLOAD_MIN_NUMEL = 1024  # hvdquant.DistributedOptimizer's default
+
+
+def time_steps(grads: list[tuple[str, torch.Tensor]], path: str, levels: int, rotation: str, steps: int) -> dict:
+    if path == "stock":
+        ex, min_numel = SummedExchange(DQSGSum(levels, 512, rotation=rotation), False, Immediate(),
+                                       GROUP_THRESHOLD), None
+    else:
+        ex, min_numel = PayloadExchange(DQSG(levels, 512, rotation=rotation), "allgather", True,
+                                        Immediate()), PAYLOAD_MIN_NUMEL
     session = Session(ex, 1, "bench")
     session.agree()
     hooks, finishers, launches = [], [], []
     for step in range(steps + 5):
         before = ops.launches["cpu"]
         t0 = time.perf_counter()
-        handed = [ex.start(session.buffer([(name, g)], None)) for name, g in reversed(grads)]  # backward order
+        handed = [ex.start(session.buffer([(name, g)], min_numel)) for name, g in reversed(grads)]  # backward order
         t1 = time.perf_counter()
         for finish in handed:
             finish()
@@ -66,7 +81,7 @@ def time_steps(grads: list[tuple[str, torch.Tensor]], levels: int, rotation: str
             hooks.append(t1 - t0)
             finishers.append(t2 - t1)
             launches.append(ops.launches["cpu"] - before)
-    return {"levels": levels, "rotation": rotation, "hooks_ms": 1e3 * statistics.median(hooks),
+    return {"path": path, "levels": levels, "rotation": rotation, "hooks_ms": 1e3 * statistics.median(hooks),
             "finishers_ms": 1e3 * statistics.median(finishers), "launches": statistics.median(launches)}
 
 
@@ -80,13 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     grads = [(name, torch.randn(q.shape, generator=gen)) for name, q in model.named_parameters()]
     coords = sum(g.numel() for _, g in grads)
-    rows = [time_steps(grads, s, rotation, args.steps) for s in (1, 3) for rotation in ("none", "hadamard")]
+    rows = [time_steps(grads, path, s, rotation, args.steps) for path in PATHS for s in (1, 3)
+            for rotation in ("none", "hadamard")]
     print(f"{args.job}: {len(grads)} gradient tensors, {coords} coordinates, one process, torch threads "
           f"{torch.get_num_threads()}")
-    print("| DQSG | rotation | hooks (ms/step) | finishers (ms/step) | total | kernel launches/step |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| path | DQSG | rotation | hooks (ms/step) | finishers (ms/step) | total | kernel launches/step |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| s={r['levels']} | {r['rotation']} | {r['hooks_ms']:.1f} | {r['finishers_ms']:.1f} | "
+        print(f"| {r['path']} | s={r['levels']} | {r['rotation']} | {r['hooks_ms']:.1f} | {r['finishers_ms']:.1f} | "
               f"{r['hooks_ms'] + r['finishers_ms']:.1f} | {r['launches']:g} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"job": args.job, "tensors": len(grads), "coordinates": coords, "rows": rows},

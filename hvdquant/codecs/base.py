@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -197,6 +197,34 @@ class Codec(ABC):
         for p, enc in enumerate(payloads):
             total += self.decode(enc, ctx.sender(p))
         return total / len(payloads), DecodeStats()
+
+    # A fused group's tensors at once. A codec with segmented kernels (kernels/ops_segments.py)
+    # overrides these to cost a constant number of kernel launches per group, with the bits of the
+    # single-tensor methods; these defaults call those methods tensor by tensor.
+
+    def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """Each part encoded with its context (:meth:`encode`); None where the part is not finite."""
+        out: list[Encoded | None] = []
+        for g, ctx in zip(parts, ctxs, strict=True):
+            try:
+                out.append(self.encode(g, ctx))
+            except FloatingPointError:
+                out.append(None)
+        return out
+
+    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        """Each payload decoded with its context (:meth:`decode`)."""
+        return [self.decode(e, c) for e, c in zip(encs, ctxs, strict=True)]
+
+    def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        """Each payload's :meth:`reconstruction`."""
+        return [self.reconstruction(e, c) for e, c in zip(encs, ctxs, strict=True)]
+
+    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
+                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
+        """Per tensor, the :meth:`aggregate` of its senders' payloads (``payloads[i][p]``: tensor i's
+        payload from sender p)."""
+        return [self.aggregate(list(p), c, r) for p, c, r in zip(payloads, ctxs, recovers, strict=True)]
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ arithmetic lives in :mod:`hvdquant.kernels`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +43,7 @@ import torch
 from hvdquant.codecs.base import Codec, Encoded, Layout, Recover, TensorContext, all_finite, check_int, flat32
 from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.kernels import DitherKey, ops, sizes
+from hvdquant.kernels.segments import Segments
 from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
@@ -181,6 +183,78 @@ class DQSG(DitheredBuckets, Codec):
         else:
             out = ops.dqsg_decode_packed(enc.fields["symbols"], delta, self.bucket_size, self.levels, key, enc.n)
         return self.unrotate(out, ctx.key)
+
+    # ------------------------------------------------------------- a fused group at once
+    def _grouped(self, ctxs: Sequence[TensorContext]) -> bool:
+        """Whether a group of these contexts runs the segmented kernels: fixed-rate payloads of
+        several tensors whose keys share seed, sender and family (one exchange's, always)."""
+        first = ctxs[0].key if ctxs else None
+        return (self.coding == "fixed" and len(ctxs) > 1
+                and all((c.key.seed, c.key.sender, c.ranks) == (first.seed, first.sender, ctxs[0].ranks) for c in ctxs))
+
+    def _segments(self, ctxs: Sequence[TensorContext], lengths: Sequence[int], sender: int | None = None,
+                  keyed: bool = True) -> Segments:
+        """The group's segment table: each tensor's dither key (of ``sender`` where given; its
+        stratified form with ``keyed``, as the quantizer draws it; as it is for the rotation)."""
+        keys = [c.key if sender is None else c.key.for_sender(sender) for c in ctxs]
+        return Segments(tuple(lengths), tuple(self.keyed(k, c.ranks) if keyed else k for k, c in zip(keys, ctxs)),
+                        self.bucket_size)
+
+    def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """:meth:`encode` of every part with the same bits, in one launch per phase for the whole
+        group (rotation, scales, the fused quantize-and-pack pass:
+        :func:`ops.dqsg_encode_packed_segments`)."""
+        if not self._grouped(ctxs):
+            return super().encode_group(parts, ctxs)
+        flats = [flat32(g) for g in parts]
+        lengths = [f.numel() for f in flats]
+        source = torch.cat(flats)
+        if self.rotation != "none":
+            source = ops.hadamard_rotate_segments(source, self._segments(ctxs, lengths, keyed=False))
+        segs = self._segments(ctxs, lengths)
+        delta, packed, counts = ops.dqsg_encode_packed_segments(source, segs, self.levels)
+        deltas = delta.split(segs.buckets)
+        symbols = packed.split([sizes.symbol_bytes(n, self.symbols) for n in lengths])
+        finite = [True] * len(parts) if all_finite(delta) else [all_finite(d) for d in deltas]
+        return [Encoded(n, {"delta": d, "symbols": k}, counts=torch.tensor(c), side_bits=32.0 * d.numel()) if ok
+                else None for n, d, k, c, ok in zip(lengths, deltas, symbols, counts, finite)]
+
+    def _decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
+                     ) -> torch.Tensor:
+        """Every payload's Δ(k − u), not rotated back, end to end (one launch)."""
+        segs = self._segments(ctxs, [e.n for e in encs], sender)
+        delta = torch.cat([e.fields["delta"] for e in encs])
+        packed = torch.cat([e.fields["symbols"] for e in encs])
+        return ops.dqsg_decode_packed_segments(packed, delta, segs, self.levels)
+
+    def _unrotated(self, flat: torch.Tensor, ctxs: Sequence[TensorContext], lengths: list[int]) -> list[torch.Tensor]:
+        """R⁻¹ of every tensor of ``flat`` in place (one launch), as one flat tensor each."""
+        if self.rotation != "none":
+            ops.hadamard_rotate_segments(flat, self._segments(ctxs, lengths, keyed=False), inverse=True, out=flat)
+        return list(flat.split(lengths))
+
+    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        """:meth:`decode` of every payload with the same bits, one launch per phase for the group."""
+        if not self._grouped(ctxs):
+            return super().decode_group(encs, ctxs)
+        return self._unrotated(self._decode_flat(encs, ctxs), ctxs, [e.n for e in encs])
+
+    def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        return self.decode_group(encs, ctxs)
+
+    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
+                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
+        """:meth:`aggregate` of every tensor with the same bits, where it decodes sender by sender:
+        one decoding launch per sender for the whole group, the senders summed in order, one
+        rotation back."""
+        ranks = len(payloads[0]) if payloads else 0
+        if not self._grouped(ctxs) or (self.dither == "stratified" and ranks & (ranks - 1)):
+            return super().aggregate_group(payloads, ctxs, recovers)
+        lengths = [p[0].n for p in payloads]
+        total = torch.zeros(sum(lengths), dtype=torch.float32, device=payloads[0][0].device)
+        for p in range(ranks):
+            total += self._decode_flat([e[p] for e in payloads], ctxs, sender=p)
+        return [(mean, DecodeStats()) for mean in self._unrotated(total / ranks, ctxs, lengths)]
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

@@ -10,6 +10,7 @@ checkpoints, so a checkpoint resumes exactly; the codec itself is frozen.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,21 +45,42 @@ class ErrorFeedback(Codec):
         return self.codec.formula_bits(n, ctx)
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
+        enc = self.encode_group([g], [ctx])[0]
+        if enc is None:
+            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
+        return enc
+
+    def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """c = g + r for every part, the codec's group encoding of the c's, then r ← c − ĝ (residuals
+        of parts that were not finite stay as they were)."""
+        corrected = [self._corrected(g, ctx) for g, ctx in zip(parts, ctxs, strict=True)]
+        encs = self.codec.encode_group([c.float() for c in corrected], ctxs)
+        sent = [i for i, e in enumerate(encs) if e is not None]
+        recon = self.codec.reconstruction_group([encs[i] for i in sent], [ctxs[i] for i in sent])
+        for i, r in zip(sent, recon):
+            ctxs[i].state.residuals[ctxs[i].name] = corrected[i] - r.double()  # type: ignore[union-attr]
+        return encs
+
+    def _corrected(self, g: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """c = g + r (float64) with this tensor's residual r."""
         residuals = require_state(ctx.state, "ErrorFeedback", "its residuals").residuals
         flat = flat32(g).double()
         r = residuals.get(ctx.name)
         if r is not None and r.numel() != flat.numel():
             raise ValueError(f"'{ctx.name}' has {flat.numel()} elements but its residual has {r.numel()}")
-        c = flat if r is None else flat + r.to(flat.device)  # a restored residual may sit on another device
-        enc = self.codec.encode(c.float(), ctx)
-        residuals[ctx.name] = c - self.codec.reconstruction(enc, ctx).double()
-        return enc
+        return flat if r is None else flat + r.to(flat.device)  # a restored residual may sit on another device
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         return self.codec.decode(enc, ctx)
 
+    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        return self.codec.decode_group(encs, ctxs)
+
     def reconstruction(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         return self.codec.reconstruction(enc, ctx)
+
+    def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        return self.codec.reconstruction_group(encs, ctxs)
 
     def from_bytes(self, buf: torch.Tensor, n: int, ctx: TensorContext) -> Encoded:
         return self.codec.from_bytes(buf, n, ctx)
@@ -66,6 +88,10 @@ class ErrorFeedback(Codec):
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
         return self.codec.aggregate(payloads, ctx, recover)
+
+    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
+                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
+        return self.codec.aggregate_group(payloads, ctxs, recovers)
 
     def recovery_payload(self, enc: Encoded, ctx: TensorContext, requests: list) -> torch.Tensor:
         return self.codec.recovery_payload(enc, ctx, requests)  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ class Item:
     sent: list[torch.Tensor] | None
     device: torch.device = torch.device("cpu")  # the gradient's: payloads, buffers and results live there
     encodings: list[Encoded] = field(default_factory=list)  # this rank's payloads (recovery rounds)
+    source: torch.Tensor | None = None  # a compressed item's flat gradient until its group encodes it
     group: Group | None = None
 
     @property

@@ -1,12 +1,14 @@
 """Payload transports, for codecs whose payloads cannot be summed (docs/ALGORITHMS.md §3).
 
-:class:`PayloadExchange` encodes this rank's gradients at once in ``start(buffer)`` (in the
-framework's gradient hook, overlapping the backward pass) and queues one item per segment;
-uncompressed segments are queued as float32 bytes (summed in rank order). The finisher returns the
-averaged (or summed) gradient. **Fusion** (:mod:`~hvdquant.transports.fusion`): the first finisher
-called sends everything queued, sorted by name and cut into groups of at most ``fusion_threshold``
-gradient bytes (like Horovod's fusion buffer); each group travels in one collective round per
-phase, so the number of rounds per step does not grow with the number of tensors. A group's buffer
+:class:`PayloadExchange` queues one item per segment of ``start(buffer)``; uncompressed segments
+are queued as float32 bytes (summed in rank order). The finisher returns the averaged (or summed)
+gradient. **Fusion** (:mod:`~hvdquant.transports.fusion`): ``send()`` (a DDP bucket's hook) or the
+first finisher called sends everything queued, sorted by name and cut into groups of at most
+``fusion_threshold`` gradient bytes (like Horovod's fusion buffer); each group is encoded by one
+call of the codec's group encoder (:meth:`~hvdquant.codecs.base.Codec.encode_group`: one kernel
+launch per phase for the whole group where the codec has segmented kernels, as DQSG's fixed-rate
+payloads do), travels in one collective round per phase, and is aggregated by one call of its
+group aggregation, so neither the rounds nor the launches per step grow with the number of tensors. A group's buffer
 from one rank is a header of int64 sizes (−1 where that rank's gradient was not finite: every rank
 then raises ``FloatingPointError`` naming the tensor and the ranks) followed by the payloads.
 
@@ -99,9 +101,9 @@ class PayloadExchange:
 
     # ------------------------------------------------------------------ queueing (in the gradient hook)
     def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:
-        """Encode the buffer's compressed segments with the codec, queue every segment, and return
-        the finisher of the whole buffer."""
-        items = [self._encoded(buffer, s) if s.compressed else self._raw(buffer, s) for s in buffer.segments]
+        """Queue every segment of the buffer (its group encodes the compressed ones when it is sent)
+        and return the finisher of the whole buffer."""
+        items = [self._item(buffer, s) if s.compressed else self._raw(buffer, s) for s in buffer.segments]
         for item in items:
             self.stats.record(item.numel, 0)
         self.fusion.add(items)
@@ -126,19 +128,37 @@ class PayloadExchange:
             raise FloatingPointError(result)
         return result
 
-    def _encoded(self, buffer: FusedBuffer, seg: Segment) -> Item:
-        """A compressed segment, encoded (``sent`` stays None where its gradient is not finite: every
-        rank then raises instead of leaving the others waiting)."""
-        item = Item(seg.name, seg.shape, False, seg.key.seed, seg.key.step, self.reduction.chunks(seg.length), None,
-                    buffer.device)
-        try:
-            item.encodings = self.reduction.encode(item, buffer.part(seg))
-        except FloatingPointError:
-            return item
-        for enc in item.encodings:
-            self.record_payload(enc, enc.n)
-        item.sent = [enc.to_bytes() for enc in item.encodings]
-        return item
+    def _item(self, buffer: FusedBuffer, seg: Segment) -> Item:
+        """A compressed segment's queue entry, holding its gradient until its group is encoded."""
+        return Item(seg.name, seg.shape, False, seg.key.seed, seg.key.step, self.reduction.chunks(seg.length), None,
+                    buffer.device, source=buffer.part(seg))
+
+    def _encode(self, items: list[Item]) -> None:
+        """Encode every chunk of a group's compressed items in one call of the codec's group encoder
+        (a constant number of kernel launches where the codec has segmented kernels); ``sent`` stays
+        None where a gradient is not finite (every rank then raises instead of leaving the others
+        waiting)."""
+        compressed = [item for item in items if not item.raw]
+        parts, ctxs, owners = [], [], []
+        for item in compressed:
+            flat, item.source = item.source, None
+            try:
+                chunks = self.reduction.parts(item, flat)
+            except FloatingPointError:
+                continue
+            for part, ctx in chunks:
+                parts.append(part)
+                ctxs.append(ctx)
+                owners.append(item)
+        for item, enc in zip(owners, self.codec.encode_group(parts, ctxs), strict=True):
+            item.encodings.append(enc)
+        for item in compressed:
+            if not item.encodings or any(enc is None for enc in item.encodings):
+                item.encodings = []
+                continue
+            for enc in item.encodings:
+                self.record_payload(enc, enc.n)
+            item.sent = [enc.to_bytes() for enc in item.encodings]
 
     def _raw(self, buffer: FusedBuffer, seg: Segment) -> Item:
         """An uncompressed segment: its float32 values are summed in rank order (exact and
@@ -154,6 +174,7 @@ class PayloadExchange:
         """Cut everything queued into groups and start every group's first round."""
         groups: list[Group] = self.fusion.flush()
         for g, group in enumerate(groups):
+            self._encode(group.items)
             group.started = self.reduction.send(group, f"hvdquant.group{g}")
             self.stats.record(0, group.started.nbytes)
 

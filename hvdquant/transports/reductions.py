@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, TensorContext, all_finite
+from hvdquant.codecs.base import Codec, Encoded, Recover, TensorContext, all_finite
 from hvdquant.codecs.feedback import ErrorFeedback
 from hvdquant.codecs.state import CodecState
 from hvdquant.stats import CommStats, DecodeStats
@@ -60,7 +60,7 @@ def innermost(codec: Codec) -> Codec:
 class Reduction:
     """One reducer's rules for the exchange ``ex`` it serves (whose codec, collectives, codec state
     and counters it uses): how a tensor is cut into destination chunks, the codec's context of a
-    chunk, how this rank encodes a tensor, how a group's first round is sent and how a group's
+    chunk, what this rank encodes of a tensor, how a group's first round is sent and how a group's
     received buffers become results."""
 
     name: str
@@ -75,9 +75,10 @@ class Reduction:
         """The codec's context of chunk ``c`` of ``item`` as sent by ``sender``."""
         raise NotImplementedError
 
-    def encode(self, item: Item, flat: torch.Tensor) -> list[Encoded]:
-        """This rank's payload of every chunk of ``item`` (gradient ``flat``); FloatingPointError
-        where the gradient is not finite."""
+    def parts(self, item: Item, flat: torch.Tensor) -> list[tuple[torch.Tensor, TensorContext]]:
+        """What this rank encodes of ``item`` (gradient ``flat``): every chunk with its codec context
+        (the exchange encodes a whole buffer's chunks in one group call); FloatingPointError where
+        the reducer must refuse a non-finite gradient before any chunk is encoded."""
         raise NotImplementedError
 
     def send(self, group: Group, tag: str) -> Started[Parts]:
@@ -101,26 +102,37 @@ class AllgatherReduction(Reduction):
         return TensorContext(item.name, item.shape, dither_key(item.seed, item.step, item.name, sender),
                              self.ex.coll.size, self.ex.codec_state)
 
-    def encode(self, item: Item, flat: torch.Tensor) -> list[Encoded]:
-        return [self.ex.codec.encode(flat.view(item.shape), self.context(item, 0, self.ex.coll.rank))]
+    def parts(self, item: Item, flat: torch.Tensor) -> list[tuple[torch.Tensor, TensorContext]]:
+        return [(flat.view(item.shape), self.context(item, 0, self.ex.coll.rank))]
 
     def send(self, group: Group, tag: str) -> Started[Parts]:
         return self.ex.coll.allgather_bytes(group_buffer(group.items, 0), tag)
 
     def finish(self, group: Group) -> Results:
-        received = group.received(self.ex.coll.size)
-        return {item.name: self._gathered(item, parts) for item, parts in zip(group.items, received)}
+        """Every tensor's result from every rank's part of it: raw ones summed in rank order, the
+        compressed ones aggregated by the codec as one group (its recovery rounds on demand)."""
+        ex, results = self.ex, {}
+        live, payloads, ctxs, recovers = [], [], [], []
+        for item, parts in zip(group.items, group.received(ex.coll.size)):
+            error = poisoned(parts, item.name)
+            if error is not None:
+                results[item.name] = error
+            elif item.raw:
+                results[item.name] = ex.output(rank_order_sum(parts) / ex.coll.size)
+            else:
+                ctx = self.context(item, 0, ex.coll.rank)
+                live.append(item)
+                ctxs.append(ctx)
+                payloads.append([ex.codec.from_bytes(parts[p], item.numel, ctx.sender(p)) for p in range(ex.coll.size)])
+                recovers.append(self._recover(item, ctx))
+        for item, (mean, st) in zip(live, ex.codec.aggregate_group(payloads, ctxs, recovers)):
+            ex.decode.add(st)
+            results[item.name] = ex.output(mean)
+        return results
 
-    def _gathered(self, item: Item, parts: list[torch.Tensor | None]) -> torch.Tensor | str:
-        """One tensor's result from every rank's part of it (the codec's recovery round on demand)."""
-        ex = self.ex
-        error = poisoned(parts, item.name)
-        if error is not None:
-            return error
-        if item.raw:
-            total = rank_order_sum(parts)
-            return ex.output(total / ex.coll.size)
-        rank, ctx = ex.coll.rank, self.context(item, 0, ex.coll.rank)
+    def _recover(self, item: Item, ctx: TensorContext) -> Recover:
+        """``item``'s second round: this rank's recovery reply where asked, every asked rank's reply."""
+        ex, rank = self.ex, self.ex.coll.rank
         enc = item.encodings[0]
 
         def recover(failed: dict[int, list[int]]) -> dict[int, torch.Tensor]:
@@ -132,10 +144,7 @@ class AllgatherReduction(Reduction):
             got = raise_if_poisoned(round_.wait(), item.name)
             return {p: got[p] for p in failed}
 
-        payloads = [ex.codec.from_bytes(parts[p], item.numel, ctx.sender(p)) for p in range(ex.coll.size)]
-        mean, st = ex.codec.aggregate(payloads, ctx, recover)
-        ex.decode.add(st)
-        return ex.output(mean)
+        return recover
 
 
 class ScatterReduceAllgather(Reduction):
@@ -154,11 +163,10 @@ class ScatterReduceAllgather(Reduction):
         return TensorContext(cname, (hi - lo,), dither_key(item.seed, item.step, cname, sender), self.ex.coll.size,
                              self.ex.codec_state)
 
-    def encode(self, item: Item, flat: torch.Tensor) -> list[Encoded]:
+    def parts(self, item: Item, flat: torch.Tensor) -> list[tuple[torch.Tensor, TensorContext]]:
         if not all_finite(flat):  # checked first: no chunk's encoding may change the codec state
             raise FloatingPointError(f"non-finite gradient in '{item.name}'")
-        return [self.ex.codec.encode(flat[lo:hi], self.context(item, c, self.ex.coll.rank))
-                for c, (lo, hi) in enumerate(item.chunks)]
+        return [(flat[lo:hi], self.context(item, c, self.ex.coll.rank)) for c, (lo, hi) in enumerate(item.chunks)]
 
     def send(self, group: Group, tag: str) -> Started[Parts]:
         bufs = [group_buffer(group.items, c) for c in range(self.ex.coll.size)]
@@ -166,50 +174,71 @@ class ScatterReduceAllgather(Reduction):
 
     def finish(self, group: Group) -> Results:
         results: Results = {}
-        live, mine = [], []
+        live, received = [], []
         for item, parts in zip(group.items, group.received(self.ex.coll.size)):
             error = poisoned(parts, item.name)
             if error is not None:
                 results[item.name] = error
                 continue
-            mine.append(self._reduced(item, parts))
             live.append(item)
+            received.append(parts)
+        mine = self._reduced(live, received)
         gathered = self.ex.coll.allgather_bytes(torch.cat([header([b.numel() for b in mine], group.items[0].device),
                                                            *mine]),
                                                 f"hvdquant.{live[0].name if live else 'none'}.gather")
         self.ex.stats.record(0, gathered.nbytes)
         owned = [split(buf, len(live)) for buf in raise_if_poisoned(gathered.wait(), "group")]
-        for i, item in enumerate(live):
-            results[item.name] = self._assembled(item, [owned[c][i] for c in range(len(item.chunks))])
+        results.update(self._assembled(live, owned))
         return results
 
-    def _reduced(self, item: Item, parts: list[torch.Tensor]) -> torch.Tensor:
-        """This rank's chunk of ``item``, aggregated over every rank's part: the rank-order float32
-        sum (raw), or the codec's re-encoding of the mean (counted as payload), as bytes."""
+    def _reduced(self, items: list[Item], received: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """This rank's chunk of every item, aggregated over every rank's part, as bytes: the
+        rank-order float32 sum (raw), or the codec's re-encoding of the mean (counted as payload);
+        the compressed items aggregated and re-encoded as one group."""
         ex, rank = self.ex, self.ex.coll.rank
-        if item.raw:
-            return rank_order_sum(parts).view(torch.uint8)
-        lo, hi = item.chunks[rank]
-        payloads = [ex.codec.from_bytes(parts[p], hi - lo, self.context(item, rank, p))
-                    for p in range(ex.coll.size)]
-        mean, st = ex.codec.aggregate(payloads, self.context(item, rank, 0))
-        ex.decode.add(st)
-        renc = innermost(ex.codec).encode(mean, self.context(item, rank, rank, "@reduced"))  # no error feedback
-        ex.record_payload(renc, 0)  # these coordinates were counted when scattered
-        return renc.to_bytes()
+        out: dict[str, torch.Tensor] = {item.name: rank_order_sum(parts).view(torch.uint8)
+                                        for item, parts in zip(items, received) if item.raw}
+        coded = [(item, parts) for item, parts in zip(items, received) if not item.raw]
+        payloads, ctxs = [], []
+        for item, parts in coded:
+            lo, hi = item.chunks[rank]
+            payloads.append([ex.codec.from_bytes(parts[p], hi - lo, self.context(item, rank, p))
+                             for p in range(ex.coll.size)])
+            ctxs.append(self.context(item, rank, 0))
+        aggregated = ex.codec.aggregate_group(payloads, ctxs, [None] * len(coded))
+        for _, st in aggregated:
+            ex.decode.add(st)
+        second = innermost(ex.codec)  # no error feedback on the re-encoding
+        rencs = second.encode_group([mean for mean, _ in aggregated],
+                                    [self.context(item, rank, rank, "@reduced") for item, _ in coded])
+        for (item, _), renc in zip(coded, rencs):
+            if renc is None:
+                raise FloatingPointError(f"the mean of '{item.name}' is not finite (overflow in the aggregation)")
+            ex.record_payload(renc, 0)  # these coordinates were counted when scattered
+            out[item.name] = renc.to_bytes()
+        return [out[item.name] for item in items]
 
-    def _assembled(self, item: Item, owned: list[torch.Tensor]) -> torch.Tensor:
-        """``item``'s result from every owner's chunk (rank c owns chunk c): decoded re-encodings, or
-        the rank-order sums divided by P (raw)."""
-        second = innermost(self.ex.codec)
-        result = torch.empty(item.numel, dtype=torch.float32, device=item.device)
-        for c, (clo, chi) in enumerate(item.chunks):
-            if item.raw:
-                result[clo:chi] = owned[c].clone().view(torch.float32)
-            else:
+    def _assembled(self, items: list[Item], owned: list[list[torch.Tensor]]) -> Results:
+        """Every item's result from every owner's chunks (rank c owns chunk c; ``owned[c][i]``: item
+        i's): the re-encodings decoded, owner by owner as one group, or the rank-order sums divided
+        by P (raw)."""
+        second, ranks = innermost(self.ex.codec), self.ex.coll.size
+        results = [torch.empty(item.numel, dtype=torch.float32, device=item.device) for item in items]
+        for c in range(ranks):
+            encs, ctxs, where = [], [], []
+            for i, item in enumerate(items):
+                clo, chi = item.chunks[c]
+                if item.raw:
+                    results[i][clo:chi] = owned[c][i].clone().view(torch.float32)
+                    continue
                 cctx = self.context(item, c, c, "@reduced")
-                result[clo:chi] = second.decode(second.from_bytes(owned[c], chi - clo, cctx), cctx)
-        return self.ex.output(result if not item.raw else result / self.ex.coll.size)
+                encs.append(second.from_bytes(owned[c][i], chi - clo, cctx))
+                ctxs.append(cctx)
+                where.append(i)
+            for i, decoded in zip(where, second.decode_group(encs, ctxs)):
+                clo, chi = items[i].chunks[c]
+                results[i][clo:chi] = decoded
+        return {item.name: self.ex.output(r if not item.raw else r / ranks) for item, r in zip(items, results)}
 
 
 REDUCTIONS: dict[str, type[Reduction]] = {r.name: r for r in (AllgatherReduction, ScatterReduceAllgather)}

@@ -5,7 +5,8 @@ row per tensor (:data:`COLUMNS`), and calls the tensor's block function on views
 buffers: the same calls, with the same indices and dither keys, as one launch per tensor would
 make, so the same bits. Column 0 holds the number of blocks of the rows before (the kernel's
 block b belongs to the last row whose column 0 is at most b), column 1 the row's length in the
-kernel's unit (elements, or buckets for a per-bucket kernel).
+kernel's unit (elements, or buckets for a per-bucket kernel). The word columns hold a tensor's
+summable words or, for a packed payload, its bytes.
 """
 
 from __future__ import annotations

@@ -73,7 +73,12 @@ def segmented(n):
     first = Segments(lengths, tuple(k.for_sender(0) for k in keys), 64)
     decoded = ops.dqsg_decode_fields_segments(words * 0.5, 0.5, 19, 11, 9, delta, first, senders=3)
     back = ops.hadamard_rotate_segments(decoded, first, inverse=True, out=decoded)
-    return rotated, delta, words, torch.tensor(counts), back
+    payloads = []
+    for levels in (1, 3):  # radix and bit packing
+        scale, packed, symbol_counts = ops.dqsg_encode_packed_segments(g, segs, levels)
+        payloads += [scale, packed, torch.tensor(symbol_counts), ops.dqsg_decode_packed_segments(packed, scale, segs,
+                                                                                              levels)]
+    return rotated, delta, words, torch.tensor(counts), back, *payloads
 
 
 CASES = {

@@ -3,12 +3,18 @@ laid end to end gives, tensor by tensor, the bits of one launch per tensor; and 
 exchange's step costs the same number of launches however many tensors it carries."""
 
 import pytest
+import simulated_gpu as sim
 import torch
 from one_tensor import start
 
+from hvdquant import DQSG, CodecState, ErrorFeedback
+from hvdquant.codecs.base import TensorContext
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.kernels.segments import Segments
 from hvdquant.transports.collectives import Started
+from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.payload import PayloadExchange
+from hvdquant.transports.session import dither_key
 from hvdquant.transports.sum_schemes import DQSGSum
 from hvdquant.transports.summed import SummedExchange
 
@@ -74,6 +80,9 @@ class Immediate:
     def allgather_object(self, obj, name):
         return [obj]
 
+    def alltoall_bytes(self, bufs, name):
+        return Started(lambda: list(bufs), 0)
+
 
 @pytest.mark.parametrize("rotation", ["none", "hadamard"])
 def test_summed_exchange_costs_a_constant_number_of_launches_per_step(rotation):
@@ -92,3 +101,90 @@ def test_summed_exchange_costs_a_constant_number_of_launches_per_step(rotation):
             launched = ops.launches["cpu"] - before
         counts.append(launched)
     assert counts[0] == counts[1] == (6 if rotation == "hadamard" else 4)
+
+
+# launches of one payload-exchange step of a single rank: encode (CPU: scales inside the fused pass),
+# one decode per sender, for scatter-reduce the owner's re-encoding and its decode; each rotation
+# and rotation back one more; error feedback decodes its own payloads (and rotates them back)
+PAYLOAD_LAUNCHES = {("allgather", "none", False): 2, ("allgather", "hadamard", False): 4,
+                    ("allgather", "none", True): 3, ("allgather", "hadamard", True): 6,
+                    ("scatter_reduce", "none", False): 4, ("scatter_reduce", "hadamard", False): 8,
+                    ("scatter_reduce", "none", True): 5, ("scatter_reduce", "hadamard", True): 10}
+
+
+@pytest.mark.parametrize(("reducer", "rotation", "feedback"), sorted(PAYLOAD_LAUNCHES))
+def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, rotation, feedback):
+    """A DQSG payload exchange of one fused buffer of 3 or of 30 tensors: the same kernel launches
+    (each phase one launch for the whole buffer), and the same result as the tensors exchanged one
+    buffer each."""
+    codec = DQSG(3, 64, rotation=rotation)
+    codec = ErrorFeedback(codec) if feedback else codec
+    counts = []
+    for count in (3, 30):
+        gen = torch.Generator().manual_seed(count)
+        grads = {f"layer{i}.weight": torch.randn(40 + 17 * i, 9, generator=gen) for i in range(count)}
+        fused, alone = (PayloadExchange(codec, reducer, True, Immediate()) for _ in range(2))
+        for step in range(2):
+            keys = [(name, g, dither_key(5, step, name, 0)) for name, g in grads.items()]
+            buf = FusedBuffer.of(keys)
+            before = ops.launches["cpu"]
+            out = buf.unflatten(fused.start(buf)())
+            launched = ops.launches["cpu"] - before
+            for name, g in grads.items():
+                assert torch.equal(out[name], start(alone, name, g, 5, step)()), name
+        counts.append(launched)
+    assert counts[0] == counts[1] == PAYLOAD_LAUNCHES[reducer, rotation, feedback]
+
+
+@pytest.mark.skipif(not sim.available(), reason="needs Numba's CUDA simulator and no real GPU")
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_payload_exchange_launches_on_a_simulated_gpu(rotation):
+    """On a (simulated) GPU too a DQSG payload buffer of 2 or of 6 tensors costs the same launches:
+    the scales are a pass of their own there (3 without rotation: maxima, encode, decode; 5 with)."""
+    counts = []
+    for count in (2, 6):
+        gen = torch.Generator().manual_seed(count)
+        grads = {f"layer{i}.weight": torch.randn(3 + i, 40, generator=gen) for i in range(count)}
+        ex = PayloadExchange(DQSG(1, 64, rotation=rotation), "allgather", True, Immediate())
+        with sim.simulated_gpu():
+            buf = FusedBuffer.of([(name, g.cuda(), dither_key(5, 0, name, 0)) for name, g in grads.items()])
+            before = ops.launches["cuda"]
+            out = ex.start(buf)()
+            counts.append(ops.launches["cuda"] - before)
+            assert out.device == sim.GPU
+    assert counts[0] == counts[1] == (5 if rotation == "hadamard" else 3)
+
+
+@pytest.mark.parametrize("codec", [DQSG(1), DQSG(3, rotation="hadamard"), DQSG(2, 100, dither="independent")],
+                         ids=["s1", "s3-rotated", "independent"])
+@pytest.mark.parametrize("ranks", [4, 3])
+def test_group_methods_give_each_tensor_its_own_bits(codec, ranks):
+    """DQSG's group encoder, decoder and aggregation (segmented launches) against the single-tensor
+    methods, tensor by tensor, among 4 ranks and among 3 (the stratified dither's other family,
+    which aggregates per tensor); a non-finite tensor is refused alone; error feedback over groups
+    leaves the residuals of tensor-by-tensor encoding."""
+    lengths = (1000, 512, 7, 3000, 513, 1)
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(n, generator=gen) for n in lengths]
+    ctxs = [TensorContext(f"t{i}", (n,), dither_key(7, 3, f"t{i}", 1), ranks, CodecState())
+            for i, n in enumerate(lengths)]
+    grouped = codec.encode_group(gs, ctxs)
+    alone = [codec.encode(g, c) for g, c in zip(gs, ctxs)]
+    for a, b in zip(grouped, alone):
+        assert all(torch.equal(a.fields[k], b.fields[k]) for k in b.fields) and a.entropy() == b.entropy()
+    for d, e, c in zip(codec.decode_group(grouped, ctxs), alone, ctxs):
+        assert torch.equal(d, codec.decode(e, c))
+    payloads = [[codec.encode(g * (p + 1), c.sender(p)) for p in range(ranks)] for g, c in zip(gs, ctxs)]
+    for (mean, _), senders, c in zip(codec.aggregate_group(payloads, ctxs, [None] * len(ctxs)), payloads, ctxs):
+        assert torch.equal(mean, codec.aggregate(senders, c)[0])
+    bad = [g.clone() for g in gs]
+    bad[2][3] = float("nan")
+    refused = codec.encode_group(bad, ctxs)
+    assert [e is None for e in refused] == [i == 2 for i in range(len(gs))]
+    states = CodecState(), CodecState()
+    ef = ErrorFeedback(codec)
+    by_group, by_tensor = ([TensorContext(c.name, c.shape, c.key, ranks, st) for c in ctxs] for st in states)
+    for _ in range(2):
+        for x, y in zip(ef.encode_group(gs, by_group), [ef.encode(g, c) for g, c in zip(gs, by_tensor)]):
+            assert all(torch.equal(x.fields[k], y.fields[k]) for k in y.fields)
+    assert all(torch.equal(states[0].residuals[k], states[1].residuals[k]) for k in states[1].residuals)
