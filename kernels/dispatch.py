@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 from . import cpu, threads
 from .arith.constants import GPU_TILE
 from .key import MAX_ELEMENTS, DitherKey
-from .segments import Segments
+from .segments import Segments, Shares
 from .sizes import num_buckets
 from .table import INDEX, RANGE, SPAN, Kernel
 
@@ -95,15 +95,15 @@ def launch(kernel: Kernel, count: int, *args: object, span: int | None = None) -
 
 
 def launch_segments(kernel: Kernel, segments: Segments, *args: object, span: int | None = None,
-                    per_word: int = 1, words: Sequence[int] | None = None) -> None:
+                    per_word: int = 1, shares: Shares | None = None) -> None:
     """Run ``kernel``'s segmented twin once over every tensor of ``segments``, laid end to end in
     the flat buffers among ``args`` (the same calls, indices and keys as one :func:`launch` per
-    tensor; ``per_word``: the fields per word of a ``words`` buffer, or ``words``: each tensor's
-    share of a ``packed`` one). ``args`` are the twin's: the kernel's less the parameters the
-    segment table holds (each tensor's step and tensor id)."""
+    tensor; ``per_word``: the fields per word of a ``words`` buffer; ``shares``: each tensor's
+    sizes and parameters where the defaults do not fit). ``args`` are the twin's: the kernel's less
+    the parameters the segment table holds (each tensor's step and tensor id, its own arguments)."""
     tensors, on_gpu, where = _placement(kernel, args, span)
     per = {INDEX: 1, RANGE: cpu.CHUNK if where == "cpu" else 4, SPAN: span}[kernel.kind]
-    rows = segments.table(kernel.unit, per, per_word, words)
+    rows = segments.table(kernel.unit, per, per_word, shares)
     nblocks = int(rows[-1, 0] + -(-rows[-1, 1] // per)) if len(rows) else 0
     if nblocks == 0:
         return

@@ -59,12 +59,16 @@ from .ops_packing import (
     unpack_symbols,
 )
 from .ops_segments import (
+    bitpack_segments,
+    bitunpack_segments,
     bucket_absmax_segments,
     dqsg_decode_fields_segments,
     dqsg_decode_packed_segments,
     dqsg_encode_fields_segments,
     dqsg_encode_packed_segments,
     hadamard_rotate_segments,
+    onebit_column_means_segments,
+    onebit_decode_segments,
 )
 from .segments import Segments
 from .sizes import (
@@ -81,14 +85,16 @@ from .sizes import (
 )
 
 __all__ = [
-    "SUM_WORD_BITS", "Segments", "bitpack", "bitunpack", "bucket_absmax", "bucket_absmax_segments",
+    "SUM_WORD_BITS", "Segments", "bitpack", "bitpack_segments", "bitunpack", "bitunpack_segments", "bucket_absmax",
+    "bucket_absmax_segments",
     "bucket_checksum", "bucket_l2", "bucket_step",
     "coset_bits", "coset_bytes", "dither", "dither_bins", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
     "dqsg_decode_fields_segments", "dqsg_decode_packed", "dqsg_decode_packed_segments", "dqsg_encode",
     "dqsg_encode_fields", "dqsg_encode_fields_segments", "dqsg_encode_packed", "dqsg_encode_packed_segments",
     "force_target", "hadamard_rotate", "hadamard_rotate_segments",
     "launches",
-    "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means", "onebit_decode",
+    "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means",
+    "onebit_column_means_segments", "onebit_decode", "onebit_decode_segments",
     "onebit_encode", "onebit_lanes", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
     "RANS_CHUNK", "RansTables", "radix_per_byte", "radixpack", "radixunpack", "rans_chunks", "rans_decode",
     "rans_encode", "rans_encode_modelled", "rans_table", "scale_decode", "symbol_bytes", "symbol_packing",

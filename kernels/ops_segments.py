@@ -2,10 +2,14 @@
 :mod:`.segments`): the tensors' elements, bucket scales and summable words lie end to end in flat
 buffers, and each function gives, tensor by tensor, the bits of the single-tensor function it names
 (:func:`.ops.hadamard_rotate`, :func:`.ops.bucket_absmax`, :func:`.ops_fields.dqsg_encode_fields`,
-:func:`.ops_fields.dqsg_decode_fields`, and for the payload exchanges :func:`.ops.dqsg_encode_packed`
-and :func:`.ops.dqsg_decode_packed`) in one launch, however many tensors there are."""
+:func:`.ops_fields.dqsg_decode_fields`, and for the payload exchanges :func:`.ops.dqsg_encode_packed`,
+:func:`.ops.dqsg_decode_packed`, :func:`.ops.bitpack`, :func:`.ops.bitunpack` and 1-bit SGD's
+:func:`.ops.onebit_column_means` and :func:`.ops.onebit_decode`) in one launch, however many
+tensors there are."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -14,8 +18,8 @@ from . import table
 from .dispatch import check_senders, launch_segments, output, range_span, target, vec
 from .ops_fields import _fields, _radix_inverses, _symbol_fields
 from .ops_packing import fused_packing
-from .segments import Segments
-from .sizes import integer, symbol_bytes
+from .segments import Segments, Shares
+from .sizes import integer, onebit_lanes, packed_bytes, symbol_bytes
 
 
 def hadamard_rotate_segments(x: torch.Tensor, segments: Segments, inverse: bool = False,
@@ -119,7 +123,7 @@ def dqsg_encode_packed_segments(g: torch.Tensor, segments: Segments, levels: int
     counts = _counts(where, segments, span, alphabet, g)
     _, _, sender, ranks, k0, k1 = segments.key.words()
     launch_segments(table.dqsg_encode_packed, segments, g, delta, int(scaled), segments.bucket, levels, radix, nbits,
-                    per_byte, packed, counts, sender, ranks, k0, k1, span=span, words=sizes)
+                    per_byte, packed, counts, sender, ranks, k0, k1, span=span, shares=Shares(words=tuple(sizes)))
     return delta, packed, _per_segment(counts, where, segments, span)
 
 
@@ -136,5 +140,60 @@ def dqsg_decode_packed_segments(packed: torch.Tensor, delta: torch.Tensor, segme
     out = output(out, "out", segments.elements, torch.float32, packed)
     _, _, sender, ranks, k0, k1 = segments.key.words()
     launch_segments(table.dqsg_decode_packed, segments, packed, levels, radix, nbits, per_byte, delta,
-                    segments.bucket, out, sender, ranks, k0, k1, span=span, words=sizes)
+                    segments.bucket, out, sender, ranks, k0, k1, span=span, shares=Shares(words=tuple(sizes)))
+    return out
+
+
+def bitpack_segments(symbols: torch.Tensor, segments: Segments, nbits: int) -> torch.Tensor:
+    """Every segment's symbols packed into its own ⌈n·b/8⌉ bytes (:func:`.ops.bitpack`), end to end."""
+    vec("symbols", symbols, torch.uint8, segments.elements)
+    nbits = integer("nbits", nbits, 1, 8)
+    sizes = tuple(packed_bytes(n, nbits) for n in segments.lengths)
+    out = torch.empty(sum(sizes), dtype=torch.uint8, device=symbols.device)
+    launch_segments(table.bitpack, segments, symbols, nbits, out,
+                    shares=Shares(units=tuple(-(-n // 8) for n in segments.lengths), words=sizes))
+    return out
+
+
+def bitunpack_segments(packed: torch.Tensor, segments: Segments, nbits: int) -> torch.Tensor:
+    """Inverse of :func:`bitpack_segments` (:func:`.ops.bitunpack` of every segment)."""
+    nbits = integer("nbits", nbits, 1, 8)
+    sizes = tuple(packed_bytes(n, nbits) for n in segments.lengths)
+    vec("packed", packed, torch.uint8, sum(sizes))
+    out = torch.empty(segments.elements, dtype=torch.uint8, device=packed.device)
+    launch_segments(table.bitunpack, segments, packed, nbits, out,
+                    shares=Shares(units=tuple(-(-n // 8) for n in segments.lengths), words=sizes))
+    return out
+
+
+def onebit_column_means_segments(g: torch.Tensor, segments: Segments, cols: tuple[int, ...]
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every segment's 1-bit column means (:func:`.ops.onebit_column_means` with its ``cols``; an
+    empty segment has one column of zeros), the segments' columns end to end; two launches."""
+    vec("g", g, torch.float32, segments.elements)
+    for n, c in zip(segments.lengths, cols, strict=True):
+        if c < 1 or n % c:
+            raise ValueError(f"a segment of {n} elements cannot have {c} columns")
+    lanes = tuple(onebit_lanes(n // c, c) if n else 0 for n, c in zip(segments.lengths, cols))
+    slots = tuple(lane * c for lane, c in zip(lanes, cols))
+    pos = torch.zeros(sum(cols), dtype=torch.float32, device=g.device)  # an empty segment's bins stay 0
+    neg = torch.zeros(sum(cols), dtype=torch.float32, device=g.device)
+    partial = torch.empty(4 * sum(slots), dtype=torch.float64, device=g.device)
+    shares = Shares(buckets=cols, words=tuple(4 * m for m in slots), args=tuple(zip(cols, lanes)))
+    launch_segments(table.onebit_lane_sums, segments, g, partial, shares=replace(shares, units=slots))
+    launch_segments(table.onebit_column_means, segments, partial, pos, neg,
+                    shares=replace(shares, units=tuple(c if n else 0 for n, c in zip(segments.lengths, cols))))
+    return pos, neg
+
+
+def onebit_decode_segments(bits: torch.Tensor, segments: Segments, cols: tuple[int, ...], pos_mean: torch.Tensor,
+                           neg_mean: torch.Tensor) -> torch.Tensor:
+    """Every segment's ĝ = pos_mean[col] where bit else neg_mean[col] (:func:`.ops.onebit_decode`
+    with its ``cols`` and its columns' means), end to end; one launch."""
+    vec("bits", bits, torch.uint8, segments.elements)
+    vec("pos_mean", pos_mean, torch.float32, sum(cols))
+    vec("neg_mean", neg_mean, torch.float32, sum(cols))
+    out = torch.empty(segments.elements, dtype=torch.float32, device=bits.device)
+    launch_segments(table.onebit_decode, segments, bits, pos_mean, neg_mean, out,
+                    shares=Shares(units=segments.lengths, buckets=cols, args=tuple((c, 0) for c in cols)))
     return out

@@ -8,12 +8,12 @@ buffers; :meth:`Segments.table` gives a segmented kernel the rows it looks its b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
+from .arith.segments import COLUMNS
 from .key import DitherKey
 from .sizes import integer, num_buckets
 
@@ -59,18 +59,18 @@ class Segments:
         """Where each segment's part of ``sizes`` starts in a flat buffer (and, last, the total)."""
         return [0, *np.cumsum(sizes).tolist()]
 
-    def table(self, unit: str, per: int, per_word: int = 1, words: Sequence[int] | None = None) -> np.ndarray:
+    def table(self, unit: str, per: int, per_word: int = 1, shares: Shares | None = None) -> np.ndarray:
         """The rows of a segmented launch (columns :data:`.arith.segments.COLUMNS`): blocks of ``per``
-        ``unit`` ("elements" or "buckets") each; element, bucket and word ranges; step and tensor id.
-        The word ranges count summable words of ``per_word`` fields, or the ``words`` given per
-        segment (a packed payload's bytes)."""
-        counts = self.lengths if unit == "elements" else self.buckets
+        ``unit`` ("elements" or "buckets") each; element, bucket and word ranges; step and tensor id;
+        the two parameters of ``shares``. The word ranges count summable words of ``per_word``
+        fields; ``shares`` gives any of the units, bucket and word counts per segment instead."""
+        shares = shares or Shares()
+        shares.check(len(self.lengths))
+        counts = shares.units or (self.lengths if unit == "elements" else self.buckets)
         blocks = [-(-c // per) for c in counts]
-        if words is not None and len(words) != len(self.lengths):
-            raise ValueError(f"{len(words)} word counts for {len(self.lengths)} segments")
-        w = self.offsets(list(words) if words is not None else self.words(per_word))
-        e, b = self.offsets(list(self.lengths)), self.offsets(self.buckets)
-        rows = np.empty((len(counts), 10), dtype=np.int64)
+        w = self.offsets(list(shares.words or self.words(per_word)))
+        e, b = self.offsets(list(self.lengths)), self.offsets(list(shares.buckets or self.buckets))
+        rows = np.zeros((len(counts), len(COLUMNS)), dtype=np.int64)
         rows[:, 0] = self.offsets(blocks)[:-1]
         rows[:, 1] = counts
         rows[:, 2], rows[:, 3] = e[:-1], e[1:]
@@ -78,4 +78,26 @@ class Segments:
         rows[:, 6], rows[:, 7] = w[:-1], w[1:]
         rows[:, 8] = [k.step for k in self.keys]
         rows[:, 9] = [k.tensor_id for k in self.keys]
+        if shares.args:
+            rows[:, 10:12] = shares.args
         return rows
+
+
+@dataclass(frozen=True)
+class Shares:
+    """What a segmented launch gives per segment where :class:`Segments`' defaults do not fit (each
+    a tuple with one entry per segment): ``units``, what the segment's blocks count (instead of its
+    elements or buckets); ``buckets`` and ``words``, the lengths of its parts of a per-bucket and a
+    per-word buffer (a packed payload's bytes, a tensor's columns); ``args``, two integer parameters
+    of its own (the table's last two columns: a tensor's column count, its lanes)."""
+
+    units: tuple[int, ...] | None = None
+    buckets: tuple[int, ...] | None = None
+    words: tuple[int, ...] | None = None
+    args: tuple[tuple[int, int], ...] | None = None
+
+    def check(self, segments: int) -> None:
+        for name in ("units", "buckets", "words", "args"):
+            given = getattr(self, name)
+            if given is not None and len(given) != segments:
+                raise ValueError(f"{len(given)} {name} for {segments} segments")

@@ -34,8 +34,9 @@ SEGMENTED = "segmented"  # the loop templates' key suffix (``templates[kind, SEG
 #: :data:`.arith.segments.COLUMNS`): a view of a flat buffer, or a scalar of the segment's row
 REBIND = {"elements": "{p}[segs[s, 2]:segs[s, 3]]", "buckets": "{p}[segs[s, 4]:segs[s, 5]]",
           "words": "{p}[segs[s, 6]:segs[s, 7]]", "packed": "{p}[segs[s, 6]:segs[s, 7]]",
-          "step": "np.uint64(segs[s, 8])", "tensor_id": "np.uint64(segs[s, 9])"}
-SCALAR_COLUMNS = ("step", "tensor_id")
+          "step": "np.uint64(segs[s, 8])", "tensor_id": "np.uint64(segs[s, 9])", "arg0": "segs[s, 10]",
+          "arg1": "segs[s, 11]"}
+SCALAR_COLUMNS = ("step", "tensor_id", "arg0", "arg1")
 
 
 @dataclass(frozen=True)
@@ -177,12 +178,18 @@ hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16,  # log2(d) 
                          segments=(("src", "elements"), ("x", "elements"), *KEY_SEGMENTS),
                          unit="buckets", threads="hadamard_rotate_threads")
 scale_decode = Kernel("scale_decode", qsgd.build)
-onebit_lane_sums = Kernel("onebit_lane_sums", qsgd.build)
-onebit_column_means = Kernel("onebit_column_means", qsgd.build)
+# 1-bit SGD over several tensors: each tensor's columns in the bucket columns of the segment table,
+# its partial sums in the word columns, its column count and lanes in arg0 and arg1
+COLUMN_MEANS = (("pos_mean", "buckets"), ("neg_mean", "buckets"))
+onebit_lane_sums = Kernel("onebit_lane_sums", qsgd.build,
+                          segments=(("g", "elements"), ("partial", "words"), ("cols", "arg0"), ("lanes", "arg1")))
+onebit_column_means = Kernel("onebit_column_means", qsgd.build,
+                             segments=(("partial", "words"), *COLUMN_MEANS, ("cols", "arg0"), ("lanes", "arg1")))
 onebit_encode = Kernel("onebit_encode", qsgd.build)
-onebit_decode = Kernel("onebit_decode", qsgd.build)
-bitpack = Kernel("bitpack", packing.build)
-bitunpack = Kernel("bitunpack", packing.build)
+onebit_decode = Kernel("onebit_decode", qsgd.build,
+                       segments=(("bits", "elements"), *COLUMN_MEANS, ("out", "elements"), ("cols", "arg0")))
+bitpack = Kernel("bitpack", packing.build, segments=(("symbols", "elements"), ("out", "packed")))
+bitunpack = Kernel("bitunpack", packing.build, segments=(("packed", "packed"), ("out", "elements")))
 radixpack = Kernel("radixpack", packing.build)
 radixunpack = Kernel("radixunpack", packing.build)
 modadd_bits = Kernel("modadd_bits", packing.build)

@@ -227,6 +227,25 @@ class Codec(ABC):
         return [self.aggregate(list(p), c, r) for p, c, r in zip(payloads, ctxs, recovers, strict=True)]
 
 
+def shared_keys(ctxs: Sequence[TensorContext]) -> bool:
+    """Whether the contexts' dither keys share seed, sender and family, as a segmented launch's do
+    (:class:`~hvdquant.kernels.segments.Segments`; one exchange's group always does)."""
+    first = ctxs[0] if ctxs else None
+    return all((c.key.seed, c.key.sender, c.ranks) == (first.key.seed, first.key.sender, first.ranks) for c in ctxs)
+
+
+def mean_in_sender_order(payloads: Sequence[list[Encoded]],
+                         decode: Callable[[list[Encoded], int], torch.Tensor]) -> torch.Tensor:
+    """Σ_p decode(p) / P for a group decoded sender by sender (``decode(encs, p)``: sender p's
+    payloads of every tensor, decoded end to end), added in sender order from zeros: each tensor's
+    part has the bits of :meth:`Codec.aggregate`'s sum."""
+    ranks = len(payloads[0])
+    total = torch.zeros(sum(p[0].n for p in payloads), dtype=torch.float32, device=payloads[0][0].device)
+    for p in range(ranks):
+        total += decode([e[p] for e in payloads], p)
+    return total / ranks
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN and no ±Inf in t. One min/max pass (NaN propagates into both): faster than
     ``torch.isfinite(t).all()`` on 2.5e7 floats, which builds a bool tensor first."""

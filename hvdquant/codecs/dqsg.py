@@ -40,7 +40,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, Recover, TensorContext, all_finite, check_int, flat32
+from hvdquant.codecs.base import (
+    Codec,
+    Encoded,
+    Layout,
+    Recover,
+    TensorContext,
+    all_finite,
+    check_int,
+    flat32,
+    mean_in_sender_order,
+    shared_keys,
+)
 from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.kernels.segments import Segments
@@ -188,9 +199,7 @@ class DQSG(DitheredBuckets, Codec):
     def _grouped(self, ctxs: Sequence[TensorContext]) -> bool:
         """Whether a group of these contexts runs the segmented kernels: fixed-rate payloads of
         several tensors whose keys share seed, sender and family (one exchange's, always)."""
-        first = ctxs[0].key if ctxs else None
-        return (self.coding == "fixed" and len(ctxs) > 1
-                and all((c.key.seed, c.key.sender, c.ranks) == (first.seed, first.sender, ctxs[0].ranks) for c in ctxs))
+        return self.coding == "fixed" and len(ctxs) > 1 and shared_keys(ctxs)
 
     def _segments(self, ctxs: Sequence[TensorContext], lengths: Sequence[int], sender: int | None = None,
                   keyed: bool = True) -> Segments:
@@ -250,11 +259,8 @@ class DQSG(DitheredBuckets, Codec):
         ranks = len(payloads[0]) if payloads else 0
         if not self._grouped(ctxs) or (self.dither == "stratified" and ranks & (ranks - 1)):
             return super().aggregate_group(payloads, ctxs, recovers)
-        lengths = [p[0].n for p in payloads]
-        total = torch.zeros(sum(lengths), dtype=torch.float32, device=payloads[0][0].device)
-        for p in range(ranks):
-            total += self._decode_flat([e[p] for e in payloads], ctxs, sender=p)
-        return [(mean, DecodeStats()) for mean in self._unrotated(total / ranks, ctxs, lengths)]
+        mean = mean_in_sender_order(payloads, lambda encs, p: self._decode_flat(encs, ctxs, sender=p))
+        return [(m, DecodeStats()) for m in self._unrotated(mean, ctxs, [p[0].n for p in payloads])]
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

@@ -5,8 +5,9 @@ row per tensor (:data:`COLUMNS`), and calls the tensor's block function on views
 buffers: the same calls, with the same indices and dither keys, as one launch per tensor would
 make, so the same bits. Column 0 holds the number of blocks of the rows before (the kernel's
 block b belongs to the last row whose column 0 is at most b), column 1 the row's length in the
-kernel's unit (elements, or buckets for a per-bucket kernel). The word columns hold a tensor's
-summable words or, for a packed payload, its bytes.
+kernel's unit (elements, or buckets for a per-bucket kernel, or what the launch says). The word
+columns hold a tensor's summable words or, for a packed payload, its bytes; the bucket columns its
+buckets or, for 1-bit SGD, its columns; ``arg0`` and ``arg1`` two integer parameters of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 
 #: the columns of a segment table, in order (``(start, end)`` pairs are half-open ranges of a flat buffer)
 COLUMNS = ("first_block", "count", "element_start", "element_end", "bucket_start", "bucket_end", "word_start",
-           "word_end", "step", "tensor_id")
+           "word_end", "step", "tensor_id", "arg0", "arg1")
 
 
 def build(jit: Callable, leaf: Callable) -> SimpleNamespace:

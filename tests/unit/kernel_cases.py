@@ -78,7 +78,11 @@ def segmented(n):
         scale, packed, symbol_counts = ops.dqsg_encode_packed_segments(g, segs, levels)
         payloads += [scale, packed, torch.tensor(symbol_counts), ops.dqsg_decode_packed_segments(packed, scale, segs,
                                                                                               levels)]
-    return rotated, delta, words, torch.tensor(counts), back, *payloads
+    cols = (next(c for c in (13, 11, 7, 1) if n % c == 0), 3, 1, 1)  # several columns, one, an empty tensor
+    pos, neg = ops.onebit_column_means_segments(g, segs, cols)
+    bits = ops.bitunpack_segments(ops.bitpack_segments(ops.onebit_encode(g), segs, 1), segs, 1)
+    return (rotated, delta, words, torch.tensor(counts), back, *payloads, pos, neg,
+            ops.onebit_decode_segments(bits, segs, cols, pos, neg))
 
 
 CASES = {

@@ -7,8 +7,9 @@ import simulated_gpu as sim
 import torch
 from one_tensor import start
 
-from hvdquant import DQSG, CodecState, ErrorFeedback
+from hvdquant import DQSG, CodecState, ErrorFeedback, OneBitSGD
 from hvdquant.codecs.base import TensorContext
+from hvdquant.codecs.onebit import OneBitQuantizer
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.kernels.segments import Segments
 from hvdquant.transports.collectives import Started
@@ -103,27 +104,30 @@ def test_summed_exchange_costs_a_constant_number_of_launches_per_step(rotation):
     assert counts[0] == counts[1] == (6 if rotation == "hadamard" else 4)
 
 
-# launches of one payload-exchange step of a single rank: encode (CPU: scales inside the fused pass),
-# one decode per sender, for scatter-reduce the owner's re-encoding and its decode; each rotation
-# and rotation back one more; error feedback decodes its own payloads (and rotates them back)
-PAYLOAD_LAUNCHES = {("allgather", "none", False): 2, ("allgather", "hadamard", False): 4,
-                    ("allgather", "none", True): 3, ("allgather", "hadamard", True): 6,
-                    ("scatter_reduce", "none", False): 4, ("scatter_reduce", "hadamard", False): 8,
-                    ("scatter_reduce", "none", True): 5, ("scatter_reduce", "hadamard", True): 10}
+# launches of one payload-exchange step of a single rank: DQSG encodes in one (CPU: scales inside
+# the fused pass) and decodes in one per sender; 1-bit SGD in four (lane sums, column means, bits,
+# packing) and two (unpacking, means); scatter-reduce adds the owner's re-encoding and its decode;
+# each rotation and rotation back one more; error feedback decodes its own payloads
+PAYLOAD_CODECS = {"dqsg": DQSG(3, 64), "dqsg-rotated": DQSG(3, 64, rotation="hadamard"),
+                  "dqsg-ef": ErrorFeedback(DQSG(3, 64)),
+                  "dqsg-rotated-ef": ErrorFeedback(DQSG(3, 64, rotation="hadamard")), "onebit-sgd": OneBitSGD()}
+PAYLOAD_LAUNCHES = {("allgather", "dqsg"): 2, ("allgather", "dqsg-rotated"): 4, ("allgather", "dqsg-ef"): 3,
+                    ("allgather", "dqsg-rotated-ef"): 6, ("allgather", "onebit-sgd"): 8,
+                    ("scatter_reduce", "dqsg"): 4, ("scatter_reduce", "dqsg-rotated"): 8,
+                    ("scatter_reduce", "dqsg-ef"): 5, ("scatter_reduce", "dqsg-rotated-ef"): 10,
+                    ("scatter_reduce", "onebit-sgd"): 14}
 
 
-@pytest.mark.parametrize(("reducer", "rotation", "feedback"), sorted(PAYLOAD_LAUNCHES))
-def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, rotation, feedback):
-    """A DQSG payload exchange of one fused buffer of 3 or of 30 tensors: the same kernel launches
-    (each phase one launch for the whole buffer), and the same result as the tensors exchanged one
+@pytest.mark.parametrize(("reducer", "codec"), sorted(PAYLOAD_LAUNCHES))
+def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, codec):
+    """A payload exchange of one fused buffer of 3 or of 30 tensors: the same kernel launches (each
+    phase one launch for the whole buffer), and the same result as the tensors exchanged one
     buffer each."""
-    codec = DQSG(3, 64, rotation=rotation)
-    codec = ErrorFeedback(codec) if feedback else codec
     counts = []
     for count in (3, 30):
         gen = torch.Generator().manual_seed(count)
         grads = {f"layer{i}.weight": torch.randn(40 + 17 * i, 9, generator=gen) for i in range(count)}
-        fused, alone = (PayloadExchange(codec, reducer, True, Immediate()) for _ in range(2))
+        fused, alone = (PayloadExchange(PAYLOAD_CODECS[codec], reducer, True, Immediate()) for _ in range(2))
         for step in range(2):
             keys = [(name, g, dither_key(5, step, name, 0)) for name, g in grads.items()]
             buf = FusedBuffer.of(keys)
@@ -133,7 +137,7 @@ def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, 
             for name, g in grads.items():
                 assert torch.equal(out[name], start(alone, name, g, 5, step)()), name
         counts.append(launched)
-    assert counts[0] == counts[1] == PAYLOAD_LAUNCHES[reducer, rotation, feedback]
+    assert counts[0] == counts[1] == PAYLOAD_LAUNCHES[reducer, codec]
 
 
 @pytest.mark.skipif(not sim.available(), reason="needs Numba's CUDA simulator and no real GPU")
@@ -155,19 +159,20 @@ def test_payload_exchange_launches_on_a_simulated_gpu(rotation):
     assert counts[0] == counts[1] == (5 if rotation == "hadamard" else 3)
 
 
-@pytest.mark.parametrize("codec", [DQSG(1), DQSG(3, rotation="hadamard"), DQSG(2, 100, dither="independent")],
-                         ids=["s1", "s3-rotated", "independent"])
+@pytest.mark.parametrize("codec", [DQSG(1), DQSG(3, rotation="hadamard"), DQSG(2, 100, dither="independent"),
+                                   OneBitQuantizer()], ids=["s1", "s3-rotated", "independent", "onebit"])
 @pytest.mark.parametrize("ranks", [4, 3])
 def test_group_methods_give_each_tensor_its_own_bits(codec, ranks):
-    """DQSG's group encoder, decoder and aggregation (segmented launches) against the single-tensor
-    methods, tensor by tensor, among 4 ranks and among 3 (the stratified dither's other family,
-    which aggregates per tensor); a non-finite tensor is refused alone; error feedback over groups
-    leaves the residuals of tensor-by-tensor encoding."""
-    lengths = (1000, 512, 7, 3000, 513, 1)
+    """The group encoders, decoders and aggregations (segmented launches) against the single-tensor
+    methods, tensor by tensor, among 4 ranks and among 3 (for DQSG the stratified dither's other
+    family, which aggregates per tensor), on tensors of one and of several columns and an empty one;
+    a non-finite tensor is refused alone; error feedback over groups leaves the residuals of
+    tensor-by-tensor encoding."""
+    shapes = ((40, 25), (512,), (7, 1), (0,), (300, 10), (1, 513), (1,))
     gen = torch.Generator().manual_seed(0)
-    gs = [torch.randn(n, generator=gen) for n in lengths]
-    ctxs = [TensorContext(f"t{i}", (n,), dither_key(7, 3, f"t{i}", 1), ranks, CodecState())
-            for i, n in enumerate(lengths)]
+    gs = [torch.randn(shape, generator=gen) - 0.3 for shape in shapes]
+    ctxs = [TensorContext(f"t{i}", shape, dither_key(7, 3, f"t{i}", 1), ranks, CodecState())
+            for i, shape in enumerate(shapes)]
     grouped = codec.encode_group(gs, ctxs)
     alone = [codec.encode(g, c) for g, c in zip(gs, ctxs)]
     for a, b in zip(grouped, alone):
@@ -178,9 +183,9 @@ def test_group_methods_give_each_tensor_its_own_bits(codec, ranks):
     for (mean, _), senders, c in zip(codec.aggregate_group(payloads, ctxs, [None] * len(ctxs)), payloads, ctxs):
         assert torch.equal(mean, codec.aggregate(senders, c)[0])
     bad = [g.clone() for g in gs]
-    bad[2][3] = float("nan")
+    bad[4][3, 2] = float("nan")
     refused = codec.encode_group(bad, ctxs)
-    assert [e is None for e in refused] == [i == 2 for i in range(len(gs))]
+    assert [e is None for e in refused] == [i == 4 for i in range(len(gs))]
     states = CodecState(), CodecState()
     ef = ErrorFeedback(codec)
     by_group, by_tensor = ([TensorContext(c.name, c.shape, c.key, ranks, st) for c in ctxs] for st in states)
