@@ -62,6 +62,7 @@ from .ops_segments import (
     bitpack_segments,
     bitunpack_segments,
     bucket_absmax_segments,
+    bucket_l2_segments,
     dqsg_decode_fields_segments,
     dqsg_decode_packed_segments,
     dqsg_encode_fields_segments,
@@ -69,6 +70,10 @@ from .ops_segments import (
     hadamard_rotate_segments,
     onebit_column_means_segments,
     onebit_decode_segments,
+    pack_symbols_segments,
+    qsgd_encode_segments,
+    scale_decode_segments,
+    unpack_symbols_segments,
 )
 from .segments import Segments
 from .sizes import (
@@ -86,7 +91,7 @@ from .sizes import (
 
 __all__ = [
     "SUM_WORD_BITS", "Segments", "bitpack", "bitpack_segments", "bitunpack", "bitunpack_segments", "bucket_absmax",
-    "bucket_absmax_segments",
+    "bucket_absmax_segments", "bucket_l2_segments",
     "bucket_checksum", "bucket_l2", "bucket_step",
     "coset_bits", "coset_bytes", "dither", "dither_bins", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
     "dqsg_decode_fields_segments", "dqsg_decode_packed", "dqsg_decode_packed_segments", "dqsg_encode",
@@ -95,11 +100,13 @@ __all__ = [
     "launches",
     "modadd_cosets", "nested_decode", "nested_encode", "num_buckets", "onebit_column_means",
     "onebit_column_means_segments", "onebit_decode", "onebit_decode_segments",
-    "onebit_encode", "onebit_lanes", "pack_cosets", "pack_sum_fields", "pack_symbols", "packed_bytes", "qsgd_encode",
+    "onebit_encode", "onebit_lanes", "pack_cosets", "pack_sum_fields", "pack_symbols", "pack_symbols_segments",
+    "packed_bytes", "qsgd_encode", "qsgd_encode_segments",
     "RANS_CHUNK", "RansTables", "radix_per_byte", "radixpack", "radixunpack", "rans_chunks", "rans_decode",
-    "rans_encode", "rans_encode_modelled", "rans_table", "scale_decode", "symbol_bytes", "symbol_packing",
+    "rans_encode", "rans_encode_modelled", "rans_table", "scale_decode", "scale_decode_segments", "symbol_bytes",
+    "symbol_packing",
     "topk_indices",
-    "unpack_cosets", "unpack_sum_fields", "unpack_symbols",
+    "unpack_cosets", "unpack_sum_fields", "unpack_symbols", "unpack_symbols_segments",
 ]
 
 

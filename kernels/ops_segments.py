@@ -3,7 +3,8 @@
 buffers, and each function gives, tensor by tensor, the bits of the single-tensor function it names
 (:func:`.ops.hadamard_rotate`, :func:`.ops.bucket_absmax`, :func:`.ops_fields.dqsg_encode_fields`,
 :func:`.ops_fields.dqsg_decode_fields`, and for the payload exchanges :func:`.ops.dqsg_encode_packed`,
-:func:`.ops.dqsg_decode_packed`, :func:`.ops.bitpack`, :func:`.ops.bitunpack` and 1-bit SGD's
+:func:`.ops.dqsg_decode_packed`, the symbol packers, QSGD's :func:`.ops.bucket_l2`,
+:func:`.ops.qsgd_encode` and :func:`.ops.scale_decode`, and 1-bit SGD's
 :func:`.ops.onebit_column_means` and :func:`.ops.onebit_decode`) in one launch, however many
 tensors there are."""
 
@@ -19,7 +20,7 @@ from .dispatch import check_senders, launch_segments, output, range_span, target
 from .ops_fields import _fields, _radix_inverses, _symbol_fields
 from .ops_packing import fused_packing
 from .segments import Segments, Shares
-from .sizes import integer, onebit_lanes, packed_bytes, symbol_bytes
+from .sizes import integer, onebit_lanes, packed_bytes, radix_per_byte, symbol_bytes, symbol_packing
 
 
 def hadamard_rotate_segments(x: torch.Tensor, segments: Segments, inverse: bool = False,
@@ -144,14 +145,18 @@ def dqsg_decode_packed_segments(packed: torch.Tensor, delta: torch.Tensor, segme
     return out
 
 
+def _packing_shares(segments: Segments, per: int, sizes: tuple[int, ...]) -> Shares:
+    """A packer's launch: groups of ``per`` symbols per segment, each segment's ``sizes`` bytes."""
+    return Shares(units=tuple(-(-n // per) for n in segments.lengths), words=sizes)
+
+
 def bitpack_segments(symbols: torch.Tensor, segments: Segments, nbits: int) -> torch.Tensor:
     """Every segment's symbols packed into its own ⌈n·b/8⌉ bytes (:func:`.ops.bitpack`), end to end."""
     vec("symbols", symbols, torch.uint8, segments.elements)
     nbits = integer("nbits", nbits, 1, 8)
     sizes = tuple(packed_bytes(n, nbits) for n in segments.lengths)
     out = torch.empty(sum(sizes), dtype=torch.uint8, device=symbols.device)
-    launch_segments(table.bitpack, segments, symbols, nbits, out,
-                    shares=Shares(units=tuple(-(-n // 8) for n in segments.lengths), words=sizes))
+    launch_segments(table.bitpack, segments, symbols, nbits, out, shares=_packing_shares(segments, 8, sizes))
     return out
 
 
@@ -161,8 +166,61 @@ def bitunpack_segments(packed: torch.Tensor, segments: Segments, nbits: int) -> 
     sizes = tuple(packed_bytes(n, nbits) for n in segments.lengths)
     vec("packed", packed, torch.uint8, sum(sizes))
     out = torch.empty(segments.elements, dtype=torch.uint8, device=packed.device)
-    launch_segments(table.bitunpack, segments, packed, nbits, out,
-                    shares=Shares(units=tuple(-(-n // 8) for n in segments.lengths), words=sizes))
+    launch_segments(table.bitunpack, segments, packed, nbits, out, shares=_packing_shares(segments, 8, sizes))
+    return out
+
+
+def pack_symbols_segments(symbols: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:
+    """Every segment's symbols packed as :func:`.ops.pack_symbols` packs them, end to end."""
+    kind, v = symbol_packing(alphabet)
+    if kind == "bits":
+        return bitpack_segments(symbols, segments, v)
+    vec("symbols", symbols, torch.uint8, segments.elements)
+    sizes = tuple(symbol_bytes(n, alphabet) for n in segments.lengths)
+    out = torch.empty(sum(sizes), dtype=torch.uint8, device=symbols.device)
+    launch_segments(table.radixpack, segments, symbols, alphabet, v, out, shares=_packing_shares(segments, v, sizes))
+    return out
+
+
+def unpack_symbols_segments(packed: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:
+    """Inverse of :func:`pack_symbols_segments` (:func:`.ops.unpack_symbols` of every segment)."""
+    kind, v = symbol_packing(alphabet)
+    if kind == "bits":
+        return bitunpack_segments(packed, segments, v)
+    sizes = tuple(symbol_bytes(n, alphabet) for n in segments.lengths)
+    vec("packed", packed, torch.uint8, sum(sizes))
+    out = torch.empty(segments.elements, dtype=torch.uint8, device=packed.device)
+    launch_segments(table.radixunpack, segments, packed, alphabet, radix_per_byte(alphabet), out,
+                    shares=_packing_shares(segments, v, sizes))
+    return out
+
+
+def bucket_l2_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """‖g_b‖₂ per bucket of every segment (:func:`.ops.bucket_l2`), the segments' buckets end to end."""
+    vec("g", g, torch.float32, segments.elements)
+    out = torch.empty(sum(segments.buckets), dtype=torch.float32, device=g.device)
+    launch_segments(table.bucket_l2, segments, g, segments.bucket, out)
+    return out
+
+
+def qsgd_encode_segments(g: torch.Tensor, norm: torch.Tensor, segments: Segments, levels: int) -> torch.Tensor:
+    """Every segment's QSGD levels with its scales and key (:func:`.ops.qsgd_encode`), end to end."""
+    vec("g", g, torch.float32, segments.elements)
+    vec("norm", norm, torch.float32, sum(segments.buckets))
+    levels = integer("levels", levels, 1, 127)
+    out = torch.empty(segments.elements, dtype=torch.int8, device=g.device)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.qsgd_encode, segments, g, norm, segments.bucket, levels, out, sender, ranks, k0, k1)
+    return out
+
+
+def scale_decode_segments(codes: torch.Tensor, scale: torch.Tensor, segments: Segments, levels: int) -> torch.Tensor:
+    """Every segment's scale_b · k_i / s (:func:`.ops.scale_decode`), end to end."""
+    vec("codes", codes, torch.int8, segments.elements)
+    vec("scale", scale, torch.float32, sum(segments.buckets))
+    levels = integer("levels", levels, 1, 127)
+    out = torch.empty(segments.elements, dtype=torch.float32, device=codes.device)
+    launch_segments(table.scale_decode, segments, codes, scale, segments.bucket, levels, out)
     return out
 
 

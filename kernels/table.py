@@ -143,6 +143,7 @@ def source_stamp() -> str:
 
 
 # ----------------------------------------------------------------------------- range kernels
+KEY_SEGMENTS = (("step", "step"), ("tid", "tensor_id"))  # each tensor's own dither key
 dither_fill = Kernel("dither_fill", streams.build, RANGE)
 dither_bins = Kernel("dither_bins", streams.build, RANGE)
 dqsg_encode = Kernel("dqsg_encode", dqsg.build, RANGE)
@@ -150,9 +151,9 @@ dqsg_decode = Kernel("dqsg_decode", dqsg.build, RANGE)
 dqsg_aggregate = Kernel("dqsg_aggregate", dqsg.build, RANGE)
 nested_encode = Kernel("nested_encode", nested.build, RANGE)
 nested_decode = Kernel("nested_decode", nested.build, RANGE)
-qsgd_encode = Kernel("qsgd_encode", qsgd.build, RANGE)
+qsgd_encode = Kernel("qsgd_encode", qsgd.build, RANGE,
+                     segments=(("g", "elements"), ("norm", "buckets"), ("codes", "elements"), *KEY_SEGMENTS))
 PACK_GROUP = "(per_byte if radix > 0 else 8)"  # symbols per packing unit: a byte of digits, or 8 symbols of nbits
-KEY_SEGMENTS = (("step", "step"), ("tid", "tensor_id"))  # each tensor's own dither key
 PACKED_SEGMENTS = (("delta", "buckets"), ("packed", "packed"), *KEY_SEGMENTS)
 dqsg_encode_packed = Kernel("dqsg_encode_packed", fused.build, SPAN, ("float32", "uint8"),
                             phases=(("quantize_symbols", "4"), ("pack_symbols", PACK_GROUP)),
@@ -172,12 +173,14 @@ dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32",
 bucket_absmax = Kernel("bucket_absmax", buckets.build, segments=(("g", "elements"), ("out", "buckets")),
                        unit="buckets", threads="bucket_absmax_threads")
 bucket_checksum = Kernel("bucket_checksum", buckets.build, threads="bucket_checksum_threads")
-bucket_l2 = Kernel("bucket_l2", buckets.build, threads="bucket_l2_threads")
+bucket_l2 = Kernel("bucket_l2", buckets.build, segments=(("g", "elements"), ("out", "buckets")), unit="buckets",
+                   threads="bucket_l2_threads")
 bucket_step = Kernel("bucket_step", buckets.build)
 hadamard_rotate = Kernel("hadamard_rotate", rotation.build, cost=16,  # log2(d) passes: costed as threads.RANGE_COST
                          segments=(("src", "elements"), ("x", "elements"), *KEY_SEGMENTS),
                          unit="buckets", threads="hadamard_rotate_threads")
-scale_decode = Kernel("scale_decode", qsgd.build)
+scale_decode = Kernel("scale_decode", qsgd.build,
+                      segments=(("codes", "elements"), ("scale", "buckets"), ("out", "elements")))
 # 1-bit SGD over several tensors: each tensor's columns in the bucket columns of the segment table,
 # its partial sums in the word columns, its column count and lanes in arg0 and arg1
 COLUMN_MEANS = (("pos_mean", "buckets"), ("neg_mean", "buckets"))
@@ -190,8 +193,8 @@ onebit_decode = Kernel("onebit_decode", qsgd.build,
                        segments=(("bits", "elements"), *COLUMN_MEANS, ("out", "elements"), ("cols", "arg0")))
 bitpack = Kernel("bitpack", packing.build, segments=(("symbols", "elements"), ("out", "packed")))
 bitunpack = Kernel("bitunpack", packing.build, segments=(("packed", "packed"), ("out", "elements")))
-radixpack = Kernel("radixpack", packing.build)
-radixunpack = Kernel("radixunpack", packing.build)
+radixpack = Kernel("radixpack", packing.build, segments=(("symbols", "elements"), ("out", "packed")))
+radixunpack = Kernel("radixunpack", packing.build, segments=(("packed", "packed"), ("out", "elements")))
 modadd_bits = Kernel("modadd_bits", packing.build)
 modadd_radix = Kernel("modadd_radix", packing.build)
 pack_sum_fields = Kernel("pack_sum_fields", fields.build)

@@ -13,12 +13,26 @@ then per nonzero ω(gap), a sign bit, ω(level); variable length).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, check_int, flat32
+from hvdquant.codecs.base import (
+    Codec,
+    Encoded,
+    Layout,
+    Recover,
+    TensorContext,
+    all_finite,
+    check_int,
+    flat32,
+    mean_in_sender_order,
+    shared_keys,
+)
 from hvdquant.kernels import elias, ops, sizes
+from hvdquant.kernels.segments import Segments
+from hvdquant.stats import DecodeStats
 
 
 @dataclass(frozen=True)
@@ -83,3 +97,55 @@ class QSGD(Codec):
         else:
             codes = elias.decode(enc.fields["levels"], enc.n)
         return ops.scale_decode(codes.contiguous(), enc.fields["norm"], self.bucket_size, self.levels)
+
+    # ------------------------------------------------------------- a fused group at once
+    def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """:meth:`encode` of every part with the same bits in a constant number of launches (norms,
+        levels, packing: :mod:`hvdquant.kernels.ops_segments`); Elias streams are coded tensor by
+        tensor on the host, from one copy of the group's levels."""
+        if len(parts) < 2 or not shared_keys(ctxs):
+            return super().encode_group(parts, ctxs)
+        flats = [flat32(g) for g in parts]
+        lengths = tuple(f.numel() for f in flats)
+        segs = Segments(lengths, tuple(c.key for c in ctxs), self.bucket_size)
+        source = torch.cat(flats)
+        scale = (ops.bucket_l2_segments if self.norm == "l2" else ops.bucket_absmax_segments)(source, segs)
+        scales = scale.split(segs.buckets)
+        finite = [True] * len(flats) if all_finite(scale) else [all_finite(s) for s in scales]
+        codes = ops.qsgd_encode_segments(source, scale, segs, self.levels)
+        sym = (codes + self.levels).view(torch.uint8)
+        if self.coding == "fixed":
+            streams = ops.pack_symbols_segments(sym, segs, self.symbols).split(
+                [sizes.symbol_bytes(n, self.symbols) for n in lengths])
+        else:
+            host = [elias.encode(c)[0] if ok else torch.empty(0, dtype=torch.uint8)  # refused below
+                    for c, ok in zip(codes.cpu().split(lengths), finite)]
+            streams = torch.cat(host).to(source.device).split([h.numel() for h in host])
+        return [Encoded(n, {"norm": sc, "levels": st}, symbols=sy, alphabet=self.symbols, side_bits=32.0 * sc.numel())
+                if ok else None for n, sc, st, sy, ok in zip(lengths, scales, streams, sym.split(lengths), finite)]
+
+    def _decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> torch.Tensor:
+        """Every payload decoded, end to end (two launches; Elias streams decoded on the host from
+        one copy, the levels copied back at once)."""
+        segs = Segments(tuple(e.n for e in encs), tuple(c.key for c in ctxs), self.bucket_size)
+        levels = torch.cat([e.fields["levels"] for e in encs])
+        if self.coding == "fixed":
+            codes = ops.unpack_symbols_segments(levels, segs, self.symbols).view(torch.int8) - self.levels
+        else:
+            streams = levels.cpu().split([e.fields["levels"].numel() for e in encs])
+            codes = torch.cat([elias.decode(st, e.n) for st, e in zip(streams, encs)]).to(levels.device)
+        return ops.scale_decode_segments(codes.contiguous(), torch.cat([e.fields["norm"] for e in encs]), segs,
+                                         self.levels)
+
+    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        if len(encs) < 2 or not shared_keys(ctxs):
+            return super().decode_group(encs, ctxs)
+        return list(self._decode_flat(encs, ctxs).split([e.n for e in encs]))
+
+    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
+                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
+        """:meth:`aggregate` of every tensor with the same bits: one decode per sender for the group."""
+        if len(payloads) < 2 or not shared_keys(ctxs):
+            return super().aggregate_group(payloads, ctxs, recovers)
+        mean = mean_in_sender_order(payloads, lambda encs, p: self._decode_flat(encs, ctxs))
+        return [(m, DecodeStats()) for m in mean.split([p[0].n for p in payloads])]

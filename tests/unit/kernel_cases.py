@@ -81,8 +81,12 @@ def segmented(n):
     cols = (next(c for c in (13, 11, 7, 1) if n % c == 0), 3, 1, 1)  # several columns, one, an empty tensor
     pos, neg = ops.onebit_column_means_segments(g, segs, cols)
     bits = ops.bitunpack_segments(ops.bitpack_segments(ops.onebit_encode(g), segs, 1), segs, 1)
+    norm = ops.bucket_l2_segments(g, segs)
+    codes = ops.qsgd_encode_segments(g, norm, segs, 2)
+    levels = ops.unpack_symbols_segments(ops.pack_symbols_segments((codes + 2).view(torch.uint8), segs, 5), segs, 5)
     return (rotated, delta, words, torch.tensor(counts), back, *payloads, pos, neg,
-            ops.onebit_decode_segments(bits, segs, cols, pos, neg))
+            ops.onebit_decode_segments(bits, segs, cols, pos, neg), norm, codes, levels,
+            ops.scale_decode_segments(levels.view(torch.int8) - 2, norm, segs, 2))
 
 
 CASES = {
