@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from . import table
-from .dispatch import check_senders, launch_segments, output, range_span, target, vec
+from .arith.rans import CHUNK_SLACK
+from .dispatch import check_senders, launch, launch_segments, output, range_span, target, vec
+from .ops_entropy import RANS_CHUNK, RansTables, rans_chunks
 from .ops_fields import _fields, _radix_inverses, _symbol_fields
 from .ops_packing import fused_packing
 from .segments import Segments, Shares
@@ -254,4 +256,99 @@ def onebit_decode_segments(bits: torch.Tensor, segments: Segments, cols: tuple[i
     out = torch.empty(segments.elements, dtype=torch.float32, device=bits.device)
     launch_segments(table.onebit_decode, segments, bits, pos_mean, neg_mean, out,
                     shares=Shares(units=segments.lengths, buckets=cols, args=tuple((c, 0) for c in cols)))
+    return out
+
+
+def dqsg_encode_segments(g: torch.Tensor, delta: torch.Tensor, segments: Segments, levels: int) -> torch.Tensor:
+    """Every segment's DQSG symbols k + s with its scales and key (:func:`.ops.dqsg_encode` with
+    ``symbols=True``), end to end."""
+    vec("g", g, torch.float32, segments.elements)
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    levels = integer("levels", levels, 1, 127)
+    out = torch.empty(segments.elements, dtype=torch.uint8, device=g.device)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.dqsg_encode, segments, g, delta, segments.bucket, levels, levels, out, sender, ranks, k0, k1)
+    return out
+
+
+def dqsg_decode_segments(symbols: torch.Tensor, delta: torch.Tensor, segments: Segments, offset: int) -> torch.Tensor:
+    """Every segment's Δ_b (k − u) from its symbols k + ``offset`` (:func:`.ops.dqsg_decode` of one
+    sender with its key), end to end."""
+    vec("symbols", symbols, torch.uint8, segments.elements)
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    offset = integer("offset", offset, 0, 255)
+    out = torch.empty(segments.elements, dtype=torch.float32, device=symbols.device)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.dqsg_decode, segments, symbols, offset, delta, segments.bucket, sender, 1, 1.0, out,
+                    ranks, k0, k1)
+    return out
+
+
+def dither_bins_segments(segments: Segments, bins: int, device: torch.device) -> torch.Tensor:
+    """Every segment's dither bins with its key (:func:`.ops.dither_bins`), end to end."""
+    bins = integer("bins", bins, 1, 256)
+    if bins & (bins - 1):
+        raise ValueError(f"bins must be a power of 2, got {bins}")
+    out = torch.empty(segments.elements, dtype=torch.uint8, device=device)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.dither_bins, segments, bins, out, sender, ranks, k0, k1)
+    return out
+
+
+def _rans_shares(segments: Segments, **more: object) -> Shares:
+    """A segmented rANS launch: one block per chunk of each segment, its chunks in the bucket columns."""
+    chunks = tuple(rans_chunks(n) for n in segments.lengths)
+    return Shares(units=chunks, buckets=chunks, **more)
+
+
+def rans_encode_segments(symbols: torch.Tensor, tables: RansTables, contexts: torch.Tensor, segments: Segments
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every segment's (lengths, stream) of :func:`.ops.rans_encode_modelled` with the same tables,
+    its chunks' lengths and its stream each end to end (the segments' chunks in order: segment j's
+    stream is the next sum of its lengths bytes). Two launches: the chunks, then their bytes gathered."""
+    vec("symbols", symbols, torch.uint8, segments.elements)
+    vec("contexts", contexts, torch.uint8, segments.elements)
+    device = symbols.device
+    if segments.elements and int(contexts.max()) >= tables.rows.shape[0]:
+        raise ValueError(f"context {int(contexts.max())} has no table: there are {tables.rows.shape[0]}")
+    region = 2 * RANS_CHUNK + CHUNK_SLACK
+    shares = _rans_shares(segments)
+    chunks = sum(shares.units)
+    lengths = torch.empty(chunks, dtype=torch.int32, device=device)
+    if not chunks:
+        return lengths, torch.empty(0, dtype=torch.uint8, device=device)
+    f_dev, c_dev, _ = tables.on(device)
+    scratch = torch.empty(chunks * region, dtype=torch.uint8, device=device)
+    launch_segments(table.rans_encode, segments, symbols, contexts, 1, RANS_CHUNK, f_dev, c_dev, region, scratch,
+                    lengths, shares=replace(shares, words=tuple(c * region for c in shares.units)))
+    if bool((lengths < 0).any()):
+        raise ValueError("a symbol has frequency 0 in its table: it cannot be coded")
+    sizes = lengths.to(torch.int64)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    stream = torch.empty(int(sizes.sum()), dtype=torch.uint8, device=device)
+    launch(table.rans_gather, chunks, scratch, region, lengths, offsets, stream)
+    return lengths, stream
+
+
+def rans_decode_segments(tables: RansTables, lengths: torch.Tensor, stream: torch.Tensor, segments: Segments,
+                         contexts: torch.Tensor) -> torch.Tensor:
+    """Every segment's symbols from :func:`rans_encode_segments`' (lengths, stream) with the same
+    tables and contexts (:func:`.ops.rans_decode` of each), end to end; one launch. Lengths that do
+    not add up to the stream, or a chunk that does not decode, raise ValueError."""
+    shares = _rans_shares(segments, args=tuple((n, 0) for n in segments.lengths))
+    vec("lengths", lengths, torch.int32, sum(shares.units))
+    vec("stream", stream, torch.uint8)
+    vec("contexts", contexts, torch.uint8, segments.elements)
+    sizes = lengths.to(torch.int64)
+    if int(sizes.sum()) != stream.numel() or bool((lengths < 0).any()):
+        raise ValueError(f"chunk lengths add up to {int(sizes.sum())} bytes, the stream has {stream.numel()}")
+    device = stream.device
+    out = torch.empty(segments.elements, dtype=torch.uint8, device=device)
+    status = torch.zeros(lengths.numel(), dtype=torch.int32, device=device)
+    f_dev, c_dev, slots = tables.on(device)
+    launch_segments(table.rans_decode, segments, stream, torch.cumsum(sizes, 0) - sizes, lengths, RANS_CHUNK,
+                    contexts, 1, f_dev, c_dev, slots, out, status, shares=shares)
+    bad = torch.nonzero(status).reshape(-1)
+    if bad.numel():
+        raise ValueError(f"corrupt rANS stream: chunk {int(bad[0])} of the group's {lengths.numel()} does not decode")
     return out

@@ -145,9 +145,11 @@ def source_stamp() -> str:
 # ----------------------------------------------------------------------------- range kernels
 KEY_SEGMENTS = (("step", "step"), ("tid", "tensor_id"))  # each tensor's own dither key
 dither_fill = Kernel("dither_fill", streams.build, RANGE)
-dither_bins = Kernel("dither_bins", streams.build, RANGE)
-dqsg_encode = Kernel("dqsg_encode", dqsg.build, RANGE)
-dqsg_decode = Kernel("dqsg_decode", dqsg.build, RANGE)
+dither_bins = Kernel("dither_bins", streams.build, RANGE, segments=(("out", "elements"), *KEY_SEGMENTS))
+dqsg_encode = Kernel("dqsg_encode", dqsg.build, RANGE,
+                     segments=(("g", "elements"), ("delta", "buckets"), ("codes", "elements"), *KEY_SEGMENTS))
+dqsg_decode = Kernel("dqsg_decode", dqsg.build, RANGE,
+                     segments=(("ksum", "elements"), ("delta", "buckets"), ("out", "elements"), *KEY_SEGMENTS))
 dqsg_aggregate = Kernel("dqsg_aggregate", dqsg.build, RANGE)
 nested_encode = Kernel("nested_encode", nested.build, RANGE)
 nested_decode = Kernel("nested_decode", nested.build, RANGE)
@@ -198,9 +200,14 @@ radixunpack = Kernel("radixunpack", packing.build, segments=(("packed", "packed"
 modadd_bits = Kernel("modadd_bits", packing.build)
 modadd_radix = Kernel("modadd_radix", packing.build)
 pack_sum_fields = Kernel("pack_sum_fields", fields.build)
-rans_encode = Kernel("rans_encode", rans.build, cost=16)  # a serial state per chunk: costed like a range kernel
+# rANS over several tensors: each tensor's chunks in the bucket columns, its encoder's scratch
+# regions in the word columns, its length in arg0 (the decoder reads the group's stream as a whole)
+rans_encode = Kernel("rans_encode", rans.build, cost=16,  # a serial state per chunk: costed like a range kernel
+                     segments=(("sym", "elements"), ("ctx", "elements"), ("scratch", "words"), ("lengths", "buckets")))
 rans_gather = Kernel("rans_gather", rans.build)
-rans_decode = Kernel("rans_decode", rans.build, cost=16)
+rans_decode = Kernel("rans_decode", rans.build, cost=16,
+                     segments=(("offsets", "buckets"), ("lengths", "buckets"), ("total", "arg0"), ("ctx", "elements"),
+                               ("out", "elements"), ("status", "buckets")))
 unpack_sum_fields = Kernel("unpack_sum_fields", fields.build)
 
 #: every kernel, in the order above

@@ -82,6 +82,28 @@ class DitheredBuckets:
     def num_buckets(self, n: int) -> int:
         return sizes.num_buckets(n, self.bucket_size)
 
+    # a fused group's segment tables (:mod:`hvdquant.kernels.ops_segments`)
+    def segments(self, ctxs: Sequence[TensorContext], lengths: Sequence[int], sender: int | None = None,
+                 keyed: bool = True) -> Segments:
+        """The group's segment table: each tensor's dither key (of ``sender`` where given; its
+        stratified form with ``keyed``, as the quantizer draws it; as it is for the rotation)."""
+        keys = [c.key if sender is None else c.key.for_sender(sender) for c in ctxs]
+        return Segments(tuple(lengths), tuple(self.keyed(k, c.ranks) if keyed else k for k, c in zip(keys, ctxs)),
+                        self.bucket_size)
+
+    def rotate_group(self, flat: torch.Tensor, ctxs: Sequence[TensorContext], lengths: Sequence[int]) -> torch.Tensor:
+        """R of every tensor of ``flat`` (the group's tensors end to end; one launch), or ``flat``."""
+        if self.rotation == "none":
+            return flat
+        return ops.hadamard_rotate_segments(flat, self.segments(ctxs, lengths, keyed=False))
+
+    def unrotate_group(self, flat: torch.Tensor, ctxs: Sequence[TensorContext], lengths: list[int]
+                       ) -> list[torch.Tensor]:
+        """R⁻¹ of every tensor of ``flat`` in place (one launch), as one flat tensor each."""
+        if self.rotation != "none":
+            ops.hadamard_rotate_segments(flat, self.segments(ctxs, lengths, keyed=False), inverse=True, out=flat)
+        return list(flat.split(lengths))
+
 
 @dataclass(frozen=True)
 class DQSG(DitheredBuckets, Codec):
@@ -201,14 +223,6 @@ class DQSG(DitheredBuckets, Codec):
         several tensors whose keys share seed, sender and family (one exchange's, always)."""
         return self.coding == "fixed" and len(ctxs) > 1 and shared_keys(ctxs)
 
-    def _segments(self, ctxs: Sequence[TensorContext], lengths: Sequence[int], sender: int | None = None,
-                  keyed: bool = True) -> Segments:
-        """The group's segment table: each tensor's dither key (of ``sender`` where given; its
-        stratified form with ``keyed``, as the quantizer draws it; as it is for the rotation)."""
-        keys = [c.key if sender is None else c.key.for_sender(sender) for c in ctxs]
-        return Segments(tuple(lengths), tuple(self.keyed(k, c.ranks) if keyed else k for k, c in zip(keys, ctxs)),
-                        self.bucket_size)
-
     def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
         """:meth:`encode` of every part with the same bits, in one launch per phase for the whole
         group (rotation, scales, the fused quantize-and-pack pass:
@@ -217,10 +231,8 @@ class DQSG(DitheredBuckets, Codec):
             return super().encode_group(parts, ctxs)
         flats = [flat32(g) for g in parts]
         lengths = [f.numel() for f in flats]
-        source = torch.cat(flats)
-        if self.rotation != "none":
-            source = ops.hadamard_rotate_segments(source, self._segments(ctxs, lengths, keyed=False))
-        segs = self._segments(ctxs, lengths)
+        source = self.rotate_group(torch.cat(flats), ctxs, lengths)
+        segs = self.segments(ctxs, lengths)
         delta, packed, counts = ops.dqsg_encode_packed_segments(source, segs, self.levels)
         deltas = delta.split(segs.buckets)
         symbols = packed.split([sizes.symbol_bytes(n, self.symbols) for n in lengths])
@@ -231,22 +243,16 @@ class DQSG(DitheredBuckets, Codec):
     def _decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
                      ) -> torch.Tensor:
         """Every payload's Δ(k − u), not rotated back, end to end (one launch)."""
-        segs = self._segments(ctxs, [e.n for e in encs], sender)
+        segs = self.segments(ctxs, [e.n for e in encs], sender)
         delta = torch.cat([e.fields["delta"] for e in encs])
         packed = torch.cat([e.fields["symbols"] for e in encs])
         return ops.dqsg_decode_packed_segments(packed, delta, segs, self.levels)
-
-    def _unrotated(self, flat: torch.Tensor, ctxs: Sequence[TensorContext], lengths: list[int]) -> list[torch.Tensor]:
-        """R⁻¹ of every tensor of ``flat`` in place (one launch), as one flat tensor each."""
-        if self.rotation != "none":
-            ops.hadamard_rotate_segments(flat, self._segments(ctxs, lengths, keyed=False), inverse=True, out=flat)
-        return list(flat.split(lengths))
 
     def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
         """:meth:`decode` of every payload with the same bits, one launch per phase for the group."""
         if not self._grouped(ctxs):
             return super().decode_group(encs, ctxs)
-        return self._unrotated(self._decode_flat(encs, ctxs), ctxs, [e.n for e in encs])
+        return self.unrotate_group(self._decode_flat(encs, ctxs), ctxs, [e.n for e in encs])
 
     def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
         return self.decode_group(encs, ctxs)
@@ -260,7 +266,7 @@ class DQSG(DitheredBuckets, Codec):
         if not self._grouped(ctxs) or (self.dither == "stratified" and ranks & (ranks - 1)):
             return super().aggregate_group(payloads, ctxs, recovers)
         mean = mean_in_sender_order(payloads, lambda encs, p: self._decode_flat(encs, ctxs, sender=p))
-        return [(m, DecodeStats()) for m in self._unrotated(mean, ctxs, [p[0].n for p in payloads])]
+        return [(m, DecodeStats()) for m in self.unrotate_group(mean, ctxs, [p[0].n for p in payloads])]
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,8 @@ from hvdquant.codecs.base import (
     all_finite,
     check_int,
     flat32,
+    mean_in_sender_order,
+    shared_keys,
 )
 from hvdquant.codecs.dqsg import DITHERS, DitheredBuckets
 from hvdquant.codecs.ecdq_model import (
@@ -252,6 +255,70 @@ class ECDQ(DitheredBuckets, Codec):
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         return self.rotator.unrotate(self._rotated(enc, ctx), ctx.key)
+
+    # ------------------------------------------------------------- a fused group at once
+    def _grouped(self, ctxs: Sequence[TensorContext]) -> bool:
+        """Whether a group of these contexts runs the segmented kernels: several tensors of one
+        exchange in the bucket scope (the tensor scope's scales and exponents go tensor by tensor)."""
+        return self.scope == "bucket" and len(ctxs) > 1 and shared_keys(ctxs)
+
+    def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """:meth:`encode` of every part with the same bytes in a constant number of launches (rotation,
+        norms, indices, dither bins, rANS chunks and their gathering: :mod:`hvdquant.kernels.ops_segments`).
+        A group holding a non-finite tensor is encoded tensor by tensor (its symbols could not be coded)."""
+        if not self._grouped(ctxs):
+            return super().encode_group(parts, ctxs)
+        flats = [flat32(g) for g in parts]
+        lengths = [f.numel() for f in flats]
+        x = self.rotate_group(torch.cat(flats), ctxs, lengths)
+        segs = self.segments(ctxs, lengths)
+        rms = ops.bucket_l2_segments(x, segs) * (1.0 / math.sqrt(self.bucket_size))
+        sigma = self.scales(rms)
+        delta = self.steps(sigma)
+        if not all_finite(delta):
+            return super().encode_group(parts, ctxs)
+        half, rows = self.half_width, self.model.freq.shape[0]
+        symbols = ops.dqsg_encode_segments(x, delta, segs, half)
+        contexts = ops.dither_bins_segments(segs, self.bins, x.device)
+        chunk_lengths, stream = ops.rans_encode_segments(symbols, self.model, contexts, segs)
+        alphabet = 2 * half + 1
+        tensor = torch.repeat_interleave(torch.arange(len(lengths), device=x.device),
+                                         torch.tensor(lengths, device=x.device))
+        cells = (tensor * rows + contexts).mul_(alphabet).add_(symbols)
+        counts = torch.bincount(cells, minlength=len(lengths) * rows * alphabet).reshape(len(lengths), rows, alphabet)
+        chunks = [ops.rans_chunks(n) for n in lengths]
+        per_tensor = chunk_lengths.split(chunks)
+        streams = stream.split([int(c.sum()) for c in chunk_lengths.to(torch.int64).split(chunks)])
+        return [Encoded(n, {"sigma": sg, "lengths": ln, "stream": st}, counts=ct, side_bits=self.side_bits(n))
+                for n, sg, ln, st, ct in zip(lengths, sigma.split(segs.buckets), per_tensor, streams, counts)]
+
+    def _rotated_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
+                       ) -> torch.Tensor:
+        """Every payload's Δ_b (k − u) in the rotated coordinates, end to end (sender ``sender``'s keys
+        where given): dither bins, rANS chunks and reconstruction, one launch each."""
+        segs = self.segments(ctxs, [e.n for e in encs], sender)
+        contexts = ops.dither_bins_segments(segs, self.bins, encs[0].device)
+        symbols = ops.rans_decode_segments(self.model, torch.cat([e.fields["lengths"] for e in encs]),
+                                           torch.cat([e.fields["stream"] for e in encs]), segs, contexts)
+        delta = self.steps(torch.cat([e.fields["sigma"] for e in encs]))
+        return ops.dqsg_decode_segments(symbols, delta, segs, self.half_width)
+
+    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        if not self._grouped(ctxs):
+            return super().decode_group(encs, ctxs)
+        return self.unrotate_group(self._rotated_group(encs, ctxs), ctxs, [e.n for e in encs])
+
+    def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
+        return self.decode_group(encs, ctxs)
+
+    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
+                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
+        """:meth:`aggregate` of every tensor with the same bits: one decode per sender for the group,
+        summed in sender order, one rotation back."""
+        if not self._grouped(ctxs):
+            return super().aggregate_group(payloads, ctxs, recovers)
+        mean = mean_in_sender_order(payloads, lambda encs, p: self._rotated_group(encs, ctxs, sender=p))
+        return [(m, DecodeStats()) for m in self.unrotate_group(mean, ctxs, [p[0].n for p in payloads])]
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

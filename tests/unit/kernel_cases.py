@@ -84,9 +84,18 @@ def segmented(n):
     norm = ops.bucket_l2_segments(g, segs)
     codes = ops.qsgd_encode_segments(g, norm, segs, 2)
     levels = ops.unpack_symbols_segments(ops.pack_symbols_segments((codes + 2).view(torch.uint8), segs, 5), segs, 5)
+    step = ops.bucket_step(ops.bucket_absmax_segments(g, segs), 4)
+    symbols = ops.dqsg_encode_segments(g, step, segs, 9)  # |k| ≤ 4 < 9: the ECDQ layout, never clipped
+    bins = ops.dither_bins_segments(segs, 8, g.device)
+    freq = torch.full((8, 19), 862, dtype=torch.int16)
+    freq[:, 0] += 16384 - 862 * 19  # every row sums to M = 2^14
+    tables = ops.RansTables(freq)
+    chunk_lengths, stream = ops.rans_encode_segments(symbols, tables, bins, segs)
+    decoded_symbols = ops.rans_decode_segments(tables, chunk_lengths, stream, segs, bins)
     return (rotated, delta, words, torch.tensor(counts), back, *payloads, pos, neg,
             ops.onebit_decode_segments(bits, segs, cols, pos, neg), norm, codes, levels,
-            ops.scale_decode_segments(levels.view(torch.int8) - 2, norm, segs, 2))
+            ops.scale_decode_segments(levels.view(torch.int8) - 2, norm, segs, 2), symbols, bins, chunk_lengths,
+            stream, decoded_symbols, ops.dqsg_decode_segments(decoded_symbols, step, segs, 9))
 
 
 CASES = {

@@ -7,7 +7,7 @@ import simulated_gpu as sim
 import torch
 from one_tensor import start
 
-from hvdquant import DQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD
+from hvdquant import DQSG, ECDQ, QSGD, CodecState, ErrorFeedback, OneBitSGD
 from hvdquant.codecs.base import TensorContext
 from hvdquant.codecs.onebit import OneBitQuantizer
 from hvdquant.kernels import DitherKey, ops
@@ -107,20 +107,23 @@ def test_summed_exchange_costs_a_constant_number_of_launches_per_step(rotation):
 # launches of one payload-exchange step of a single rank: DQSG encodes in one (CPU: scales inside
 # the fused pass) and decodes in one per sender; 1-bit SGD in four (lane sums, column means, bits,
 # packing) and two (unpacking, means); QSGD in two (norms, levels; fixed coding: packing) and one
-# (scaling; fixed: unpacking), its Elias streams coded on the host; scatter-reduce adds the
+# (scaling; fixed: unpacking), its Elias streams coded on the host; ECDQ (rotated) in six (rotation,
+# norms, indices, dither bins, rANS chunks, their gathering) and three per sender (dither bins, rANS
+# chunks, reconstruction) and one rotation back; scatter-reduce adds the
 # owner's re-encoding and its decode; each rotation and rotation back one more; error feedback
 # decodes its own payloads
 PAYLOAD_CODECS = {"dqsg": DQSG(3, 64), "dqsg-rotated": DQSG(3, 64, rotation="hadamard"),
                   "dqsg-ef": ErrorFeedback(DQSG(3, 64)),
                   "dqsg-rotated-ef": ErrorFeedback(DQSG(3, 64, rotation="hadamard")), "onebit-sgd": OneBitSGD(),
-                  "qsgd-elias": QSGD(1, 64), "qsgd-fixed": QSGD(3, 64, norm="max", coding="fixed")}
+                  "qsgd-elias": QSGD(1, 64), "qsgd-fixed": QSGD(3, 64, norm="max", coding="fixed"),
+                  "ecdq": ECDQ(1.1, 64)}
 PAYLOAD_LAUNCHES = {("allgather", "dqsg"): 2, ("allgather", "dqsg-rotated"): 4, ("allgather", "dqsg-ef"): 3,
                     ("allgather", "dqsg-rotated-ef"): 6, ("allgather", "onebit-sgd"): 8,
-                    ("allgather", "qsgd-elias"): 3, ("allgather", "qsgd-fixed"): 5,
+                    ("allgather", "qsgd-elias"): 3, ("allgather", "qsgd-fixed"): 5, ("allgather", "ecdq"): 10,
                     ("scatter_reduce", "dqsg"): 4, ("scatter_reduce", "dqsg-rotated"): 8,
                     ("scatter_reduce", "dqsg-ef"): 5, ("scatter_reduce", "dqsg-rotated-ef"): 10,
                     ("scatter_reduce", "onebit-sgd"): 14, ("scatter_reduce", "qsgd-elias"): 6,
-                    ("scatter_reduce", "qsgd-fixed"): 10}
+                    ("scatter_reduce", "qsgd-fixed"): 10, ("scatter_reduce", "ecdq"): 20}
 
 
 @pytest.mark.parametrize(("reducer", "codec"), sorted(PAYLOAD_LAUNCHES))
@@ -165,8 +168,10 @@ def test_payload_exchange_launches_on_a_simulated_gpu(rotation):
 
 
 @pytest.mark.parametrize("codec", [DQSG(1), DQSG(3, rotation="hadamard"), DQSG(2, 100, dither="independent"),
-                                   OneBitQuantizer(), QSGD(1), QSGD(3, 100, norm="max", coding="fixed")],
-                         ids=["s1", "s3-rotated", "independent", "onebit", "qsgd-elias", "qsgd-fixed"])
+                                   OneBitQuantizer(), QSGD(1), QSGD(3, 100, norm="max", coding="fixed"),
+                                   ECDQ(1.1), ECDQ(2.6, 64, dither="independent", rotation="none")],
+                         ids=["s1", "s3-rotated", "independent", "onebit", "qsgd-elias", "qsgd-fixed", "ecdq",
+                              "ecdq-independent"])
 @pytest.mark.parametrize("ranks", [4, 3])
 def test_group_methods_give_each_tensor_its_own_bits(codec, ranks):
     """The group encoders, decoders and aggregations (segmented launches) against the single-tensor
