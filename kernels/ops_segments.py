@@ -37,12 +37,22 @@ def hadamard_rotate_segments(x: torch.Tensor, segments: Segments, inverse: bool 
     return out
 
 
-def bucket_absmax_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """max |g_i| per bucket of every segment (:func:`.ops.bucket_absmax`), the segments' buckets end to end."""
+def _per_bucket(kernel: table.Kernel, g: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """A per-bucket statistic ``kernel(b, g, bucket, out)`` of every segment, their buckets end to end."""
     vec("g", g, torch.float32, segments.elements)
     out = torch.empty(sum(segments.buckets), dtype=torch.float32, device=g.device)
-    launch_segments(table.bucket_absmax, segments, g, segments.bucket, out)
+    launch_segments(kernel, segments, g, segments.bucket, out)
     return out
+
+
+def bucket_absmax_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """max |g_i| per bucket of every segment (:func:`.ops.bucket_absmax`), the segments' buckets end to end."""
+    return _per_bucket(table.bucket_absmax, g, segments)
+
+
+def bucket_l2_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """‖g_b‖₂ per bucket of every segment (:func:`.ops.bucket_l2`), the segments' buckets end to end."""
+    return _per_bucket(table.bucket_l2, g, segments)
 
 
 def _counts(where: str, segments: Segments, span: int, alphabet: int, like: torch.Tensor) -> torch.Tensor:
@@ -197,14 +207,6 @@ def unpack_symbols_segments(packed: torch.Tensor, segments: Segments, alphabet: 
     return out
 
 
-def bucket_l2_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """‖g_b‖₂ per bucket of every segment (:func:`.ops.bucket_l2`), the segments' buckets end to end."""
-    vec("g", g, torch.float32, segments.elements)
-    out = torch.empty(sum(segments.buckets), dtype=torch.float32, device=g.device)
-    launch_segments(table.bucket_l2, segments, g, segments.bucket, out)
-    return out
-
-
 def qsgd_encode_segments(g: torch.Tensor, norm: torch.Tensor, segments: Segments, levels: int) -> torch.Tensor:
     """Every segment's QSGD levels with its scales and key (:func:`.ops.qsgd_encode`), end to end."""
     vec("g", g, torch.float32, segments.elements)
@@ -279,7 +281,7 @@ def dqsg_decode_segments(symbols: torch.Tensor, delta: torch.Tensor, segments: S
     offset = integer("offset", offset, 0, 255)
     out = torch.empty(segments.elements, dtype=torch.float32, device=symbols.device)
     _, _, sender, ranks, k0, k1 = segments.key.words()
-    launch_segments(table.dqsg_decode, segments, symbols, offset, delta, segments.bucket, sender, 1, 1.0, out,
+    launch_segments(table.dqsg_decode, segments, symbols, offset, delta, segments.bucket, int(sender), 1, 1.0, out,
                     ranks, k0, k1)
     return out
 

@@ -49,9 +49,8 @@ from hvdquant.codecs.base import (
     all_finite,
     check_int,
     flat32,
-    mean_in_sender_order,
-    shared_keys,
 )
+from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.kernels.segments import Segments
@@ -106,7 +105,7 @@ class DitheredBuckets:
 
 
 @dataclass(frozen=True)
-class DQSG(DitheredBuckets, Codec):
+class DQSG(DitheredBuckets, GroupDecoding, Codec):
     """Dithered quantizer with ``levels`` = s (2s+1 symbols) and buckets of ``bucket_size`` = d."""
 
     levels: int = 1
@@ -218,16 +217,19 @@ class DQSG(DitheredBuckets, Codec):
         return self.unrotate(out, ctx.key)
 
     # ------------------------------------------------------------- a fused group at once
-    def _grouped(self, ctxs: Sequence[TensorContext]) -> bool:
-        """Whether a group of these contexts runs the segmented kernels: fixed-rate payloads of
-        several tensors whose keys share seed, sender and family (one exchange's, always)."""
-        return self.coding == "fixed" and len(ctxs) > 1 and shared_keys(ctxs)
+    def grouped(self, ctxs: Sequence[TensorContext]) -> bool:
+        """Fixed-rate payloads run the segmented kernels (:class:`GroupDecoding`)."""
+        return self.coding == "fixed" and super().grouped(ctxs)
+
+    def aggregates_by_sender(self, ranks: int) -> bool:
+        """Not under the stratified dither with P not a power of 2 (:meth:`aggregate`'s joint pass)."""
+        return self.dither == "independent" or ranks & (ranks - 1) == 0
 
     def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
         """:meth:`encode` of every part with the same bits, in one launch per phase for the whole
         group (rotation, scales, the fused quantize-and-pack pass:
         :func:`ops.dqsg_encode_packed_segments`)."""
-        if not self._grouped(ctxs):
+        if not self.grouped(ctxs):
             return super().encode_group(parts, ctxs)
         flats = [flat32(g) for g in parts]
         lengths = [f.numel() for f in flats]
@@ -240,33 +242,17 @@ class DQSG(DitheredBuckets, Codec):
         return [Encoded(n, {"delta": d, "symbols": k}, counts=torch.tensor(c), side_bits=32.0 * d.numel()) if ok
                 else None for n, d, k, c, ok in zip(lengths, deltas, symbols, counts, finite)]
 
-    def _decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
-                     ) -> torch.Tensor:
+    def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
+                    ) -> torch.Tensor:
         """Every payload's Δ(k − u), not rotated back, end to end (one launch)."""
         segs = self.segments(ctxs, [e.n for e in encs], sender)
         delta = torch.cat([e.fields["delta"] for e in encs])
         packed = torch.cat([e.fields["symbols"] for e in encs])
         return ops.dqsg_decode_packed_segments(packed, delta, segs, self.levels)
 
-    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
-        """:meth:`decode` of every payload with the same bits, one launch per phase for the group."""
-        if not self._grouped(ctxs):
-            return super().decode_group(encs, ctxs)
-        return self.unrotate_group(self._decode_flat(encs, ctxs), ctxs, [e.n for e in encs])
-
-    def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
-        return self.decode_group(encs, ctxs)
-
-    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
-                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
-        """:meth:`aggregate` of every tensor with the same bits, where it decodes sender by sender:
-        one decoding launch per sender for the whole group, the senders summed in order, one
-        rotation back."""
-        ranks = len(payloads[0]) if payloads else 0
-        if not self._grouped(ctxs) or (self.dither == "stratified" and ranks & (ranks - 1)):
-            return super().aggregate_group(payloads, ctxs, recovers)
-        mean = mean_in_sender_order(payloads, lambda encs, p: self._decode_flat(encs, ctxs, sender=p))
-        return [(m, DecodeStats()) for m in self.unrotate_group(mean, ctxs, [p[0].n for p in payloads])]
+    def finish_flat(self, flat: torch.Tensor, ctxs: Sequence[TensorContext], lengths: list[int]
+                    ) -> list[torch.Tensor]:
+        return self.unrotate_group(flat, ctxs, lengths)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

@@ -54,8 +54,6 @@ from hvdquant.codecs.base import (
     all_finite,
     check_int,
     flat32,
-    mean_in_sender_order,
-    shared_keys,
 )
 from hvdquant.codecs.dqsg import DITHERS, DitheredBuckets
 from hvdquant.codecs.ecdq_model import (
@@ -69,6 +67,7 @@ from hvdquant.codecs.ecdq_model import (
     code_length,
     rans_model,
 )
+from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.codecs.rotation import ROTATIONS
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.stats import DecodeStats
@@ -88,7 +87,7 @@ def _powers_of_four(device: torch.device) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ECDQ(DitheredBuckets, Codec):
+class ECDQ(DitheredBuckets, GroupDecoding, Codec):
     """Dithered quantizer of step Δ_b per bucket of ``bucket_size`` coordinates (``scope``: ``step``
     times the tensor's RMS, or times the bucket's), its symbols entropy coded under the Gaussian
     model conditioned on the dither. Payload (one sender): in the tensor scope σ (bfloat16) and one
@@ -257,16 +256,16 @@ class ECDQ(DitheredBuckets, Codec):
         return self.rotator.unrotate(self._rotated(enc, ctx), ctx.key)
 
     # ------------------------------------------------------------- a fused group at once
-    def _grouped(self, ctxs: Sequence[TensorContext]) -> bool:
-        """Whether a group of these contexts runs the segmented kernels: several tensors of one
-        exchange in the bucket scope (the tensor scope's scales and exponents go tensor by tensor)."""
-        return self.scope == "bucket" and len(ctxs) > 1 and shared_keys(ctxs)
+    def grouped(self, ctxs: Sequence[TensorContext]) -> bool:
+        """The bucket scope runs the segmented kernels (:class:`GroupDecoding`; the tensor scope's
+        scales and exponents go tensor by tensor)."""
+        return self.scope == "bucket" and super().grouped(ctxs)
 
     def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
         """:meth:`encode` of every part with the same bytes in a constant number of launches (rotation,
         norms, indices, dither bins, rANS chunks and their gathering: :mod:`hvdquant.kernels.ops_segments`).
         A group holding a non-finite tensor is encoded tensor by tensor (its symbols could not be coded)."""
-        if not self._grouped(ctxs):
+        if not self.grouped(ctxs):
             return super().encode_group(parts, ctxs)
         flats = [flat32(g) for g in parts]
         lengths = [f.numel() for f in flats]
@@ -292,8 +291,8 @@ class ECDQ(DitheredBuckets, Codec):
         return [Encoded(n, {"sigma": sg, "lengths": ln, "stream": st}, counts=ct, side_bits=self.side_bits(n))
                 for n, sg, ln, st, ct in zip(lengths, sigma.split(segs.buckets), per_tensor, streams, counts)]
 
-    def _rotated_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
-                       ) -> torch.Tensor:
+    def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
+                    ) -> torch.Tensor:
         """Every payload's Δ_b (k − u) in the rotated coordinates, end to end (sender ``sender``'s keys
         where given): dither bins, rANS chunks and reconstruction, one launch each."""
         segs = self.segments(ctxs, [e.n for e in encs], sender)
@@ -303,22 +302,9 @@ class ECDQ(DitheredBuckets, Codec):
         delta = self.steps(torch.cat([e.fields["sigma"] for e in encs]))
         return ops.dqsg_decode_segments(symbols, delta, segs, self.half_width)
 
-    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
-        if not self._grouped(ctxs):
-            return super().decode_group(encs, ctxs)
-        return self.unrotate_group(self._rotated_group(encs, ctxs), ctxs, [e.n for e in encs])
-
-    def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
-        return self.decode_group(encs, ctxs)
-
-    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
-                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
-        """:meth:`aggregate` of every tensor with the same bits: one decode per sender for the group,
-        summed in sender order, one rotation back."""
-        if not self._grouped(ctxs):
-            return super().aggregate_group(payloads, ctxs, recovers)
-        mean = mean_in_sender_order(payloads, lambda encs, p: self._rotated_group(encs, ctxs, sender=p))
-        return [(m, DecodeStats()) for m in self.unrotate_group(mean, ctxs, [p[0].n for p in payloads])]
+    def finish_flat(self, flat: torch.Tensor, ctxs: Sequence[TensorContext], lengths: list[int]
+                    ) -> list[torch.Tensor]:
+        return self.unrotate_group(flat, ctxs, lengths)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

@@ -18,17 +18,14 @@ from hvdquant.codecs.base import (
     Codec,
     Encoded,
     Layout,
-    Recover,
     TensorContext,
     all_finite,
     flat32,
-    mean_in_sender_order,
-    shared_keys,
 )
 from hvdquant.codecs.feedback import ErrorFeedback
+from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.kernels import ops, sizes
 from hvdquant.kernels.segments import Segments
-from hvdquant.stats import DecodeStats
 
 
 def columns(shape: tuple[int, ...]) -> int:
@@ -36,7 +33,7 @@ def columns(shape: tuple[int, ...]) -> int:
 
 
 @dataclass(frozen=True)
-class OneBitQuantizer(Codec):
+class OneBitQuantizer(GroupDecoding, Codec):
     scheme = "onebit-quantizer"
 
     def layout(self, n: int, ctx: TensorContext) -> Layout:
@@ -66,7 +63,7 @@ class OneBitQuantizer(Codec):
     def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
         """:meth:`encode` of every part with the same bits in a constant number of launches (column
         means, bits, packing: :mod:`hvdquant.kernels.ops_segments`)."""
-        if len(parts) < 2 or not shared_keys(ctxs):
+        if not self.grouped(ctxs):
             return super().encode_group(parts, ctxs)
         flats = [flat32(g) for g in parts]
         lengths = tuple(f.numel() for f in flats)
@@ -83,29 +80,14 @@ class OneBitQuantizer(Codec):
                                                 packed.split([sizes.packed_bytes(n, 1) for n in lengths]),
                                                 bits.split(lengths), finite)]
 
-    def _decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> torch.Tensor:
-        """Every payload decoded, end to end (two launches)."""
+    def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
+                    ) -> torch.Tensor:
+        """Every payload decoded, end to end (two launches); no dither, so the same for every ``sender``."""
         segs = Segments(tuple(e.n for e in encs), tuple(c.key for c in ctxs), 1)
         bits = ops.bitunpack_segments(torch.cat([e.fields["bits"] for e in encs]), segs, 1)
         cols = tuple(max(1, e.fields["pos_mean"].numel()) for e in encs)
         return ops.onebit_decode_segments(bits, segs, cols, torch.cat([e.fields["pos_mean"] for e in encs]),
                                           torch.cat([e.fields["neg_mean"] for e in encs]))
-
-    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
-        if len(encs) < 2 or not shared_keys(ctxs):
-            return super().decode_group(encs, ctxs)
-        return list(self._decode_flat(encs, ctxs).split([e.n for e in encs]))
-
-    def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
-        return self.decode_group(encs, ctxs)
-
-    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
-                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
-        """:meth:`aggregate` of every tensor with the same bits: one decode per sender for the group."""
-        if len(payloads) < 2 or not shared_keys(ctxs):
-            return super().aggregate_group(payloads, ctxs, recovers)
-        mean = mean_in_sender_order(payloads, lambda encs, p: self._decode_flat(encs, ctxs))
-        return [(m, DecodeStats()) for m in mean.split([p[0].n for p in payloads])]
 
 
 @dataclass(frozen=True)

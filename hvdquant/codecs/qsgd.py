@@ -22,21 +22,18 @@ from hvdquant.codecs.base import (
     Codec,
     Encoded,
     Layout,
-    Recover,
     TensorContext,
     all_finite,
     check_int,
     flat32,
-    mean_in_sender_order,
-    shared_keys,
 )
+from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.kernels import elias, ops, sizes
 from hvdquant.kernels.segments import Segments
-from hvdquant.stats import DecodeStats
 
 
 @dataclass(frozen=True)
-class QSGD(Codec):
+class QSGD(GroupDecoding, Codec):
     levels: int = 1
     bucket_size: int = 512
     norm: str = "l2"
@@ -103,7 +100,7 @@ class QSGD(Codec):
         """:meth:`encode` of every part with the same bits in a constant number of launches (norms,
         levels, packing: :mod:`hvdquant.kernels.ops_segments`); Elias streams are coded tensor by
         tensor on the host, from one copy of the group's levels."""
-        if len(parts) < 2 or not shared_keys(ctxs):
+        if not self.grouped(ctxs):
             return super().encode_group(parts, ctxs)
         flats = [flat32(g) for g in parts]
         lengths = tuple(f.numel() for f in flats)
@@ -124,9 +121,10 @@ class QSGD(Codec):
         return [Encoded(n, {"norm": sc, "levels": st}, symbols=sy, alphabet=self.symbols, side_bits=32.0 * sc.numel())
                 if ok else None for n, sc, st, sy, ok in zip(lengths, scales, streams, sym.split(lengths), finite)]
 
-    def _decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> torch.Tensor:
+    def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
+                    ) -> torch.Tensor:
         """Every payload decoded, end to end (two launches; Elias streams decoded on the host from
-        one copy, the levels copied back at once)."""
+        one copy, the levels copied back at once); no dither, so the same for every ``sender``."""
         segs = Segments(tuple(e.n for e in encs), tuple(c.key for c in ctxs), self.bucket_size)
         levels = torch.cat([e.fields["levels"] for e in encs])
         if self.coding == "fixed":
@@ -136,16 +134,3 @@ class QSGD(Codec):
             codes = torch.cat([elias.decode(st, e.n) for st, e in zip(streams, encs)]).to(levels.device)
         return ops.scale_decode_segments(codes.contiguous(), torch.cat([e.fields["norm"] for e in encs]), segs,
                                          self.levels)
-
-    def decode_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
-        if len(encs) < 2 or not shared_keys(ctxs):
-            return super().decode_group(encs, ctxs)
-        return list(self._decode_flat(encs, ctxs).split([e.n for e in encs]))
-
-    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
-                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
-        """:meth:`aggregate` of every tensor with the same bits: one decode per sender for the group."""
-        if len(payloads) < 2 or not shared_keys(ctxs):
-            return super().aggregate_group(payloads, ctxs, recovers)
-        mean = mean_in_sender_order(payloads, lambda encs, p: self._decode_flat(encs, ctxs))
-        return [(m, DecodeStats()) for m in mean.split([p[0].n for p in payloads])]
