@@ -58,6 +58,13 @@ from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
 CODINGS = ("fixed", "rans")
+MAX_RANS_GROUP = 256  # tensors of one entropy-coded group launch (a symbol's context, its tensor, is one byte)
+
+
+def _tensor_of_each(segs: Segments, device: torch.device) -> torch.Tensor:
+    """The index of each element's tensor in a group of at most 256 (uint8): its rANS context."""
+    return torch.repeat_interleave(torch.arange(len(segs.lengths), dtype=torch.uint8, device=device),
+                                   torch.tensor(segs.lengths, device=device))
 
 
 class DitheredBuckets:
@@ -218,8 +225,9 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
 
     # ------------------------------------------------------------- a fused group at once
     def grouped(self, ctxs: Sequence[TensorContext]) -> bool:
-        """Fixed-rate payloads run the segmented kernels (:class:`GroupDecoding`)."""
-        return self.coding == "fixed" and super().grouped(ctxs)
+        """A group runs the segmented kernels (:class:`GroupDecoding`); entropy-coded payloads up to
+        MAX_RANS_GROUP tensors (each symbol's rANS context names its tensor's table: one byte)."""
+        return super().grouped(ctxs) and (self.coding == "fixed" or len(ctxs) <= MAX_RANS_GROUP)
 
     def aggregates_by_sender(self, ranks: int) -> bool:
         """Not under the stratified dither with P not a power of 2 (:meth:`aggregate`'s joint pass)."""
@@ -235,6 +243,11 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         lengths = [f.numel() for f in flats]
         source = self.rotate_group(torch.cat(flats), ctxs, lengths)
         segs = self.segments(ctxs, lengths)
+        if self.coding == "rans":
+            delta = self.step_size(ops.bucket_absmax_segments(source, segs))
+            if not all_finite(delta):  # its symbols could not be coded: tensor by tensor, refusing it alone
+                return super().encode_group(parts, ctxs)
+            return self._rans_group(source, delta, segs)
         delta, packed, counts = ops.dqsg_encode_packed_segments(source, segs, self.levels)
         deltas = delta.split(segs.buckets)
         symbols = packed.split([sizes.symbol_bytes(n, self.symbols) for n in lengths])
@@ -242,11 +255,41 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         return [Encoded(n, {"delta": d, "symbols": k}, counts=torch.tensor(c), side_bits=32.0 * d.numel()) if ok
                 else None for n, d, k, c, ok in zip(lengths, deltas, symbols, counts, finite)]
 
+    def _rans_group(self, source: torch.Tensor, delta: torch.Tensor, segs: Segments) -> list[Encoded]:
+        """The entropy-coded payloads of a group (:meth:`encode` with ``coding="rans"``): symbols, each
+        tensor's histogram and table, and one rANS launch whose contexts name the tensors."""
+        symbols = ops.dqsg_encode_segments(source, delta, segs, self.levels)
+        tensors = _tensor_of_each(segs, source.device)
+        counts = torch.bincount(tensors.to(torch.int64).mul_(self.symbols).add_(symbols),
+                                minlength=len(segs.lengths) * self.symbols).reshape(-1, self.symbols)
+        freq = [ops.rans_table(c) for c in counts.cpu()]
+        lengths, stream = ops.rans_encode_segments(symbols, self._tables(freq), tensors, segs)
+        chunks = [ops.rans_chunks(n) for n in segs.lengths]
+        streams = stream.split([int(c.sum()) for c in lengths.to(torch.int64).split(chunks)])
+        return [Encoded(n, {"delta": d, "freq": f.to(source.device), "lengths": ln, "stream": st}, counts=c,
+                        side_bits=32.0 * d.numel())
+                for n, d, f, ln, st, c in zip(segs.lengths, delta.split(segs.buckets), freq, lengths.split(chunks),
+                                              streams, counts)]
+
+    def _tables(self, freq: Sequence[torch.Tensor]) -> ops.RansTables:
+        """The group's rANS tables, one row per tensor (an empty tensor's all-zero table, which codes
+        nothing, replaced by a valid one)."""
+        return ops.RansTables(torch.stack([f.cpu() if int(f.to(torch.int64).sum()) else
+                                           ops.rans_table(torch.ones(self.symbols)) for f in freq]))
+
     def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
                     ) -> torch.Tensor:
-        """Every payload's Δ(k − u), not rotated back, end to end (one launch)."""
+        """Every payload's Δ(k − u), not rotated back, end to end (one launch; entropy-coded
+        payloads: their rANS chunks in one launch first)."""
         segs = self.segments(ctxs, [e.n for e in encs], sender)
         delta = torch.cat([e.fields["delta"] for e in encs])
+        if self.coding == "rans":
+            device = delta.device
+            symbols = ops.rans_decode_segments(self._tables([e.fields["freq"] for e in encs]),
+                                               torch.cat([e.fields["lengths"] for e in encs]),
+                                               torch.cat([e.fields["stream"] for e in encs]), segs,
+                                               _tensor_of_each(segs, device))
+            return ops.dqsg_decode_segments(symbols, delta, segs, self.levels)
         packed = torch.cat([e.fields["symbols"] for e in encs])
         return ops.dqsg_decode_packed_segments(packed, delta, segs, self.levels)
 

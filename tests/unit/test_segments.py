@@ -109,21 +109,24 @@ def test_summed_exchange_costs_a_constant_number_of_launches_per_step(rotation):
 # packing) and two (unpacking, means); QSGD in two (norms, levels; fixed coding: packing) and one
 # (scaling; fixed: unpacking), its Elias streams coded on the host; ECDQ (rotated) in six (rotation,
 # norms, indices, dither bins, rANS chunks, their gathering) and three per sender (dither bins, rANS
-# chunks, reconstruction) and one rotation back; scatter-reduce adds the
+# chunks, reconstruction) and one rotation back; rANS-coded DQSG in five (maxima, steps, indices, rANS
+# chunks and their gathering) and two per sender (rANS chunks, reconstruction); scatter-reduce adds the
 # owner's re-encoding and its decode; each rotation and rotation back one more; error feedback
 # decodes its own payloads
 PAYLOAD_CODECS = {"dqsg": DQSG(3, 64), "dqsg-rotated": DQSG(3, 64, rotation="hadamard"),
                   "dqsg-ef": ErrorFeedback(DQSG(3, 64)),
                   "dqsg-rotated-ef": ErrorFeedback(DQSG(3, 64, rotation="hadamard")), "onebit-sgd": OneBitSGD(),
                   "qsgd-elias": QSGD(1, 64), "qsgd-fixed": QSGD(3, 64, norm="max", coding="fixed"),
-                  "ecdq": ECDQ(1.1, 64)}
+                  "ecdq": ECDQ(1.1, 64), "dqsg-rans": DQSG(3, 64, coding="rans")}
 PAYLOAD_LAUNCHES = {("allgather", "dqsg"): 2, ("allgather", "dqsg-rotated"): 4, ("allgather", "dqsg-ef"): 3,
                     ("allgather", "dqsg-rotated-ef"): 6, ("allgather", "onebit-sgd"): 8,
                     ("allgather", "qsgd-elias"): 3, ("allgather", "qsgd-fixed"): 5, ("allgather", "ecdq"): 10,
+                    ("allgather", "dqsg-rans"): 7,
                     ("scatter_reduce", "dqsg"): 4, ("scatter_reduce", "dqsg-rotated"): 8,
                     ("scatter_reduce", "dqsg-ef"): 5, ("scatter_reduce", "dqsg-rotated-ef"): 10,
                     ("scatter_reduce", "onebit-sgd"): 14, ("scatter_reduce", "qsgd-elias"): 6,
-                    ("scatter_reduce", "qsgd-fixed"): 10, ("scatter_reduce", "ecdq"): 20}
+                    ("scatter_reduce", "qsgd-fixed"): 10, ("scatter_reduce", "ecdq"): 20,
+                    ("scatter_reduce", "dqsg-rans"): 14}
 
 
 @pytest.mark.parametrize(("reducer", "codec"), sorted(PAYLOAD_LAUNCHES))
@@ -169,9 +172,10 @@ def test_payload_exchange_launches_on_a_simulated_gpu(rotation):
 
 @pytest.mark.parametrize("codec", [DQSG(1), DQSG(3, rotation="hadamard"), DQSG(2, 100, dither="independent"),
                                    OneBitQuantizer(), QSGD(1), QSGD(3, 100, norm="max", coding="fixed"),
-                                   ECDQ(1.1), ECDQ(2.6, 64, dither="independent", rotation="none")],
+                                   ECDQ(1.1), ECDQ(2.6, 64, dither="independent", rotation="none"),
+                                   DQSG(3, rotation="hadamard", coding="rans")],
                          ids=["s1", "s3-rotated", "independent", "onebit", "qsgd-elias", "qsgd-fixed", "ecdq",
-                              "ecdq-independent"])
+                              "ecdq-independent", "dqsg-rans"])
 @pytest.mark.parametrize("ranks", [4, 3])
 def test_group_methods_give_each_tensor_its_own_bits(codec, ranks):
     """The group encoders, decoders and aggregations (segmented launches) against the single-tensor
