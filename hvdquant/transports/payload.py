@@ -6,11 +6,12 @@ gradient. **Fusion** (:mod:`~hvdquant.transports.fusion`): ``send()`` (a DDP buc
 first finisher called sends everything queued, sorted by name and cut into groups of at most
 ``fusion_threshold`` gradient bytes (like Horovod's fusion buffer); each group is encoded by one
 call of the codec's group encoder (:meth:`~hvdquant.codecs.base.Codec.encode_group`: one kernel
-launch per phase for the whole group where the codec has segmented kernels, as DQSG's fixed-rate
-payloads do), travels in one collective round per phase, and is aggregated by one call of its
-group aggregation, so neither the rounds nor the launches per step grow with the number of tensors. A group's buffer
-from one rank is a header of int64 sizes (−1 where that rank's gradient was not finite: every rank
-then raises ``FloatingPointError`` naming the tensor and the ranks) followed by the payloads.
+launch per phase for the whole group where the codec has segmented kernels, as DQSG, 1-bit SGD,
+QSGD and ECDQ do), travels in one collective round per phase, and is aggregated by one call of the
+codec's group aggregation, so neither the rounds nor the launches per step grow with the number of
+tensors. A group's buffer from one rank is a header of int64 sizes (−1 where that rank's gradient
+was not finite: every rank then raises ``FloatingPointError`` naming the tensor and the ranks)
+followed by the payloads.
 
 The reducer (:mod:`~hvdquant.transports.reductions`) decides how a group travels and is aggregated:
 ``allgather`` (every rank aggregates every rank's payloads) or ``scatter_reduce`` (each rank owns
