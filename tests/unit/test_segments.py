@@ -1,6 +1,10 @@
 """Segmented launches (kernels/segments.py, kernels/ops_segments.py): one launch over several tensors
-laid end to end gives, tensor by tensor, the bits of one launch per tensor; and the summable
-exchange's step costs the same number of launches however many tensors it carries."""
+laid end to end gives, tensor by tensor, the bits of one launch per tensor; the codecs' group
+methods give each tensor the bits of the single-tensor ones; and a step of the summable exchange,
+or of the payload exchange with any codec that has group methods, costs the same number of
+launches however many tensors it carries (on the CPU and on a simulated GPU)."""
+
+import contextlib
 
 import pytest
 import simulated_gpu as sim
@@ -151,23 +155,32 @@ def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, 
     assert counts[0] == counts[1] == PAYLOAD_LAUNCHES[reducer, codec]
 
 
+# a (simulated) GPU's launches of the same step: DQSG's scales are a pass of their own there
+GPU_CODECS = {"dqsg": (DQSG(1, 64), 3), "dqsg-rotated": (DQSG(1, 64, rotation="hadamard"), 5),
+              "dqsg-rans": (DQSG(3, 64, coding="rans"), 7), "onebit-sgd": (OneBitSGD(), 8),
+              "qsgd-elias": (QSGD(1, 64), 3), "ecdq": (ECDQ(1.1, 64), 10)}
+
+
 @pytest.mark.skipif(not sim.available(), reason="needs Numba's CUDA simulator and no real GPU")
-@pytest.mark.parametrize("rotation", ["none", "hadamard"])
-def test_payload_exchange_launches_on_a_simulated_gpu(rotation):
-    """On a (simulated) GPU too a DQSG payload buffer of 2 or of 6 tensors costs the same launches:
-    the scales are a pass of their own there (3 without rotation: maxima, encode, decode; 5 with)."""
+@pytest.mark.parametrize("codec", sorted(GPU_CODECS))
+def test_payload_exchange_launches_on_a_simulated_gpu(codec):
+    """On a (simulated) GPU too a payload buffer of 2 or of 6 tensors costs the same launches, its
+    result stays on the GPU and has the host's bits."""
     counts = []
     for count in (2, 6):
         gen = torch.Generator().manual_seed(count)
         grads = {f"layer{i}.weight": torch.randn(3 + i, 40, generator=gen) for i in range(count)}
-        ex = PayloadExchange(DQSG(1, 64, rotation=rotation), "allgather", True, Immediate())
-        with sim.simulated_gpu():
-            buf = FusedBuffer.of([(name, g.cuda(), dither_key(5, 0, name, 0)) for name, g in grads.items()])
-            before = ops.launches["cuda"]
-            out = ex.start(buf)()
-            counts.append(ops.launches["cuda"] - before)
-            assert out.device == sim.GPU
-    assert counts[0] == counts[1] == (5 if rotation == "hadamard" else 3)
+        outs = []
+        for device in ("cpu", "cuda"):
+            ex = PayloadExchange(GPU_CODECS[codec][0], "allgather", True, Immediate())
+            with sim.simulated_gpu() if device == "cuda" else contextlib.nullcontext():
+                buf = FusedBuffer.of([(name, g.to(device), dither_key(5, 0, name, 0)) for name, g in grads.items()])
+                before = ops.launches[device]
+                outs.append(ex.start(buf)())
+                launched = ops.launches[device] - before
+        assert outs[1].device == sim.GPU and torch.equal(outs[0], outs[1].cpu())
+        counts.append(launched)
+    assert counts[0] == counts[1] == GPU_CODECS[codec][1]
 
 
 @pytest.mark.parametrize("codec", [DQSG(1), DQSG(3, rotation="hadamard"), DQSG(2, 100, dither="independent"),
