@@ -81,10 +81,20 @@ class Encoded:
     def to_bytes(self) -> torch.Tensor:
         return as_bytes(*self.fields.values())
 
+    def byte_views(self) -> list[torch.Tensor]:
+        """The fields' bytes in order, as uint8 views (no copy): what :meth:`to_bytes` concatenates,
+        for a caller that lays several payloads out in one buffer."""
+        return byte_views(*self.fields.values())
+
+
+def byte_views(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor's bytes as a flat uint8 view (a copy only for a tensor that is not contiguous)."""
+    return [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+
 
 def as_bytes(*tensors: torch.Tensor) -> torch.Tensor:
     """The tensors' bytes, concatenated in order (one uint8 buffer for a byte collective)."""
-    parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    parts = byte_views(*tensors)
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
 

@@ -22,8 +22,9 @@ SIZE = torch.empty(0, dtype=torch.int64).element_size()
 
 @dataclass
 class Item:
-    """One queued tensor. ``sent``: what this rank sends of it, one uint8 buffer per destination
-    chunk (allgather: one chunk, the whole tensor), or None where its gradient was not finite."""
+    """One queued tensor. ``sent``: what this rank sends of it, per destination chunk (allgather: one
+    chunk, the whole tensor) the uint8 pieces that follow each other in the group buffer (a
+    payload's fields), or None where its gradient was not finite."""
 
     name: str
     shape: tuple[int, ...]
@@ -31,7 +32,7 @@ class Item:
     seed: int
     step: int
     chunks: list[tuple[int, int]]
-    sent: list[torch.Tensor] | None
+    sent: list[list[torch.Tensor]] | None
     device: torch.device = torch.device("cpu")  # the gradient's: payloads, buffers and results live there
     encodings: list[Encoded] = field(default_factory=list)  # this rank's payloads (recovery rounds)
     source: torch.Tensor | None = None  # a compressed item's flat gradient until its group encodes it
@@ -90,9 +91,10 @@ def header(sizes: list[int], device: torch.device) -> torch.Tensor:
 
 
 def group_buffer(items: list[Item], c: int) -> torch.Tensor:
-    """This rank's buffer of chunk ``c`` of every item: header of sizes, then the payloads."""
-    parts = [item.sent[c] for item in items if item.sent is not None]
-    sizes = [-1 if item.sent is None else item.sent[c].numel() for item in items]
+    """This rank's buffer of chunk ``c`` of every item: header of sizes, then the payloads (one
+    concatenation of every item's pieces)."""
+    parts = [piece for item in items if item.sent is not None for piece in item.sent[c]]
+    sizes = [-1 if item.sent is None else sum(piece.numel() for piece in item.sent[c]) for item in items]
     return torch.cat([header(sizes, items[0].device), *parts])
 
 

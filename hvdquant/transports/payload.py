@@ -159,7 +159,7 @@ class PayloadExchange:
                 continue
             for enc in item.encodings:
                 self.record_payload(enc, enc.n)
-            item.sent = [enc.to_bytes() for enc in item.encodings]
+            item.sent = [enc.byte_views() for enc in item.encodings]
 
     def _raw(self, buffer: FusedBuffer, seg: Segment) -> Item:
         """An uncompressed segment: its float32 values are summed in rank order (exact and
@@ -167,7 +167,7 @@ class PayloadExchange:
         flat = buffer.part(seg)
         item = Item(seg.name, seg.shape, True, 0, 0, self.reduction.chunks(seg.length), None, buffer.device)
         if all_finite(flat):
-            item.sent = [flat[lo:hi].contiguous().view(torch.uint8) for lo, hi in item.chunks]
+            item.sent = [[flat[lo:hi].contiguous().view(torch.uint8)] for lo, hi in item.chunks]
         return item
 
     # ------------------------------------------------------------------ sending (at the first finisher)
