@@ -9,11 +9,12 @@ Same call shape as ``hvd.DistributedOptimizer``, plus ``codec=`` and ``reducer=`
 Built without patching Horovod: the class is assembled with one ``type()`` call from Horovod's
 ``_DistributedOptimizer.__dict__`` (subclassing it would recurse, as it calls
 ``super(self.__class__, self)``) with two overrides. ``_allreduce_grad_async`` (run by Horovod's
-gradient hook) encodes the gradient and queues it in the exchange, returning a callable handle;
-``synchronize`` runs those handles in **sorted parameter-name order**: the first one sends every
-queued gradient, fused into groups of at most ``fusion_threshold`` gradient bytes (one collective
-round per group and phase, whatever the number of tensors), and second rounds start in the same
-order on every rank whatever order the hooks fired in.
+gradient hook) queues the gradient in the exchange, returning a callable handle; ``synchronize``
+runs those handles in **sorted parameter-name order**: the first one encodes and sends every queued
+gradient, fused into groups of at most ``fusion_threshold`` gradient bytes (one collective round per
+group and phase, and for most codecs a constant number of kernel launches per group, whatever the
+number of tensors), and second rounds start in the same order on every rank whatever order the
+hooks fired in.
 
 CUDA gradients are encoded and decoded on their device; the fused group buffers travel through
 host memory under a CPU-only Horovod and stay on the GPU under Horovod's NCCL build.
