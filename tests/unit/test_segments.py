@@ -164,12 +164,13 @@ GPU_CODECS = {"dqsg": (DQSG(1, 64), 3), "dqsg-rotated": (DQSG(1, 64, rotation="h
 @pytest.mark.skipif(not sim.available(), reason="needs Numba's CUDA simulator and no real GPU")
 @pytest.mark.parametrize("codec", sorted(GPU_CODECS))
 def test_payload_exchange_launches_on_a_simulated_gpu(codec):
-    """On a (simulated) GPU too a payload buffer of 2 or of 6 tensors costs the same launches, its
-    result stays on the GPU and has the host's bits."""
+    """On a (simulated) GPU too a payload buffer of 2 or of 3 tensors costs the same launches, its
+    result stays on the GPU and has the host's bits (small tensors: the simulator runs a Python
+    thread per GPU thread)."""
     counts = []
-    for count in (2, 6):
+    for count in (2, 3):
         gen = torch.Generator().manual_seed(count)
-        grads = {f"layer{i}.weight": torch.randn(3 + i, 40, generator=gen) for i in range(count)}
+        grads = {f"layer{i}.weight": torch.randn(2 + i, 24, generator=gen) for i in range(count)}
         outs = []
         for device in ("cpu", "cuda"):
             ex = PayloadExchange(GPU_CODECS[codec][0], "allgather", True, Immediate())
