@@ -73,11 +73,20 @@ def segmented(n):
     first = Segments(lengths, tuple(k.for_sender(0) for k in keys), 64)
     decoded = ops.dqsg_decode_fields_segments(words * 0.5, 0.5, 19, 11, 9, delta, first, senders=3)
     back = ops.hadamard_rotate_segments(decoded, first, inverse=True, out=decoded)
-    payloads = []
-    for levels in (1, 3):  # radix and bit packing
-        scale, packed, symbol_counts = ops.dqsg_encode_packed_segments(g, segs, levels)
-        payloads += [scale, packed, torch.tensor(symbol_counts), ops.dqsg_decode_packed_segments(packed, scale, segs,
-                                                                                              levels)]
+    return rotated, delta, words, torch.tensor(counts), back
+
+
+def segmented_payloads(n):
+    """The payload codecs' segmented twins over the same four tensors: DQSG's fused packed passes, 1-bit
+    SGD, QSGD, ECDQ's indices, dither bins and rANS. (Their loops are the segmented loops that
+    :func:`segmented` runs with several block sizes, around block functions that the single-tensor
+    cases run with several block sizes.)"""
+    from hvdquant.kernels.segments import Segments
+
+    lengths = (n, 3, 0, 2 * n + 5)
+    keys = tuple(DitherKey(123456789, 11 + i, 5 + i, 1, 3) for i in range(4))
+    segs = Segments(lengths, keys, 64)
+    g = g_of(sum(lengths))
     cols = (next(c for c in (13, 11, 7, 1) if n % c == 0), 3, 1, 1)  # several columns, one, an empty tensor
     pos, neg = ops.onebit_column_means_segments(g, segs, cols)
     bits = ops.bitunpack_segments(ops.bitpack_segments(ops.onebit_encode(g), segs, 1), segs, 1)
@@ -92,8 +101,12 @@ def segmented(n):
     tables = ops.RansTables(freq)
     chunk_lengths, stream = ops.rans_encode_segments(symbols, tables, bins, segs)
     decoded_symbols = ops.rans_decode_segments(tables, chunk_lengths, stream, segs, bins)
-    return (rotated, delta, words, torch.tensor(counts), back, *payloads, pos, neg,
-            ops.onebit_decode_segments(bits, segs, cols, pos, neg), norm, codes, levels,
+    packed_payloads = []
+    for s in (1, 3):  # radix and bit packing
+        scale, packed, symbol_counts = ops.dqsg_encode_packed_segments(g, segs, s)
+        packed_payloads += [scale, packed, torch.tensor(symbol_counts),
+                            ops.dqsg_decode_packed_segments(packed, scale, segs, s)]
+    return (*packed_payloads, pos, neg, ops.onebit_decode_segments(bits, segs, cols, pos, neg), norm, codes, levels,
             ops.scale_decode_segments(levels.view(torch.int8) - 2, norm, segs, 2), symbols, bins, chunk_lengths,
             stream, decoded_symbols, ops.dqsg_decode_segments(decoded_symbols, step, segs, 9))
 
@@ -142,6 +155,7 @@ CASES = {
     "rans": lambda n: rans_roundtrip(n),
     "rans_modelled": lambda n: rans_modelled_roundtrip(n),
     "segmented": segmented,
+    "segmented_payloads": segmented_payloads,
     "dither_bins": lambda n: (ops.dither_bins(n, KEY, 16), ops.dither_bins(n, STRAT4, 256), ops.dither_bins(n, KEY, 1)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),
