@@ -43,6 +43,7 @@ from .ops_entropy import (
     rans_decode,
     rans_encode,
     rans_encode_modelled,
+    rans_split,
     rans_table,
 )
 from .ops_fields import dqsg_decode_fields, dqsg_encode_fields, pack_sum_fields, unpack_sum_fields
@@ -63,7 +64,6 @@ from .ops_segments import (
     bitunpack_segments,
     bucket_absmax_segments,
     bucket_l2_segments,
-    dither_bins_segments,
     dqsg_decode_fields_segments,
     dqsg_decode_packed_segments,
     dqsg_decode_segments,
@@ -75,9 +75,9 @@ from .ops_segments import (
     onebit_decode_segments,
     pack_symbols_segments,
     qsgd_encode_segments,
-    rans_decode_segments,
-    rans_encode_segments,
     scale_decode_segments,
+    segment_histograms,
+    segment_ids,
     unpack_symbols_segments,
 )
 from .segments import Segments
@@ -97,18 +97,17 @@ from .sizes import (
 __all__ = [
     "bitpack", "bitpack_segments", "bitunpack", "bitunpack_segments", "bucket_absmax", "bucket_absmax_segments",
     "bucket_checksum", "bucket_l2", "bucket_l2_segments", "bucket_step", "coset_bits", "coset_bytes", "dither",
-    "dither_bins", "dither_bins_segments", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields",
-    "dqsg_decode_fields_segments", "dqsg_decode_packed", "dqsg_decode_packed_segments", "dqsg_decode_segments",
-    "dqsg_encode", "dqsg_encode_fields", "dqsg_encode_fields_segments", "dqsg_encode_packed",
-    "dqsg_encode_packed_segments", "dqsg_encode_segments", "force_target", "hadamard_rotate",
-    "hadamard_rotate_segments", "launches", "modadd_cosets", "nested_decode", "nested_encode", "num_buckets",
-    "onebit_column_means", "onebit_column_means_segments", "onebit_decode", "onebit_decode_segments", "onebit_encode",
-    "onebit_lanes", "pack_cosets", "pack_sum_fields", "pack_symbols", "pack_symbols_segments", "packed_bytes",
-    "qsgd_encode", "qsgd_encode_segments", "radix_per_byte", "radixpack", "radixunpack", "RANS_CHUNK", "rans_chunks",
-    "rans_decode", "rans_decode_segments", "rans_encode", "rans_encode_modelled", "rans_encode_segments", "rans_table",
-    "RansTables", "scale_decode", "scale_decode_segments", "Segments", "SUM_WORD_BITS", "symbol_bytes",
-    "symbol_packing", "topk_indices", "unpack_cosets", "unpack_sum_fields", "unpack_symbols",
-    "unpack_symbols_segments",
+    "dither_bins", "dqsg_aggregate", "dqsg_decode", "dqsg_decode_fields", "dqsg_decode_fields_segments",
+    "dqsg_decode_packed", "dqsg_decode_packed_segments", "dqsg_decode_segments", "dqsg_encode", "dqsg_encode_fields",
+    "dqsg_encode_fields_segments", "dqsg_encode_packed", "dqsg_encode_packed_segments", "dqsg_encode_segments",
+    "force_target", "hadamard_rotate", "hadamard_rotate_segments", "launches", "modadd_cosets", "nested_decode",
+    "nested_encode", "num_buckets", "onebit_column_means", "onebit_column_means_segments", "onebit_decode",
+    "onebit_decode_segments", "onebit_encode", "onebit_lanes", "pack_cosets", "pack_sum_fields", "pack_symbols",
+    "pack_symbols_segments", "packed_bytes", "qsgd_encode", "qsgd_encode_segments", "radix_per_byte", "radixpack",
+    "radixunpack", "RANS_CHUNK", "rans_chunks", "rans_decode", "rans_encode", "rans_encode_modelled", "rans_split",
+    "rans_table", "RansTables", "scale_decode", "scale_decode_segments", "segment_histograms", "segment_ids",
+    "Segments", "SUM_WORD_BITS", "symbol_bytes", "symbol_packing", "topk_indices", "unpack_cosets",
+    "unpack_sum_fields", "unpack_symbols", "unpack_symbols_segments",
 ]
 
 

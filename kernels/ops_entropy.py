@@ -11,27 +11,44 @@ after the other). Encoder and decoder give the same bytes and symbols on the CPU
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 
 from . import table
 from .arith.rans import CHUNK_SLACK, PROB_SCALE
-from .dispatch import launch, output, vec
+from .dispatch import launch, launch_segments, output, vec
 from .key import MAX_ELEMENTS, DitherKey
+from .segments import Segments, Shares
 from .sizes import integer
 
 RANS_CHUNK = 8192  # symbols per independently coded chunk: 4 bytes of state and 4 of length per chunk
 
 
-def dither_bins(n: int, key: DitherKey, bins: int, device: str | torch.device = "cpu") -> torch.Tensor:
+def dither_bins(n: int, key: DitherKey, bins: int, device: str | torch.device = "cpu",
+                segments: Segments | None = None) -> torch.Tensor:
     """⌊(u_i + ½)·bins⌋ (uint8, at most bins − 1) for the n dithers u_i of stream ``key``
     (:func:`dither`): which of ``bins`` equal intervals of (−½, ½) each falls in; ``bins`` a power of
-    2 from 1 to 256. The contexts of an entropy coder conditioned on the dither."""
+    2 from 1 to 256. The contexts of an entropy coder conditioned on the dither. With ``segments``
+    (n = ``segments.elements``, ``key`` its first key): every segment's bins with its own key, end
+    to end, in one launch."""
     bins = integer("bins", bins, 1, 256)
     if bins & (bins - 1):
         raise ValueError(f"bins must be a power of 2, got {bins}")
     out = torch.empty(integer("n", n, 0, MAX_ELEMENTS), dtype=torch.uint8, device=device)
-    launch(table.dither_bins, n, bins, out, *key.words())
+    if segments is None:
+        launch(table.dither_bins, n, bins, out, *key.words())
+    else:
+        _, _, sender, ranks, k0, k1 = key.words()
+        launch_segments(table.dither_bins, segments, bins, out, sender, ranks, k0, k1)
     return out
+
+
+def _chunk_shares(segments: Segments, **more: object) -> Shares:
+    """A segmented rANS launch: one block per chunk of each segment, its chunks in the bucket columns."""
+    chunks = tuple(rans_chunks(n) for n in segments.lengths)
+    return Shares(units=chunks, buckets=chunks, **more)
 
 
 def rans_chunks(n: int) -> int:
@@ -116,19 +133,28 @@ def _contexts(contexts: torch.Tensor | None, rows: int, n: int, device: torch.de
     return contexts, 1
 
 
-def _encode(symbols: torch.Tensor, tables: RansTables, contexts: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lengths, stream) of ``symbols`` coded with ``tables``."""
+def _encode(symbols: torch.Tensor, tables: RansTables, contexts: torch.Tensor | None,
+            segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths, stream) of ``symbols`` coded with ``tables`` (every segment on its own: one launch
+    over their chunks, then one gathering all their bytes)."""
     n, device = symbols.numel(), symbols.device
+    if segments is not None and (n != segments.elements or contexts is None):
+        raise ValueError(f"a segmented encode takes {segments.elements} symbols and their contexts")
     ctx, stride = _contexts(contexts, tables.rows.shape[0], n, device)
-    chunks = rans_chunks(n)
+    shares = None if segments is None else _chunk_shares(segments)
+    chunks = rans_chunks(n) if shares is None else sum(shares.units)
     lengths = torch.empty(chunks, dtype=torch.int32, device=device)
     if not chunks:
         return lengths, torch.empty(0, dtype=torch.uint8, device=device)
     f_dev, c_dev, _ = tables.on(device)
     region = 2 * RANS_CHUNK + CHUNK_SLACK
     scratch = torch.empty(chunks * region, dtype=torch.uint8, device=device)
-    launch(table.rans_encode, chunks, symbols, ctx, stride, RANS_CHUNK, f_dev, c_dev, region, scratch, lengths)
+    args = (symbols, ctx, stride, RANS_CHUNK, f_dev, c_dev, region, scratch, lengths)
+    if shares is None:
+        launch(table.rans_encode, chunks, *args)
+    else:  # each segment's chunks write their own scratch regions, laid end to end as one launch's would be
+        launch_segments(table.rans_encode, segments, *args,
+                        shares=replace(shares, words=tuple(c * region for c in shares.units)))
     if bool((lengths < 0).any()):
         raise ValueError("a symbol has frequency 0 in its table: it cannot be coded (a histogram or table "
                          "that does not match the symbols)")
@@ -154,29 +180,46 @@ def rans_encode(symbols: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tens
     return freq, *_encode(symbols, RansTables(freq.reshape(1, -1)), None)
 
 
-def rans_encode_modelled(symbols: torch.Tensor, tables: torch.Tensor | RansTables, contexts: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def rans_encode_modelled(symbols: torch.Tensor, tables: torch.Tensor | RansTables, contexts: torch.Tensor,
+                         segments: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(lengths, stream) of uint8 ``symbols``, symbol i coded with the table ``freq[contexts[i]]``
     (``tables``: int16 ``freq``, contexts × alphabet, every row summing to M = 2^14 and nonzero
     wherever a symbol may occur in its context, or a :class:`RansTables` of it; ``contexts``: uint8,
     one per symbol). The tables do not travel: the decoder (:func:`rans_decode` with the same tables
-    and contexts) must know both."""
+    and contexts) must know both. With ``segments``: every segment coded on its own in one launch
+    (its chunks start at its start), the segments' chunk lengths and streams each end to end
+    (:func:`rans_split` cuts them)."""
     vec("symbols", symbols, torch.uint8)
     tables = tables if isinstance(tables, RansTables) else RansTables(tables)
     if symbols.numel() and int(symbols.max()) >= tables.rows.shape[1]:
         raise ValueError(f"symbol {int(symbols.max())} is outside the tables' alphabet of {tables.rows.shape[1]}")
-    return _encode(symbols, tables, contexts)
+    return _encode(symbols, tables, contexts, segments)
+
+
+def rans_split(lengths: torch.Tensor, stream: torch.Tensor, segments: Segments
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each segment's (chunk lengths, stream) from :func:`rans_encode_modelled`'s with ``segments``
+    (views; one copy of the lengths to the host)."""
+    chunks = [rans_chunks(n) for n in segments.lengths]
+    ends = torch.cumsum(lengths.to(torch.int64), 0).cpu()
+    bounds = [0] + [int(ends[c - 1]) if c else 0 for c in np.cumsum(chunks).tolist()]
+    return list(lengths.split(chunks)), list(stream.split(np.diff(bounds).tolist()))
 
 
 def rans_decode(freq: torch.Tensor | RansTables, lengths: torch.Tensor, stream: torch.Tensor, n: int,
-                out: torch.Tensor | None = None, contexts: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, contexts: torch.Tensor | None = None,
+                segments: Segments | None = None) -> torch.Tensor:
     """The n uint8 symbols of :func:`rans_encode`'s (freq, lengths, stream), or of
     :func:`rans_encode_modelled`'s (lengths, stream) with its tables ``freq`` and ``contexts``, on the
-    stream's device. A table that does not sum to M, lengths that do not add up to the stream, or a
-    chunk that does not decode back to the encoder's initial state raise ValueError."""
+    stream's device; with ``segments``, of its segmented form (every segment's symbols end to end, one
+    launch). A table that does not sum to M, lengths that do not add up to the stream, or a chunk
+    that does not decode back to the encoder's initial state raise ValueError."""
     vec("stream", stream, torch.uint8)
     n = integer("n", n, 0, 1 << 40)
-    chunks = rans_chunks(n)
+    if segments is not None and (n != segments.elements or contexts is None):
+        raise ValueError(f"a segmented decode takes n = {segments.elements} symbols and their contexts")
+    shares = None if segments is None else _chunk_shares(segments, args=tuple((m, 0) for m in segments.lengths))
+    chunks = rans_chunks(n) if shares is None else sum(shares.units)
     vec("lengths", lengths, torch.int32, chunks)
     offsets, total = _chunk_offsets(lengths)
     if total != stream.numel() or bool((lengths < 0).any()):
@@ -189,8 +232,12 @@ def rans_decode(freq: torch.Tensor | RansTables, lengths: torch.Tensor, stream: 
     ctx, stride = _contexts(contexts, tables.rows.shape[0], n, device)
     f_dev, c_dev, slots = tables.on(device)
     status = torch.zeros(chunks, dtype=torch.int32, device=device)
-    launch(table.rans_decode, chunks, stream, offsets, lengths, RANS_CHUNK, n, ctx, stride, f_dev, c_dev, slots, out,
-           status)
+    if shares is None:
+        launch(table.rans_decode, chunks, stream, offsets, lengths, RANS_CHUNK, n, ctx, stride, f_dev, c_dev, slots,
+               out, status)
+    else:  # each segment's length is in its row of the table
+        launch_segments(table.rans_decode, segments, stream, offsets, lengths, RANS_CHUNK, ctx, stride, f_dev, c_dev,
+                        slots, out, status, shares=shares)
     bad = torch.nonzero(status).reshape(-1)
     if bad.numel():
         raise ValueError(f"corrupt rANS stream: chunk {int(bad[0])} of {chunks} does not decode")

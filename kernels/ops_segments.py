@@ -16,9 +16,7 @@ import numpy as np
 import torch
 
 from . import table
-from .arith.rans import CHUNK_SLACK
-from .dispatch import check_senders, launch, launch_segments, output, range_span, target, vec
-from .ops_entropy import RANS_CHUNK, RansTables, rans_chunks
+from .dispatch import check_senders, launch_segments, output, range_span, target, vec
 from .ops_fields import _fields, _radix_inverses, _symbol_fields
 from .ops_packing import fused_packing
 from .segments import Segments, Shares
@@ -53,6 +51,19 @@ def bucket_absmax_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
 def bucket_l2_segments(g: torch.Tensor, segments: Segments) -> torch.Tensor:
     """‖g_b‖₂ per bucket of every segment (:func:`.ops.bucket_l2`), the segments' buckets end to end."""
     return _per_bucket(table.bucket_l2, g, segments)
+
+
+def segment_ids(segments: Segments, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The index of each element's segment (``dtype``), the segments end to end."""
+    return torch.repeat_interleave(torch.arange(len(segments.lengths), dtype=dtype, device=device),
+                                   torch.tensor(segments.lengths, device=device))
+
+
+def segment_histograms(values: torch.Tensor, segments: Segments, size: int) -> torch.Tensor:
+    """Each segment's histogram of its ``values`` (integers in [0, size), one per element, end to
+    end): int64, segments × size, in one pass."""
+    cells = segment_ids(segments, values.device).mul_(size).add_(values)
+    return torch.bincount(cells, minlength=len(segments.lengths) * size).reshape(-1, size)
 
 
 def _counts(where: str, segments: Segments, span: int, alphabet: int, like: torch.Tensor) -> torch.Tensor:
@@ -283,74 +294,4 @@ def dqsg_decode_segments(symbols: torch.Tensor, delta: torch.Tensor, segments: S
     _, _, sender, ranks, k0, k1 = segments.key.words()
     launch_segments(table.dqsg_decode, segments, symbols, offset, delta, segments.bucket, int(sender), 1, 1.0, out,
                     ranks, k0, k1)
-    return out
-
-
-def dither_bins_segments(segments: Segments, bins: int, device: torch.device) -> torch.Tensor:
-    """Every segment's dither bins with its key (:func:`.ops.dither_bins`), end to end."""
-    bins = integer("bins", bins, 1, 256)
-    if bins & (bins - 1):
-        raise ValueError(f"bins must be a power of 2, got {bins}")
-    out = torch.empty(segments.elements, dtype=torch.uint8, device=device)
-    _, _, sender, ranks, k0, k1 = segments.key.words()
-    launch_segments(table.dither_bins, segments, bins, out, sender, ranks, k0, k1)
-    return out
-
-
-def _rans_shares(segments: Segments, **more: object) -> Shares:
-    """A segmented rANS launch: one block per chunk of each segment, its chunks in the bucket columns."""
-    chunks = tuple(rans_chunks(n) for n in segments.lengths)
-    return Shares(units=chunks, buckets=chunks, **more)
-
-
-def rans_encode_segments(symbols: torch.Tensor, tables: RansTables, contexts: torch.Tensor, segments: Segments
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every segment's (lengths, stream) of :func:`.ops.rans_encode_modelled` with the same tables,
-    its chunks' lengths and its stream each end to end (the segments' chunks in order: segment j's
-    stream is the next sum of its lengths bytes). Two launches: the chunks, then their bytes gathered."""
-    vec("symbols", symbols, torch.uint8, segments.elements)
-    vec("contexts", contexts, torch.uint8, segments.elements)
-    device = symbols.device
-    if segments.elements and int(contexts.max()) >= tables.rows.shape[0]:
-        raise ValueError(f"context {int(contexts.max())} has no table: there are {tables.rows.shape[0]}")
-    region = 2 * RANS_CHUNK + CHUNK_SLACK
-    shares = _rans_shares(segments)
-    chunks = sum(shares.units)
-    lengths = torch.empty(chunks, dtype=torch.int32, device=device)
-    if not chunks:
-        return lengths, torch.empty(0, dtype=torch.uint8, device=device)
-    f_dev, c_dev, _ = tables.on(device)
-    scratch = torch.empty(chunks * region, dtype=torch.uint8, device=device)
-    launch_segments(table.rans_encode, segments, symbols, contexts, 1, RANS_CHUNK, f_dev, c_dev, region, scratch,
-                    lengths, shares=replace(shares, words=tuple(c * region for c in shares.units)))
-    if bool((lengths < 0).any()):
-        raise ValueError("a symbol has frequency 0 in its table: it cannot be coded")
-    sizes = lengths.to(torch.int64)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    stream = torch.empty(int(sizes.sum()), dtype=torch.uint8, device=device)
-    launch(table.rans_gather, chunks, scratch, region, lengths, offsets, stream)
-    return lengths, stream
-
-
-def rans_decode_segments(tables: RansTables, lengths: torch.Tensor, stream: torch.Tensor, segments: Segments,
-                         contexts: torch.Tensor) -> torch.Tensor:
-    """Every segment's symbols from :func:`rans_encode_segments`' (lengths, stream) with the same
-    tables and contexts (:func:`.ops.rans_decode` of each), end to end; one launch. Lengths that do
-    not add up to the stream, or a chunk that does not decode, raise ValueError."""
-    shares = _rans_shares(segments, args=tuple((n, 0) for n in segments.lengths))
-    vec("lengths", lengths, torch.int32, sum(shares.units))
-    vec("stream", stream, torch.uint8)
-    vec("contexts", contexts, torch.uint8, segments.elements)
-    sizes = lengths.to(torch.int64)
-    if int(sizes.sum()) != stream.numel() or bool((lengths < 0).any()):
-        raise ValueError(f"chunk lengths add up to {int(sizes.sum())} bytes, the stream has {stream.numel()}")
-    device = stream.device
-    out = torch.empty(segments.elements, dtype=torch.uint8, device=device)
-    status = torch.zeros(lengths.numel(), dtype=torch.int32, device=device)
-    f_dev, c_dev, slots = tables.on(device)
-    launch_segments(table.rans_decode, segments, stream, torch.cumsum(sizes, 0) - sizes, lengths, RANS_CHUNK,
-                    contexts, 1, f_dev, c_dev, slots, out, status, shares=shares)
-    bad = torch.nonzero(status).reshape(-1)
-    if bad.numel():
-        raise ValueError(f"corrupt rANS stream: chunk {int(bad[0])} of the group's {lengths.numel()} does not decode")
     return out

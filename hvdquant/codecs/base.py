@@ -256,6 +256,12 @@ def mean_in_sender_order(payloads: Sequence[list[Encoded]],
     return total / ranks
 
 
+def each_finite(whole: torch.Tensor, parts: Sequence[torch.Tensor]) -> list[bool]:
+    """Whether each of ``parts`` (pieces of ``whole``) is finite: one check of ``whole``, then the
+    parts only where it fails (a group's usual case costs one pass)."""
+    return [True] * len(parts) if all_finite(whole) else [all_finite(p) for p in parts]
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN and no ±Inf in t. One min/max pass (NaN propagates into both): faster than
     ``torch.isfinite(t).all()`` on 2.5e7 floats, which builds a bool tensor first."""

@@ -48,6 +48,7 @@ from hvdquant.codecs.base import (
     TensorContext,
     all_finite,
     check_int,
+    each_finite,
     flat32,
 )
 from hvdquant.codecs.grouped import GroupDecoding
@@ -59,12 +60,6 @@ from hvdquant.stats import DecodeStats
 DITHERS = ("independent", "stratified")
 CODINGS = ("fixed", "rans")
 MAX_RANS_GROUP = 256  # tensors of one entropy-coded group launch (a symbol's context, its tensor, is one byte)
-
-
-def _tensor_of_each(segs: Segments, device: torch.device) -> torch.Tensor:
-    """The index of each element's tensor in a group of at most 256 (uint8): its rANS context."""
-    return torch.repeat_interleave(torch.arange(len(segs.lengths), dtype=torch.uint8, device=device),
-                                   torch.tensor(segs.lengths, device=device))
 
 
 class DitheredBuckets:
@@ -251,7 +246,7 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         delta, packed, counts = ops.dqsg_encode_packed_segments(source, segs, self.levels)
         deltas = delta.split(segs.buckets)
         symbols = packed.split([sizes.symbol_bytes(n, self.symbols) for n in lengths])
-        finite = [True] * len(parts) if all_finite(delta) else [all_finite(d) for d in deltas]
+        finite = each_finite(delta, deltas)
         return [Encoded(n, {"delta": d, "symbols": k}, counts=torch.tensor(c), side_bits=32.0 * d.numel()) if ok
                 else None for n, d, k, c, ok in zip(lengths, deltas, symbols, counts, finite)]
 
@@ -259,23 +254,21 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         """The entropy-coded payloads of a group (:meth:`encode` with ``coding="rans"``): symbols, each
         tensor's histogram and table, and one rANS launch whose contexts name the tensors."""
         symbols = ops.dqsg_encode_segments(source, delta, segs, self.levels)
-        tensors = _tensor_of_each(segs, source.device)
-        counts = torch.bincount(tensors.to(torch.int64).mul_(self.symbols).add_(symbols),
-                                minlength=len(segs.lengths) * self.symbols).reshape(-1, self.symbols)
-        freq = [ops.rans_table(c) for c in counts.cpu()]
-        lengths, stream = ops.rans_encode_segments(symbols, self._tables(freq), tensors, segs)
-        chunks = [ops.rans_chunks(n) for n in segs.lengths]
-        streams = stream.split([int(c.sum()) for c in lengths.to(torch.int64).split(chunks)])
-        return [Encoded(n, {"delta": d, "freq": f.to(source.device), "lengths": ln, "stream": st}, counts=c,
-                        side_bits=32.0 * d.numel())
-                for n, d, f, ln, st, c in zip(segs.lengths, delta.split(segs.buckets), freq, lengths.split(chunks),
-                                              streams, counts)]
+        counts = ops.segment_histograms(symbols, segs, self.symbols)
+        freq = torch.stack([ops.rans_table(c) for c in counts.cpu()])
+        lengths, stream = ops.rans_encode_modelled(symbols, self._tables(freq),
+                                                   ops.segment_ids(segs, source.device, torch.uint8), segs)
+        lengths, streams = ops.rans_split(lengths, stream, segs)
+        return [Encoded(n, {"delta": d, "freq": f, "lengths": ln, "stream": st}, counts=c, side_bits=32.0 * d.numel())
+                for n, d, f, ln, st, c in zip(segs.lengths, delta.split(segs.buckets), freq.to(source.device),
+                                              lengths, streams, counts)]
 
-    def _tables(self, freq: Sequence[torch.Tensor]) -> ops.RansTables:
-        """The group's rANS tables, one row per tensor (an empty tensor's all-zero table, which codes
-        nothing, replaced by a valid one)."""
-        return ops.RansTables(torch.stack([f.cpu() if int(f.to(torch.int64).sum()) else
-                                           ops.rans_table(torch.ones(self.symbols)) for f in freq]))
+    def _tables(self, freq: torch.Tensor) -> ops.RansTables:
+        """The group's rANS tables, one row of ``freq`` per tensor (an empty tensor's all-zero row,
+        which codes nothing, replaced by a valid one)."""
+        rows = freq.cpu()
+        empty = rows.to(torch.int64).sum(1, keepdim=True) == 0
+        return ops.RansTables(torch.where(empty, ops.rans_table(torch.ones(self.symbols)), rows))
 
     def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
                     ) -> torch.Tensor:
@@ -284,11 +277,10 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         segs = self.segments(ctxs, [e.n for e in encs], sender)
         delta = torch.cat([e.fields["delta"] for e in encs])
         if self.coding == "rans":
-            device = delta.device
-            symbols = ops.rans_decode_segments(self._tables([e.fields["freq"] for e in encs]),
-                                               torch.cat([e.fields["lengths"] for e in encs]),
-                                               torch.cat([e.fields["stream"] for e in encs]), segs,
-                                               _tensor_of_each(segs, device))
+            symbols = ops.rans_decode(self._tables(torch.stack([e.fields["freq"] for e in encs])),
+                                      torch.cat([e.fields["lengths"] for e in encs]),
+                                      torch.cat([e.fields["stream"] for e in encs]), segs.elements,
+                                      contexts=ops.segment_ids(segs, delta.device, torch.uint8), segments=segs)
             return ops.dqsg_decode_segments(symbols, delta, segs, self.levels)
         packed = torch.cat([e.fields["symbols"] for e in encs])
         return ops.dqsg_decode_packed_segments(packed, delta, segs, self.levels)

@@ -278,27 +278,23 @@ class ECDQ(DitheredBuckets, GroupDecoding, Codec):
             return super().encode_group(parts, ctxs)
         half, rows = self.half_width, self.model.freq.shape[0]
         symbols = ops.dqsg_encode_segments(x, delta, segs, half)
-        contexts = ops.dither_bins_segments(segs, self.bins, x.device)
-        chunk_lengths, stream = ops.rans_encode_segments(symbols, self.model, contexts, segs)
+        contexts = ops.dither_bins(segs.elements, segs.key, self.bins, x.device, segments=segs)
+        chunk_lengths, streams = ops.rans_split(*ops.rans_encode_modelled(symbols, self.model, contexts, segs), segs)
         alphabet = 2 * half + 1
-        tensor = torch.repeat_interleave(torch.arange(len(lengths), device=x.device),
-                                         torch.tensor(lengths, device=x.device))
-        cells = (tensor * rows + contexts).mul_(alphabet).add_(symbols)
-        counts = torch.bincount(cells, minlength=len(lengths) * rows * alphabet).reshape(len(lengths), rows, alphabet)
-        chunks = [ops.rans_chunks(n) for n in lengths]
-        per_tensor = chunk_lengths.split(chunks)
-        streams = stream.split([int(c.sum()) for c in chunk_lengths.to(torch.int64).split(chunks)])
+        counts = ops.segment_histograms(contexts.to(torch.int64).mul_(alphabet).add_(symbols), segs,
+                                        rows * alphabet).reshape(-1, rows, alphabet)
         return [Encoded(n, {"sigma": sg, "lengths": ln, "stream": st}, counts=ct, side_bits=self.side_bits(n))
-                for n, sg, ln, st, ct in zip(lengths, sigma.split(segs.buckets), per_tensor, streams, counts)]
+                for n, sg, ln, st, ct in zip(lengths, sigma.split(segs.buckets), chunk_lengths, streams, counts)]
 
     def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
                     ) -> torch.Tensor:
         """Every payload's Δ_b (k − u) in the rotated coordinates, end to end (sender ``sender``'s keys
         where given): dither bins, rANS chunks and reconstruction, one launch each."""
         segs = self.segments(ctxs, [e.n for e in encs], sender)
-        contexts = ops.dither_bins_segments(segs, self.bins, encs[0].device)
-        symbols = ops.rans_decode_segments(self.model, torch.cat([e.fields["lengths"] for e in encs]),
-                                           torch.cat([e.fields["stream"] for e in encs]), segs, contexts)
+        contexts = ops.dither_bins(segs.elements, segs.key, self.bins, encs[0].device, segments=segs)
+        symbols = ops.rans_decode(self.model, torch.cat([e.fields["lengths"] for e in encs]),
+                                  torch.cat([e.fields["stream"] for e in encs]), segs.elements, contexts=contexts,
+                                  segments=segs)
         delta = self.steps(torch.cat([e.fields["sigma"] for e in encs]))
         return ops.dqsg_decode_segments(symbols, delta, segs, self.half_width)
 

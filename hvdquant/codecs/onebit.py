@@ -14,14 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hvdquant.codecs.base import (
-    Codec,
-    Encoded,
-    Layout,
-    TensorContext,
-    all_finite,
-    flat32,
-)
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, each_finite, flat32
 from hvdquant.codecs.feedback import ErrorFeedback
 from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.kernels import ops, sizes
@@ -69,7 +62,7 @@ class OneBitQuantizer(GroupDecoding, Codec):
         lengths = tuple(f.numel() for f in flats)
         cols = tuple(columns(c.shape) if n else 1 for c, n in zip(ctxs, lengths))
         source = torch.cat(flats)
-        finite = [True] * len(flats) if all_finite(source) else [all_finite(f) for f in flats]
+        finite = each_finite(source, flats)
         segs = Segments(lengths, tuple(c.key for c in ctxs), 1)
         pos, neg = ops.onebit_column_means_segments(source, segs, cols)
         bits = ops.onebit_encode(source)

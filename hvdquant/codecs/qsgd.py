@@ -18,15 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import (
-    Codec,
-    Encoded,
-    Layout,
-    TensorContext,
-    all_finite,
-    check_int,
-    flat32,
-)
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, check_int, each_finite, flat32
 from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.kernels import elias, ops, sizes
 from hvdquant.kernels.segments import Segments
@@ -108,7 +100,7 @@ class QSGD(GroupDecoding, Codec):
         source = torch.cat(flats)
         scale = (ops.bucket_l2_segments if self.norm == "l2" else ops.bucket_absmax_segments)(source, segs)
         scales = scale.split(segs.buckets)
-        finite = [True] * len(flats) if all_finite(scale) else [all_finite(s) for s in scales]
+        finite = each_finite(scale, scales)
         codes = ops.qsgd_encode_segments(source, scale, segs, self.levels)
         sym = (codes + self.levels).view(torch.uint8)
         if self.coding == "fixed":

@@ -90,12 +90,16 @@ def header(sizes: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.int64, device=device).view(torch.uint8)
 
 
+def buffer_of(pieces: list[list[torch.Tensor] | None], device: torch.device) -> torch.Tensor:
+    """A group buffer from each item's uint8 pieces (None: nothing sent, size −1): the header of
+    sizes, then every piece, in one concatenation."""
+    sizes = [-1 if item is None else sum(piece.numel() for piece in item) for item in pieces]
+    return torch.cat([header(sizes, device), *(piece for item in pieces if item is not None for piece in item)])
+
+
 def group_buffer(items: list[Item], c: int) -> torch.Tensor:
-    """This rank's buffer of chunk ``c`` of every item: header of sizes, then the payloads (one
-    concatenation of every item's pieces)."""
-    parts = [piece for item in items if item.sent is not None for piece in item.sent[c]]
-    sizes = [-1 if item.sent is None else sum(piece.numel() for piece in item.sent[c]) for item in items]
-    return torch.cat([header(sizes, items[0].device), *parts])
+    """This rank's buffer of chunk ``c`` of every item: header of sizes, then the payloads."""
+    return buffer_of([None if item.sent is None else item.sent[c] for item in items], items[0].device)
 
 
 def split(buf: torch.Tensor, count: int) -> list[torch.Tensor | None]:

@@ -32,7 +32,7 @@ from hvdquant.transports.collectives import (
     raise_if_poisoned,
     rank_order_sum,
 )
-from hvdquant.transports.fusion import Group, Item, group_buffer, header, split
+from hvdquant.transports.fusion import Group, Item, buffer_of, group_buffer, split
 from hvdquant.transports.session import dither_key
 
 
@@ -182,22 +182,20 @@ class ScatterReduceAllgather(Reduction):
                 continue
             live.append(item)
             received.append(parts)
-        mine = self._reduced(live, received)
-        gathered = self.ex.coll.allgather_bytes(torch.cat([header([b.numel() for b in mine], group.items[0].device),
-                                                           *mine]),
-                                                f"hvdquant.{live[0].name if live else 'none'}.gather")
+        mine = buffer_of(self._reduced(live, received), group.items[0].device)
+        gathered = self.ex.coll.allgather_bytes(mine, f"hvdquant.{live[0].name if live else 'none'}.gather")
         self.ex.stats.record(0, gathered.nbytes)
         owned = [split(buf, len(live)) for buf in raise_if_poisoned(gathered.wait(), "group")]
         results.update(self._assembled(live, owned))
         return results
 
-    def _reduced(self, items: list[Item], received: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        """This rank's chunk of every item, aggregated over every rank's part, as bytes: the
+    def _reduced(self, items: list[Item], received: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """This rank's chunk of every item, aggregated over every rank's part, as byte pieces: the
         rank-order float32 sum (raw), or the codec's re-encoding of the mean (counted as payload);
         the compressed items aggregated and re-encoded as one group."""
         ex, rank = self.ex, self.ex.coll.rank
-        out: dict[str, torch.Tensor] = {item.name: rank_order_sum(parts).view(torch.uint8)
-                                        for item, parts in zip(items, received) if item.raw}
+        out: dict[str, list[torch.Tensor]] = {item.name: [rank_order_sum(parts).view(torch.uint8)]
+                                              for item, parts in zip(items, received) if item.raw}
         coded = [(item, parts) for item, parts in zip(items, received) if not item.raw]
         payloads, ctxs = [], []
         for item, parts in coded:
@@ -215,7 +213,7 @@ class ScatterReduceAllgather(Reduction):
             if renc is None:
                 raise FloatingPointError(f"the mean of '{item.name}' is not finite (overflow in the aggregation)")
             ex.record_payload(renc, 0)  # these coordinates were counted when scattered
-            out[item.name] = renc.to_bytes()
+            out[item.name] = renc.byte_views()
         return [out[item.name] for item in items]
 
     def _assembled(self, items: list[Item], owned: list[list[torch.Tensor]]) -> Results:

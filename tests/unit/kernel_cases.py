@@ -95,12 +95,12 @@ def segmented_payloads(n):
     levels = ops.unpack_symbols_segments(ops.pack_symbols_segments((codes + 2).view(torch.uint8), segs, 5), segs, 5)
     step = ops.bucket_step(ops.bucket_absmax_segments(g, segs), 4)
     symbols = ops.dqsg_encode_segments(g, step, segs, 9)  # |k| ≤ 4 < 9: the ECDQ layout, never clipped
-    bins = ops.dither_bins_segments(segs, 8, g.device)
+    bins = ops.dither_bins(segs.elements, segs.key, 8, g.device, segments=segs)
     freq = torch.full((8, 19), 862, dtype=torch.int16)
     freq[:, 0] += 16384 - 862 * 19  # every row sums to M = 2^14
     tables = ops.RansTables(freq)
-    chunk_lengths, stream = ops.rans_encode_segments(symbols, tables, bins, segs)
-    decoded_symbols = ops.rans_decode_segments(tables, chunk_lengths, stream, segs, bins)
+    chunk_lengths, stream = ops.rans_encode_modelled(symbols, tables, bins, segs)
+    decoded_symbols = ops.rans_decode(tables, chunk_lengths, stream, segs.elements, contexts=bins, segments=segs)
     packed_payloads = []
     for s in (1, 3):  # radix and bit packing
         scale, packed, symbol_counts = ops.dqsg_encode_packed_segments(g, segs, s)
