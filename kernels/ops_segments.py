@@ -10,6 +10,7 @@ tensors there are."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -284,14 +285,101 @@ def dqsg_encode_segments(g: torch.Tensor, delta: torch.Tensor, segments: Segment
     return out
 
 
-def dqsg_decode_segments(symbols: torch.Tensor, delta: torch.Tensor, segments: Segments, offset: int) -> torch.Tensor:
-    """Every segment's Δ_b (k − u) from its symbols k + ``offset`` (:func:`.ops.dqsg_decode` of one
-    sender with its key), end to end."""
-    vec("symbols", symbols, torch.uint8, segments.elements)
+def dqsg_decode_segments(symbols: torch.Tensor, delta: torch.Tensor, segments: Segments, offset: int,
+                         senders: int = 1) -> torch.Tensor:
+    """Every segment's Δ_b (k − u) from its symbols k + ``offset`` (uint8), or Δ_b (Σ_p k_p − Σ_p u_p)
+    from its index sums (int32) over senders key.sender … + ``senders`` − 1 (:func:`.ops.dqsg_decode`
+    with its key), end to end."""
+    if not isinstance(symbols, torch.Tensor) or symbols.dtype not in (torch.uint8, torch.int32):
+        raise TypeError(f"symbols must be a uint8 or int32 tensor, got {getattr(symbols, 'dtype', type(symbols))}")
+    vec("symbols", symbols, symbols.dtype, segments.elements)
     vec("delta", delta, torch.float32, sum(segments.buckets))
     offset = integer("offset", offset, 0, 255)
+    senders = integer("senders", senders, 1, 1 << 24)
+    check_senders(segments.key, senders)
     out = torch.empty(segments.elements, dtype=torch.float32, device=symbols.device)
     _, _, sender, ranks, k0, k1 = segments.key.words()
-    launch_segments(table.dqsg_decode, segments, symbols, offset, delta, segments.bucket, int(sender), 1, 1.0, out,
-                    ranks, k0, k1)
+    launch_segments(table.dqsg_decode, segments, symbols, offset, delta, segments.bucket, int(sender), senders, 1.0,
+                    out, ranks, k0, k1)
+    return out
+
+
+def bucket_checksum_segments(k: torch.Tensor, segments: Segments, chosen: tuple[bool, ...] | None = None
+                             ) -> torch.Tensor:
+    """Σ_j w_j·k_j mod 2^32 per bucket (:func:`.ops.bucket_checksum`) of every segment, or of the
+    ``chosen`` ones (one flag per segment) only: their buckets end to end (int64); one launch."""
+    if not isinstance(k, torch.Tensor) or k.dtype not in (torch.int8, torch.int32):
+        raise TypeError(f"k must be an int8 or int32 tensor, got {getattr(k, 'dtype', type(k).__name__)}")
+    vec("k", k, k.dtype, segments.elements)
+    chosen = chosen if chosen is not None else (True,) * len(segments.lengths)
+    buckets = tuple(nb if keep else 0 for nb, keep in zip(segments.buckets, chosen, strict=True))
+    out = torch.empty(sum(buckets), dtype=torch.int64, device=k.device)
+    launch_segments(table.bucket_checksum, segments, k, segments.bucket, out, shares=Shares(units=buckets,
+                                                                                           buckets=buckets))
+    return out
+
+
+def nested_decode_segments(residues: torch.Tensor, delta: torch.Tensor, segments: Segments, ratios: tuple[int, ...],
+                           side: torch.Tensor, senders: int = 1) -> torch.Tensor:
+    """The resolved index sums K̂ (int32) of every segment whose nesting ratio ρ (``ratios``, one per
+    segment) is not 0, from its residues mod ρ and side information (:func:`.ops.nested_decode` with
+    its key and ρ, over senders key.sender … + ``senders`` − 1), end to end; a segment of ratio 0
+    is not resolved (its K̂ stay 0). One launch."""
+    vec("residues", residues, torch.uint8, segments.elements)
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    vec("side", side, torch.float32, segments.elements)
+    if len(ratios) != len(segments.lengths):
+        raise ValueError(f"{len(ratios)} nesting ratios for {len(segments.lengths)} segments")
+    ratios = tuple(integer("nesting_ratio", r, 2, 255) if r else 0 for r in ratios)
+    senders = integer("senders", senders, 1, 1 << 24)
+    check_senders(segments.key, senders)
+    resolved = torch.empty(segments.elements, dtype=torch.float32, device=residues.device)  # Σ_p ĝ_p: unused
+    kout = torch.zeros(segments.elements, dtype=torch.int32, device=residues.device)
+    _, _, first, ranks, k0, k1 = segments.key.words()
+    shares = Shares(units=tuple(n if r else 0 for n, r in zip(segments.lengths, ratios)),
+                    args=tuple((r or 2, 0) for r in ratios))
+    launch_segments(table.nested_decode, segments, residues, delta, segments.bucket, side, int(first), senders, 1.0,
+                    resolved, kout, ranks, k0, k1, shares=shares)
+    return kout
+
+
+def _field_shares(segments: Segments, fields: tuple[tuple[int, int], ...]) -> tuple[tuple[tuple[int, int], ...],
+                                                                                 tuple[int, ...]]:
+    """Each segment's (radix, fields per word), checked, and its summable words."""
+    if len(fields) != len(segments.lengths):
+        raise ValueError(f"{len(fields)} field layouts for {len(segments.lengths)} segments")
+    fields = tuple(_fields(radix, per_word) for radix, per_word in fields)
+    return fields, tuple(-(-n // f) for n, (_, f) in zip(segments.lengths, fields))
+
+
+def pack_sum_fields_segments(codes: torch.Tensor, segments: Segments, fields: tuple[tuple[int, int], ...],
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every segment's codes (uint8, each below its radix) in summable words of its own radix and
+    fields per word (``fields``, one (R, F) per segment; :func:`.ops_fields.pack_sum_fields` with
+    offset 0), the words end to end in ``out``; one launch."""
+    vec("codes", codes, torch.uint8, segments.elements)
+    fields, words = _field_shares(segments, fields)
+    out = output(out, "out", sum(words), torch.float64, codes)
+    launch_segments(table.pack_sum_fields, segments, codes, 0, out, shares=Shares(units=words, words=words,
+                                                                                   args=fields))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_tables(fields: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """The digit splitter's tables fl(1/R^j), j ≤ F, of every segment's (R, F), end to end (made once)."""
+    return torch.cat([_radix_inverses(radix, per_word, device) for radix, per_word in fields])
+
+
+def unpack_sum_fields_segments(words: torch.Tensor, segments: Segments, fields: tuple[tuple[int, int], ...],
+                               factor: float = 1.0) -> torch.Tensor:
+    """Inverse of :func:`pack_sum_fields_segments` after a reduction that returned ``factor`` × the
+    sum: every segment's sums of codes (int32, :func:`.ops_fields.unpack_sum_fields` with offset 0),
+    end to end; one launch."""
+    fields, counts = _field_shares(segments, fields)
+    vec("words", words, torch.float64, sum(counts))
+    out = torch.empty(segments.elements, dtype=torch.int32, device=words.device)
+    inverses = _inverse_tables(fields, words.device)
+    launch_segments(table.unpack_sum_fields, segments, words, np.float64(factor), inverses, 0, out,
+                    shares=Shares(units=counts, words=counts, buckets=tuple(f + 1 for _, f in fields), args=fields))
     return out

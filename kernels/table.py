@@ -152,7 +152,10 @@ dqsg_decode = Kernel("dqsg_decode", dqsg.build, RANGE,
                      segments=(("ksum", "elements"), ("delta", "buckets"), ("out", "elements"), *KEY_SEGMENTS))
 dqsg_aggregate = Kernel("dqsg_aggregate", dqsg.build, RANGE)
 nested_encode = Kernel("nested_encode", nested.build, RANGE)
-nested_decode = Kernel("nested_decode", nested.build, RANGE)
+# the stock path's nested sums over several tensors: each tensor's nesting ratio in arg0
+nested_decode = Kernel("nested_decode", nested.build, RANGE,
+                       segments=(("symbols", "elements"), ("delta", "buckets"), ("side", "elements"),
+                                 ("out", "elements"), ("kout", "elements"), ("rho", "arg0"), *KEY_SEGMENTS))
 qsgd_encode = Kernel("qsgd_encode", qsgd.build, RANGE,
                      segments=(("g", "elements"), ("norm", "buckets"), ("codes", "elements"), *KEY_SEGMENTS))
 PACK_GROUP = "(per_byte if radix > 0 else 8)"  # symbols per packing unit: a byte of digits, or 8 symbols of nbits
@@ -174,7 +177,8 @@ dqsg_decode_fields = Kernel("dqsg_decode_fields", fused.build, SPAN, ("float32",
 # ----------------------------------------------------------------------------- index kernels
 bucket_absmax = Kernel("bucket_absmax", buckets.build, segments=(("g", "elements"), ("out", "buckets")),
                        unit="buckets", threads="bucket_absmax_threads")
-bucket_checksum = Kernel("bucket_checksum", buckets.build, threads="bucket_checksum_threads")
+bucket_checksum = Kernel("bucket_checksum", buckets.build, segments=(("k", "elements"), ("out", "buckets")),
+                         unit="buckets", threads="bucket_checksum_threads")
 bucket_l2 = Kernel("bucket_l2", buckets.build, segments=(("g", "elements"), ("out", "buckets")), unit="buckets",
                    threads="bucket_l2_threads")
 bucket_step = Kernel("bucket_step", buckets.build)
@@ -199,7 +203,11 @@ radixpack = Kernel("radixpack", packing.build, segments=(("symbols", "elements")
 radixunpack = Kernel("radixunpack", packing.build, segments=(("packed", "packed"), ("out", "elements")))
 modadd_bits = Kernel("modadd_bits", packing.build)
 modadd_radix = Kernel("modadd_radix", packing.build)
-pack_sum_fields = Kernel("pack_sum_fields", fields.build)
+# summable fields of several tensors, each with its own radix (arg0) and fields per word (arg1); the
+# splitter's table of fl(1/R^j) of each tensor in the bucket columns
+FIELD_RADIX = (("radix", "arg0"), ("per_word", "arg1"))
+pack_sum_fields = Kernel("pack_sum_fields", fields.build,
+                         segments=(("codes", "elements"), ("words", "words"), *FIELD_RADIX))
 # rANS over several tensors: each tensor's chunks in the bucket columns, its encoder's scratch
 # regions in the word columns, its length in arg0 (the decoder reads the group's stream as a whole)
 rans_encode = Kernel("rans_encode", rans.build, cost=16,  # a serial state per chunk: costed like a range kernel
@@ -208,7 +216,8 @@ rans_gather = Kernel("rans_gather", rans.build)
 rans_decode = Kernel("rans_decode", rans.build, cost=16,
                      segments=(("offsets", "buckets"), ("lengths", "buckets"), ("total", "arg0"), ("ctx", "elements"),
                                ("out", "elements"), ("status", "buckets")))
-unpack_sum_fields = Kernel("unpack_sum_fields", fields.build)
+unpack_sum_fields = Kernel("unpack_sum_fields", fields.build,
+                           segments=(("words", "words"), ("inverses", "buckets"), ("ksum", "elements"), *FIELD_RADIX))
 
 #: every kernel, in the order above
 KERNELS: tuple[Kernel, ...] = tuple(v for v in list(globals().values()) if isinstance(v, Kernel))

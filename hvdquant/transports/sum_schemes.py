@@ -9,14 +9,15 @@ function that waits for it and decodes; :func:`scheme_for` picks the scheme of a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import bisect
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from hvdquant.codecs.base import counts_entropy, empirical_entropy
-from hvdquant.codecs.coset_resolver import bucket_coordinates
+from hvdquant.codecs.base import counts_entropy
 from hvdquant.codecs.dqsg import DQSG
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.nesting import NestingPolicy
@@ -58,6 +59,12 @@ class Batch:
     source: torch.Tensor
     delta: torch.Tensor
     segments: Segments
+
+    @property
+    def summed(self) -> Segments:
+        """The segments keyed from sender 0: the keys of sums over every sender."""
+        segs = self.segments
+        return Segments(segs.lengths, tuple(k.for_sender(0) for k in segs.keys), segs.bucket)
 
 
 class SumHost(Protocol):
@@ -121,7 +128,7 @@ class DQSGSum:
         def decode() -> dict[str, torch.Tensor]:
             reduced = started.wait()
             _, factor = message.split(reduced)
-            first = Segments(segs.lengths, tuple(k.for_sender(0) for k in segs.keys), segs.bucket)
+            first = batch.summed
             total = ops.dqsg_decode_fields_segments(reduced[:-1], factor, layout.radix, layout.per_word,
                                                     layout.offset * ranks, batch.delta, first, senders=ranks)
             if codec.rotator.active:
@@ -136,7 +143,11 @@ class NestedSum:
 
     With a common Δ_b (s₁ levels), every rank sends its coset symbols (k + ⌊ρ/2⌋) mod ρ as summable
     digits of base P(ρ−1) + 1, plus its per-bucket checksums Σ_j w_j·k_j mod 2^32 (w_j: odd
-    hashed weights of the position j; linear, so they sum too). The receiver reduces the field sums
+    hashed weights of the position j; linear, so they sum too). One message per group: every
+    tensor's fields end to end (a nested tensor's cosets, another's DQSG(s₁) symbols k + s₁ in
+    digits of base 2s₁P + 1), then the nested tensors' checksums; each phase (quantizing, checksums,
+    packing, unpacking, resolving, probing at each candidate ratio, decoding) is one kernel launch
+    for the whole group. The receiver reduces the field sums
     mod ρ and resolves Σ_p k_p with side information P·ḡ_prev, the previous step's decoded mean of
     the same tensor, which is bit-identical on every rank (:meth:`CosetResolver.resolve`). Buckets
     whose resolved index sums miss the summed checksum are detected on every rank alike and
@@ -181,98 +192,175 @@ class NestedSum:
     def _words(self, n: int, nb: int, failed: list[int], ranks: int, rho: int) -> int:
         """Summable words of one tensor nested with ratio ``rho``: cosets + checksums + the
         recovered buckets' DQSG(s₁) index sums."""
-        fine = SumFieldLayout.for_levels(self.nested.levels[0], ranks)
-        recovered = bucket_coordinates(failed, self.nested.bucket_size, n).numel()
+        d = self.nested.bucket_size
+        recovered = sum(min(d, n - b * d) for b in failed)
         words = SumFieldLayout(0, rho - 1, ranks).field_words(n) + nb
-        return words + (fine.field_words(recovered) if recovered else 0)
+        return words + SumFieldLayout.for_levels(self.nested.levels[0], ranks).field_words(recovered)
 
-    def _decide(self, q: Quantized, ksum: torch.Tensor, side: torch.Tensor, ranks: int,
-                failed: list[int] | None) -> None:
-        """Nesting and ratio of ``q``'s tensor at its next step, from its exact index sums ``ksum``:
-        every candidate ratio priced in words against the side information (``failed``: the buckets
-        that failed at the ratio in use, when this step was nested), against DQSG(s₁)'s fields."""
-        nested, name = self.nested, q.item.name
-        n, nb, current = ksum.numel(), q.delta.numel(), nested.ratio(name, self.policy)
-        probe = nested.resolver.probe
-        cost = {rho: self._words(n, nb, failed if failed is not None and rho == current
-                                 else probe(ksum, q.delta, side, q.key.for_sender(0), ranks, rho), ranks, rho)
-                for rho in nested.candidate_ratios()}
-        plain = SumFieldLayout.for_levels(nested.levels[0], ranks).field_words(n)
-        self.policy.choose(name, cost, plain, buckets=nb)
+    def _sides(self, batch: Batch, device: torch.device) -> list[torch.Tensor | None]:
+        """Each tensor's side information P·ḡ_prev (moved to ``device`` where a checkpoint left it
+        elsewhere), or None where there is none of its length (its first step)."""
+        sides: list[torch.Tensor | None] = []
+        for q, n in zip(batch.rounds, batch.segments.lengths):
+            side = self._side.get(q.item.name)
+            if side is not None and side.device != device:
+                side = self._side[q.item.name] = side.to(device)
+            sides.append(side if side is not None and side.numel() == n else None)
+        return sides
 
     def send(self, ex: SumHost, batch: Batch, tag: str) -> Callable[[], dict[str, torch.Tensor]]:
-        """Pack every tensor's cosets and checksums (or, while not nested, its DQSG(s₁) indices) and
-        start one SUM allreduce of all; the returned function waits for it, resolves the index sums
-        with the side information, recovers failed buckets in one more round and decodes."""
-        path, nested, rounds = ex, self.nested, batch.rounds
-        ranks, d, s1 = path.coll.size, nested.bucket_size, nested.levels[0]
-        device = rounds[0].item.source.device
-        fine = SumFieldLayout.for_levels(s1, ranks)
-        segments, values, indices, nested_names = [], [], [], set()
-        for q in rounds:
-            src, n, nb = q.item.source, q.item.source.numel(), q.delta.numel()
-            k = path.codec.quantize(src, q.delta, q.key)
-            indices.append(k)
-            side = self._side.get(q.item.name)
-            if side is not None:  # restored from a checkpoint, it may sit on another device
-                side = self._side[q.item.name] = side.to(device)
-            if side is None or side.numel() != n or not nested.nests(q.item.name, self.policy):
-                segments.append((fine, n))
-                values.append(k)
-                path.entropy_bits += n * empirical_entropy((k + s1).view(torch.uint8), 2 * s1 + 1) + 32.0 * nb
-                continue
-            nested_names.add(q.item.name)
-            rho = nested.ratio(q.item.name, self.policy)
-            cosets = ops.nested_encode(src, q.delta, d, s1, rho, q.key)
-            segments += [(SumFieldLayout(0, rho - 1, ranks), n), (None, nb)]
-            values += [cosets.view(torch.int8), ops.bucket_checksum(k, d).double()]
-            path.entropy_bits += n * empirical_entropy(cosets, rho) + 64.0 * nb
-        message = SumMessage(ranks, tuple(segments))
-        started = path.start_sum(message, values, device, sum(q.item.source.numel() for q in rounds),
-                                 f"hvdquant.sum.{tag}")
-        return lambda: self._decode(path, rounds, iter(message.unpack(started.wait())[0]), indices, nested_names, tag)
+        """Quantize every tensor of the batch (one launch), send the nested ones' cosets and checksums
+        and the others' DQSG(s₁) symbols in summable fields (one launch packs them all) through one SUM
+        allreduce; the returned function waits for it and decodes (:meth:`_decode`)."""
+        nested, segs = self.nested, batch.segments
+        ranks, s1, device = ex.coll.size, nested.levels[0], batch.source.device
+        sides = self._sides(batch, device)
+        ratios = tuple(nested.ratio(q.item.name, self.policy)
+                       if side is not None and nested.nests(q.item.name, self.policy) else 0
+                       for q, side in zip(batch.rounds, sides))
+        chosen = tuple(bool(r) for r in ratios)
+        symbols = ops.dqsg_encode_segments(batch.source, batch.delta, segs, s1)  # k + s₁
+        k = symbols.to(torch.int32).sub_(s1)
+        codes = symbols
+        if any(chosen):  # the nested tensors' cosets (k + ⌊ρ/2⌋) mod ρ, from their symbols
+            shift = _per_element([r // 2 - s1 if r else 0 for r in ratios], segs, torch.int16, device)
+            codes = torch.remainder(symbols.to(torch.int16) + shift,
+                                    _per_element([r or 256 for r in ratios], segs, torch.int16, device)).to(torch.uint8)
+        checksums = ops.bucket_checksum_segments(k, segs, chosen)
+        fields = tuple(SumFieldLayout(0, r - 1 if r else 2 * s1, ranks) for r in ratios)
+        radices = tuple((f.radix, f.per_word) for f in fields)
+        message = SumMessage(ranks, tuple(zip(fields, segs.lengths)) + (((None, checksums.numel()),) if any(chosen)
+                                                                        else ()))
+        field_words = sum(f.field_words(n) for f, n in zip(fields, segs.lengths))
 
-    def _decode(self, path: SumHost, rounds: list[Quantized], parts: Iterator[torch.Tensor],
-                indices: list[torch.Tensor], nested_names: set[str], tag: str) -> dict[str, torch.Tensor]:
-        """Σ_p ĝ_p per tensor from the reduced fields ``parts`` (see :meth:`send`)."""
-        nested = self.nested
-        ranks, d, device = path.coll.size, nested.bucket_size, rounds[0].item.source.device
-        fine = SumFieldLayout.for_levels(nested.levels[0], ranks)
-        resolved, failed = [], []
-        for q in rounds:
-            key0 = q.key.for_sender(0)
-            if q.item.name not in nested_names:
-                resolved.append(next(parts))
-                failed.append([])
-                side = self._side.get(q.item.name)
-                if nested.adaptive and side is not None and side.numel() == resolved[-1].numel():  # the probe
-                    self._decide(q, resolved[-1], side, ranks, None)
-                continue
-            sums, checks = next(parts), next(parts)
-            rho = nested.ratio(q.item.name, self.policy)
-            kout, bad = nested.resolver.resolve((sums % rho).to(torch.uint8), q.delta, self._side[q.item.name], key0,
-                                       ranks, torch.round(checks).to(torch.int64), rho)
-            resolved.append(kout)
-            failed.append(bad)
+        def write(words: torch.Tensor) -> None:
+            ops.pack_sum_fields_segments(codes, segs, radices, out=words[:field_words])
+            words[field_words:].copy_(checksums)
+
+        counts = ops.segment_histograms(codes, segs, 2 * s1 + 1).tolist()
+        for n, nb, c, r in zip(segs.lengths, segs.buckets, counts, ratios):
+            ex.entropy_bits += n * counts_entropy(c[:r or 2 * s1 + 1]) + (64.0 if r else 32.0) * nb
+        started = ex.start_sum(message, write, device, segs.elements, f"hvdquant.sum.{tag}")
+        return lambda: self._decode(ex, batch, _Sent(message, radices, field_words, ratios, k, sides), started, tag)
+
+    def _decode(self, path: SumHost, batch: Batch, sent: _Sent, started: Started[torch.Tensor],
+                tag: str) -> dict[str, torch.Tensor]:
+        """Σ_p ĝ_p of every tensor of ``batch`` from the reduced words: the index sums of the
+        DQSG(s₁) tensors split off, the nested ones' cosets resolved with the side information (one
+        launch for all, one more for their checksums), failed buckets recovered in one more SUM
+        round, adaptive nesting's probes (two launches per candidate ratio), and one decoding launch."""
+        nested, segs = self.nested, batch.segments
+        ranks, s1, device = path.coll.size, nested.levels[0], batch.source.device
+        first = batch.summed
+        reduced = started.wait()
+        parts, factor = sent.message.split(reduced)
+        sums = ops.unpack_sum_fields_segments(reduced[:sent.field_words], segs, sent.radices, factor)
+        side = None
+        if any(sent.ratios) or (nested.adaptive and any(s is not None for s in sent.sides)):
+            side = torch.cat([s if s is not None else torch.zeros(n, device=device)
+                              for s, n in zip(sent.sides, segs.lengths)])
+        failed: list[list[int]] = [[] for _ in segs.lengths]
+        residues = None
+        if any(sent.ratios):  # Σ_p cosets mod ρ = (Σ_p k_p + P⌊ρ/2⌋) mod ρ
+            residues = torch.remainder(sums, _per_element([r or 256 for r in sent.ratios], segs, torch.int32, device))
+        ksum = sums.sub_(_per_element([0 if r else ranks * s1 for r in sent.ratios], segs, torch.int32, device))
+        if residues is not None:
+            chosen = tuple(bool(r) for r in sent.ratios)
+            kout = ops.nested_decode_segments(residues.to(torch.uint8), batch.delta, first, sent.ratios, side, ranks)
+            checks = torch.round(parts[-1]).to(torch.int64) & 0xFFFFFFFF
+            wrong = torch.nonzero(ops.bucket_checksum_segments(kout, first, chosen) != checks).flatten().tolist()
+            failed = _by_segment(wrong, [nb if r else 0 for nb, r in zip(segs.buckets, sent.ratios)])
+            ksum = torch.where(_per_element(list(chosen), segs, torch.bool, device), kout, ksum)
         if any(failed):  # the same buckets on every rank: one allreduce of their DQSG(s1) index sums
-            path.decode_stats.recovery_rounds += 1
-            coords = [bucket_coordinates(bad, d, q.item.source.numel(), device) for q, bad in zip(rounds, failed)]
-            before = path.stats.bytes_handed
-            truths = path.sum_fields(SumMessage(ranks, tuple((fine, idx.numel()) for idx in coords)),
-                                     [k[idx].contiguous() for k, idx in zip(indices, coords)], device, 0,
-                                     f"hvdquant.sum.{tag}.recovery")
-            path.decode_stats.recovery_bytes += path.stats.bytes_handed - before
-            for kout, bad, truth in zip(resolved, failed, truths):
-                if bad:
-                    nested.resolver.patch(kout, bad, truth, path.decode_stats)
-        sums = {}
-        for q, kout, bad in zip(rounds, resolved, failed):
-            if nested.adaptive and q.item.name in nested_names:
-                self._decide(q, kout, self._side[q.item.name], ranks, bad)
-            total = path.codec.decode_sum(kout, q.delta, q.key.for_sender(0), senders=ranks)
-            self._side[q.item.name] = total  # side information for the next step: P × the decoded mean
-            sums[q.item.name] = total
-        return sums
+            self._recover(path, ksum, sent.indices, segs, failed, tag)
+        if nested.adaptive:
+            self._decide(batch, first, ksum, side, sent, failed, ranks)
+        total = ops.dqsg_decode_segments(ksum, batch.delta, first, 0, senders=ranks)
+        sums_by_name = dict(zip((q.item.name for q in batch.rounds), total.split(list(segs.lengths))))
+        self._side.update(sums_by_name)  # side information for the next step: P × the decoded mean
+        return sums_by_name
+
+    def _recover(self, path: SumHost, ksum: torch.Tensor, indices: torch.Tensor, segments: Segments,
+                 failed: list[list[int]], tag: str) -> None:
+        """Patch the true DQSG(s₁) index sums of the ``failed`` buckets (per tensor) into the resolved
+        sums ``ksum`` of all tensors end to end, from one SUM allreduce of this rank's ``indices`` there
+        (one field segment for all tensors: one launch packs it, one unpacks it)."""
+        d, ranks = self.nested.bucket_size, path.coll.size
+        starts = segments.offsets(list(segments.lengths))
+        coords = [np.arange(start + b * d, start + min((b + 1) * d, n), dtype=np.int64)
+                  for start, n, bad in zip(starts, segments.lengths, failed) for b in bad]
+        idx = torch.from_numpy(np.concatenate(coords)).to(ksum.device)
+        fine = SumFieldLayout.for_levels(self.nested.levels[0], ranks)
+        stats = path.decode_stats
+        stats.recovery_rounds += 1
+        before = path.stats.bytes_handed
+        (truth,) = path.sum_fields(SumMessage(ranks, ((fine, idx.numel()),)), [indices[idx].to(torch.int8)],
+                                   ksum.device, 0, f"hvdquant.sum.{tag}.recovery")
+        stats.recovery_bytes += path.stats.bytes_handed - before
+        stats.failed_buckets += len(coords)
+        stats.failed_coordinates += int((ksum[idx] != truth).sum())
+        ksum[idx] = truth
+
+    def _decide(self, batch: Batch, first: Segments, ksum: torch.Tensor, side: torch.Tensor | None, sent: _Sent,
+                failed: list[list[int]], ranks: int) -> None:
+        """Nesting and ratio of every tensor with side information at its next step, from the exact
+        index sums ``ksum``: each candidate ratio priced in words (:meth:`_words`) against DQSG(s₁)'s
+        fields — the buckets that failed for the ratio in use where the tensor nested, and for the
+        others the buckets a probe finds: the residues of ``ksum`` resolved against the same side
+        information, all tensors in one launch per candidate ratio."""
+        nested, segs = self.nested, batch.segments
+        probed = tuple(s is not None for s in sent.sides)
+        if not any(probed):
+            return
+        truth = ops.bucket_checksum_segments(ksum, first, probed)
+        candidates = nested.candidate_ratios()
+        wrong = []
+        for rho in candidates:
+            ratios = tuple(rho if p and rho != r else 0 for p, r in zip(probed, sent.ratios))
+            residues = torch.remainder(ksum + ranks * (rho // 2), rho).to(torch.uint8)
+            kout = ops.nested_decode_segments(residues, batch.delta, first, ratios, side, ranks)
+            wrong.append(ops.bucket_checksum_segments(kout, first, probed) != truth)
+        flat = torch.nonzero(torch.stack(wrong)).tolist()
+        buckets = [nb if p else 0 for nb, p in zip(segs.buckets, probed)]
+        fails = {rho: _by_segment([b for c, b in flat if c == i], buckets) for i, rho in enumerate(candidates)}
+        for i, (q, n, nb) in enumerate(zip(batch.rounds, segs.lengths, segs.buckets)):
+            if not probed[i]:
+                continue
+            cost = {rho: self._words(n, nb, failed[i] if rho == sent.ratios[i] else fails[rho][i], ranks, rho)
+                    for rho in candidates}
+            plain = SumFieldLayout.for_levels(nested.levels[0], ranks).field_words(n)
+            self.policy.choose(q.item.name, cost, plain, buckets=nb)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What :meth:`NestedSum.send` sent, for decoding: the message, each tensor's field (R, F), the
+    words of the fields, each tensor's nesting ratio (0: sent as DQSG(s₁)), this rank's DQSG(s₁)
+    indices (int32, for recovery) and each tensor's side information (None: none)."""
+
+    message: SumMessage
+    radices: tuple[tuple[int, int], ...]
+    field_words: int
+    ratios: tuple[int, ...]
+    indices: torch.Tensor
+    sides: list[torch.Tensor | None]
+
+
+def _per_element(values: list, segments: Segments, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One value per segment, repeated over the segment's elements."""
+    return torch.repeat_interleave(torch.tensor(values, dtype=dtype),
+                                   torch.tensor(segments.lengths, dtype=torch.int64)).to(device)
+
+
+def _by_segment(flat: list[int], buckets: list[int]) -> list[list[int]]:
+    """Indices into the segments' buckets end to end (``buckets`` per segment), as each segment's own
+    bucket indices."""
+    starts = np.cumsum([0, *buckets]).tolist()
+    out: list[list[int]] = [[] for _ in buckets]
+    for b in flat:
+        s = bisect.bisect_right(starts, b) - 1  # the last segment starting at or before b: not an empty one
+        out[s].append(b - starts[s])
+    return out
 
 
 def scheme_for(codec: object) -> DQSGSum | NestedSum:

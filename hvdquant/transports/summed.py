@@ -11,7 +11,7 @@ per-bucket max|g| taken, one MAX allreduce of all maxima, then every tensor quan
 common step straight into its fields, and the fields of *all* tensors summed in **one** allreduce
 (plus, for nested decoding, one fused recovery round). Each phase is one kernel launch for the whole
 group (:mod:`hvdquant.kernels.ops_segments`), however many tensors it holds (the nested scheme
-still codes its cosets tensor by tensor);
+too: its cosets, checksums, side-information decoding, probes and recovery round);
 uncompressed segments travel in one allgather and are summed in rank order. A step costs a fixed
 number of rounds however many tensors the model has; tensors go in sorted name order, so every
 rank packs the same layout whatever order the hooks fired in. With ``group_threshold`` (Horovod's

@@ -76,6 +76,29 @@ def segmented(n):
     return rotated, delta, words, torch.tensor(counts), back
 
 
+def segmented_nested(n):
+    """The stock path's nested twins over the same four tensors: checksums of some of them, cosets
+    resolved with their own ratios (one tensor not resolved), summable fields of their own radices,
+    and index sums decoded."""
+    from hvdquant.kernels.segments import Segments
+
+    lengths = (n, 3, 0, 2 * n + 5)
+    keys = tuple(DitherKey(123456789, 11 + i, 5 + i, 0, 3) for i in range(4))
+    segs = Segments(lengths, keys, 64)
+    g = g_of(sum(lengths))
+    delta = ops.bucket_step(ops.bucket_absmax_segments(g, segs), 4)
+    k = ops.dqsg_encode_segments(g, delta, segs, 4).to(torch.int32) - 4
+    ratios = (4, 0, 2, 8)
+    residues = (k + 2).remainder(4).to(torch.uint8)  # some resolve wrongly at ratios 2 and 8
+    kout = ops.nested_decode_segments(residues, delta, segs, ratios, g * 1.01, senders=2)
+    fields = ((7, 12), (9, 5), (4, 3), (25, 10))
+    codes = sym_of(sum(lengths), 4)
+    words = ops.pack_sum_fields_segments(codes, segs, fields)
+    return (ops.bucket_checksum_segments(k, segs), ops.bucket_checksum_segments(kout, segs, (True, False, True, True)),
+            kout, words, ops.unpack_sum_fields_segments(words * 3.0, segs, fields, 3.0),
+            ops.dqsg_decode_segments(kout, delta, segs, 0, senders=2))
+
+
 def segmented_payloads(n):
     """The payload codecs' segmented twins over the same four tensors: DQSG's fused packed passes, 1-bit
     SGD, QSGD, ECDQ's indices, dither bins and rANS. (Their loops are the segmented loops that
@@ -156,6 +179,7 @@ CASES = {
     "rans_modelled": lambda n: rans_modelled_roundtrip(n),
     "segmented": segmented,
     "segmented_payloads": segmented_payloads,
+    "segmented_nested": segmented_nested,
     "dither_bins": lambda n: (ops.dither_bins(n, KEY, 16), ops.dither_bins(n, STRAT4, 256), ops.dither_bins(n, KEY, 1)),
     "nested_encode": lambda n: (ops.nested_encode(g_of(n), scales(g_of(n), 64, 3), 64, 3, 4, KEY),),
     "nested_decode": lambda n: nested_decode_with_kout(n),

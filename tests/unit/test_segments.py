@@ -20,7 +20,7 @@ from hvdquant.transports.collectives import Started
 from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.payload import PayloadExchange
 from hvdquant.transports.session import dither_key
-from hvdquant.transports.sum_schemes import DQSGSum
+from hvdquant.transports.sum_schemes import DQSGSum, NestedSum
 from hvdquant.transports.summed import SummedExchange
 
 LENGTHS = (1000, 512, 7, 0, 3000, 513, 1)
@@ -58,6 +58,42 @@ def test_each_segment_gets_the_bits_of_its_own_launch(ranks):
     assert torch.equal(back, torch.cat([ops.hadamard_rotate(p, 64, k, inverse=True) for p, k in zip(per, keys)]))
 
 
+def test_nested_segments_get_the_bits_of_their_own_launches():
+    """The stock nested path's twins, tensor by tensor: checksums (of chosen tensors), cosets resolved
+    each with its own ratio (ratio 0: not resolved), fields of each tensor's radix, index sums decoded."""
+    keys = tuple(DitherKey(5, 3 + i, 100 + i, 0, 3) for i in range(len(LENGTHS)))
+    segs = Segments(LENGTHS, keys, 64)
+    parts, gs = list(LENGTHS), tensors()
+    delta = ops.bucket_step(ops.bucket_absmax_segments(torch.cat(gs), segs), 8)
+    deltas = [d.contiguous() for d in delta.split(segs.buckets)]
+    k = ops.dqsg_encode_segments(torch.cat(gs), delta, segs, 8).to(torch.int32) - 8
+    ks = [x.contiguous() for x in k.split(parts)]
+    chosen = (True, False, True, True, False, True, False)
+    assert torch.equal(ops.bucket_checksum_segments(k, segs), torch.cat([ops.bucket_checksum(x, 64) for x in ks]))
+    assert torch.equal(ops.bucket_checksum_segments(k, segs, chosen),
+                       torch.cat([ops.bucket_checksum(x, 64) for x, c in zip(ks, chosen) if c]))
+    ratios = tuple(r if c else 0 for r, c in zip((2, 4, 8, 4, 2, 8, 4), chosen))
+    sides = [g * 1.1 for g in gs]
+    residues = [((x + 2 * (r // 2)) % r if r else x).to(torch.uint8) for x, r in zip(ks, ratios)]
+    kout = ops.nested_decode_segments(torch.cat(residues), delta, segs, ratios, torch.cat(sides), senders=2)
+    own = []
+    for res, d, side, key, r in zip(residues, deltas, sides, keys, ratios):
+        own.append(torch.zeros(res.numel(), dtype=torch.int32))
+        if r:
+            ops.nested_decode(res, d, 64, r, side, key, senders=2, kout=own[-1])
+    assert torch.equal(kout, torch.cat(own))
+    fields = tuple((3, 30) if c else (17, 12) for c in chosen)
+    codes = (k + 8).to(torch.uint8).remainder(torch.tensor([3 if c else 17 for c in chosen]).repeat_interleave(
+        torch.tensor(LENGTHS))).to(torch.uint8)
+    words = ops.pack_sum_fields_segments(codes, segs, fields)
+    each = [ops.pack_sum_fields(c.contiguous().to(torch.int8), 0, r, f)
+            for c, (r, f) in zip(codes.split(parts), fields)]
+    assert torch.equal(words, torch.cat(each))
+    assert torch.equal(ops.unpack_sum_fields_segments(words * 2.0, segs, fields, 2.0), codes.to(torch.int32))
+    assert torch.equal(ops.dqsg_decode_segments(kout, delta, segs, 0, senders=2),
+                       torch.cat([ops.dqsg_decode(x, d, 64, key, senders=2) for x, d, key in zip(own, deltas, keys)]))
+
+
 def test_one_launch_whatever_the_number_of_tensors():
     keys = tuple(DitherKey(5, 3, i, 0) for i in range(len(LENGTHS)))
     segs = Segments(LENGTHS, keys, 64)
@@ -89,23 +125,43 @@ class Immediate:
         return Started(lambda: list(bufs), 0)
 
 
-@pytest.mark.parametrize("rotation", ["none", "hadamard"])
-def test_summed_exchange_costs_a_constant_number_of_launches_per_step(rotation):
-    """One exchange of 3 or of 30 tensors: the same kernel launches (per phase, one for all: rotation,
-    maxima, steps, fields, decoding, rotation back)."""
-    counts = []
+# launches of each step of the summable exchange (one rank): maxima, steps, quantization, fields
+# packed, unpacked, decoded (DQSG: unpacked and decoded in one), each rotation one more. NDQSG: a
+# tensor nests from its second step on (the side information is the step before's sum): its checksums
+# (one launch), its cosets resolved and their checksums (two); a recovery round packs and unpacks one
+# field segment (two). Adaptive nesting starts with no tensor nested and probes every tensor with side
+# information: its checksums (one) and per candidate ratio (2, 4, 8, 16) a resolve and its checksums
+# (two), less the resolve of a ratio no tensor is probed at (every tensor nests at it).
+SUMMED_LAUNCHES = {"dqsg": [4] * 5, "dqsg-rotated": [6] * 5, "ndqsg-adaptive": [6, 15, 15, 18, 17],
+                   "ndqsg-recovered": [6, 11, 11, 11, 11]}
+SUMMED_SCHEMES = {"dqsg": lambda: DQSGSum(3, 64), "dqsg-rotated": lambda: DQSGSum(3, 64, rotation="hadamard"),
+                  "ndqsg-adaptive": lambda: NestedSum((8, 1), 64, adaptive=True),
+                  "ndqsg-recovered": lambda: NestedSum((3, 1), 64, adaptive=False)}
+
+
+@pytest.mark.parametrize("scheme", list(SUMMED_SCHEMES))
+def test_summed_exchange_costs_a_constant_number_of_launches_per_step(scheme):
+    """Each step of an exchange of 3 or of 30 tensors: the same kernel launches (per phase, one for
+    all). ``ndqsg-adaptive`` keeps its gradients, so nesting turns on as it pays; ``ndqsg-recovered``
+    draws new ones every step, so its nested tensors fail and are recovered at every step."""
+    counts, recoveries = [], []
     for count in (3, 30):
         gen = torch.Generator().manual_seed(count)
         grads = {f"layer{i}.weight": torch.randn(40 + 17 * i, 9, generator=gen) for i in range(count)}
-        ex = SummedExchange(DQSGSum(3, 64, rotation=rotation), False, Immediate())
-        for step in range(2):
+        ex = SummedExchange(SUMMED_SCHEMES[scheme](), False, Immediate())
+        launched = []
+        for step in range(5):
+            fresh = scheme == "ndqsg-recovered"
             before = ops.launches["cpu"]
-            handed = [start(ex, name, g, 5, step) for name, g in grads.items()]
+            handed = [start(ex, name, torch.randn(g.shape, generator=gen) if fresh else g, 5, step)
+                      for name, g in grads.items()]
             for finish in handed:
                 finish()
-            launched = ops.launches["cpu"] - before
+            launched.append(ops.launches["cpu"] - before)
         counts.append(launched)
-    assert counts[0] == counts[1] == (6 if rotation == "hadamard" else 4)
+        recoveries.append(ex.decode_stats.recovery_rounds)
+    assert counts[0] == counts[1] == SUMMED_LAUNCHES[scheme]
+    assert recoveries == ([4, 4] if scheme == "ndqsg-recovered" else [0, 0])
 
 
 # launches of one payload-exchange step of a single rank: DQSG encodes in one (CPU: scales inside
