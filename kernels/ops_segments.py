@@ -319,25 +319,51 @@ def bucket_checksum_segments(k: torch.Tensor, segments: Segments, chosen: tuple[
     return out
 
 
-def nested_decode_segments(residues: torch.Tensor, delta: torch.Tensor, segments: Segments, ratios: tuple[int, ...],
-                           side: torch.Tensor, senders: int = 1) -> torch.Tensor:
-    """The resolved index sums K̂ (int32) of every segment whose nesting ratio ρ (``ratios``, one per
-    segment) is not 0, from its residues mod ρ and side information (:func:`.ops.nested_decode` with
-    its key and ρ, over senders key.sender … + ``senders`` − 1), end to end; a segment of ratio 0
-    is not resolved (its K̂ stay 0). One launch."""
-    vec("residues", residues, torch.uint8, segments.elements)
-    vec("delta", delta, torch.float32, sum(segments.buckets))
-    vec("side", side, torch.float32, segments.elements)
+def _ratio_shares(segments: Segments, ratios: tuple[int, ...]) -> Shares:
+    """A nested launch over the segments whose nesting ratio (``ratios``, one per segment) is not 0,
+    each ratio in arg0."""
     if len(ratios) != len(segments.lengths):
         raise ValueError(f"{len(ratios)} nesting ratios for {len(segments.lengths)} segments")
     ratios = tuple(integer("nesting_ratio", r, 2, 255) if r else 0 for r in ratios)
+    return Shares(units=tuple(n if r else 0 for n, r in zip(segments.lengths, ratios)),
+                  args=tuple((r or 2, 0) for r in ratios))
+
+
+def nested_encode_segments(g: torch.Tensor, delta: torch.Tensor, segments: Segments, levels: int,
+                           ratios: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
+    """The coset symbols (k + ⌊ρ/2⌋) mod ρ of every segment whose nesting ratio ρ (``ratios``) is not
+    0 (:func:`.ops.nested_encode` with its key and ρ), into its part of ``out`` (uint8; the other
+    segments' parts are left as they are); one launch."""
+    vec("g", g, torch.float32, segments.elements)
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    vec("out", out, torch.uint8, segments.elements)
+    levels = integer("levels", levels, 1, 127)
+    _, _, sender, ranks, k0, k1 = segments.key.words()
+    launch_segments(table.nested_encode, segments, g, delta, segments.bucket, levels, out, sender, ranks, k0, k1,
+                    shares=_ratio_shares(segments, ratios))
+    return out
+
+
+def nested_decode_segments(residues: torch.Tensor, delta: torch.Tensor, segments: Segments, ratios: tuple[int, ...],
+                           side: torch.Tensor, senders: int = 1, kout: torch.Tensor | None = None) -> torch.Tensor:
+    """The resolved index sums K̂ (int32) of every segment whose nesting ratio ρ (``ratios``, one per
+    segment) is not 0, from its residues mod ρ (uint8, or int32: any integers congruent to them) and
+    side information (:func:`.ops.nested_decode` with its key and ρ, over senders key.sender … +
+    ``senders`` − 1), end to end, into ``kout`` if given; a segment of ratio 0 is not resolved (its
+    part of ``kout`` stays as it was: 0 in a new one). One launch."""
+    if not isinstance(residues, torch.Tensor) or residues.dtype not in (torch.uint8, torch.int32):
+        raise TypeError(f"residues must be a uint8 or int32 tensor, got {getattr(residues, 'dtype', type(residues))}")
+    vec("residues", residues, residues.dtype, segments.elements)
+    vec("delta", delta, torch.float32, sum(segments.buckets))
+    vec("side", side, torch.float32, segments.elements)
+    shares = _ratio_shares(segments, ratios)
     senders = integer("senders", senders, 1, 1 << 24)
     check_senders(segments.key, senders)
     resolved = torch.empty(segments.elements, dtype=torch.float32, device=residues.device)  # Σ_p ĝ_p: unused
-    kout = torch.zeros(segments.elements, dtype=torch.int32, device=residues.device)
+    if kout is None:
+        kout = torch.zeros(segments.elements, dtype=torch.int32, device=residues.device)
+    vec("kout", kout, torch.int32, segments.elements)
     _, _, first, ranks, k0, k1 = segments.key.words()
-    shares = Shares(units=tuple(n if r else 0 for n, r in zip(segments.lengths, ratios)),
-                    args=tuple((r or 2, 0) for r in ratios))
     launch_segments(table.nested_decode, segments, residues, delta, segments.bucket, side, int(first), senders, 1.0,
                     resolved, kout, ranks, k0, k1, shares=shares)
     return kout

@@ -151,8 +151,10 @@ dqsg_encode = Kernel("dqsg_encode", dqsg.build, RANGE,
 dqsg_decode = Kernel("dqsg_decode", dqsg.build, RANGE,
                      segments=(("ksum", "elements"), ("delta", "buckets"), ("out", "elements"), *KEY_SEGMENTS))
 dqsg_aggregate = Kernel("dqsg_aggregate", dqsg.build, RANGE)
-nested_encode = Kernel("nested_encode", nested.build, RANGE)
 # the stock path's nested sums over several tensors: each tensor's nesting ratio in arg0
+nested_encode = Kernel("nested_encode", nested.build, RANGE,
+                       segments=(("g", "elements"), ("delta", "buckets"), ("symbols", "elements"), ("rho", "arg0"),
+                                 *KEY_SEGMENTS))
 nested_decode = Kernel("nested_decode", nested.build, RANGE,
                        segments=(("symbols", "elements"), ("delta", "buckets"), ("side", "elements"),
                                  ("out", "elements"), ("kout", "elements"), ("rho", "arg0"), *KEY_SEGMENTS))

@@ -222,10 +222,8 @@ class NestedSum:
         symbols = ops.dqsg_encode_segments(batch.source, batch.delta, segs, s1)  # k + s₁
         k = symbols.to(torch.int32).sub_(s1)
         codes = symbols
-        if any(chosen):  # the nested tensors' cosets (k + ⌊ρ/2⌋) mod ρ, from their symbols
-            shift = _per_element([r // 2 - s1 if r else 0 for r in ratios], segs, torch.int16, device)
-            codes = torch.remainder(symbols.to(torch.int16) + shift,
-                                    _per_element([r or 256 for r in ratios], segs, torch.int16, device)).to(torch.uint8)
+        if any(chosen):  # the nested tensors' cosets (k + ⌊ρ/2⌋) mod ρ in their parts
+            codes = ops.nested_encode_segments(batch.source, batch.delta, segs, s1, ratios, symbols.clone())
         checksums = ops.bucket_checksum_segments(k, segs, chosen)
         fields = tuple(SumFieldLayout(0, r - 1 if r else 2 * s1, ranks) for r in ratios)
         radices = tuple((f.radix, f.per_word) for f in fields)
@@ -257,20 +255,15 @@ class NestedSum:
         sums = ops.unpack_sum_fields_segments(reduced[:sent.field_words], segs, sent.radices, factor)
         side = None
         if any(sent.ratios) or (nested.adaptive and any(s is not None for s in sent.sides)):
-            side = torch.cat([s if s is not None else torch.zeros(n, device=device)
-                              for s, n in zip(sent.sides, segs.lengths)])
+            side = _end_to_end(sent.sides, segs, device)
         failed: list[list[int]] = [[] for _ in segs.lengths]
-        residues = None
-        if any(sent.ratios):  # Σ_p cosets mod ρ = (Σ_p k_p + P⌊ρ/2⌋) mod ρ
-            residues = torch.remainder(sums, _per_element([r or 256 for r in sent.ratios], segs, torch.int32, device))
-        ksum = sums.sub_(_per_element([0 if r else ranks * s1 for r in sent.ratios], segs, torch.int32, device))
-        if residues is not None:
+        ksum = sums - ranks * s1  # Σ_p k_p of the DQSG(s₁) tensors (Σ_p (k_p + s₁) in their fields)
+        if any(sent.ratios):  # the nested ones': Σ_p cosets ≡ Σ_p k_p + P⌊ρ/2⌋ (mod ρ), resolved
             chosen = tuple(bool(r) for r in sent.ratios)
-            kout = ops.nested_decode_segments(residues.to(torch.uint8), batch.delta, first, sent.ratios, side, ranks)
+            ops.nested_decode_segments(sums, batch.delta, first, sent.ratios, side, ranks, kout=ksum)
             checks = torch.round(parts[-1]).to(torch.int64) & 0xFFFFFFFF
-            wrong = torch.nonzero(ops.bucket_checksum_segments(kout, first, chosen) != checks).flatten().tolist()
+            wrong = torch.nonzero(ops.bucket_checksum_segments(ksum, first, chosen) != checks).flatten().tolist()
             failed = _by_segment(wrong, [nb if r else 0 for nb, r in zip(segs.buckets, sent.ratios)])
-            ksum = torch.where(_per_element(list(chosen), segs, torch.bool, device), kout, ksum)
         if any(failed):  # the same buckets on every rank: one allreduce of their DQSG(s1) index sums
             self._recover(path, ksum, sent.indices, segs, failed, tag)
         if nested.adaptive:
@@ -317,8 +310,7 @@ class NestedSum:
         wrong = []
         for rho in candidates:
             ratios = tuple(rho if p and rho != r else 0 for p, r in zip(probed, sent.ratios))
-            residues = torch.remainder(ksum + ranks * (rho // 2), rho).to(torch.uint8)
-            kout = ops.nested_decode_segments(residues, batch.delta, first, ratios, side, ranks)
+            kout = ops.nested_decode_segments(ksum + ranks * (rho // 2), batch.delta, first, ratios, side, ranks)
             wrong.append(ops.bucket_checksum_segments(kout, first, probed) != truth)
         flat = torch.nonzero(torch.stack(wrong)).tolist()
         buckets = [nb if p else 0 for nb, p in zip(segs.buckets, probed)]
@@ -346,10 +338,16 @@ class _Sent:
     sides: list[torch.Tensor | None]
 
 
-def _per_element(values: list, segments: Segments, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One value per segment, repeated over the segment's elements."""
-    return torch.repeat_interleave(torch.tensor(values, dtype=dtype),
-                                   torch.tensor(segments.lengths, dtype=torch.int64)).to(device)
+def _end_to_end(sides: list[torch.Tensor | None], segments: Segments, device: torch.device) -> torch.Tensor:
+    """The side information of every segment end to end (zeros where there is none): the previous
+    step's decoded sums themselves when they lie end to end in one buffer (the same group as then),
+    else a copy."""
+    first = sides[0]
+    if first is not None and all(s is not None and s.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                                 and s.storage_offset() == first.storage_offset() + start
+                                 for s, start in zip(sides, segments.offsets(list(segments.lengths)))):
+        return first.as_strided((segments.elements,), (1,))
+    return torch.cat([s if s is not None else torch.zeros(n, device=device) for s, n in zip(sides, segments.lengths)])
 
 
 def _by_segment(flat: list[int], buckets: list[int]) -> list[list[int]]:

@@ -33,10 +33,11 @@ def build(jit: Callable, leaf: Callable, *, round_half_up, centered_mod, dither_
     def nested_decode(i0, i1, u, symbols, delta, bucket, rho, side, first, senders, factor, out, kout, step, tid,
                       ranks, key0, key1):
         """Side-information decoder of the (mod-ρ sum of the) coset symbols of senders
-        first .. first+senders−1 (one sender: docs/ALGORITHMS.md §2; several: §3).
+        first .. first+senders−1 (one sender: docs/ALGORITHMS.md §2; several: §3). ``symbols`` may
+        be any integers congruent to them mod ρ (the unreduced sums of several senders' symbols).
 
         side[i] estimates the senders' summed gradient. With U = Σ_p u_p and Y = side/Δ + U (the
-        estimate of K = Σ_p k_p), C = symbol − P⌊ρ/2⌋ is K's coset value and
+        estimate of K = Σ_p k_p), C = (symbol mod ρ) − (P⌊ρ/2⌋ mod ρ) is K's coset value and
             K̂ = C + ρ · round((Y − C)/ρ),   out = factor · Δ (K̂ − U).
         K̂ = K exactly iff |K − Y| < ρ/2. kout[i] = K̂ (int32), for checksums.
         """
@@ -53,7 +54,7 @@ def build(jit: Callable, leaf: Callable, *, round_half_up, centered_mod, dither_
                     kout[k] = 0
                     continue
                 uk = u[k - i0]
-                c = np.int64(symbols[k]) - shift
+                c = centered_mod(np.int64(symbols[k]), rho, 0) - shift
                 y = side[k] / d + uk
                 r = min(max((y - np.float32(c)) / rho_f, -RESOLVE_LIMIT), RESOLVE_LIMIT)
                 kk = c + rho * round_half_up(r)

@@ -89,13 +89,15 @@ def segmented_nested(n):
     delta = ops.bucket_step(ops.bucket_absmax_segments(g, segs), 4)
     k = ops.dqsg_encode_segments(g, delta, segs, 4).to(torch.int32) - 4
     ratios = (4, 0, 2, 8)
+    cosets = ops.nested_encode_segments(g, delta, segs, 4, ratios, torch.zeros(sum(lengths), dtype=torch.uint8))
     residues = (k + 2).remainder(4).to(torch.uint8)  # some resolve wrongly at ratios 2 and 8
     kout = ops.nested_decode_segments(residues, delta, segs, ratios, g * 1.01, senders=2)
+    unreduced = ops.nested_decode_segments(k * 3 + 2, delta, segs, ratios, g * 0.99, senders=2)
     fields = ((7, 12), (9, 5), (4, 3), (25, 10))
     codes = sym_of(sum(lengths), 4)
     words = ops.pack_sum_fields_segments(codes, segs, fields)
     return (ops.bucket_checksum_segments(k, segs), ops.bucket_checksum_segments(kout, segs, (True, False, True, True)),
-            kout, words, ops.unpack_sum_fields_segments(words * 3.0, segs, fields, 3.0),
+            cosets, kout, unreduced, words, ops.unpack_sum_fields_segments(words * 3.0, segs, fields, 3.0),
             ops.dqsg_decode_segments(kout, delta, segs, 0, senders=2))
 
 
