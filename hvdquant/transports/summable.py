@@ -54,10 +54,7 @@ class SumFieldLayout:
     @functools.cached_property
     def per_word(self) -> int:
         """F = the most digits with R^F ≤ 2^50."""
-        f, top = 1, self.radix
-        while top * self.radix <= 1 << WORD_BITS:
-            f, top = f + 1, top * self.radix
-        return f
+        return _digits_per_word(self.radix)
 
     def field_words(self, n: int) -> int:
         """Words holding n codes (no sentinel)."""
@@ -75,6 +72,16 @@ class SumFieldLayout:
         """Reduced words -> (Σ_p v_p as int32, factor c the reduction applied to the sum)."""
         (ksum,), factor = SumMessage(self.ranks, ((self, n),)).unpack(reduced)
         return ksum, factor
+
+
+@functools.lru_cache(maxsize=256)
+def _digits_per_word(radix: int) -> int:
+    """The most base-``radix`` digits F with radix^F ≤ 2^50 (made once per radix: adaptive nesting
+    prices its layouts many times a step)."""
+    f, top = 1, radix
+    while top * radix <= 1 << WORD_BITS:
+        f, top = f + 1, top * radix
+    return f
 
 
 Segment = tuple["SumFieldLayout | None", int]  # (layout, codes) or (None, raw float64 words)

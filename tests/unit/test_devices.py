@@ -72,23 +72,29 @@ def _exchange_both_ways(run):
     return cpu, cuda
 
 
-@pytest.mark.parametrize("scheme", ["dqsg-sum", "nested-sum"])
+SUM_SCHEMES = {"dqsg-sum": lambda: DQSGSum(1, 64), "nested-sum": lambda: NestedSum((3, 1), 64),
+               "nested-sum-fixed": lambda: NestedSum((8, 1), 64, adaptive=False)}
+
+
+@pytest.mark.parametrize("scheme", list(SUM_SCHEMES))
 def test_summed_exchange_on_cuda_kernels_gives_the_cpu_bits(scheme):
     """The stock path end to end (scales, summable words, decode) through the CUDA kernels: the
-    same bits as through the CPU twins, for three steps (nested: side information from step 2)."""
+    same bits as through the CPU twins, for three steps (nested: side information from step 2;
+    adaptive: probed; fixed: nested, the gradients moving so that some buckets are recovered)."""
     grads = {f"w{i}": torch.randn(40 * (i + 1), 3, generator=torch.Generator().manual_seed(i)) for i in range(3)}
 
     def run():
-        make = DQSGSum(1, 64) if scheme == "dqsg-sum" else NestedSum((3, 1), 64)
-        ex = SummedExchange(make, False, OneRank())
+        ex = SummedExchange(SUM_SCHEMES[scheme](), False, OneRank())
         outs = []
         for step in range(3):
-            handed = [start(ex, name, g, 9, step) for name, g in grads.items()]
+            handed = [start(ex, name, g * (1 + step) ** 2, 9, step) for name, g in grads.items()]
             outs += [finish() for finish in handed]
-        return torch.cat([o.reshape(-1) for o in outs])
+        return torch.cat([o.reshape(-1) for o in outs]), ex.decode_stats.failed_buckets
 
-    cpu, cuda = _exchange_both_ways(run)
+    (cpu, failed), (cuda, failed_cuda) = _exchange_both_ways(run)
     assert torch.equal(cpu, cuda)
+    assert failed == failed_cuda
+    assert (failed > 0) == (scheme == "nested-sum-fixed")
 
 
 @pytest.mark.parametrize("codec", [hvdquant.DQSG(3, 64), hvdquant.QSGD(4, 64), hvdquant.OneBitSGD(),
