@@ -76,6 +76,7 @@ from .ops_segments import (
     nested_encode_segments,
     onebit_column_means_segments,
     onebit_decode_segments,
+    pack_cosets_segments,
     pack_sum_fields_segments,
     pack_symbols_segments,
     qsgd_encode_segments,
@@ -108,13 +109,13 @@ __all__ = [
     "dqsg_encode_packed_segments", "dqsg_encode_segments", "force_target", "hadamard_rotate",
     "hadamard_rotate_segments", "launches", "modadd_cosets", "nested_decode", "nested_decode_segments",
     "nested_encode_segments", "nested_encode", "num_buckets", "onebit_column_means", "onebit_column_means_segments",
-    "onebit_decode", "onebit_decode_segments", "onebit_encode", "onebit_lanes", "pack_cosets", "pack_sum_fields",
-    "pack_sum_fields_segments", "pack_symbols", "pack_symbols_segments", "packed_bytes", "qsgd_encode",
-    "qsgd_encode_segments", "radix_per_byte", "radixpack", "radixunpack", "RANS_CHUNK", "rans_chunks",
-    "rans_decode", "rans_encode", "rans_encode_modelled", "rans_split", "rans_table", "RansTables", "scale_decode",
-    "scale_decode_segments", "segment_histograms", "segment_ids", "Segments", "SUM_WORD_BITS", "symbol_bytes",
-    "symbol_packing", "topk_indices", "unpack_cosets", "unpack_sum_fields", "unpack_sum_fields_segments",
-    "unpack_symbols", "unpack_symbols_segments",
+    "onebit_decode", "onebit_decode_segments", "onebit_encode", "onebit_lanes", "pack_cosets",
+    "pack_cosets_segments", "pack_sum_fields", "pack_sum_fields_segments", "pack_symbols", "pack_symbols_segments",
+    "packed_bytes", "qsgd_encode", "qsgd_encode_segments", "radix_per_byte", "radixpack", "radixunpack",
+    "RANS_CHUNK", "rans_chunks", "rans_decode", "rans_encode", "rans_encode_modelled", "rans_split", "rans_table",
+    "RansTables", "scale_decode", "scale_decode_segments", "segment_histograms", "segment_ids", "Segments",
+    "SUM_WORD_BITS", "symbol_bytes", "symbol_packing", "topk_indices", "unpack_cosets", "unpack_sum_fields",
+    "unpack_sum_fields_segments", "unpack_symbols", "unpack_symbols_segments",
 ]
 
 

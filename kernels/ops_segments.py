@@ -21,7 +21,7 @@ from .dispatch import check_senders, launch_segments, output, range_span, target
 from .ops_fields import _fields, _radix_inverses, _symbol_fields
 from .ops_packing import fused_packing
 from .segments import Segments, Shares
-from .sizes import integer, onebit_lanes, packed_bytes, radix_per_byte, symbol_bytes, symbol_packing
+from .sizes import coset_bits, integer, onebit_lanes, packed_bytes, radix_per_byte, symbol_bytes, symbol_packing
 
 
 def hadamard_rotate_segments(x: torch.Tensor, segments: Segments, inverse: bool = False,
@@ -194,16 +194,29 @@ def bitunpack_segments(packed: torch.Tensor, segments: Segments, nbits: int) -> 
     return out
 
 
+def _radixpack_segments(symbols: torch.Tensor, segments: Segments, alphabet: int, per_byte: int) -> torch.Tensor:
+    """Every segment's symbols in [0, alphabet) packed ``per_byte`` to a byte as base-``alphabet``
+    digits (:func:`.ops.radixpack`), ⌈n/per_byte⌉ bytes each, end to end."""
+    vec("symbols", symbols, torch.uint8, segments.elements)
+    sizes = tuple(-(-n // per_byte) for n in segments.lengths)
+    out = torch.empty(sum(sizes), dtype=torch.uint8, device=symbols.device)
+    launch_segments(table.radixpack, segments, symbols, alphabet, per_byte, out,
+                    shares=_packing_shares(segments, per_byte, sizes))
+    return out
+
+
 def pack_symbols_segments(symbols: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:
     """Every segment's symbols packed as :func:`.ops.pack_symbols` packs them, end to end."""
     kind, v = symbol_packing(alphabet)
-    if kind == "bits":
-        return bitpack_segments(symbols, segments, v)
-    vec("symbols", symbols, torch.uint8, segments.elements)
-    sizes = tuple(symbol_bytes(n, alphabet) for n in segments.lengths)
-    out = torch.empty(sum(sizes), dtype=torch.uint8, device=symbols.device)
-    launch_segments(table.radixpack, segments, symbols, alphabet, v, out, shares=_packing_shares(segments, v, sizes))
-    return out
+    return bitpack_segments(symbols, segments, v) if kind == "bits" else \
+        _radixpack_segments(symbols, segments, alphabet, v)
+
+
+def pack_cosets_segments(symbols: torch.Tensor, segments: Segments, nesting_ratio: int) -> torch.Tensor:
+    """Every segment's coset symbols in [0, ρ) packed as :func:`.ops.pack_cosets` packs them, end to end."""
+    b = coset_bits(nesting_ratio)
+    return bitpack_segments(symbols, segments, b) if b is not None else \
+        _radixpack_segments(symbols, segments, nesting_ratio, radix_per_byte(nesting_ratio))
 
 
 def unpack_symbols_segments(packed: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:

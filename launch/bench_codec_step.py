@@ -33,9 +33,10 @@ from hvdquant.examples.train import parse_args
 from hvdquant.kernels import ops
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.groups import GROUP_THRESHOLD
+from hvdquant.transports.nested_sum import NestedSum
 from hvdquant.transports.payload import PayloadExchange
 from hvdquant.transports.session import Session
-from hvdquant.transports.sum_schemes import DQSGSum, NestedSum
+from hvdquant.transports.sum_schemes import DQSGSum
 from hvdquant.transports.summed import SummedExchange
 
 

@@ -226,9 +226,9 @@ class DQSGCompression(SummedCompression):
 class NestedSumCompression(SummedCompression):
     """Nested DQSG as a Horovod compression object: coset indices in summable fields, decoded with
     the previous step's mean as side information and failed buckets recovered by a second
-    allreduce (:class:`~hvdquant.transports.sum_schemes.NestedSum`; counts in ``decode_stats``).
+    allreduce (:class:`~hvdquant.transports.nested_sum.NestedSum`; counts in ``decode_stats``).
     Pays off only for ρ well above P and slowly changing gradients (recovery traffic is counted);
-    ``adaptive=True`` nests a tensor only while that pays (:class:`~hvdquant.transports.sum_schemes.NestedSum`)."""
+    ``adaptive=True`` nests a tensor only while that pays (:class:`~hvdquant.transports.nested_sum.NestedSum`)."""
 
     def __init__(self, levels: tuple[int, int] = (3, 1), bucket_size: int = 512, seed: int | None = None,
                  adaptive: bool = True, group_threshold: int | None = GROUP_THRESHOLD) -> None:

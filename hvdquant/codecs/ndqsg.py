@@ -31,7 +31,7 @@ most ``NestingPolicy.ADAPTIVE_MARGIN`` × the DQSG(s₁) bytes (:meth:`NestingPo
 decisions are identical on every rank without a collective and are state, not configuration: they
 live in ``ctx.state.nesting`` (the exchange's :class:`~hvdquant.codecs.state.CodecState`), and cost
 one nested decode per nested sender and candidate ratio. The stock path
-(:class:`~hvdquant.transports.sum_schemes.NestedSum`) and the coset ring (:func:`hvdquant.ring_allreduce`)
+(:class:`~hvdquant.transports.nested_sum.NestedSum`) and the coset ring (:func:`hvdquant.ring_allreduce`)
 take the same switch and ratio choice (docs/RESULTS.md, "When nesting pays").
 
 This module is the codec: configuration, payload layout, encoding and decoding of one sender. Its
@@ -45,6 +45,7 @@ and its rule and decisions (:mod:`~hvdquant.codecs.nesting`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ from hvdquant.codecs.base import (
     check_int,
     flat32,
     layout_bytes,
+    shared_keys,
 )
 from hvdquant.codecs.coset_resolver import CosetResolver
 from hvdquant.codecs.dqsg import DQSG
@@ -68,6 +70,7 @@ from hvdquant.codecs.recovery import RecoveryProtocol, locate_stages
 from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.codecs.state import require_state
 from hvdquant.kernels import ops, sizes
+from hvdquant.kernels.segments import Segments
 from hvdquant.stats import DecodeStats
 
 
@@ -89,7 +92,7 @@ class NDQSG(Codec):
     rotation: str = "none"  # "hadamard": every sender quantizes the shared rotation of g (payload paths)
 
     scheme = "ndqsg"
-    summable = True  # coset indices sum (transports.sum_schemes.NestedSum)
+    summable = True  # coset indices sum (transports.nested_sum.NestedSum)
     #: locating: the numbers of wrong coordinates t a failed bucket's syndromes can correct, stage by
     #: stage (each one more request round; capped by :func:`~hvdquant.codecs.recovery.locate_stages`)
     LOCATE_ERRORS = (4, 16)
@@ -189,6 +192,56 @@ class NDQSG(Codec):
         cosets = ops.nested_encode(flat, delta, self.bucket_size, self.levels[0], rho, key)
         return Encoded(flat.numel(), {"delta": delta, "checksum": checksum, "cosets": ops.pack_cosets(cosets, rho)},
                        symbols=cosets, alphabet=rho, side_bits=64.0 * delta.numel(), source=flat)
+
+    def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """:meth:`encode` of every part with the same bits, in a number of launches that does not grow
+        with the group: the rotation (one launch), the DQSG(s₁) payloads by DQSG's group encoder, and
+        the nested payloads' scales, indices, checksums and cosets one launch each, their cosets
+        packed one launch per nesting ratio. A group holding a non-finite tensor is encoded tensor by
+        tensor, which refuses that one alone."""
+        if len(ctxs) < 2 or not shared_keys(ctxs):
+            return super().encode_group(parts, ctxs)
+        lengths = [flat32(g).numel() for g in parts]
+        sources = DQSG(self.levels[0], self.bucket_size, self.dither, self.rotation).rotate_group(
+            torch.cat([flat32(g) for g in parts]), ctxs, lengths).split(lengths)
+        roles = [self._nested_sender(c) for c in ctxs]
+        out: list[Encoded | None] = [None] * len(ctxs)
+        for nests, encode in ((False, self.fine.encode_group), (True, self._encode_nested)):
+            members = [i for i, r in enumerate(roles) if r == nests]
+            if members:
+                encoded = encode([sources[i] for i in members], [ctxs[i] for i in members])
+                if any(e is None for e in encoded):
+                    return super().encode_group(parts, ctxs)
+                for i, e in zip(members, encoded):
+                    out[i] = e
+        return out
+
+    def _encode_nested(self, sources: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """The nested payloads of ``sources`` (rotated already), end to end through segmented launches;
+        None for every tensor if one is not finite."""
+        fine, lengths = self.fine, [f.numel() for f in sources]
+        source = torch.cat(list(sources))
+        segs = fine.segments(ctxs, lengths)
+        delta = fine.step_size(ops.bucket_absmax_segments(source, segs))
+        if not all_finite(delta):
+            return [None] * len(ctxs)
+        ratios = tuple(self.ratio(c.name, self.policy(c)) for c in ctxs)
+        k = ops.dqsg_encode_segments(source, delta, segs, fine.levels).to(torch.int32).sub_(fine.levels)
+        checksums = ops.bucket_checksum_segments(k, segs).to(torch.int32)
+        cosets = ops.nested_encode_segments(source, delta, segs, fine.levels, ratios,
+                                            torch.empty(source.numel(), dtype=torch.uint8, device=source.device))
+        symbols = cosets.split(lengths)
+        packed: list[torch.Tensor | None] = [None] * len(ctxs)
+        for rho in sorted(set(ratios)):  # one packing launch per ratio in use
+            members = [i for i, r in enumerate(ratios) if r == rho]
+            group = Segments(tuple(lengths[i] for i in members), tuple(segs.keys[i] for i in members), segs.bucket)
+            together = ops.pack_cosets_segments(torch.cat([symbols[i] for i in members]), group, rho)
+            for i, p in zip(members, together.split([sizes.coset_bytes(lengths[i], rho) for i in members])):
+                packed[i] = p
+        return [Encoded(n, {"delta": d, "checksum": c, "cosets": p}, symbols=y, alphabet=rho,
+                        side_bits=64.0 * d.numel(), source=src)
+                for n, d, c, p, y, rho, src in zip(lengths, delta.split(segs.buckets), checksums.split(segs.buckets),
+                                                    packed, symbols, ratios, sources)]
 
     def decode(self, enc: Encoded, ctx: TensorContext, side: torch.Tensor | None = None) -> torch.Tensor:
         """One sender alone. A nested payload needs side information ``side`` (an estimate of g)."""

@@ -36,8 +36,10 @@ from hvdquant.stats import CommStats, DecodeStats
 from hvdquant.transports.collectives import Collectives, Started, check_finite_output, raise_if_poisoned, rank_order_sum
 from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.groups import GroupPlan, group_tag
+from hvdquant.transports.nested_sum import NestedSum
 from hvdquant.transports.payload import check_kind, statistics
-from hvdquant.transports.sum_schemes import Batch, DQSGSum, NestedSum, Pending, Quantized
+from hvdquant.transports.sum_batch import Batch, Pending, Quantized
+from hvdquant.transports.sum_schemes import DQSGSum
 from hvdquant.transports.summable import SumMessage
 
 

@@ -12,7 +12,7 @@ from hvd_helpers import same_on_all_ranks
 from torch import nn
 
 import hvdquant
-from hvdquant.transports.sum_schemes import NestedSum
+from hvdquant.transports.nested_sum import NestedSum
 
 pytestmark = pytest.mark.horovod
 

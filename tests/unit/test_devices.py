@@ -11,8 +11,9 @@ from hvdquant.codecs.base import TensorContext
 from hvdquant.examples.frameworks import pick_device
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.transports.collectives import Started
+from hvdquant.transports.nested_sum import NestedSum
 from hvdquant.transports.payload import PayloadExchange
-from hvdquant.transports.sum_schemes import DQSGSum, NestedSum
+from hvdquant.transports.sum_schemes import DQSGSum
 from hvdquant.transports.summed import SummedExchange
 
 

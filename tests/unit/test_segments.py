@@ -11,16 +11,17 @@ import simulated_gpu as sim
 import torch
 from one_tensor import start
 
-from hvdquant import DQSG, ECDQ, QSGD, CodecState, ErrorFeedback, OneBitSGD
+from hvdquant import DQSG, ECDQ, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD
 from hvdquant.codecs.base import TensorContext
 from hvdquant.codecs.onebit import OneBitQuantizer
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.kernels.segments import Segments
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.nested_sum import NestedSum
 from hvdquant.transports.payload import PayloadExchange
 from hvdquant.transports.session import dither_key
-from hvdquant.transports.sum_schemes import DQSGSum, NestedSum
+from hvdquant.transports.sum_schemes import DQSGSum
 from hvdquant.transports.summed import SummedExchange
 
 LENGTHS = (1000, 512, 7, 0, 3000, 513, 1)
@@ -222,6 +223,50 @@ def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, 
 GPU_CODECS = {"dqsg": (DQSG(1, 64), 3), "dqsg-rotated": (DQSG(1, 64, rotation="hadamard"), 5),
               "dqsg-rans": (DQSG(3, 64, coding="rans"), 7), "onebit-sgd": (OneBitSGD(), 8),
               "qsgd-elias": (QSGD(1, 64), 3), "ecdq": (ECDQ(1.1, 64), 10)}
+
+
+def _nesting_state(names: list[str], ratios: list[int]) -> CodecState:
+    """Adaptive nesting's decisions: each name nests at its ratio, or not at all where it is 0."""
+    state = CodecState()
+    for name, rho in zip(names, ratios):
+        state.nesting.nesting[name] = bool(rho)
+        if rho:
+            state.nesting.ratios[name] = rho
+    return state
+
+
+@pytest.mark.parametrize("codec", [NDQSG((3, 1), adaptive=False), NDQSG((8, 1), 64, rotation="hadamard"),
+                                   NDQSG((12, 1), 100, dither="stratified")],
+                         ids=["fixed", "adaptive-rotated", "adaptive-stratified"])
+@pytest.mark.parametrize("sender", [0, 2])
+def test_ndqsg_group_encoder_gives_each_tensor_its_own_bits(codec, sender):
+    """NDQSG's group encoder against its single-tensor encoder: a DQSG(s₁) sender, and a nested one
+    whose tensors nest at different ratios (adaptive: some not at all, packed by bits and by radix),
+    on tensors of one and several columns and an empty one; a non-finite tensor is refused alone;
+    the launches do not grow with the tensors."""
+    shapes = ((40, 25), (512,), (7, 1), (0,), (300, 10), (1, 513), (1,))
+    names = [f"t{i}" for i in range(len(shapes))]
+    state = _nesting_state(names, [4, 0, 3, 2, 12, 6, 0])
+    gen = torch.Generator().manual_seed(1)
+    gs = [torch.randn(shape, generator=gen) - 0.3 for shape in shapes]
+    ctxs = [TensorContext(name, shape, dither_key(7, 3, name, sender), 3, state) for name, shape in zip(names, shapes)]
+    grouped = codec.encode_group(gs, ctxs)
+    for a, b in zip(grouped, [codec.encode(g, c) for g, c in zip(gs, ctxs)]):
+        assert a.fields.keys() == b.fields.keys() and all(torch.equal(a.fields[k], b.fields[k]) for k in b.fields)
+        assert a.entropy() == b.entropy() and (b.source is None or torch.equal(a.source, b.source))
+    assert ("cosets" in grouped[0].fields) == (sender == 2)
+    bad = [g.clone() for g in gs]
+    bad[4][3, 2] = float("inf")
+    assert [e is None for e in codec.encode_group(bad, ctxs)] == [i == 4 for i in range(len(gs))]
+    launched = []
+    for count in (7, 70):  # every name, so every ratio, in both (one packing launch per ratio in use)
+        many = [torch.randn(9, 40 + i, generator=gen) for i in range(count)]
+        mctxs = [TensorContext(f"t{i % 7}", g.shape, dither_key(7, 3, f"m{i}", sender), 3, state)
+                 for i, g in enumerate(many)]
+        before = ops.launches["cpu"]
+        codec.encode_group(many, mctxs)
+        launched.append(ops.launches["cpu"] - before)
+    assert launched[0] == launched[1]
 
 
 @pytest.mark.skipif(not sim.available(), reason="needs Numba's CUDA simulator and no real GPU")

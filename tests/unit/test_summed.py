@@ -16,8 +16,9 @@ from hvdquant.adapters.horovod import SummedCompression
 from hvdquant.codecs import DQSG
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.fused import FusedBuffer
+from hvdquant.transports.nested_sum import NestedSum
 from hvdquant.transports.session import Session, dither_key
-from hvdquant.transports.sum_schemes import DQSGSum, NestedSum
+from hvdquant.transports.sum_schemes import DQSGSum
 from hvdquant.transports.summed import SummedExchange
 
 
