@@ -83,6 +83,7 @@ from .ops_segments import (
     scale_decode_segments,
     segment_histograms,
     segment_ids,
+    unpack_cosets_segments,
     unpack_sum_fields_segments,
     unpack_symbols_segments,
 )
@@ -114,8 +115,8 @@ __all__ = [
     "packed_bytes", "qsgd_encode", "qsgd_encode_segments", "radix_per_byte", "radixpack", "radixunpack",
     "RANS_CHUNK", "rans_chunks", "rans_decode", "rans_encode", "rans_encode_modelled", "rans_split", "rans_table",
     "RansTables", "scale_decode", "scale_decode_segments", "segment_histograms", "segment_ids", "Segments",
-    "SUM_WORD_BITS", "symbol_bytes", "symbol_packing", "topk_indices", "unpack_cosets", "unpack_sum_fields",
-    "unpack_sum_fields_segments", "unpack_symbols", "unpack_symbols_segments",
+    "SUM_WORD_BITS", "symbol_bytes", "symbol_packing", "topk_indices", "unpack_cosets", "unpack_cosets_segments",
+    "unpack_sum_fields", "unpack_sum_fields_segments", "unpack_symbols", "unpack_symbols_segments",
 ]
 
 

@@ -219,17 +219,28 @@ def pack_cosets_segments(symbols: torch.Tensor, segments: Segments, nesting_rati
         _radixpack_segments(symbols, segments, nesting_ratio, radix_per_byte(nesting_ratio))
 
 
+def _radixunpack_segments(packed: torch.Tensor, segments: Segments, alphabet: int, per_byte: int) -> torch.Tensor:
+    """Inverse of :func:`_radixpack_segments`."""
+    sizes = tuple(-(-n // per_byte) for n in segments.lengths)
+    vec("packed", packed, torch.uint8, sum(sizes))
+    out = torch.empty(segments.elements, dtype=torch.uint8, device=packed.device)
+    launch_segments(table.radixunpack, segments, packed, alphabet, per_byte, out,
+                    shares=_packing_shares(segments, per_byte, sizes))
+    return out
+
+
 def unpack_symbols_segments(packed: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:
     """Inverse of :func:`pack_symbols_segments` (:func:`.ops.unpack_symbols` of every segment)."""
     kind, v = symbol_packing(alphabet)
-    if kind == "bits":
-        return bitunpack_segments(packed, segments, v)
-    sizes = tuple(symbol_bytes(n, alphabet) for n in segments.lengths)
-    vec("packed", packed, torch.uint8, sum(sizes))
-    out = torch.empty(segments.elements, dtype=torch.uint8, device=packed.device)
-    launch_segments(table.radixunpack, segments, packed, alphabet, radix_per_byte(alphabet), out,
-                    shares=_packing_shares(segments, v, sizes))
-    return out
+    return bitunpack_segments(packed, segments, v) if kind == "bits" else \
+        _radixunpack_segments(packed, segments, alphabet, v)
+
+
+def unpack_cosets_segments(packed: torch.Tensor, segments: Segments, nesting_ratio: int) -> torch.Tensor:
+    """Inverse of :func:`pack_cosets_segments` (:func:`.ops.unpack_cosets` of every segment)."""
+    b = coset_bits(nesting_ratio)
+    return bitunpack_segments(packed, segments, b) if b is not None else \
+        _radixunpack_segments(packed, segments, nesting_ratio, radix_per_byte(nesting_ratio))
 
 
 def qsgd_encode_segments(g: torch.Tensor, norm: torch.Tensor, segments: Segments, levels: int) -> torch.Tensor:

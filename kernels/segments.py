@@ -8,6 +8,7 @@ buffers; :meth:`Segments.table` gives a segmented kernel the rows it looks its b
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -101,3 +102,14 @@ class Shares:
             given = getattr(self, name)
             if given is not None and len(given) != segments:
                 raise ValueError(f"{len(given)} {name} for {segments} segments")
+
+
+def by_segment(flat: list[int], counts: list[int]) -> list[list[int]]:
+    """Indices into the segments' parts end to end (``counts`` per segment: its buckets, say) as each
+    segment's own indices."""
+    starts = np.cumsum([0, *counts]).tolist()
+    out: list[list[int]] = [[] for _ in counts]
+    for b in flat:
+        s = bisect.bisect_right(starts, b) - 1  # the last segment starting at or before b: not an empty one
+        out[s].append(b - starts[s])
+    return out

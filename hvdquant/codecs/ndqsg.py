@@ -170,6 +170,11 @@ class NDQSG(Codec):
         return 8.0 * layout_bytes(self.layout(n, ctx)) / n if n else 0.0
 
     @property
+    def _rotating(self) -> DQSG:
+        """DQSG(s₁) with this codec's rotation: its group rotation and inverse rotation."""
+        return DQSG(self.levels[0], self.bucket_size, self.dither, self.rotation)
+
+    @property
     def rotator(self) -> Rotation:
         """The shared rotation (docs/ALGORITHMS.md §10): with ``rotation="hadamard"`` every sender
         encodes R g, side information and the decoded mean live in rotated coordinates, and the mean
@@ -202,8 +207,7 @@ class NDQSG(Codec):
         if len(ctxs) < 2 or not shared_keys(ctxs):
             return super().encode_group(parts, ctxs)
         lengths = [flat32(g).numel() for g in parts]
-        sources = DQSG(self.levels[0], self.bucket_size, self.dither, self.rotation).rotate_group(
-            torch.cat([flat32(g) for g in parts]), ctxs, lengths).split(lengths)
+        sources = self._rotating.rotate_group(torch.cat([flat32(g) for g in parts]), ctxs, lengths).split(lengths)
         roles = [self._nested_sender(c) for c in ctxs]
         out: list[Encoded | None] = [None] * len(ctxs)
         for nests, encode in ((False, self.fine.encode_group), (True, self._encode_nested)):
@@ -283,9 +287,19 @@ class NDQSG(Codec):
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:
         """All senders' mean, decoded in rank order (:class:`~hvdquant.codecs.nested_aggregate.RankOrderDecoder`;
-        with a rotation, in rotated coordinates, then rotated back once)."""
-        mean, stats = RankOrderDecoder(self, payloads, ctx).run(recover)
-        return self.rotator.unrotate(mean, ctx.key), stats
+        with a rotation, in rotated coordinates, then rotated back once): a group of one."""
+        return self.aggregate_group([payloads], [ctx], [recover])[0]
+
+    def aggregate_group(self, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext],
+                        recovers: Sequence[Recover | None]) -> list[tuple[torch.Tensor, DecodeStats]]:
+        """Every tensor's mean, decoded in rank order by one decoder for the group, in a number of
+        launches per pass that does not grow with the group (recovery rounds: one collective per
+        failing tensor); rotated back in one launch."""
+        if not shared_keys(ctxs):
+            return super().aggregate_group(payloads, ctxs, recovers)
+        mean, stats = RankOrderDecoder(self, payloads, ctxs).run(recovers)
+        means = self._rotating.unrotate_group(mean, ctxs, [p[0].n for p in payloads])
+        return [(m.reshape(-1), st) for m, st in zip(means, stats)]
 
 
 def _required(policy: NestingPolicy | None) -> NestingPolicy:

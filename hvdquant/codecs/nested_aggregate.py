@@ -1,4 +1,4 @@
-"""NDQSG's multi-sender decoder on the payload path (docs/ALGORITHMS.md §2).
+"""NDQSG's multi-sender decoder on the payload path (docs/ALGORITHMS.md §2), over a fusion group.
 
 Every receiver holds the payloads of senders p = 0 … P−1 and decodes them in rank order. A DQSG
 sender's payload decodes alone, ĝ_p = Δ(k_p − u_p). A nested sender's side information is the
@@ -7,115 +7,201 @@ K̂ = the member of k's coset nearest y_p/Δ + u_p (:meth:`CosetResolver.resolve
 misses the sender's checksum has failed. A failed bucket its syndromes explain is corrected
 (:meth:`CosetResolver.correct`); the others become the sender's recovery requests — the next
 stage of syndromes, or the bucket whole (:meth:`RecoveryProtocol.next_requests`) — which the
-transport's ``recover`` collective answers. Every rank finds the same failures, so every rank
-takes part in each round. Decoding then restarts with what the rounds brought (recovered buckets
-patched exact) until a pass has no failed bucket: ĝ_p is then DQSG(s₁)'s reconstruction for every
-sender, and the result is the mean (1/P)·Σ_p ĝ_p. Under adaptive nesting that last pass is priced
-(:class:`~hvdquant.codecs.nesting_cost.NestingCost`) and decides the tensor's next step.
+transport's ``recover`` collective of that tensor answers. Every rank finds the same failures, so
+every rank takes part in each round. Decoding then restarts with what the rounds brought (recovered
+buckets patched exact) until a pass has no failed bucket: ĝ_p is then DQSG(s₁)'s reconstruction
+for every sender, and the result is the mean (1/P)·Σ_p ĝ_p. Under adaptive nesting that last pass
+is priced (:class:`~hvdquant.codecs.nesting_cost.NestingCost`) and decides each tensor's next step.
+
+The decoder takes a whole fusion group (one tensor is a group of one): a pass keeps the group's
+running sum end to end, and per sender its DQSG payloads decode in one launch, its nested payloads'
+cosets unpack in one launch per ratio in use, resolve in one, their checksums in one and their
+reconstructions in one; only a tensor with failed buckets goes through the host. A round calls the
+failing tensors' ``recover`` collectives in tensor order and the pass repeats for the whole group
+(tensors already exact decode to the same bits again).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Recover, TensorContext
 from hvdquant.codecs.nesting_cost import Met, NestingCost
 from hvdquant.codecs.recovery import Request
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import ops
+from hvdquant.kernels.segments import Segments, by_segment
 from hvdquant.stats import DecodeStats
+
+#: per tensor of the group, per sender: its recovery requests (a pass's failures)
+Failures = dict[int, dict[int, list[Request]]]
 
 
 class RankOrderDecoder:
-    """One :meth:`NDQSG.aggregate` call: the payloads of one tensor from every sender, decoded by
-    the frozen ``codec`` (an NDQSG), and what recovery rounds brought so far."""
+    """One :meth:`NDQSG.aggregate_group` call: ``payloads[i][p]``, tensor i's payload from sender p,
+    decoded by the frozen ``codec`` (an NDQSG) with contexts ``ctxs``, and what recovery rounds
+    brought so far."""
 
-    def __init__(self, codec: Codec, payloads: list[Encoded], ctx: TensorContext) -> None:
-        self.codec, self.payloads, self.ctx = codec, payloads, ctx
-        self.ranks, self.n = len(payloads), payloads[0].n
-        self.device = next(iter(payloads[0].fields.values())).device
+    def __init__(self, codec: Codec, payloads: Sequence[list[Encoded]], ctxs: Sequence[TensorContext]) -> None:
+        self.codec, self.payloads, self.ctxs = codec, payloads, ctxs
+        self.ranks = len(payloads[0])
+        self.lengths = [p[0].n for p in payloads]
+        self.device = next(iter(payloads[0][0].fields.values())).device
         self.fine, self.resolver, self.protocol = codec.fine, codec.resolver, codec.recovery
-        self.policy = codec.policy(ctx)
-        #: sender -> recovered (buckets, true indices), patched into every later pass
-        self.known: dict[int, list[tuple[list[int], torch.Tensor]]] = {}
-        #: sender -> bucket -> the syndromes it sent so far
-        self.syndromes: dict[int, dict[int, torch.Tensor]] = {}
-        self.replied = [0] * self.ranks  # recovery bytes each sender handed over
-        self.stats = DecodeStats()
-        self.rho = codec.ratio(ctx.name, self.policy)
-        #: adaptive: per nested-role sender, what decoding it met (the last pass, once nothing
-        #: fails, holds the exact indices), for pricing every candidate ratio
-        self.met: dict[int, Met] = {}
+        self.policies = [codec.policy(c) for c in ctxs]
+        self.ratios = [codec.ratio(c.name, policy) for c, policy in zip(ctxs, self.policies)]
+        tensors = range(len(ctxs))
+        #: (tensor, sender) -> recovered (buckets, true indices), patched into every later pass
+        self.known: dict[tuple[int, int], list[tuple[list[int], torch.Tensor]]] = {}
+        #: (tensor, sender) -> bucket -> the syndromes it sent so far
+        self.syndromes: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        self.replied = [[0] * self.ranks for _ in tensors]  # recovery bytes each sender handed over, per tensor
+        self.stats = [DecodeStats() for _ in tensors]
+        #: adaptive: per tensor, per nested-role sender, what decoding it met (the last pass, once
+        #: nothing fails, holds the exact indices), for pricing every candidate ratio
+        self.met: list[dict[int, Met]] = [{} for _ in tensors]
 
-    def run(self, recover: Recover | None) -> tuple[torch.Tensor, DecodeStats]:
-        """Passes and recovery rounds until no bucket fails; the mean, this call's decode stats."""
+    def run(self, recovers: Sequence[Recover | None]) -> tuple[torch.Tensor, list[DecodeStats]]:
+        """Passes and recovery rounds until no bucket fails; the group's means end to end, and per
+        tensor its decode stats."""
         while True:
             total, failed, resolved = self.decode_pass()
             if not failed:
-                if self.policy is not None:
-                    NestingCost(self.codec).decide(self.ctx.name, self.policy, self.ranks, self.n, self.met,
-                                                   self.replied)
+                for i, (ctx, policy) in enumerate(zip(self.ctxs, self.policies)):
+                    if policy is not None:
+                        NestingCost(self.codec).decide(ctx.name, policy, self.ranks, self.lengths[i], self.met[i],
+                                                       self.replied[i])
                 return total / self.ranks, self.stats
-            if recover is None:
-                raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed.values()))} bucket(s) of "
-                                   f"'{self.ctx.name}' and no recovery round is available")
-            self.stats.recovery_rounds += 1
-            self.take(recover(failed), failed, resolved)
+            for i in sorted(failed):
+                if recovers[i] is None:
+                    raise RuntimeError(f"NDQSG decoding failed in {sum(map(len, failed[i].values()))} bucket(s) of "
+                                       f"'{self.ctxs[i].name}' and no recovery round is available")
+            for i in sorted(failed):
+                self.stats[i].recovery_rounds += 1
+                self.take(i, recovers[i](failed[i]), failed[i], resolved[i])
 
-    def decode_pass(self) -> tuple[torch.Tensor, dict[int, list[Request]], dict[int, torch.Tensor]]:
-        """Σ_p ĝ_p in rank order with what recovery brought so far; per sender still failing, its
-        next requests and its resolved indices K̂ (a whole bucket's reply is patched into them)."""
-        fine, n = self.fine, self.n
-        total = torch.zeros(n, dtype=torch.float32, device=self.device)
-        failed: dict[int, list[Request]] = {}
-        resolved: dict[int, torch.Tensor] = {}
-        for p, enc in enumerate(self.payloads):
-            pctx = self.ctx.sender(p)
-            key = fine.keyed(pctx.key, pctx.ranks)
-            if "cosets" not in enc.fields:
-                if self.codec.adaptive and p >= self.codec.dqsg_senders(self.ranks):
-                    k = ops.unpack_symbols(enc.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
-                    self.met[p] = (k, enc.fields["delta"], key, total * (1.0 / p))
-                total += fine.decode(enc, pctx)
-                continue
+    def decode_pass(self) -> tuple[torch.Tensor, Failures, dict[int, dict[int, torch.Tensor]]]:
+        """Σ_p ĝ_p of every tensor, end to end, in rank order with what recovery brought so far; per
+        tensor and sender still failing, its next requests and its resolved indices K̂ (a whole
+        bucket's reply is patched into them)."""
+        total = torch.zeros(sum(self.lengths), dtype=torch.float32, device=self.device)
+        failed: Failures = {}
+        resolved: dict[int, dict[int, torch.Tensor]] = {}
+        for p in range(self.ranks):
+            encs = [payloads[p] for payloads in self.payloads]
+            ctxs = [c.sender(p) for c in self.ctxs]
+            segs = self.fine.segments(ctxs, self.lengths)
+            nests = ["cosets" in e.fields for e in encs]
+            plain = [i for i, nested in enumerate(nests) if not nested]
             # the mean so far, as a product by fl(1/p): a framework's division by a scalar may be a
             # reciprocal multiply on a GPU and a true division on a CPU (other side bits, other K̂)
-            side = total * (1.0 / p)
-            kout, bad = self.resolve(p, enc, key, side)
-            if bad:
-                failed[p], resolved[p] = self.protocol.next_requests(bad, self.syndromes.get(p, {})), kout
-            self.met[p] = (kout, enc.fields["delta"], key, side)
-            total += fine.decode_sum(kout, enc.fields["delta"], key)
+            side = total * (1.0 / p) if p else None
+            if plain:
+                self._add(total, plain, self.fine.decode_flat([encs[i] for i in plain], [ctxs[i] for i in plain]))
+                if self.codec.adaptive and p >= self.codec.dqsg_senders(self.ranks):
+                    self._meet_plain(p, plain, encs, segs, side)
+            if len(plain) < len(encs):
+                kout = self._resolve(p, encs, segs, nests, side, failed, resolved)
+                decoded = ops.dqsg_decode_segments(kout, torch.cat([e.fields["delta"] for e in encs]), segs, 0)
+                nested = [i for i, n in enumerate(nests) if n]
+                self._add(total, nested, decoded if not plain else
+                          torch.cat([part for part, n in zip(decoded.split(self.lengths), nests) if n]))
         return total, failed, resolved
 
-    def resolve(self, p: int, enc: Encoded, key: DitherKey, side: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Nested sender p's K̂ against ``side``, its recovered buckets kept exact and the failed
-        buckets its syndromes explain corrected; K̂ and the buckets still failed."""
-        resolver, checksum = self.resolver, enc.fields["checksum"]
-        kout, bad = resolver.resolve(self.codec.residues(enc, self.rho), enc.fields["delta"], side, key, 1,
-                                     checksum, self.rho)
+    def _add(self, total: torch.Tensor, members: list[int], decoded: torch.Tensor) -> None:
+        """total += the ``members``' decoded payloads (``decoded``: theirs end to end)."""
+        if len(members) == len(self.lengths):
+            total += decoded
+            return
+        parts, starts = decoded.split([self.lengths[i] for i in members]), self._starts()
+        for i, part in zip(members, parts):
+            total[starts[i]:starts[i] + self.lengths[i]] += part
+
+    def _starts(self) -> list[int]:
+        return [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+
+    def _meet_plain(self, p: int, plain: list[int], encs: list[Encoded], segs: Segments,
+                    side: torch.Tensor) -> None:
+        """Adaptive nesting's record of nested-role sender p's DQSG(s₁) payloads: their exact indices."""
+        fine, starts = self.fine, self._starts()
+        group = Segments(tuple(self.lengths[i] for i in plain), tuple(segs.keys[i] for i in plain), segs.bucket)
+        symbols = ops.unpack_symbols_segments(torch.cat([encs[i].fields["symbols"] for i in plain]), group,
+                                              fine.symbols)
+        k = symbols.to(torch.int32).sub_(fine.levels).split(list(group.lengths))
+        for i, ki in zip(plain, k):
+            self.met[i][p] = (ki, encs[i].fields["delta"], segs.keys[i], side[starts[i]:starts[i] + self.lengths[i]])
+
+    def _resolve(self, p: int, encs: list[Encoded], segs: Segments, nests: list[bool], side: torch.Tensor,
+                 failed: Failures, resolved: dict[int, dict[int, torch.Tensor]]) -> torch.Tensor:
+        """Sender p's nested payloads resolved against ``side`` (one launch for the group, its DQSG
+        payloads' parts left 0), their recovered buckets kept exact and the failed buckets their
+        syndromes explain corrected; K̂ of the group end to end. Tensors still failing join
+        ``failed`` and ``resolved``."""
+        ratios = tuple(r if n else 0 for r, n in zip(self.ratios, nests))
+        residues = self._residues(encs, segs, ratios)
+        delta = torch.cat([e.fields["delta"] for e in encs])
+        kout = ops.nested_decode_segments(residues, delta, segs, ratios, side, 1)
+        chosen = tuple(nests)
+        sent = torch.cat([e.fields["checksum"] for e, n in zip(encs, nests) if n]).to(torch.int64) & 0xFFFFFFFF
+        wrong = torch.nonzero(ops.bucket_checksum_segments(kout, segs, chosen) != sent).flatten().tolist()
+        bad_by_tensor = by_segment(wrong, [nb if n else 0 for nb, n in zip(segs.buckets, nests)])
+        starts = self._starts()
+        for i, (enc, nested, bad) in enumerate(zip(encs, nests, bad_by_tensor)):
+            if not nested:
+                continue
+            ki = kout[starts[i]:starts[i] + self.lengths[i]]
+            bad = self._repair(i, p, ki, bad, enc.fields["checksum"])
+            if bad:
+                failed.setdefault(i, {})[p] = self.protocol.next_requests(bad, self.syndromes.get((i, p), {}))
+                resolved.setdefault(i, {})[p] = ki
+            self.met[i][p] = (ki, enc.fields["delta"], segs.keys[i], side[starts[i]:starts[i] + self.lengths[i]])
+        return kout
+
+    def _residues(self, encs: list[Encoded], segs: Segments, ratios: tuple[int, ...]) -> torch.Tensor:
+        """The group's cosets unpacked, end to end (one launch per ratio in use; 0 where a tensor
+        sent DQSG(s₁))."""
+        classes = sorted({r for r in ratios if r})
+        if len(classes) == 1 and all(ratios):
+            return ops.unpack_cosets_segments(torch.cat([e.fields["cosets"] for e in encs]), segs, classes[0])
+        residues = torch.zeros(segs.elements, dtype=torch.uint8, device=self.device)
+        starts = self._starts()
+        for rho in classes:
+            members = [i for i, r in enumerate(ratios) if r == rho]
+            group = Segments(tuple(self.lengths[i] for i in members), tuple(segs.keys[i] for i in members),
+                             segs.bucket)
+            unpacked = ops.unpack_cosets_segments(torch.cat([encs[i].fields["cosets"] for i in members]), group, rho)
+            for i, part in zip(members, unpacked.split(list(group.lengths))):
+                residues[starts[i]:starts[i] + self.lengths[i]] = part
+        return residues
+
+    def _repair(self, i: int, p: int, kout: torch.Tensor, bad: list[int], checksum: torch.Tensor) -> list[int]:
+        """Tensor i's sender p: its recovered buckets patched exact into ``kout`` and the failed
+        buckets its syndromes explain corrected; the buckets still failed."""
+        resolver = self.resolver
         done: set[int] = set()
-        for buckets, truth in self.known.get(p, ()):
+        for buckets, truth in self.known.get((i, p), ()):
             resolver.patch(kout, buckets, truth, DecodeStats())  # counted when first recovered
             done.update(buckets)
         bad = [b for b in bad if b not in done]
-        if bad and self.syndromes.get(p):
-            fixed, truth = resolver.correct(kout, bad, self.syndromes[p], checksum, self.rho)
+        if bad and self.syndromes.get((i, p)):
+            fixed, truth = resolver.correct(kout, bad, self.syndromes[(i, p)], checksum, self.ratios[i])
             if fixed:
-                resolver.patch(kout, fixed, truth, self.stats)
-                self.known.setdefault(p, []).append((fixed, truth))
+                resolver.patch(kout, fixed, truth, self.stats[i])
+                self.known.setdefault((i, p), []).append((fixed, truth))
                 bad = [b for b in bad if b not in set(fixed)]
-        return kout, bad
+        return bad
 
-    def take(self, replies: dict[int, torch.Tensor], failed: dict[int, list[Request]],
+    def take(self, i: int, replies: dict[int, torch.Tensor], failed: dict[int, list[Request]],
              resolved: dict[int, torch.Tensor]) -> None:
-        """A recovery round's ``replies`` to the requests ``failed``: syndromes kept per bucket,
-        whole buckets patched into the sender's ``resolved`` indices and kept for later passes."""
+        """A recovery round's ``replies`` to tensor i's requests ``failed``: syndromes kept per
+        bucket, whole buckets patched into the sender's ``resolved`` indices and kept for later passes."""
         for p, requests in failed.items():
-            self.replied[p] += replies[p].numel()
-            reply = self.protocol.parse(replies[p], self.n, requests)
-            mine = self.syndromes.setdefault(p, {})
+            self.replied[i][p] += replies[p].numel()
+            reply = self.protocol.parse(replies[p], self.lengths[i], requests)
+            mine = self.syndromes.setdefault((i, p), {})
             for b, s in reply.syndromes:
                 mine[b] = s if b not in mine else torch.cat([mine[b], s])
             if reply.whole:
-                self.resolver.patch(resolved[p], reply.whole, reply.truth, self.stats)
-                self.known.setdefault(p, []).append((reply.whole, reply.truth))
+                self.resolver.patch(resolved[p], reply.whole, reply.truth, self.stats[i])
+                self.known.setdefault((i, p), []).append((reply.whole, reply.truth))

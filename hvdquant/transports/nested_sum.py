@@ -4,7 +4,6 @@ scheme :func:`~hvdquant.transports.sum_schemes.scheme_for` picks for an NDQSG co
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from hvdquant.codecs.base import counts_entropy
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import ops
-from hvdquant.kernels.segments import Segments
+from hvdquant.kernels.segments import Segments, by_segment
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.sum_batch import Batch, SumHost
 from hvdquant.transports.summable import SumFieldLayout, SumMessage
@@ -148,7 +147,7 @@ class NestedSum:
             ops.nested_decode_segments(sums, batch.delta, first, sent.ratios, side, ranks, kout=ksum)
             checks = torch.round(parts[-1]).to(torch.int64) & 0xFFFFFFFF
             wrong = torch.nonzero(ops.bucket_checksum_segments(ksum, first, chosen) != checks).flatten().tolist()
-            failed = _by_segment(wrong, [nb if r else 0 for nb, r in zip(segs.buckets, sent.ratios)])
+            failed = by_segment(wrong, [nb if r else 0 for nb, r in zip(segs.buckets, sent.ratios)])
         if any(failed):  # the same buckets on every rank: one allreduce of their DQSG(s1) index sums
             self._recover(path, ksum, sent.indices, segs, failed, tag)
         if nested.adaptive:
@@ -199,7 +198,7 @@ class NestedSum:
             wrong.append(ops.bucket_checksum_segments(kout, first, probed) != truth)
         flat = torch.nonzero(torch.stack(wrong)).tolist()
         buckets = [nb if p else 0 for nb, p in zip(segs.buckets, probed)]
-        fails = {rho: _by_segment([b for c, b in flat if c == i], buckets) for i, rho in enumerate(candidates)}
+        fails = {rho: by_segment([b for c, b in flat if c == i], buckets) for i, rho in enumerate(candidates)}
         for i, (q, n, nb) in enumerate(zip(batch.rounds, segs.lengths, segs.buckets)):
             if not probed[i]:
                 continue
@@ -233,14 +232,3 @@ def _end_to_end(sides: list[torch.Tensor | None], segments: Segments, device: to
                                  for s, start in zip(sides, segments.offsets(list(segments.lengths)))):
         return first.as_strided((segments.elements,), (1,))
     return torch.cat([s if s is not None else torch.zeros(n, device=device) for s, n in zip(sides, segments.lengths)])
-
-
-def _by_segment(flat: list[int], buckets: list[int]) -> list[list[int]]:
-    """Indices into the segments' buckets end to end (``buckets`` per segment), as each segment's own
-    bucket indices."""
-    starts = np.cumsum([0, *buckets]).tolist()
-    out: list[list[int]] = [[] for _ in buckets]
-    for b in flat:
-        s = bisect.bisect_right(starts, b) - 1  # the last segment starting at or before b: not an empty one
-        out[s].append(b - starts[s])
-    return out

@@ -77,9 +77,9 @@ def segmented(n):
 
 
 def segmented_nested(n):
-    """The stock path's nested twins over the same four tensors: checksums of some of them, cosets
-    resolved with their own ratios (one tensor not resolved), summable fields of their own radices,
-    and index sums decoded."""
+    """NDQSG's twins over the same four tensors: checksums of some of them, cosets encoded and
+    resolved with their own ratios (one tensor not resolved), packed and unpacked by bits and by
+    radix, summable fields of their own radices, and index sums decoded."""
     from hvdquant.kernels.segments import Segments
 
     lengths = (n, 3, 0, 2 * n + 5)
@@ -96,8 +96,11 @@ def segmented_nested(n):
     fields = ((7, 12), (9, 5), (4, 3), (25, 10))
     codes = sym_of(sum(lengths), 4)
     words = ops.pack_sum_fields_segments(codes, segs, fields)
+    packed = [ops.pack_cosets_segments(sym_of(sum(lengths), rho, rho), segs, rho) for rho in (4, 6)]
     return (ops.bucket_checksum_segments(k, segs), ops.bucket_checksum_segments(kout, segs, (True, False, True, True)),
-            cosets, kout, unreduced, words, ops.unpack_sum_fields_segments(words * 3.0, segs, fields, 3.0),
+            cosets, kout, unreduced, words, *packed,
+            *(ops.unpack_cosets_segments(p, segs, rho) for p, rho in zip(packed, (4, 6))),
+            ops.unpack_sum_fields_segments(words * 3.0, segs, fields, 3.0),
             ops.dqsg_decode_segments(kout, delta, segs, 0, senders=2))
 
 

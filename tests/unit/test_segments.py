@@ -269,6 +269,55 @@ def test_ndqsg_group_encoder_gives_each_tensor_its_own_bits(codec, sender):
     assert launched[0] == launched[1]
 
 
+def _recover_from(codec, payloads, ctx):
+    """A recovery round answered by the senders' own payloads (what the transport's collective gathers)."""
+    return lambda failed: {p: codec.recovery_payload(payloads[p], ctx.sender(p), requests)
+                           for p, requests in failed.items()}
+
+
+@pytest.mark.parametrize("codec", [NDQSG((8, 1), 64, adaptive=False, locate=True), NDQSG((8, 1), 64),
+                                   NDQSG((16, 2), 100, rotation="hadamard", dither="stratified")],
+                         ids=["fixed-locate", "adaptive", "adaptive-rotated-stratified"])
+def test_ndqsg_group_decoder_gives_each_tensor_its_own_bits(codec):
+    """NDQSG's group decoder against the decoder of one tensor at a time, 3 senders: the means, the
+    decode statistics (failed buckets, syndromes, recovery rounds) and adaptive nesting's decisions
+    (some tensors nesting at different ratios, some not); and for payloads its side information
+    resolves, the same launches for 7 tensors and for 70."""
+    shapes = ((40, 25), (512,), (7, 1), (0,), (300, 10), (1, 513), (1,))
+    names = [f"t{i}" for i in range(len(shapes))]
+    gen = torch.Generator().manual_seed(2)
+    gs = [torch.randn(shape, generator=gen) for shape in shapes]
+    results = []
+    for grouped in (True, False):
+        state = _nesting_state(names, [4, 0, 3, 2, 8, 6, 16])
+        ctxs = [TensorContext(n, g.shape, dither_key(7, 3, n, 0), 3, state) for n, g in zip(names, gs)]
+        noise = torch.Generator().manual_seed(3)
+        payloads = [[codec.encode(g * (1 + 0.3 * p) + 2.0 * p * torch.randn(g.shape, generator=noise), c.sender(p))
+                     for p in range(3)] for g, c in zip(gs, ctxs)]  # the side information misses some buckets
+        recovers = [_recover_from(codec, senders, c) for senders, c in zip(payloads, ctxs)]
+        out = codec.aggregate_group(payloads, ctxs, recovers) if grouped else \
+            [codec.aggregate(senders, c, r) for senders, c, r in zip(payloads, ctxs, recovers)]
+        results.append((out, state.nesting.state_dict()))
+    (group, decided), (alone, decided_alone) = results
+    for (mean, stats), (mean_alone, stats_alone) in zip(group, alone):
+        assert torch.equal(mean, mean_alone) and stats == stats_alone
+    assert decided == decided_alone
+    assert sum(st.recovery_rounds for _, st in group) > 0  # the rounds were exercised
+    if codec.adaptive:
+        return
+    launched = []
+    for count in (7, 70):
+        many = [torch.randn(9, 40 + i, generator=gen) for i in range(count)]
+        ctxs = [TensorContext(f"m{i}", g.shape, dither_key(7, 3, f"m{i}", 0), 3, CodecState())
+                for i, g in enumerate(many)]
+        payloads = [[codec.encode(g * (1 + 1e-4 * p), c.sender(p)) for p in range(3)] for g, c in zip(many, ctxs)]
+        before = ops.launches["cpu"]
+        out = codec.aggregate_group(payloads, ctxs, [None] * count)
+        launched.append(ops.launches["cpu"] - before)
+        assert not any(st.recovery_rounds for _, st in out)
+    assert launched[0] == launched[1]
+
+
 @pytest.mark.skipif(not sim.available(), reason="needs Numba's CUDA simulator and no real GPU")
 @pytest.mark.parametrize("codec", sorted(GPU_CODECS))
 def test_payload_exchange_launches_on_a_simulated_gpu(codec):
