@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Recover, TensorContext
-from hvdquant.codecs.nesting_cost import Met, NestingCost
+from hvdquant.codecs.nesting_cost import NestingCost, SenderPass
 from hvdquant.codecs.recovery import Request
 from hvdquant.kernels import ops
 from hvdquant.kernels.segments import Segments, by_segment
@@ -58,9 +58,9 @@ class RankOrderDecoder:
         self.syndromes: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
         self.replied = [[0] * self.ranks for _ in tensors]  # recovery bytes each sender handed over, per tensor
         self.stats = [DecodeStats() for _ in tensors]
-        #: adaptive: per tensor, per nested-role sender, what decoding it met (the last pass, once
+        #: adaptive: per nested-role sender, what decoding it met over the group (the last pass, once
         #: nothing fails, holds the exact indices), for pricing every candidate ratio
-        self.met: list[dict[int, Met]] = [{} for _ in tensors]
+        self.met: dict[int, SenderPass] = {}
 
     def run(self, recovers: Sequence[Recover | None]) -> tuple[torch.Tensor, list[DecodeStats]]:
         """Passes and recovery rounds until no bucket fails; the group's means end to end, and per
@@ -68,10 +68,9 @@ class RankOrderDecoder:
         while True:
             total, failed, resolved = self.decode_pass()
             if not failed:
-                for i, (ctx, policy) in enumerate(zip(self.ctxs, self.policies)):
-                    if policy is not None:
-                        NestingCost(self.codec).decide(ctx.name, policy, self.ranks, self.lengths[i], self.met[i],
-                                                       self.replied[i])
+                if any(policy is not None for policy in self.policies):
+                    NestingCost(self.codec).decide([c.name for c in self.ctxs], self.policies, self.ranks, self.lengths,
+                                                   self.met, self.replied)
                 return total / self.ranks, self.stats
             for i in sorted(failed):
                 if recovers[i] is None:
@@ -97,16 +96,18 @@ class RankOrderDecoder:
             # the mean so far, as a product by fl(1/p): a framework's division by a scalar may be a
             # reciprocal multiply on a GPU and a true division on a CPU (other side bits, other K̂)
             side = total * (1.0 / p) if p else None
+            delta = torch.cat([e.fields["delta"] for e in encs])
+            kout = None
             if plain:
                 self._add(total, plain, self.fine.decode_flat([encs[i] for i in plain], [ctxs[i] for i in plain]))
-                if self.codec.adaptive and p >= self.codec.dqsg_senders(self.ranks):
-                    self._meet_plain(p, plain, encs, segs, side)
             if len(plain) < len(encs):
-                kout = self._resolve(p, encs, segs, nests, side, failed, resolved)
-                decoded = ops.dqsg_decode_segments(kout, torch.cat([e.fields["delta"] for e in encs]), segs, 0)
+                kout = self._resolve(p, encs, segs, nests, side, delta, failed, resolved)
+                decoded = ops.dqsg_decode_segments(kout, delta, segs, 0)
                 nested = [i for i, n in enumerate(nests) if n]
                 self._add(total, nested, decoded if not plain else
                           torch.cat([part for part, n in zip(decoded.split(self.lengths), nests) if n]))
+            if self.codec.adaptive and p >= self.codec.dqsg_senders(self.ranks):
+                self.met[p] = SenderPass(self._exact(plain, encs, segs, kout), delta, side, segs)
         return total, failed, resolved
 
     def _add(self, total: torch.Tensor, members: list[int], decoded: torch.Tensor) -> None:
@@ -121,26 +122,31 @@ class RankOrderDecoder:
     def _starts(self) -> list[int]:
         return [sum(self.lengths[:i]) for i in range(len(self.lengths))]
 
-    def _meet_plain(self, p: int, plain: list[int], encs: list[Encoded], segs: Segments,
-                    side: torch.Tensor) -> None:
-        """Adaptive nesting's record of nested-role sender p's DQSG(s₁) payloads: their exact indices."""
-        fine, starts = self.fine, self._starts()
+    def _exact(self, plain: list[int], encs: list[Encoded], segs: Segments, kout: torch.Tensor | None
+               ) -> torch.Tensor:
+        """A sender's DQSG(s₁) indices over the group, end to end: its nested payloads' resolved ones
+        (``kout``), its DQSG payloads' unpacked (one launch)."""
+        if not plain:
+            return kout
+        fine = self.fine
         group = Segments(tuple(self.lengths[i] for i in plain), tuple(segs.keys[i] for i in plain), segs.bucket)
-        symbols = ops.unpack_symbols_segments(torch.cat([encs[i].fields["symbols"] for i in plain]), group,
-                                              fine.symbols)
-        k = symbols.to(torch.int32).sub_(fine.levels).split(list(group.lengths))
-        for i, ki in zip(plain, k):
-            self.met[i][p] = (ki, encs[i].fields["delta"], segs.keys[i], side[starts[i]:starts[i] + self.lengths[i]])
+        k = ops.unpack_symbols_segments(torch.cat([encs[i].fields["symbols"] for i in plain]), group,
+                                        fine.symbols).to(torch.int32).sub_(fine.levels)
+        if kout is None:
+            return k
+        exact, starts = kout.clone(), self._starts()
+        for i, part in zip(plain, k.split(list(group.lengths))):
+            exact[starts[i]:starts[i] + self.lengths[i]] = part
+        return exact
 
     def _resolve(self, p: int, encs: list[Encoded], segs: Segments, nests: list[bool], side: torch.Tensor,
-                 failed: Failures, resolved: dict[int, dict[int, torch.Tensor]]) -> torch.Tensor:
+                 delta: torch.Tensor, failed: Failures, resolved: dict[int, dict[int, torch.Tensor]]) -> torch.Tensor:
         """Sender p's nested payloads resolved against ``side`` (one launch for the group, its DQSG
         payloads' parts left 0), their recovered buckets kept exact and the failed buckets their
         syndromes explain corrected; K̂ of the group end to end. Tensors still failing join
         ``failed`` and ``resolved``."""
         ratios = tuple(r if n else 0 for r, n in zip(self.ratios, nests))
         residues = self._residues(encs, segs, ratios)
-        delta = torch.cat([e.fields["delta"] for e in encs])
         kout = ops.nested_decode_segments(residues, delta, segs, ratios, side, 1)
         chosen = tuple(nests)
         sent = torch.cat([e.fields["checksum"] for e, n in zip(encs, nests) if n]).to(torch.int64) & 0xFFFFFFFF
@@ -155,7 +161,6 @@ class RankOrderDecoder:
             if bad:
                 failed.setdefault(i, {})[p] = self.protocol.next_requests(bad, self.syndromes.get((i, p), {}))
                 resolved.setdefault(i, {})[p] = ki
-            self.met[i][p] = (ki, enc.fields["delta"], segs.keys[i], side[starts[i]:starts[i] + self.lengths[i]])
         return kout
 
     def _residues(self, encs: list[Encoded], segs: Segments, ratios: tuple[int, ...]) -> torch.Tensor:

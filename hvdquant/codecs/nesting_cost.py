@@ -17,27 +17,47 @@ coordinates w of each failed bucket; a locating stage of 2t syndromes corrects e
 with w ≤ t, so a bucket is priced at the syndromes it would be sent and, past the last stage,
 resent whole. :meth:`NestingPolicy.choose` then keeps the cheapest ρ and applies the rule. Every
 rank decodes every payload alike, so every rank prices and decides alike, without a collective.
+
+A fusion group is priced at once: per nested-role sender and candidate ratio, one resolve and one
+checksum launch over the group's tensors end to end (each tensor probed or not), and, where buckets
+fail and locating is on, one count of the wrong coordinates per bucket; prices are then summed and
+decisions taken per tensor on the host.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hvdquant.codecs.base import Codec, layout_bytes
-from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.nesting import NestingPolicy
-from hvdquant.kernels import DitherKey, sizes
+from hvdquant.kernels import ops, sizes
+from hvdquant.kernels.segments import Segments, by_segment
 
-#: what decoding met per nested-role sender, for pricing: its exact indices k_p, Δ_p, its key, and
-#: the side information y_p its payload met
-Met = tuple[torch.Tensor, torch.Tensor, DitherKey, torch.Tensor]
+
+@dataclass(frozen=True)
+class SenderPass:
+    """What decoding met of one nested-role sender p over a fusion group, for pricing: its exact
+    DQSG(s₁) indices k_p (int32), its steps Δ_p and the side information y_p its payloads met,
+    each the group's tensors end to end, and the group's segments with p's keys."""
+
+    k: torch.Tensor
+    delta: torch.Tensor
+    side: torch.Tensor
+    segments: Segments
+
+
+def _covered(buckets: list[int], bucket_size: int, n: int) -> int:
+    """Coordinates in the given buckets of a tensor of n coordinates (the last bucket may be short)."""
+    return sum(min(bucket_size, n - b * bucket_size) for b in buckets)
 
 
 @dataclass(frozen=True)
 class NestingCost:
-    """The prices B_p(ρ) and the decision of adaptive nesting for the frozen ``codec`` (an NDQSG)."""
+    """The prices B_p(ρ) and the decisions of adaptive nesting for the frozen ``codec`` (an NDQSG)."""
 
     codec: Codec
 
@@ -50,44 +70,78 @@ class NestingCost:
         return 8 * nb + sizes.coset_bytes(n, rho or codec.nesting_ratio) + 2 * syndromes + (
             sizes.symbol_bytes(recovered, codec.fine.symbols) if recovered else 0)
 
-    def probe_bytes(self, k: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
-                    rho: int) -> int:
-        """B_probe(ρ): bytes one sender's exact indices ``k`` cost sent nested with ratio ``rho``
-        against side information ``side``: each failed bucket's wrong coordinates w decide the
-        locating stages it gets (those before the first 2t with w ≤ t) and whether it is then
-        resent whole (Reed–Solomon decoding, :mod:`~hvdquant.codecs.syndromes`)."""
-        codec = self.codec
-        kout, bad = codec.resolver.probe_resolve(k, delta, side, key, 1, rho)
-        n, d = k.numel(), codec.bucket_size
-        stages = codec.locate_stages()
-        if not bad or not stages:
-            return self.nested_bytes(n, bucket_coordinates(bad, d, n).numel(), 0, rho)
-        nb = sizes.num_buckets(n, d)
-        wrong = torch.zeros(nb * d, dtype=torch.int32, device=k.device)
-        wrong[:n] = (kout != k).to(torch.int32)
-        w = wrong.view(nb, d).sum(1)[torch.tensor(bad, dtype=torch.int64, device=k.device)]
-        words, sent = 0, 0
-        for total in stages:  # cumulative syndrome counts 2t
-            words += (total - sent) * int((w > sent // 2).sum())  # buckets still failing get this stage
-            sent = total
-        whole = [b for b, left in zip(bad, (w > sent // 2).tolist()) if left]
-        return self.nested_bytes(n, bucket_coordinates(whole, d, n).numel(), words, rho)
+    def probe(self, met: SenderPass, rho: int, probed: Sequence[bool]) -> list[int | None]:
+        """B_probe(ρ) of each ``probed`` tensor (None for the others): the bytes one sender's exact
+        indices cost sent nested with ratio ``rho`` against its side information. Each failed
+        bucket's wrong coordinates w decide the locating stages it gets (those before the first 2t
+        with w ≤ t) and whether it is then resent whole (Reed–Solomon decoding,
+        :mod:`~hvdquant.codecs.syndromes`). The residues of k + ⌊ρ/2⌋ mod ρ are taken by the resolver."""
+        codec, segs = self.codec, met.segments
+        d, stages = codec.bucket_size, codec.locate_stages()
+        chosen = tuple(bool(p) for p in probed)
+        kout = ops.nested_decode_segments(met.k + rho // 2, met.delta, segs, tuple(rho if c else 0 for c in chosen),
+                                          met.side, 1)
+        wrong = ops.bucket_checksum_segments(kout, segs, chosen) != ops.bucket_checksum_segments(met.k, segs, chosen)
+        flat = torch.nonzero(wrong).flatten().tolist()
+        bad = by_segment(flat, [nb if c else 0 for nb, c in zip(segs.buckets, chosen)])
+        counts = self._wrong_per_bucket(kout, met.k, segs, bad) if flat and stages else [[] for _ in bad]
+        prices: list[int | None] = []
+        for n, c, failed, w in zip(segs.lengths, chosen, bad, counts):
+            if not c:
+                prices.append(None)
+                continue
+            words, sent = 0, 0
+            for total in stages:  # cumulative syndrome counts 2t
+                words += (total - sent) * sum(1 for x in w if x > sent // 2)  # buckets still failing get this stage
+                sent = total
+            whole = [b for b, x in zip(failed, w) if x > sent // 2] if stages else failed
+            prices.append(self.nested_bytes(n, _covered(whole, d, n), words, rho))
+        return prices
 
-    def decide(self, name: str, policy: NestingPolicy, ranks: int, n: int, met: dict[int, Met],
-               replied: list[int]) -> None:
-        """Nesting and ratio of tensor ``name`` at its next step: B(ρ) for every candidate ratio
-        from this step's nested-role senders ``met`` (``replied[p]``: the recovery bytes sender p
-        handed over) against B_DQSG (:meth:`NestingPolicy.choose`)."""
+    @staticmethod
+    def _wrong_per_bucket(kout: torch.Tensor, k: torch.Tensor, segs: Segments, bad: list[list[int]]
+                          ) -> list[list[int]]:
+        """Per tensor, the wrong coordinates of each of its ``bad`` buckets (one count for the group)."""
+        d = segs.bucket
+        sizes_ = np.concatenate([np.minimum(d, n - d * np.arange(nb)) for n, nb in zip(segs.lengths, segs.buckets)]
+                                or [np.zeros(0, dtype=np.int64)])
+        ids = torch.repeat_interleave(torch.arange(len(sizes_), device=k.device),
+                                      torch.from_numpy(sizes_.astype(np.int64)).to(k.device))
+        per_bucket = torch.zeros(len(sizes_), dtype=torch.int64, device=k.device).index_add_(
+            0, ids, (kout != k).to(torch.int64))
+        starts = segs.offsets(list(segs.buckets))
+        where = [starts[i] + b for i, buckets in enumerate(bad) for b in buckets]
+        flat = per_bucket[torch.tensor(where, dtype=torch.int64, device=k.device)].tolist()
+        out, pos = [], 0
+        for buckets in bad:
+            out.append(flat[pos:pos + len(buckets)])
+            pos += len(buckets)
+        return out
+
+    def decide(self, names: Sequence[str], policies: Sequence[NestingPolicy | None], ranks: int,
+               lengths: Sequence[int], met: dict[int, SenderPass], replied: Sequence[Sequence[int]]) -> None:
+        """Nesting and ratio of every tensor ``names[i]`` (``lengths[i]`` coordinates) with a
+        ``policies[i]`` at its next step: B(ρ)
+        for every candidate ratio from this step's nested-role senders ``met`` (``replied[i][p]``:
+        the recovery bytes sender p handed over for tensor i) against B_DQSG
+        (:meth:`NestingPolicy.choose`)."""
         codec = self.codec
         senders = ranks - codec.dqsg_senders(ranks)
         if not senders:
             return
-        current = codec.ratio(name, policy)
-        plain = senders * layout_bytes(codec.fine.layout(n))
-        cost = {}
+        on = [p is not None and p.is_on(name) for name, p in zip(names, policies)]
+        current = [codec.ratio(name, p) if p is not None else 0 for name, p in zip(names, policies)]
+        cost: list[dict[int, int]] = [{} for _ in names]
         for rho in codec.candidate_ratios():
-            if rho == current and policy.is_on(name):
-                cost[rho] = sum(self.nested_bytes(n, 0, 0, rho) + replied[p] for p in met)
-                continue
-            cost[rho] = sum(self.probe_bytes(k, delta, side, key, rho) for k, delta, key, side in met.values())
-        policy.choose(name, cost, plain, buckets=senders * sizes.num_buckets(n, codec.bucket_size))
+            probed = [p is not None and not (rho == r and o) for p, r, o in zip(policies, current, on)]
+            for i, (p, n) in enumerate(zip(policies, lengths)):
+                if p is not None and not probed[i]:
+                    cost[i][rho] = sum(self.nested_bytes(n, 0, 0, rho) + replied[i][s] for s in met)
+            if any(probed):
+                prices = [self.probe(m, rho, probed) for m in met.values()]
+                for i in (i for i, pr in enumerate(probed) if pr):
+                    cost[i][rho] = sum(price[i] for price in prices)
+        for name, policy, n, c in zip(names, policies, lengths, cost):
+            if policy is not None:
+                plain = senders * layout_bytes(codec.fine.layout(n))
+                policy.choose(name, c, plain, buckets=senders * sizes.num_buckets(n, codec.bucket_size))

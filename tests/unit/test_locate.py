@@ -15,10 +15,11 @@ from hvdquant.codecs import syndromes as sy
 from hvdquant.codecs.base import TensorContext
 from hvdquant.codecs.coset_resolver import bucket_coordinates
 from hvdquant.codecs.nesting import NestingPolicy
-from hvdquant.codecs.nesting_cost import NestingCost
+from hvdquant.codecs.nesting_cost import NestingCost, SenderPass
 from hvdquant.codecs.requests import SyndromeRequest, WholeBucket
 from hvdquant.codecs.state import CodecState
 from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels.segments import Segments
 
 
 def ctx_for(n: int, ranks: int, step: int = 0, name: str = "w", state: CodecState | None = None) -> TensorContext:
@@ -236,7 +237,8 @@ def test_adaptive_probe_prices_nesting_at_what_the_decoder_hands_over(noise, rho
     k = ops.unpack_symbols(enc1.fields["symbols"], fine.symbols, n).to(torch.int32) - fine.levels
     located = False
     for rho in probe_codec.candidate_ratios():
-        priced = NestingCost(probe_codec).probe_bytes(k, enc1.fields["delta"], side, key, rho)
+        met = SenderPass(k, enc1.fields["delta"], side, Segments((n,), (key,), probe_codec.bucket_size))
+        (priced,) = NestingCost(probe_codec).probe(met, rho, [True])
         state = CodecState()
         state.nesting.nesting["w"], state.nesting.ratios["w"] = True, rho
         mean, ref, _, log, encs = emulate(probe_codec, gs, ctx_for(n, ranks, state=state))
