@@ -316,6 +316,36 @@ def test_ndqsg_group_decoder_gives_each_tensor_its_own_bits(codec):
     assert launched[0] == launched[1]
 
 
+@pytest.mark.parametrize("codec", [NDQSG((8, 1), 16, adaptive=False, locate=True),
+                                   NDQSG((8, 1), 16, rotation="hadamard")], ids=["fixed-locate", "adaptive-rotated"])
+def test_ndqsg_group_on_cuda_kernels_gives_the_cpu_bits(codec):
+    """NDQSG's group encoder and decoder on the CUDA kernels (Numba's simulator here, or the GPU), 3
+    senders, recovery rounds and adaptive nesting's probes included: the CPU twins' bits and
+    statistics, and the same nesting decisions (small tensors: the simulator runs a Python thread per
+    GPU thread)."""
+    shapes, names = ((3, 24), (40,), (2, 5)), ["a", "b", "c"]
+    gen = torch.Generator().manual_seed(4)
+    gs = [torch.randn(shape, generator=gen) for shape in shapes]
+    noise = [[p * torch.randn(shape, generator=gen) for p in range(3)] for shape in shapes]
+
+    def run():
+        state = _nesting_state(names, [4, 2, 0])
+        ctxs = [TensorContext(n, g.shape, dither_key(7, 3, n, 0), 3, state) for n, g in zip(names, gs)]
+        by_sender = [codec.encode_group([g * (1 + 0.3 * p) + e[p] for g, e in zip(gs, noise)],
+                                        [c.sender(p) for c in ctxs]) for p in range(3)]
+        payloads = [[by_sender[p][i] for p in range(3)] for i in range(len(gs))]
+        out = codec.aggregate_group(payloads, ctxs, [_recover_from(codec, sent, c) for sent, c in zip(payloads, ctxs)])
+        return torch.cat([m for m, _ in out]), [st for _, st in out], state.nesting.state_dict()
+
+    cpu = run()
+    before = ops.launches["cuda"]
+    with ops.force_target("cuda"):
+        cuda = run()
+    assert ops.launches["cuda"] > before
+    assert torch.equal(cpu[0], cuda[0]) and cpu[1:] == cuda[1:]
+    assert sum(st.recovery_rounds for st in cpu[1]) > 0
+
+
 @pytest.mark.skipif(not sim.available(), reason="needs Numba's CUDA simulator and no real GPU")
 @pytest.mark.parametrize("codec", sorted(GPU_CODECS))
 def test_payload_exchange_launches_on_a_simulated_gpu(codec):
