@@ -21,7 +21,7 @@ from .dispatch import check_senders, launch_segments, output, range_span, target
 from .ops_fields import _fields, _radix_inverses, _symbol_fields
 from .ops_packing import fused_packing
 from .segments import Segments, Shares
-from .sizes import coset_bits, integer, onebit_lanes, packed_bytes, radix_per_byte, symbol_bytes, symbol_packing
+from .sizes import coset_packing, integer, onebit_lanes, packed_bytes, symbol_bytes, symbol_packing
 
 
 def hadamard_rotate_segments(x: torch.Tensor, segments: Segments, inverse: bool = False,
@@ -205,20 +205,6 @@ def _radixpack_segments(symbols: torch.Tensor, segments: Segments, alphabet: int
     return out
 
 
-def pack_symbols_segments(symbols: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:
-    """Every segment's symbols packed as :func:`.ops.pack_symbols` packs them, end to end."""
-    kind, v = symbol_packing(alphabet)
-    return bitpack_segments(symbols, segments, v) if kind == "bits" else \
-        _radixpack_segments(symbols, segments, alphabet, v)
-
-
-def pack_cosets_segments(symbols: torch.Tensor, segments: Segments, nesting_ratio: int) -> torch.Tensor:
-    """Every segment's coset symbols in [0, ρ) packed as :func:`.ops.pack_cosets` packs them, end to end."""
-    b = coset_bits(nesting_ratio)
-    return bitpack_segments(symbols, segments, b) if b is not None else \
-        _radixpack_segments(symbols, segments, nesting_ratio, radix_per_byte(nesting_ratio))
-
-
 def _radixunpack_segments(packed: torch.Tensor, segments: Segments, alphabet: int, per_byte: int) -> torch.Tensor:
     """Inverse of :func:`_radixpack_segments`."""
     sizes = tuple(-(-n // per_byte) for n in segments.lengths)
@@ -229,18 +215,34 @@ def _radixunpack_segments(packed: torch.Tensor, segments: Segments, alphabet: in
     return out
 
 
+def _pack(symbols: torch.Tensor, segments: Segments, alphabet: int, packing: tuple[str, int],
+          unpack: bool = False) -> torch.Tensor:
+    """Every segment's symbols in [0, alphabet) packed (or, ``unpack``, unpacked) the way ``packing``
+    says: ("bits", b) or ("radix", symbols per byte)."""
+    kind, v = packing
+    if kind == "bits":
+        return (bitunpack_segments if unpack else bitpack_segments)(symbols, segments, v)
+    return (_radixunpack_segments if unpack else _radixpack_segments)(symbols, segments, alphabet, v)
+
+
+def pack_symbols_segments(symbols: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:
+    """Every segment's symbols packed as :func:`.ops.pack_symbols` packs them, end to end."""
+    return _pack(symbols, segments, alphabet, symbol_packing(alphabet))
+
+
 def unpack_symbols_segments(packed: torch.Tensor, segments: Segments, alphabet: int) -> torch.Tensor:
     """Inverse of :func:`pack_symbols_segments` (:func:`.ops.unpack_symbols` of every segment)."""
-    kind, v = symbol_packing(alphabet)
-    return bitunpack_segments(packed, segments, v) if kind == "bits" else \
-        _radixunpack_segments(packed, segments, alphabet, v)
+    return _pack(packed, segments, alphabet, symbol_packing(alphabet), unpack=True)
+
+
+def pack_cosets_segments(symbols: torch.Tensor, segments: Segments, nesting_ratio: int) -> torch.Tensor:
+    """Every segment's coset symbols in [0, ρ) packed as :func:`.ops.pack_cosets` packs them, end to end."""
+    return _pack(symbols, segments, nesting_ratio, coset_packing(nesting_ratio))
 
 
 def unpack_cosets_segments(packed: torch.Tensor, segments: Segments, nesting_ratio: int) -> torch.Tensor:
     """Inverse of :func:`pack_cosets_segments` (:func:`.ops.unpack_cosets` of every segment)."""
-    b = coset_bits(nesting_ratio)
-    return bitunpack_segments(packed, segments, b) if b is not None else \
-        _radixunpack_segments(packed, segments, nesting_ratio, radix_per_byte(nesting_ratio))
+    return _pack(packed, segments, nesting_ratio, coset_packing(nesting_ratio), unpack=True)
 
 
 def qsgd_encode_segments(g: torch.Tensor, norm: torch.Tensor, segments: Segments, levels: int) -> torch.Tensor:

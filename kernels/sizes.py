@@ -56,13 +56,17 @@ def coset_bits(nesting_ratio: int) -> int | None:
     return rho.bit_length() - 1 if rho & (rho - 1) == 0 else None
 
 
+def coset_packing(nesting_ratio: int) -> tuple[str, int]:
+    """How :func:`.ops.pack_cosets` packs coset symbols in [0, ρ): ("bits", log2 ρ) for ρ a power of
+    two, else ("radix", m) with m = radix_per_byte(ρ)."""
+    b = coset_bits(nesting_ratio)
+    return ("bits", b) if b is not None else ("radix", radix_per_byte(nesting_ratio))
+
+
 def coset_bytes(n: int, nesting_ratio: int) -> int:
     """Bytes :func:`.ops.pack_cosets` takes for n symbols."""
-    b = coset_bits(nesting_ratio)
-    if b is not None:
-        return packed_bytes(n, b)
-    m = radix_per_byte(nesting_ratio)
-    return (n + m - 1) // m
+    kind, v = coset_packing(nesting_ratio)
+    return packed_bytes(n, v) if kind == "bits" else (n + v - 1) // v
 
 
 def onebit_lanes(rows: int, cols: int) -> int:
