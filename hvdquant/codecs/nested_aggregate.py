@@ -23,6 +23,7 @@ failing tensors' ``recover`` collectives in tensor order and the pass repeats fo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,7 @@ class RankOrderDecoder:
         self.codec, self.payloads, self.ctxs = codec, payloads, ctxs
         self.ranks = len(payloads[0])
         self.lengths = [p[0].n for p in payloads]
+        self.starts = list(itertools.accumulate(self.lengths, initial=0))[:-1]  # each tensor's start in the group
         self.device = next(iter(payloads[0][0].fields.values())).device
         self.fine, self.resolver, self.protocol = codec.fine, codec.resolver, codec.recovery
         self.policies = [codec.policy(c) for c in ctxs]
@@ -115,12 +117,12 @@ class RankOrderDecoder:
         if len(members) == len(self.lengths):
             total += decoded
             return
-        parts, starts = decoded.split([self.lengths[i] for i in members]), self._starts()
-        for i, part in zip(members, parts):
-            total[starts[i]:starts[i] + self.lengths[i]] += part
+        for i, part in zip(members, decoded.split([self.lengths[i] for i in members])):
+            self.part(total, i).add_(part)
 
-    def _starts(self) -> list[int]:
-        return [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+    def part(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Tensor i's part of a buffer of the group's tensors end to end (a view)."""
+        return flat[self.starts[i]:self.starts[i] + self.lengths[i]]
 
     def _exact(self, plain: list[int], encs: list[Encoded], segs: Segments, kout: torch.Tensor | None
                ) -> torch.Tensor:
@@ -134,9 +136,9 @@ class RankOrderDecoder:
                                         fine.symbols).to(torch.int32).sub_(fine.levels)
         if kout is None:
             return k
-        exact, starts = kout.clone(), self._starts()
+        exact = kout.clone()
         for i, part in zip(plain, k.split(list(group.lengths))):
-            exact[starts[i]:starts[i] + self.lengths[i]] = part
+            self.part(exact, i).copy_(part)
         return exact
 
     def _resolve(self, p: int, encs: list[Encoded], segs: Segments, nests: list[bool], side: torch.Tensor,
@@ -152,11 +154,10 @@ class RankOrderDecoder:
         sent = torch.cat([e.fields["checksum"] for e, n in zip(encs, nests) if n]).to(torch.int64) & 0xFFFFFFFF
         wrong = torch.nonzero(ops.bucket_checksum_segments(kout, segs, chosen) != sent).flatten().tolist()
         bad_by_tensor = by_segment(wrong, [nb if n else 0 for nb, n in zip(segs.buckets, nests)])
-        starts = self._starts()
         for i, (enc, nested, bad) in enumerate(zip(encs, nests, bad_by_tensor)):
             if not nested:
                 continue
-            ki = kout[starts[i]:starts[i] + self.lengths[i]]
+            ki = self.part(kout, i)
             bad = self._repair(i, p, ki, bad, enc.fields["checksum"])
             if bad:
                 failed.setdefault(i, {})[p] = self.protocol.next_requests(bad, self.syndromes.get((i, p), {}))
@@ -170,14 +171,13 @@ class RankOrderDecoder:
         if len(classes) == 1 and all(ratios):
             return ops.unpack_cosets_segments(torch.cat([e.fields["cosets"] for e in encs]), segs, classes[0])
         residues = torch.zeros(segs.elements, dtype=torch.uint8, device=self.device)
-        starts = self._starts()
         for rho in classes:
             members = [i for i, r in enumerate(ratios) if r == rho]
             group = Segments(tuple(self.lengths[i] for i in members), tuple(segs.keys[i] for i in members),
                              segs.bucket)
             unpacked = ops.unpack_cosets_segments(torch.cat([encs[i].fields["cosets"] for i in members]), group, rho)
             for i, part in zip(members, unpacked.split(list(group.lengths))):
-                residues[starts[i]:starts[i] + self.lengths[i]] = part
+                self.part(residues, i).copy_(part)
         return residues
 
     def _repair(self, i: int, p: int, kout: torch.Tensor, bad: list[int], checksum: torch.Tensor) -> list[int]:
