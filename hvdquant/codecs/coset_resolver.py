@@ -13,13 +13,14 @@ syndromes that locate up to t wrong coordinates (:meth:`CosetResolver.correct`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from hvdquant.codecs.syndromes import bucket_blocks, bucket_checks, locate_errors
 from hvdquant.kernels import DitherKey, ops, sizes
+from hvdquant.kernels.segments import Segments
 from hvdquant.stats import DecodeStats
 
 
@@ -61,15 +62,33 @@ class CosetResolver:
     def probe_resolve(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
                       senders: int, rho: int) -> tuple[torch.Tensor, list[int]]:
         """:meth:`resolve` of the residues mod ``rho`` of the exact index sums ``ksum`` (int32) of
-        ``senders`` senders, against ``side``: what nesting at ρ would have resolved."""
-        residues = ((ksum + senders * (rho // 2)) % rho).to(torch.uint8)
-        return self.resolve(residues, delta, side, key, senders, ops.bucket_checksum(ksum, self.bucket_size), rho)
+        ``senders`` senders, against ``side``: what nesting at ρ would have resolved (a group of one
+        for :meth:`probe_group`)."""
+        segments = Segments((ksum.numel(),), (key,), self.bucket_size)
+        kout, wrong = self.probe_group(ksum, delta, side.contiguous(), segments, senders, rho, [True],
+                                       ops.bucket_checksum(ksum, self.bucket_size))
+        return kout, torch.nonzero(wrong).flatten().tolist()
 
     def probe(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, key: DitherKey,
               senders: int, rho: int) -> list[int]:
         """The buckets that would fail if ``ksum`` had been sent nested at ``rho`` (adaptive
         nesting's probe: what nesting would have cost, from data the receiver already holds)."""
         return self.probe_resolve(ksum, delta, side, key, senders, rho)[1]
+
+    def probe_group(self, ksum: torch.Tensor, delta: torch.Tensor, side: torch.Tensor, segments: Segments,
+                    senders: int, rho: int, probed: Sequence[bool], truth: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`probe_resolve` of every ``probed`` tensor (one flag per segment) of a group laid end
+        to end (``segments``, keyed from the first of the ``senders`` senders) at ratio ``rho``: one
+        resolve and one checksum launch. ``truth``: the checksums of ``ksum`` over all the group's
+        buckets (one launch, shared by every ratio probed). Returns the resolved sums K̂ (0 outside
+        the probed tensors) and which of the group's buckets would fail (a bool per bucket, False
+        outside the probed tensors). The resolver takes the residues of ksum + senders·⌊ρ/2⌋ mod ρ."""
+        kout = ops.nested_decode_segments(ksum + senders * (rho // 2), delta, segments,
+                                          tuple(rho if p else 0 for p in probed), side, senders)
+        inside = torch.repeat_interleave(torch.tensor([bool(p) for p in probed]),
+                                         torch.tensor(segments.buckets, dtype=torch.int64)).to(truth.device)
+        return kout, (ops.bucket_checksum_segments(kout, segments) != truth) & inside
 
     def patch(self, kout: torch.Tensor, buckets: list[int], truth: torch.Tensor, stats: DecodeStats) -> None:
         """Write the recovered true index sums ``truth`` of failed ``buckets`` (their coordinates in

@@ -26,6 +26,7 @@ decisions taken per tensor on the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,11 @@ class SenderPass:
     delta: torch.Tensor
     side: torch.Tensor
     segments: Segments
+
+    @functools.cached_property
+    def checksums(self) -> torch.Tensor:
+        """The checksums of k over all the group's buckets (one launch, shared by every ratio probed)."""
+        return ops.bucket_checksum_segments(self.k, self.segments)
 
 
 def _covered(buckets: list[int], bucket_size: int, n: int) -> int:
@@ -75,18 +81,15 @@ class NestingCost:
         indices cost sent nested with ratio ``rho`` against its side information. Each failed
         bucket's wrong coordinates w decide the locating stages it gets (those before the first 2t
         with w ≤ t) and whether it is then resent whole (Reed–Solomon decoding,
-        :mod:`~hvdquant.codecs.syndromes`). The residues of k + ⌊ρ/2⌋ mod ρ are taken by the resolver."""
+        :mod:`~hvdquant.codecs.syndromes`); the group's probe is :meth:`CosetResolver.probe_group`."""
         codec, segs = self.codec, met.segments
         d, stages = codec.bucket_size, codec.locate_stages()
-        chosen = tuple(bool(p) for p in probed)
-        kout = ops.nested_decode_segments(met.k + rho // 2, met.delta, segs, tuple(rho if c else 0 for c in chosen),
-                                          met.side, 1)
-        wrong = ops.bucket_checksum_segments(kout, segs, chosen) != ops.bucket_checksum_segments(met.k, segs, chosen)
+        kout, wrong = codec.resolver.probe_group(met.k, met.delta, met.side, segs, 1, rho, probed, met.checksums)
         flat = torch.nonzero(wrong).flatten().tolist()
-        bad = by_segment(flat, [nb if c else 0 for nb, c in zip(segs.buckets, chosen)])
+        bad = by_segment(flat, segs.buckets)
         counts = self._wrong_per_bucket(kout, met.k, segs, bad) if flat and stages else [[] for _ in bad]
         prices: list[int | None] = []
-        for n, c, failed, w in zip(segs.lengths, chosen, bad, counts):
+        for n, c, failed, w in zip(segs.lengths, probed, bad, counts):
             if not c:
                 prices.append(None)
                 continue

@@ -189,16 +189,13 @@ class NestedSum:
         probed = tuple(s is not None for s in sent.sides)
         if not any(probed):
             return
-        truth = ops.bucket_checksum_segments(ksum, first, probed)
+        truth = ops.bucket_checksum_segments(ksum, first)
         candidates = nested.candidate_ratios()
-        wrong = []
-        for rho in candidates:
-            ratios = tuple(rho if p and rho != r else 0 for p, r in zip(probed, sent.ratios))
-            kout = ops.nested_decode_segments(ksum + ranks * (rho // 2), batch.delta, first, ratios, side, ranks)
-            wrong.append(ops.bucket_checksum_segments(kout, first, probed) != truth)
-        flat = torch.nonzero(torch.stack(wrong)).tolist()
-        buckets = [nb if p else 0 for nb, p in zip(segs.buckets, probed)]
-        fails = {rho: by_segment([b for c, b in flat if c == i], buckets) for i, rho in enumerate(candidates)}
+        wrong = [nested.resolver.probe_group(ksum, batch.delta, side, first, ranks, rho,
+                                             [p and rho != r for p, r in zip(probed, sent.ratios)], truth)[1]
+                 for rho in candidates]
+        flat = torch.nonzero(torch.stack(wrong)).tolist()  # one host copy for every ratio
+        fails = {rho: by_segment([b for c, b in flat if c == i], segs.buckets) for i, rho in enumerate(candidates)}
         for i, (q, n, nb) in enumerate(zip(batch.rounds, segs.lengths, segs.buckets)):
             if not probed[i]:
                 continue
