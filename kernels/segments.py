@@ -52,6 +52,10 @@ class Segments:
     def buckets(self) -> list[int]:
         return [num_buckets(n, self.bucket) for n in self.lengths]
 
+    def subset(self, members: list[int]) -> Segments:
+        """The segments ``members`` (indices, in that order) on their own."""
+        return Segments(tuple(self.lengths[i] for i in members), tuple(self.keys[i] for i in members), self.bucket)
+
     def words(self, per_word: int) -> list[int]:
         """Each segment's summable words at ``per_word`` fields a word."""
         return [-(-n // per_word) for n in self.lengths]

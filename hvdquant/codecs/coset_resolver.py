@@ -34,6 +34,12 @@ def bucket_coordinates(buckets: list[int], bucket_size: int, n: int,
     return idx[idx < n]
 
 
+def covered(buckets: list[int], bucket_size: int, n: int) -> int:
+    """How many coordinates :func:`bucket_coordinates` gives (the last bucket may be short), without
+    building them."""
+    return sum(min(bucket_size, n - b * bucket_size) for b in buckets)
+
+
 @dataclass(frozen=True)
 class CosetResolver:
     """Resolving, checking and repairing index sums of DQSG(``levels``) indices (s₁) in buckets of

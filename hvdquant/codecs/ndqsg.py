@@ -70,7 +70,6 @@ from hvdquant.codecs.recovery import RecoveryProtocol, locate_stages
 from hvdquant.codecs.rotation import ROTATIONS, Rotation
 from hvdquant.codecs.state import require_state
 from hvdquant.kernels import ops, sizes
-from hvdquant.kernels.segments import Segments
 from hvdquant.stats import DecodeStats
 
 
@@ -238,7 +237,7 @@ class NDQSG(Codec):
         packed: list[torch.Tensor | None] = [None] * len(ctxs)
         for rho in sorted(set(ratios)):  # one packing launch per ratio in use
             members = [i for i, r in enumerate(ratios) if r == rho]
-            group = Segments(tuple(lengths[i] for i in members), tuple(segs.keys[i] for i in members), segs.bucket)
+            group = segs.subset(members)
             together = ops.pack_cosets_segments(torch.cat([symbols[i] for i in members]), group, rho)
             for i, p in zip(members, together.split([sizes.coset_bytes(lengths[i], rho) for i in members])):
                 packed[i] = p

@@ -131,7 +131,7 @@ class RankOrderDecoder:
         if not plain:
             return kout
         fine = self.fine
-        group = Segments(tuple(self.lengths[i] for i in plain), tuple(segs.keys[i] for i in plain), segs.bucket)
+        group = segs.subset(plain)
         k = ops.unpack_symbols_segments(torch.cat([encs[i].fields["symbols"] for i in plain]), group,
                                         fine.symbols).to(torch.int32).sub_(fine.levels)
         if kout is None:
@@ -173,8 +173,7 @@ class RankOrderDecoder:
         residues = torch.zeros(segs.elements, dtype=torch.uint8, device=self.device)
         for rho in classes:
             members = [i for i, r in enumerate(ratios) if r == rho]
-            group = Segments(tuple(self.lengths[i] for i in members), tuple(segs.keys[i] for i in members),
-                             segs.bucket)
+            group = segs.subset(members)
             unpacked = ops.unpack_cosets_segments(torch.cat([encs[i].fields["cosets"] for i in members]), group, rho)
             for i, part in zip(members, unpacked.split(list(group.lengths))):
                 self.part(residues, i).copy_(part)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from hvdquant.codecs.base import Codec, layout_bytes
+from hvdquant.codecs.coset_resolver import covered
 from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import ops, sizes
 from hvdquant.kernels.segments import Segments, by_segment
@@ -54,11 +55,6 @@ class SenderPass:
     def checksums(self) -> torch.Tensor:
         """The checksums of k over all the group's buckets (one launch, shared by every ratio probed)."""
         return ops.bucket_checksum_segments(self.k, self.segments)
-
-
-def _covered(buckets: list[int], bucket_size: int, n: int) -> int:
-    """Coordinates in the given buckets of a tensor of n coordinates (the last bucket may be short)."""
-    return sum(min(bucket_size, n - b * bucket_size) for b in buckets)
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ class NestingCost:
                 words += (total - sent) * sum(1 for x in w if x > sent // 2)  # buckets still failing get this stage
                 sent = total
             whole = [b for b, x in zip(failed, w) if x > sent // 2] if stages else failed
-            prices.append(self.nested_bytes(n, _covered(whole, d, n), words, rho))
+            prices.append(self.nested_bytes(n, covered(whole, d, n), words, rho))
         return prices
 
     @staticmethod

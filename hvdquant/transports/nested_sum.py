@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hvdquant.codecs.base import counts_entropy
+from hvdquant.codecs.coset_resolver import covered
 from hvdquant.codecs.ndqsg import NDQSG
 from hvdquant.codecs.nesting import NestingPolicy
 from hvdquant.kernels import ops
@@ -76,8 +77,7 @@ class NestedSum:
     def _words(self, n: int, nb: int, failed: list[int], ranks: int, rho: int) -> int:
         """Summable words of one tensor nested with ratio ``rho``: cosets + checksums + the
         recovered buckets' DQSG(s₁) index sums."""
-        d = self.nested.bucket_size
-        recovered = sum(min(d, n - b * d) for b in failed)
+        recovered = covered(failed, self.nested.bucket_size, n)
         words = SumFieldLayout(0, rho - 1, ranks).field_words(n) + nb
         return words + SumFieldLayout.for_levels(self.nested.levels[0], ranks).field_words(recovered)
 
