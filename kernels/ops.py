@@ -19,6 +19,9 @@ kernel of :mod:`.table` by its entry (``launch(table.dqsg_encode, ...)``). The p
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 
 from . import table
@@ -414,10 +417,24 @@ def onebit_decode(bits: torch.Tensor, cols: int, pos_mean: torch.Tensor, neg_mea
     return out
 
 
-def topk_indices(g: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices(g: torch.Tensor, k: int | Sequence[int], lengths: Sequence[int] | None = None) -> torch.Tensor:
     """Indices (int64, ascending) of the k entries of largest |g|, ties to the lower index, on g's
-    device: a stable sort of −|g| keeps equal magnitudes in index order, so every rank agrees."""
-    vec("g", g, torch.float32)
-    k = integer("k", k, 0, g.numel())
-    order = torch.sort(g.abs(), descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
+    device: a stable sort of −|g| keeps equal magnitudes in index order, so every rank agrees.
+
+    With ``lengths`` (g: segments of those lengths end to end) and ``k`` a count per segment: each
+    segment's own top k_s, as indices into g, in the same few operations however many segments there
+    are. After the sort by magnitude a stable sort by segment gathers each segment's elements, still
+    in that order, at the segment's own place in g; its first k_s positions hold its choice."""
+    vec("g", g, torch.float32, None if lengths is None else sum(lengths))
+    lengths, ks = ([g.numel()], [k]) if lengths is None else (list(lengths), list(k))  # type: ignore[arg-type]
+    if len(ks) != len(lengths):
+        raise ValueError(f"{len(ks)} counts k for {len(lengths)} segments")
+    ks = [integer("k", c, 0, n) for c, n in zip(ks, lengths)]
+    order = torch.sort(g.abs(), descending=True, stable=True).indices
+    if len(lengths) == 1:
+        return torch.sort(order[:ks[0]]).values
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=g.device), torch.tensor(lengths, device=g.device))
+    order = order[torch.sort(ids[order], stable=True).indices]
+    starts = torch.tensor([0, *itertools.accumulate(lengths)][:-1], device=g.device)
+    rank = torch.arange(g.numel(), device=g.device) - starts[ids]  # position p holds an element of segment ids[p]
+    return torch.sort(order[rank < torch.tensor(ks, device=g.device)[ids]]).values

@@ -52,6 +52,15 @@ class Segments:
     def buckets(self) -> list[int]:
         return [num_buckets(n, self.bucket) for n in self.lengths]
 
+    def bucket_lengths(self) -> np.ndarray:
+        """Each bucket's elements (int64), the segments' buckets end to end: ``bucket``, but a
+        segment's last bucket holds what is left of it."""
+        out = np.full(sum(self.buckets), self.bucket, dtype=np.int64)
+        ends = np.cumsum(self.buckets)
+        filled = [i for i, nb in enumerate(self.buckets) if nb]
+        out[ends[filled] - 1] = [self.lengths[i] - (self.buckets[i] - 1) * self.bucket for i in filled]
+        return out
+
     def subset(self, members: list[int]) -> Segments:
         """The segments ``members`` (indices, in that order) on their own."""
         return Segments(tuple(self.lengths[i] for i in members), tuple(self.keys[i] for i in members), self.bucket)

@@ -38,7 +38,9 @@ then refuses the stream.)
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +71,8 @@ from hvdquant.codecs.ecdq_model import (
 )
 from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.codecs.rotation import ROTATIONS
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import ops
+from hvdquant.kernels.segments import Segments
 from hvdquant.stats import DecodeStats
 
 SCOPES = ("bucket", "tensor")
@@ -133,19 +136,18 @@ class ECDQ(DitheredBuckets, GroupDecoding, Codec):
         """Equal intervals of the dither that select a symbol's table (within its class)."""
         return TENSOR_BINS if self.scope == "tensor" else BUCKET_BINS
 
-    def bucket_rms(self, x: torch.Tensor) -> torch.Tensor:
-        """‖x_b‖₂ · d^-½ per bucket (float32, from the kernels' norm: the same bits on every device). A
-        short last bucket is scaled by the full d too, which keeps |x_i| ≤ √d·σ_b."""
-        return ops.bucket_l2(x, self.bucket_size) * (1.0 / math.sqrt(self.bucket_size))
-
-    def scales(self, rms: torch.Tensor) -> torch.Tensor:
-        """What the scope sends as bfloat16, from the buckets' σ_b (:meth:`bucket_rms`): σ = √(mean_b σ_b²)
-        (one value; 0 for an empty tensor) in the tensor scope, σ_b per bucket in the bucket scope."""
-        if self.scope == "bucket":
-            return rms.to(torch.bfloat16)
-        if not rms.numel():
-            return torch.zeros(1, dtype=torch.bfloat16, device=rms.device)
-        return (ops.bucket_l2(rms, rms.numel()) * (1.0 / math.sqrt(rms.numel()))).to(torch.bfloat16)
+    def tensor_scales(self, rms: torch.Tensor, segs: Segments) -> torch.Tensor:
+        """The tensor scope's σ per tensor of ``segs`` (bfloat16): √(mean_b σ_b²) over its buckets'
+        σ_b (the segments' buckets end to end), one launch for the group; 0 for
+        an empty tensor."""
+        sigma = torch.zeros(len(segs.lengths), dtype=torch.float32, device=rms.device)
+        filled = [i for i, nb in enumerate(segs.buckets) if nb]
+        if filled:
+            counts = tuple(segs.buckets[i] for i in filled)
+            norms = ops.bucket_l2_segments(rms, Segments(counts, tuple(segs.keys[i] for i in filled), max(counts)))
+            inverse = torch.tensor([1.0 / math.sqrt(nb) for nb in counts], dtype=torch.float32, device=rms.device)
+            sigma[torch.tensor(filled, device=rms.device)] = norms * inverse
+        return sigma.to(torch.bfloat16)
 
     def steps(self, sigma: torch.Tensor, exponents: torch.Tensor | None = None) -> torch.Tensor:
         """Δ = step · σ (float32: one correctly rounded product of two float32 values), per bucket in
@@ -153,19 +155,16 @@ class ECDQ(DitheredBuckets, GroupDecoding, Codec):
         delta = sigma.to(torch.float32) * torch.tensor(self.step, dtype=torch.float32, device=sigma.device)
         return delta if exponents is None else delta * _powers_of_four(delta.device)[exponents]
 
-    def exponents(self, x: torch.Tensor, delta: torch.Tensor, name: str) -> torch.Tensor:
-        """e_b (int64 per bucket): the least e ≤ MAX_EXPONENT with max_i |x_i| ≤ TENSOR_CAP·Δ·4^e in the
-        bucket, so that no index leaves the byte; ValueError naming the tensor where 4^7 is not enough
-        (a step far too fine for a coordinate that holds nearly all the tensor's energy)."""
-        peak = ops.bucket_absmax(x, self.bucket_size)
-        limits = delta * TENSOR_CAP * _powers_of_four(x.device)
-        e = torch.zeros(peak.numel(), dtype=torch.int64, device=x.device)
+    def exponents(self, peak: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """e_b (int64 per bucket): the least e ≤ MAX_EXPONENT with ``peak`` = max_i |x_i| ≤
+        TENSOR_CAP·Δ·4^e in the bucket (``delta``: Δ = step·σ of its tensor, per bucket), so that no
+        index leaves the byte; and where even 4^7 is not enough (bool per bucket: a step far too fine
+        for a coordinate that holds nearly all its tensor's energy)."""
+        limits = delta[:, None] * TENSOR_CAP * _powers_of_four(peak.device)
+        e = torch.zeros(peak.numel(), dtype=torch.int64, device=peak.device)
         for _ in range(MAX_EXPONENT):
-            e += peak > limits[e]
-        if bool((peak > limits[e]).any()):
-            raise ValueError(f"ECDQ step={self.step} is too fine for '{name}': a coordinate exceeds "
-                             f"{TENSOR_CAP}·4^{MAX_EXPONENT} steps (use a larger step or scope='bucket')")
-        return e
+            e += peak > limits.gather(1, e[:, None])[:, 0]
+        return e, peak > limits.gather(1, e[:, None])[:, 0]
 
     def classes(self, rms: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Each bucket's class (int64): where its relative step Δ_b/σ_b lies among the class edges;
@@ -203,99 +202,109 @@ class ECDQ(DitheredBuckets, GroupDecoding, Codec):
         return code + (self.side_bits(n) + 32 * ops.rans_chunks(n)) / n
 
     def encode(self, g: torch.Tensor, ctx: TensorContext) -> Encoded:
-        """The scales (and, in the tensor scope, each bucket's byte), the dithered indices as symbols
-        k + K (:func:`ops.dqsg_encode` with Δ_b and K levels: never clipped), and their rANS stream
-        with the dither's (and class's) contexts; the symbols' histogram per context is kept for the
-        (conditional) entropy statistic."""
-        x = self.rotator.rotate(flat32(g), ctx.key)
-        rms = self.bucket_rms(x)
-        sigma = self.scales(rms)
-        delta = self.steps(sigma)
-        if not all_finite(delta):
-            raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{ctx.name}'")
-        fields = {"sigma": sigma}
-        classes = None
-        if self.scope == "tensor":
-            exponents = self.exponents(x, delta, ctx.name)
-            codes = self.classes(rms, self.steps(sigma, exponents)) + exponents * CLASSES
-            fields["codes"] = torch.where(rms > 0, codes.clamp(max=ZERO_BUCKET - 1), ZERO_BUCKET).to(torch.uint8)
-            delta, classes = self.payload_steps(Encoded(x.numel(), fields))
-        key, half = self.keyed(ctx.key, ctx.ranks), self.half_width
-        symbols = ops.dqsg_encode(x, delta, self.bucket_size, half, key, symbols=True)
-        contexts = self._contexts(x.numel(), key, classes, x.device)
-        fields["lengths"], fields["stream"] = ops.rans_encode_modelled(symbols, self.model, contexts)
-        alphabet, rows = 2 * half + 1, self.model.freq.shape[0]
-        counts = torch.bincount(contexts.to(torch.int32).mul_(alphabet).add_(symbols), minlength=rows * alphabet)
-        return Encoded(x.numel(), fields, counts=counts.reshape(rows, alphabet), side_bits=self.side_bits(x.numel()))
-
-    def _contexts(self, n: int, key: DitherKey, classes: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """Each symbol's table (uint8): its dither's interval, after its bucket's class in the tensor scope."""
-        bins = ops.dither_bins(n, key, self.bins, device)
-        if classes is None:
-            return bins
-        return (classes.to(torch.uint8) * self.bins).repeat_interleave(self.bucket_size)[:n].add_(bins)
-
-    def payload_steps(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Δ_b per bucket, each bucket's class or None in the bucket scope) from a payload's side
-        information: what the decoder uses, equal to what the encoder used."""
-        if self.scope == "bucket":
-            return self.steps(enc.fields["sigma"]), None
-        codes = enc.fields["codes"].to(torch.int64)
-        delta = self.steps(enc.fields["sigma"], codes // CLASSES)
-        return delta.masked_fill_(codes == ZERO_BUCKET, 0.0), codes % CLASSES
-
-    def _rotated(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        """Δ_b (k − u) in the rotated coordinates."""
-        key, n = self.keyed(ctx.key, ctx.ranks), enc.n
-        delta, classes = self.payload_steps(enc)
-        contexts = self._contexts(n, key, classes, enc.device)
-        symbols = ops.rans_decode(self.model, enc.fields["lengths"], enc.fields["stream"], n, contexts=contexts)
-        return ops.dqsg_decode(symbols, delta, self.bucket_size, key, offset=self.half_width)
-
-    def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        return self.rotator.unrotate(self._rotated(enc, ctx), ctx.key)
-
-    # ------------------------------------------------------------- a fused group at once
-    def grouped(self, ctxs: Sequence[TensorContext]) -> bool:
-        """The bucket scope runs the segmented kernels (:class:`GroupDecoding`; the tensor scope's
-        scales and exponents go tensor by tensor)."""
-        return self.scope == "bucket" and super().grouped(ctxs)
+        """One tensor's payload: a group of one (:meth:`encode_segments`)."""
+        return self.encode_segments([flat32(g)], [ctx])[0]
 
     def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
-        """:meth:`encode` of every part with the same bytes in a constant number of launches (rotation,
-        norms, indices, dither bins, rANS chunks and their gathering: :mod:`hvdquant.kernels.ops_segments`).
-        A group holding a non-finite tensor is encoded tensor by tensor (its symbols could not be coded)."""
+        """:meth:`encode` of every part with the same bytes in a constant number of launches. A group
+        holding a non-finite tensor is encoded tensor by tensor (its symbols could not be coded)."""
         if not self.grouped(ctxs):
             return super().encode_group(parts, ctxs)
-        flats = [flat32(g) for g in parts]
+        try:
+            return list(self.encode_segments([flat32(g) for g in parts], ctxs))
+        except FloatingPointError:
+            return super().encode_group(parts, ctxs)
+
+    def encode_segments(self, flats: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded]:
+        """Every tensor's payload, the tensors end to end in one launch per phase
+        (:mod:`hvdquant.kernels.ops_segments`): rotation, bucket norms, the scales (the tensor scope:
+        σ per tensor, the buckets' maxima, exponents and classes), the dithered indices as symbols
+        k + K (:func:`ops.dqsg_encode_segments` with Δ_b and K levels: never clipped), the dither
+        bins, and the rANS chunks under the dither's (and class's) contexts and their gathering; each
+        tensor's histogram of symbols per context is kept for the (conditional) entropy statistic.
+        FloatingPointError names the first non-finite tensor; ValueError the first whose
+        coordinate no exponent brings within the byte (the tensor scope)."""
         lengths = [f.numel() for f in flats]
         x = self.rotate_group(torch.cat(flats), ctxs, lengths)
         segs = self.segments(ctxs, lengths)
-        rms = ops.bucket_l2_segments(x, segs) * (1.0 / math.sqrt(self.bucket_size))
-        sigma = self.scales(rms)
-        delta = self.steps(sigma)
-        if not all_finite(delta):
-            return super().encode_group(parts, ctxs)
+        rms = ops.bucket_l2_segments(x, segs) * (1.0 / math.sqrt(self.bucket_size))  # σ_b; a short last
+        # bucket is scaled by the full d too, which keeps |x_i| ≤ √d·σ_b
+        if self.scope == "tensor":
+            sides = self._tensor_side(x, rms, segs, ctxs)
+            delta, classes = self.tensor_steps(sides[0], sides[1], segs.buckets)
+            fields = [{"sigma": sg, "codes": cd} for sg, cd in zip(sides[0].split(1), sides[1].split(segs.buckets))]
+        else:
+            sigma, classes = rms.to(torch.bfloat16), None
+            delta = self.steps(sigma)
+            _refuse_non_finite(delta, ctxs, segs.buckets)
+            fields = [{"sigma": sg} for sg in sigma.split(segs.buckets)]
         half, rows = self.half_width, self.model.freq.shape[0]
         symbols = ops.dqsg_encode_segments(x, delta, segs, half)
-        contexts = ops.dither_bins(segs.elements, segs.key, self.bins, x.device, segments=segs)
+        contexts = self._contexts(segs, classes, x.device)
         chunk_lengths, streams = ops.rans_split(*ops.rans_encode_modelled(symbols, self.model, contexts, segs), segs)
         alphabet = 2 * half + 1
         counts = ops.segment_histograms(contexts.to(torch.int64).mul_(alphabet).add_(symbols), segs,
                                         rows * alphabet).reshape(-1, rows, alphabet)
-        return [Encoded(n, {"sigma": sg, "lengths": ln, "stream": st}, counts=ct, side_bits=self.side_bits(n))
-                for n, sg, ln, st, ct in zip(lengths, sigma.split(segs.buckets), chunk_lengths, streams, counts)]
+        return [Encoded(n, {**f, "lengths": ln, "stream": st}, counts=ct, side_bits=self.side_bits(n))
+                for n, f, ln, st, ct in zip(lengths, fields, chunk_lengths, streams, counts)]
+
+    def _tensor_side(self, x: torch.Tensor, rms: torch.Tensor, segs: Segments, ctxs: Sequence[TensorContext]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor scope's side information of a group: σ per tensor (bfloat16) and one byte per
+        bucket, its exponent e_b and the class of its relative step Δ_b/σ_b (ZERO_BUCKET where σ_b = 0)."""
+        sigma = self.tensor_scales(rms, segs)
+        delta = self.steps(sigma)
+        _refuse_non_finite(delta, ctxs)
+        buckets = torch.tensor(segs.buckets, device=x.device)
+        exponents, over = self.exponents(ops.bucket_absmax_segments(x, segs), delta.repeat_interleave(buckets))
+        if bool(over.any()):
+            raise ValueError(f"ECDQ step={self.step} is too fine for '{ctxs[_first(over, segs.buckets)].name}': a "
+                             f"coordinate exceeds {TENSOR_CAP}·4^{MAX_EXPONENT} steps (use a larger step or "
+                             f"scope='bucket')")
+        codes = self.classes(rms, self.steps(sigma.repeat_interleave(buckets), exponents)) + exponents * CLASSES
+        return sigma, torch.where(rms > 0, codes.clamp(max=ZERO_BUCKET - 1), ZERO_BUCKET).to(torch.uint8)
+
+    def _contexts(self, segs: Segments, classes: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """Each symbol's table (uint8): its dither's interval, after its bucket's class in the tensor scope."""
+        bins = ops.dither_bins(segs.elements, segs.key, self.bins, device, segments=segs)
+        if classes is None:
+            return bins
+        sizes = torch.tensor(segs.bucket_lengths(), device=device)
+        return (classes.to(torch.uint8) * self.bins).repeat_interleave(sizes).add_(bins)
+
+    def tensor_steps(self, sigma: torch.Tensor, codes: torch.Tensor, buckets: Sequence[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor scope's (Δ_b, class) per bucket of tensors of ``buckets`` buckets from their side
+        information (σ per tensor, a byte per bucket): what the decoder uses, equal to what the
+        encoder used."""
+        codes = codes.to(torch.int64)
+        per_bucket = sigma.repeat_interleave(torch.tensor(buckets, device=sigma.device))
+        delta = self.steps(per_bucket, codes // CLASSES)
+        return delta.masked_fill_(codes == ZERO_BUCKET, 0.0), codes % CLASSES
+
+    def payload_steps(self, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Δ_b per bucket, each bucket's class or None in the bucket scope) of one payload."""
+        if self.scope == "bucket":
+            return self.steps(enc.fields["sigma"]), None
+        return self.tensor_steps(enc.fields["sigma"], enc.fields["codes"], [self.num_buckets(enc.n)])
+
+    def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
+        return self.rotator.unrotate(self.decode_flat([enc], [ctx]), ctx.key)
 
     def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
                     ) -> torch.Tensor:
         """Every payload's Δ_b (k − u) in the rotated coordinates, end to end (sender ``sender``'s keys
         where given): dither bins, rANS chunks and reconstruction, one launch each."""
         segs = self.segments(ctxs, [e.n for e in encs], sender)
-        contexts = ops.dither_bins(segs.elements, segs.key, self.bins, encs[0].device, segments=segs)
+        sigma = torch.cat([e.fields["sigma"] for e in encs])
+        if self.scope == "tensor":
+            delta, classes = self.tensor_steps(sigma, torch.cat([e.fields["codes"] for e in encs]), segs.buckets)
+        else:
+            delta, classes = self.steps(sigma), None
+        contexts = self._contexts(segs, classes, encs[0].device)
         symbols = ops.rans_decode(self.model, torch.cat([e.fields["lengths"] for e in encs]),
                                   torch.cat([e.fields["stream"] for e in encs]), segs.elements, contexts=contexts,
                                   segments=segs)
-        delta = self.steps(torch.cat([e.fields["sigma"] for e in encs]))
         return ops.dqsg_decode_segments(symbols, delta, segs, self.half_width)
 
     def finish_flat(self, flat: torch.Tensor, ctxs: Sequence[TensorContext], lengths: list[int]
@@ -308,5 +317,21 @@ class ECDQ(DitheredBuckets, GroupDecoding, Codec):
         rotated back once (the rotation is linear and shared)."""
         total = torch.zeros(payloads[0].n, dtype=torch.float32, device=payloads[0].device)
         for p, enc in enumerate(payloads):
-            total += self._rotated(enc, ctx.sender(p))
+            total += self.decode_flat([enc], [ctx], sender=p)
         return self.rotator.unrotate(total / len(payloads), ctx.key), DecodeStats()
+
+
+def _first(flags: torch.Tensor, buckets: Sequence[int] | None = None) -> int:
+    """The index of the first tensor with a set flag: ``flags`` per tensor, or per bucket of tensors of
+    ``buckets`` buckets each (end to end)."""
+    first = int(torch.nonzero(flags)[0, 0])
+    return first if buckets is None else bisect.bisect_right(list(itertools.accumulate(buckets)), first)
+
+
+def _refuse_non_finite(delta: torch.Tensor, ctxs: Sequence[TensorContext], buckets: Sequence[int] | None = None
+                       ) -> None:
+    """FloatingPointError naming the first tensor whose step Δ (per tensor, or per bucket) is not
+    finite: its gradient holds a NaN or an Inf."""
+    if not all_finite(delta):
+        name = ctxs[_first(~torch.isfinite(delta), buckets)].name
+        raise FloatingPointError(f"non-finite gradient (NaN or Inf) in '{name}'")

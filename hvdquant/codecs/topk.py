@@ -3,21 +3,25 @@ docs/ALGORITHMS.md §6): send the k = ⌈ratio·n⌉ coordinates of largest magn
 float32 value) pairs; the rest decode as 0. Biased on its own: wrap it in
 :class:`~hvdquant.codecs.feedback.ErrorFeedback`, as DGC does (``hvdquant.TopK.with_feedback(ratio)``).
 Ties are broken by the lower index, so every rank selects the same coordinates for the same input.
+A fused group is selected, and decoded, in the same few operations however many tensors it holds.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, flat32
+from hvdquant.codecs.base import Codec, Encoded, Layout, TensorContext, all_finite, each_finite, flat32
+from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.kernels import ops
 
 
 @dataclass(frozen=True)
-class TopK(Codec):
+class TopK(GroupDecoding, Codec):
     ratio: float = 0.01
 
     scheme = "topk"
@@ -49,9 +53,41 @@ class TopK(Codec):
         return Encoded(flat.numel(), {"indices": idx.to(torch.int32), "values": flat[idx]})
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
-        out = torch.zeros(enc.n, dtype=torch.float32, device=enc.fields["values"].device)
-        idx = enc.fields["indices"].long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= enc.n):
+        return self.decode_flat([enc], [ctx])
+
+    # ------------------------------------------------------------- a fused group at once
+    def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
+        """:meth:`encode` of every part with the same bytes: one selection over the group
+        (:func:`ops.topk_indices` by segment); None where a part is not finite."""
+        if not self.grouped(ctxs):
+            return super().encode_group(parts, ctxs)
+        flats = [flat32(g) for g in parts]
+        lengths = [f.numel() for f in flats]
+        ks = [self.k(n) for n in lengths]
+        source = torch.cat(flats)
+        chosen = ops.topk_indices(source, ks, lengths)
+        local = (chosen - _starts(lengths, ks, source.device)).to(torch.int32)
+        return [Encoded(n, {"indices": i, "values": v}) if ok else None
+                for n, i, v, ok in zip(lengths, local.split(ks), source[chosen].split(ks), each_finite(source, flats))]
+
+    def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
+                    ) -> torch.Tensor:
+        """Every payload's values at its indices, zeros elsewhere, end to end (no dither: the same for
+        every ``sender``); ValueError if an index lies outside its tensor."""
+        lengths = [e.n for e in encs]
+        ks = [e.fields["indices"].numel() for e in encs]
+        device = encs[0].fields["values"].device
+        idx = torch.cat([e.fields["indices"] for e in encs]).long()
+        bound = torch.tensor(lengths, device=device).repeat_interleave(torch.tensor(ks, device=device))
+        if idx.numel() and bool(((idx < 0) | (idx >= bound)).any()):
             raise ValueError("top-k payload holds an index outside the tensor")
-        out[idx] = enc.fields["values"]
+        out = torch.zeros(sum(lengths), dtype=torch.float32, device=device)
+        out[idx + _starts(lengths, ks, device)] = torch.cat([e.fields["values"] for e in encs])
         return out
+
+
+def _starts(lengths: list[int], ks: list[int], device: torch.device) -> torch.Tensor:
+    """For each of the ks[s] entries of segment s, where that segment starts among the segments
+    ``lengths`` end to end (int64)."""
+    starts = torch.tensor([0, *itertools.accumulate(lengths)][:-1], device=device)
+    return starts.repeat_interleave(torch.tensor(ks, device=device))

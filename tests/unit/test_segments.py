@@ -10,9 +10,12 @@ import pytest
 import simulated_gpu as sim
 import torch
 from one_tensor import start
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from hvdquant import DQSG, ECDQ, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD
+from hvdquant import DQSG, ECDQ, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD, TopK
 from hvdquant.codecs.base import TensorContext
+from hvdquant.codecs.ecdq import ZERO_BUCKET
+from hvdquant.codecs.ecdq_model import CLASSES
 from hvdquant.codecs.onebit import OneBitQuantizer
 from hvdquant.kernels import DitherKey, ops
 from hvdquant.kernels.segments import Segments
@@ -177,7 +180,8 @@ def test_summed_exchange_costs_a_constant_number_of_launches_per_step(scheme):
 # packing) and two (unpacking, means); QSGD in two (norms, levels; fixed coding: packing) and one
 # (scaling; fixed: unpacking), its Elias streams coded on the host; ECDQ (rotated) in six (rotation,
 # norms, indices, dither bins, rANS chunks, their gathering) and three per sender (dither bins, rANS
-# chunks, reconstruction) and one rotation back; rANS-coded DQSG in five (maxima, steps, indices, rANS
+# chunks, reconstruction) and one rotation back, in the tensor scope two more (σ per tensor, the buckets'
+# maxima for the exponents); rANS-coded DQSG in five (maxima, steps, indices, rANS
 # chunks and their gathering) and two per sender (rANS chunks, reconstruction); scatter-reduce adds the
 # owner's re-encoding and its decode; each rotation and rotation back one more; error feedback
 # decodes its own payloads
@@ -185,16 +189,17 @@ PAYLOAD_CODECS = {"dqsg": DQSG(3, 64), "dqsg-rotated": DQSG(3, 64, rotation="had
                   "dqsg-ef": ErrorFeedback(DQSG(3, 64)),
                   "dqsg-rotated-ef": ErrorFeedback(DQSG(3, 64, rotation="hadamard")), "onebit-sgd": OneBitSGD(),
                   "qsgd-elias": QSGD(1, 64), "qsgd-fixed": QSGD(3, 64, norm="max", coding="fixed"),
-                  "ecdq": ECDQ(1.1, 64), "dqsg-rans": DQSG(3, 64, coding="rans")}
+                  "ecdq": ECDQ(1.1, 64), "ecdq-tensor": ECDQ(1.1, 64, scope="tensor"),
+                  "dqsg-rans": DQSG(3, 64, coding="rans")}
 PAYLOAD_LAUNCHES = {("allgather", "dqsg"): 2, ("allgather", "dqsg-rotated"): 4, ("allgather", "dqsg-ef"): 3,
                     ("allgather", "dqsg-rotated-ef"): 6, ("allgather", "onebit-sgd"): 8,
                     ("allgather", "qsgd-elias"): 3, ("allgather", "qsgd-fixed"): 5, ("allgather", "ecdq"): 10,
-                    ("allgather", "dqsg-rans"): 7,
+                    ("allgather", "ecdq-tensor"): 12, ("allgather", "dqsg-rans"): 7,
                     ("scatter_reduce", "dqsg"): 4, ("scatter_reduce", "dqsg-rotated"): 8,
                     ("scatter_reduce", "dqsg-ef"): 5, ("scatter_reduce", "dqsg-rotated-ef"): 10,
                     ("scatter_reduce", "onebit-sgd"): 14, ("scatter_reduce", "qsgd-elias"): 6,
                     ("scatter_reduce", "qsgd-fixed"): 10, ("scatter_reduce", "ecdq"): 20,
-                    ("scatter_reduce", "dqsg-rans"): 14}
+                    ("scatter_reduce", "ecdq-tensor"): 24, ("scatter_reduce", "dqsg-rans"): 14}
 
 
 @pytest.mark.parametrize(("reducer", "codec"), sorted(PAYLOAD_LAUNCHES))
@@ -369,12 +374,72 @@ def test_payload_exchange_launches_on_a_simulated_gpu(codec):
     assert counts[0] == counts[1] == GPU_CODECS[codec][1]
 
 
+class TorchOperations(TorchDispatchMode):
+    """Counts the torch operations that compute (views and aliases left out): each is one kernel
+    launch on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def test_topk_groups_cost_a_constant_number_of_torch_operations():
+    """Top-k's selection is torch's (a sort, not a kernel of ours): a group of 3 or of 30 tensors is
+    encoded and aggregated among 2 senders in the same number of torch operations."""
+    counts = []
+    for count in (3, 30):
+        gen = torch.Generator().manual_seed(count)
+        gs = [torch.randn(40 + 17 * i, 9, generator=gen) for i in range(count)]
+        ctxs = [TensorContext(f"t{i}", tuple(g.shape), dither_key(5, 0, f"t{i}", 0), 2, CodecState())
+                for i, g in enumerate(gs)]
+        with TorchOperations() as ops_run:
+            encs = TopK(0.1).encode_group(gs, ctxs)
+            TopK(0.1).aggregate_group([[e, e] for e in encs], ctxs, [None] * count)
+        counts.append(ops_run.count)
+    assert counts[0] == counts[1] > 0
+
+
+def test_ecdq_tensor_scope_groups_keep_exponents_zero_buckets_and_refusals_by_name():
+    """ECDQ's tensor scope over a group: a spike's bucket takes a coarser exponent, a bucket of zeros
+    its own byte, each tensor its own σ, as when encoded alone; the group's refusals name the tensor
+    at fault (a step too fine for its spike, a NaN) as encoding it alone does."""
+    d = 64
+    spike = torch.zeros(24 * d)  # σ ≈ 1e3/√1536: the spike is 1e3/(0.19σ) ≈ 206 > 125 steps
+    spike[17], spike[70] = -1e3, 0.5
+    mixed = torch.full((2 * d,), 1e-6)
+    mixed[3] = 50.0
+    noise = torch.randn(100, generator=torch.Generator().manual_seed(1))
+    gs = [spike, torch.zeros(0), mixed, torch.zeros(d + 5), noise]
+    ctxs = [TensorContext(f"t{i}", tuple(g.shape), dither_key(7, 3, f"t{i}", 1), 4, CodecState())
+            for i, g in enumerate(gs)]
+    codec = ECDQ(0.19, d, rotation="none", scope="tensor")
+    grouped = codec.encode_group(gs, ctxs)
+    for a, g, c in zip(grouped, gs, ctxs):
+        b = codec.encode(g, c)
+        assert all(torch.equal(a.fields[k], b.fields[k]) for k in b.fields) and a.entropy() == b.entropy()
+    assert int(grouped[0].fields["codes"][0]) // CLASSES > 0 == int(grouped[0].fields["codes"][1]) // CLASSES
+    assert grouped[3].fields["codes"].tolist() == [ZERO_BUCKET, ZERO_BUCKET]
+    for out, e, c in zip(codec.decode_group(grouped, ctxs), grouped, ctxs):
+        assert torch.equal(out, codec.decode(e, c))
+    with pytest.raises(ValueError, match="too fine for 't2'"):
+        ECDQ(1e-7, d, rotation="none", scope="tensor").encode_group(gs[1:], ctxs[1:])
+    gs[4][7] = float("inf")
+    with pytest.raises(FloatingPointError, match="'t4'"):
+        codec.encode_segments(gs, ctxs)
+    assert [e is None for e in codec.encode_group(gs, ctxs)] == [False] * 4 + [True]
+
+
 @pytest.mark.parametrize("codec", [DQSG(1), DQSG(3, rotation="hadamard"), DQSG(2, 100, dither="independent"),
                                    OneBitQuantizer(), QSGD(1), QSGD(3, 100, norm="max", coding="fixed"),
                                    ECDQ(1.1), ECDQ(2.6, 64, dither="independent", rotation="none"),
-                                   DQSG(3, rotation="hadamard", coding="rans")],
+                                   DQSG(3, rotation="hadamard", coding="rans"), ECDQ(0.7, 100, scope="tensor"),
+                                   ECDQ(2.6, 64, dither="independent", rotation="none", scope="tensor"), TopK(0.1)],
                          ids=["s1", "s3-rotated", "independent", "onebit", "qsgd-elias", "qsgd-fixed", "ecdq",
-                              "ecdq-independent", "dqsg-rans"])
+                              "ecdq-independent", "dqsg-rans", "ecdq-tensor", "ecdq-tensor-independent", "topk"])
 @pytest.mark.parametrize("ranks", [4, 3])
 def test_group_methods_give_each_tensor_its_own_bits(codec, ranks):
     """The group encoders, decoders and aggregations (segmented launches) against the single-tensor
