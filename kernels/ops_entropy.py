@@ -201,8 +201,8 @@ def rans_split(lengths: torch.Tensor, stream: torch.Tensor, segments: Segments
     """Each segment's (chunk lengths, stream) from :func:`rans_encode_modelled`'s with ``segments``
     (views; one copy of the lengths to the host)."""
     chunks = [rans_chunks(n) for n in segments.lengths]
-    ends = torch.cumsum(lengths.to(torch.int64), 0).cpu()
-    bounds = [0] + [int(ends[c - 1]) if c else 0 for c in np.cumsum(chunks).tolist()]
+    ends = torch.cumsum(lengths.to(torch.int64), 0).tolist()
+    bounds = [0] + [ends[c - 1] if c else 0 for c in np.cumsum(chunks).tolist()]
     return list(lengths.split(chunks)), list(stream.split(np.diff(bounds).tolist()))
 
 

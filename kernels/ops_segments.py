@@ -79,8 +79,11 @@ def _per_segment(counts: torch.Tensor, where: str, segments: Segments, span: int
     if where != "cpu":
         return counts.tolist()
     blocks = [-(-n // span) for n in segments.lengths]
-    return [part.sum(0).tolist() for part in counts.split(blocks)] if sum(blocks) else \
-        [[0] * counts.shape[1] for _ in blocks]
+    if not sum(blocks):
+        return [[0] * counts.shape[1] for _ in blocks]
+    owner = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))  # each row's segment
+    summed = torch.zeros(len(blocks), counts.shape[1], dtype=counts.dtype)
+    return summed.index_add_(0, owner, counts[:len(owner)]).tolist()
 
 
 def dqsg_encode_fields_segments(g: torch.Tensor, delta: torch.Tensor, segments: Segments, levels: int, radix: int,

@@ -199,7 +199,7 @@ class SummedCompression:
         if factor != 1.0:
             out = out * factor  # not in place: a nested scheme keeps the sum as next step's side information
         if factor > 1.0:  # a postscale factor can overflow; c ≤ 1 (Sum, Average) cannot
-            check_finite_output(out)
+            check_finite_output([out])
         (result,) = ctx.buffer.unflatten(out).values()
         return result
 

@@ -52,23 +52,35 @@ class ErrorFeedback(Codec):
 
     def encode_group(self, parts: Sequence[torch.Tensor], ctxs: Sequence[TensorContext]) -> list[Encoded | None]:
         """c = g + r for every part, the codec's group encoding of the c's, then r ← c − ĝ (residuals
-        of parts that were not finite stay as they were)."""
-        corrected = [self._corrected(g, ctx) for g, ctx in zip(parts, ctxs, strict=True)]
-        encs = self.codec.encode_group([c.float() for c in corrected], ctxs)
+        of parts that were not finite stay as they were). The group's c and r are each one flat
+        float64 buffer (the residuals kept are views of it): a constant number of operations
+        however many parts."""
+        flats = [flat32(g) for g in parts]
+        lengths = [f.numel() for f in flats]
+        corrected = torch.cat(flats).double() + torch.cat([self._residual(f, ctx) for f, ctx in zip(flats, ctxs)])
+        encs = self.codec.encode_group(list(corrected.float().split(lengths)), ctxs)
         sent = [i for i, e in enumerate(encs) if e is not None]
         recon = self.codec.reconstruction_group([encs[i] for i in sent], [ctxs[i] for i in sent])
-        for i, r in zip(sent, recon):
-            ctxs[i].state.residuals[ctxs[i].name] = corrected[i] - r.double()  # type: ignore[union-attr]
+        if len(sent) == len(encs):
+            left = (corrected - torch.cat(recon).double()).split(lengths) if recon else []
+        else:  # a part was refused: the others' residuals one by one
+            mine = corrected.split(lengths)
+            left = {i: mine[i] - r.double() for i, r in zip(sent, recon)}  # type: ignore[assignment]
+        for i in sent:
+            ctxs[i].state.residuals[ctxs[i].name] = left[i]  # type: ignore[union-attr]
         return encs
 
-    def _corrected(self, g: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
-        """c = g + r (float64) with this tensor's residual r."""
+    def _residual(self, flat: torch.Tensor, ctx: TensorContext) -> torch.Tensor:
+        """This tensor's residual r (float64, on the gradient's device: a restored one may sit on
+        another), or −0.0 everywhere before its first step: adding −0.0 leaves every value exactly
+        as it is, so c = g there, signed zeros included."""
         residuals = require_state(ctx.state, "ErrorFeedback", "its residuals").residuals
-        flat = flat32(g).double()
         r = residuals.get(ctx.name)
-        if r is not None and r.numel() != flat.numel():
+        if r is None:
+            return torch.full((flat.numel(),), -0.0, dtype=torch.float64, device=flat.device)
+        if r.numel() != flat.numel():
             raise ValueError(f"'{ctx.name}' has {flat.numel()} elements but its residual has {r.numel()}")
-        return flat if r is None else flat + r.to(flat.device)  # a restored residual may sit on another device
+        return r.to(flat.device)
 
     def decode(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         return self.codec.decode(enc, ctx)

@@ -67,11 +67,12 @@ class OneBitQuantizer(GroupDecoding, Codec):
         pos, neg = ops.onebit_column_means_segments(source, segs, cols)
         bits = ops.onebit_encode(source)
         packed = ops.bitpack_segments(bits, segs, 1)
-        return [Encoded(n, {"pos_mean": p, "neg_mean": q, "bits": b}, symbols=k, alphabet=2, side_bits=64.0 * c)
+        counts = ops.segment_histograms(bits, segs, 2).cpu()  # the entropy statistic's, in one pass
+        return [Encoded(n, {"pos_mean": p, "neg_mean": q, "bits": b}, counts=k, side_bits=64.0 * c)
                 if ok else None
                 for n, c, p, q, b, k, ok in zip(lengths, cols, pos.split(cols), neg.split(cols),
                                                 packed.split([sizes.packed_bytes(n, 1) for n in lengths]),
-                                                bits.split(lengths), finite)]
+                                                counts, finite)]
 
     def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
                     ) -> torch.Tensor:

@@ -110,8 +110,9 @@ class QSGD(GroupDecoding, Codec):
             host = [elias.encode(c)[0] if ok else torch.empty(0, dtype=torch.uint8)  # refused below
                     for c, ok in zip(codes.cpu().split(lengths), finite)]
             streams = torch.cat(host).to(source.device).split([h.numel() for h in host])
-        return [Encoded(n, {"norm": sc, "levels": st}, symbols=sy, alphabet=self.symbols, side_bits=32.0 * sc.numel())
-                if ok else None for n, sc, st, sy, ok in zip(lengths, scales, streams, sym.split(lengths), finite)]
+        counts = ops.segment_histograms(sym, segs, self.symbols).cpu()  # the entropy statistic's, in one pass
+        return [Encoded(n, {"norm": sc, "levels": st}, counts=ct, side_bits=32.0 * sc.numel())
+                if ok else None for n, sc, st, ct, ok in zip(lengths, scales, streams, counts, finite)]
 
     def decode_flat(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext], sender: int | None = None
                     ) -> torch.Tensor:

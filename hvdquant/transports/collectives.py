@@ -23,13 +23,13 @@ This is the bottom module of :mod:`hvdquant.transports`: it imports nothing else
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-from hvdquant.codecs.base import all_finite
+from hvdquant.codecs.base import every_finite
 
 T = TypeVar("T")
 Parts = list[torch.Tensor | None]  # one entry per rank; None where that rank was poisoned
@@ -267,10 +267,11 @@ def rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def check_finite_output(out: torch.Tensor) -> None:
+def check_finite_output(outs: Sequence[torch.Tensor]) -> None:
     """Finite inputs can still decode past float32's range (|g| near 3.4e38: Δ(k − u) exceeds it).
-    Every rank decodes the same bits, so every rank raises; no inf reaches the parameters."""
-    if not all_finite(out):
+    Every rank decodes the same bits, so every rank raises; no inf reaches the parameters. One
+    check for all of ``outs`` (a group's results)."""
+    if not every_finite(outs):
         raise FloatingPointError("decoded gradient overflows float32 (inputs near float32's maximum); "
                                  "scale the loss down")
 

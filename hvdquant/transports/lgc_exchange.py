@@ -88,7 +88,7 @@ class LGCExchange:
     def output(self, mean: torch.Tensor) -> torch.Tensor:
         """The mean over ranks as this exchange returns it (the sum where not ``average``), checked finite."""
         out = mean if self.average else mean * self.coll.size
-        check_finite_output(out)
+        check_finite_output([out])
         return out
 
     def start(self, buffer: FusedBuffer) -> Callable[[], torch.Tensor]:

@@ -81,11 +81,12 @@ class PayloadExchange:
         if entropy is not None:
             self.entropy_bits += enc.n * entropy + enc.side_bits
 
-    def output(self, mean: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks as this exchange returns it (the sum where not ``average``), checked finite."""
-        out = mean if self.average else mean * self.coll.size
-        check_finite_output(out)
-        return out
+    def outputs(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A group's means over ranks (per tensor name) as this exchange returns them (the sums where
+        not ``average``), checked finite in one check."""
+        outs = means if self.average else {name: mean * self.coll.size for name, mean in means.items()}
+        check_finite_output(list(outs.values()))
+        return outs
 
     def statistics(self) -> dict:
         return statistics(self.stats, self.payload, self.entropy_bits, self.decode)

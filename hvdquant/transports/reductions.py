@@ -45,7 +45,7 @@ class PayloadHost(Protocol):
     stats: CommStats
     decode: DecodeStats
 
-    def output(self, mean: torch.Tensor) -> torch.Tensor: ...
+    def outputs(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def record_payload(self, enc: Encoded, coordinates: int) -> None: ...
 
@@ -111,14 +111,14 @@ class AllgatherReduction(Reduction):
     def finish(self, group: Group) -> Results:
         """Every tensor's result from every rank's part of it: raw ones summed in rank order, the
         compressed ones aggregated by the codec as one group (its recovery rounds on demand)."""
-        ex, results = self.ex, {}
+        ex, results, means = self.ex, {}, {}
         live, payloads, ctxs, recovers = [], [], [], []
         for item, parts in zip(group.items, group.received(ex.coll.size)):
             error = poisoned(parts, item.name)
             if error is not None:
                 results[item.name] = error
             elif item.raw:
-                results[item.name] = ex.output(rank_order_sum(parts) / ex.coll.size)
+                means[item.name] = rank_order_sum(parts) / ex.coll.size
             else:
                 ctx = self.context(item, 0, ex.coll.rank)
                 live.append(item)
@@ -127,7 +127,8 @@ class AllgatherReduction(Reduction):
                 recovers.append(self._recover(item, ctx))
         for item, (mean, st) in zip(live, ex.codec.aggregate_group(payloads, ctxs, recovers)):
             ex.decode.add(st)
-            results[item.name] = ex.output(mean)
+            means[item.name] = mean
+        results.update(ex.outputs(means))
         return results
 
     def _recover(self, item: Item, ctx: TensorContext) -> Recover:
@@ -236,7 +237,7 @@ class ScatterReduceAllgather(Reduction):
             for i, decoded in zip(where, second.decode_group(encs, ctxs)):
                 clo, chi = items[i].chunks[c]
                 results[i][clo:chi] = decoded
-        return {item.name: self.ex.output(r if not item.raw else r / ranks) for item, r in zip(items, results)}
+        return self.ex.outputs({item.name: r if not item.raw else r / ranks for item, r in zip(items, results)})
 
 
 REDUCTIONS: dict[str, type[Reduction]] = {r.name: r for r in (AllgatherReduction, ScatterReduceAllgather)}

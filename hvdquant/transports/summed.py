@@ -246,16 +246,14 @@ class SummedExchange:
             for group in groups:
                 sums.update(group.sums())
             sums.update(raw)
+            check_finite_output(list(sums.values()))  # Σ_p finite: so is the mean
         except FloatingPointError as err:
             for entry in batch:
                 entry.error = str(err)
             raise
         for entry in batch:
             out = entry.buffer.join([sums.pop(s.name) for s in entry.buffer.segments])
-            if self.average:
-                out = out / self.coll.size
-            check_finite_output(out)
-            entry.result = out
+            entry.result = out / self.coll.size if self.average else out
         if self.group_threshold is not None and self.plan is None:
             self._agree_plan()
 

@@ -17,7 +17,7 @@ from hvdquant.codecs.base import TensorContext
 from hvdquant.codecs.ecdq import ZERO_BUCKET
 from hvdquant.codecs.ecdq_model import CLASSES
 from hvdquant.codecs.onebit import OneBitQuantizer
-from hvdquant.kernels import DitherKey, ops
+from hvdquant.kernels import DitherKey, ops, ops_fields, ops_segments
 from hvdquant.kernels.segments import Segments
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.fused import FusedBuffer
@@ -33,6 +33,19 @@ LENGTHS = (1000, 512, 7, 0, 3000, 513, 1)
 def tensors(seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(n, generator=gen) * (i + 1) for i, n in enumerate(LENGTHS)]
+
+
+class TorchOperations(TorchDispatchMode):
+    """Counts the torch operations that compute (views and aliases left out): each is one kernel
+    launch on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("ranks", [0, 4, 3])  # independent dither; stratified among a power of 2 and not
@@ -153,25 +166,32 @@ SUMMED_SCHEMES = {"dqsg": lambda: DQSGSum(3, 64), "dqsg-rotated": lambda: DQSGSu
 @pytest.mark.parametrize("scheme", list(SUMMED_SCHEMES))
 def test_summed_exchange_costs_a_constant_number_of_launches_per_step(scheme):
     """Each step of an exchange of 3 or of 30 tensors: the same kernel launches (per phase, one for
-    all). ``ndqsg-adaptive`` keeps its gradients, so nesting turns on as it pays; ``ndqsg-recovered``
+    all), and the same number of torch operations (the finiteness checks of the sums one for all).
+    ``ndqsg-adaptive`` keeps its gradients, so nesting turns on as it pays; ``ndqsg-recovered``
     draws new ones every step, so its nested tensors fail and are recovered at every step."""
-    counts, recoveries = [], []
+    counts, recoveries, torch_ops = [], [], []
     for count in (3, 30):
         gen = torch.Generator().manual_seed(count)
         grads = {f"layer{i}.weight": torch.randn(40 + 17 * i, 9, generator=gen) for i in range(count)}
         ex = SummedExchange(SUMMED_SCHEMES[scheme](), False, Immediate())
-        launched = []
+        ops_fields._radix_inverses.cache_clear()  # tables made once per process: made in both runs
+        ops_segments._inverse_tables.cache_clear()
+        launched, operations = [], []
         for step in range(5):
             fresh = scheme == "ndqsg-recovered"
+            grads = {name: torch.randn(g.shape, generator=gen) if fresh else g for name, g in grads.items()}
             before = ops.launches["cpu"]
-            handed = [start(ex, name, torch.randn(g.shape, generator=gen) if fresh else g, 5, step)
-                      for name, g in grads.items()]
-            for finish in handed:
-                finish()
+            with TorchOperations() as counted:
+                handed = [start(ex, name, g, 5, step) for name, g in grads.items()]
+                for finish in handed:
+                    finish()
             launched.append(ops.launches["cpu"] - before)
+            operations.append(counted.count)
         counts.append(launched)
+        torch_ops.append(operations)
         recoveries.append(ex.decode_stats.recovery_rounds)
     assert counts[0] == counts[1] == SUMMED_LAUNCHES[scheme]
+    assert torch_ops[0] == torch_ops[1]  # torch's own operations (each a launch on a GPU) too
     assert recoveries == ([4, 4] if scheme == "ndqsg-recovered" else [0, 0])
 
 
@@ -372,19 +392,6 @@ def test_payload_exchange_launches_on_a_simulated_gpu(codec):
         assert outs[1].device == sim.GPU and torch.equal(outs[0], outs[1].cpu())
         counts.append(launched)
     assert counts[0] == counts[1] == GPU_CODECS[codec][1]
-
-
-class TorchOperations(TorchDispatchMode):
-    """Counts the torch operations that compute (views and aliases left out): each is one kernel
-    launch on a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
 
 
 def test_topk_groups_cost_a_constant_number_of_torch_operations():
