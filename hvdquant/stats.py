@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
@@ -51,3 +52,18 @@ class DecodeStats:
         self.failed_coordinates += other.failed_coordinates
         self.recovery_rounds += other.recovery_rounds
         self.recovery_bytes += other.recovery_bytes
+
+
+class TorchOperations(TorchDispatchMode):
+    """Counts, in ``count``, the torch operations run inside it that compute (views and aliases
+    left out): on a GPU each is a kernel launch or a copy. With hvdquant's own kernel launches
+    (``hvdquant.kernels.ops.launches``), what a step costs in launches. Python runs for every
+    operation while it counts: time steps outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))

@@ -13,7 +13,9 @@ of one dimension uncompressed). What remains is hvdquant's own CPU work per step
 (stock path: rotation, bucket maxima, and, with the maxima in, quantizing the groups' fields;
 payload path: queueing) and in the finishers (stock path: decoding, rotating back; payload path:
 encoding each fusion group, decoding, rotating back). Medians over ``--steps`` steps after 5
-warm-up steps, and the kernel launches per step (``ops.launches``). Last, NDQSG's payload path
+warm-up steps, the kernel launches per step (``ops.launches``) and torch's own operations per step
+(``hvdquant.stats.TorchOperations``, counted in one more step, untimed; on a GPU each is a kernel
+launch or a copy). Last, NDQSG's payload path
 (``hvdquant.NDQSG()``, adaptive nesting, over the allgather of ``hvdquant.DistributedOptimizer``)
 with P = 3 emulated senders: each sends the same gradients plus its own noise (σ = 5% of each
 tensor's), all encoded here; timed are the nested-role sender's encoding of its fusion group
@@ -25,6 +27,7 @@ table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -39,6 +42,7 @@ from hvdquant.codecs.state import CodecState
 from hvdquant.examples.tasks import TASKS
 from hvdquant.examples.train import parse_args
 from hvdquant.kernels import ops
+from hvdquant.stats import TorchOperations
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.fused import compressible
 from hvdquant.transports.groups import GROUP_THRESHOLD
@@ -81,20 +85,27 @@ def time_steps(grads: list[tuple[str, torch.Tensor]], path: str, levels: int, ro
     session = Session(ex, 1, "bench")
     session.agree()
     hooks, finishers, launches = [], [], []
-    for step in range(steps + 5):
-        before = ops.launches["cpu"]
+
+    def step() -> tuple[float, float, float]:
         t0 = time.perf_counter()
         handed = [ex.start(session.buffer([(name, g)], min_numel)) for name, g in reversed(grads)]  # backward order
         t1 = time.perf_counter()
         for finish in handed:
             finish()
-        t2 = time.perf_counter()
-        if step >= 5:
+        return t0, t1, time.perf_counter()
+
+    for k in range(steps + 5):
+        before = ops.launches["cpu"]
+        t0, t1, t2 = step()
+        if k >= 5:
             hooks.append(t1 - t0)
             finishers.append(t2 - t1)
             launches.append(ops.launches["cpu"] - before)
+    with TorchOperations() as counted:
+        step()
     return {"path": path, "levels": levels, "rotation": rotation, "hooks_ms": 1e3 * statistics.median(hooks),
-            "finishers_ms": 1e3 * statistics.median(finishers), "launches": statistics.median(launches)}
+            "finishers_ms": 1e3 * statistics.median(finishers), "launches": statistics.median(launches),
+            "torch_ops": counted.count}
 
 
 def answered(codec: NDQSG, payloads: list, ctx: TensorContext):
@@ -110,23 +121,30 @@ def time_nested_payload(grads: list[tuple[str, torch.Tensor]], steps: int, sende
     gen = torch.Generator().manual_seed(1)
     sent = [[g + 0.05 * g.std() * torch.randn(g.shape, generator=gen) for _, g in tensors] for _ in range(senders)]
     encodes, decodes, launches = [], [], []
-    for step in range(steps + 5):
-        ctxs = [TensorContext(name, g.shape, dither_key(0, step, name, 0), senders, state) for name, g in tensors]
+
+    def step(k: int, counted: TorchOperations | None = None) -> tuple[float, float, float]:
+        ctxs = [TensorContext(name, g.shape, dither_key(0, k, name, 0), senders, state) for name, g in tensors]
         by_sender = [codec.encode_group(sent[p], [c.sender(p) for c in ctxs]) for p in range(senders - 1)]
+        with counted or contextlib.nullcontext():
+            t0 = time.perf_counter()
+            by_sender.append(codec.encode_group(sent[-1], [c.sender(senders - 1) for c in ctxs]))
+            t1 = time.perf_counter()
+            payloads = [[by_sender[p][i] for p in range(senders)] for i in range(len(tensors))]
+            codec.aggregate_group(payloads, ctxs, [answered(codec, enc, c) for enc, c in zip(payloads, ctxs)])
+            return t0, t1, time.perf_counter()
+
+    for k in range(steps + 5):
         before = ops.launches["cpu"]
-        t0 = time.perf_counter()
-        by_sender.append(codec.encode_group(sent[-1], [c.sender(senders - 1) for c in ctxs]))
-        t1 = time.perf_counter()
-        payloads = [[by_sender[p][i] for p in range(senders)] for i in range(len(tensors))]
-        codec.aggregate_group(payloads, ctxs, [answered(codec, enc, c) for enc, c in zip(payloads, ctxs)])
-        t2 = time.perf_counter()
-        if step >= 5:
+        t0, t1, t2 = step(k)
+        if k >= 5:
             encodes.append(t1 - t0)
             decodes.append(t2 - t1)
             launches.append(ops.launches["cpu"] - before)
+    counted = TorchOperations()
+    step(steps + 5, counted)
     return {"path": f"payload-ndqsg (P={senders})", "levels": codec.levels[0], "rotation": codec.rotation,
             "hooks_ms": 1e3 * statistics.median(encodes), "finishers_ms": 1e3 * statistics.median(decodes),
-            "launches": statistics.median(launches)}
+            "launches": statistics.median(launches), "torch_ops": counted.count}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,11 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.job}: {len(grads)} gradient tensors, {coords} coordinates, one process, torch threads "
           f"{torch.get_num_threads()}")
     print("| path | DQSG (NDQSG: s₁) | rotation | hooks (ms/step) | finishers (ms/step) | total | "
-          "kernel launches/step |")
-    print("|---|---|---|---:|---:|---:|---:|")
+          "kernel launches/step | torch ops/step |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['path']} | s={r['levels']} | {r['rotation']} | {r['hooks_ms']:.1f} | {r['finishers_ms']:.1f} | "
-              f"{r['hooks_ms'] + r['finishers_ms']:.1f} | {r['launches']:g} |")
+              f"{r['hooks_ms'] + r['finishers_ms']:.1f} | {r['launches']:g} | {r['torch_ops']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"job": args.job, "tensors": len(grads), "coordinates": coords, "rows": rows},
                                    indent=1))

@@ -15,7 +15,9 @@ the steps, rank 0's clock). The codec's time per step is measured apart, on rank
 runs: the method's exchange over the model's gradients, in DDP's buckets (25 MiB, reverse
 parameter order), with collectives that hand back their input at once, so what remains is
 hvdquant's own work (encode and decode), synchronised; its share is that time over the method's
-DDP step time. Launches: hvdquant's kernel launches per step during that pass (``ops.launches``).
+DDP step time. Launches: hvdquant's kernel launches per step during that pass (``ops.launches``),
+and torch's operations per step (``hvdquant.stats.TorchOperations``, counted in one more pass,
+untimed: each is a kernel launch or a copy on the GPU).
 Ranks share one GPU over Gloo when there are more ranks than GPUs (NCCL refuses that), as
 launch/gpu_e2e.sh does.
 
@@ -169,6 +171,7 @@ def codec_steps(method: str, args: argparse.Namespace, repeats: int) -> dict:
     gradients (random, in DDP's buckets) with collectives that return at once, synchronised."""
     from hvdquant.examples.frameworks import make_codec
     from hvdquant.examples.train import parse_args
+    from hvdquant.stats import TorchOperations
     from hvdquant.transports.exchange import make_exchange
     from hvdquant.transports.session import Session
 
@@ -181,10 +184,8 @@ def codec_steps(method: str, args: argparse.Namespace, repeats: int) -> dict:
                for bucket in ddp_buckets(model)]
     times, launches = [], []
     target = "cuda" if args.device.type == "cuda" else "cpu"
-    for step in range(2 + repeats):
-        sync(args.device)
-        before = ops.launches[target]
-        t0 = time.perf_counter()
+
+    def step() -> None:
         finishers = []
         for bucket in buckets:
             flat = torch.cat([g.reshape(-1) for _, g in bucket])
@@ -194,12 +195,20 @@ def codec_steps(method: str, args: argparse.Namespace, repeats: int) -> dict:
             ex.send()
         for finish in finishers:
             finish()
+
+    for k in range(2 + repeats):
         sync(args.device)
-        if step >= 2:
+        before = ops.launches[target]
+        t0 = time.perf_counter()
+        step()
+        sync(args.device)
+        if k >= 2:
             times.append(time.perf_counter() - t0)
             launches.append(ops.launches[target] - before)
+    with TorchOperations() as counted:
+        step()
     return {"codec_s": statistics.median(times), "launches_per_step": statistics.median(launches),
-            "tensors": sum(len(b) for b in buckets), "buckets": len(buckets)}
+            "torch_ops_per_step": counted.count, "tensors": sum(len(b) for b in buckets), "buckets": len(buckets)}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -241,17 +250,19 @@ def device_name(device: torch.device) -> str:
 
 def table(runs: list[dict]) -> str:
     lines = ["| model | P | method | ms/step | × fp16 | bits/coord | codec ms/step | codec share | launches/step "
-             "(tensors) | replicas |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "(tensors) | torch ops/step | replicas |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         fp16 = next((x["step_s"] for x in r["rows"] if x["method"] == "fp16"), None)
         for x in r["rows"]:
             codec = f"{x['codec_s'] * 1e3:.1f}" if "codec_s" in x else "–"
             share = f"{100 * x['codec_share']:.0f}%" if "codec_share" in x else "–"
             launches = f"{x['launches_per_step']:g} ({x['tensors']})" if "launches_per_step" in x else "–"
+            torch_ops = str(x["torch_ops_per_step"]) if "torch_ops_per_step" in x else "–"
             ratio = f"{x['step_s'] / fp16:.2f}" if fp16 else "–"
             bits = f"{x['bits_per_coordinate']:.2f}" if x.get("bits_per_coordinate") else "–"
+            replicas = "identical" if x["replicas_identical"] else "DIFFER"
             lines.append(f"| {r['model']} | {r['ranks']} | {x['method']} | {x['step_s'] * 1e3:.1f} | {ratio} | {bits} "
-                         f"| {codec} | {share} | {launches} | {'identical' if x['replicas_identical'] else 'DIFFER'} |")
+                         f"| {codec} | {share} | {launches} | {torch_ops} | {replicas} |")
     return "\n".join(lines)
 
 

@@ -103,15 +103,48 @@ Layout = list[tuple[str, torch.dtype, int | None]]  # (field, dtype, count); Non
 
 def layout_bytes(layout: Layout) -> int:
     """Bytes of a payload of a fixed ``layout`` (every count known): Σ count · width."""
-    return sum(count * torch.empty(0, dtype=dtype).element_size() for _, dtype, count in layout)
+    return sum(count * dtype.itemsize for _, dtype, count in layout)
+
+
+FIELD_ALIGN = 8  # bytes: where each field a payload parser copies starts (any field dtype views there)
 
 
 def split_bytes(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     """Inverse of :meth:`Encoded.to_bytes` for a known layout; refuses a buffer of the wrong size."""
-    out: dict[str, torch.Tensor] = {}
+    return split_bytes_group([buf], [layout])[0]
+
+
+def split_bytes_group(bufs: Sequence[torch.Tensor], layouts: Sequence[Layout]) -> list[dict[str, torch.Tensor]]:
+    """:func:`split_bytes` of several payloads (on one device) with one copy: every field's bytes go
+    into one new buffer by one concatenation, each field starting at a multiple of FIELD_ALIGN bytes
+    so that it views as its dtype, however many payloads and fields (a field's padding is the bytes
+    that follow it in its storage, or zeros past the storage's end)."""
+    flats = [buf.reshape(-1).contiguous() for buf in bufs]
+    plans = [_field_ranges(buf, layout) for buf, layout in zip(flats, layouts, strict=True)]
+    pieces: list[torch.Tensor] = []
+    for buf, plan in zip(flats, plans):
+        for _, _, start, nbytes in plan:
+            length = -(-nbytes // FIELD_ALIGN) * FIELD_ALIGN
+            pieces += [buf[start:start + length]] if start + length <= buf.numel() else _window(buf, start, length)
+    arena = torch.cat(pieces) if pieces else None
+    out, pos = [], 0
+    for plan in plans:
+        fields = {}
+        for name, dtype, _, nbytes in plan:
+            fields[name] = (arena[pos:pos + nbytes] if nbytes else torch.empty(0, dtype=torch.uint8,
+                                                                               device=bufs[0].device)).view(dtype)
+            pos += -(-nbytes // FIELD_ALIGN) * FIELD_ALIGN
+        out.append(fields)
+    return out
+
+
+def _field_ranges(buf: torch.Tensor, layout: Layout) -> list[tuple[str, torch.dtype, int, int]]:
+    """(field, dtype, first byte, bytes) of each field of ``layout`` in ``buf``; ValueError where the
+    buffer's size does not fit the layout."""
+    out = []
     pos = 0
     for i, (name, dtype, count) in enumerate(layout):
-        width = torch.empty(0, dtype=dtype).element_size()
+        width = dtype.itemsize
         if count is None:
             if i != len(layout) - 1:
                 raise ValueError("only the last field of a layout may have a variable size")
@@ -120,14 +153,24 @@ def split_bytes(buf: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
                 raise ValueError(f"payload of {buf.numel()} bytes does not fit the layout")
         else:
             nbytes = count * width
-        chunk = buf[pos:pos + nbytes]
-        if chunk.numel() != nbytes:
+        if pos + nbytes > buf.numel():
             raise ValueError(f"payload of {buf.numel()} bytes is too short for field '{name}'")
-        out[name] = chunk.clone().view(dtype)
+        out.append((name, dtype, pos, nbytes))
         pos += nbytes
     if pos != buf.numel():
         raise ValueError(f"payload has {buf.numel()} bytes, the layout takes {pos}")
     return out
+
+
+def _window(buf: torch.Tensor, start: int, length: int) -> list[torch.Tensor]:
+    """``length`` bytes of ``buf``'s storage from ``buf[start]`` on (past ``buf``'s own end), as
+    pieces to concatenate: the bytes its storage holds there, then zeros."""
+    first = buf.storage_offset() + start
+    held = min(length, buf.untyped_storage().nbytes() - first)
+    window = torch.as_strided(buf, (held,), (1,), first)
+    if held == length:
+        return [window]
+    return [window, torch.zeros(length - held, dtype=torch.uint8, device=buf.device)]
 
 
 def empirical_entropy(symbols: torch.Tensor, alphabet: int) -> float:
@@ -193,7 +236,14 @@ class Codec(ABC):
         return {"scheme": self.scheme, **asdict(self)}  # type: ignore[call-overload]
 
     def from_bytes(self, buf: torch.Tensor, n: int, ctx: TensorContext) -> Encoded:
-        return Encoded(n, split_bytes(buf, self.layout(n, ctx)))
+        return self.from_bytes_group([buf], [n], [ctx])[0]
+
+    def from_bytes_group(self, bufs: Sequence[torch.Tensor], ns: Sequence[int], ctxs: Sequence[TensorContext]
+                         ) -> list[Encoded]:
+        """:meth:`from_bytes` of several payloads (``bufs[i]`` of ``ns[i]`` coordinates, sender and
+        tensor of ``ctxs[i]``) with one copy of their bytes for all (:func:`split_bytes_group`)."""
+        fields = split_bytes_group(bufs, [self.layout(n, c) for n, c in zip(ns, ctxs, strict=True)])
+        return [Encoded(n, f) for n, f in zip(ns, fields)]
 
     def reconstruction(self, enc: Encoded, ctx: TensorContext) -> torch.Tensor:
         """What every receiver will take this sender's payload ``enc`` for (error feedback's ĝ):

@@ -59,7 +59,7 @@ from hvdquant.stats import DecodeStats
 
 DITHERS = ("independent", "stratified")
 CODINGS = ("fixed", "rans")
-MAX_RANS_GROUP = 256  # tensors of one entropy-coded group launch (a symbol's context, its tensor, is one byte)
+MAX_RANS_GROUP = 256  # tensors of one rANS launch over a group (a symbol's context, its tensor, is one byte)
 
 
 class DitheredBuckets:
@@ -220,9 +220,8 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
 
     # ------------------------------------------------------------- a fused group at once
     def grouped(self, ctxs: Sequence[TensorContext]) -> bool:
-        """A group runs the segmented kernels (:class:`GroupDecoding`); entropy-coded payloads up to
-        MAX_RANS_GROUP tensors (each symbol's rANS context names its tensor's table: one byte)."""
-        return super().grouped(ctxs) and (self.coding == "fixed" or len(ctxs) <= MAX_RANS_GROUP)
+        """A group runs the segmented kernels (:class:`GroupDecoding`)."""
+        return super().grouped(ctxs)
 
     def aggregates_by_sender(self, ranks: int) -> bool:
         """Not under the stratified dither with P not a power of 2 (:meth:`aggregate`'s joint pass)."""
@@ -256,9 +255,12 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         symbols = ops.dqsg_encode_segments(source, delta, segs, self.levels)
         counts = ops.segment_histograms(symbols, segs, self.symbols)
         freq = torch.stack([ops.rans_table(c) for c in counts.cpu()])
-        lengths, stream = ops.rans_encode_modelled(symbols, self._tables(freq),
-                                                   ops.segment_ids(segs, source.device, torch.uint8), segs)
-        lengths, streams = ops.rans_split(lengths, stream, segs)
+        lengths, streams = [], []
+        for members, sub, (lo, hi) in _table_groups(segs):
+            chunk_lengths, stream = ops.rans_encode_modelled(symbols[lo:hi], self._tables(freq[members]),
+                                                             ops.segment_ids(sub, source.device, torch.uint8), sub)
+            for acc, part in zip((lengths, streams), ops.rans_split(chunk_lengths, stream, sub)):
+                acc += part
         return [Encoded(n, {"delta": d, "freq": f, "lengths": ln, "stream": st}, counts=c, side_bits=32.0 * d.numel())
                 for n, d, f, ln, st, c in zip(segs.lengths, delta.split(segs.buckets), freq.to(source.device),
                                               lengths, streams, counts)]
@@ -277,10 +279,12 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         segs = self.segments(ctxs, [e.n for e in encs], sender)
         delta = torch.cat([e.fields["delta"] for e in encs])
         if self.coding == "rans":
-            symbols = ops.rans_decode(self._tables(torch.stack([e.fields["freq"] for e in encs])),
-                                      torch.cat([e.fields["lengths"] for e in encs]),
-                                      torch.cat([e.fields["stream"] for e in encs]), segs.elements,
-                                      contexts=ops.segment_ids(segs, delta.device, torch.uint8), segments=segs)
+            symbols = torch.cat([
+                ops.rans_decode(self._tables(torch.stack([encs[i].fields["freq"] for i in members])),
+                                torch.cat([encs[i].fields["lengths"] for i in members]),
+                                torch.cat([encs[i].fields["stream"] for i in members]), hi - lo,
+                                contexts=ops.segment_ids(sub, delta.device, torch.uint8), segments=sub)
+                for members, sub, (lo, hi) in _table_groups(segs)])
             return ops.dqsg_decode_segments(symbols, delta, segs, self.levels)
         packed = torch.cat([e.fields["symbols"] for e in encs])
         return ops.dqsg_decode_packed_segments(packed, delta, segs, self.levels)
@@ -306,3 +310,15 @@ class DQSG(DitheredBuckets, GroupDecoding, Codec):
         key = self.keyed(ctx.key.for_sender(0), ctx.ranks)
         mean = ops.dqsg_aggregate(sym, delta, self.bucket_size, key, factor=1.0 / len(payloads), offset=self.levels)
         return mean, DecodeStats()
+
+
+def _table_groups(segs: Segments) -> list[tuple[list[int], Segments, tuple[int, int]]]:
+    """The tensors of ``segs`` in runs of at most MAX_RANS_GROUP (one rANS launch each: a symbol's
+    context names its tensor's table in one byte): each run's members, their segments and their
+    elements' range end to end."""
+    starts = segs.offsets(list(segs.lengths))
+    out = []
+    for first in range(0, len(segs.lengths), MAX_RANS_GROUP):
+        members = list(range(first, min(first + MAX_RANS_GROUP, len(segs.lengths))))
+        out.append((members, segs.subset(members), (starts[members[0]], starts[members[-1] + 1])))
+    return out

@@ -94,8 +94,9 @@ class ErrorFeedback(Codec):
     def reconstruction_group(self, encs: Sequence[Encoded], ctxs: Sequence[TensorContext]) -> list[torch.Tensor]:
         return self.codec.reconstruction_group(encs, ctxs)
 
-    def from_bytes(self, buf: torch.Tensor, n: int, ctx: TensorContext) -> Encoded:
-        return self.codec.from_bytes(buf, n, ctx)
+    def from_bytes_group(self, bufs: Sequence[torch.Tensor], ns: Sequence[int], ctxs: Sequence[TensorContext]
+                         ) -> list[Encoded]:
+        return self.codec.from_bytes_group(bufs, ns, ctxs)
 
     def aggregate(self, payloads: list[Encoded], ctx: TensorContext, recover: Recover | None = None
                   ) -> tuple[torch.Tensor, DecodeStats]:

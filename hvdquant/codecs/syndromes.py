@@ -11,6 +11,8 @@ torch integer arithmetic; NDQSG decides what to accept (:meth:`hvdquant.NDQSG.co
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from hvdquant.kernels import ops
@@ -30,8 +32,10 @@ def bucket_blocks(k: torch.Tensor, buckets: list[int], bucket_size: int) -> tupl
     return blocks, mask
 
 
+@functools.lru_cache(maxsize=64)
 def _powers(bucket_size: int, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-    """(j+1)^m mod LOCATE_PRIME for m in [lo, hi) (rows), j < bucket_size (columns), int64."""
+    """(j+1)^m mod LOCATE_PRIME for m in [lo, hi) (rows), j < bucket_size (columns), int64; made once
+    per shape and device (read only)."""
     x = torch.arange(1, bucket_size + 1, dtype=torch.int64, device=device)
     out = torch.empty(hi - lo, bucket_size, dtype=torch.int64, device=device)
     cur = _modpow(x, lo)
@@ -53,8 +57,15 @@ def _modpow(a: torch.Tensor, e: int) -> torch.Tensor:
 
 
 def _inverse(a: torch.Tensor) -> torch.Tensor:
-    """a^(p−2) mod p: the inverse of a mod LOCATE_PRIME (0 for a ≡ 0)."""
-    return _modpow(a, LOCATE_PRIME - 2)
+    """a^(p−2) mod p: the inverse of a mod LOCATE_PRIME (0 for a ≡ 0), looked up in the table of all
+    of them (one gather, not the 30-odd operations of the power)."""
+    return _inverses(a.device)[a % LOCATE_PRIME]
+
+
+@functools.lru_cache(maxsize=8)
+def _inverses(device: torch.device) -> torch.Tensor:
+    """a^(p−2) mod p for every a in [0, LOCATE_PRIME) (int64, made once per device, read only)."""
+    return _modpow(torch.arange(LOCATE_PRIME, dtype=torch.int64, device=device), LOCATE_PRIME - 2)
 
 
 def block_syndromes(blocks: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -112,7 +112,7 @@ class AllgatherReduction(Reduction):
         """Every tensor's result from every rank's part of it: raw ones summed in rank order, the
         compressed ones aggregated by the codec as one group (its recovery rounds on demand)."""
         ex, results, means = self.ex, {}, {}
-        live, payloads, ctxs, recovers = [], [], [], []
+        live, received, ctxs, recovers = [], [], [], []
         for item, parts in zip(group.items, group.received(ex.coll.size)):
             error = poisoned(parts, item.name)
             if error is not None:
@@ -123,8 +123,9 @@ class AllgatherReduction(Reduction):
                 ctx = self.context(item, 0, ex.coll.rank)
                 live.append(item)
                 ctxs.append(ctx)
-                payloads.append([ex.codec.from_bytes(parts[p], item.numel, ctx.sender(p)) for p in range(ex.coll.size)])
+                received.append(parts)
                 recovers.append(self._recover(item, ctx))
+        payloads = by_sender(ex.codec, received, [item.numel for item in live], ctxs)
         for item, (mean, st) in zip(live, ex.codec.aggregate_group(payloads, ctxs, recovers)):
             ex.decode.add(st)
             means[item.name] = mean
@@ -198,12 +199,9 @@ class ScatterReduceAllgather(Reduction):
         out: dict[str, list[torch.Tensor]] = {item.name: [rank_order_sum(parts).view(torch.uint8)]
                                               for item, parts in zip(items, received) if item.raw}
         coded = [(item, parts) for item, parts in zip(items, received) if not item.raw]
-        payloads, ctxs = [], []
-        for item, parts in coded:
-            lo, hi = item.chunks[rank]
-            payloads.append([ex.codec.from_bytes(parts[p], hi - lo, self.context(item, rank, p))
-                             for p in range(ex.coll.size)])
-            ctxs.append(self.context(item, rank, 0))
+        ctxs = [self.context(item, rank, 0) for item, _ in coded]
+        payloads = by_sender(ex.codec, [parts for _, parts in coded],
+                             [item.chunks[rank][1] - item.chunks[rank][0] for item, _ in coded], ctxs)
         aggregated = ex.codec.aggregate_group(payloads, ctxs, [None] * len(coded))
         for _, st in aggregated:
             ex.decode.add(st)
@@ -224,20 +222,32 @@ class ScatterReduceAllgather(Reduction):
         second, ranks = innermost(self.ex.codec), self.ex.coll.size
         results = [torch.empty(item.numel, dtype=torch.float32, device=item.device) for item in items]
         for c in range(ranks):
-            encs, ctxs, where = [], [], []
+            bufs, ns, ctxs, where = [], [], [], []
             for i, item in enumerate(items):
                 clo, chi = item.chunks[c]
                 if item.raw:
                     results[i][clo:chi] = owned[c][i].clone().view(torch.float32)
                     continue
-                cctx = self.context(item, c, c, "@reduced")
-                encs.append(second.from_bytes(owned[c][i], chi - clo, cctx))
-                ctxs.append(cctx)
+                bufs.append(owned[c][i])
+                ns.append(chi - clo)
+                ctxs.append(self.context(item, c, c, "@reduced"))
                 where.append(i)
-            for i, decoded in zip(where, second.decode_group(encs, ctxs)):
+            for i, decoded in zip(where, second.decode_group(second.from_bytes_group(bufs, ns, ctxs), ctxs)):
                 clo, chi = items[i].chunks[c]
                 results[i][clo:chi] = decoded
         return self.ex.outputs({item.name: r if not item.raw else r / ranks for item, r in zip(items, results)})
+
+
+def by_sender(codec: Codec, received: list[list[torch.Tensor]], ns: list[int], ctxs: list[TensorContext]
+              ) -> list[list[Encoded]]:
+    """Every tensor's payload from every sender (``received[i][p]``: tensor i's bytes from sender p;
+    ``ns[i]`` coordinates, this rank's context ``ctxs[i]``), parsed with one copy for all
+    (:meth:`Codec.from_bytes_group`): ``payloads[i][p]``."""
+    ranks = len(received[0]) if received else 0
+    flat = codec.from_bytes_group([parts[p] for parts in received for p in range(ranks)],
+                                  [n for n in ns for _ in range(ranks)],
+                                  [ctx.sender(p) for ctx in ctxs for p in range(ranks)])
+    return [flat[i * ranks:(i + 1) * ranks] for i in range(len(received))]
 
 
 REDUCTIONS: dict[str, type[Reduction]] = {r.name: r for r in (AllgatherReduction, ScatterReduceAllgather)}

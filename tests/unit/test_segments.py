@@ -10,15 +10,16 @@ import pytest
 import simulated_gpu as sim
 import torch
 from one_tensor import start
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hvdquant import DQSG, ECDQ, NDQSG, QSGD, CodecState, ErrorFeedback, OneBitSGD, TopK
+from hvdquant.codecs import dqsg as dqsg_module
 from hvdquant.codecs.base import TensorContext
 from hvdquant.codecs.ecdq import ZERO_BUCKET
 from hvdquant.codecs.ecdq_model import CLASSES
 from hvdquant.codecs.onebit import OneBitQuantizer
 from hvdquant.kernels import DitherKey, ops, ops_fields, ops_segments
 from hvdquant.kernels.segments import Segments
+from hvdquant.stats import TorchOperations
 from hvdquant.transports.collectives import Started
 from hvdquant.transports.fused import FusedBuffer
 from hvdquant.transports.nested_sum import NestedSum
@@ -33,19 +34,6 @@ LENGTHS = (1000, 512, 7, 0, 3000, 513, 1)
 def tensors(seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(n, generator=gen) * (i + 1) for i, n in enumerate(LENGTHS)]
-
-
-class TorchOperations(TorchDispatchMode):
-    """Counts the torch operations that compute (views and aliases left out): each is one kernel
-    launch on a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("ranks", [0, 4, 3])  # independent dither; stratified among a power of 2 and not
@@ -225,9 +213,10 @@ PAYLOAD_LAUNCHES = {("allgather", "dqsg"): 2, ("allgather", "dqsg-rotated"): 4, 
 @pytest.mark.parametrize(("reducer", "codec"), sorted(PAYLOAD_LAUNCHES))
 def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, codec):
     """A payload exchange of one fused buffer of 3 or of 30 tensors: the same kernel launches (each
-    phase one launch for the whole buffer), and the same result as the tensors exchanged one
+    phase one launch for the whole buffer) and, on the allgather, torch operations (the payloads
+    parsed with one copy, the results checked finite in one check), and the same result as the tensors exchanged one
     buffer each."""
-    counts = []
+    counts, torch_ops = [], []
     for count in (3, 30):
         gen = torch.Generator().manual_seed(count)
         grads = {f"layer{i}.weight": torch.randn(40 + 17 * i, 9, generator=gen) for i in range(count)}
@@ -236,12 +225,17 @@ def test_payload_exchange_costs_a_constant_number_of_launches_per_step(reducer, 
             keys = [(name, g, dither_key(5, step, name, 0)) for name, g in grads.items()]
             buf = FusedBuffer.of(keys)
             before = ops.launches["cpu"]
-            out = buf.unflatten(fused.start(buf)())
+            with TorchOperations() as counted:
+                out = buf.unflatten(fused.start(buf)())
             launched = ops.launches["cpu"] - before
             for name, g in grads.items():
                 assert torch.equal(out[name], start(alone, name, g, 5, step)()), name
         counts.append(launched)
+        torch_ops.append(counted.count)
     assert counts[0] == counts[1] == PAYLOAD_LAUNCHES[reducer, codec]
+    if reducer == "allgather" and codec != "dqsg-rans":  # (scatter-reduce places each owner's chunk of each
+        # tensor, and rANS-coded DQSG makes each tensor's tables, one by one)
+        assert abs(torch_ops[0] - torch_ops[1]) <= 1  # torch's operations too (one: where padding is zeros)
 
 
 # a (simulated) GPU's launches of the same step: DQSG's scales are a pass of their own there
@@ -408,6 +402,31 @@ def test_topk_groups_cost_a_constant_number_of_torch_operations():
             TopK(0.1).aggregate_group([[e, e] for e in encs], ctxs, [None] * count)
         counts.append(ops_run.count)
     assert counts[0] == counts[1] > 0
+
+
+def test_rans_groups_beyond_a_byte_of_tables_run_in_runs(monkeypatch):
+    """rANS-coded DQSG names each symbol's table (its tensor's) in one byte: a group of more tensors
+    than that is coded in runs of at most MAX_RANS_GROUP tensors, one rANS launch each, with the
+    bits of the single-tensor methods (the limit lowered to 4 here: 10 tensors, 3 runs)."""
+    monkeypatch.setattr(dqsg_module, "MAX_RANS_GROUP", 4)
+    codec = DQSG(3, 64, rotation="hadamard", coding="rans")
+    gen = torch.Generator().manual_seed(3)
+    gs = [torch.randn(30 + 41 * i, generator=gen) for i in range(10)]
+    ctxs = [TensorContext(f"t{i}", tuple(g.shape), dither_key(7, 3, f"t{i}", 1), 2, CodecState())
+            for i, g in enumerate(gs)]
+    before = ops.launches["cpu"]
+    grouped = codec.encode_group(gs, ctxs)
+    encode_launches = ops.launches["cpu"] - before
+    for a, g, c in zip(grouped, gs, ctxs):
+        b = codec.encode(g, c)
+        assert all(torch.equal(a.fields[k], b.fields[k]) for k in b.fields) and a.entropy() == b.entropy()
+    before = ops.launches["cpu"]
+    decoded = codec.decode_group(grouped, ctxs)
+    decode_launches = ops.launches["cpu"] - before
+    assert all(torch.equal(d, codec.decode(e, c)) for d, e, c in zip(decoded, grouped, ctxs))
+    # rotation, maxima, steps, indices, then per run the rANS chunks and their gathering; per run the
+    # rANS chunks, then the reconstruction and the rotation back
+    assert (encode_launches, decode_launches) == (4 + 2 * 3, 3 + 2)
 
 
 def test_ecdq_tensor_scope_groups_keep_exponents_zero_buckets_and_refusals_by_name():
