@@ -13,6 +13,7 @@ syndromes that locate up to t wrong coordinates (:meth:`CosetResolver.correct`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,20 @@ from hvdquant.codecs.syndromes import bucket_blocks, bucket_checks, locate_error
 from hvdquant.kernels import DitherKey, ops, sizes
 from hvdquant.kernels.segments import Segments
 from hvdquant.stats import DecodeStats
+
+
+@dataclass(frozen=True)
+class Repair:
+    """One tensor's failed buckets for :meth:`CosetResolver.correct_group`: where its indices start
+    in the group's and how many there are, the failed ``buckets``, their ``syndromes`` so far (per
+    bucket), the sender's ``checksums`` of every bucket and the nesting ratio ``rho``."""
+
+    start: int
+    length: int
+    buckets: list[int]
+    syndromes: dict[int, torch.Tensor]
+    checksums: torch.Tensor
+    rho: int
 
 
 def bucket_coordinates(buckets: list[int], bucket_size: int, n: int,
@@ -134,25 +149,45 @@ class CosetResolver:
         coordinates. Returns those buckets and their corrected indices (coordinates in the order of
         :func:`bucket_coordinates`). A correction is accepted only if the corrected bucket reproduces
         all its syndromes and its checksum, each change is a nonzero multiple of ρ and every index
-        lies in [−s₁·senders, s₁·senders]; any other bucket stays failed."""
-        fixed: list[int] = []
-        truths: list[torch.Tensor] = []
-        by_len: dict[int, list[int]] = {}
-        for b in buckets:
-            if b in syndromes:
-                by_len.setdefault(syndromes[b].numel(), []).append(b)
-        d, n = self.bucket_size, kout.numel()
-        sent = checksums.to(torch.int64) & 0xFFFFFFFF
-        for _, group in sorted(by_len.items()):
-            blocks, mask = bucket_blocks(kout, group, d)
-            s = torch.stack([syndromes[b] for b in group]).to(blocks.device)
+        lies in [−s₁·senders, s₁·senders]; any other bucket stays failed. One tensor: a group of one
+        (:meth:`correct_group`)."""
+        return self.correct_group(kout, [Repair(0, kout.numel(), buckets, syndromes, checksums, rho)], senders)[0]
+
+    def correct_group(self, k: torch.Tensor, repairs: list[Repair], senders: int = 1
+                      ) -> list[tuple[list[int], torch.Tensor]]:
+        """:meth:`correct` of several tensors' failed buckets at once (``k``: their resolved indices
+        end to end; each :class:`Repair` says where its tensor lies and what it holds): one
+        Berlekamp–Massey pass for every bucket with as many syndromes, whichever its tensor."""
+        d = self.bucket_size
+        by_len: dict[int, list[tuple[int, int]]] = {}
+        for t, r in enumerate(repairs):
+            for b in r.buckets:
+                if b in r.syndromes:
+                    by_len.setdefault(r.syndromes[b].numel(), []).append((t, b))
+        sent = torch.cat([r.checksums for r in repairs]).to(torch.int64) & 0xFFFFFFFF if repairs else None
+        first_check = list(itertools.accumulate((r.checksums.numel() for r in repairs), initial=0))
+        fixed: list[list[int]] = [[] for _ in repairs]
+        kept: list[tuple[int, torch.Tensor]] = []  # (tensor, its corrected rows' true indices), in order
+        for _, rows in sorted(by_len.items()):
+            start = torch.tensor([repairs[t].start + b * d for t, b in rows], dtype=torch.int64, device=k.device)
+            end = torch.tensor([repairs[t].start + min((b + 1) * d, repairs[t].length) for t, b in rows],
+                               dtype=torch.int64, device=k.device)
+            blocks, mask = bucket_blocks(k, start, end, d)
+            s = torch.stack([repairs[t].syndromes[b] for t, b in rows]).to(blocks.device)
+            rho = torch.tensor([repairs[t].rho for t, _ in rows], dtype=torch.int64, device=blocks.device)
             corrected, ok = locate_errors(blocks, mask, s, rho, self.levels * senders)
-            rows = torch.tensor(group, dtype=torch.int64, device=blocks.device)
-            ok &= bucket_checks(corrected) == sent[rows.to(sent.device)].to(blocks.device)
-            keep = torch.nonzero(ok).flatten()
-            if keep.numel():
-                fixed += rows[keep].tolist()
-                truths.append(corrected[keep][mask[keep]])
-        truth = torch.cat(truths) if truths else torch.empty(0, dtype=torch.int64, device=kout.device)
-        assert truth.numel() == bucket_coordinates(fixed, d, n).numel()
-        return fixed, truth.to(torch.int32)
+            checks = torch.tensor([first_check[t] + b for t, b in rows], dtype=torch.int64, device=sent.device)
+            ok &= bucket_checks(corrected) == sent[checks].to(blocks.device)
+            keep = torch.nonzero(ok).flatten().tolist()
+            truths = corrected[keep][mask[keep]].split(mask[keep].sum(1).tolist()) if keep else []
+            for j, truth in zip(keep, truths):
+                t, b = rows[j]
+                fixed[t].append(b)
+                kept.append((t, truth))
+        out = []
+        for t, r in enumerate(repairs):
+            parts = [truth for owner, truth in kept if owner == t]
+            truth = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=k.device)
+            assert truth.numel() == bucket_coordinates(fixed[t], d, r.length).numel()
+            out.append((fixed[t], truth.to(torch.int32)))
+        return out

@@ -55,6 +55,8 @@ class ErrorFeedback(Codec):
         of parts that were not finite stay as they were). The group's c and r are each one flat
         float64 buffer (the residuals kept are views of it): a constant number of operations
         however many parts."""
+        if not parts:
+            return []
         flats = [flat32(g) for g in parts]
         lengths = [f.numel() for f in flats]
         corrected = torch.cat(flats).double() + torch.cat([self._residual(f, ctx) for f, ctx in zip(flats, ctxs)])

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from hvdquant.codecs.base import Codec, Encoded, Recover, TensorContext
+from hvdquant.codecs.coset_resolver import Repair
 from hvdquant.codecs.nesting_cost import NestingCost, SenderPass
 from hvdquant.codecs.recovery import Request
 from hvdquant.kernels import ops
@@ -154,14 +155,13 @@ class RankOrderDecoder:
         sent = torch.cat([e.fields["checksum"] for e, n in zip(encs, nests) if n]).to(torch.int64) & 0xFFFFFFFF
         wrong = torch.nonzero(ops.bucket_checksum_segments(kout, segs, chosen) != sent).flatten().tolist()
         bad_by_tensor = by_segment(wrong, [nb if n else 0 for nb, n in zip(segs.buckets, nests)])
-        for i, (enc, nested, bad) in enumerate(zip(encs, nests, bad_by_tensor)):
-            if not nested:
-                continue
-            ki = self.part(kout, i)
-            bad = self._repair(i, p, ki, bad, enc.fields["checksum"])
+        still = {i: self._patch_known(i, p, self.part(kout, i), bad)
+                 for i, (nested, bad) in enumerate(zip(nests, bad_by_tensor)) if nested}
+        self._correct(p, kout, encs, still)
+        for i, bad in still.items():
             if bad:
                 failed.setdefault(i, {})[p] = self.protocol.next_requests(bad, self.syndromes.get((i, p), {}))
-                resolved.setdefault(i, {})[p] = ki
+                resolved.setdefault(i, {})[p] = self.part(kout, i)
         return kout
 
     def _residues(self, encs: list[Encoded], segs: Segments, ratios: tuple[int, ...]) -> torch.Tensor:
@@ -179,22 +179,29 @@ class RankOrderDecoder:
                 self.part(residues, i).copy_(part)
         return residues
 
-    def _repair(self, i: int, p: int, kout: torch.Tensor, bad: list[int], checksum: torch.Tensor) -> list[int]:
-        """Tensor i's sender p: its recovered buckets patched exact into ``kout`` and the failed
-        buckets its syndromes explain corrected; the buckets still failed."""
-        resolver = self.resolver
+    def _patch_known(self, i: int, p: int, kout: torch.Tensor, bad: list[int]) -> list[int]:
+        """Tensor i's sender p: the buckets recovered in earlier rounds patched exact into its
+        ``kout``; its failed buckets ``bad`` less those."""
         done: set[int] = set()
         for buckets, truth in self.known.get((i, p), ()):
-            resolver.patch(kout, buckets, truth, DecodeStats())  # counted when first recovered
+            self.resolver.patch(kout, buckets, truth, DecodeStats())  # counted when first recovered
             done.update(buckets)
-        bad = [b for b in bad if b not in done]
-        if bad and self.syndromes.get((i, p)):
-            fixed, truth = resolver.correct(kout, bad, self.syndromes[(i, p)], checksum, self.ratios[i])
+        return [b for b in bad if b not in done]
+
+    def _correct(self, p: int, kout: torch.Tensor, encs: list[Encoded], still: dict[int, list[int]]) -> None:
+        """Sender p's failed buckets ``still`` (per tensor) that their syndromes explain, corrected in
+        one pass for the group (:meth:`CosetResolver.correct_group`), patched into ``kout`` (the
+        group's K̂ end to end) and kept for later passes; ``still`` left with the buckets that fail."""
+        tensors = [i for i, bad in still.items() if bad and self.syndromes.get((i, p))]
+        if not tensors:
+            return
+        repairs = [Repair(self.starts[i], self.lengths[i], still[i], self.syndromes[(i, p)], encs[i].fields["checksum"],
+                          self.ratios[i]) for i in tensors]
+        for i, (fixed, truth) in zip(tensors, self.resolver.correct_group(kout, repairs)):
             if fixed:
-                resolver.patch(kout, fixed, truth, self.stats[i])
+                self.resolver.patch(self.part(kout, i), fixed, truth, self.stats[i])
                 self.known.setdefault((i, p), []).append((fixed, truth))
-                bad = [b for b in bad if b not in set(fixed)]
-        return bad
+                still[i] = [b for b in still[i] if b not in set(fixed)]
 
     def take(self, i: int, replies: dict[int, torch.Tensor], failed: dict[int, list[Request]],
              resolved: dict[int, torch.Tensor]) -> None:

@@ -22,14 +22,20 @@ from hvdquant.kernels import ops
 LOCATE_PRIME = 65521
 
 
-def bucket_blocks(k: torch.Tensor, buckets: list[int], bucket_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The given buckets of k as rows (int64, a short last bucket padded with zeros) and the mask of
-    real coordinates."""
-    rows = torch.tensor(buckets, dtype=torch.int64, device=k.device)
-    idx = rows[:, None] * bucket_size + torch.arange(bucket_size, dtype=torch.int64, device=k.device)[None, :]
-    mask = idx < k.numel()
+def bucket_blocks(k: torch.Tensor, start: torch.Tensor, end: torch.Tensor, bucket_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buckets k[start_r:end_r] as rows of ``bucket_size`` (int64, a short bucket padded with
+    zeros) and the mask of real coordinates (``start``, ``end``: int64 per row, on k's device)."""
+    idx = start[:, None] + torch.arange(bucket_size, dtype=torch.int64, device=k.device)[None, :]
+    mask = idx < end[:, None]
     blocks = torch.where(mask, k.to(torch.int64)[idx.clamp_max(max(k.numel() - 1, 0))], 0)
     return blocks, mask
+
+
+def listed_blocks(k: torch.Tensor, buckets: list[int], bucket_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bucket_blocks` of the given buckets of k (the last may be short)."""
+    start = torch.tensor(buckets, dtype=torch.int64, device=k.device) * bucket_size
+    return bucket_blocks(k, start, (start + bucket_size).clamp_max(k.numel()), bucket_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -80,7 +86,7 @@ def bucket_syndromes(k: torch.Tensor, buckets: list[int], bucket_size: int, lo: 
     """Syndromes m in [lo, hi) of the given buckets of the indices k, one row per bucket."""
     if not buckets:
         return torch.empty(0, hi - lo, dtype=torch.int64, device=k.device)
-    return block_syndromes(bucket_blocks(k, buckets, bucket_size)[0], lo, hi)
+    return block_syndromes(listed_blocks(k, buckets, bucket_size)[0], lo, hi)
 
 
 def bucket_checks(blocks: torch.Tensor) -> torch.Tensor:
@@ -128,15 +134,16 @@ def berlekamp_massey(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c, length
 
 
-def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Tensor, rho: int, bound: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Tensor, rho: int | torch.Tensor,
+                  bound: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Correct each row of resolved indices ``blocks`` (F × d, int64) from the first N = 2t syndromes
     of its true indices: the differences are the power sums Σ_i e_i·x_i^m of the errors e_i at
     locators x_i = j_i + 1, so Berlekamp–Massey gives the error locator Λ(z) = Π_i (1 − x_i z), its
     roots (a search over the row's locators) the wrong coordinates, and Forney's formula
     e_i = −x_i·Ω(x_i⁻¹)/Λ'(x_i⁻¹), Ω = S·Λ mod z^N, the errors. Returns the corrected rows and
     which rows are accepted: 1 ≤ L ≤ t roots, all found, every e_i a nonzero multiple of ρ, every
-    corrected index in [−bound, bound], and the corrected row reproducing all N syndromes."""
+    corrected index in [−bound, bound], and the corrected row reproducing all N syndromes. ``rho``:
+    one ratio for every row, or each row's (int64)."""
     p = LOCATE_PRIME
     d = blocks.shape[1]
     count = syndromes.shape[1]
@@ -171,7 +178,8 @@ def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Ten
         err = (p - xi * om % p * _inverse(der) % p) % p
         err = torch.where(err > p // 2, err - p, err)
         wrong = torch.zeros(live.numel(), dtype=torch.bool, device=dev)
-        wrong[row[(err == 0) | (err % rho != 0)]] = True
+        ratio = rho if isinstance(rho, int) else rho[live][row]
+        wrong[row[(err == 0) | (err % ratio != 0)]] = True
         corrected[live[row], col] += err
         ok[live] = good & ~wrong
     ok &= ~(mask & (corrected.abs() > bound)).any(1)

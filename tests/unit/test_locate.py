@@ -56,7 +56,7 @@ def test_checks_syndromes_and_bytes_match_their_definitions():
     gen = torch.Generator().manual_seed(0)
     k = torch.randint(-7, 8, (5 * 64 + 17,), generator=gen, dtype=torch.int32)
     nb = ops.num_buckets(k.numel(), 64)
-    blocks, mask = sy.bucket_blocks(k, list(range(nb)), 64)
+    blocks, mask = sy.listed_blocks(k, list(range(nb)), 64)
     assert torch.equal(sy.bucket_checks(blocks), ops.bucket_checksum(k, 64))
     assert torch.equal(blocks[mask], k.to(torch.int64))
     syn = sy.bucket_syndromes(k.to(torch.int64), [nb - 1, 0], 64, 0, 6)

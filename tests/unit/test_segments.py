@@ -498,3 +498,4 @@ def test_group_methods_give_each_tensor_its_own_bits(codec, ranks):
         for x, y in zip(ef.encode_group(gs, by_group), [ef.encode(g, c) for g, c in zip(gs, by_tensor)]):
             assert all(torch.equal(x.fields[k], y.fields[k]) for k in y.fields)
     assert all(torch.equal(states[0].residuals[k], states[1].residuals[k]) for k in states[1].residuals)
+    assert ef.encode_group([], []) == [] == codec.encode_group([], [])  # a group whose every tensor was refused
