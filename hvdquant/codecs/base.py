@@ -315,7 +315,8 @@ def each_finite(whole: torch.Tensor, parts: Sequence[torch.Tensor]) -> list[bool
 def every_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """No NaN and no ±Inf in any of ``tensors`` (float32, on one device): one fused check of the
     whole list, however many tensors (torch's multi-tensor non-finite check of mixed-precision
-    training; its unscaling by 1.0 leaves every value as it is), and one read of its flag."""
+    training; its unscaling by 1.0 leaves every value as it is), and one read of its flag. It writes
+    the tensors (that multiplication, in place): for hvdquant's own results, never a user's tensor."""
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return True
