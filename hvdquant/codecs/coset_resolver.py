@@ -167,7 +167,7 @@ class CosetResolver:
         sent = torch.cat([r.checksums for r in repairs]).to(torch.int64) & 0xFFFFFFFF if repairs else None
         first_check = list(itertools.accumulate((r.checksums.numel() for r in repairs), initial=0))
         fixed: list[list[int]] = [[] for _ in repairs]
-        kept: list[tuple[int, torch.Tensor]] = []  # (tensor, its corrected rows' true indices), in order
+        truths: list[list[torch.Tensor]] = [[] for _ in repairs]  # per tensor, its corrected rows' true indices
         for _, rows in sorted(by_len.items()):
             start = torch.tensor([repairs[t].start + b * d for t, b in rows], dtype=torch.int64, device=k.device)
             end = torch.tensor([repairs[t].start + min((b + 1) * d, repairs[t].length) for t, b in rows],
@@ -179,15 +179,14 @@ class CosetResolver:
             checks = torch.tensor([first_check[t] + b for t, b in rows], dtype=torch.int64, device=sent.device)
             ok &= bucket_checks(corrected) == sent[checks].to(blocks.device)
             keep = torch.nonzero(ok).flatten().tolist()
-            truths = corrected[keep][mask[keep]].split(mask[keep].sum(1).tolist()) if keep else []
-            for j, truth in zip(keep, truths):
+            found = corrected[keep][mask[keep]].split(mask[keep].sum(1).tolist()) if keep else []
+            for j, truth in zip(keep, found):
                 t, b = rows[j]
                 fixed[t].append(b)
-                kept.append((t, truth))
+                truths[t].append(truth)
         out = []
         for t, r in enumerate(repairs):
-            parts = [truth for owner, truth in kept if owner == t]
-            truth = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=k.device)
+            truth = torch.cat(truths[t]) if truths[t] else torch.empty(0, dtype=torch.int64, device=k.device)
             assert truth.numel() == bucket_coordinates(fixed[t], d, r.length).numel()
             out.append((fixed[t], truth.to(torch.int32)))
         return out

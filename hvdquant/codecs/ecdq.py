@@ -38,9 +38,7 @@ then refuses the stream.)
 
 from __future__ import annotations
 
-import bisect
 import functools
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,7 +70,7 @@ from hvdquant.codecs.ecdq_model import (
 from hvdquant.codecs.grouped import GroupDecoding
 from hvdquant.codecs.rotation import ROTATIONS
 from hvdquant.kernels import ops
-from hvdquant.kernels.segments import Segments
+from hvdquant.kernels.segments import Segments, by_segment
 from hvdquant.stats import DecodeStats
 
 SCOPES = ("bucket", "tensor")
@@ -230,9 +228,9 @@ class ECDQ(DitheredBuckets, GroupDecoding, Codec):
         rms = ops.bucket_l2_segments(x, segs) * (1.0 / math.sqrt(self.bucket_size))  # σ_b; a short last
         # bucket is scaled by the full d too, which keeps |x_i| ≤ √d·σ_b
         if self.scope == "tensor":
-            sides = self._tensor_side(x, rms, segs, ctxs)
-            delta, classes = self.tensor_steps(sides[0], sides[1], segs.buckets)
-            fields = [{"sigma": sg, "codes": cd} for sg, cd in zip(sides[0].split(1), sides[1].split(segs.buckets))]
+            sigma, codes = self._tensor_side(x, rms, segs, ctxs)
+            delta, classes = self.tensor_steps(sigma, codes, segs.buckets)
+            fields = [{"sigma": sg, "codes": cd} for sg, cd in zip(sigma.split(1), codes.split(segs.buckets))]
         else:
             sigma, classes = rms.to(torch.bfloat16), None
             delta = self.steps(sigma)
@@ -325,7 +323,7 @@ def _first(flags: torch.Tensor, buckets: Sequence[int] | None = None) -> int:
     """The index of the first tensor with a set flag: ``flags`` per tensor, or per bucket of tensors of
     ``buckets`` buckets each (end to end)."""
     first = int(torch.nonzero(flags)[0, 0])
-    return first if buckets is None else bisect.bisect_right(list(itertools.accumulate(buckets)), first)
+    return first if buckets is None else next(t for t, mine in enumerate(by_segment([first], list(buckets))) if mine)
 
 
 def _refuse_non_finite(delta: torch.Tensor, ctxs: Sequence[TensorContext], buckets: Sequence[int] | None = None

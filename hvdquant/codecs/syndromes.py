@@ -134,7 +134,7 @@ def berlekamp_massey(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c, length
 
 
-def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Tensor, rho: int | torch.Tensor,
+def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Tensor, rho: torch.Tensor,
                   bound: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Correct each row of resolved indices ``blocks`` (F × d, int64) from the first N = 2t syndromes
     of its true indices: the differences are the power sums Σ_i e_i·x_i^m of the errors e_i at
@@ -143,7 +143,7 @@ def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Ten
     e_i = −x_i·Ω(x_i⁻¹)/Λ'(x_i⁻¹), Ω = S·Λ mod z^N, the errors. Returns the corrected rows and
     which rows are accepted: 1 ≤ L ≤ t roots, all found, every e_i a nonzero multiple of ρ, every
     corrected index in [−bound, bound], and the corrected row reproducing all N syndromes. ``rho``:
-    one ratio for every row, or each row's (int64)."""
+    each row's ratio (int64; the rows may come from tensors nested at different ratios)."""
     p = LOCATE_PRIME
     d = blocks.shape[1]
     count = syndromes.shape[1]
@@ -178,8 +178,7 @@ def locate_errors(blocks: torch.Tensor, mask: torch.Tensor, syndromes: torch.Ten
         err = (p - xi * om % p * _inverse(der) % p) % p
         err = torch.where(err > p // 2, err - p, err)
         wrong = torch.zeros(live.numel(), dtype=torch.bool, device=dev)
-        ratio = rho if isinstance(rho, int) else rho[live][row]
-        wrong[row[(err == 0) | (err % ratio != 0)]] = True
+        wrong[row[(err == 0) | (err % rho[live][row] != 0)]] = True
         corrected[live[row], col] += err
         ok[live] = good & ~wrong
     ok &= ~(mask & (corrected.abs() > bound)).any(1)
